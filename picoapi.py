@@ -1,0 +1,1981 @@
+"""PicoAPI: FastAPI with service registration and health checking built in.
+
+One class, two modes: workers register themselves with a supervisor, and the
+supervisor health-checks them and knows which healthy worker can do what.
+
+A worker (``API_HOST``, ``API_TITLE`` and ``API_REGISTER_PATH`` set)::
+
+    from picoapi import PicoAPI
+
+    app = PicoAPI(tags=["resize", "png"])  # registers with the supervisor on start
+
+    @app.get("/resize")
+    def resize(width: int) -> dict:
+        return {"width": width}
+
+A supervisor::
+
+    from picoapi import PicoAPI
+
+    app = PicoAPI(mode="supervisor")  # PUT /register, GET /services, health checks
+
+    @app.get("/healthy-resizers")
+    def healthy_resizers() -> list:
+        return [w.id for w in app.registry.workers("resize", status="healthy")]
+
+Run either with ``uvicorn module:app`` or ``picoapi worker module:app`` /
+``picoapi supervisor``.
+
+Dependencies: fastapi, uvicorn, requests, python-dotenv. Licence: MIT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import email.utils
+import heapq
+import hmac
+import inspect
+import itertools
+import logging
+import math
+import os
+import random
+import re
+import sqlite3
+import ssl
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import quote, urlsplit
+
+import requests
+from dotenv import dotenv_values
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "PicoAPI",
+    "Config",
+    "Registration",
+    "HealthSpec",
+    "Worker",
+    "Registry",
+    "HealthChecker",
+    "CheckResult",
+    "Registrar",
+    "PicoAPIError",
+    "ConfigError",
+    "RegistrationError",
+    "RegistryFull",
+    "main",
+]
+
+__version__ = "0.1.0"
+
+# -- Defaults ----------------------------------------------------------------
+
+DEFAULT_PORT = 8888
+DEFAULT_DESCRIPTION = "a brief description"
+DEFAULT_VERSION = "0.0.1"
+DEFAULT_HEALTH_PATH = "/health"
+DEFAULT_HEALTH_INTERVAL = 300.0
+#: The supervisor's check deadline when a worker names none: min(interval, this).
+DEFAULT_HEALTH_TIMEOUT = 10.0
+DEFAULT_CORS = ("*",)
+DEFAULT_REGISTER_TIMEOUT = 30.0
+DEFAULT_MAX_WORKERS = 10_000
+DEFAULT_HEALTH_FAILURES = 2
+DEFAULT_HEALTH_SUCCESSES = 1
+#: A worker that heard no check from a supervisor for this many intervals re-registers.
+DEFAULT_WATCHDOG_INTERVALS = 3
+DEFAULT_MODE = "worker"
+
+MIN_INTERVAL = 0.05
+MAX_INTERVAL = 86_400.0
+MAX_NAME = 128
+MAX_VERSION = 64
+MAX_TAG = 64
+MAX_TAGS = 32
+MAX_DESCRIPTION = 1024
+MAX_HOST = 253
+MAX_URL = 2048
+MAX_ERROR = 200
+MAX_BODY = 64 * 1024
+
+REGISTER_ROUTE = "/register"
+SERVICES_ROUTE = "/services"
+SUPERVISOR_HEADER = "X-PicoAPI-Supervisor"
+HEALTHY, UNHEALTHY, UNKNOWN = "healthy", "unhealthy", "unknown"
+STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN)
+
+#: Backoff of the worker's registration attempts: base * 2**attempt, capped, jittered.
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+#: Deregistration on shutdown never holds shutdown longer than this.
+DEREGISTER_TIMEOUT = 2.0
+
+logger = logging.getLogger("picoapi")
+
+# -- Exceptions --------------------------------------------------------------
+
+
+class PicoAPIError(Exception):
+    """The root of every error PicoAPI raises."""
+
+
+class ConfigError(PicoAPIError, ValueError):
+    """A configuration value is missing or malformed; the message names it."""
+
+
+class RegistrationError(PicoAPIError, ConnectionError):
+    """A worker could not register with a supervisor."""
+
+
+class RegistryFull(PicoAPIError, OverflowError):
+    """The supervisor already holds ``API_MAX_WORKERS`` workers."""
+
+
+# -- Configuration -----------------------------------------------------------
+
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
+_TAG_RE = re.compile(r"^[^\s:]+$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _split(value: str, sep: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(sep) if item.strip())
+
+
+def _parse_port(var: str, raw: object) -> int:
+    text = str(raw).strip()
+    if isinstance(raw, bool) or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError(f"{var} must be a whole number from 1 to 65535, got {raw!r}")
+    return int(text)
+
+
+def _parse_seconds(var: str, raw: object, low: float, high: float) -> float:
+    try:
+        value = float(str(raw).strip()) if not isinstance(raw, bool) else math.nan
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:  # also refuses nan and inf
+        raise ConfigError(f"{var} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
+    return value
+
+
+def _parse_count(var: str, raw: object, low: int, high: int) -> int:
+    text = str(raw).strip()
+    if isinstance(raw, bool) or not text.isdigit() or not low <= int(text) <= high:
+        raise ConfigError(f"{var} must be a whole number from {low} to {high}, got {raw!r}")
+    return int(text)
+
+
+def _parse_bool(var: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"{var} must be true or false (1/0, yes/no, on/off), got {raw!r}")
+
+
+def _parse_host(var: str, raw: object) -> str:
+    text = str(raw).strip()
+    if not text or len(text) > MAX_HOST or not _HOST_RE.match(text):
+        raise ConfigError(f"{var} must be a host name or IP address such as 'localhost' or '10.0.0.5', got {raw!r}")
+    return text.strip("[]").lower()
+
+
+def _parse_text(var: str, raw: object, limit: int) -> str:
+    text = str(raw).strip()
+    if not text or len(text) > limit or not text.isprintable():
+        raise ConfigError(f"{var} must be 1 to {limit} printable characters, got {raw!r}")
+    return text
+
+
+def _parse_urls(var: str, raw: object) -> tuple[str, ...]:
+    items = _split(raw, "!") if isinstance(raw, str) else tuple(str(u).strip() for u in raw)  # type: ignore[attr-defined]
+    for url in items:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable():
+            raise ConfigError(
+                f"{var} must be an http:// or https:// URL such as "
+                f"'http://keeper:8100/register' ('!' between several), got {url!r}"
+            )
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ConfigError(f"{var} has a bad port in {url!r}: {exc}") from exc
+    return items
+
+
+def _parse_list(var: str, raw: object, sep: str) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        return _split(raw, sep)
+    try:
+        return tuple(str(item).strip() for item in raw if str(item).strip())  # type: ignore[attr-defined]
+    except TypeError:
+        raise ConfigError(f"{var} must be a {sep!r}-delimited string or a list, got {raw!r}") from None
+
+
+def _parse_tags(var: str, raw: object) -> tuple[str, ...]:
+    tags = _parse_list(var, raw, ":")
+    for tag in tags:
+        if len(tag) > MAX_TAG or not _TAG_RE.match(tag) or not tag.isprintable():
+            raise ConfigError(f"{var} items must be 1 to {MAX_TAG} characters without spaces or ':', got {tag!r}")
+    if len(tags) > MAX_TAGS:
+        raise ConfigError(f"{var} may list at most {MAX_TAGS} tags, got {len(tags)}")
+    return tags
+
+
+def _parse_path(var: str, raw: object) -> str:
+    text = str(raw).strip()
+    if not text.startswith("/") or len(text) > 512 or not text.isprintable() or " " in text:
+        raise ConfigError(f"{var} must be a path starting with '/', such as '/health', got {raw!r}")
+    return text
+
+
+def _parse_mode(var: str, raw: object) -> str:
+    text = str(raw).strip().lower()
+    if text not in ("worker", "supervisor"):
+        raise ConfigError(f"{var} must be 'worker' or 'supervisor', got {raw!r}")
+    return text
+
+
+def _optional_seconds(var: str, raw: object) -> float | None:
+    if str(raw).strip().lower() in ("", "off", "none", "0"):
+        return None
+    return _parse_seconds(var, raw, MIN_INTERVAL, 10 * MAX_INTERVAL)
+
+
+def _any_text(var: str, raw: object) -> str:
+    return str(raw)
+
+
+#: field -> (variable, parser). The single source of truth for every setting.
+_VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
+    "mode": ("API_MODE", _parse_mode),
+    "host": ("API_HOST", _parse_host),
+    "port": ("API_PORT", _parse_port),
+    "bind": ("API_BIND", _parse_host),
+    "title": ("API_TITLE", lambda v, r: _parse_text(v, r, MAX_NAME)),
+    "description": ("API_DESCRIPTION", lambda v, r: str(r)[:MAX_DESCRIPTION]),
+    "version": ("API_VERSION", lambda v, r: _parse_text(v, r, MAX_VERSION)),
+    "register_urls": ("API_REGISTER_PATH", _parse_urls),
+    "health_path": ("API_HEALTH_PATH", _parse_path),
+    "health_interval": ("API_HEALTH_INTERVAL", lambda v, r: _parse_seconds(v, r, MIN_INTERVAL, MAX_INTERVAL)),
+    "health_timeout": ("API_HEALTH_TIMEOUT", lambda v, r: _parse_seconds(v, r, 0.01, MAX_INTERVAL)),
+    "tags": ("API_TAGS", _parse_tags),
+    "cors_allow_origins": ("API_CORS_ALLOW_ORIGINS", lambda v, r: _parse_list(v, r, "!")),
+    "cors_allow_methods": ("API_CORS_ALLOW_METHODS", lambda v, r: _parse_list(v, r, "!")),
+    "cors_allow_headers": ("API_CORS_ALLOW_HEADERS", lambda v, r: _parse_list(v, r, "!")),
+    "cors_allow_credentials": ("API_CORS_ALLOW_CREDENTIALS", _parse_bool),
+    "register_token": ("API_REGISTER_TOKEN", _any_text),
+    "register_timeout": ("API_REGISTER_TIMEOUT", lambda v, r: _parse_seconds(v, r, 0.0, 3600.0)),
+    "register_required": ("API_REGISTER_REQUIRED", _parse_bool),
+    "max_workers": ("API_MAX_WORKERS", lambda v, r: _parse_count(v, r, 1, 10_000_000)),
+    "registry_file": ("API_REGISTRY_FILE", lambda v, r: str(r).strip()),
+    "deregister_after": ("API_DEREGISTER_AFTER", _optional_seconds),
+    "health_failures": ("API_HEALTH_FAILURES", lambda v, r: _parse_count(v, r, 1, 100)),
+    "health_successes": ("API_HEALTH_SUCCESSES", lambda v, r: _parse_count(v, r, 1, 100)),
+}
+#: Old names still honoured; the table's name wins when both are set.
+_ALIASES = {"API_REGISTER_PATH": "API_KEEPER_URL"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of a PicoAPI app, parsed and validated.
+
+    Built by :meth:`load` from, in order of precedence: keywords, the process
+    environment, a ``.env`` file, the defaults below.
+    """
+
+    mode: str = DEFAULT_MODE
+    host: str | None = None
+    port: int = DEFAULT_PORT
+    bind: str | None = None
+    title: str | None = None
+    description: str = DEFAULT_DESCRIPTION
+    version: str = DEFAULT_VERSION
+    register_urls: tuple[str, ...] = ()
+    health_path: str = DEFAULT_HEALTH_PATH
+    health_interval: float = DEFAULT_HEALTH_INTERVAL
+    health_timeout: float | None = None
+    tags: tuple[str, ...] = ()
+    cors_allow_origins: tuple[str, ...] = DEFAULT_CORS
+    cors_allow_methods: tuple[str, ...] = DEFAULT_CORS
+    cors_allow_headers: tuple[str, ...] = DEFAULT_CORS
+    cors_allow_credentials: bool = False
+    register_token: str | None = dataclasses.field(default=None, repr=False)
+    register_timeout: float = DEFAULT_REGISTER_TIMEOUT
+    register_required: bool = False
+    max_workers: int = DEFAULT_MAX_WORKERS
+    registry_file: str | None = None
+    deregister_after: float | None = None
+    health_failures: int = DEFAULT_HEALTH_FAILURES
+    health_successes: int = DEFAULT_HEALTH_SUCCESSES
+    #: The fields that were set by a keyword, the environment or the .env file.
+    configured: frozenset[str] = frozenset()
+
+    @classmethod
+    def load(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        env_file: str | os.PathLike[str] | None = ".env",
+    ) -> Config:
+        """Read and validate the configuration; raises :class:`ConfigError`.
+
+        ``env_file`` is read without touching ``os.environ``; the default
+        ``.env`` may be absent, a path given explicitly must exist.
+        """
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        unknown = set(overrides) - set(_VARIABLES)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(_VARIABLES)}")
+        sources = [dict(os.environ if environ is None else environ), _read_env_file(env_file)]
+        values: dict[str, Any] = {}
+        for field_name, (var, parse) in _VARIABLES.items():
+            raw: Any = overrides.get(field_name)
+            for source in sources if raw is None else ():
+                raw = source.get(var) or source.get(_ALIASES.get(var, ""))
+                if raw is not None and str(raw).strip() == "":
+                    raw = None  # an empty variable counts as unset
+                if raw is not None:
+                    break
+            if raw is not None:
+                values[field_name] = parse(var, raw)
+        config = cls(**values, configured=frozenset(values))
+        config._check()
+        return config
+
+    def _check(self) -> None:
+        if self.cors_allow_credentials and "*" in self.cors_allow_origins:
+            raise ConfigError(
+                "API_CORS_ALLOW_CREDENTIALS=true needs explicit origins, got "
+                "API_CORS_ALLOW_ORIGINS='*'; list the origins, '!'-delimited"
+            )
+        if self.health_timeout is not None and self.health_timeout > self.health_interval:
+            raise ConfigError(
+                f"API_HEALTH_TIMEOUT ({self.health_timeout:g}) must not exceed "
+                f"API_HEALTH_INTERVAL ({self.health_interval:g})"
+            )
+
+    def require(self, *fields: str, purpose: str) -> None:
+        """Raise :class:`ConfigError` naming each of ``fields`` that is unset."""
+        missing = [_VARIABLES[f][0] for f in fields if getattr(self, f) in (None, ())]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} must be set {purpose}")
+
+    @property
+    def health_url(self) -> str:
+        """The address the supervisor calls: host, port and health path."""
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"http://{host}:{self.port}{self.health_path}"
+
+    def registration(self) -> dict[str, Any]:
+        """The JSON body a worker sends to ``PUT /register``."""
+        self.require("host", "title", purpose="for a worker to register")
+        health: dict[str, Any] = {"url": self.health_url, "interval": self.health_interval}
+        if self.health_timeout is not None:
+            health["timeout"] = self.health_timeout
+        return {
+            "name": self.title,
+            "host": self.host,
+            "port": self.port,
+            "version": self.version,
+            "tags": list(self.tags),
+            "description": self.description,
+            "health": health,
+        }
+
+
+def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    if not os.path.exists(path):
+        if os.fspath(path) == ".env":
+            return {}
+        raise ConfigError(f"env_file {os.fspath(path)!r} does not exist; pass an existing path or None")
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+# -- Models ------------------------------------------------------------------
+
+
+class HealthSpec(BaseModel):
+    """How the supervisor checks a worker."""
+
+    url: str = Field(max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
+    interval: float = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, description="seconds between checks")
+    timeout: float | None = Field(default=None, gt=0, le=MAX_INTERVAL, description="seconds; default min(interval, 10)")
+
+
+class Registration(BaseModel):
+    """The body of ``PUT /register``: what a worker says about itself."""
+
+    name: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f]+$")
+    host: str = Field(min_length=1, max_length=MAX_HOST, pattern=_HOST_RE.pattern)
+    port: int = Field(ge=1, le=65535)
+    version: str = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION, pattern=r"^[^\x00-\x1f\x7f]+$")
+    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
+    description: str = Field(default="", max_length=MAX_DESCRIPTION)
+    health: HealthSpec
+
+    @field_validator("host")
+    @classmethod
+    def _normal_host(cls, host: str) -> str:
+        return host.strip("[]").lower()
+
+    @field_validator("tags")
+    @classmethod
+    def _valid_tags(cls, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if not 1 <= len(tag) <= MAX_TAG or not _TAG_RE.match(tag) or not tag.isprintable():
+                raise ValueError(f"each tag must be 1 to {MAX_TAG} characters without spaces or ':', got {tag!r}")
+        return list(dict.fromkeys(tags))
+
+    @model_validator(mode="after")
+    def _health_is_own(self) -> Registration:
+        parts = urlsplit(self.health.url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise ValueError(f"health.url has a bad port: {self.health.url!r}") from None
+        if (parts.hostname or "").lower() != self.host or port != self.port:
+            raise ValueError(
+                f"health.url must point at the registrant's own host and port "
+                f"({self.host}:{self.port}), got {self.health.url!r}"
+            )
+        if parts.username or parts.password:
+            raise ValueError("health.url must not carry credentials")
+        if self.health.timeout is not None and self.health.timeout > self.health.interval:
+            raise ValueError(
+                f"health.timeout ({self.health.timeout:g}) must not exceed health.interval ({self.health.interval:g})"
+            )
+        return self
+
+
+class WorkerOut(BaseModel):
+    """A registry entry as the HTTP API shows it. Times are Unix seconds."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    host: str
+    port: int
+    version: str
+    tags: list[str]
+    description: str
+    health: HealthSpec
+    status: Literal["healthy", "unhealthy", "unknown"]
+    registered_at: float
+    last_check: float | None
+    last_success: float | None
+    failures: int
+    successes: int
+    last_status_code: int | None
+    last_latency: float | None = Field(description="seconds")
+    last_error: str
+
+
+# -- Registry ----------------------------------------------------------------
+
+
+def worker_id(host: str, port: int) -> str:
+    """The id of the worker at ``host:port``: re-registering keeps it."""
+    host = host.strip("[]").lower()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclasses.dataclass(slots=True)
+class Worker:
+    """One registered worker. The registry hands out copies; mutate freely."""
+
+    id: str
+    name: str
+    host: str
+    port: int
+    version: str
+    tags: tuple[str, ...]
+    description: str
+    health_url: str
+    interval: float
+    #: The check's total deadline in seconds.
+    timeout: float
+    status: str = HEALTHY
+    registered_at: float = 0.0
+    last_check: float | None = None
+    last_success: float | None = None
+    #: Consecutive failed and successful checks.
+    failures: int = 0
+    successes: int = 0
+    last_status_code: int | None = None
+    last_latency: float | None = None
+    last_error: str = ""
+    # The scheduler's bookkeeping (monotonic times); not part of the public view.
+    _heap_seq: int | None = dataclasses.field(default=None, repr=False)
+    _fired_due: float = dataclasses.field(default=0.0, repr=False)
+    _unhealthy_since: float | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The worker's base address, e.g. ``http://10.0.0.5:8888``."""
+        return f"{urlsplit(self.health_url).scheme}://{self.id}"
+
+    @property
+    def health(self) -> HealthSpec:
+        return HealthSpec(url=self.health_url, interval=self.interval, timeout=self.timeout)
+
+    def copy(self) -> Worker:
+        return dataclasses.replace(self)
+
+
+class CheckResult(NamedTuple):
+    """The outcome of one health check."""
+
+    ok: bool
+    status_code: int | None = None
+    latency: float | None = None
+    error: str = ""
+
+
+class _Check(NamedTuple):
+    """A due check, popped from the heap: everything the probe needs."""
+
+    worker_id: str
+    url: str
+    timeout: float
+    due: float
+
+
+class Registry:
+    """The supervisor's workers, their tag index and their check schedule.
+
+    Thread-safe: every method takes the one lock. Readers get copies.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+        failures: int = DEFAULT_HEALTH_FAILURES,
+        successes: int = DEFAULT_HEALTH_SUCCESSES,
+        deregister_after: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_workers = max_workers
+        self.failures = failures
+        self.successes = successes
+        self.deregister_after = deregister_after
+        #: The monotonic clock every due time is measured on.
+        self.clock = clock
+        self._wall = wall
+        # One lock guards _workers, _by_tag and _heap; _wakeup is built on it and
+        # is notified whenever the heap's head moves earlier. Never do I/O under it.
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._workers: dict[str, Worker] = {}
+        self._by_tag: dict[str, set[str]] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+
+    # Registration ------------------------------------------------------------
+
+    def register(self, reg: Registration, *, status: str = HEALTHY) -> tuple[Worker, bool]:
+        """Create or replace the entry for ``reg``; returns (a copy, created).
+
+        Raises :class:`RegistryFull` when a new worker would pass the cap.
+        """
+        wid = worker_id(reg.host, reg.port)
+        timeout = reg.health.timeout or min(reg.health.interval, DEFAULT_HEALTH_TIMEOUT)
+        with self._lock:
+            now = self.clock()
+            entry = self._workers.get(wid)
+            created = entry is None
+            if entry is None:
+                if len(self._workers) >= self.max_workers:
+                    raise RegistryFull(
+                        f"the registry is full ({self.max_workers} workers, API_MAX_WORKERS); "
+                        "deregister workers or raise API_MAX_WORKERS"
+                    )
+                entry = Worker(wid, reg.name, reg.host, reg.port, reg.version, (), "", "", 0.0, 0.0)
+                self._workers[wid] = entry
+            self._index(entry, remove=True)
+            entry.name, entry.version, entry.description = reg.name, reg.version, reg.description
+            entry.tags = tuple(reg.tags)
+            entry.health_url, entry.interval, entry.timeout = reg.health.url, reg.health.interval, timeout
+            entry.status, entry.failures, entry.successes = status, 0, 0
+            entry.registered_at, entry._unhealthy_since = self._wall(), None
+            self._index(entry)
+            # A registration just spoke to us: the first check is one interval away,
+            # unless its state is unknown (loaded from disk), then it is due at once.
+            self._schedule(entry, now if status == UNKNOWN else now + entry.interval)
+            return entry.copy(), created
+
+    def deregister(self, wid: str) -> bool:
+        """Remove a worker; its pending check is dropped lazily. False if unknown."""
+        with self._lock:
+            entry = self._workers.pop(wid, None)
+            if entry is not None:
+                self._index(entry, remove=True)
+            return entry is not None
+
+    def _index(self, entry: Worker, *, remove: bool = False) -> None:
+        for tag in entry.tags:
+            if remove:
+                ids = self._by_tag.get(tag)
+                if ids is not None:
+                    ids.discard(entry.id)
+                    if not ids:
+                        del self._by_tag[tag]
+            else:
+                self._by_tag.setdefault(tag, set()).add(entry.id)
+
+    # Queries -------------------------------------------------------------------
+
+    def get(self, wid: str) -> Worker | None:
+        """A copy of the worker ``wid``, or None."""
+        with self._lock:
+            entry = self._workers.get(wid)
+            return entry.copy() if entry is not None else None
+
+    def workers(
+        self,
+        *tags: str,
+        status: str | None = None,
+        name: str | None = None,
+        version: str | None = None,
+    ) -> list[Worker]:
+        """Copies of the workers that have every tag in ``tags`` and match the filters, by id."""
+        with self._lock:
+            if tags:
+                sets = sorted((self._by_tag.get(tag, set()) for tag in set(tags)), key=len)
+                ids: Iterable[str] = sets[0].intersection(*sets[1:]) if sets[0] else ()
+                found = [self._workers[i] for i in ids]
+            else:
+                found = list(self._workers.values())
+            found = [
+                w
+                for w in found
+                if (status is None or w.status == status)
+                and (name is None or w.name == name)
+                and (version is None or w.version == version)
+            ]
+            copies = [w.copy() for w in found]
+        copies.sort(key=lambda w: w.id)
+        return copies
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._workers)
+
+    def __contains__(self, wid: object) -> bool:
+        with self._lock:
+            return wid in self._workers
+
+    # The check schedule ---------------------------------------------------------
+
+    def _schedule(self, entry: Worker, due: float) -> None:
+        """Push the entry's next check (lock held); the older heap entry goes stale."""
+        seq = next(self._seq)
+        entry._heap_seq = seq
+        wake = not self._heap or due < self._heap[0][0]
+        heapq.heappush(self._heap, (due, seq, entry.id))
+        if wake:
+            self._wakeup.notify()
+
+    def next_due(self) -> float | None:
+        """The due time of the earliest live check, or None."""
+        with self._lock:
+            self._drop_stale()
+            return self._heap[0][0] if self._heap else None
+
+    def _drop_stale(self) -> None:
+        heap, workers = self._heap, self._workers
+        while heap:
+            _, seq, wid = heap[0]
+            entry = workers.get(wid)
+            if entry is not None and entry._heap_seq == seq:
+                return
+            heapq.heappop(heap)
+
+    def pop_due(self, now: float) -> list[_Check]:
+        """Take every check due at ``now``; each is rescheduled by :meth:`record`."""
+        due: list[_Check] = []
+        with self._lock:
+            heap, workers = self._heap, self._workers
+            while heap and heap[0][0] <= now:
+                when, seq, wid = heapq.heappop(heap)
+                entry = workers.get(wid)
+                if entry is None or entry._heap_seq != seq:
+                    continue  # cancelled or moved: lazy cancellation
+                entry._heap_seq = None
+                entry._fired_due = when
+                due.append(_Check(wid, entry.health_url, entry.timeout, when))
+        return due
+
+    def bring_forward(self, wid: str) -> None:
+        """Check ``wid`` now instead of at its next due time."""
+        with self._lock:
+            entry = self._workers.get(wid)
+            if entry is not None and entry._heap_seq is not None:
+                self._schedule(entry, self.clock())
+
+    def record(self, wid: str, result: CheckResult) -> tuple[str, str, bool] | None:
+        """Apply a check's result and schedule the next check.
+
+        Returns ``(old status, new status, removed)`` when the status changed or the
+        worker was removed for staying unhealthy past ``deregister_after``, else None.
+        """
+        with self._lock:
+            entry = self._workers.get(wid)
+            if entry is None:
+                return None  # deregistered while the check ran
+            now, old = self.clock(), entry.status
+            entry.last_check = self._wall()
+            entry.last_status_code, entry.last_latency = result.status_code, result.latency
+            entry.last_error = result.error[:MAX_ERROR]
+            if result.ok:
+                entry.successes, entry.failures = entry.successes + 1, 0
+                entry.last_success = entry.last_check
+                if old == UNKNOWN or (old == UNHEALTHY and entry.successes >= self.successes):
+                    entry.status, entry._unhealthy_since = HEALTHY, None
+            else:
+                entry.failures, entry.successes = entry.failures + 1, 0
+                if old != UNHEALTHY and entry.failures >= self.failures:
+                    entry.status, entry._unhealthy_since = UNHEALTHY, now
+            if (
+                self.deregister_after is not None
+                and entry._unhealthy_since is not None
+                and now - entry._unhealthy_since >= self.deregister_after
+            ):
+                del self._workers[wid]
+                self._index(entry, remove=True)
+                return old, entry.status, True
+            # A status change waiting for confirmation is re-checked quickly rather
+            # than a whole interval later (see confirm_delay).
+            pending = (result.ok and entry.status != HEALTHY) or (not result.ok and entry.status != UNHEALTHY)
+            if pending:
+                due = now + confirm_delay(entry.interval)
+            else:
+                due = max(entry._fired_due + entry.interval, now)
+            if entry._heap_seq is None:  # a re-registration meanwhile has its own schedule
+                self._schedule(entry, due)
+            return (old, entry.status, False) if entry.status != old else None
+
+    def wait_until_due(self, is_stopping: Callable[[], bool]) -> None:
+        """Block until the earliest check is due, the heap's head moves, or :meth:`wake`.
+
+        Reads the head and waits under one lock, so no notification is lost.
+        """
+        with self._wakeup:
+            if is_stopping():
+                return
+            self._drop_stale()
+            timeout = self._heap[0][0] - self.clock() if self._heap else None
+            if timeout is None or timeout > 0:
+                self._wakeup.wait(timeout)
+
+    def wake(self) -> None:
+        """Wake the waiting checker thread (used by ``stop()``)."""
+        with self._wakeup:
+            self._wakeup.notify_all()
+
+
+def confirm_delay(interval: float) -> float:
+    """How soon a first failure (or first success when unhealthy) is re-checked."""
+    return min(1.0, interval / 4)
+
+
+# -- Persistence ---------------------------------------------------------------
+
+
+class _Store:
+    """The registrations on disk (sqlite3, WAL): one row written per PUT or DELETE.
+
+    Only registrations are stored, never check results, so the checker never waits
+    on the disk. Thread-safe through its own lock, taken before the registry's.
+    """
+
+    def __init__(self, path: str) -> None:
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        except sqlite3.Error as exc:
+            raise ConfigError(f"API_REGISTRY_FILE {path!r} cannot be used as a registry file: {exc}") from exc
+        #: Serialises a registry change with its row, so the disk never goes back in time.
+        self.lock = threading.Lock()
+
+    def load(self) -> list[Registration]:
+        regs = []
+        for wid, body in self._db.execute("SELECT id, body FROM workers").fetchall():
+            try:
+                regs.append(Registration.model_validate_json(body))
+            except ValueError as exc:
+                logger.warning("dropping unreadable registry row %s: %s", wid, exc)
+        return regs
+
+    def save(self, wid: str, reg: Registration) -> None:
+        self._db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?)", (wid, reg.model_dump_json()))
+
+    def delete(self, wid: str) -> None:
+        self._db.execute("DELETE FROM workers WHERE id = ?", (wid,))
+
+    def identity(self) -> str:
+        """The supervisor's id, kept across restarts so workers recognise its checks."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()
+        if row:
+            return str(row[0])
+        new = uuid.uuid4().hex[:12]
+        self._db.execute("INSERT INTO meta VALUES ('id', ?)", (new,))
+        return new
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# -- Health checker ------------------------------------------------------------
+
+
+class _StatusLine(asyncio.Protocol):
+    """Sends one request and resolves ``waiter`` with the answer's status code."""
+
+    def __init__(self, request: bytes, waiter: asyncio.Future[int]) -> None:
+        self._request, self._waiter, self._buffer = request, waiter, b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self._request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter.done():
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            if len(self._buffer) > 512:
+                self._waiter.set_exception(ValueError("no HTTP status line in the first 512 bytes"))
+            return
+        parts = self._buffer[:end].split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            self._waiter.set_exception(ValueError(f"not an HTTP answer: {self._buffer[:end][:60]!r}"))
+        else:
+            self._waiter.set_result(int(parts[1]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._waiter.done():
+            self._waiter.set_exception(exc or ConnectionError("connection closed before an answer"))
+
+
+async def http_probe(url: str, timeout: float, headers: Mapping[str, str] | None = None) -> CheckResult:
+    """GET ``url`` once within ``timeout`` seconds in all; 2xx is success.
+
+    Reads only the status line, follows no redirect, opens a fresh connection
+    (as Consul does) so a half-dead keep-alive connection never hides a dead worker.
+    """
+    loop = asyncio.get_running_loop()
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    host, port = parts.hostname or "", parts.port or (443 if https else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    head = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n"
+        f"{head}Connection: close\r\n\r\n"
+    ).encode("latin-1")
+    started = loop.time()
+    transport: asyncio.Transport | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            waiter: asyncio.Future[int] = loop.create_future()
+            transport, _ = await loop.create_connection(
+                lambda: _StatusLine(request, waiter), host, port, ssl=_ssl_context() if https else None
+            )
+            code = await waiter
+    except TimeoutError:
+        return CheckResult(False, None, loop.time() - started, f"no answer within {timeout:g}s")
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        return CheckResult(False, None, loop.time() - started, f"{type(exc).__name__}: {exc}"[:MAX_ERROR])
+    finally:
+        if transport is not None:
+            transport.abort()
+    latency = loop.time() - started
+    if 200 <= code < 300:
+        return CheckResult(True, code, latency)
+    return CheckResult(False, code, latency, f"HTTP {code}")
+
+
+_SSL: list[ssl.SSLContext] = []
+
+
+def _ssl_context() -> ssl.SSLContext:
+    if not _SSL:
+        _SSL.append(ssl.create_default_context())
+    return _SSL[0]
+
+
+Probe = Callable[[str, float, Mapping[str, str]], Any]
+
+
+class _AsyncPool:
+    """Runs checks concurrently on one event-loop thread, at most ``limit`` at once.
+
+    A silent worker costs a socket, not a thread, so it never delays another check.
+    """
+
+    def __init__(self, probe: Probe = http_probe, limit: int | None = None) -> None:
+        self._probe = probe
+        self._limit = limit or _default_in_flight()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._semaphore = asyncio.Semaphore(self._limit)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="picoapi-checks", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, checks: list[_Check], headers: Mapping[str, str], done: Callable[[_Check, CheckResult], None]
+    ) -> None:
+        """Start ``checks`` (from any thread); ``done`` runs on the pool's thread."""
+        assert self._loop is not None, "start() the pool first"
+        self._loop.call_soon_threadsafe(self._start, checks, headers, done)
+
+    def _start(self, checks: list[_Check], headers: Mapping[str, str], done: Callable[..., None]) -> None:
+        for check in checks:
+            task = asyncio.ensure_future(self._run(check, headers, done), loop=self._loop)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, check: _Check, headers: Mapping[str, str], done: Callable[..., None]) -> None:
+        async with self._semaphore:
+            try:
+                result = await self._probe(check.url, check.timeout, headers)
+            except Exception as exc:  # a broken probe must not kill the pool
+                result = CheckResult(False, None, None, f"{type(exc).__name__}: {exc}")
+        done(check, result)
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Cancel the checks in flight, stop the loop and join its thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+
+        async def drain() -> None:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout)
+        except Exception:  # a check that ignores cancellation must not hold shutdown
+            logger.warning("checks still running at shutdown were abandoned")
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if not thread.is_alive():
+            loop.close()
+        self._loop = self._thread = None
+
+
+def _default_in_flight() -> int:
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        soft = 1024
+    return max(16, min(8192, soft // 2))
+
+
+class HealthChecker:
+    """One daemon thread that fires every worker's check when it is due.
+
+    The thread is :meth:`run_pending` plus a wait on the registry's Condition, so
+    a registration, a deregistration or :meth:`stop` wakes it at once. The checks
+    run on ``pool`` (an event loop thread by default); results go back to the
+    registry, which reschedules.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        supervisor_id: str = "",
+        pool: Any = None,
+        on_change: Callable[[str, tuple[str, str, bool]], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        #: Sent with every check so a worker knows whose check it received.
+        self.headers = {SUPERVISOR_HEADER: supervisor_id} if supervisor_id else {}
+        self._pool = pool if pool is not None else _AsyncPool()
+        self._on_change = on_change
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        #: Checks fired, and the sum of their lateness (fire time minus due time) in seconds.
+        self.fired = 0
+        self.lateness = 0.0
+
+    def run_pending(self) -> int:
+        """Fire every check that is due now; returns how many."""
+        checks = self.registry.pop_due(self.registry.clock())
+        if checks:
+            now = self.registry.clock()
+            self.fired += len(checks)
+            self.lateness += sum(now - c.due for c in checks)
+            self._pool.submit(checks, self.headers, self._done)
+        return len(checks)
+
+    def _done(self, check: _Check, result: CheckResult) -> None:
+        try:
+            change = self.registry.record(check.worker_id, result)
+            if change is not None:
+                old, new, removed = change
+                if removed:
+                    logger.warning("worker %s removed: unhealthy for longer than API_DEREGISTER_AFTER", check.worker_id)
+                elif new == UNHEALTHY:
+                    logger.warning("worker %s is unhealthy: %s", check.worker_id, result.error)
+                else:
+                    logger.info("worker %s is %s (was %s)", check.worker_id, new, old)
+                if self._on_change is not None:
+                    self._on_change(check.worker_id, change)
+        except Exception:  # recording must never kill the pool's thread
+            logger.exception("recording the check of %s failed", check.worker_id)
+
+    def start(self) -> None:
+        """Start the pool and the scheduler thread."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        if hasattr(self._pool, "start"):
+            self._pool.start()
+        self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                self.run_pending()
+            except Exception:  # never let one bad step kill the checker
+                logger.exception("health checker step failed")
+            self.registry.wait_until_due(lambda: self._stopping)
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop the thread and the pool; joins within ``timeout`` seconds each."""
+        self._stopping = True
+        self.registry.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if hasattr(self._pool, "stop"):
+            self._pool.stop(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+# -- Worker side ---------------------------------------------------------------
+
+_RETRY_STATUS = {408, 429}
+
+
+@dataclasses.dataclass
+class _Supervisor:
+    """What a worker knows about one supervisor it registers with."""
+
+    url: str
+    worker_id: str | None = None
+    #: The supervisor's own id, from its answer; its checks carry the same.
+    identity: str | None = None
+    #: Monotonic time of the last registration or check from it.
+    last_seen: float = 0.0
+    attempts: int = 0
+    next_attempt: float = 0.0
+    error: str = ""
+
+    @property
+    def is_registered(self) -> bool:
+        return self.worker_id is not None
+
+
+class _Refused(Exception):
+    """A supervisor answered 4xx: retrying the same request will not help."""
+
+
+class Registrar:
+    """Registers a worker with its supervisors and keeps it registered.
+
+    :meth:`register_all` blocks (bounded by ``timeout``) with retry and backoff;
+    :meth:`start` runs one daemon thread that retries the supervisors still
+    missing and re-registers with any whose checks stopped (it forgot us);
+    :meth:`deregister_all` leaves every supervisor within ``DEREGISTER_TIMEOUT``.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        body: Mapping[str, Any],
+        *,
+        token: str | None = None,
+        timeout: float = DEFAULT_REGISTER_TIMEOUT,
+        required: bool = False,
+        watchdog_after: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Any] = time.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.supervisors = [_Supervisor(url) for url in urls]
+        self.body = dict(body)
+        self.timeout = timeout
+        self.required = required
+        interval = float(body["health"]["interval"])
+        #: No check from a supervisor for this long means it forgot us: register again.
+        self.watchdog_after = watchdog_after or DEFAULT_WATCHDOG_INTERVALS * interval
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._clock, self._sleep, self._rand = clock, sleep, rand
+        self._lock = threading.Lock()  # guards the _Supervisor fields across threads
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # One attempt -------------------------------------------------------------------
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds before attempt ``attempt + 1``: exponential, capped, half jittered."""
+        delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
+        return delay * (0.5 + 0.5 * self._rand())
+
+    def _attempt(self, sup: _Supervisor, timeout: float) -> float | None:
+        """PUT once; None on success, else the delay the supervisor asked for (or 0).
+
+        Raises :class:`_Refused` on a 4xx that retrying will not fix.
+        """
+        try:
+            resp = requests.put(sup.url, json=self.body, headers=self._headers, timeout=max(0.05, timeout))
+        except requests.RequestException as exc:
+            sup.error = _scrub(_root_cause(exc), self._headers)[:MAX_ERROR]
+            return 0.0
+        if resp.status_code < 300:
+            try:
+                wid = str(resp.json()["id"])
+            except (ValueError, KeyError, TypeError):
+                wid = worker_id(self.body["host"], self.body["port"])
+            with self._lock:
+                sup.worker_id, sup.identity = wid, resp.headers.get(SUPERVISOR_HEADER)
+                sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
+            logger.info("registered with %s as %s", sup.url, wid)
+            return None
+        sup.error = f"HTTP {resp.status_code}: {_scrub(_detail(resp), self._headers)}"[:MAX_ERROR]
+        if resp.status_code >= 500 or resp.status_code in _RETRY_STATUS:
+            return _retry_after(resp.headers.get("Retry-After")) or 0.0
+        raise _Refused(f"{sup.url} refused the registration: {sup.error}")
+
+    def register_one(self, sup: _Supervisor, deadline: float) -> bool:
+        """Try ``sup`` until it answers, refuses or ``deadline`` passes; True if registered."""
+        while True:
+            now = self._clock()
+            asked = self._attempt(sup, min(10.0, deadline - now))
+            if asked is None:
+                return True
+            delay = max(asked, self.backoff(sup.attempts))
+            sup.attempts += 1
+            if self._clock() + delay >= deadline:
+                sup.next_attempt = self._clock() + delay
+                return False
+            self._sleep(delay)
+
+    # The whole lifecycle ----------------------------------------------------------
+
+    def register_all(self) -> None:
+        """Register with every supervisor at once, blocking at most ``timeout`` seconds.
+
+        Raises :class:`RegistrationError` when ``required`` and any supervisor is
+        still missing; otherwise logs a warning and leaves it to :meth:`start`.
+        """
+        deadline = self._clock() + self.timeout
+        errors: dict[str, str] = {}
+
+        def one(sup: _Supervisor) -> None:
+            try:
+                if not self.register_one(sup, deadline):
+                    errors[sup.url] = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
+            except _Refused as exc:
+                errors[sup.url] = str(exc)
+                sup.attempts = 10  # retried only at the backoff's cap
+                sup.next_attempt = self._clock() + BACKOFF_CAP
+
+        if len(self.supervisors) == 1:
+            one(self.supervisors[0])
+        else:  # independently: one supervisor that is down never blocks the others
+            threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in self.supervisors]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        if errors:
+            text = "; ".join(f"{url}: {err}" for url, err in errors.items())
+            if self.required:
+                raise RegistrationError(f"registration failed (API_REGISTER_REQUIRED is on): {text}")
+            logger.warning("registration incomplete, retrying in the background: %s", text)
+
+    def note_check(self, identity: str | None) -> None:
+        """A health check arrived; ``identity`` is the supervisor header, if any."""
+        now = self._clock()
+        with self._lock:
+            for sup in self.supervisors:
+                if (identity and sup.identity == identity) or (not identity and len(self.supervisors) == 1):
+                    sup.last_seen = now
+
+    def step(self) -> float:
+        """One round of the background thread; returns the seconds until the next one."""
+        now = self._clock()
+        wait = max(0.05, min(self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0))
+        for sup in self.supervisors:
+            with self._lock:
+                if sup.is_registered and now - sup.last_seen > self.watchdog_after:
+                    logger.warning("no check from %s for %.1fs; registering again", sup.url, now - sup.last_seen)
+                    sup.worker_id, sup.next_attempt = None, now
+                forget = sup.is_registered or now < sup.next_attempt
+            if forget:
+                if not sup.is_registered:
+                    wait = min(wait, sup.next_attempt - now)
+                continue
+            try:
+                asked = self._attempt(sup, 10.0)
+            except _Refused as exc:
+                logger.error("%s", exc)
+                asked, sup.attempts = BACKOFF_CAP, 10
+            if asked is not None:
+                sup.next_attempt = self._clock() + max(asked, self.backoff(sup.attempts))
+                sup.attempts += 1
+                wait = min(wait, sup.next_attempt - self._clock())
+        return max(0.01, wait)
+
+    def start(self) -> None:
+        """Start the background thread (retries and watchdog)."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="picoapi-registrar", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wait = self.step()
+            except Exception:  # never let the thread die: log and try later
+                logger.exception("registration thread step failed")
+                wait = BACKOFF_CAP
+            self._stop.wait(wait)
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
+        """DELETE this worker at every supervisor at once; returns within ``timeout``."""
+        self.stop(timeout / 4)
+
+        def one(sup: _Supervisor) -> None:
+            wid = sup.worker_id
+            if wid is None:
+                return
+            url = f"{sup.url.rstrip('/')}/{quote(wid, safe='')}"
+            try:
+                resp = requests.delete(url, headers=self._headers, timeout=(timeout / 4, timeout / 2))
+                if resp.status_code >= 300 and resp.status_code != 404:
+                    logger.warning("deregistering from %s: HTTP %s", sup.url, resp.status_code)
+            except requests.RequestException as exc:
+                logger.warning("deregistering from %s failed: %s", sup.url, type(exc).__name__)
+            sup.worker_id = None
+
+        threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in self.supervisors]
+        deadline = time.monotonic() + timeout * 0.75
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), or None."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error behind requests' wrappers, e.g. 'ConnectionRefusedError: ...'."""
+    seen: list[BaseException] = [exc]
+    while len(seen) < 10:
+        last = seen[-1]
+        inner = getattr(last, "reason", None) or last.__cause__ or last.__context__
+        if inner is None and last.args and isinstance(last.args[0], BaseException):
+            inner = last.args[0]
+        if not isinstance(inner, BaseException) or inner in seen:
+            break
+        seen.append(inner)
+    root = seen[-1]
+    return f"{type(root).__name__}: {root}"
+
+
+def _detail(resp: requests.Response) -> str:
+    """The supervisor's own message: FastAPI's ``detail`` if there is one."""
+    try:
+        detail = resp.json().get("detail", resp.text)
+    except (ValueError, AttributeError):
+        detail = resp.text
+    if isinstance(detail, list):  # FastAPI's 422: name each field that failed
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in detail if isinstance(e, dict)
+        )
+    return str(detail)[:MAX_ERROR]
+
+
+def _scrub(text: str, headers: Mapping[str, str]) -> str:
+    token = headers.get("Authorization", "").removeprefix("Bearer ")
+    return text.replace(token, "***") if token else text
+
+
+# -- The PicoAPI class ---------------------------------------------------------
+
+
+class _BodyLimit:
+    """Refuses request bodies over ``limit`` bytes on ``path`` with 413."""
+
+    def __init__(self, app: ASGIApp, path: str, limit: int) -> None:
+        self.app, self.path, self.limit = app, path, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
+        await response(scope, receive, send)
+
+
+HealthCheckFunc = Callable[[], Any]
+
+
+class PicoAPI(FastAPI):
+    """A FastAPI app that is a worker (registers itself) or a supervisor (keeps the registry).
+
+    Keyword-only options name the settings of :class:`Config` (``host``, ``port``,
+    ``tags``, ``register_urls``...); they win over the environment and the
+    ``.env`` file. Every other keyword goes to FastAPI untouched.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: Literal["worker", "supervisor"] | None = None,
+        config: Config | None = None,
+        env_file: str | os.PathLike[str] | None = ".env",
+        host: str | None = None,
+        port: int | None = None,
+        bind: str | None = None,
+        register_urls: str | Sequence[str] | None = None,
+        health_path: str | None = None,
+        health_interval: float | None = None,
+        health_timeout: float | None = None,
+        tags: str | Sequence[str] | None = None,
+        cors_allow_origins: str | Sequence[str] | None = None,
+        cors_allow_methods: str | Sequence[str] | None = None,
+        cors_allow_headers: str | Sequence[str] | None = None,
+        cors_allow_credentials: bool | None = None,
+        register_token: str | None = None,
+        register_timeout: float | None = None,
+        register_required: bool | None = None,
+        max_workers: int | None = None,
+        registry_file: str | None = None,
+        deregister_after: float | None = None,
+        health_failures: int | None = None,
+        health_successes: int | None = None,
+        **fastapi_kwargs: Any,
+    ) -> None:
+        if config is None:
+            options = {k: v for k, v in locals().items() if k in _VARIABLES}
+            for key in ("title", "description", "version"):
+                options[key] = fastapi_kwargs.get(key)
+            config = Config.load(options, env_file=env_file)
+        #: The validated settings of this app.
+        self.config = config
+        for key in ("title", "description", "version"):
+            if key in config.configured and key not in fastapi_kwargs:
+                fastapi_kwargs[key] = getattr(config, key)
+        super().__init__(**fastapi_kwargs)
+        self.mode = config.mode
+        self._health_checks: dict[str, HealthCheckFunc] = {}
+        #: The worker's registrar (a worker with API_REGISTER_PATH set), else None.
+        self.registrar: Registrar | None = None
+        #: The supervisor's registry and checker (supervisor mode), else None.
+        self.registry: Registry | None = None
+        self.checker: HealthChecker | None = None
+        self.supervisor_id = uuid.uuid4().hex[:12]
+        self._store: _Store | None = None
+        if config.mode == "worker" and config.register_urls:
+            config.registration()  # raises ConfigError now if host or title is missing
+        if config.mode == "supervisor":
+            self.registry = Registry(
+                max_workers=config.max_workers,
+                failures=config.health_failures,
+                successes=config.health_successes,
+                deregister_after=config.deregister_after,
+            )
+            self._add_supervisor_routes()
+            self.add_middleware(_BodyLimit, path=REGISTER_ROUTE, limit=MAX_BODY)
+        self.add_api_route(
+            config.health_path,
+            self._health_endpoint,
+            methods=["GET"],
+            include_in_schema=False,
+            tags=["picoapi"],
+            operation_id="picoapi_health",
+        )
+        self.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_allow_origins),
+            allow_methods=list(config.cors_allow_methods),
+            allow_headers=list(config.cors_allow_headers),
+            allow_credentials=config.cors_allow_credentials,
+        )
+        self.router.lifespan_context = self._wrap_lifespan(self.router.lifespan_context)
+
+    # Lifespan ------------------------------------------------------------------
+
+    def _wrap_lifespan(self, inner: Any) -> Callable[[Any], Any]:
+        @asynccontextmanager
+        async def lifespan(app: Any) -> AsyncIterator[Any]:
+            async with inner(app) as state:
+                await self._start()
+                try:
+                    yield state
+                finally:
+                    await self._stop()
+
+        return lifespan
+
+    async def _start(self) -> None:
+        config = self.config
+        if config.mode == "supervisor":
+            await run_in_threadpool(self._start_supervisor)
+        elif config.register_urls:
+            self.registrar = Registrar(
+                config.register_urls,
+                config.registration(),
+                token=config.register_token,
+                timeout=config.register_timeout,
+                required=config.register_required,
+            )
+            await run_in_threadpool(self.registrar.register_all)
+            self.registrar.start()
+
+    async def _stop(self) -> None:
+        if self.registrar is not None:
+            await run_in_threadpool(self.registrar.deregister_all)
+            self.registrar = None
+        if self.checker is not None:
+            await run_in_threadpool(self.checker.stop)
+            self.checker = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def _start_supervisor(self) -> None:
+        assert self.registry is not None
+        if self.config.registry_file:
+            self._store = _Store(self.config.registry_file)
+            self.supervisor_id = self._store.identity()
+            loaded = self._store.load()
+            for reg in loaded:
+                if worker_id(reg.host, reg.port) not in self.registry:
+                    try:
+                        self.registry.register(reg, status=UNKNOWN)
+                    except RegistryFull:
+                        logger.warning("registry file holds more than API_MAX_WORKERS workers; rest skipped")
+                        break
+            logger.info("loaded %d workers from %s", len(loaded), self.config.registry_file)
+        self.checker = HealthChecker(self.registry, supervisor_id=self.supervisor_id, on_change=self._changed)
+        self.checker.start()
+
+    def _changed(self, wid: str, change: tuple[str, str, bool]) -> None:
+        if change[2] and self._store is not None:
+            with self._store.lock:
+                self._store.delete(wid)
+
+    # Health --------------------------------------------------------------------
+
+    def health_check(self, func: HealthCheckFunc | None = None, *, name: str | None = None) -> Any:
+        """Decorator: add a check (sync or async) to the health endpoint.
+
+        The check passes when it returns a truthy value; falsy or an exception
+        makes the endpoint answer 503 naming it. Sync checks run in a thread.
+        """
+
+        def add(f: HealthCheckFunc) -> HealthCheckFunc:
+            self._health_checks[name or str(getattr(f, "__name__", repr(f)))] = f
+            return f
+
+        return add(func) if func is not None else add
+
+    async def _health_endpoint(self, request: Request) -> JSONResponse:
+        if self.registrar is not None:
+            self.registrar.note_check(request.headers.get(SUPERVISOR_HEADER))
+        failing: dict[str, str] = {}
+        for check_name, check in self._health_checks.items():
+            try:
+                if inspect.iscoroutinefunction(check):
+                    ok = await check()
+                else:
+                    ok = await run_in_threadpool(check)
+                if not ok:
+                    failing[check_name] = f"returned {ok!r}"
+            except Exception as exc:
+                failing[check_name] = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
+        body: dict[str, Any] = {
+            "status": UNHEALTHY if failing else HEALTHY,
+            "name": self.title,
+            "version": self.version,
+        }
+        if failing:
+            body["failing"] = failing
+        return JSONResponse(body, status_code=503 if failing else 200)
+
+    # Supervisor routes -----------------------------------------------------------
+
+    def _require_token(self, request: Request) -> None:
+        token = self.config.register_token
+        if not token:
+            return
+        header = request.headers.get("authorization", "")
+        if not header:
+            raise HTTPException(
+                401, "missing 'Authorization: Bearer <token>' header", headers={"WWW-Authenticate": "Bearer"}
+            )
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(403, "wrong token")
+
+    def _add_supervisor_routes(self) -> None:
+        registry = self.registry
+        assert registry is not None
+        auth = [Depends(self._require_token)]
+        not_found: dict[int | str, dict[str, Any]] = {404: {"description": "no worker with that id"}}
+
+        def unknown(wid: str) -> HTTPException:
+            return HTTPException(404, f"no worker with id {wid!r}; GET {SERVICES_ROUTE} lists them")
+
+        @self.put(
+            REGISTER_ROUTE,
+            response_model=WorkerOut,
+            status_code=200,
+            dependencies=auth,
+            tags=["picoapi"],
+            operation_id="picoapi_register",
+            responses={201: {"model": WorkerOut, "description": "registered"}, 503: {"description": "registry full"}},
+        )
+        async def register(reg: Registration, response: Response) -> Any:
+            """Register a worker, or replace its entry (same host and port)."""
+            try:
+                if self._store is None:
+                    worker, created = registry.register(reg)
+                else:
+                    worker, created = await run_in_threadpool(self._register_stored, reg)
+            except RegistryFull as exc:
+                raise HTTPException(503, str(exc)) from None
+            response.status_code = 201 if created else 200
+            response.headers[SUPERVISOR_HEADER] = self.supervisor_id
+            if created:
+                logger.info("registered %s (%s)", worker.id, worker.name)
+            return _out(worker)
+
+        @self.delete(
+            REGISTER_ROUTE + "/{worker_id}",
+            status_code=204,
+            dependencies=auth,
+            tags=["picoapi"],
+            operation_id="picoapi_deregister",
+            responses=not_found,
+        )
+        async def deregister(worker_id: str) -> Response:
+            """Remove a worker from the registry."""
+            if self._store is None:
+                found = registry.deregister(worker_id)
+            else:
+                found = await run_in_threadpool(self._deregister_stored, worker_id)
+            if not found:
+                raise unknown(worker_id)
+            logger.info("deregistered %s", worker_id)
+            return Response(status_code=204)
+
+        @self.get(SERVICES_ROUTE, response_model=list[WorkerOut], tags=["picoapi"], operation_id="picoapi_services")
+        async def services(
+            tag: Annotated[list[str], Query(description="repeat for several; all must match")] = [],  # noqa: B006
+            name: str | None = None,
+            version: str | None = None,
+            status: Literal["healthy", "unhealthy", "unknown"] | None = None,
+        ) -> Any:
+            """The registered workers, filtered."""
+            return [_out(w) for w in registry.workers(*tag, status=status, name=name, version=version)]
+
+        @self.get(
+            SERVICES_ROUTE + "/{worker_id}",
+            response_model=WorkerOut,
+            tags=["picoapi"],
+            operation_id="picoapi_service",
+            responses=not_found,
+        )
+        async def service(worker_id: str) -> Any:
+            """One registered worker."""
+            worker = registry.get(worker_id)
+            if worker is None:
+                raise unknown(worker_id)
+            return _out(worker)
+
+    def _register_stored(self, reg: Registration) -> tuple[Worker, bool]:
+        assert self._store is not None and self.registry is not None
+        with self._store.lock:
+            worker, created = self.registry.register(reg)
+            self._store.save(worker.id, reg)
+        return worker, created
+
+    def _deregister_stored(self, wid: str) -> bool:
+        assert self._store is not None and self.registry is not None
+        with self._store.lock:
+            found = self.registry.deregister(wid)
+            if found:
+                self._store.delete(wid)
+        return found
+
+
+def _out(w: Worker) -> dict[str, Any]:
+    return {
+        "id": w.id,
+        "name": w.name,
+        "host": w.host,
+        "port": w.port,
+        "version": w.version,
+        "tags": list(w.tags),
+        "description": w.description,
+        "health": {"url": w.health_url, "interval": w.interval, "timeout": w.timeout},
+        "status": w.status,
+        "registered_at": w.registered_at,
+        "last_check": w.last_check,
+        "last_success": w.last_success,
+        "failures": w.failures,
+        "successes": w.successes,
+        "last_status_code": w.last_status_code,
+        "last_latency": w.last_latency,
+        "last_error": w.last_error,
+    }
+
+
+# -- Command line --------------------------------------------------------------
+
+
+def _serve(app: PicoAPI, bind: str | None, port: int | None) -> int:
+    import uvicorn  # only the command line needs it
+
+    bind = bind or app.config.bind
+    if not bind:
+        raise ConfigError("API_BIND must be set to serve (e.g. 127.0.0.1 or 0.0.0.0), or pass --bind")
+    uvicorn.run(app, host=bind, port=port or app.config.port, log_level="info")
+    return 0
+
+
+def _cmd_supervisor(args: argparse.Namespace) -> int:
+    overrides = {"port": args.port, "bind": args.bind}
+    app = PicoAPI(mode="supervisor", env_file=args.env_file, **{k: v for k, v in overrides.items() if v})
+    return _serve(app, args.bind, args.port)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import importlib
+
+    # Set before the user's module builds its app, so the port it registers is
+    # the port we bind: they cannot disagree.
+    if args.port:
+        os.environ["API_PORT"] = str(args.port)
+    if args.bind:
+        os.environ["API_BIND"] = args.bind
+    module_name, _, attr = args.app.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        app = getattr(importlib.import_module(module_name), attr or "app")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load the app {args.app!r} (expected module:attribute): {exc}") from exc
+    if callable(app) and not isinstance(app, FastAPI):
+        app = app()  # an app factory
+    if not isinstance(app, PicoAPI):
+        raise ConfigError(f"{args.app!r} is a {type(app).__name__}, not a PicoAPI app")
+    return _serve(app, args.bind, app.config.port)
+
+
+# The demo: a supervisor and three workers on 127.0.0.1, in separate processes.
+
+#: The demo's workers: title, tags and what their /work endpoint does to a text.
+_DEMO_WORKERS = {
+    "upper": ("text:upper", str.upper),
+    "reverse": ("text:reverse", lambda text: text[::-1]),
+    "count": ("text:count", lambda text: str(len(text.split()))),
+}
+
+
+def demo_worker() -> PicoAPI:
+    """The demo's worker app (a factory: ``picoapi worker picoapi:demo_worker``)."""
+    app = PicoAPI()
+    _, transform = _DEMO_WORKERS[app.config.title or "upper"]
+
+    @app.get("/work")
+    def work(text: str) -> dict[str, str]:
+        return {"worker": app.title, "result": transform(text)}
+
+    return app
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Runs in each demo child: on Linux, the kernel kills it when the demo dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
+class _Demo:
+    """Starts, watches and stops the demo's processes; :meth:`close` leaves none behind."""
+
+    def __init__(self, interval: float) -> None:
+        import subprocess
+        import tempfile
+
+        self._subprocess = subprocess
+        self.interval = interval
+        self.dir = tempfile.mkdtemp(prefix="picoapi-demo-")
+        self.sup_port = _free_port()
+        self.url = f"http://127.0.0.1:{self.sup_port}"
+        self.procs: dict[str, Any] = {}
+        self.ports = {name: _free_port() for name in _DEMO_WORKERS}
+        self.started = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:5.1f}s] {text}", flush=True)
+
+    def spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> None:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+        log = open(os.path.join(self.dir, f"{name}.log"), "ab")  # noqa: SIM115 - the child owns it
+        self.procs[name] = self._subprocess.Popen(
+            [sys.executable, "-m", "picoapi", *args],
+            env={**clean, **env},
+            cwd=self.dir,
+            stdout=log,
+            stderr=log,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        log.close()
+
+    def start_worker(self, name: str) -> None:
+        env = {
+            "API_HOST": "127.0.0.1",
+            "API_BIND": "127.0.0.1",
+            "API_PORT": str(self.ports[name]),
+            "API_TITLE": name,
+            "API_TAGS": _DEMO_WORKERS[name][0],
+            "API_REGISTER_PATH": self.url + REGISTER_ROUTE,
+            "API_HEALTH_INTERVAL": str(self.interval),
+        }
+        self.spawn(name, ["worker", "picoapi:demo_worker"], env)
+
+    def services(self) -> list[dict[str, Any]]:
+        try:
+            return list(requests.get(self.url + SERVICES_ROUTE, timeout=1).json())
+        except (requests.RequestException, ValueError):
+            return []
+
+    def wait(self, what: str, condition: Callable[[], bool], timeout: float) -> float:
+        """Poll until ``condition``; returns the seconds it took. Raises PicoAPIError on timeout."""
+        started = time.monotonic()
+        while not condition():
+            for name, proc in self.procs.items():
+                if proc.poll() is not None and name != "killed":
+                    raise PicoAPIError(f"the demo's {name} process exited; see {self.dir}/{name}.log")
+            if time.monotonic() - started > timeout:
+                raise PicoAPIError(f"timed out waiting for {what}; logs in {self.dir}")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def status_of(self, name: str) -> str | None:
+        wid = worker_id("127.0.0.1", self.ports[name])
+        return next((s["status"] for s in self.services() if s["id"] == wid), None)
+
+    def close(self) -> None:
+        for proc in self.procs.values():  # workers first: they deregister on SIGTERM
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 5
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except self._subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    demo = _Demo(interval=args.interval)
+    try:
+        demo.say(f"supervisor starting on {demo.url} (registry: {demo.url}{SERVICES_ROUTE}, docs: {demo.url}/docs)")
+        demo.spawn("supervisor", ["supervisor", "--bind", "127.0.0.1", "--port", str(demo.sup_port)], {})
+        demo.wait("the supervisor", lambda: bool(demo.services()) or _answers(demo.url + DEFAULT_HEALTH_PATH), 20)
+        for name in _DEMO_WORKERS:
+            demo.start_worker(name)
+        seen: set[str] = set()
+
+        def filled() -> bool:
+            for entry in demo.services():
+                if entry["id"] not in seen:
+                    seen.add(entry["id"])
+                    tags = ",".join(entry["tags"])
+                    demo.say(f"registered: {entry['name']:<8} {entry['id']:<16} tags={tags:<14} {entry['status']}")
+            return len(seen) == len(_DEMO_WORKERS)
+
+        demo.wait("three registrations", filled, 20)
+        for tag, text in (("upper", "hello picoapi"), ("reverse", "stressed"), ("count", "a b c d")):
+            query = {"tag": ["text", tag], "status": HEALTHY}
+            worker = requests.get(demo.url + SERVICES_ROUTE, params=query, timeout=2).json()[0]
+            answer = requests.get(f"http://{worker['id']}/work", params={"text": text}, timeout=2).json()
+            demo.say(f"task tag={tag:<8} {text!r:<16} -> {worker['name']:<8} answered {answer['result']!r}")
+        demo.say("killing worker 'reverse' (SIGKILL)")
+        demo.procs["killed"] = demo.procs.pop("reverse")
+        demo.procs["killed"].kill()
+        took = demo.wait("detection", lambda: demo.status_of("reverse") == UNHEALTHY, 15)
+        demo.say(f"supervisor marked 'reverse' unhealthy after {took:.2f}s (interval {args.interval:g}s)")
+        demo.say("restarting worker 'reverse'")
+        demo.start_worker("reverse")
+        took = demo.wait("recovery", lambda: demo.status_of("reverse") == HEALTHY, 20)
+        demo.say(f"'reverse' is healthy again after {took:.2f}s")
+        counts: dict[str, int] = {}
+        for entry in demo.services():
+            counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+        demo.say(f"registry: {counts}; stopping everything")
+    except KeyboardInterrupt:
+        demo.say("interrupted; stopping everything")
+        return 130
+    finally:
+        demo.close()
+    demo.say("done: no process left behind")
+    return 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=0.5).ok
+    except requests.RequestException:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``picoapi`` command; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="picoapi",
+        description="FastAPI with service registration and health checking.",
+        epilog="example: picoapi supervisor --bind 127.0.0.1 --port 8100",
+    )
+    parser.add_argument("--version", action="version", version=f"picoapi {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sup = commands.add_parser(
+        "supervisor",
+        help="run a supervisor",
+        description="Run a supervisor with uvicorn on API_BIND:API_PORT.",
+        epilog="example: picoapi supervisor --bind 127.0.0.1 --port 8100",
+    )
+    wrk = commands.add_parser(
+        "worker",
+        help="run a worker app",
+        description="Run a worker app (module:attribute) on API_BIND:API_PORT, registering that port.",
+        epilog="example: API_REGISTER_PATH=http://127.0.0.1:8100/register picoapi worker myservice:app",
+    )
+    wrk.add_argument("app", help="the app to run, as module:attribute")
+    for command in (sup, wrk):
+        command.add_argument("--bind", help="interface to bind (API_BIND)")
+        command.add_argument("--port", type=int, help="port (API_PORT)")
+    sup.add_argument("--env-file", default=".env", help="the .env file to read (default: .env)")
+    demo = commands.add_parser(
+        "demo",
+        help="run a live demo on 127.0.0.1",
+        description="Start a supervisor and three workers on 127.0.0.1, dispatch tasks by tag, kill a "
+        "worker and watch the supervisor detect it, restart it and watch it come back. Stops by itself.",
+        epilog="example: picoapi demo --interval 0.5",
+    )
+    demo.add_argument("--interval", type=float, default=0.5, help="health-check interval in seconds (default 0.5)")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        handlers = {"supervisor": _cmd_supervisor, "worker": _cmd_worker, "demo": _cmd_demo}
+        return int(handlers[args.command](args))
+    except PicoAPIError as exc:
+        print(f"picoapi: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    # `python -m picoapi` runs this file as __main__; use the importable module
+    # instead, so the user's app and the command line share one PicoAPI class.
+    from picoapi import main as _main
+
+    sys.exit(_main())

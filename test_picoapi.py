@@ -1,0 +1,1452 @@
+"""Tests for picoapi: configuration, registry, scheduler, worker, supervisor routes, end to end.
+
+Scheduler and retry logic run on a fake clock; end-to-end tests run real uvicorn
+processes on 127.0.0.1 and stop them in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+import responses
+from fastapi import APIRouter, Depends, FastAPI, HTTPException
+from fastapi.testclient import TestClient
+from starlette.middleware.base import BaseHTTPMiddleware
+
+import picoapi
+from picoapi import (
+    CheckResult,
+    Config,
+    ConfigError,
+    HealthChecker,
+    PicoAPI,
+    PicoAPIError,
+    Registrar,
+    Registration,
+    RegistrationError,
+    Registry,
+    RegistryFull,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# -- Helpers -------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Every test starts with no API_* variable and no .env in its directory."""
+    for name in list(os.environ):
+        if name.startswith("API_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+class InlinePool:
+    """Runs checks at once on the caller's thread with scripted results."""
+
+    def __init__(self) -> None:
+        self.fired: list[str] = []
+        self.headers: dict[str, str] = {}
+        self.outcome: dict[str, Any] = {}
+
+    def submit(self, checks: list[Any], headers: dict[str, str], done: Callable[..., None]) -> None:
+        self.headers = dict(headers)
+        for check in checks:
+            self.fired.append(check.worker_id)
+            result = self.outcome.get(check.worker_id, CheckResult(True, 200, 0.001))
+            if isinstance(result, list):
+                result = result.pop(0) if result else CheckResult(True, 200, 0.001)
+            done(check, result)
+
+
+def reg(host: str = "10.0.0.5", port: int = 8888, interval: float = 10, **fields: Any) -> Registration:
+    health = {"url": f"http://{host}:{port}/health", "interval": interval}
+    health.update(fields.pop("health", {}))
+    body = {"name": "orders", "host": host, "port": port, "version": "1.2.0", "tags": ["resize"], "health": health}
+    body.update(fields)
+    return Registration.model_validate(body)
+
+
+def body(host: str = "127.0.0.1", port: int = 9001, interval: float = 10, **fields: Any) -> dict[str, Any]:
+    return reg(host, port, interval, **fields).model_dump(exclude_none=True)
+
+
+FAIL = CheckResult(False, None, 0.001, "refused")
+OK = CheckResult(True, 200, 0.001)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until truthy or ``timeout``; returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except (requests.RequestException, OSError, ValueError, KeyError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- Configuration ---------------------------------------------------------------
+
+
+class TestConfig:
+    def test_defaults(self) -> None:
+        config = Config.load()
+        assert config.mode == "worker"
+        assert config.port == 8888
+        assert config.host is None and config.bind is None and config.title is None
+        assert config.description == "a brief description"
+        assert config.version == "0.0.1"
+        assert config.register_urls == ()
+        assert config.health_path == "/health"
+        assert config.health_interval == 300.0
+        assert config.tags == ()
+        assert config.cors_allow_origins == ("*",)
+        assert config.cors_allow_methods == ("*",)
+        assert config.cors_allow_headers == ("*",)
+        assert config.cors_allow_credentials is False
+        assert config.register_timeout == 30.0
+        assert config.register_required is False
+        assert config.max_workers == 10_000
+        assert config.health_failures == 2 and config.health_successes == 1
+        assert config.deregister_after is None and config.registry_file is None
+        assert config.configured == frozenset()
+
+    @pytest.mark.parametrize(
+        ("var", "raw", "field", "expected"),
+        [
+            ("API_MODE", "Supervisor", "mode", "supervisor"),
+            ("API_HOST", "myhost", "host", "myhost"),
+            ("API_HOST", "123.123.123.123", "host", "123.123.123.123"),
+            ("API_HOST", "[::1]", "host", "::1"),
+            ("API_PORT", "8080", "port", 8080),
+            ("API_BIND", "0.0.0.0", "bind", "0.0.0.0"),
+            ("API_TITLE", "Example API Name", "title", "Example API Name"),
+            (
+                "API_DESCRIPTION",
+                "An example of a short description",
+                "description",
+                "An example of a short description",
+            ),
+            ("API_REGISTER_PATH", "http://keeper:8100/register", "register_urls", ("http://keeper:8100/register",)),
+            (
+                "API_REGISTER_PATH",
+                "http://a:1/register!!https://b/register",
+                "register_urls",
+                ("http://a:1/register", "https://b/register"),
+            ),
+            ("API_KEEPER_URL", "http://localhost:8100/register", "register_urls", ("http://localhost:8100/register",)),
+            ("API_HEALTH_PATH", "/healthz", "health_path", "/healthz"),
+            ("API_HEALTH_INTERVAL", "0.25", "health_interval", 0.25),
+            ("API_HEALTH_TIMEOUT", "2", "health_timeout", 2.0),
+            ("API_VERSION", "0.0.1-alpha", "version", "0.0.1-alpha"),
+            ("API_TAGS", "servicetag1:servicetag2", "tags", ("servicetag1", "servicetag2")),
+            ("API_TAGS", ":a::b:", "tags", ("a", "b")),
+            (
+                "API_CORS_ALLOW_ORIGINS",
+                "http://a.example!!http://b.example!",
+                "cors_allow_origins",
+                ("http://a.example", "http://b.example"),
+            ),
+            ("API_CORS_ALLOW_METHODS", "GET!POST", "cors_allow_methods", ("GET", "POST")),
+            ("API_CORS_ALLOW_HEADERS", "X-One!X-Two", "cors_allow_headers", ("X-One", "X-Two")),
+            ("API_REGISTER_TOKEN", "s3cret", "register_token", "s3cret"),
+            ("API_REGISTER_TIMEOUT", "5", "register_timeout", 5.0),
+            ("API_REGISTER_REQUIRED", "yes", "register_required", True),
+            ("API_MAX_WORKERS", "50", "max_workers", 50),
+            ("API_REGISTRY_FILE", "reg.db", "registry_file", "reg.db"),
+            ("API_DEREGISTER_AFTER", "600", "deregister_after", 600.0),
+            ("API_DEREGISTER_AFTER", "off", "deregister_after", None),
+            ("API_HEALTH_FAILURES", "3", "health_failures", 3),
+            ("API_HEALTH_SUCCESSES", "2", "health_successes", 2),
+        ],
+    )
+    def test_variable_is_read(self, var: str, raw: str, field: str, expected: Any) -> None:
+        config = Config.load(environ={var: raw})
+        assert getattr(config, field) == expected
+
+    def test_credentials_with_explicit_origins(self) -> None:
+        env = {"API_CORS_ALLOW_CREDENTIALS": "true", "API_CORS_ALLOW_ORIGINS": "http://a.example"}
+        assert Config.load(environ=env).cors_allow_credentials is True
+
+    @pytest.mark.parametrize(
+        ("var", "raw", "message"),
+        [
+            ("API_PORT", "eighty", "API_PORT must be a whole number from 1 to 65535, got 'eighty'"),
+            ("API_PORT", "0", "API_PORT must be a whole number from 1 to 65535, got '0'"),
+            ("API_PORT", "65536", "API_PORT must be a whole number from 1 to 65535, got '65536'"),
+            (
+                "API_HEALTH_INTERVAL",
+                "-1",
+                "API_HEALTH_INTERVAL must be a number of seconds from 0.05 to 86400, got '-1'",
+            ),
+            (
+                "API_HEALTH_INTERVAL",
+                "often",
+                "API_HEALTH_INTERVAL must be a number of seconds from 0.05 to 86400, got 'often'",
+            ),
+            (
+                "API_HEALTH_INTERVAL",
+                "nan",
+                "API_HEALTH_INTERVAL must be a number of seconds from 0.05 to 86400, got 'nan'",
+            ),
+            ("API_REGISTER_PATH", "keeper:8100/register", "API_REGISTER_PATH must be an http:// or https:// URL"),
+            ("API_KEEPER_URL", "ftp://keeper/register", "API_REGISTER_PATH must be an http:// or https:// URL"),
+            ("API_REGISTER_PATH", "http://keeper:99999/register", "API_REGISTER_PATH has a bad port"),
+            ("API_MODE", "boss", "API_MODE must be 'worker' or 'supervisor', got 'boss'"),
+            ("API_HOST", "my host", "API_HOST must be a host name or IP address"),
+            ("API_BIND", "a/b", "API_BIND must be a host name or IP address"),
+            (
+                "API_HEALTH_PATH",
+                "health",
+                "API_HEALTH_PATH must be a path starting with '/', such as '/health', got 'health'",
+            ),
+            (
+                "API_TAGS",
+                "ok:has space",
+                "API_TAGS items must be 1 to 64 characters without spaces or ':', got 'has space'",
+            ),
+            ("API_REGISTER_REQUIRED", "maybe", "API_REGISTER_REQUIRED must be true or false"),
+            ("API_CORS_ALLOW_CREDENTIALS", "2", "API_CORS_ALLOW_CREDENTIALS must be true or false"),
+            ("API_MAX_WORKERS", "0", "API_MAX_WORKERS must be a whole number from 1 to 10000000, got '0'"),
+            ("API_HEALTH_FAILURES", "x", "API_HEALTH_FAILURES must be a whole number from 1 to 100, got 'x'"),
+            ("API_HEALTH_SUCCESSES", "0", "API_HEALTH_SUCCESSES must be a whole number from 1 to 100, got '0'"),
+            ("API_REGISTER_TIMEOUT", "-5", "API_REGISTER_TIMEOUT must be a number of seconds from 0 to 3600, got '-5'"),
+            ("API_DEREGISTER_AFTER", "soon", "API_DEREGISTER_AFTER must be a number of seconds"),
+            ("API_HEALTH_TIMEOUT", "0", "API_HEALTH_TIMEOUT must be a number of seconds from 0.01 to 86400, got '0'"),
+            ("API_TITLE", "x" * 129, "API_TITLE must be 1 to 128 printable characters"),
+            ("API_VERSION", "1\x00", "API_VERSION must be 1 to 64 printable characters"),
+        ],
+    )
+    def test_bad_value_names_variable_value_and_fix(self, var: str, raw: str, message: str) -> None:
+        with pytest.raises(ConfigError) as info:
+            Config.load(environ={var: raw})
+        assert str(info.value).startswith(message)
+        assert isinstance(info.value, ValueError) and isinstance(info.value, PicoAPIError)
+
+    def test_credentials_refused_with_wildcard_origin(self) -> None:
+        with pytest.raises(ConfigError, match="API_CORS_ALLOW_CREDENTIALS=true needs explicit origins"):
+            Config.load(environ={"API_CORS_ALLOW_CREDENTIALS": "1"})
+
+    def test_timeout_longer_than_interval_refused(self) -> None:
+        with pytest.raises(ConfigError, match=r"API_HEALTH_TIMEOUT \(5\) must not exceed API_HEALTH_INTERVAL \(1\)"):
+            Config.load(environ={"API_HEALTH_INTERVAL": "1", "API_HEALTH_TIMEOUT": "5"})
+
+    def test_empty_variable_counts_as_unset(self) -> None:
+        assert Config.load(environ={"API_PORT": "", "API_TAGS": ""}).port == 8888
+
+    def test_table_name_wins_over_old_name(self) -> None:
+        env = {"API_KEEPER_URL": "http://old:1/register", "API_REGISTER_PATH": "http://new:2/register"}
+        assert Config.load(environ=env).register_urls == ("http://new:2/register",)
+
+    def test_env_file_is_read_without_touching_environ(self, tmp_path: Any) -> None:
+        (tmp_path / ".env").write_text(
+            textwrap.dedent("""\
+                API_BIND="0.0.0.0"
+                API_HOST="localhost"
+                API_PORT="8888"
+                API_TITLE="test"
+                API_DESCRIPTION="test description"
+                API_VERSION="0.0.1-alpha"
+                API_KEEPER_URL="http://localhost:8100/register"
+                API_HEALTH_PATH="/health"
+                API_HEALTH_INTERVAL="300"
+            """)
+        )
+        config = Config.load()
+        assert (config.bind, config.host, config.title, config.version) == (
+            "0.0.0.0",
+            "localhost",
+            "test",
+            "0.0.1-alpha",
+        )
+        assert config.register_urls == ("http://localhost:8100/register",)
+        assert config.description == "test description"
+        assert "API_HOST" not in os.environ
+
+    def test_precedence_keyword_environment_file_default(self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        (tmp_path / "custom.env").write_text("API_PORT=1001\nAPI_TITLE=from-file\nAPI_VERSION=9\n")
+        monkeypatch.setenv("API_PORT", "1002")
+        monkeypatch.setenv("API_TITLE", "from-env")
+        config = Config.load({"port": 1003}, env_file=tmp_path / "custom.env")
+        assert config.port == 1003  # keyword
+        assert config.title == "from-env"  # environment over file
+        assert config.version == "9"  # file over default
+        assert config.health_interval == 300.0  # default
+
+    def test_missing_explicit_env_file_is_an_error(self) -> None:
+        with pytest.raises(ConfigError, match="env_file 'nope.env' does not exist"):
+            Config.load(env_file="nope.env")
+
+    def test_keyword_values_are_validated(self) -> None:
+        with pytest.raises(ConfigError, match="API_PORT must be a whole number from 1 to 65535, got 0"):
+            Config.load({"port": 0})
+        assert Config.load({"tags": ["a", "b"]}).tags == ("a", "b")
+
+    def test_unknown_keyword_is_an_error(self) -> None:
+        with pytest.raises(ConfigError, match="unknown setting"):
+            Config.load({"prot": 1})
+
+    def test_registering_worker_needs_host_and_title(self) -> None:
+        with pytest.raises(ConfigError, match="API_HOST, API_TITLE must be set for a worker to register"):
+            PicoAPI(register_urls="http://127.0.0.1:1/register")
+
+    def test_token_is_not_in_repr(self) -> None:
+        assert "s3cret" not in repr(Config.load({"register_token": "s3cret"}))
+
+    def test_health_url_from_host_port_and_path(self) -> None:
+        assert Config.load({"host": "10.0.0.5", "port": 81, "health_path": "/hz"}).health_url == "http://10.0.0.5:81/hz"
+        assert Config.load({"host": "::1"}).health_url == "http://[::1]:8888/health"
+
+    def test_import_starts_nothing(self) -> None:
+        code = (
+            "import picoapi, threading, sys; assert threading.active_count() == 1; assert 'uvicorn' not in sys.modules"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE, env={**os.environ, "API_PORT": "bad"})
+
+
+# -- The app as a drop-in FastAPI ----------------------------------------------
+
+
+class TestDropIn:
+    def test_schema_and_routes_same_as_fastapi(self) -> None:
+        def build(cls: type[FastAPI]) -> FastAPI:
+            app = cls()
+            router = APIRouter(prefix="/items", tags=["items"])
+
+            @router.get("/{item_id}")
+            def item(item_id: int, q: str | None = None) -> dict[str, Any]:
+                return {"id": item_id, "q": q}
+
+            app.include_router(router)
+            return app
+
+        plain, pico = build(FastAPI), build(PicoAPI)
+        assert pico.openapi() == plain.openapi()
+        user_routes = [r for r in pico.routes if "picoapi" not in (getattr(r, "tags", None) or [])]
+        shape = lambda routes: [(type(r).__name__, getattr(r, "path", None)) for r in routes]  # noqa: E731
+        assert shape(user_routes) == shape(plain.routes)
+        with TestClient(pico) as client:
+            assert client.get("/items/3?q=x").json() == {"id": 3, "q": "x"}
+
+    def test_user_lifespan_runs_before_inside_after(self) -> None:
+        events: list[str] = []
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: FastAPI) -> Any:
+            events.append("start")
+            yield {"db": "conn"}
+            events.append("stop")
+
+        app = PicoAPI(lifespan=lifespan)
+        assert events == []
+        with TestClient(app) as client:
+            assert events == ["start"]
+            assert client.get("/health").status_code == 200
+        assert events == ["start", "stop"]
+
+    def test_on_startup_and_on_shutdown_run(self) -> None:
+        events: list[str] = []
+        app = PicoAPI(on_startup=[lambda: events.append("up")], on_shutdown=[lambda: events.append("down")])
+        with TestClient(app):
+            assert events == ["up"]
+        assert events == ["up", "down"]
+
+    def test_dependencies_middleware_and_exception_handlers(self) -> None:
+        app = PicoAPI()
+
+        class Teapot(Exception):
+            pass
+
+        @app.exception_handler(Teapot)
+        async def teapot(request: Any, exc: Teapot) -> Any:
+            from fastapi.responses import JSONResponse
+
+            return JSONResponse({"teapot": True}, status_code=418)
+
+        async def add_header(request: Any, call_next: Any) -> Any:
+            response = await call_next(request)
+            response.headers["X-User"] = "yes"
+            return response
+
+        app.add_middleware(BaseHTTPMiddleware, dispatch=add_header)
+
+        def user() -> str:
+            return "ann"
+
+        @app.get("/me")
+        def me(name: str = Depends(user)) -> dict[str, str]:
+            return {"name": name}
+
+        @app.get("/tea")
+        def tea() -> None:
+            raise Teapot()
+
+        @app.get("/missing")
+        def missing() -> None:
+            raise HTTPException(404, "gone")
+
+        with TestClient(app) as client:
+            response = client.get("/me")
+            assert response.json() == {"name": "ann"} and response.headers["x-user"] == "yes"
+            assert client.get("/tea").status_code == 418
+            assert client.get("/missing").json() == {"detail": "gone"}
+
+    def test_configured_metadata_goes_to_fastapi_unless_given(self) -> None:
+        app = PicoAPI(env_file=None)
+        assert (app.title, app.version) == ("FastAPI", "0.1.0")
+        os.environ["API_TITLE"] = "orders"
+        os.environ["API_VERSION"] = "1.2.0"
+        try:
+            app = PicoAPI()
+            assert (app.title, app.version) == ("orders", "1.2.0")
+            app = PicoAPI(title="mine")
+            assert (app.title, app.config.title, app.version) == ("mine", "mine", "1.2.0")
+        finally:
+            del os.environ["API_TITLE"], os.environ["API_VERSION"]
+
+    def test_both_modes_construct(self) -> None:
+        assert PicoAPI().mode == "worker" and PicoAPI().registry is None
+        assert PicoAPI(mode="supervisor").registry is not None
+        os.environ["API_MODE"] = "supervisor"
+        try:
+            assert PicoAPI().mode == "supervisor"
+            assert PicoAPI(mode="worker").mode == "worker"
+        finally:
+            del os.environ["API_MODE"]
+
+    def test_cors_for_configured_origin(self) -> None:
+        app = PicoAPI(cors_allow_origins="http://good.example", cors_allow_methods="GET")
+        with TestClient(app) as client:
+            good = client.get("/health", headers={"Origin": "http://good.example"})
+            bad = client.get("/health", headers={"Origin": "http://bad.example"})
+            pre = client.options(
+                "/health", headers={"Origin": "http://good.example", "Access-Control-Request-Method": "GET"}
+            )
+        assert good.headers["access-control-allow-origin"] == "http://good.example"
+        assert "access-control-allow-origin" not in bad.headers
+        assert pre.status_code == 200 and "access-control-allow-credentials" not in pre.headers
+
+    def test_cors_default_is_wildcard_without_credentials(self) -> None:
+        with TestClient(PicoAPI()) as client:
+            response = client.get("/health", headers={"Origin": "http://any.example"})
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in response.headers
+
+
+class TestHealthEndpoint:
+    def test_answers_status_name_version(self) -> None:
+        app = PicoAPI(title="orders", version="1.2.0", health_path="/hz")
+        with TestClient(app) as client:
+            assert client.get("/hz").json() == {"status": "healthy", "name": "orders", "version": "1.2.0"}
+        assert "/hz" not in app.openapi()["paths"]
+        route = next(r for r in app.routes if getattr(r, "path", "") == "/hz")
+        assert route.tags == ["picoapi"] and route.operation_id == "picoapi_health"  # type: ignore[attr-defined]
+
+    def test_user_checks_sync_and_async(self) -> None:
+        app = PicoAPI()
+        state = {"db": True}
+
+        @app.health_check
+        def db() -> bool:
+            return state["db"]
+
+        @app.health_check(name="cache")
+        async def cache_check() -> bool:
+            return True
+
+        @app.health_check
+        async def disk() -> bool:
+            raise OSError("disk full")
+
+        with TestClient(app) as client:
+            response = client.get("/health")
+            assert response.status_code == 503
+            assert response.json()["failing"] == {"disk": "OSError: disk full"}
+            state["db"] = False
+            assert set(client.get("/health").json()["failing"]) == {"db", "disk"}
+
+    def test_sync_check_does_not_block_the_loop(self) -> None:
+        app = PicoAPI()
+        release = threading.Event()
+
+        @app.health_check
+        def slow() -> bool:
+            return release.wait(5)
+
+        @app.get("/ping")
+        async def ping() -> str:
+            return "pong"
+
+        with TestClient(app) as client:
+            pending = threading.Thread(target=client.get, args=("/health",))
+            pending.start()
+            try:
+                assert client.get("/ping").json() == "pong"  # answered while the check blocks
+            finally:
+                release.set()
+                pending.join()
+
+
+# -- Registry --------------------------------------------------------------------
+
+
+class TestRegistry:
+    def test_register_creates_then_replaces_keeping_history(self) -> None:
+        clock = FakeClock()
+        registry = Registry(clock=clock, wall=clock)
+        worker, created = registry.register(reg(tags=["a"]))
+        assert created and worker.id == "10.0.0.5:8888" and worker.status == "healthy"
+        registry.record(worker.id, OK)
+        again, created = registry.register(reg(tags=["b"], version="2.0"))
+        assert not created and again.version == "2.0" and again.last_check == clock.now
+        assert len(registry) == 1
+        assert registry.workers("a") == [] and [w.id for w in registry.workers("b")] == [worker.id]
+
+    def test_id_from_host_and_port(self) -> None:
+        assert picoapi.worker_id("Host.Example", 80) == "host.example:80"
+        assert picoapi.worker_id("::1", 80) == "[::1]:80"
+
+    def test_tags_combine_with_and_and_filters(self) -> None:
+        registry = Registry()
+        registry.register(reg("10.0.0.1", tags=["resize", "png"]))
+        registry.register(reg("10.0.0.2", tags=["resize", "jpeg"], version="2.0"))
+        registry.register(reg("10.0.0.3", tags=["ocr"], name="reader"))
+        ids = lambda ws: [w.host for w in ws]  # noqa: E731
+        assert ids(registry.workers("resize")) == ["10.0.0.1", "10.0.0.2"]
+        assert ids(registry.workers("resize", "png")) == ["10.0.0.1"]
+        assert ids(registry.workers("resize", "ocr")) == []
+        assert ids(registry.workers("nope")) == []
+        assert ids(registry.workers(version="2.0")) == ["10.0.0.2"]
+        assert ids(registry.workers(name="reader")) == ["10.0.0.3"]
+        assert ids(registry.workers(status="unhealthy")) == []
+        assert len(registry.workers()) == 3
+
+    def test_readers_get_copies(self) -> None:
+        registry = Registry()
+        worker, _ = registry.register(reg())
+        worker.status = "unhealthy"
+        registry.workers()[0].name = "changed"
+        assert registry.get(worker.id).status == "healthy"  # type: ignore[union-attr]
+        assert registry.get(worker.id).name == "orders"  # type: ignore[union-attr]
+        assert registry.get("nope") is None
+
+    def test_cap(self) -> None:
+        registry = Registry(max_workers=1)
+        registry.register(reg(port=1))
+        registry.register(reg(port=1))  # a replacement is not a new worker
+        with pytest.raises(RegistryFull, match=r"the registry is full \(1 workers, API_MAX_WORKERS\)"):
+            registry.register(reg(port=2))
+
+    def test_deregister(self) -> None:
+        registry = Registry()
+        worker, _ = registry.register(reg(tags=["a"]))
+        assert registry.deregister(worker.id) and not registry.deregister(worker.id)
+        assert registry.workers("a") == [] and len(registry) == 0
+
+    def test_error_text_is_bounded(self) -> None:
+        registry = Registry()
+        worker, _ = registry.register(reg())
+        registry.record(worker.id, CheckResult(False, None, None, "x" * 10_000))
+        assert len(registry.get(worker.id).last_error) == picoapi.MAX_ERROR  # type: ignore[union-attr]
+
+
+# -- Scheduler ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def sched() -> tuple[FakeClock, Registry, InlinePool, HealthChecker]:
+    clock = FakeClock()
+    registry = Registry(clock=clock, wall=clock)
+    pool = InlinePool()
+    return clock, registry, pool, HealthChecker(registry, pool=pool, supervisor_id="sup1")
+
+
+class TestScheduler:
+    def test_order_across_intervals(self, sched: Any) -> None:
+        clock, registry, pool, checker = sched
+        registry.register(reg(port=1, interval=1))
+        registry.register(reg(port=2, interval=3))
+        fired = []
+        for _ in range(6):
+            clock.advance(1)
+            checker.run_pending()
+            fired.append(sorted(w.split(":")[1] for w in pool.fired))
+            pool.fired.clear()
+        assert fired == [["1"], ["1"], ["1", "2"], ["1"], ["1"], ["1", "2"]]
+        assert pool.headers == {"X-PicoAPI-Supervisor": "sup1"}
+
+    def test_nothing_fires_early(self, sched: Any) -> None:
+        clock, registry, pool, checker = sched
+        registry.register(reg(interval=10))
+        clock.advance(9.99)
+        assert checker.run_pending() == 0
+        clock.advance(0.01)
+        assert checker.run_pending() == 1
+
+    def test_reregistration_moves_schedule(self, sched: Any) -> None:
+        clock, registry, pool, checker = sched
+        registry.register(reg(interval=10))
+        clock.advance(8)
+        registry.register(reg(interval=5))
+        clock.advance(2)
+        assert checker.run_pending() == 0  # the old due time (10) is stale
+        clock.advance(3)
+        assert checker.run_pending() == 1 and len(pool.fired) == 1
+
+    def test_deregistration_cancels(self, sched: Any) -> None:
+        clock, registry, pool, checker = sched
+        worker, _ = registry.register(reg(interval=1))
+        registry.deregister(worker.id)
+        clock.advance(5)
+        assert checker.run_pending() == 0 and registry.next_due() is None
+
+    def test_first_failure_is_confirmed_quickly(self, sched: Any) -> None:
+        clock, registry, pool, checker = sched
+        worker, _ = registry.register(reg(interval=10))
+        pool.outcome[worker.id] = [FAIL, FAIL]
+        clock.advance(10)
+        checker.run_pending()
+        assert registry.get(worker.id).status == "healthy"  # one failure is not enough
+        assert registry.next_due() == pytest.approx(clock.now + picoapi.confirm_delay(10))
+        clock.advance(1)
+        checker.run_pending()
+        assert registry.get(worker.id).status == "unhealthy"
+        assert registry.next_due() == pytest.approx(clock.now + 10)  # back to the interval
+
+    def test_one_lost_check_does_not_mark_unhealthy(self, sched: Any) -> None:
+        clock, registry, pool, checker = sched
+        worker, _ = registry.register(reg(interval=10))
+        pool.outcome[worker.id] = [FAIL, OK]
+        for _ in range(3):
+            clock.advance(10)
+            checker.run_pending()
+        w = registry.get(worker.id)
+        assert w.status == "healthy" and w.failures == 0 and w.successes >= 1
+
+    def test_success_threshold_to_recover(self) -> None:
+        clock = FakeClock()
+        registry = Registry(clock=clock, wall=clock, failures=1, successes=2)
+        pool = InlinePool()
+        checker = HealthChecker(registry, pool=pool)
+        worker, _ = registry.register(reg(interval=4))
+        pool.outcome[worker.id] = [FAIL, OK, OK]
+        clock.advance(4)
+        checker.run_pending()
+        assert registry.get(worker.id).status == "unhealthy"
+        clock.advance(4)
+        checker.run_pending()
+        assert registry.get(worker.id).status == "unhealthy"  # one success is not enough
+        clock.advance(1)  # the confirm re-check
+        checker.run_pending()
+        assert registry.get(worker.id).status == "healthy"
+
+    def test_flapping_does_not_flip_status_every_check(self, sched: Any) -> None:
+        clock, registry, pool, checker = sched
+        worker, _ = registry.register(reg(interval=1))
+        pool.outcome[worker.id] = [FAIL, OK] * 50
+        statuses = set()
+        for _ in range(200):
+            clock.advance(0.25)
+            checker.run_pending()
+            statuses.add(registry.get(worker.id).status)
+        assert statuses == {"healthy"}
+
+    def test_deregister_after(self) -> None:
+        clock = FakeClock()
+        registry = Registry(clock=clock, wall=clock, deregister_after=30)
+        pool = InlinePool()
+        changes: list[Any] = []
+        checker = HealthChecker(registry, pool=pool, on_change=lambda wid, c: changes.append(c))
+        worker, _ = registry.register(reg(interval=10))
+        pool.outcome[worker.id] = [FAIL] * 10
+        for _ in range(30):
+            clock.advance(1)
+            checker.run_pending()
+        assert worker.id in registry  # unhealthy for less than 30 s
+        for _ in range(20):
+            clock.advance(1)
+            checker.run_pending()
+        assert worker.id not in registry
+        assert changes == [("healthy", "unhealthy", False), ("unhealthy", "unhealthy", True)]
+
+    def test_bring_forward(self, sched: Any) -> None:
+        clock, registry, pool, checker = sched
+        worker, _ = registry.register(reg(interval=100))
+        registry.bring_forward(worker.id)
+        assert checker.run_pending() == 1
+
+    def test_loaded_worker_is_unknown_and_checked_at_once(self, sched: Any) -> None:
+        clock, registry, pool, checker = sched
+        worker, _ = registry.register(reg(interval=100), status="unknown")
+        assert worker.status == "unknown"
+        assert checker.run_pending() == 1
+        assert registry.get(worker.id).status == "healthy"
+
+    def test_result_for_deregistered_worker_is_dropped(self, sched: Any) -> None:
+        clock, registry, pool, checker = sched
+        assert registry.record("gone:1", OK) is None
+
+    def test_lateness_is_measured(self, sched: Any) -> None:
+        clock, registry, pool, checker = sched
+        registry.register(reg(interval=1))
+        clock.advance(1.5)
+        checker.run_pending()
+        assert checker.fired == 1 and checker.lateness == pytest.approx(0.5)
+
+    def test_broken_recording_does_not_kill_the_pool(self, sched: Any, caplog: Any) -> None:
+        clock, registry, pool, checker = sched
+        worker, _ = registry.register(reg(interval=1))
+        checker._on_change = lambda *a: 1 / 0
+        pool.outcome[worker.id] = [FAIL, FAIL]
+        clock.advance(1)
+        checker.run_pending()
+        clock.advance(1)
+        checker.run_pending()  # the change raises inside on_change
+        assert "recording the check" in caplog.text
+
+
+class TestCheckerThread:
+    def test_start_stop_leaves_no_thread(self) -> None:
+        before = threading.active_count()
+        registry = Registry()
+        for _ in range(20):
+            checker = HealthChecker(registry)
+            checker.start()
+            assert checker.is_running
+            started = time.monotonic()
+            checker.stop()
+            assert time.monotonic() - started < 2.0
+        assert threading.active_count() == before
+
+    def test_registration_wakes_the_thread(self) -> None:
+        registry = Registry()
+        pool = InlinePool()
+        checker = HealthChecker(registry, pool=pool)
+        checker.start()
+        try:
+            registry.register(reg(interval=0.05))
+            wait_for(lambda: len(pool.fired) >= 3, 5, "three checks")
+        finally:
+            checker.stop()
+
+
+# -- The probe against real sockets ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def raw_server(handler: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A one-connection-at-a-time TCP server on 127.0.0.1 that runs ``handler``."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=_handle, args=(handler, conn), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(2)
+        server.close()
+
+
+def _handle(handler: Callable[[socket.socket], None], conn: socket.socket) -> None:
+    with contextlib.suppress(OSError), conn:
+        conn.recv(4096)
+        handler(conn)
+
+
+def probe(port: int, timeout: float = 0.5, path: str = "/health") -> CheckResult:
+    return asyncio.run(picoapi.http_probe(f"http://127.0.0.1:{port}{path}", timeout, {"X-PicoAPI-Supervisor": "s"}))
+
+
+class TestProbe:
+    def test_200(self) -> None:
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as port:
+            result = probe(port)
+        assert result.ok and result.status_code == 200 and result.latency is not None
+
+    def test_500_and_redirect_are_failures(self) -> None:
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 500 Oops\r\n\r\n")) as port:
+            assert probe(port) == (False, 500, pytest.approx(probe(port).latency, abs=1), "HTTP 500")
+        moved = b"HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/\r\n\r\n"
+        with raw_server(lambda c: c.sendall(moved)) as port:
+            result = probe(port)
+        assert not result.ok and result.status_code == 302 and result.error == "HTTP 302"
+
+    def test_silent_server_times_out_within_deadline(self) -> None:
+        with raw_server(lambda c: time.sleep(2)) as port:
+            started = time.monotonic()
+            result = probe(port, timeout=0.3)
+            elapsed = time.monotonic() - started
+        assert not result.ok and result.error == "no answer within 0.3s"
+        assert elapsed < 1.0
+
+    def test_trickle_is_cut_at_the_deadline(self) -> None:
+        def trickle(conn: socket.socket) -> None:
+            for byte in b"HTTP/1.1 200 OK":
+                conn.sendall(bytes([byte]))
+                time.sleep(0.1)
+
+        with raw_server(trickle) as port:
+            started = time.monotonic()
+            result = probe(port, timeout=0.3)
+        assert not result.ok and time.monotonic() - started < 1.0
+
+    def test_reset_refused_and_garbage(self) -> None:
+        def reset(conn: socket.socket) -> None:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+        with raw_server(reset) as port:
+            assert not probe(port).ok
+        assert "Connect" in probe(free_port()).error or "refused" in probe(free_port()).error.lower()
+        with raw_server(lambda c: c.sendall(b"SSH-2.0-OpenSSH\r\n")) as port:
+            assert probe(port).error.startswith("ValueError: not an HTTP answer")
+
+    def test_huge_body_is_not_read(self) -> None:
+        def huge(conn: socket.socket) -> None:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+            with contextlib.suppress(OSError):
+                for _ in range(1000):
+                    conn.sendall(b"x" * 65536)
+
+        with raw_server(huge) as port:
+            assert probe(port).ok
+
+    def test_request_names_supervisor(self) -> None:
+        seen: list[bytes] = []
+
+        def record(conn: socket.socket) -> None:
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+
+        def accept() -> None:
+            conn, _ = server.accept()
+            seen.append(conn.recv(4096))
+            record(conn)
+            conn.close()
+
+        thread = threading.Thread(target=accept)
+        thread.start()
+        assert probe(port, path="/hz?deep=1").ok
+        thread.join()
+        server.close()
+        assert seen[0].startswith(b"GET /hz?deep=1 HTTP/1.1\r\n") and b"X-PicoAPI-Supervisor: s\r\n" in seen[0]
+
+
+class TestSilentWorkers:
+    def test_silent_workers_do_not_delay_others(self) -> None:
+        """20 workers that accept and never answer beside one that answers at once."""
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(128)
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as good_port:
+            registry = Registry()
+            checker = HealthChecker(registry)
+            good, _ = registry.register(reg("127.0.0.1", good_port, interval=0.1))
+            for port in range(20):  # the same silent listener under 20 ids is enough to block threads
+                registry.register(
+                    Registration.model_validate(
+                        {
+                            "name": "silent",
+                            "host": "127.0.0.1",
+                            "port": silent.getsockname()[1],
+                            "health": {"url": f"http://127.0.0.1:{silent.getsockname()[1]}/h{port}", "interval": 0.1},
+                        }
+                    )
+                )
+            checker.start()
+            try:
+                wait_for(lambda: (registry.get(good.id).successes or 0) >= 10, 5, "ten good checks")
+            finally:
+                checker.stop()
+        silent.close()
+        assert registry.get(good.id).status == "healthy"
+
+
+# -- Persistence ---------------------------------------------------------------------
+
+
+class TestPersistence:
+    def test_store_round_trip_and_identity(self, tmp_path: Any) -> None:
+        store = picoapi._Store(str(tmp_path / "reg.db"))
+        store.save("10.0.0.5:8888", reg())
+        store.save("10.0.0.6:8888", reg("10.0.0.6"))
+        store.delete("10.0.0.6:8888")
+        identity = store.identity()
+        store.close()
+        store = picoapi._Store(str(tmp_path / "reg.db"))
+        assert store.load() == [reg()]
+        assert store.identity() == identity
+        store.close()
+
+    def test_bad_file_is_a_config_error(self, tmp_path: Any) -> None:
+        with pytest.raises(ConfigError, match="API_REGISTRY_FILE .* cannot be used as a registry file"):
+            picoapi._Store(str(tmp_path / "no" / "such" / "dir.db"))
+
+    def test_supervisor_restart_keeps_workers(self, tmp_path: Any) -> None:
+        path = str(tmp_path / "reg.db")
+        with TestClient(PicoAPI(mode="supervisor", registry_file=path)) as client:
+            assert client.put("/register", json=body(port=9001)).status_code == 201
+            assert client.put("/register", json=body(port=9002)).status_code == 201
+            assert client.delete("/register/127.0.0.1:9002").status_code == 204
+        app = PicoAPI(mode="supervisor", registry_file=path)
+        with TestClient(app) as client:
+            services = client.get("/services").json()
+            assert [s["id"] for s in services] == ["127.0.0.1:9001"]
+            # checked at once: nothing listens on 9001, so the first check fails quickly
+            wait_for(lambda: app.registry.get("127.0.0.1:9001").last_check, 5, "the loaded worker's check")
+
+
+# -- Supervisor routes -----------------------------------------------------------------
+
+
+@pytest.fixture
+def supervisor() -> Iterator[TestClient]:
+    with TestClient(PicoAPI(mode="supervisor", max_workers=3)) as client:
+        yield client
+
+
+def field_error(response: Any) -> str:
+    assert response.status_code == 422, response.text
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in response.json()["detail"])
+
+
+class TestSupervisorRoutes:
+    def test_register_create_replace_get_delete(self, supervisor: TestClient) -> None:
+        first = supervisor.put("/register", json=body())
+        assert first.status_code == 201 and first.json()["id"] == "127.0.0.1:9001"
+        assert first.json()["status"] == "healthy" and first.headers["X-PicoAPI-Supervisor"]
+        second = supervisor.put("/register", json=body(version="2.0"))
+        assert second.status_code == 200 and second.json()["version"] == "2.0"
+        assert len(supervisor.get("/services").json()) == 1
+        got = supervisor.get("/services/127.0.0.1:9001").json()
+        assert got["health"] == {"url": "http://127.0.0.1:9001/health", "interval": 10.0, "timeout": 10.0}
+        assert supervisor.delete("/register/127.0.0.1:9001").status_code == 204
+        assert supervisor.delete("/register/127.0.0.1:9001").status_code == 404
+        assert supervisor.get("/services/127.0.0.1:9001").status_code == 404
+
+    def test_filters(self, supervisor: TestClient) -> None:
+        supervisor.put("/register", json=body(port=1, tags=["resize", "png"]))
+        supervisor.put("/register", json=body(port=2, tags=["resize"], version="2.0"))
+        supervisor.put("/register", json=body(port=3, tags=["ocr"], name="reader"))
+        ids = lambda q: [s["port"] for s in supervisor.get("/services" + q).json()]  # noqa: E731
+        assert ids("?tag=resize") == [1, 2]
+        assert ids("?tag=resize&tag=png") == [1]
+        assert ids("?version=2.0") == [2]
+        assert ids("?name=reader") == [3]
+        assert ids("?status=healthy") == [1, 2, 3]
+        assert ids("?status=unhealthy") == []
+        assert supervisor.get("/services?status=sleepy").status_code == 422
+
+    def test_registry_full(self, supervisor: TestClient) -> None:
+        for port in (1, 2, 3):
+            supervisor.put("/register", json=body(port=port))
+        response = supervisor.put("/register", json=body(port=4))
+        assert response.status_code == 503 and "API_MAX_WORKERS" in response.json()["detail"]
+
+    @pytest.mark.parametrize(
+        ("change", "field"),
+        [
+            ({"name": ""}, "body.name"),
+            ({"name": "x" * 129}, "body.name"),
+            ({"version": ""}, "body.version"),
+            ({"version": "v" * 65}, "body.version"),
+            ({"tags": [""]}, "body.tags"),
+            ({"tags": ["has space"]}, "body.tags"),
+            ({"tags": ["t" * 65]}, "body.tags"),
+            ({"tags": [f"t{i}" for i in range(33)]}, "body.tags"),
+            ({"port": 0}, "body.port"),
+            ({"port": 65536}, "body.port"),
+            ({"host": "bad host"}, "body.host"),
+            ({"health": {"url": "http://127.0.0.1:9001/health", "interval": 0.001}}, "body.health.interval"),
+            ({"health": {"url": "http://127.0.0.1:9001/health", "interval": 1e9}}, "body.health.interval"),
+            ({"health": {"url": "ftp://127.0.0.1:9001/health", "interval": 1}}, "body.health.url"),
+            ({"health": {"url": "http://127.0.0.1:9001/h\r\nX: y", "interval": 1}}, "body.health.url"),
+            ({"health": {"url": "http://127.0.0.1:9001/health", "interval": 1, "timeout": 5}}, "health.timeout (5)"),
+            ({"health": {"url": "http://169.254.169.254:9001/", "interval": 1}}, "health.url must point at"),
+            ({"health": {"url": "http://127.0.0.1:22/", "interval": 1}}, "health.url must point at"),
+            ({"description": "d" * 1025}, "body.description"),
+        ],
+    )
+    def test_bad_input_names_the_field(self, supervisor: TestClient, change: dict[str, Any], field: str) -> None:
+        payload = {**body(), **change}
+        assert field in field_error(supervisor.put("/register", json=payload))
+
+    def test_missing_health_named(self, supervisor: TestClient) -> None:
+        payload = body()
+        del payload["health"]
+        assert "body.health" in field_error(supervisor.put("/register", json=payload))
+
+    def test_oversized_body_refused(self, supervisor: TestClient) -> None:
+        response = supervisor.put(
+            "/register", content=b"{" + b" " * 70_000 + b"}", headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 413
+
+    def test_oversized_chunked_body_refused(self, supervisor: TestClient) -> None:
+        def chunks() -> Iterator[bytes]:
+            for _ in range(100):
+                yield b" " * 1024
+
+        response = supervisor.put("/register", content=chunks(), headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+
+    def test_schema_documents_the_api(self, supervisor: TestClient) -> None:
+        schema = supervisor.get("/openapi.json").json()
+        assert set(schema["paths"]) == {"/register", "/register/{worker_id}", "/services", "/services/{worker_id}"}
+        put = schema["paths"]["/register"]["put"]
+        assert put["operationId"] == "picoapi_register" and "201" in put["responses"]
+        assert "WorkerOut" in json.dumps(schema["paths"]["/services"]["get"]["responses"]["200"])
+
+
+class TestToken:
+    @pytest.fixture
+    def client(self) -> Iterator[TestClient]:
+        with TestClient(PicoAPI(mode="supervisor", register_token="s3cret")) as client:
+            yield client
+
+    def test_put_and_delete_need_the_token(self, client: TestClient) -> None:
+        missing = client.put("/register", json=body())
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        wrong = client.put("/register", json=body(), headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 403 and "s3cret" not in wrong.text
+        ok = client.put("/register", json=body(), headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 201 and "s3cret" not in ok.text
+        assert client.delete("/register/127.0.0.1:9001").status_code == 401
+        assert client.delete("/register/127.0.0.1:9001", headers={"Authorization": "Basic s3cret"}).status_code == 403
+        assert client.delete("/register/127.0.0.1:9001", headers={"Authorization": "Bearer s3cret"}).status_code == 204
+
+    def test_reads_stay_open(self, client: TestClient) -> None:
+        assert client.get("/services").status_code == 200
+
+
+# -- Worker registration -----------------------------------------------------------------
+
+SUP = "http://127.0.0.1:8100/register"
+SUP2 = "http://127.0.0.1:8200/register"
+
+
+def worker_config(**extra: Any) -> Config:
+    options = {"host": "127.0.0.1", "port": 9001, "title": "orders", "register_urls": SUP, "tags": "resize:png"}
+    options.update(extra)
+    return Config.load(options, env_file=None)
+
+
+def registrar(clock: FakeClock, urls: tuple[str, ...] = (SUP,), **kwargs: Any) -> Registrar:
+    body = worker_config(health_interval=1).registration()
+    return Registrar(urls, body, clock=clock, sleep=clock.sleep, rand=lambda: 1.0, **kwargs)
+
+
+def answer(status: int = 201, **headers: str) -> dict[str, Any]:
+    return {"status": status, "json": {"id": "127.0.0.1:9001"}, "headers": {"X-PicoAPI-Supervisor": "sup1", **headers}}
+
+
+class TestRegistrar:
+    def test_put_body_is_the_contract(self) -> None:
+        config = worker_config(version="1.2.0", description="d", health_interval=300)
+        assert config.registration() == {
+            "name": "orders",
+            "host": "127.0.0.1",
+            "port": 9001,
+            "version": "1.2.0",
+            "tags": ["resize", "png"],
+            "description": "d",
+            "health": {"url": "http://127.0.0.1:9001/health", "interval": 300.0},
+        }
+        Registration.model_validate(config.registration())  # the supervisor accepts exactly it
+
+    @responses.activate
+    def test_registers_and_knows_its_id(self) -> None:
+        responses.put(SUP, **answer())
+        r = registrar(FakeClock())
+        r.register_all()
+        assert json.loads(responses.calls[0].request.body)["name"] == "orders"
+        assert r.supervisors[0].worker_id == "127.0.0.1:9001" and r.supervisors[0].identity == "sup1"
+
+    def test_backoff_growth_and_cap(self) -> None:
+        r = registrar(FakeClock())
+        assert [r.backoff(n) for n in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+        r._rand = lambda: 0.0
+        assert r.backoff(3) == 2.0  # half jittered: from delay/2 to delay
+
+    @responses.activate
+    def test_retries_connection_errors_5xx_408_429(self) -> None:
+        responses.put(SUP, body=requests.ConnectionError("refused"))
+        responses.put(SUP, status=503)
+        responses.put(SUP, status=408)
+        responses.put(SUP, status=429)
+        responses.put(SUP, **answer())
+        clock = FakeClock()
+        r = registrar(clock)
+        r.register_all()
+        assert clock.slept == [0.5, 1, 2, 4]
+        assert r.supervisors[0].is_registered
+
+    @responses.activate
+    def test_honours_retry_after(self) -> None:
+        responses.put(SUP, status=429, headers={"Retry-After": "7"})
+        responses.put(SUP, **answer())
+        clock = FakeClock()
+        registrar(clock).register_all()
+        assert clock.slept == [7.0]
+
+    def test_retry_after_as_date(self) -> None:
+        future = time.time() + 60
+        value = picoapi.email.utils.formatdate(future, usegmt=True)
+        assert 55 < picoapi._retry_after(value) <= 60  # type: ignore[operator]
+        assert picoapi._retry_after("soon") is None
+
+    @responses.activate
+    def test_gives_up_then_retries_in_background(self, caplog: Any) -> None:
+        responses.put(SUP, body=requests.ConnectionError("refused"))
+        clock = FakeClock()
+        r = registrar(clock, timeout=5)
+        r.register_all()
+        assert sum(clock.slept) < 5 and not r.supervisors[0].is_registered
+        assert "registration incomplete, retrying in the background" in caplog.text
+        responses.replace(responses.PUT, SUP, **answer())
+        clock.advance(60)
+        r.step()
+        assert r.supervisors[0].is_registered
+
+    @responses.activate
+    def test_required_fails(self) -> None:
+        responses.put(SUP, body=requests.ConnectionError("refused"))
+        with pytest.raises(
+            RegistrationError,
+            match=r"API_REGISTER_REQUIRED is on\): http://127.0.0.1:8100/register: not reachable within 5s",
+        ):
+            registrar(FakeClock(), timeout=5, required=True).register_all()
+
+    @responses.activate
+    def test_4xx_not_retried_and_message_surfaced(self) -> None:
+        detail = [{"loc": ["body", "health", "url"], "msg": "must point at the registrant's own host and port"}]
+        responses.put(SUP, status=422, json={"detail": detail})
+        clock = FakeClock()
+        with pytest.raises(RegistrationError, match=r"HTTP 422: health.url: must point at the registrant's own"):
+            registrar(clock, required=True).register_all()
+        assert len(responses.calls) == 1 and clock.slept == []
+
+    @responses.activate
+    def test_several_supervisors_independently(self) -> None:
+        responses.put(SUP, body=requests.ConnectionError("down"))
+        responses.put(SUP2, **answer())
+        clock = FakeClock()
+        r = registrar(clock, urls=(SUP, SUP2), timeout=3)
+        r.register_all()
+        assert [s.is_registered for s in r.supervisors] == [False, True]
+
+    @responses.activate
+    def test_deregisters_from_every_supervisor_with_token(self) -> None:
+        responses.put(SUP, **answer())
+        responses.put(SUP2, **answer())
+        responses.delete(SUP + "/127.0.0.1%3A9001", status=204)
+        responses.delete(SUP2 + "/127.0.0.1%3A9001", body=requests.ConnectionError("gone"))
+        r = registrar(FakeClock(), urls=(SUP, SUP2), token="s3cret")
+        r.register_all()
+        started = time.monotonic()
+        r.deregister_all()
+        assert time.monotonic() - started < 2.5
+        deletes = [c.request for c in responses.calls if c.request.method == "DELETE"]
+        assert len(deletes) == 2
+        assert all(c.request.headers["Authorization"] == "Bearer s3cret" for c in responses.calls)
+
+    @responses.activate
+    def test_token_never_in_errors_or_logs(self, caplog: Any) -> None:
+        responses.put(SUP, status=403, json={"detail": "token s3cret is wrong"})
+        caplog.set_level(logging.DEBUG)
+        with pytest.raises(RegistrationError) as info:
+            registrar(FakeClock(), token="s3cret", required=True).register_all()
+        assert "s3cret" not in str(info.value) and "s3cret" not in caplog.text
+
+    @responses.activate
+    def test_watchdog_registers_again_when_checks_stop(self) -> None:
+        responses.put(SUP, **answer())
+        clock = FakeClock()
+        r = registrar(clock)  # interval 1: re-register after 3 s without a check
+        r.register_all()
+        for _ in range(10):
+            clock.advance(1)
+            r.note_check("sup1")
+            r.step()
+        assert len(responses.calls) == 1
+        r.note_check("another-supervisor")  # not ours: does not count
+        clock.advance(3.5)
+        r.step()
+        assert len(responses.calls) == 2 and r.supervisors[0].is_registered
+
+
+class TestWorkerApp:
+    @responses.activate
+    def test_lifespan_registers_and_deregisters(self) -> None:
+        responses.put(SUP, **answer())
+        responses.delete(SUP + "/127.0.0.1%3A9001", status=204)
+        events: list[str] = []
+        app = PicoAPI(config=worker_config(), on_startup=[lambda: events.append("user")])
+        with TestClient(app) as client:
+            assert events == ["user"] and len(responses.calls) == 1
+            assert app.registrar is not None and app.registrar.supervisors[0].is_registered
+            client.get("/health", headers={"X-PicoAPI-Supervisor": "sup1"})
+        assert [c.request.method for c in responses.calls] == ["PUT", "DELETE"]
+        assert threading.active_count() == 1 or not any(t.name == "picoapi-registrar" for t in threading.enumerate())
+
+    @responses.activate
+    def test_required_registration_fails_startup(self) -> None:
+        responses.put(SUP, status=401, json={"detail": "missing token"})
+        app = PicoAPI(config=worker_config(register_required=True))
+        with pytest.raises(RegistrationError, match="HTTP 401: missing token"), TestClient(app):
+            pass
+
+
+# -- End to end: real processes on 127.0.0.1 ---------------------------------------------
+
+WORKER_MODULE = """
+from picoapi import PicoAPI
+
+app = PicoAPI()
+
+@app.get("/echo")
+def echo(text: str) -> dict:
+    return {"echo": text}
+"""
+
+
+class Cluster:
+    """Starts supervisor and worker processes; :meth:`close` stops every one."""
+
+    def __init__(self, tmp_path: Any) -> None:
+        self.tmp = tmp_path
+        (tmp_path / "echo_worker.py").write_text(WORKER_MODULE)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.sup_port = free_port()
+        self.url = f"http://127.0.0.1:{self.sup_port}"
+
+    def _env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+        env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(extra)
+        return env
+
+    def _start(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"proc{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "picoapi", *args], cwd=self.tmp, env=self._env(env), stdout=log, stderr=log
+        )
+        self.procs.append(proc)
+        return proc
+
+    def supervisor(self, **env: str) -> subprocess.Popen[bytes]:
+        proc = self._start(["supervisor", "--bind", "127.0.0.1", "--port", str(self.sup_port)], env)
+        wait_for(lambda: requests.get(self.url + "/health", timeout=0.5).ok, 15, "the supervisor")
+        return proc
+
+    def worker(self, port: int, interval: float = 0.2, **env: str) -> subprocess.Popen[bytes]:
+        settings = {
+            "API_HOST": "127.0.0.1",
+            "API_BIND": "127.0.0.1",
+            "API_PORT": str(port),
+            "API_TITLE": "echo",
+            "API_TAGS": "echo",
+            "API_REGISTER_PATH": self.url + "/register",
+            "API_HEALTH_INTERVAL": str(interval),
+            "API_REGISTER_TIMEOUT": "0.5",
+            **env,
+        }
+        return self._start(["worker", "echo_worker:app"], settings)
+
+    def services(self) -> list[dict[str, Any]]:
+        return list(requests.get(self.url + "/services", timeout=1).json())
+
+    def status(self, wid: str) -> str | None:
+        found = [s["status"] for s in self.services() if s["id"] == wid]
+        return found[0] if found else None
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob("proc*.log")))
+
+
+@pytest.fixture
+def cluster(tmp_path: Any) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.close()
+
+
+class TestEndToEnd:
+    def test_worker_started_first_registers_when_supervisor_comes_up(self, cluster: Cluster) -> None:
+        port = free_port()
+        cluster.worker(port)
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=0.5).ok, 15, "the worker")
+        cluster.supervisor()
+        wait_for(lambda: cluster.status(f"127.0.0.1:{port}") == "healthy", 20, "the worker's registration")
+
+    def test_restarted_supervisor_gets_worker_back(self, cluster: Cluster) -> None:
+        sup = cluster.supervisor()
+        port = free_port()
+        cluster.worker(port)
+        wid = f"127.0.0.1:{port}"
+        wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration")
+        sup.kill()
+        sup.wait(5)
+        cluster.supervisor()
+        assert cluster.status(wid) is None  # the new supervisor starts empty
+        # the worker hears no check for 3 intervals (0.6 s) and registers again
+        wait_for(lambda: cluster.status(wid) == "healthy", 10, "re-registration")
+
+    def test_sigterm_deregisters_at_once(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        port = free_port()
+        worker = cluster.worker(port, interval=60)
+        wid = f"127.0.0.1:{port}"
+        wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration")
+        worker.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises SIGTERM for its parent to see
+        assert worker.wait(5) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in cluster.logs()
+        assert cluster.status(wid) is None
+
+    def test_killed_worker_turns_unhealthy_then_recovers(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        port = free_port()
+        worker = cluster.worker(port)
+        wid = f"127.0.0.1:{port}"
+        wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration")
+        worker.kill()
+        worker.wait(5)
+        killed = time.monotonic()
+        wait_for(lambda: cluster.status(wid) == "unhealthy", 10, "detection")
+        # documented bound: interval + timeout + confirm delay + timeout = 0.65 s; generous slack for CI
+        assert time.monotonic() - killed < 0.65 + 2.0
+        cluster.worker(port)
+        wait_for(lambda: cluster.status(wid) == "healthy", 15, "recovery")
+
+    def test_silent_worker_does_not_delay_others(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        silent_port = silent.getsockname()[1]
+        try:
+            requests.put(
+                cluster.url + "/register", json=body(port=silent_port, interval=0.2), timeout=2
+            ).raise_for_status()
+            port = free_port()
+            cluster.worker(port)
+            wid = f"127.0.0.1:{port}"
+            wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration")
+            wait_for(lambda: cluster.status(f"127.0.0.1:{silent_port}") == "unhealthy", 10, "the silent one marked")
+            first = next(s for s in cluster.services() if s["id"] == wid)["successes"]
+            wait_for(
+                lambda: next(s for s in cluster.services() if s["id"] == wid)["successes"] >= first + 5,
+                10,
+                "five more checks of the answering worker",
+            )
+        finally:
+            silent.close()
+
+
+class TestCommandLine:
+    def test_help_and_version(self) -> None:
+        out = subprocess.run([sys.executable, "-m", "picoapi", "--help"], capture_output=True, text=True, cwd=HERE)
+        assert out.returncode == 0 and "example:" in out.stdout
+        out = subprocess.run([sys.executable, "-m", "picoapi", "--version"], capture_output=True, text=True, cwd=HERE)
+        assert out.stdout.strip() == f"picoapi {picoapi.__version__}"
+
+    def test_config_error_is_one_line(self) -> None:
+        env = {**os.environ, "API_PORT": "eighty"}
+        out = subprocess.run(
+            [sys.executable, "-m", "picoapi", "supervisor"], capture_output=True, text=True, cwd=HERE, env=env
+        )
+        assert out.returncode == 2
+        assert out.stderr.strip() == "picoapi: API_PORT must be a whole number from 1 to 65535, got 'eighty'"
+
+
+class TestDemo:
+    def test_demo_runs_end_to_end_and_leaves_nothing(self) -> None:
+        out = subprocess.run(
+            [sys.executable, "-m", "picoapi", "demo", "--interval", "0.3"],
+            capture_output=True,
+            text=True,
+            cwd=HERE,
+            timeout=90,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "answered 'HELLO PICOAPI'" in out.stdout
+        assert "marked 'reverse' unhealthy after" in out.stdout
+        assert "'reverse' is healthy again" in out.stdout
+        ports = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", out.stdout)}
+        assert len(ports) == 4  # the supervisor and three workers
+        for port in ports:  # nothing listens any more: every process is gone
+            with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
