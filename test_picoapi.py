@@ -6,7 +6,6 @@ processes on 127.0.0.1 and stop them in a ``finally``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -811,8 +810,8 @@ def _handle(handler: Callable[[socket.socket], None], conn: socket.socket) -> No
         handler(conn)
 
 
-def probe(port: int, timeout: float = 0.5, path: str = "/health") -> CheckResult:
-    return asyncio.run(picoapi.http_probe(f"http://127.0.0.1:{port}{path}", timeout, {"X-PicoAPI-Supervisor": "s"}))
+def probe(port: int, timeout: float = 0.5, path: str = "/health", host: str = "127.0.0.1") -> CheckResult:
+    return picoapi.check_once(f"http://{host}:{port}{path}", timeout, {"X-PicoAPI-Supervisor": "s"})
 
 
 class TestProbe:
@@ -891,6 +890,100 @@ class TestProbe:
         thread.join()
         server.close()
         assert seen[0].startswith(b"GET /hz?deep=1 HTTP/1.1\r\n") and b"X-PicoAPI-Supervisor: s\r\n" in seen[0]
+
+    def test_host_name_is_resolved(self) -> None:
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as port:
+            assert probe(port, host="localhost").ok
+        result = probe(80, host="no-such-host.invalid", timeout=2)
+        assert not result.ok and result.error.startswith("cannot resolve 'no-such-host.invalid'")
+
+    def test_tls_is_verified(self, tmp_path: Any) -> None:
+        import ssl
+
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with contextlib.suppress(OSError, ssl.SSLError), context.wrap_socket(conn, server_side=True) as tls_conn:
+                tls_conn.recv(4096)
+                tls_conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        result = picoapi.check_once(f"https://127.0.0.1:{server.getsockname()[1]}/health", 2)
+        thread.join(3)
+        server.close()
+        # a self-signed certificate is not trusted: the check fails, and says why
+        assert not result.ok and "CERTIFICATE_VERIFY_FAILED" in result.error
+
+    def test_https_to_a_plain_server_fails_cleanly(self) -> None:
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as port:
+            result = picoapi.check_once(f"https://127.0.0.1:{port}/health", 1)
+        assert not result.ok and result.error
+
+
+class TestCheckPool:
+    def test_limit_queues_checks_in_order(self) -> None:
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as port:
+            pool = picoapi._CheckPool(limit=2)
+            results: list[Any] = []
+            finished = threading.Event()
+
+            def done(check: Any, result: CheckResult) -> None:
+                results.append((check.worker_id, result.ok))
+                if len(results) == 20:
+                    finished.set()
+
+            pool.start()
+            try:
+                checks = [picoapi._Check(str(i), f"http://127.0.0.1:{port}/h", 2.0, 0.0) for i in range(20)]
+                pool.submit(checks, {}, done)
+                assert finished.wait(10)
+            finally:
+                pool.stop()
+        assert sorted(results) == sorted((str(i), True) for i in range(20))
+
+    def test_stop_with_checks_in_flight(self) -> None:
+        before = threading.active_count()
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        pool = picoapi._CheckPool()
+        pool.start()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/h"
+        pool.submit([picoapi._Check(str(i), url, 30.0, 0.0) for i in range(50)], {}, lambda c, r: None)
+        wait_for(lambda: pool._in_flight == 50, 5, "fifty checks in flight")
+        started = time.monotonic()
+        pool.stop()
+        assert time.monotonic() - started < 1.0
+        silent.close()
+        assert threading.active_count() == before
 
 
 class TestSilentWorkers:
