@@ -278,7 +278,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "host": ("API_HOST", _parse_host),
     "port": ("API_PORT", _parse_port),
     "bind": ("API_BIND", _parse_host),
-    "title": ("API_TITLE", lambda v, r: _parse_text(v, r, MAX_NAME)),
+    "title": ("API_TITLE", lambda v, r: _parse_text(v, r, MAX_NAME) if str(r).strip() else ""),
     "description": ("API_DESCRIPTION", lambda v, r: str(r)[:MAX_DESCRIPTION]),
     "version": ("API_VERSION", lambda v, r: _parse_text(v, r, MAX_VERSION)),
     "register_urls": ("API_REGISTER_PATH", _parse_urls),
@@ -385,7 +385,7 @@ class Config:
 
     def require(self, *fields: str, purpose: str) -> None:
         """Raise :class:`ConfigError` naming each of ``fields`` that is unset."""
-        missing = [_VARIABLES[f][0] for f in fields if getattr(self, f) in (None, ())]
+        missing = [_VARIABLES[f][0] for f in fields if getattr(self, f) in (None, (), "")]
         if missing:
             raise ConfigError(f"{', '.join(missing)} must be set {purpose}")
 
@@ -1635,6 +1635,7 @@ class PicoAPI(FastAPI):
         self._store: _Store | None = None
         if config.mode == "worker" and config.register_urls:
             config.registration()  # raises ConfigError now if host or title is missing
+        first_own = len(self.router.routes)
         if config.mode == "supervisor":
             self.registry = Registry(
                 max_workers=config.max_workers,
@@ -1660,6 +1661,25 @@ class PicoAPI(FastAPI):
             allow_credentials=config.cors_allow_credentials,
         )
         self.router.lifespan_context = self._wrap_lifespan(self.router.lifespan_context)
+        self._own_routes = self.router.routes[first_own:]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Noted here, not in the route, so a health route of the user's own counts too.
+        if self.registrar is not None and scope["type"] == "http" and scope["path"] == self.config.health_path:
+            header = SUPERVISOR_HEADER.lower().encode()
+            self.registrar.note_check(next((v.decode() for k, v in scope["headers"] if k == header), None))
+        await super().__call__(scope, receive, send)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        # Routes match in order and PicoAPI's come first, so a user's catch-all cannot
+        # swallow the health endpoint; but a user's route on the very same path (their
+        # own /health, say) is moved ahead of PicoAPI's and wins.
+        routes = self.router.routes
+        theirs = {getattr(r, "path", None) for r in routes if not any(r is o for o in self._own_routes)}
+        for route in [r for r in self._own_routes if getattr(r, "path", None) in theirs and r in routes]:
+            routes.remove(route)
+            routes.append(route)
+        return super().build_middleware_stack()
 
     # Lifespan ------------------------------------------------------------------
 
@@ -1741,9 +1761,7 @@ class PicoAPI(FastAPI):
 
         return add(func) if func is not None else add
 
-    async def _health_endpoint(self, request: Request) -> JSONResponse:
-        if self.registrar is not None:
-            self.registrar.note_check(request.headers.get(SUPERVISOR_HEADER))
+    async def _health_endpoint(self) -> JSONResponse:
         failing: dict[str, str] = {}
         for check_name, check in self._health_checks.items():
             try:

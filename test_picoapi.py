@@ -486,6 +486,30 @@ class TestHealthEndpoint:
         route = next(r for r in app.routes if getattr(r, "path", "") == "/hz")
         assert route.tags == ["picoapi"] and route.operation_id == "picoapi_health"  # type: ignore[attr-defined]
 
+    def test_users_own_route_on_the_health_path_wins(self) -> None:
+        app = PicoAPI()
+
+        @app.get("/health")
+        def mine() -> dict[str, str]:
+            return {"mine": "yes"}
+
+        @app.get("/{anything:path}")
+        def catch_all(anything: str) -> str:
+            return anything
+
+        with TestClient(app) as client:
+            assert client.get("/health").json() == {"mine": "yes"}
+
+    def test_catch_all_does_not_swallow_health(self) -> None:
+        app = PicoAPI()
+
+        @app.get("/{anything:path}")
+        def catch_all(anything: str) -> str:
+            return anything
+
+        with TestClient(app) as client:
+            assert client.get("/health").json()["status"] == "healthy"
+
     def test_user_checks_sync_and_async(self) -> None:
         app = PicoAPI()
         state = {"db": True}
@@ -761,6 +785,19 @@ class TestCheckerThread:
             checker.stop()
             assert time.monotonic() - started < 2.0
         assert threading.active_count() == before
+
+    def test_app_start_stop_cycles_leave_no_thread_or_file(self, tmp_path: Any) -> None:
+        app = PicoAPI(mode="supervisor", registry_file=str(tmp_path / "reg.db"))
+        with TestClient(app):
+            pass  # the first start loads what it needs once
+        threads, files = threading.active_count(), len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            with TestClient(app) as client:
+                assert app.checker is not None and app.checker.is_running
+                client.put("/register", json=body())
+        assert app.checker is None
+        assert threading.active_count() == threads
+        assert len(os.listdir("/proc/self/fd")) == files
 
     def test_registration_wakes_the_thread(self) -> None:
         registry = Registry()
