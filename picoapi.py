@@ -45,6 +45,7 @@ import hmac
 import inspect
 import ipaddress
 import itertools
+import json
 import logging
 import math
 import os
@@ -64,6 +65,8 @@ from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import quote, urlsplit
 
 import requests
+import requests.adapters
+import urllib3
 from dotenv import dotenv_values
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -86,6 +89,7 @@ __all__ = [
     "ConfigError",
     "RegistrationError",
     "RegistryFull",
+    "NoWorkerAvailable",
     "main",
 ]
 
@@ -132,6 +136,11 @@ BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 #: Deregistration on shutdown never holds shutdown longer than this.
 DEREGISTER_TIMEOUT = 2.0
+#: Seconds app.call() and app.broadcast() wait for a worker unless told otherwise.
+DEFAULT_CALL_TIMEOUT = 10.0
+#: GET /services/{id}/openapi: how long to wait for the worker, and the most it may send.
+OPENAPI_TIMEOUT = 5.0
+OPENAPI_MAX_BYTES = 1024 * 1024
 
 logger = logging.getLogger("picoapi")
 
@@ -152,6 +161,24 @@ class RegistrationError(PicoAPIError, ConnectionError):
 
 class RegistryFull(PicoAPIError, OverflowError):
     """The supervisor already holds ``API_MAX_WORKERS`` workers."""
+
+
+class NoWorkerAvailable(PicoAPIError, LookupError):
+    """No healthy worker has the tags, or none of those tried answered.
+
+    Raised inside a route, it becomes a 503 naming the tags (unless you handle it).
+    """
+
+    def __init__(self, tags: Sequence[str], version: str | None = None, tried: Sequence[tuple[str, str]] = ()) -> None:
+        #: The tags and version asked for, and each worker tried with why it failed.
+        self.tags, self.version, self.tried = list(tags), version, list(tried)
+        wanted = f"tags {self.tags}" + (f" and version {version!r}" if version else "")
+        if self.tried:
+            why = "; ".join(f"{wid}: {reason}" for wid, reason in self.tried)
+            message = f"no healthy worker with {wanted} could be reached (tried {why})"
+        else:
+            message = f"no healthy worker with {wanted}"
+        super().__init__(message)
 
 
 # -- Configuration -----------------------------------------------------------
@@ -443,6 +470,9 @@ class Registration(BaseModel):
     tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
     description: str = Field(default="", max_length=MAX_DESCRIPTION)
     health: HealthSpec
+    openapi: str | None = Field(
+        default=None, max_length=512, pattern=r"^/[^\s\x00-\x1f\x7f]*$", description="the worker's OpenAPI path"
+    )
 
     @field_validator("host")
     @classmethod
@@ -491,7 +521,10 @@ class WorkerOut(BaseModel):
     tags: list[str]
     description: str
     health: HealthSpec
+    openapi: str | None = None
     status: Literal["healthy", "unhealthy", "unknown"]
+    #: A call to it failed to connect; it is skipped by pick() until its next check.
+    suspect: bool = False
     registered_at: float
     last_check: float | None
     last_success: float | None
@@ -527,6 +560,10 @@ class Worker:
     #: The check's total deadline in seconds.
     timeout: float
     status: str = HEALTHY
+    #: A call to it failed to connect: pick() skips it until its next check answers.
+    suspect: bool = False
+    #: Its OpenAPI path, if it sent one.
+    openapi: str | None = None
     registered_at: float = 0.0
     last_check: float | None = None
     last_success: float | None = None
@@ -603,6 +640,7 @@ class Registry:
         self._by_tag: dict[str, set[str]] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
+        self._turns: dict[tuple[frozenset[str], str | None], int] = {}
 
     # Registration ------------------------------------------------------------
 
@@ -629,7 +667,8 @@ class Registry:
             entry.name, entry.version, entry.description = reg.name, reg.version, reg.description
             entry.tags = tuple(reg.tags)
             entry.health_url, entry.interval, entry.timeout = reg.health.url, reg.health.interval, timeout
-            entry.status, entry.failures, entry.successes = status, 0, 0
+            entry.status, entry.failures, entry.successes, entry.suspect = status, 0, 0, False
+            entry.openapi = reg.openapi
             entry.registered_at, entry._unhealthy_since = self._wall(), None
             self._index(entry)
             # A registration just spoke to us: the first check is one interval away,
@@ -739,6 +778,45 @@ class Registry:
                 due.append(_Check(wid, entry.health_url, entry.timeout, when))
         return due
 
+    def pick(self, tags: Sequence[str], version: str | None = None, exclude: Iterable[str] = ()) -> Worker:
+        """A copy of a healthy worker with every tag, taking turns (round-robin) per query.
+
+        Skips suspects and ``exclude``. Raises :class:`NoWorkerAvailable`.
+        """
+        key = (frozenset(tags), version)
+        skip = set(exclude)
+        with self._lock:
+            if tags:
+                sets = sorted((self._by_tag.get(tag, set()) for tag in key[0]), key=len)
+                ids: Iterable[str] = sets[0].intersection(*sets[1:])
+            else:
+                ids = self._workers
+            candidates = sorted(
+                wid
+                for wid in ids
+                if wid not in skip
+                and (w := self._workers[wid]).status == HEALTHY
+                and not w.suspect
+                and (version is None or w.version == version)
+            )
+            if not candidates:
+                raise NoWorkerAvailable(list(tags), version)
+            turn = self._turns.get(key, 0)
+            self._turns[key] = turn + 1
+            if len(self._turns) > 10_000:  # bounded: an odd query shape cannot grow it forever
+                self._turns.clear()
+            return self._workers[candidates[turn % len(candidates)]].copy()
+
+    def mark_suspect(self, wid: str) -> None:
+        """Passive health checking: skip ``wid`` in pick() and check it at once."""
+        with self._lock:
+            entry = self._workers.get(wid)
+            if entry is None:
+                return
+            entry.suspect = True
+            if entry._heap_seq is not None:
+                self._schedule(entry, self.clock())
+
     def bring_forward(self, wid: str) -> None:
         """Check ``wid`` now instead of at its next due time."""
         with self._lock:
@@ -760,6 +838,7 @@ class Registry:
             entry.last_check = self._wall()
             entry.last_status_code, entry.last_latency = result.status_code, result.latency
             entry.last_error = result.error[:MAX_ERROR]
+            entry.suspect = False
             if result.ok:
                 entry.successes, entry.failures = entry.successes + 1, 0
                 entry.last_success = entry.last_check
@@ -1507,18 +1586,23 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost error behind requests' wrappers, e.g. 'ConnectionRefusedError: ...'."""
-    seen: list[BaseException] = [exc]
-    while len(seen) < 10:
-        last = seen[-1]
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors behind it (requests wraps urllib3, which wraps OSError)."""
+    chain = [exc]
+    while len(chain) < 10:
+        last = chain[-1]
         inner = getattr(last, "reason", None) or last.__cause__ or last.__context__
         if inner is None and last.args and isinstance(last.args[0], BaseException):
             inner = last.args[0]
-        if not isinstance(inner, BaseException) or inner in seen:
+        if not isinstance(inner, BaseException) or inner in chain:
             break
-        seen.append(inner)
-    root = seen[-1]
+        chain.append(inner)
+    return chain
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'."""
+    root = _causes(exc)[-1]
     return f"{type(root).__name__}: {root}"
 
 
@@ -1633,6 +1717,11 @@ class PicoAPI(FastAPI):
         self.checker: HealthChecker | None = None
         self.supervisor_id = uuid.uuid4().hex[:12]
         self._store: _Store | None = None
+        # Connection reuse for call() and broadcast(): one requests.Session per thread.
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()  # guards _sessions
+        self._broadcaster: concurrent.futures.ThreadPoolExecutor | None = None
         if config.mode == "worker" and config.register_urls:
             config.registration()  # raises ConfigError now if host or title is missing
         first_own = len(self.router.routes)
@@ -1645,6 +1734,7 @@ class PicoAPI(FastAPI):
             )
             self._add_supervisor_routes()
             self.add_middleware(_BodyLimit, path=REGISTER_ROUTE, limit=MAX_BODY)
+            self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
         self.add_api_route(
             config.health_path,
             self._health_endpoint,
@@ -1700,9 +1790,12 @@ class PicoAPI(FastAPI):
         if config.mode == "supervisor":
             await run_in_threadpool(self._start_supervisor)
         elif config.register_urls:
+            body = config.registration()
+            if self.openapi_url:
+                body["openapi"] = self.openapi_url
             self.registrar = Registrar(
                 config.register_urls,
-                config.registration(),
+                body,
                 token=config.register_token,
                 timeout=config.register_timeout,
                 required=config.register_required,
@@ -1720,6 +1813,14 @@ class PicoAPI(FastAPI):
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._broadcaster is not None:
+            self._broadcaster.shutdown(wait=False, cancel_futures=True)
+            self._broadcaster = None
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+        self._local = threading.local()
 
     def _start_supervisor(self) -> None:
         assert self.registry is not None
@@ -1745,6 +1846,107 @@ class PicoAPI(FastAPI):
         if change[2] and self._store is not None:
             with self._store.lock:
                 self._store.delete(wid)
+
+    # Handing out work ------------------------------------------------------------
+
+    def _need_registry(self) -> Registry:
+        if self.registry is None:
+            raise PicoAPIError("pick(), call() and broadcast() need a supervisor: PicoAPI(mode='supervisor')")
+        return self.registry
+
+    def pick(self, *tags: str, version: str | None = None) -> Worker:
+        """A healthy worker with every tag, taking turns among them (round-robin, thread-safe).
+
+        Raises :class:`NoWorkerAvailable` (a 503 when raised in a route).
+        """
+        return self._need_registry().pick(tags, version)
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(pool_connections=64, pool_maxsize=64)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
+
+    def call(
+        self,
+        tags: str | Sequence[str],
+        method: str,
+        path: str,
+        *,
+        version: str | None = None,
+        retry_sent: bool = False,
+        timeout: Any = DEFAULT_CALL_TIMEOUT,
+        **kwargs: Any,
+    ) -> requests.Response:
+        """Send a request to a healthy worker with ``tags``; returns its response, whatever its status.
+
+        A worker that cannot be connected to (nothing was sent) is marked suspect,
+        checked at once, and the next worker is tried, until all were. A request that
+        may have reached a worker is not sent again unless ``retry_sent=True`` (for
+        idempotent requests). Raises :class:`NoWorkerAvailable` listing every worker
+        tried and why. ``kwargs`` go to ``requests``; connections are reused.
+        """
+        registry = self._need_registry()
+        wanted = [tags] if isinstance(tags, str) else list(tags)
+        tried: list[tuple[str, str]] = []
+        while True:
+            try:
+                worker = registry.pick(wanted, version, exclude=[wid for wid, _ in tried])
+            except NoWorkerAvailable:
+                raise NoWorkerAvailable(wanted, version, tried) from None
+            try:
+                return self._session().request(method, worker.url + path, timeout=timeout, **kwargs)
+            except requests.RequestException as exc:
+                unsent = isinstance(exc, requests.ConnectTimeout) or (
+                    isinstance(exc, requests.ConnectionError) and _is_connect_error(exc)
+                )
+                if not (unsent or retry_sent):
+                    raise
+                registry.mark_suspect(worker.id)
+                tried.append((worker.id, _root_cause(exc)[:MAX_ERROR]))
+                logger.warning("call to %s failed (%s); marked suspect", worker.id, tried[-1][1])
+
+    def broadcast(
+        self,
+        tags: str | Sequence[str],
+        method: str,
+        path: str,
+        *,
+        version: str | None = None,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+        **kwargs: Any,
+    ) -> dict[str, requests.Response | Exception]:
+        """Send the same request to every healthy worker with ``tags``, concurrently.
+
+        Returns ``{worker id: response or exception}``; returns within about ``timeout``
+        seconds, a worker still busy then gets a ``TimeoutError``.
+        """
+        registry = self._need_registry()
+        wanted = [tags] if isinstance(tags, str) else list(tags)
+        workers = [w for w in registry.workers(*wanted, status=HEALTHY, version=version) if not w.suspect]
+        if self._broadcaster is None:
+            self._broadcaster = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="picoapi-broadcast")
+
+        def send(worker: Worker) -> requests.Response:
+            return self._session().request(method, worker.url + path, timeout=timeout, **kwargs)
+
+        futures = {self._broadcaster.submit(send, w): w.id for w in workers}
+        finished, _ = concurrent.futures.wait(futures, timeout=timeout + 0.5)
+        results: dict[str, requests.Response | Exception] = {}
+        for future, wid in futures.items():
+            if future not in finished:
+                future.cancel()
+                results[wid] = TimeoutError(f"{wid} did not answer within {timeout:g}s")
+            elif (error := future.exception()) is not None:
+                results[wid] = error if isinstance(error, Exception) else RuntimeError(str(error))
+            else:
+                results[wid] = future.result()
+        return results
 
     # Health --------------------------------------------------------------------
 
@@ -1873,6 +2075,19 @@ class PicoAPI(FastAPI):
                 raise unknown(worker_id)
             return _out(worker)
 
+        @self.get(
+            SERVICES_ROUTE + "/{worker_id}/openapi",
+            tags=["picoapi"],
+            operation_id="picoapi_service_openapi",
+            responses={**not_found, 502: {"description": "the worker did not send a usable document"}},
+        )
+        def service_openapi(worker_id: str) -> dict[str, Any]:
+            """The worker's own OpenAPI document: the forms of work it supports."""
+            worker = registry.get(worker_id)
+            if worker is None:
+                raise unknown(worker_id)
+            return _fetch_openapi(worker.url + (worker.openapi or "/openapi.json"))
+
     def _register_stored(self, reg: Registration) -> tuple[Worker, bool]:
         assert self._store is not None and self.registry is not None
         with self._store.lock:
@@ -1899,7 +2114,9 @@ def _out(w: Worker) -> dict[str, Any]:
         "tags": list(w.tags),
         "description": w.description,
         "health": {"url": w.health_url, "interval": w.interval, "timeout": w.timeout},
+        "openapi": w.openapi,
         "status": w.status,
+        "suspect": w.suspect,
         "registered_at": w.registered_at,
         "last_check": w.last_check,
         "last_success": w.last_success,
@@ -1909,6 +2126,40 @@ def _out(w: Worker) -> dict[str, Any]:
         "last_latency": w.last_latency,
         "last_error": w.last_error,
     }
+
+
+def _fetch_openapi(url: str) -> dict[str, Any]:
+    """GET a worker's OpenAPI document: bounded in time and size, no redirects; 502 otherwise."""
+    try:
+        with requests.get(url, timeout=OPENAPI_TIMEOUT, stream=True, allow_redirects=False) as resp:
+            if resp.status_code != 200:
+                raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
+            body = b""
+            for chunk in resp.iter_content(64 * 1024):
+                body += chunk
+                if len(body) > OPENAPI_MAX_BYTES:
+                    raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
+    except requests.RequestException as exc:
+        raise HTTPException(502, f"the worker could not be reached: {_root_cause(exc)}"[:MAX_ERROR]) from None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise HTTPException(502, "the worker's OpenAPI document is not JSON") from None
+    if not isinstance(document, dict):
+        raise HTTPException(502, "the worker's OpenAPI document is not a JSON object")
+    return document
+
+
+async def _no_worker_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, NoWorkerAvailable)
+    detail = {"detail": str(exc), "tags": exc.tags, "version": exc.version, "tried": [list(t) for t in exc.tried]}
+    return JSONResponse(detail, status_code=503)
+
+
+def _is_connect_error(exc: BaseException) -> bool:
+    """True when the connection was never made, so nothing was sent."""
+    connect_errors = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
+    return any(isinstance(e, connect_errors) for e in _causes(exc))
 
 
 # -- Command line --------------------------------------------------------------
@@ -1924,13 +2175,8 @@ def _serve(app: PicoAPI, bind: str | None, port: int | None) -> int:
     return 0
 
 
-def _cmd_supervisor(args: argparse.Namespace) -> int:
-    overrides = {"port": args.port, "bind": args.bind}
-    app = PicoAPI(mode="supervisor", env_file=args.env_file, **{k: v for k, v in overrides.items() if v})
-    return _serve(app, args.bind, args.port)
-
-
-def _cmd_worker(args: argparse.Namespace) -> int:
+def _load_app(spec: str, mode: str, args: argparse.Namespace) -> PicoAPI:
+    """Import ``module:attribute`` (an app or an app factory) from the working directory."""
     import importlib
 
     # Set before the user's module builds its app, so the port it registers is
@@ -1939,16 +2185,32 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         os.environ["API_PORT"] = str(args.port)
     if args.bind:
         os.environ["API_BIND"] = args.bind
-    module_name, _, attr = args.app.partition(":")
+    module_name, _, attr = spec.partition(":")
     sys.path.insert(0, os.getcwd())
     try:
         app = getattr(importlib.import_module(module_name), attr or "app")
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load the app {args.app!r} (expected module:attribute): {exc}") from exc
+        raise ConfigError(f"cannot load the app {spec!r} (expected module:attribute): {exc}") from exc
     if callable(app) and not isinstance(app, FastAPI):
         app = app()  # an app factory
     if not isinstance(app, PicoAPI):
-        raise ConfigError(f"{args.app!r} is a {type(app).__name__}, not a PicoAPI app")
+        raise ConfigError(f"{spec!r} is a {type(app).__name__}, not a PicoAPI app")
+    if app.mode != mode:
+        raise ConfigError(f"{spec!r} is a {app.mode}; run it with 'picoapi {app.mode}'")
+    return app
+
+
+def _cmd_supervisor(args: argparse.Namespace) -> int:
+    if args.app:
+        app = _load_app(args.app, "supervisor", args)
+    else:
+        overrides = {"port": args.port, "bind": args.bind}
+        app = PicoAPI(mode="supervisor", env_file=args.env_file, **{k: v for k, v in overrides.items() if v})
+    return _serve(app, args.bind, app.config.port)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    app = _load_app(args.app, "worker", args)
     return _serve(app, args.bind, app.config.port)
 
 
@@ -2136,8 +2398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sup = commands.add_parser(
         "supervisor",
         help="run a supervisor",
-        description="Run a supervisor with uvicorn on API_BIND:API_PORT.",
-        epilog="example: picoapi supervisor --bind 127.0.0.1 --port 8100",
+        description="Run a supervisor with uvicorn on API_BIND:API_PORT: a bare one, or your own app.",
+        epilog="examples: picoapi supervisor --bind 127.0.0.1 --port 8100; picoapi supervisor jobs:app",
     )
     wrk = commands.add_parser(
         "worker",
@@ -2145,7 +2407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run a worker app (module:attribute) on API_BIND:API_PORT, registering that port.",
         epilog="example: API_REGISTER_PATH=http://127.0.0.1:8100/register picoapi worker myservice:app",
     )
-    wrk.add_argument("app", help="the app to run, as module:attribute")
+    wrk.add_argument("app", help="the app to run, as module:attribute (an app or an app factory)")
+    sup.add_argument("app", nargs="?", help="a supervisor app of your own, as module:attribute (default: a bare one)")
     for command in (sup, wrk):
         command.add_argument("--bind", help="interface to bind (API_BIND)")
         command.add_argument("--port", type=int, help="port (API_PORT)")

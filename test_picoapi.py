@@ -34,6 +34,7 @@ from picoapi import (
     Config,
     ConfigError,
     HealthChecker,
+    NoWorkerAvailable,
     PicoAPI,
     PicoAPIError,
     Registrar,
@@ -1183,7 +1184,13 @@ class TestSupervisorRoutes:
 
     def test_schema_documents_the_api(self, supervisor: TestClient) -> None:
         schema = supervisor.get("/openapi.json").json()
-        assert set(schema["paths"]) == {"/register", "/register/{worker_id}", "/services", "/services/{worker_id}"}
+        assert set(schema["paths"]) == {
+            "/register",
+            "/register/{worker_id}",
+            "/services",
+            "/services/{worker_id}",
+            "/services/{worker_id}/openapi",
+        }
         put = schema["paths"]["/register"]["put"]
         assert put["operationId"] == "picoapi_register" and "201" in put["responses"]
         assert "WorkerOut" in json.dumps(schema["paths"]["/services"]["get"]["responses"]["200"])
@@ -1208,6 +1215,233 @@ class TestToken:
 
     def test_reads_stay_open(self, client: TestClient) -> None:
         assert client.get("/services").status_code == 200
+
+
+# -- Handing out work -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def http_worker(
+    answer: Callable[[Any], tuple[int, bytes]] = lambda h: (200, b'{"ok": true}'),
+) -> Iterator[tuple[int, set[int], list[str]]]:
+    """A keep-alive HTTP/1.1 server on 127.0.0.1; yields (port, client ports seen, paths seen)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    clients: set[int] = set()
+    paths: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def handle_one_request(self) -> None:
+            clients.add(self.client_address[1])
+            super().handle_one_request()
+
+        def do_any(self) -> None:
+            paths.append(f"{self.command} {self.path}")
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            status, payload = answer(self)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_PUT = do_any  # noqa: N815
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], clients, paths
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(2)
+
+
+def supervisor_with(*ports: int, tags: tuple[str, ...] = ("resize",), **fields: Any) -> PicoAPI:
+    app = PicoAPI(mode="supervisor")
+    for port in ports:
+        app.registry.register(reg("127.0.0.1", port, tags=list(tags), **fields))  # type: ignore[union-attr]
+    return app
+
+
+class TestPick:
+    def test_round_robin_is_fair_across_threads(self) -> None:
+        app = supervisor_with(1, 2, 3)
+        picked: list[int] = []
+        lock = threading.Lock()
+
+        def pick_many() -> None:
+            for _ in range(100):
+                worker = app.pick("resize")
+                with lock:
+                    picked.append(worker.port)
+
+        threads = [threading.Thread(target=pick_many) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert {port: picked.count(port) for port in (1, 2, 3)} == {1: 100, 2: 100, 3: 100}
+
+    def test_only_healthy_with_every_tag_and_version(self) -> None:
+        app = PicoAPI(mode="supervisor")
+        registry = app.registry
+        assert registry is not None
+        registry.register(reg("127.0.0.1", 1, tags=["resize", "png"], version="1.0"))
+        registry.register(reg("127.0.0.1", 2, tags=["resize"], version="2.0"))
+        registry.register(reg("127.0.0.1", 3, tags=["resize", "png"], version="2.0"))
+        registry.record("127.0.0.1:3", FAIL)
+        registry.record("127.0.0.1:3", FAIL)  # unhealthy now
+        assert {app.pick("resize", "png").port for _ in range(4)} == {1}
+        assert {app.pick("resize", version="2.0").port for _ in range(4)} == {2}
+        with pytest.raises(
+            NoWorkerAvailable, match=r"no healthy worker with tags \['resize', 'png'\] and version '2.0'"
+        ):
+            app.pick("resize", "png", version="2.0")
+
+    def test_no_worker_in_a_route_is_503_naming_the_tags(self) -> None:
+        app = PicoAPI(mode="supervisor")
+
+        @app.post("/jobs")
+        def jobs() -> dict[str, Any]:
+            return {"worker": app.pick("ocr").id}
+
+        with TestClient(app) as client:
+            response = client.post("/jobs")
+        assert response.status_code == 503
+        assert response.json()["detail"] == "no healthy worker with tags ['ocr']"
+        assert response.json()["tags"] == ["ocr"]
+
+    def test_user_can_handle_it_instead(self) -> None:
+        app = PicoAPI(mode="supervisor")
+
+        @app.exception_handler(NoWorkerAvailable)
+        async def later(request: Any, exc: NoWorkerAvailable) -> Any:
+            from fastapi.responses import JSONResponse
+
+            return JSONResponse({"queued": exc.tags}, status_code=202)
+
+        @app.post("/jobs")
+        def jobs() -> None:
+            app.pick("ocr")
+
+        with TestClient(app) as client:
+            assert client.post("/jobs").status_code == 202
+
+    def test_worker_mode_has_no_pick(self) -> None:
+        with pytest.raises(PicoAPIError, match="need a supervisor"):
+            PicoAPI().pick("x")
+
+
+class TestCall:
+    def test_failover_marks_suspect_and_brings_the_check_forward(self) -> None:
+        dead = free_port()
+        with http_worker() as (live, _, paths):
+            app = supervisor_with(dead, live)
+            registry = app.registry
+            assert registry is not None
+            for _ in range(2):  # whichever comes first, the call lands on the live one
+                response = app.call("resize", "POST", "/resize", json={"width": 10})
+                assert response.status_code == 200 and response.json() == {"ok": True}
+            dead_worker = registry.get(f"127.0.0.1:{dead}")
+            assert dead_worker is not None and dead_worker.suspect
+            assert registry.next_due() <= registry.clock()  # its check is due now
+            assert {app.pick("resize").port for _ in range(3)} == {live}  # skipped until checked
+            registry.record(dead_worker.id, OK)  # a good check clears the suspicion
+            assert not registry.get(dead_worker.id).suspect  # type: ignore[union-attr]
+        assert paths == ["POST /resize", "POST /resize"]
+
+    def test_every_worker_down_lists_each_and_why(self) -> None:
+        app = supervisor_with(free_port(), free_port())
+        with pytest.raises(NoWorkerAvailable, match="could be reached") as info:
+            app.call("resize", "GET", "/x")
+        assert len(info.value.tried) == 2
+        assert all("ConnectionRefusedError" in why for _, why in info.value.tried)
+
+    def test_a_sent_request_is_not_sent_again(self) -> None:
+        def drop(conn: socket.socket) -> None:
+            pass  # read the request (raw_server does), then close without answering
+
+        with raw_server(drop) as rude, http_worker() as (polite, _, paths):
+            app = supervisor_with(rude, polite)
+            registry = app.registry
+            assert registry is not None
+            while app.pick("resize").port != polite:
+                pass  # make the rude worker next in turn
+            with pytest.raises(requests.ConnectionError):
+                app.call("resize", "POST", "/charge", json={"amount": 10})
+            assert paths == []  # not resent to the other worker
+            response = app.call("resize", "PUT", "/idempotent", retry_sent=True)
+            assert response.status_code == 200 and paths == ["PUT /idempotent"]
+
+    def test_connections_are_reused(self) -> None:
+        with http_worker() as (port, clients, paths):
+            app = supervisor_with(port)
+            for _ in range(20):
+                assert app.call("resize", "GET", "/ping").status_code == 200
+        assert len(paths) == 20 and len(clients) == 1
+
+
+class TestBroadcast:
+    def test_one_slow_worker_does_not_hold_up_the_others(self) -> None:
+        release = threading.Event()
+
+        def slow(handler: Any) -> tuple[int, bytes]:
+            release.wait(5)
+            return 200, b"{}"
+
+        with http_worker() as (fast1, _, _p1), http_worker() as (fast2, _, _p2), http_worker(slow) as (lazy, _, _p3):
+            app = supervisor_with(fast1, fast2, lazy)
+            started = time.monotonic()
+            results = app.broadcast("resize", "GET", "/stats", timeout=0.5)
+            elapsed = time.monotonic() - started
+            release.set()
+        assert elapsed < 2.0
+        assert results[f"127.0.0.1:{fast1}"].status_code == 200  # type: ignore[union-attr]
+        assert results[f"127.0.0.1:{fast2}"].status_code == 200  # type: ignore[union-attr]
+        assert isinstance(results[f"127.0.0.1:{lazy}"], Exception)
+
+
+class TestWorkerOpenAPI:
+    def test_fetched_from_the_worker(self) -> None:
+        document = json.dumps({"openapi": "3.1.0", "paths": {"/resize": {}}}).encode()
+        with http_worker(lambda h: (200, document)) as (port, _, paths):
+            app = supervisor_with(port, openapi="/spec.json")
+            with TestClient(app) as client:
+                response = client.get(f"/services/127.0.0.1:{port}/openapi")
+        assert response.status_code == 200 and response.json()["paths"] == {"/resize": {}}
+        assert paths == ["GET /spec.json"]
+
+    def test_unreachable_worker_is_502(self) -> None:
+        port = free_port()
+        with TestClient(supervisor_with(port)) as client:
+            response = client.get(f"/services/127.0.0.1:{port}/openapi")
+            assert client.get("/services/nope:1/openapi").status_code == 404
+        assert response.status_code == 502 and "could not be reached" in response.json()["detail"]
+
+    def test_oversized_document_is_502(self) -> None:
+        huge = b'{"x": "' + b"a" * (picoapi.OPENAPI_MAX_BYTES + 10) + b'"}'
+        with http_worker(lambda h: (200, huge)) as (port, _, _paths):
+            with TestClient(supervisor_with(port)) as client:
+                response = client.get(f"/services/127.0.0.1:{port}/openapi")
+        assert response.status_code == 502 and "over 1048576 bytes" in response.json()["detail"]
+
+    def test_worker_registers_its_openapi_path(self) -> None:
+        app = PicoAPI(config=worker_config(), openapi_url="/spec.json")
+        with responses.RequestsMock() as mock:
+            mock.put(SUP, **answer())
+            mock.delete(SUP + "/127.0.0.1%3A9001", status=204)
+            with TestClient(app):
+                sent = json.loads(mock.calls[0].request.body)
+        assert sent["openapi"] == "/spec.json"
 
 
 # -- Worker registration -----------------------------------------------------------------
@@ -1580,3 +1814,52 @@ class TestDemo:
         for port in ports:  # nothing listens any more: every process is gone
             with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 pass
+
+
+class TestExample:
+    def test_example_system_runs_as_the_readme_says(self, tmp_path: Any) -> None:
+        """examples/: a supervisor with POST /jobs and two kinds of worker, as real processes."""
+        examples = os.path.join(HERE, "examples")
+        sup_port, resize_port, ocr_port = free_port(), free_port(), free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+        env["PYTHONPATH"] = HERE
+        env["API_REGISTER_PATH"] = f"http://127.0.0.1:{sup_port}/register"  # the environment wins over .env
+        procs = []
+        try:
+            for args in (
+                ["supervisor", "supervisor:app", "--port", str(sup_port)],
+                ["worker", "resizer:app", "--port", str(resize_port)],
+                ["worker", "reader:app", "--port", str(ocr_port)],
+            ):
+                log = open(tmp_path / f"{args[1]}.log", "wb")  # noqa: SIM115 - closed with the process
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "picoapi", *args], cwd=examples, env=env, stdout=log, stderr=log
+                    )
+                )
+            url = f"http://127.0.0.1:{sup_port}"
+            wait_for(lambda: len(requests.get(url + "/services?tag=image", timeout=1).json()) == 2, 20, "two workers")
+            jobs = [
+                {"kind": "resize", "payload": {"width": 640, "height": 480, "scale": 0.5}},
+                {"kind": "ocr", "payload": {"image": "HELLO PICOAPI"}},
+            ]
+            resize, ocr = (requests.post(url + "/jobs", json=job, timeout=5).json() for job in jobs)
+            assert resize == {
+                "kind": "resize",
+                "worker": f"127.0.0.1:{resize_port}",
+                "result": {"width": 320, "height": 240},
+            }
+            assert ocr["worker"] == f"127.0.0.1:{ocr_port}" and ocr["result"] == {"text": "hello picoapi", "words": 2}
+            missing = requests.post(url + "/jobs", json={"kind": "translate", "payload": {}}, timeout=5)
+            assert missing.status_code == 503 and missing.json()["tags"] == ["translate"]
+            spec = requests.get(f"{url}/services/127.0.0.1:{resize_port}/openapi", timeout=5).json()
+            assert list(spec["paths"]) == ["/resize"]
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
