@@ -42,6 +42,7 @@ import functools
 import gc
 import heapq
 import hmac
+import html
 import inspect
 import ipaddress
 import itertools
@@ -70,7 +71,7 @@ import urllib3
 from dotenv import dotenv_values
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -127,6 +128,9 @@ MAX_BODY = 64 * 1024
 
 REGISTER_ROUTE = "/register"
 SERVICES_ROUTE = "/services"
+DASHBOARD_ROUTE = "/dashboard"
+#: Seconds between two reloads of the dashboard page.
+DASHBOARD_REFRESH = 2
 SUPERVISOR_HEADER = "X-PicoAPI-Supervisor"
 HEALTHY, UNHEALTHY, UNKNOWN = "healthy", "unhealthy", "unknown"
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN)
@@ -1483,7 +1487,9 @@ class Registrar:
         if len(self.supervisors) == 1:
             one(self.supervisors[0])
         else:  # independently: one supervisor that is down never blocks the others
-            threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in self.supervisors]
+            threads = [
+                threading.Thread(target=one, args=(s,), name="picoapi-register", daemon=True) for s in self.supervisors
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -1565,7 +1571,9 @@ class Registrar:
                 logger.warning("deregistering from %s failed: %s", sup.url, type(exc).__name__)
             sup.worker_id = None
 
-        threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in self.supervisors]
+        threads = [
+            threading.Thread(target=one, args=(s,), name="picoapi-deregister", daemon=True) for s in self.supervisors
+        ]
         deadline = time.monotonic() + timeout * 0.75
         for thread in threads:
             thread.start()
@@ -2088,6 +2096,15 @@ class PicoAPI(FastAPI):
                 raise unknown(worker_id)
             return _fetch_openapi(worker.url + (worker.openapi or "/openapi.json"))
 
+        @self.get(DASHBOARD_ROUTE, include_in_schema=False, tags=["picoapi"], operation_id="picoapi_dashboard")
+        async def dashboard(tag: Annotated[list[str], Query()] = [], status: str | None = None) -> HTMLResponse:  # noqa: B006
+            tags = [t for item in tag for t in re.split(r"[\s,]+", item) if t]
+            workers = registry.workers(*tags, status=status if status in STATUSES else None)
+            counts = {s: 0 for s in STATUSES}
+            for worker in registry.workers():
+                counts[worker.status] += 1
+            return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags)))
+
     def _register_stored(self, reg: Registration) -> tuple[Worker, bool]:
         assert self._store is not None and self.registry is not None
         with self._store.lock:
@@ -2162,6 +2179,80 @@ def _is_connect_error(exc: BaseException) -> bool:
     return any(isinstance(e, connect_errors) for e in _causes(exc))
 
 
+# -- Dashboard and tables -------------------------------------------------------
+
+
+def _ago(when: float | None, now: float) -> str:
+    return "-" if when is None else f"{max(0.0, now - when):.1f}s ago"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
+    """Rows as aligned text columns under ``headers``."""
+    table = [headers, *rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
+
+
+_DASHBOARD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{refresh}">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title} - PicoAPI</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; }}
+h1 {{ font-size: 1.3rem; margin: 0 0 .5rem; }}
+table {{ border-collapse: collapse; width: 100%; }}
+th, td {{ text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #eee; white-space: nowrap; }}
+th {{ position: sticky; top: 0; background: #f6f6f6; }}
+td.tags {{ white-space: normal; }}
+.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.status::before {{ content: ""; display: inline-block; width: .7em; height: .7em; border-radius: 50%;
+  margin-right: .4em; background: currentColor; }}
+.healthy {{ color: #137333; }} .unhealthy {{ color: #c5221f; }} .unknown {{ color: #80868b; }}
+.counts span {{ margin-right: 1rem; font-weight: 600; }} form {{ margin: .8rem 0; }}
+footer {{ color: #666; margin-top: 1rem; }}
+</style></head><body>
+<h1>{title}</h1>
+<p class="counts" id="counts">{counts}</p>
+<form method="get" action="{action}">
+<label>tags <input name="tag" value="{filter}" placeholder="e.g. resize png"></label>
+<button type="submit">filter</button> <a href="{action}">show all</a></form>
+<table id="workers"><thead><tr><th>name</th><th>id</th><th>version</th><th>tags</th><th>status</th>
+<th>last check</th><th class="num">latency</th><th class="num">failures</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table>
+<footer>{shown} of {total} workers shown; this page reloads every {refresh} s.</footer>
+</body></html>
+"""
+
+
+def _render_dashboard(title: str, workers: Sequence[Worker], counts: Mapping[str, int], filter_text: str) -> str:
+    """The dashboard page; everything a worker sent is escaped."""
+    esc, now = html.escape, time.time()
+    order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
+    rows = [
+        f'<tr class="worker" data-id="{esc(w.id)}" data-status="{esc(w.status)}"><td>{esc(w.name)}</td>'
+        f'<td>{esc(w.id)}</td><td>{esc(w.version)}</td><td class="tags">{esc(" ".join(w.tags))}</td>'
+        f'<td class="status {esc(w.status)}">{esc(w.status)}{" (suspect)" if w.suspect else ""}</td>'
+        f'<td>{_ago(w.last_check, now)}</td><td class="num">{_ms(w.last_latency)}</td>'
+        f'<td class="num">{w.failures}</td></tr>'
+        for w in sorted(workers, key=lambda w: (order.get(w.status, 3), w.name, w.id))
+    ]
+    return _DASHBOARD.format(
+        refresh=DASHBOARD_REFRESH,
+        title=esc(title),
+        counts="".join(f'<span class="{s}" data-count="{s}">{n} {s}</span>' for s, n in counts.items()),
+        action=DASHBOARD_ROUTE,
+        filter=esc(filter_text),
+        rows="\n".join(rows) or '<tr><td colspan="8">no worker</td></tr>',
+        shown=len(workers),
+        total=sum(counts.values()),
+    )
+
+
 # -- Command line --------------------------------------------------------------
 
 
@@ -2206,7 +2297,53 @@ def _cmd_supervisor(args: argparse.Namespace) -> int:
     else:
         overrides = {"port": args.port, "bind": args.bind}
         app = PicoAPI(mode="supervisor", env_file=args.env_file, **{k: v for k, v in overrides.items() if v})
+        if "title" not in app.config.configured:
+            app.title = "PicoAPI supervisor"
     return _serve(app, args.bind, app.config.port)
+
+
+def _default_supervisor_url() -> str:
+    """The supervisor this machine's configuration points at."""
+    config = Config.load()
+    if config.register_urls:
+        url = config.register_urls[0]
+        return url[: -len(REGISTER_ROUTE)] if url.endswith(REGISTER_ROUTE) else url
+    return f"http://127.0.0.1:{config.port}"
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    url = (args.url or _default_supervisor_url()).rstrip("/")
+    try:
+        resp = requests.get(url + SERVICES_ROUTE, params={"tag": args.tag or []}, timeout=args.timeout)
+        resp.raise_for_status()
+        entries = resp.json()
+    except requests.RequestException as exc:
+        raise PicoAPIError(f"cannot reach the supervisor at {url}: {_root_cause(exc)}") from None
+    except ValueError:
+        raise PicoAPIError(f"{url}{SERVICES_ROUTE} did not answer JSON: is it a PicoAPI supervisor?") from None
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    now = time.time()
+    rows = [
+        (
+            e["id"],
+            e["name"],
+            e["version"],
+            ",".join(e["tags"]),
+            e["status"] + ("*" if e.get("suspect") else ""),
+            _ago(e["last_check"], now),
+            _ms(e["last_latency"]),
+        )
+        for e in entries
+    ]
+    print(_table(rows, ("ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST CHECK", "LATENCY")))
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    print(f"\n{len(entries)} workers" + (f": {summary}" if summary else ""))
+    return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -2336,7 +2473,7 @@ class _Demo:
 def _cmd_demo(args: argparse.Namespace) -> int:
     demo = _Demo(interval=args.interval)
     try:
-        demo.say(f"supervisor starting on {demo.url} (registry: {demo.url}{SERVICES_ROUTE}, docs: {demo.url}/docs)")
+        demo.say(f"supervisor starting: dashboard {demo.url}{DASHBOARD_ROUTE} (open it now), API docs {demo.url}/docs")
         demo.spawn("supervisor", ["supervisor", "--bind", "127.0.0.1", "--port", str(demo.sup_port)], {})
         demo.wait("the supervisor", lambda: bool(demo.services()) or _answers(demo.url + DEFAULT_HEALTH_PATH), 20)
         for name in _DEMO_WORKERS:
@@ -2352,24 +2489,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             return len(seen) == len(_DEMO_WORKERS)
 
         demo.wait("three registrations", filled, 20)
+        time.sleep(args.pace)  # time to look at the dashboard between steps
         for tag, text in (("upper", "hello picoapi"), ("reverse", "stressed"), ("count", "a b c d")):
             query = {"tag": ["text", tag], "status": HEALTHY}
             worker = requests.get(demo.url + SERVICES_ROUTE, params=query, timeout=2).json()[0]
             answer = requests.get(f"http://{worker['id']}/work", params={"text": text}, timeout=2).json()
             demo.say(f"task tag={tag:<8} {text!r:<16} -> {worker['name']:<8} answered {answer['result']!r}")
+        time.sleep(args.pace)
         demo.say("killing worker 'reverse' (SIGKILL)")
         demo.procs["killed"] = demo.procs.pop("reverse")
         demo.procs["killed"].kill()
         took = demo.wait("detection", lambda: demo.status_of("reverse") == UNHEALTHY, 15)
         demo.say(f"supervisor marked 'reverse' unhealthy after {took:.2f}s (interval {args.interval:g}s)")
+        time.sleep(args.pace * 1.5)
         demo.say("restarting worker 'reverse'")
         demo.start_worker("reverse")
         took = demo.wait("recovery", lambda: demo.status_of("reverse") == HEALTHY, 20)
         demo.say(f"'reverse' is healthy again after {took:.2f}s")
-        counts: dict[str, int] = {}
-        for entry in demo.services():
-            counts[entry["status"]] = counts.get(entry["status"], 0) + 1
-        demo.say(f"registry: {counts}; stopping everything")
+        time.sleep(args.pace)
+        now, entries = time.time(), demo.services()
+        rows = [(e["id"], e["name"], ",".join(e["tags"]), e["status"], _ago(e["last_check"], now)) for e in entries]
+        demo.say(f"the registry now (same as 'picoapi status {demo.url}'):")
+        print(_table(rows, ("ID", "NAME", "TAGS", "STATUS", "LAST CHECK")), flush=True)
+        demo.say("stopping everything")
     except KeyboardInterrupt:
         demo.say("interrupted; stopping everything")
         return 130
@@ -2413,25 +2555,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.add_argument("--bind", help="interface to bind (API_BIND)")
         command.add_argument("--port", type=int, help="port (API_PORT)")
     sup.add_argument("--env-file", default=".env", help="the .env file to read (default: .env)")
+    stat = commands.add_parser(
+        "status",
+        help="print a supervisor's registry",
+        description="Print the registry of a running supervisor as a table (or JSON). URL defaults to the "
+        "supervisor of API_REGISTER_PATH, else http://127.0.0.1:API_PORT. Exits 1 if it cannot be reached.",
+        epilog="example: picoapi status http://127.0.0.1:8100 --tag resize --tag png",
+    )
+    stat.add_argument("url", nargs="?", help="the supervisor's base URL, e.g. http://127.0.0.1:8100")
+    stat.add_argument("--tag", action="append", help="only workers with this tag (repeat: all must match)")
+    stat.add_argument("--json", action="store_true", help="print the entries as JSON")
+    stat.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the supervisor (default 5)")
     demo = commands.add_parser(
         "demo",
         help="run a live demo on 127.0.0.1",
         description="Start a supervisor and three workers on 127.0.0.1, dispatch tasks by tag, kill a "
         "worker and watch the supervisor detect it, restart it and watch it come back. Stops by itself.",
-        epilog="example: picoapi demo --interval 0.5",
+        epilog="example: picoapi demo --interval 0.5 --pace 0",
     )
     demo.add_argument("--interval", type=float, default=0.5, help="health-check interval in seconds (default 0.5)")
+    demo.add_argument("--pace", type=float, default=2.0, help="seconds to pause between steps (default 2)")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command in ("supervisor", "worker"):
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        handlers = {"supervisor": _cmd_supervisor, "worker": _cmd_worker, "demo": _cmd_demo}
+        handlers = {"supervisor": _cmd_supervisor, "worker": _cmd_worker, "status": _cmd_status, "demo": _cmd_demo}
         return int(handlers[args.command](args))
-    except PicoAPIError as exc:
+    except ConfigError as exc:
         print(f"picoapi: {exc}", file=sys.stderr)
         return 2
+    except PicoAPIError as exc:
+        print(f"picoapi: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

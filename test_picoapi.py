@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from html.parser import HTMLParser
 from typing import Any
 
 import pytest
@@ -113,6 +115,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def settled_thread_count() -> int:
+    """Threads alive once AnyIO's worker threads (TestClient's, not ours) have exited."""
+    wait_for(lambda: not any(t.name == "AnyIO worker thread" for t in threading.enumerate()), 10, "AnyIO threads")
+    return threading.active_count()
+
+
+def picoapi_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("picoapi")]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -791,13 +803,13 @@ class TestCheckerThread:
         app = PicoAPI(mode="supervisor", registry_file=str(tmp_path / "reg.db"))
         with TestClient(app):
             pass  # the first start loads what it needs once
-        threads, files = threading.active_count(), len(os.listdir("/proc/self/fd"))
+        threads, files = settled_thread_count(), len(os.listdir("/proc/self/fd"))
         for _ in range(50):
             with TestClient(app) as client:
                 assert app.checker is not None and app.checker.is_running
                 client.put("/register", json=body())
-        assert app.checker is None
-        assert threading.active_count() == threads
+        assert app.checker is None and picoapi_threads() == []
+        assert settled_thread_count() == threads
         assert len(os.listdir("/proc/self/fd")) == files
 
     def test_registration_wakes_the_thread(self) -> None:
@@ -1400,10 +1412,11 @@ class TestBroadcast:
 
         with http_worker() as (fast1, _, _p1), http_worker() as (fast2, _, _p2), http_worker(slow) as (lazy, _, _p3):
             app = supervisor_with(fast1, fast2, lazy)
-            started = time.monotonic()
-            results = app.broadcast("resize", "GET", "/stats", timeout=0.5)
-            elapsed = time.monotonic() - started
-            release.set()
+            with TestClient(app):  # its shutdown stops the broadcast threads
+                started = time.monotonic()
+                results = app.broadcast("resize", "GET", "/stats", timeout=0.5)
+                elapsed = time.monotonic() - started
+                release.set()
         assert elapsed < 2.0
         assert results[f"127.0.0.1:{fast1}"].status_code == 200  # type: ignore[union-attr]
         assert results[f"127.0.0.1:{fast2}"].status_code == 200  # type: ignore[union-attr]
@@ -1612,7 +1625,7 @@ class TestWorkerApp:
             assert app.registrar is not None and app.registrar.supervisors[0].is_registered
             client.get("/health", headers={"X-PicoAPI-Supervisor": "sup1"})
         assert [c.request.method for c in responses.calls] == ["PUT", "DELETE"]
-        assert threading.active_count() == 1 or not any(t.name == "picoapi-registrar" for t in threading.enumerate())
+        assert not [name for name in picoapi_threads() if "regist" in name]
 
     @responses.activate
     def test_required_registration_fails_startup(self) -> None:
@@ -1799,7 +1812,7 @@ class TestCommandLine:
 class TestDemo:
     def test_demo_runs_end_to_end_and_leaves_nothing(self) -> None:
         out = subprocess.run(
-            [sys.executable, "-m", "picoapi", "demo", "--interval", "0.3"],
+            [sys.executable, "-m", "picoapi", "demo", "--interval", "0.3", "--pace", "0"],
             capture_output=True,
             text=True,
             cwd=HERE,
@@ -1809,6 +1822,8 @@ class TestDemo:
         assert "answered 'HELLO PICOAPI'" in out.stdout
         assert "marked 'reverse' unhealthy after" in out.stdout
         assert "'reverse' is healthy again" in out.stdout
+        dashboard = re.search(r"dashboard (http://127\.0\.0\.1:\d+/dashboard)", out.stdout)
+        assert dashboard is not None
         ports = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", out.stdout)}
         assert len(ports) == 4  # the supervisor and three workers
         for port in ports:  # nothing listens any more: every process is gone
@@ -1863,3 +1878,187 @@ class TestExample:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+# -- Dashboard, status command and a real browser ------------------------------------------
+
+
+class Rows(HTMLParser):
+    """The dashboard's worker rows and status counts, read from its DOM."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.counts: dict[str, str] = {}
+        self._row: dict[str, Any] | None = None
+        self._count: str | None = None
+        self._in_cell = False
+        self.feed(page)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "tr" and found.get("class") == "worker":
+            self._row = {"status": found["data-status"], "cells": []}
+            self.rows[str(found["data-id"])] = self._row
+        elif tag == "td" and self._row is not None:
+            self._row["cells"].append("")
+            self._in_cell = True
+        elif tag == "span" and found.get("data-count"):
+            self._count = found["data-count"]
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tr":
+            self._row = None
+        self._in_cell = self._in_cell and tag != "td"
+        self._count = None if tag == "span" else self._count
+
+    def handle_data(self, data: str) -> None:
+        if self._row is not None and self._in_cell:
+            self._row["cells"][-1] += data
+        if self._count:
+            self.counts[self._count] = data
+
+
+class TestDashboard:
+    def test_shows_every_worker_escaped_with_counts(self) -> None:
+        app = PicoAPI(mode="supervisor", title="jobs")
+        registry = app.registry
+        assert registry is not None
+        registry.register(reg("127.0.0.1", 1, name="<script>alert(1)</script>", tags=["a", "<b>"]))
+        registry.register(reg("127.0.0.1", 2, name="ok", tags=["a"]))
+        registry.record("127.0.0.1:2", FAIL)
+        registry.record("127.0.0.1:2", FAIL)
+        with TestClient(app) as client:
+            response = client.get("/dashboard")
+        assert response.headers["content-type"].startswith("text/html")
+        page = response.text
+        assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+        assert 'http-equiv="refresh"' in page and "http://" not in page.split("</head>")[0]  # no external asset
+        rows = Rows(page)
+        assert list(rows.rows) == ["127.0.0.1:2", "127.0.0.1:1"]  # trouble first
+        assert rows.rows["127.0.0.1:1"]["cells"][0] == "<script>alert(1)</script>"  # shown as text
+        assert rows.rows["127.0.0.1:2"]["status"] == "unhealthy" and rows.rows["127.0.0.1:2"]["cells"][7] == "2"
+        assert rows.counts == {"healthy": "1 healthy", "unhealthy": "1 unhealthy", "unknown": "0 unknown"}
+        assert "/dashboard" not in app.openapi()["paths"]
+
+    def test_tag_filter(self) -> None:
+        app = supervisor_with(1, tags=("resize", "png"))
+        app.registry.register(reg("127.0.0.1", 2, tags=["ocr"]))  # type: ignore[union-attr]
+        with TestClient(app) as client:
+            assert list(Rows(client.get("/dashboard?tag=resize+png").text).rows) == ["127.0.0.1:1"]
+            assert list(Rows(client.get("/dashboard?tag=ocr").text).rows) == ["127.0.0.1:2"]
+            assert len(Rows(client.get("/dashboard").text).rows) == 2
+
+    def test_readable_with_a_thousand_workers(self) -> None:
+        app = PicoAPI(mode="supervisor")
+        for port in range(1, 1001):
+            app.registry.register(reg("127.0.0.1", port))  # type: ignore[union-attr]
+        with TestClient(app) as client:
+            page = client.get("/dashboard").text
+        assert len(Rows(page).rows) == 1000 and "position: sticky" in page
+        assert len(page) < 400_000
+
+
+def picoapi_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+    return subprocess.run(
+        [sys.executable, "-m", "picoapi", *args],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        env={**clean, **(env or {})},
+        timeout=60,
+    )
+
+
+class TestStatusCommand:
+    def test_table_tags_and_json_against_a_live_supervisor(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        port = free_port()
+        cluster.worker(port)
+        wait_for(lambda: cluster.status(f"127.0.0.1:{port}") == "healthy", 15, "registration")
+        requests.put(cluster.url + "/register", json=body(port=free_port(), tags=["other"]), timeout=2)
+        out = picoapi_cli("status", cluster.url)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].split() == ["ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST", "CHECK", "LATENCY"]
+        row = next(line for line in lines if line.startswith(f"127.0.0.1:{port}"))
+        assert row.split()[1:5] == ["echo", "0.0.1", "echo", "healthy"]
+        assert lines[0].index("STATUS") == row.index("healthy")  # aligned
+        assert lines[-1] == "2 workers: 2 healthy"
+        only = picoapi_cli("status", cluster.url, "--tag", "echo")
+        assert [line.split()[0] for line in only.stdout.splitlines()[1:-2]] == [f"127.0.0.1:{port}"]
+        as_json = json.loads(picoapi_cli("status", cluster.url, "--json", "--tag", "other").stdout)
+        assert [e["tags"] for e in as_json] == [["other"]]
+
+    def test_default_url_from_the_register_path(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        out = picoapi_cli("status", env={"API_REGISTER_PATH": cluster.url + "/register"})
+        assert out.returncode == 0 and out.stdout.strip().endswith("0 workers")
+
+    def test_unreachable_supervisor_is_one_line_and_exit_1(self) -> None:
+        port = free_port()
+        out = picoapi_cli("status", f"http://127.0.0.1:{port}")
+        assert out.returncode == 1 and out.stdout == ""
+        assert out.stderr.startswith(f"picoapi: cannot reach the supervisor at http://127.0.0.1:{port}: ")
+        assert len(out.stderr.strip().splitlines()) == 1
+
+    @pytest.mark.parametrize("command", ["supervisor", "worker", "status", "demo"])
+    def test_every_command_has_help_with_an_example(self, command: str) -> None:
+        out = picoapi_cli(command, "--help")
+        assert out.returncode == 0 and "example" in out.stdout
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = os.path.join(HERE, "test-artifacts")
+
+
+def browse(url: str, profile: Any, *args: str) -> str:
+    """Load ``url`` in headless Chromium and return what it printed (the DOM with --dump-dom)."""
+    assert CHROMIUM is not None
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+        url,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("PICOAPI_REQUIRE_BROWSER"),
+    reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it and requires this test",
+)
+class TestDashboardInABrowser:
+    def test_rows_statuses_and_a_killed_worker(self, cluster: Cluster, tmp_path: Any) -> None:
+        cluster.supervisor()
+        ports = [free_port(), free_port()]
+        workers = [cluster.worker(port, interval=0.3) for port in ports]
+        ids = [f"127.0.0.1:{port}" for port in ports]
+        wait_for(lambda: all(cluster.status(i) == "healthy" for i in ids), 20, "two healthy workers")
+        requests.put(
+            cluster.url + "/register", json=body(port=free_port(), name="<script>alert(1)</script>"), timeout=2
+        ).raise_for_status()
+        page = Rows(browse(cluster.url + "/dashboard", tmp_path / "profile", "--dump-dom"))
+        assert {i: page.rows[i]["status"] for i in ids} == dict.fromkeys(ids, "healthy")
+        assert [page.rows[i]["cells"][0] for i in ids] == ["echo", "echo"]
+        assert "<script>alert(1)</script>" in [row["cells"][0] for row in page.rows.values()]  # text, not a script
+        workers[0].kill()
+        workers[0].wait(5)
+        wait_for(lambda: cluster.status(ids[0]) == "unhealthy", 10, "detection")
+        page = Rows(browse(cluster.url + "/dashboard", tmp_path / "profile", "--dump-dom"))
+        assert page.rows[ids[0]]["status"] == "unhealthy" and page.rows[ids[1]]["status"] == "healthy"
+        assert list(page.rows)[0] == ids[0]  # trouble first
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        shot = os.path.join(ARTIFACTS, "dashboard.png")
+        browse(cluster.url + "/dashboard", tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,400")
+        with open(shot, "rb") as png:
+            assert png.read(8) == b"\x89PNG\r\n\x1a\n"
