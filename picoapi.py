@@ -1645,7 +1645,7 @@ class _BodyLimit:
         if scope["type"] != "http" or scope["path"] != self.path:
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length", b"0")
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
         if not length.isdigit() or int(length) > self.limit:
             await self._refuse(scope, receive, send)
             return
@@ -1664,6 +1664,27 @@ class _BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
         await response(scope, receive, send)
+
+
+class _CORS(CORSMiddleware):
+    """Starlette's CORS middleware with a fast path for requests without an Origin header.
+
+    Those (every call between services: registrations, checks, tasks) only need
+    ``Vary: Origin`` on the answer, which is appended to the raw headers instead of
+    parsing them into objects; requests from browsers take Starlette's own path.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or any(k == b"origin" for k, _ in scope["headers"]):
+            await super().__call__(scope, receive, send)
+            return
+
+        async def send_with_vary(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"vary", b"Origin")]
+            await send(message)
+
+        await self.app(scope, receive, send_with_vary)
 
 
 HealthCheckFunc = Callable[[], Any]
@@ -1752,7 +1773,7 @@ class PicoAPI(FastAPI):
             operation_id="picoapi_health",
         )
         self.add_middleware(
-            CORSMiddleware,
+            _CORS,
             allow_origins=list(config.cors_allow_origins),
             allow_methods=list(config.cors_allow_methods),
             allow_headers=list(config.cors_allow_headers),
@@ -1994,7 +2015,7 @@ class PicoAPI(FastAPI):
 
     # Supervisor routes -----------------------------------------------------------
 
-    def _require_token(self, request: Request) -> None:
+    async def _require_token(self, request: Request) -> None:
         token = self.config.register_token
         if not token:
             return
@@ -2010,7 +2031,8 @@ class PicoAPI(FastAPI):
     def _add_supervisor_routes(self) -> None:
         registry = self.registry
         assert registry is not None
-        auth = [Depends(self._require_token)]
+        # Without a token there is nothing to check: no dependency to resolve per request.
+        auth = [Depends(self._require_token)] if self.config.register_token else []
         not_found: dict[int | str, dict[str, Any]] = {404: {"description": "no worker with that id"}}
 
         def unknown(wid: str) -> HTTPException:

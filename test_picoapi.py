@@ -483,6 +483,12 @@ class TestDropIn:
         assert "access-control-allow-origin" not in bad.headers
         assert pre.status_code == 200 and "access-control-allow-credentials" not in pre.headers
 
+    def test_answers_without_origin_still_vary_on_origin(self) -> None:
+        """The fast path for server-to-server calls keeps caches from mixing up CORS answers."""
+        with TestClient(PicoAPI()) as client:
+            response = client.get("/health")
+        assert response.headers["vary"] == "Origin" and "access-control-allow-origin" not in response.headers
+
     def test_cors_default_is_wildcard_without_credentials(self) -> None:
         with TestClient(PicoAPI()) as client:
             response = client.get("/health", headers={"Origin": "http://any.example"})
