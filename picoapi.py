@@ -49,6 +49,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -73,6 +74,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -197,9 +199,13 @@ def _split(value: str, sep: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(sep) if item.strip())
 
 
+def _is_whole(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 12  # not '²', not 5,000 digits
+
+
 def _parse_port(var: str, raw: object) -> int:
     text = str(raw).strip()
-    if isinstance(raw, bool) or not text.isdigit() or not 1 <= int(text) <= 65535:
+    if isinstance(raw, bool) or not _is_whole(text) or not 1 <= int(text) <= 65535:
         raise ConfigError(f"{var} must be a whole number from 1 to 65535, got {raw!r}")
     return int(text)
 
@@ -216,7 +222,7 @@ def _parse_seconds(var: str, raw: object, low: float, high: float) -> float:
 
 def _parse_count(var: str, raw: object, low: int, high: int) -> int:
     text = str(raw).strip()
-    if isinstance(raw, bool) or not text.isdigit() or not low <= int(text) <= high:
+    if isinstance(raw, bool) or not _is_whole(text) or not low <= int(text) <= high:
         raise ConfigError(f"{var} must be a whole number from {low} to {high}, got {raw!r}")
     return int(text)
 
@@ -245,28 +251,26 @@ def _parse_text(var: str, raw: object, limit: int) -> str:
 
 
 def _parse_urls(var: str, raw: object) -> tuple[str, ...]:
-    items = _split(raw, "!") if isinstance(raw, str) else tuple(str(u).strip() for u in raw)  # type: ignore[attr-defined]
-    for url in items:
-        parts = urlsplit(url)
+    for url in (items := _parse_list(var, raw, "!")):
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ConfigError(f"{var} has a malformed URL {url!r}: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable():
             raise ConfigError(
                 f"{var} must be an http:// or https:// URL such as "
                 f"'http://keeper:8100/register' ('!' between several), got {url!r}"
             )
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError as exc:
-            raise ConfigError(f"{var} has a bad port in {url!r}: {exc}") from exc
     return items
 
 
 def _parse_list(var: str, raw: object, sep: str) -> tuple[str, ...]:
     if isinstance(raw, str):
         return _split(raw, sep)
-    try:
-        return tuple(str(item).strip() for item in raw if str(item).strip())  # type: ignore[attr-defined]
-    except TypeError:
-        raise ConfigError(f"{var} must be a {sep!r}-delimited string or a list, got {raw!r}") from None
+    if not isinstance(raw, (list, tuple, set, frozenset)):
+        raise ConfigError(f"{var} must be a {sep!r}-delimited string or a list of strings, got {raw!r}")
+    return tuple(str(item).strip() for item in raw if str(item).strip())
 
 
 def _parse_tags(var: str, raw: object) -> tuple[str, ...]:
@@ -592,7 +596,11 @@ class Worker:
         return HealthSpec(url=self.health_url, interval=self.interval, timeout=self.timeout)
 
     def copy(self) -> Worker:
-        return dataclasses.replace(self)
+        return Worker(*_fields_of(self))
+
+
+#: All of a Worker's fields as a tuple, in order (a fast snapshot for copies).
+_fields_of = operator.attrgetter(*(f.name for f in dataclasses.fields(Worker)))
 
 
 class CheckResult(NamedTuple):
@@ -645,6 +653,7 @@ class Registry:
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._turns: dict[tuple[frozenset[str], str | None], int] = {}
+        self._stale = 0  # heap entries left behind by lazy cancellation
 
     # Registration ------------------------------------------------------------
 
@@ -686,6 +695,8 @@ class Registry:
             entry = self._workers.pop(wid, None)
             if entry is not None:
                 self._index(entry, remove=True)
+                self._went_stale(entry)
+                self._compact()
             return entry is not None
 
     def _index(self, entry: Worker, *, remove: bool = False) -> None:
@@ -722,16 +733,16 @@ class Registry:
                 found = [self._workers[i] for i in ids]
             else:
                 found = list(self._workers.values())
-            found = [
-                w
+            # Only a C-level tuple per worker under the lock: big queries barely hold it.
+            rows = [
+                _fields_of(w)
                 for w in found
                 if (status is None or w.status == status)
                 and (name is None or w.name == name)
                 and (version is None or w.version == version)
             ]
-            copies = [w.copy() for w in found]
-        copies.sort(key=lambda w: w.id)
-        return copies
+        rows.sort(key=lambda row: row[0])
+        return [Worker(*row) for row in rows]
 
     def __len__(self) -> int:
         with self._lock:
@@ -743,12 +754,31 @@ class Registry:
 
     # The check schedule ---------------------------------------------------------
 
+    def _went_stale(self, entry: Worker) -> None:
+        """Count the entry's heap entry, if it has one, as stale from now on (lock held)."""
+        if entry._heap_seq is not None:
+            self._stale += 1
+
+    def _compact(self) -> None:
+        """Rebuild the heap from live entries once most of it is stale (lock held).
+
+        Lazy cancellation keeps deregistration O(1); this keeps churn (workers coming
+        and going far faster than their interval) from growing the heap.
+        """
+        if self._stale > 64 and self._stale * 2 > len(self._heap):
+            workers = self._workers
+            self._heap = [e for e in self._heap if (w := workers.get(e[2])) is not None and w._heap_seq == e[1]]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
     def _schedule(self, entry: Worker, due: float) -> None:
         """Push the entry's next check (lock held); the older heap entry goes stale."""
+        self._went_stale(entry)
         seq = next(self._seq)
         entry._heap_seq = seq
         wake = not self._heap or due < self._heap[0][0]
         heapq.heappush(self._heap, (due, seq, entry.id))
+        self._compact()
         if wake:
             self._wakeup.notify()
 
@@ -766,6 +796,7 @@ class Registry:
             if entry is not None and entry._heap_seq == seq:
                 return
             heapq.heappop(heap)
+            self._stale -= 1
 
     def pop_due(self, now: float) -> list[_Check]:
         """Take every check due at ``now``; each is rescheduled by :meth:`record`."""
@@ -776,6 +807,7 @@ class Registry:
                 when, seq, wid = heapq.heappop(heap)
                 entry = workers.get(wid)
                 if entry is None or entry._heap_seq != seq:
+                    self._stale -= 1
                     continue  # cancelled or moved: lazy cancellation
                 entry._heap_seq = None
                 entry._fired_due = when
@@ -2034,6 +2066,9 @@ class PicoAPI(FastAPI):
         # Without a token there is nothing to check: no dependency to resolve per request.
         auth = [Depends(self._require_token)] if self.config.register_token else []
         not_found: dict[int | str, dict[str, Any]] = {404: {"description": "no worker with that id"}}
+        auth_errors: dict[int | str, dict[str, Any]] = {}
+        if self.config.register_token:
+            auth_errors = {401: {"description": "no bearer token"}, 403: {"description": "wrong token"}}
 
         def unknown(wid: str) -> HTTPException:
             return HTTPException(404, f"no worker with id {wid!r}; GET {SERVICES_ROUTE} lists them")
@@ -2045,7 +2080,13 @@ class PicoAPI(FastAPI):
             dependencies=auth,
             tags=["picoapi"],
             operation_id="picoapi_register",
-            responses={201: {"model": WorkerOut, "description": "registered"}, 503: {"description": "registry full"}},
+            responses={
+                201: {"model": WorkerOut, "description": "registered"},
+                **auth_errors,
+                400: {"description": "the body is not JSON"},
+                413: {"description": f"the body is over {MAX_BODY} bytes"},
+                503: {"description": "the registry is full (API_MAX_WORKERS)"},
+            },
         )
         async def register(reg: Registration, response: Response) -> Any:
             """Register a worker, or replace its entry (same host and port)."""
@@ -2068,7 +2109,7 @@ class PicoAPI(FastAPI):
             dependencies=auth,
             tags=["picoapi"],
             operation_id="picoapi_deregister",
-            responses=not_found,
+            responses={**not_found, **auth_errors},
         )
         async def deregister(worker_id: str) -> Response:
             """Remove a worker from the registry."""
@@ -2089,7 +2130,9 @@ class PicoAPI(FastAPI):
             status: Literal["healthy", "unhealthy", "unknown"] | None = None,
         ) -> Any:
             """The registered workers, filtered."""
-            return [_out(w) for w in registry.workers(*tag, status=status, name=name, version=version)]
+            workers = registry.workers(*tag, status=status, name=name, version=version)
+            # Built here from the registry's own data: serialised once, not validated again.
+            return Response(to_json([_out(w) for w in workers]), media_type="application/json")
 
         @self.get(
             SERVICES_ROUTE + "/{worker_id}",
