@@ -507,64 +507,67 @@ def _md_capacity(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def _ms3(x: dict[str, float]) -> str:
+    return f"{x['p50_ms']} / {x['p99_ms']} / {x['max_ms']}"
+
+
+def _range(x: dict[str, Any]) -> str:
+    return f"{x['median']:,} ({x['min']:,}-{x['max']:,})"
+
+
 def _md_silent(r: dict[str, Any]) -> str:
-    lines: list[str] = []
     s = r["silent"]
-    lines += [
-        "",
-        "| silent workers (5,000, 500 silent) | figure |",
-        "|---|---|",
-        f"| healthy workers' lateness p50 / p99 / max ms | {s['lateness_healthy']['p50_ms']} / {s['lateness_healthy']['p99_ms']} / {s['lateness_healthy']['max_ms']} |",
-        f"| completed checks/s (due) | {s['completed_per_s']:,} ({s['due_per_s']:,}) |",
-        f"| silent workers marked unhealthy | {s['silent_marked']} of {s['silent']}, all within {s['silent_marked_after_s']} s of registering |",
-    ]
-    return "\n".join(lines)
+    return _md_table(
+        ["silent workers (5,000, 500 silent)", "figure"],
+        [
+            ["healthy workers' lateness p50 / p99 / max ms", _ms3(s["lateness_healthy"])],
+            ["completed checks/s (due)", f"{s['completed_per_s']:,} ({s['due_per_s']:,})"],
+            [
+                "silent workers marked unhealthy",
+                f"{s['silent_marked']} of {s['silent']}, all within {s['silent_marked_after_s']} s of registering",
+            ],
+        ],
+    )
 
 
 def _md_registration(r: dict[str, Any]) -> str:
-    lines: list[str] = []
     g = r["registration"]
     if "skipped" in g:
-        lines += ["", f"Registration throughput: skipped ({g['skipped']})."]
-    else:
-        lines += [
-            "",
-            "| PUT /register, 64 connections | req/s median (min-max) | p50 ms | p99 ms |",
-            "|---|---|---|---|",
-            f"| PicoAPI supervisor | {g['pico_req_s']['median']:,} ({g['pico_req_s']['min']:,}-{g['pico_req_s']['max']:,}) | {g['pico_p50_ms']} | {g['pico_p99_ms']} |",
-            f"| bare FastAPI, same work | {g['bare_req_s']['median']:,} ({g['bare_req_s']['min']:,}-{g['bare_req_s']['max']:,}) | {g['bare_p50_ms']} | {g['bare_p99_ms']} |",
-            f"| **ratio** | {g['ratio']['median']} ({g['ratio']['min']}-{g['ratio']['max']}) | | |",
-        ]
-    return "\n".join(lines)
+        return f"Registration throughput: skipped ({g['skipped']})."
+    return _md_table(
+        ["PUT /register, 64 connections", "req/s median (min-max)", "p50 ms", "p99 ms"],
+        [
+            ["PicoAPI supervisor", _range(g["pico_req_s"]), g["pico_p50_ms"], g["pico_p99_ms"]],
+            ["bare FastAPI, same work", _range(g["bare_req_s"]), g["bare_p50_ms"], g["bare_p99_ms"]],
+            ["**ratio**", _range(g["ratio"]), "", ""],
+        ],
+    )
 
 
 def _md_queries(r: dict[str, Any]) -> str:
-    lines: list[str] = []
     q = r["queries"]
-    lines += ["", "| query, 10,000 registered | p50 ms | p99 ms |", "|---|---|---|"]
-    for key, label in (
-        ("http_x100", "GET /services?tag=x (100 match)"),
-        ("http_x5000", "GET /services?tag=x (5,000 match)"),
-    ):
-        lines.append(f"| {label} | {q[key]['p50_ms']} | {q[key]['p99_ms']} |")
-    for key, label in (
-        ("in_process_x100", 'registry.workers("x") (100 match)'),
-        ("in_process_x5000", 'registry.workers("x") (5,000 match)'),
-    ):
-        lines.append(f"| {label} | {q['in_process'][key]['p50_ms']} | {q['in_process'][key]['p99_ms']} |")
-    return "\n".join(lines)
+    rows = [
+        ["GET /services?tag=x (100 match)", q["http_x100"]],
+        ["GET /services?tag=x (5,000 match)", q["http_x5000"]],
+        ['registry.workers("x") (100 match)', q["in_process"]["in_process_x100"]],
+        ['registry.workers("x") (5,000 match)', q["in_process"]["in_process_x5000"]],
+    ]
+    return _md_table(["query, 10,000 registered", "p50 ms", "p99 ms"], [[k, v["p50_ms"], v["p99_ms"]] for k, v in rows])
 
 
 def _md_detection(r: dict[str, Any]) -> str:
-    lines: list[str] = []
     d = r["detection"]
-    lines += [
-        "",
+    return (
         f"Detection ({d['kills']} SIGKILLs, interval {d['interval_s']} s): time to `unhealthy` p50 {d['p50_s']} s, "
         f"p99 {d['p99_s']} s, max {d['max_s']} s; documented bound {d['documented_bound_s']} s; "
-        f"{d['within_bound']} of {d['kills']} within it.",
-    ]
-    return "\n".join(lines)
+        f"{d['within_bound']} of {d['kills']} within it."
+    )
 
 
 def _md_memory(r: dict[str, Any]) -> str:
@@ -580,15 +583,12 @@ def _md_memory(r: dict[str, Any]) -> str:
 
 
 def _md_startup(r: dict[str, Any]) -> str:
-    lines: list[str] = []
     u = r["startup"]
-    lines += [
-        "",
+    return (
         f"Start-up: `import picoapi` {u['import_picoapi_s']} s against `import fastapi, requests` "
         f"{u['import_fastapi_requests_s']} s (ratio {u['ratio']}; uvicorn imported: {u['uvicorn_imported_by_import_picoapi']}); "
-        f"a worker from process start to registered: {u['worker_start_to_registered_s']['median']} s median.",
-    ]
-    return "\n".join(lines)
+        f"a worker from process start to registered: {u['worker_start_to_registered_s']['median']} s median."
+    )
 
 
 def _md_profile(r: dict[str, Any]) -> str:
