@@ -35,10 +35,11 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--silent", type=int, default=0, help="the last N workers never answer")
     parser.add_argument("--pid-file", help="write this process's pid here once checks run (for a profiler)")
+    parser.add_argument("--registry-file", help="persist the registry here (API_REGISTRY_FILE)")
     args = parser.parse_args()
     raise_nofile()
     logging.getLogger("picoapi").setLevel(logging.ERROR)  # a line per status change would be noise here
-    app = picoapi.PicoAPI(mode="supervisor", env_file=None, max_workers=args.workers)
+    app = picoapi.PicoAPI(mode="supervisor", env_file=None, max_workers=args.workers, registry_file=args.registry_file)
     registry = app.registry
     assert registry is not None
     silent_ids = {
@@ -75,9 +76,11 @@ def main() -> None:
         for i in range(args.workers):
             p = args.first_port + i
             health = {"url": f"http://127.0.0.1:{p}/health", "interval": args.interval}
-            registry.register(
-                picoapi.Registration.model_validate({"name": "w", "host": "127.0.0.1", "port": p, "health": health})
-            )
+            reg = picoapi.Registration.model_validate({"name": "w", "host": "127.0.0.1", "port": p, "health": health})
+            if args.registry_file:
+                app._register_stored(reg)  # as PUT /register does: the row is written too
+            else:
+                registry.register(reg)
         registered = time.monotonic()
         time.sleep(args.interval + 0.5)  # warm-up: the first round of checks
         samples.clear()

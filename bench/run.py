@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -374,6 +375,29 @@ def detection(kills: int, interval: float = 1.0) -> dict[str, Any]:
     }
 
 
+# -- Persistence (the supervisor issue): sqlite's cost, and the checker with and without it --
+
+
+def persistence(seconds: float = 10) -> dict[str, Any]:
+    log("persistence: one registration saved, and the checker with and without API_REGISTRY_FILE")
+    result: dict[str, Any] = {"save_one_registration": run_json(["bench/persistence.py"])}
+    runs: dict[str, list[dict[str, Any]]] = {"file": [], "memory": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, mode in enumerate(["file", "memory", "file", "memory"]):  # interleaved
+            fake = [PY, "bench/fake_workers.py", str(HEALTHY_FIRST), "5000"]
+            args = ["bench/capacity.py", "--workers", "5000", "--first-port", str(HEALTHY_FIRST)]
+            args += ["--seconds", str(seconds + 3)]
+            if mode == "file":
+                args += ["--registry-file", os.path.join(tmp, f"registry{i}.db")]
+            with process(fake, ready_line="ready"):
+                inside = observe(args, HEALTHY_FIRST, seconds, warmup=3.5)["inside"]
+            runs[mode].append({"completed_per_s": inside["completed_per_s"], "p99_ms": inside["lateness"]["p99_ms"]})
+    result["checker_5000_workers"] = runs
+    rate = {mode: statistics.median(r["completed_per_s"] for r in runs[mode]) for mode in runs}
+    result["throughput_ratio_file_to_memory"] = round(rate["file"] / rate["memory"], 4)
+    return result
+
+
 # -- 7: memory, 8: start-up ---------------------------------------------------------------------
 
 
@@ -467,6 +491,7 @@ def markdown(r: dict[str, Any]) -> str:
         ("detection", _md_detection),
         ("memory", _md_memory),
         ("startup", _md_startup),
+        ("persistence", _md_persistence),
         ("profile", _md_profile),
     ):
         try:
@@ -588,6 +613,25 @@ def _md_startup(r: dict[str, Any]) -> str:
         f"Start-up: `import picoapi` {u['import_picoapi_s']} s against `import fastapi, requests` "
         f"{u['import_fastapi_requests_s']} s (ratio {u['ratio']}; uvicorn imported: {u['uvicorn_imported_by_import_picoapi']}); "
         f"a worker from process start to registered: {u['worker_start_to_registered_s']['median']} s median."
+    )
+
+
+def _md_persistence(r: dict[str, Any]) -> str:
+    p = r["persistence"]
+    save = p["save_one_registration"]
+    runs = p["checker_5000_workers"]
+    costs = ", ".join(
+        f"{int(n):,} workers: {v['sqlite_row_us']} µs with sqlite, {v['json_file_rewrite_us']:,} µs rewriting a JSON file"
+        for n, v in save.items()
+    )
+    rates = "; ".join(
+        f"{mode}: " + ", ".join(f"{x['completed_per_s']:,}/s (p99 {x['p99_ms']} ms)" for x in runs[mode])
+        for mode in runs
+    )
+    return (
+        f"Persistence. Saving one registration ({costs}): hence sqlite, one row per PUT or DELETE. The checker at "
+        f"5,000 workers with `API_REGISTRY_FILE` and without, interleaved ({rates}): throughput ratio "
+        f"{p['throughput_ratio_file_to_memory']} (the limit asked: no more than 10% lower)."
     )
 
 
@@ -730,6 +774,7 @@ def main() -> None:
         "detection": lambda: detection(8 if args.quick else 20),
         "memory": memory,
         "startup": startup,
+        "persistence": persistence,
     }
     if args.only:  # one section again, into the figures of the last full run
         with open(args.out) as saved:
