@@ -93,6 +93,8 @@ __all__ = [
     "RegistrationError",
     "RegistryFull",
     "NoWorkerAvailable",
+    "check_once",
+    "worker_id",
     "main",
 ]
 
@@ -1664,6 +1666,138 @@ def _scrub(text: str, headers: Mapping[str, str]) -> str:
     return text.replace(token, "***") if token else text
 
 
+# -- Responses and the dashboard -----------------------------------------------
+
+
+def _out(w: Worker) -> dict[str, Any]:
+    return {
+        "id": w.id,
+        "name": w.name,
+        "host": w.host,
+        "port": w.port,
+        "version": w.version,
+        "tags": list(w.tags),
+        "description": w.description,
+        "health": {"url": w.health_url, "interval": w.interval, "timeout": w.timeout},
+        "openapi": w.openapi,
+        "status": w.status,
+        "suspect": w.suspect,
+        "registered_at": w.registered_at,
+        "last_check": w.last_check,
+        "last_success": w.last_success,
+        "failures": w.failures,
+        "successes": w.successes,
+        "last_status_code": w.last_status_code,
+        "last_latency": w.last_latency,
+        "last_error": w.last_error,
+    }
+
+
+def _fetch_openapi(url: str) -> dict[str, Any]:
+    """GET a worker's OpenAPI document: bounded in time and size, no redirects; 502 otherwise."""
+    try:
+        with requests.get(url, timeout=OPENAPI_TIMEOUT, stream=True, allow_redirects=False) as resp:
+            if resp.status_code != 200:
+                raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
+            body = b""
+            for chunk in resp.iter_content(64 * 1024):
+                body += chunk
+                if len(body) > OPENAPI_MAX_BYTES:
+                    raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
+    except requests.RequestException as exc:
+        raise HTTPException(502, f"the worker could not be reached: {_root_cause(exc)}"[:MAX_ERROR]) from None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise HTTPException(502, "the worker's OpenAPI document is not JSON") from None
+    if not isinstance(document, dict):
+        raise HTTPException(502, "the worker's OpenAPI document is not a JSON object")
+    return document
+
+
+async def _no_worker_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, NoWorkerAvailable)
+    detail = {"detail": str(exc), "tags": exc.tags, "version": exc.version, "tried": [list(t) for t in exc.tried]}
+    return JSONResponse(detail, status_code=503)
+
+
+def _is_connect_error(exc: BaseException) -> bool:
+    """True when the connection was never made, so nothing was sent."""
+    connect_errors = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
+    return any(isinstance(e, connect_errors) for e in _causes(exc))
+
+
+def _ago(when: float | None, now: float) -> str:
+    return "-" if when is None else f"{max(0.0, now - when):.1f}s ago"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
+    """Rows as aligned text columns under ``headers``."""
+    table = [headers, *rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
+
+
+_DASHBOARD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{refresh}">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title} - PicoAPI</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; }}
+h1 {{ font-size: 1.3rem; margin: 0 0 .5rem; }}
+table {{ border-collapse: collapse; width: 100%; }}
+th, td {{ text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #eee; white-space: nowrap; }}
+th {{ position: sticky; top: 0; background: #f6f6f6; }}
+td.tags {{ white-space: normal; }}
+.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.status::before {{ content: ""; display: inline-block; width: .7em; height: .7em; border-radius: 50%;
+  margin-right: .4em; background: currentColor; }}
+.healthy {{ color: #137333; }} .unhealthy {{ color: #c5221f; }} .unknown {{ color: #80868b; }}
+.counts span {{ margin-right: 1rem; font-weight: 600; }} form {{ margin: .8rem 0; }}
+footer {{ color: #666; margin-top: 1rem; }}
+</style></head><body>
+<h1>{title}</h1>
+<p class="counts" id="counts">{counts}</p>
+<form method="get" action="{action}">
+<label>tags <input name="tag" value="{filter}" placeholder="e.g. resize png"></label>
+<button type="submit">filter</button> <a href="{action}">show all</a></form>
+<table id="workers"><thead><tr><th>name</th><th>id</th><th>version</th><th>tags</th><th>status</th>
+<th>last check</th><th class="num">latency</th><th class="num">failures</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table>
+<footer>{shown} of {total} workers shown; this page reloads every {refresh} s.</footer>
+</body></html>
+"""
+
+
+def _render_dashboard(title: str, workers: Sequence[Worker], counts: Mapping[str, int], filter_text: str) -> str:
+    """The dashboard page; everything a worker sent is escaped."""
+    esc, now = html.escape, time.time()
+    order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
+    rows = [
+        f'<tr class="worker" data-id="{esc(w.id)}" data-status="{esc(w.status)}"><td>{esc(w.name)}</td>'
+        f'<td>{esc(w.id)}</td><td>{esc(w.version)}</td><td class="tags">{esc(" ".join(w.tags))}</td>'
+        f'<td class="status {esc(w.status)}">{esc(w.status)}{" (suspect)" if w.suspect else ""}</td>'
+        f'<td>{_ago(w.last_check, now)}</td><td class="num">{_ms(w.last_latency)}</td>'
+        f'<td class="num">{w.failures}</td></tr>'
+        for w in sorted(workers, key=lambda w: (order.get(w.status, 3), w.name, w.id))
+    ]
+    return _DASHBOARD.format(
+        refresh=DASHBOARD_REFRESH,
+        title=esc(title),
+        counts="".join(f'<span class="{s}" data-count="{s}">{n} {s}</span>' for s, n in counts.items()),
+        action=DASHBOARD_ROUTE,
+        filter=esc(filter_text),
+        rows="\n".join(rows) or '<tr><td colspan="8">no worker</td></tr>',
+        shown=len(workers),
+        total=sum(counts.values()),
+    )
+
+
 # -- The PicoAPI class ---------------------------------------------------------
 
 
@@ -2184,138 +2318,6 @@ class PicoAPI(FastAPI):
             if found:
                 self._store.delete(wid)
         return found
-
-
-def _out(w: Worker) -> dict[str, Any]:
-    return {
-        "id": w.id,
-        "name": w.name,
-        "host": w.host,
-        "port": w.port,
-        "version": w.version,
-        "tags": list(w.tags),
-        "description": w.description,
-        "health": {"url": w.health_url, "interval": w.interval, "timeout": w.timeout},
-        "openapi": w.openapi,
-        "status": w.status,
-        "suspect": w.suspect,
-        "registered_at": w.registered_at,
-        "last_check": w.last_check,
-        "last_success": w.last_success,
-        "failures": w.failures,
-        "successes": w.successes,
-        "last_status_code": w.last_status_code,
-        "last_latency": w.last_latency,
-        "last_error": w.last_error,
-    }
-
-
-def _fetch_openapi(url: str) -> dict[str, Any]:
-    """GET a worker's OpenAPI document: bounded in time and size, no redirects; 502 otherwise."""
-    try:
-        with requests.get(url, timeout=OPENAPI_TIMEOUT, stream=True, allow_redirects=False) as resp:
-            if resp.status_code != 200:
-                raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
-            body = b""
-            for chunk in resp.iter_content(64 * 1024):
-                body += chunk
-                if len(body) > OPENAPI_MAX_BYTES:
-                    raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
-    except requests.RequestException as exc:
-        raise HTTPException(502, f"the worker could not be reached: {_root_cause(exc)}"[:MAX_ERROR]) from None
-    try:
-        document = json.loads(body)
-    except ValueError:
-        raise HTTPException(502, "the worker's OpenAPI document is not JSON") from None
-    if not isinstance(document, dict):
-        raise HTTPException(502, "the worker's OpenAPI document is not a JSON object")
-    return document
-
-
-async def _no_worker_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, NoWorkerAvailable)
-    detail = {"detail": str(exc), "tags": exc.tags, "version": exc.version, "tried": [list(t) for t in exc.tried]}
-    return JSONResponse(detail, status_code=503)
-
-
-def _is_connect_error(exc: BaseException) -> bool:
-    """True when the connection was never made, so nothing was sent."""
-    connect_errors = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
-    return any(isinstance(e, connect_errors) for e in _causes(exc))
-
-
-# -- Dashboard and tables -------------------------------------------------------
-
-
-def _ago(when: float | None, now: float) -> str:
-    return "-" if when is None else f"{max(0.0, now - when):.1f}s ago"
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
-
-
-def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
-    """Rows as aligned text columns under ``headers``."""
-    table = [headers, *rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
-
-
-_DASHBOARD = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{refresh}">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title} - PicoAPI</title>
-<style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; }}
-h1 {{ font-size: 1.3rem; margin: 0 0 .5rem; }}
-table {{ border-collapse: collapse; width: 100%; }}
-th, td {{ text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #eee; white-space: nowrap; }}
-th {{ position: sticky; top: 0; background: #f6f6f6; }}
-td.tags {{ white-space: normal; }}
-.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-.status::before {{ content: ""; display: inline-block; width: .7em; height: .7em; border-radius: 50%;
-  margin-right: .4em; background: currentColor; }}
-.healthy {{ color: #137333; }} .unhealthy {{ color: #c5221f; }} .unknown {{ color: #80868b; }}
-.counts span {{ margin-right: 1rem; font-weight: 600; }} form {{ margin: .8rem 0; }}
-footer {{ color: #666; margin-top: 1rem; }}
-</style></head><body>
-<h1>{title}</h1>
-<p class="counts" id="counts">{counts}</p>
-<form method="get" action="{action}">
-<label>tags <input name="tag" value="{filter}" placeholder="e.g. resize png"></label>
-<button type="submit">filter</button> <a href="{action}">show all</a></form>
-<table id="workers"><thead><tr><th>name</th><th>id</th><th>version</th><th>tags</th><th>status</th>
-<th>last check</th><th class="num">latency</th><th class="num">failures</th></tr></thead>
-<tbody>
-{rows}
-</tbody></table>
-<footer>{shown} of {total} workers shown; this page reloads every {refresh} s.</footer>
-</body></html>
-"""
-
-
-def _render_dashboard(title: str, workers: Sequence[Worker], counts: Mapping[str, int], filter_text: str) -> str:
-    """The dashboard page; everything a worker sent is escaped."""
-    esc, now = html.escape, time.time()
-    order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
-    rows = [
-        f'<tr class="worker" data-id="{esc(w.id)}" data-status="{esc(w.status)}"><td>{esc(w.name)}</td>'
-        f'<td>{esc(w.id)}</td><td>{esc(w.version)}</td><td class="tags">{esc(" ".join(w.tags))}</td>'
-        f'<td class="status {esc(w.status)}">{esc(w.status)}{" (suspect)" if w.suspect else ""}</td>'
-        f'<td>{_ago(w.last_check, now)}</td><td class="num">{_ms(w.last_latency)}</td>'
-        f'<td class="num">{w.failures}</td></tr>'
-        for w in sorted(workers, key=lambda w: (order.get(w.status, 3), w.name, w.id))
-    ]
-    return _DASHBOARD.format(
-        refresh=DASHBOARD_REFRESH,
-        title=esc(title),
-        counts="".join(f'<span class="{s}" data-count="{s}">{n} {s}</span>' for s, n in counts.items()),
-        action=DASHBOARD_ROUTE,
-        filter=esc(filter_text),
-        rows="\n".join(rows) or '<tr><td colspan="8">no worker</td></tr>',
-        shown=len(workers),
-        total=sum(counts.values()),
-    )
 
 
 # -- Command line --------------------------------------------------------------
