@@ -115,7 +115,9 @@ def proc_stats(pid: int) -> dict[str, float]:
     return {"cpu": (int(fields[11]) + int(fields[12])) / ticks, "rss": rss, "threads": int(status["Threads"])}
 
 
-def observe(args: list[str], first_port: int, seconds: float, warmup: float, grace: float = 12) -> dict[str, Any]:
+def observe(
+    args: list[str], first_port: int, seconds: float, warmup: float, grace: float = 4, spy: bool = False
+) -> dict[str, Any]:
     """Run a checker process; measure it from outside over ``seconds`` after ``warmup``.
 
     The same for both designs: checks answered (counted by the fake workers), CPU,
@@ -125,6 +127,13 @@ def observe(args: list[str], first_port: int, seconds: float, warmup: float, gra
     proc = subprocess.Popen([PY, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env_without_api())
     time.sleep(warmup)
     before, stats0, t0 = answered(first_port) or 0, proc_stats(proc.pid), time.monotonic()
+    raw = os.path.join(HERE, ".profile.raw")
+    profiler = None
+    if spy and shutil.which("py-spy"):  # the checker's profile, taken during this same window
+        command = ["py-spy", "record", "-p", str(proc.pid), "-d", str(int(min(10, seconds))), "-r", "200"]
+        profiler = subprocess.Popen(
+            [*command, "-f", "raw", "-o", raw], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
     per_second, last, last_t, peak_threads, peak_rss = [], before, t0, stats0["threads"], stats0["rss"]
     while time.monotonic() - t0 < seconds:
         time.sleep(1.0)
@@ -134,6 +143,10 @@ def observe(args: list[str], first_port: int, seconds: float, warmup: float, gra
             last, last_t = count, time.monotonic()
         peak_threads, peak_rss = max(peak_threads, now["threads"]), max(peak_rss, now["rss"])
     wall, stats1 = time.monotonic() - t0, proc_stats(proc.pid)
+    profile = None
+    if profiler is not None:
+        profiler.wait(30)
+        profile = summarize_profile(raw)
     outside = {
         "answered_per_s": round((last - before) / wall),
         "answered_per_s_median": statistics.median(per_second),
@@ -151,7 +164,7 @@ def observe(args: list[str], first_port: int, seconds: float, warmup: float, gra
         proc.kill()
         proc.communicate()
         inside = {"unavailable": f"the process did not report within {seconds + grace:g}s of its window (starved)"}
-    return {"outside": outside, "inside": inside}
+    return {"outside": outside, "inside": inside, **({"profile": profile} if profile else {})}
 
 
 def capacity(seconds: float, counts: list[int], profile: bool) -> dict[str, Any]:
@@ -159,42 +172,32 @@ def capacity(seconds: float, counts: list[int], profile: bool) -> dict[str, Any]
     for n in counts:  # interleaved: PicoAPI then the naive design at each size
         # A fresh fake-worker process for every run: neither design inherits the other's backlog.
         fake = [PY, "bench/fake_workers.py", str(HEALTHY_FIRST), str(n)]
-        # The processes run 3 s longer than the outside window, which starts after their warm-up.
-        args = ["bench/capacity.py", "--workers", str(n), "--first-port", str(HEALTHY_FIRST)]
+        # The processes run a little longer than the outside window, which starts after their warm-up.
+        args = [
+            "bench/capacity.py",
+            "--workers",
+            str(n),
+            "--first-port",
+            str(HEALTHY_FIRST),
+            "--seconds",
+            str(seconds + 1.5),
+        ]
         with process(fake, ready_line="ready"):
-            log(f"capacity: PicoAPI, {n} workers, {seconds:g}s")
-            results["pico"][n] = observe([*args, "--seconds", str(seconds + 3)], HEALTHY_FIRST, seconds, warmup=3.5)
+            log(
+                f"capacity: PicoAPI, {n} workers, {seconds:g}s"
+                + (" (and its profile)" if profile and n == 5000 else "")
+            )
+            results["pico"][n] = observe(args, HEALTHY_FIRST, seconds, warmup=3, spy=profile and n == 5000)
+            results["profile"] = results["pico"][n].pop("profile", None) or results["profile"]
         with process(fake, ready_line="ready"):
             log(f"capacity: naive design, {n} workers, {seconds:g}s")
             naive = ["bench/naive.py", "--workers", str(n), "--first-port", str(HEALTHY_FIRST)]
-            results["naive"][n] = observe([*naive, "--seconds", str(seconds + 3)], HEALTHY_FIRST, seconds, warmup=2.5)
-        if profile and n == 5000 and shutil.which("py-spy"):
-            with process(fake, ready_line="ready"):
-                log("capacity: PicoAPI at 5000 workers under py-spy")
-                run_for = min(10.0, seconds)
-                pid_file = os.path.join(HERE, ".capacity.pid")
-                profiled = [*args, "--seconds", str(run_for + 2), "--pid-file", pid_file]
-                results["profile"] = profile_run(profiled, pid_file, run_for)
+            results["naive"][n] = observe([*naive, "--seconds", str(seconds + 1.5)], HEALTHY_FIRST, seconds, warmup=2)
     return results
 
 
-def profile_run(args: list[str], pid_file: str, seconds: float) -> dict[str, Any]:
-    """Run capacity.py under py-spy for ``seconds`` once checks run; returns its result and the top frames."""
-    if os.path.exists(pid_file):
-        os.remove(pid_file)
-    raw = os.path.join(HERE, ".profile.raw")
-    proc = subprocess.Popen([PY, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env_without_api())
-    deadline = time.monotonic() + 60
-    while not os.path.exists(pid_file):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError(f"{args[0]} never started checking (no {pid_file}; exit code {proc.wait()})")
-        time.sleep(0.05)
-    time.sleep(0.2)
-    spy = ["py-spy", "record", "-p", str(proc.pid), "-d", str(int(seconds)), "-r", "200", "-f", "raw", "-o", raw]
-    subprocess.run(spy, capture_output=True, timeout=seconds + 30)
-    stdout, _ = proc.communicate(timeout=120)
-    result = json.loads(stdout.strip().splitlines()[-1])
+def summarize_profile(raw: str) -> dict[str, Any]:
+    """The checker threads' self time from a py-spy raw file."""
     self_time: Counter[str] = Counter()
     by_thread: Counter[str] = Counter()
     total = 0
@@ -210,7 +213,7 @@ def profile_run(args: list[str], pid_file: str, seconds: float) -> dict[str, Any
             self_time[frames[-1].split(" (")[0]] += int(count)
     os.remove(raw)
     top = [{"function": f, "share": round(n / total, 3)} for f, n in self_time.most_common(12)] if total else []
-    return {"run": result, "samples": total, "threads": dict(by_thread), "top_self": top}
+    return {"samples": total, "threads": dict(by_thread), "top_self": top}
 
 
 def silent(seconds: float) -> dict[str, Any]:
@@ -316,7 +319,7 @@ def detection(kills: int, interval: float = 1.0) -> dict[str, Any]:
     picoapi_cmd = [PY, "-m", "picoapi"]
     with process([*picoapi_cmd, "supervisor", "--bind", "127.0.0.1", "--port", str(sup_port)], ready_port=sup_port):
         base = f"http://127.0.0.1:{sup_port}"
-        batch = 4
+        batch = 5
         while len(times) < kills:
             ports = [free_port() for _ in range(min(batch, kills - len(times)))]
             workers = []
@@ -407,7 +410,7 @@ def memory() -> dict[str, Any]:
         return run_json(["bench/memory.py", "--workers", "10000", "--first-port", str(HEALTHY_FIRST)])
 
 
-def startup(repeats: int = 7) -> dict[str, Any]:
+def startup(repeats: int = 5) -> dict[str, Any]:
     log("start-up: imports, and a worker from process start to registered")
     timings: dict[str, list[float]] = {"picoapi": [], "fastapi_requests": []}
     code = {"picoapi": "import picoapi", "fastapi_requests": "import fastapi, requests"}
@@ -702,23 +705,41 @@ checks; the naive design's process could not report it at 5,000 and 10,000 worke
 
 ## What limits it
 
-- In the run recorded here, at 10,000 workers (10,000 checks due per second) the checker
-  completed about 8,500 per second: its process used 0.70 of a core, and the fake-worker
-  process, which must accept and answer every one of those connections, ran on the same 2
-  cores (its CPU use was not measured). Both sides of the benchmark compete for the two
-  cores; the checker itself costs 70-85 µs of CPU per check (the profile below: socket set-up and tear-down, the selector, the
-  scheduler's wait). Its lateness stays low there because each next check is scheduled
-  from the previous one's completion: the shortfall shows as rate, not lateness.
-- The naive design (a thread per worker) fell behind already at 1,000 workers (501
-  checks/s of 1,000, p50 lateness 4.8 s) and at 5,000 and 10,000 its threads starved
-  each other and its own main thread: 4 and 2 checks/s answered, nearly 2 cores burnt.
-- The run took {elapsed} s, over the 5 minutes asked: the naive design's starved
-  processes are given 12 s each to report before they are killed. {reruns}
+- At 10,000 workers (10,000 checks due per second) the checker completed {p10_done:,} per
+  second: its process used {p10_cores} of a core, and the fake-worker process, which must
+  accept and answer every one of those connections, ran on the same 2 cores (its CPU use
+  was not measured). Both sides of the benchmark compete for the two cores; the checker
+  itself costs {cpu_lo}-{cpu_hi} µs of CPU per check (the profile below: socket set-up and
+  tear-down, the selector, the scheduler's wait). Its lateness stays low there because each
+  next check is scheduled from the previous one's completion: the shortfall shows as rate,
+  not lateness.
+- The naive design (a thread per worker) fell behind already at 1,000 workers ({n1_done}
+  checks/s of 1,000, p50 lateness {n1_p50} s) and at 5,000 and 10,000 its threads starved
+  each other and its own main thread: {n5_ans} and {n10_ans} checks/s answered, {n10_cores}
+  cores burnt.
+- The run took {elapsed} s. {reruns}
 
 ## Figures
 
 {tables}
 """
+
+
+def limits(r: dict[str, Any]) -> dict[str, Any]:
+    """The figures the 'What limits it' paragraph quotes, from this run."""
+    pico, naive = r["capacity"]["pico"], r["capacity"]["naive"]
+    cpu = [pico[n]["outside"]["cpu_us_per_check"] for n in pico]
+    return {
+        "p10_done": pico["10000"]["inside"]["completed_per_s"],
+        "p10_cores": pico["10000"]["outside"]["cpu_share"],
+        "cpu_lo": round(min(cpu)),
+        "cpu_hi": round(max(cpu)),
+        "n1_done": naive["1000"]["inside"].get("completed_per_s", "?"),
+        "n1_p50": round(naive["1000"]["inside"].get("lateness", {}).get("p50_ms", float("nan")) / 1000, 1),
+        "n5_ans": naive["5000"]["outside"]["answered_per_s"],
+        "n10_ans": naive["10000"]["outside"]["answered_per_s"],
+        "n10_cores": naive["10000"]["outside"]["cpu_share"],
+    }
 
 
 def write_report(results: dict[str, Any], path: str) -> str:
@@ -741,7 +762,8 @@ def write_report(results: dict[str, Any], path: str) -> str:
                 platform=m["platform"],
                 packages=", ".join(f"{k} {v}" for k, v in m["packages"].items()),
                 targets="\n".join(target_lines),
-                reruns=" ".join(f"Re-measured later: {x}." for x in results.get("reruns", [])),
+                reruns=" ".join(f"Measured separately: {x}." for x in results.get("reruns", [])),
+                **limits(results),
                 tables=report,
             )
         )
@@ -774,12 +796,16 @@ def main() -> None:
         "detection": lambda: detection(8 if args.quick else 20),
         "memory": memory,
         "startup": startup,
-        "persistence": persistence,
+        "persistence": persistence,  # the supervisor issue's figure: only with --only persistence
     }
+    if not args.only:
+        del sections["persistence"]
     if args.only:  # one section again, into the figures of the last full run
         with open(args.out) as saved:
             results = json.load(saved)
-        results.setdefault("reruns", []).append(f"{args.only} measured again on {time.strftime('%Y-%m-%d %H:%M')}")
+        results.setdefault("reruns", []).append(
+            f"{args.only}, with `python bench/run.py --only {args.only}`, on {time.strftime('%Y-%m-%d %H:%M')}"
+        )
         sections = {args.only: sections[args.only]}
     for name, measure in sections.items():
         try:
