@@ -136,12 +136,14 @@ DASHBOARD_ROUTE = "/dashboard"
 #: Seconds between two reloads of the dashboard page.
 DASHBOARD_REFRESH = 2
 SUPERVISOR_HEADER = "X-PicoAPI-Supervisor"
+_SUPERVISOR_HEADER_KEY = SUPERVISOR_HEADER.lower().encode()  # as it appears in an ASGI scope
 HEALTHY, UNHEALTHY, UNKNOWN = "healthy", "unhealthy", "unknown"
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN)
 
 #: Backoff of the worker's registration attempts: base * 2**attempt, capped, jittered.
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
+_ATTEMPTS_AT_CAP = 6  # BACKOFF_BASE * 2**6 > BACKOFF_CAP
 #: Deregistration on shutdown never holds shutdown longer than this.
 DEREGISTER_TIMEOUT = 2.0
 #: Seconds app.call() and app.broadcast() wait for a worker unless told otherwise.
@@ -983,8 +985,8 @@ class _Store:
 
 
 @functools.lru_cache(maxsize=65_536)
-def _target(url: str, extra_headers: str) -> tuple[str, int, bool, bytes]:
-    """(host, port, https, request bytes) for a health URL; cached, as URLs rarely change."""
+def _target(url: str, extra_headers: str) -> tuple[str, int, bool, bytes, bool]:
+    """(host, port, https, request bytes, host is an IP) for a health URL; cached, as URLs rarely change."""
     parts = urlsplit(url)
     https = parts.scheme == "https"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -992,7 +994,8 @@ def _target(url: str, extra_headers: str) -> tuple[str, int, bool, bytes]:
         f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n"
         f"{extra_headers}Connection: close\r\n\r\n"
     )
-    return parts.hostname or "", parts.port or (443 if https else 80), https, request.encode("latin-1")
+    host = parts.hostname or ""
+    return host, parts.port or (443 if https else 80), https, request.encode("latin-1"), _is_ip(host)
 
 
 _CONNECTING, _HANDSHAKE, _SENDING, _READING = range(4)
@@ -1008,6 +1011,7 @@ class _Probe:
         "port",
         "https",
         "request",
+        "is_ip",
         "address",
         "error",
         "sock",
@@ -1020,11 +1024,10 @@ class _Probe:
 
     def __init__(self, check: _Check, extra_headers: str, report: Callable[[_Check, CheckResult], None]) -> None:
         self.check, self.report = check, report
-        self.host, self.port, self.https, self.request = _target(check.url, extra_headers)
+        self.host, self.port, self.https, self.request, self.is_ip = _target(check.url, extra_headers)
         self.address, self.error = self.host, ""
         self.sock: socket.socket | ssl.SSLSocket | None = None
-        self.started = time.monotonic()
-        self.deadline = self.started + check.timeout
+        self.started = self.deadline = 0.0  # set when it leaves the queue (_CheckPool._begin)
         self.buffer = b""
         self.state = _CONNECTING
         self.finished = False
@@ -1123,7 +1126,7 @@ class _CheckPool:
         probe.started = time.monotonic()  # the deadline counts from here, not from the queue
         probe.deadline = probe.started + probe.check.timeout
         heapq.heappush(self._deadlines, (probe.deadline, next(self._seq), probe))
-        if _is_ip(probe.host):
+        if probe.is_ip:
             self._connect(probe)
         else:
             self._resolve(probe)
@@ -1262,13 +1265,10 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-_SSL: list[ssl.SSLContext] = []
-
-
+@functools.cache
 def _ssl_context() -> ssl.SSLContext:
-    if not _SSL:
-        _SSL.append(ssl.create_default_context())
-    return _SSL[0]
+    """One TLS context for every https check, made on first use."""
+    return ssl.create_default_context()
 
 
 def _default_in_flight() -> int:
@@ -1306,8 +1306,8 @@ class HealthChecker:
 
     The thread is :meth:`run_pending` plus a wait on the registry's Condition, so
     a registration, a deregistration or :meth:`stop` wakes it at once. The checks
-    run on ``pool`` (an event loop thread by default); results go back to the
-    registry, which reschedules.
+    run on ``pool`` (by default one thread with a selector, :class:`_CheckPool`);
+    results go back to the registry, which reschedules.
     """
 
     def __init__(
@@ -1484,17 +1484,27 @@ class Registrar:
             return _retry_after(resp.headers.get("Retry-After")) or 0.0
         raise _Refused(f"{sup.url} refused the registration: {sup.error}")
 
+    def _retry_later(self, sup: _Supervisor, asked: float, *, refused: bool = False) -> float:
+        """Set ``sup``'s next attempt after a failed one; returns the delay.
+
+        The delay is the larger of what the supervisor asked (Retry-After) and the
+        backoff; a refusal (4xx) is retried only at the backoff's cap.
+        """
+        if refused:
+            sup.attempts = max(sup.attempts, _ATTEMPTS_AT_CAP)
+        delay = max(asked, self.backoff(sup.attempts))
+        sup.attempts += 1
+        sup.next_attempt = self._clock() + delay
+        return delay
+
     def register_one(self, sup: _Supervisor, deadline: float) -> bool:
         """Try ``sup`` until it answers, refuses or ``deadline`` passes; True if registered."""
         while True:
-            now = self._clock()
-            asked = self._attempt(sup, min(10.0, deadline - now))
+            asked = self._attempt(sup, min(10.0, deadline - self._clock()))
             if asked is None:
                 return True
-            delay = max(asked, self.backoff(sup.attempts))
-            sup.attempts += 1
-            if self._clock() + delay >= deadline:
-                sup.next_attempt = self._clock() + delay
+            delay = self._retry_later(sup, asked)
+            if sup.next_attempt >= deadline:
                 return False
             self._sleep(delay)
 
@@ -1515,8 +1525,7 @@ class Registrar:
                     errors[sup.url] = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
             except _Refused as exc:
                 errors[sup.url] = str(exc)
-                sup.attempts = 10  # retried only at the backoff's cap
-                sup.next_attempt = self._clock() + BACKOFF_CAP
+                self._retry_later(sup, BACKOFF_CAP, refused=True)
 
         if len(self.supervisors) == 1:
             one(self.supervisors[0])
@@ -1551,20 +1560,18 @@ class Registrar:
                 if sup.is_registered and now - sup.last_seen > self.watchdog_after:
                     logger.warning("no check from %s for %.1fs; registering again", sup.url, now - sup.last_seen)
                     sup.worker_id, sup.next_attempt = None, now
-                forget = sup.is_registered or now < sup.next_attempt
-            if forget:
+                skip = sup.is_registered or now < sup.next_attempt
+            if skip:
                 if not sup.is_registered:
                     wait = min(wait, sup.next_attempt - now)
                 continue
             try:
                 asked = self._attempt(sup, 10.0)
+                if asked is not None:
+                    wait = min(wait, self._retry_later(sup, asked))
             except _Refused as exc:
                 logger.error("%s", exc)
-                asked, sup.attempts = BACKOFF_CAP, 10
-            if asked is not None:
-                sup.next_attempt = self._clock() + max(asked, self.backoff(sup.attempts))
-                sup.attempts += 1
-                wait = min(wait, sup.next_attempt - self._clock())
+                wait = min(wait, self._retry_later(sup, BACKOFF_CAP, refused=True))
         return max(0.01, wait)
 
     def start(self) -> None:
@@ -1903,7 +1910,6 @@ class PicoAPI(FastAPI):
             if key in config.configured and key not in fastapi_kwargs:
                 fastapi_kwargs[key] = getattr(config, key)
         super().__init__(**fastapi_kwargs)
-        self.mode = config.mode
         self._health_checks: dict[str, HealthCheckFunc] = {}
         #: The worker's registrar (a worker with API_REGISTER_PATH set), else None.
         self.registrar: Registrar | None = None
@@ -1948,11 +1954,16 @@ class PicoAPI(FastAPI):
         self.router.lifespan_context = self._wrap_lifespan(self.router.lifespan_context)
         self._own_routes = self.router.routes[first_own:]
 
+    @property
+    def mode(self) -> str:
+        """``"worker"`` or ``"supervisor"``, from :attr:`config`."""
+        return self.config.mode
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Noted here, not in the route, so a health route of the user's own counts too.
         if self.registrar is not None and scope["type"] == "http" and scope["path"] == self.config.health_path:
-            header = SUPERVISOR_HEADER.lower().encode()
-            self.registrar.note_check(next((v.decode() for k, v in scope["headers"] if k == header), None))
+            key = _SUPERVISOR_HEADER_KEY
+            self.registrar.note_check(next((v.decode() for k, v in scope["headers"] if k == key), None))
         await super().__call__(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
