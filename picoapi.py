@@ -191,6 +191,15 @@ class NoWorkerAvailable(PicoAPIError, LookupError):
         super().__init__(message)
 
 
+# -- Helpers -----------------------------------------------------------------
+
+
+def _printable(text: object, limit: int = MAX_ERROR) -> str:
+    """``text`` cut to ``limit`` characters, anything unprintable escaped: safe for a terminal or a log."""
+    text = str(text)[:limit]
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 # -- Configuration -----------------------------------------------------------
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
