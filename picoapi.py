@@ -146,6 +146,12 @@ BACKOFF_CAP = 30.0
 _ATTEMPTS_AT_CAP = 6  # BACKOFF_BASE * 2**6 > BACKOFF_CAP
 #: Deregistration on shutdown never holds shutdown longer than this.
 DEREGISTER_TIMEOUT = 2.0
+#: Host names a supervisor resolves at once for registrations; more are answered 503.
+MAX_RESOLVING = 4
+#: Seconds a registration waits for a busy registry file before answering 503.
+STORE_TIMEOUT = 1.0
+#: The supervisor's /health reports its own trouble (out of descriptors, say) for this many seconds.
+OWN_TROUBLE_WINDOW = 30.0
 #: Seconds app.call() and app.broadcast() wait for a worker unless told otherwise.
 DEFAULT_CALL_TIMEOUT = 10.0
 #: GET /services/{id}/openapi: how long to wait for the worker, and the most it may send.
@@ -198,6 +204,26 @@ def _printable(text: object, limit: int = MAX_ERROR) -> str:
     """``text`` cut to ``limit`` characters, anything unprintable escaped: safe for a terminal or a log."""
     text = str(text)[:limit]
     return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve(host: str) -> str:
+    """The IP address ``host`` names (blocking); raises ValueError naming the host."""
+    if _is_ip(host):
+        return host
+    try:
+        return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(
+            f"host {host!r} does not resolve ({_printable(exc)}); register an IP address or fix DNS"
+        ) from exc
 
 
 # -- Configuration -----------------------------------------------------------
@@ -580,6 +606,8 @@ class Worker:
     interval: float
     #: The check's total deadline in seconds.
     timeout: float
+    #: The IP address the host resolved to at registration: checks connect here, never resolving again.
+    address: str = ""
     status: str = HEALTHY
     #: A call to it failed to connect: pick() skips it until its next check answers.
     suspect: bool = False
@@ -596,7 +624,8 @@ class Worker:
     last_error: str = ""
     # The scheduler's bookkeeping (monotonic times); not part of the public view.
     _heap_seq: int | None = dataclasses.field(default=None, repr=False)
-    _fired_due: float = dataclasses.field(default=0.0, repr=False)
+    _due: float = dataclasses.field(default=0.0, repr=False)
+    _busy_until: float = dataclasses.field(default=0.0, repr=False)  # a check of it is in flight until then
     _unhealthy_since: float | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -623,6 +652,16 @@ class CheckResult(NamedTuple):
     status_code: int | None = None
     latency: float | None = None
     error: str = ""
+    #: The supervisor itself could not check (out of descriptors, say): not the worker's failure.
+    postponed: bool = False
+
+
+class StatusChange(NamedTuple):
+    """What a check's result did to its worker (see :meth:`Registry.record`)."""
+
+    old: str
+    new: str
+    removed: bool
 
 
 class _Check(NamedTuple):
@@ -630,8 +669,11 @@ class _Check(NamedTuple):
 
     worker_id: str
     url: str
+    address: str
     timeout: float
     due: float
+    #: Its last check succeeded: it may use every slot, others only half (see _CheckPool).
+    trusted: bool = False
 
 
 class Registry:
@@ -659,6 +701,9 @@ class Registry:
         self._wall = wall
         # One lock guards _workers, _by_tag and _heap; _wakeup is built on it and
         # is notified whenever the heap's head moves earlier. Never do I/O under it.
+        # The heap's invariant: every registered worker has exactly one live entry, its
+        # next check, from registration to removal, whatever a check or its result does
+        # (pop_due schedules the next check before handing out the due one).
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._workers: dict[str, Worker] = {}
@@ -670,13 +715,17 @@ class Registry:
 
     # Registration ------------------------------------------------------------
 
-    def register(self, reg: Registration, *, status: str = HEALTHY) -> tuple[Worker, bool]:
+    def register(self, reg: Registration, *, status: str = HEALTHY, address: str | None = None) -> tuple[Worker, bool]:
         """Create or replace the entry for ``reg``; returns (a copy, created).
 
-        Raises :class:`RegistryFull` when a new worker would pass the cap.
+        ``address`` is what the host resolved to (resolved here, blocking, if not
+        given). Raises :class:`RegistryFull` when a new worker would pass the cap,
+        ``ValueError`` naming the host when it does not resolve.
         """
         wid = worker_id(reg.host, reg.port)
         timeout = reg.health.timeout or min(reg.health.interval, DEFAULT_HEALTH_TIMEOUT)
+        if address is None:
+            address = _resolve(reg.host)
         with self._lock:
             now = self.clock()
             entry = self._workers.get(wid)
@@ -693,6 +742,7 @@ class Registry:
             entry.name, entry.version, entry.description = reg.name, reg.version, reg.description
             entry.tags = tuple(reg.tags)
             entry.health_url, entry.interval, entry.timeout = reg.health.url, reg.health.interval, timeout
+            entry.address = address
             entry.status, entry.failures, entry.successes, entry.suspect = status, 0, 0, False
             entry.openapi = reg.openapi
             entry.registered_at, entry._unhealthy_since = self._wall(), None
@@ -780,7 +830,8 @@ class Registry:
         """
         if self._stale > 64 and self._stale * 2 > len(self._heap):
             workers = self._workers
-            self._heap = [e for e in self._heap if (w := workers.get(e[2])) is not None and w._heap_seq == e[1]]
+            # In place: pop_due holds a reference to the list while it schedules.
+            self._heap[:] = [e for e in self._heap if (w := workers.get(e[2])) is not None and w._heap_seq == e[1]]
             heapq.heapify(self._heap)
             self._stale = 0
 
@@ -788,7 +839,7 @@ class Registry:
         """Push the entry's next check (lock held); the older heap entry goes stale."""
         self._went_stale(entry)
         seq = next(self._seq)
-        entry._heap_seq = seq
+        entry._heap_seq, entry._due = seq, due
         wake = not self._heap or due < self._heap[0][0]
         heapq.heappush(self._heap, (due, seq, entry.id))
         self._compact()
@@ -812,7 +863,12 @@ class Registry:
             self._stale -= 1
 
     def pop_due(self, now: float) -> list[_Check]:
-        """Take every check due at ``now``; each is rescheduled by :meth:`record`."""
+        """Take every check due at ``now``, scheduling each worker's next one at once.
+
+        The next check is one interval after this one's due time (the phase is kept),
+        whatever becomes of this one; :meth:`record` only ever brings it forward. A
+        worker whose previous check is still in flight is not checked twice at once.
+        """
         due: list[_Check] = []
         with self._lock:
             heap, workers = self._heap, self._workers
@@ -823,8 +879,13 @@ class Registry:
                     self._stale -= 1
                     continue  # cancelled or moved: lazy cancellation
                 entry._heap_seq = None
-                entry._fired_due = when
-                due.append(_Check(wid, entry.health_url, entry.timeout, when))
+                following = when + entry.interval
+                self._schedule(entry, following if following > now else now + entry.interval)
+                if now < entry._busy_until:
+                    continue
+                entry._busy_until = now + entry.timeout + 1.0  # a lost result frees it after this
+                trusted = entry.failures == 0 and entry.last_success is not None
+                due.append(_Check(wid, entry.health_url, entry.address, entry.timeout, when, trusted))
         return due
 
     def pick(self, tags: Sequence[str], version: str | None = None, exclude: Iterable[str] = ()) -> Worker:
@@ -863,27 +924,31 @@ class Registry:
             if entry is None:
                 return
             entry.suspect = True
-            if entry._heap_seq is not None:
-                self._schedule(entry, self.clock())
+            self._schedule(entry, self.clock())
 
     def bring_forward(self, wid: str) -> None:
         """Check ``wid`` now instead of at its next due time."""
         with self._lock:
             entry = self._workers.get(wid)
-            if entry is not None and entry._heap_seq is not None:
+            if entry is not None:
                 self._schedule(entry, self.clock())
 
-    def record(self, wid: str, result: CheckResult) -> tuple[str, str, bool] | None:
-        """Apply a check's result and schedule the next check.
+    def record(self, wid: str, result: CheckResult) -> StatusChange | None:
+        """Apply a check's result; bring the next check forward if it needs confirming.
 
-        Returns ``(old status, new status, removed)`` when the status changed or the
-        worker was removed for staying unhealthy past ``deregister_after``, else None.
+        Returns a :class:`StatusChange` when the status changed or the worker was
+        removed for staying unhealthy past ``deregister_after``, else None. A
+        postponed check (the supervisor's own trouble) changes nothing but its time.
         """
         with self._lock:
             entry = self._workers.get(wid)
             if entry is None:
                 return None  # deregistered while the check ran
             now, old = self.clock(), entry.status
+            entry._busy_until = 0.0
+            if result.postponed:
+                self._schedule(entry, min(entry._due, now + confirm_delay(entry.interval)))
+                return None
             entry.last_check = self._wall()
             entry.last_status_code, entry.last_latency = result.status_code, result.latency
             entry.last_error = result.error[:MAX_ERROR]
@@ -904,17 +969,14 @@ class Registry:
             ):
                 del self._workers[wid]
                 self._index(entry, remove=True)
-                return old, entry.status, True
+                self._went_stale(entry)
+                return StatusChange(old, entry.status, True)
             # A status change waiting for confirmation is re-checked quickly rather
             # than a whole interval later (see confirm_delay).
             pending = (result.ok and entry.status != HEALTHY) or (not result.ok and entry.status != UNHEALTHY)
-            if pending:
-                due = now + confirm_delay(entry.interval)
-            else:
-                due = max(entry._fired_due + entry.interval, now)
-            if entry._heap_seq is None:  # a re-registration meanwhile has its own schedule
-                self._schedule(entry, due)
-            return (old, entry.status, False) if entry.status != old else None
+            if pending and now + confirm_delay(entry.interval) < entry._due:
+                self._schedule(entry, now + confirm_delay(entry.interval))
+            return StatusChange(old, entry.status, False) if entry.status != old else None
 
     def wait_until_due(self, is_stopping: Callable[[], bool]) -> None:
         """Block until the earliest check is due, the heap's head moves, or :meth:`wake`.
@@ -946,36 +1008,83 @@ def confirm_delay(interval: float) -> float:
 class _Store:
     """The registrations on disk (sqlite3, WAL): one row written per PUT or DELETE.
 
-    Only registrations are stored, never check results, so the checker never waits
-    on the disk. Thread-safe through its own lock, taken before the registry's.
+    Only registrations are stored, never check results, and nothing is written
+    from the check thread: a worker the checker removes is queued by :meth:`forget`
+    and deleted by the next write, or at :meth:`close`. The supervisor holds the
+    file exclusively while it runs, so a second one on the same file refuses to
+    start. Thread-safe through :attr:`lock`, taken before the registry's.
     """
 
-    def __init__(self, path: str) -> None:
+    FORMAT = "picoapi-registry-1"
+
+    def __init__(self, path: str, is_registered: Callable[[str], bool] = lambda wid: False) -> None:
+        self.path, self._is_registered = path, is_registered
+        self._gone: collections.deque[str] = collections.deque()  # appended by the check thread, no lock needed
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
         except sqlite3.Error as exc:
+            raise ConfigError(f"API_REGISTRY_FILE {path!r} cannot be used as a registry file: {exc}") from exc
+        try:
+            self._open()
+        except (sqlite3.Error, ConfigError) as exc:
+            self._db.close()
+            if isinstance(exc, ConfigError):
+                raise
+            if "locked" in str(exc):
+                raise ConfigError(
+                    f"API_REGISTRY_FILE {path!r} is in use by another supervisor; give each supervisor its own file"
+                ) from exc
             raise ConfigError(f"API_REGISTRY_FILE {path!r} cannot be used as a registry file: {exc}") from exc
         #: Serialises a registry change with its row, so the disk never goes back in time.
         self.lock = threading.Lock()
 
-    def load(self) -> list[Registration]:
+    def _open(self) -> None:
+        db = self._db
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")  # held from the first write until close()
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("BEGIN IMMEDIATE")
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = {row[1] for row in db.execute("PRAGMA table_info(workers)")}
+        if tables - {"workers", "meta"} or columns - {"id", "body", "address"}:
+            raise ConfigError(
+                f"API_REGISTRY_FILE {self.path!r} is not a PicoAPI registry file (it has other tables or "
+                "columns); name a new file"
+            )
+        db.execute("CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+        if "address" not in columns:
+            db.execute("ALTER TABLE workers ADD COLUMN address TEXT NOT NULL DEFAULT ''")
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (self.FORMAT,))
+        db.execute("COMMIT")
+
+    def load(self) -> list[tuple[Registration, str]]:
+        """Every stored registration with the address it resolved to (or "")."""
         regs = []
-        for wid, body in self._db.execute("SELECT id, body FROM workers").fetchall():
+        for wid, body, address in self._db.execute("SELECT id, body, address FROM workers").fetchall():
             try:
-                regs.append(Registration.model_validate_json(body))
+                regs.append((Registration.model_validate_json(body), str(address)))
             except ValueError as exc:
-                logger.warning("dropping unreadable registry row %s: %s", wid, exc)
+                logger.warning("skipping unreadable registry row %s: %s", _printable(wid), _printable(exc))
         return regs
 
-    def save(self, wid: str, reg: Registration) -> None:
-        self._db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?)", (wid, reg.model_dump_json()))
+    def save(self, wid: str, reg: Registration, address: str) -> None:
+        self._flush()
+        self._db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?, ?)", (wid, reg.model_dump_json(), address))
 
     def delete(self, wid: str) -> None:
+        self._flush()
         self._db.execute("DELETE FROM workers WHERE id = ?", (wid,))
+
+    def forget(self, wid: str) -> None:
+        """Queue the row of a worker the checker removed (any thread, no I/O)."""
+        self._gone.append(wid)
+
+    def _flush(self) -> None:
+        while self._gone:
+            wid = self._gone.popleft()
+            if not self._is_registered(wid):  # registered again since it was removed: keep the new row
+                self._db.execute("DELETE FROM workers WHERE id = ?", (wid,))
 
     def identity(self) -> str:
         """The supervisor's id, kept across restarts so workers recognise its checks."""
@@ -987,6 +1096,8 @@ class _Store:
         return new
 
     def close(self) -> None:
+        with self.lock, contextlib.suppress(sqlite3.Error):
+            self._flush()
         self._db.close()
 
 
@@ -994,8 +1105,8 @@ class _Store:
 
 
 @functools.lru_cache(maxsize=65_536)
-def _target(url: str, extra_headers: str) -> tuple[str, int, bool, bytes, bool]:
-    """(host, port, https, request bytes, host is an IP) for a health URL; cached, as URLs rarely change."""
+def _target(url: str, extra_headers: str) -> tuple[str, int, bool, bytes]:
+    """(host, port, https, request bytes) for a health URL; cached, as URLs rarely change."""
     parts = urlsplit(url)
     https = parts.scheme == "https"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -1003,8 +1114,7 @@ def _target(url: str, extra_headers: str) -> tuple[str, int, bool, bytes, bool]:
         f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n"
         f"{extra_headers}Connection: close\r\n\r\n"
     )
-    host = parts.hostname or ""
-    return host, parts.port or (443 if https else 80), https, request.encode("latin-1"), _is_ip(host)
+    return parts.hostname or "", parts.port or (443 if https else 80), https, request.encode("ascii")
 
 
 _CONNECTING, _HANDSHAKE, _SENDING, _READING = range(4)
@@ -1020,12 +1130,8 @@ class _Probe:
         "port",
         "https",
         "request",
-        "is_ip",
-        "address",
-        "error",
         "sock",
         "started",
-        "deadline",
         "buffer",
         "state",
         "finished",
@@ -1033,10 +1139,9 @@ class _Probe:
 
     def __init__(self, check: _Check, extra_headers: str, report: Callable[[_Check, CheckResult], None]) -> None:
         self.check, self.report = check, report
-        self.host, self.port, self.https, self.request, self.is_ip = _target(check.url, extra_headers)
-        self.address, self.error = self.host, ""
+        self.host, self.port, self.https, self.request = _target(check.url, extra_headers)
         self.sock: socket.socket | ssl.SSLSocket | None = None
-        self.started = self.deadline = 0.0  # set when it leaves the queue (_CheckPool._begin)
+        self.started = 0.0  # set when it leaves the queue (_CheckPool._begin)
         self.buffer = b""
         self.state = _CONNECTING
         self.finished = False
@@ -1046,11 +1151,12 @@ class _CheckPool:
     """Runs checks concurrently on one thread: non-blocking sockets and one selector.
 
     A silent worker costs a socket, not a thread, so it never delays another check.
-    Each check has a total deadline covering resolution, connect, TLS, send and the
-    status line; only the status line is read; redirects are never followed; the
+    Each check has a total deadline covering connect, TLS, send and the status
+    line; only the status line is read; redirects are never followed; the
     connection is fresh each time (as Consul does), so a half-dead keep-alive
-    connection never hides a dead worker. At most ``limit`` checks are in flight;
-    more wait their turn in order.
+    connection never hides a dead worker. At most ``limit`` checks are in flight,
+    and checks of workers whose last check failed get at most half of them, so
+    silent workers cannot starve healthy ones; more wait their turn in order.
     """
 
     def __init__(self, limit: int | None = None) -> None:
@@ -1059,6 +1165,7 @@ class _CheckPool:
         self._lock = threading.Lock()
         self._incoming: collections.deque[_Probe] = collections.deque()
         self._thread: threading.Thread | None = None
+        self._wake_w: socket.socket | None = None  # checks submitted before start() wait for it
         self._stopping = False
 
     def start(self) -> None:
@@ -1069,9 +1176,9 @@ class _CheckPool:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._deadlines: list[tuple[float, int, _Probe]] = []
         self._seq = itertools.count()
-        self._waiting: collections.deque[_Probe] = collections.deque()
-        self._in_flight = 0
-        self._dns: concurrent.futures.ThreadPoolExecutor | None = None
+        # Checks waiting for a slot: of workers whose last check succeeded, and of the others.
+        self._waiting = (collections.deque[_Probe](), collections.deque[_Probe]())
+        self._in_flight = self._untrusted_in_flight = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="picoapi-checks", daemon=True)
         self._thread.start()
@@ -1079,37 +1186,44 @@ class _CheckPool:
     def submit(
         self, checks: list[_Check], headers: Mapping[str, str], done: Callable[[_Check, CheckResult], None]
     ) -> None:
-        """Start ``checks`` (from any thread); ``done`` runs on the pool's thread."""
+        """Start ``checks`` (from any thread); ``done`` runs on the pool's thread.
+
+        A check that cannot even be built is reported failed at once, here.
+        """
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        probes = [_Probe(check, extra, done) for check in checks]
+        probes = []
+        for check in checks:
+            try:
+                probes.append(_Probe(check, extra, done))
+            except Exception as exc:
+                done(check, CheckResult(False, None, None, f"cannot check {check.url!r}: {type(exc).__name__}"))
         with self._lock:
             self._incoming.extend(probes)
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full: the pool is awake already
+        with contextlib.suppress(AttributeError, OSError):  # not started, or the pipe is full: awake already
+            self._wake_w.send(b"\0")  # type: ignore[union-attr]
 
     def _run(self) -> None:
         select, deadlines = self._selector.select, self._deadlines
         while not self._stopping:
-            timeout = max(0.0, deadlines[0][0] - time.monotonic()) if deadlines else None
-            for key, mask in select(timeout):
-                if key.data is None:
-                    self._drain_wake()
-                else:
-                    self._step(key.data, mask)
-            self._take_incoming()
-            now = time.monotonic()
-            while deadlines and deadlines[0][0] <= now:
-                probe = heapq.heappop(deadlines)[2]
-                if not probe.finished:
-                    self._finish(
-                        probe,
-                        CheckResult(False, None, now - probe.started, f"no answer within {probe.check.timeout:g}s"),
-                    )
+            try:
+                timeout = max(0.0, deadlines[0][0] - time.monotonic()) if deadlines else None
+                for key, mask in select(timeout):
+                    if key.data is None:
+                        self._drain_wake()
+                    else:
+                        self._step(key.data, mask)
+                self._take_incoming()
+                now = time.monotonic()
+                while deadlines and deadlines[0][0] <= now:
+                    probe = heapq.heappop(deadlines)[2]
+                    if not probe.finished:
+                        timeout_text = f"no answer within {probe.check.timeout:g}s"
+                        self._finish(probe, CheckResult(False, None, now - probe.started, timeout_text))
+            except Exception:  # never let the pool's thread die; each probe's own errors are caught below
+                logger.exception("health check pool step failed")
         for _, _, probe in self._deadlines:
             if not probe.finished:
                 self._finish(probe, CheckResult(False, None, None, "supervisor stopping"), report=False)
@@ -1122,61 +1236,40 @@ class _CheckPool:
     def _take_incoming(self) -> None:
         with self._lock:
             batch, self._incoming = self._incoming, collections.deque()
+        trusted, others = self._waiting
         for probe in batch:
-            if probe.sock is None and probe.address != probe.host:  # back from the resolver
-                self._connect(probe)
+            (trusted if probe.check.trusted else others).append(probe)
+        while self._in_flight < self._limit:
+            if trusted:
+                self._begin(trusted.popleft())
+            elif others and self._untrusted_in_flight < max(1, self._limit // 2):
+                self._begin(others.popleft())
             else:
-                self._waiting.append(probe)
-        while self._waiting and self._in_flight < self._limit:
-            self._begin(self._waiting.popleft())
+                break
 
     def _begin(self, probe: _Probe) -> None:
         self._in_flight += 1
+        self._untrusted_in_flight += not probe.check.trusted
         probe.started = time.monotonic()  # the deadline counts from here, not from the queue
-        probe.deadline = probe.started + probe.check.timeout
-        heapq.heappush(self._deadlines, (probe.deadline, next(self._seq), probe))
-        if probe.is_ip:
-            self._connect(probe)
-        else:
-            self._resolve(probe)
-
-    def _resolve(self, probe: _Probe) -> None:
-        """Resolve off the pool's thread, so a slow DNS server delays only this check."""
-        if self._dns is None:
-            self._dns = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="picoapi-dns")
-
-        def resolved(future: concurrent.futures.Future[Any]) -> None:
-            try:
-                probe.address = future.result()[0][4][0]
-            except Exception as exc:
-                probe.address, probe.error = "", f"cannot resolve {probe.host!r}: {exc}"
-            with self._lock:
-                self._incoming.append(probe)
-            self._wake()
-
-        future = self._dns.submit(socket.getaddrinfo, probe.host, probe.port, 0, socket.SOCK_STREAM)
-        future.add_done_callback(resolved)
-
-    def _connect(self, probe: _Probe) -> None:
-        if probe.finished:
-            return  # its deadline passed while resolving
-        if probe.error:
-            self._finish(probe, CheckResult(False, None, time.monotonic() - probe.started, probe.error))
-            return
+        heapq.heappush(self._deadlines, (probe.started + probe.check.timeout, next(self._seq), probe))
+        address = probe.check.address
         try:
-            sock = socket.socket(socket.AF_INET6 if ":" in probe.address else socket.AF_INET, socket.SOCK_STREAM)
-        except OSError as exc:
+            if not address:
+                raise ValueError("no address: its host did not resolve when the registry file was loaded")
+            sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+            probe.sock = sock
+            sock.setblocking(False)
+            err = sock.connect_ex((address, probe.port))
+        except Exception as exc:
             self._fail(probe, exc)
             return
-        sock.setblocking(False)
-        probe.sock = sock
-        err = sock.connect_ex((probe.address, probe.port))
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+        if err in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self._selector.register(sock, selectors.EVENT_WRITE, probe)
+        else:
             self._fail(probe, OSError(err, os.strerror(err)))
-            return
-        self._selector.register(sock, selectors.EVENT_WRITE, probe)
 
     def _step(self, probe: _Probe, mask: int) -> None:
+        """Move ``probe`` on after a readiness event; anything that goes wrong fails this check alone."""
         sock = probe.sock
         assert sock is not None
         try:
@@ -1214,7 +1307,7 @@ class _CheckPool:
             self._read(probe, sock)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
             return  # not ready after all: wait for the next event
-        except (OSError, ValueError) as exc:
+        except Exception as exc:
             self._fail(probe, exc)
 
     def _read(self, probe: _Probe, sock: socket.socket) -> None:
@@ -1228,20 +1321,23 @@ class _CheckPool:
                 raise ValueError("no HTTP status line in the first 512 bytes")
             return
         parts = probe.buffer[:end].split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            raise ValueError(f"not an HTTP answer: {probe.buffer[:end][:60]!r}")
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit() or len(parts[1]) != 3:
+            raise ValueError("not an HTTP response")  # what it said is not echoed: no banner grabbing
         code = int(parts[1])
         latency = time.monotonic() - probe.started
         ok = 200 <= code < 300
         self._finish(probe, CheckResult(ok, code, latency, "" if ok else f"HTTP {code}"))
 
     def _fail(self, probe: _Probe, exc: BaseException) -> None:
-        text = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
-        self._finish(probe, CheckResult(False, None, time.monotonic() - probe.started, text))
+        # Out of descriptors, buffers or local ports is the supervisor's trouble, not the worker's.
+        own = isinstance(exc, OSError) and exc.errno in _OWN_TROUBLE
+        text = f"supervisor could not check: {os.strerror(exc.errno or 0)}" if own else f"{type(exc).__name__}: {exc}"
+        self._finish(probe, CheckResult(False, None, time.monotonic() - probe.started, _printable(text), own))
 
     def _finish(self, probe: _Probe, result: CheckResult, *, report: bool = True) -> None:
         probe.finished = True
         self._in_flight -= 1
+        self._untrusted_in_flight -= not probe.check.trusted
         if probe.sock is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(probe.sock)
@@ -1260,18 +1356,13 @@ class _CheckPool:
         if not self._thread.is_alive():
             self._selector.close()
             self._wake_r.close()
-            self._wake_w.close()
-        if self._dns is not None:
-            self._dns.shutdown(wait=False, cancel_futures=True)
+            self._wake_w.close()  # type: ignore[union-attr]
+        self._wake_w = None
         self._thread = None
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+#: errno values that mean the supervisor ran out of something: the check is postponed.
+_OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 
 
 @functools.cache
@@ -1281,10 +1372,15 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 def _default_in_flight() -> int:
+    """Checks in flight at most: half the descriptors, after raising the soft limit to the hard one."""
     try:
         import resource
 
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
     except (ImportError, ValueError, OSError):
         soft = 1024
     return max(16, min(8192, soft // 2))
@@ -1301,9 +1397,13 @@ def check_once(
         results.append(result)
         finished.set()
 
+    try:
+        address = _resolve(urlsplit(url).hostname or "")
+    except ValueError as exc:
+        return CheckResult(False, None, None, str(exc))
     pool.start()
     try:
-        pool.submit([_Check("", url, timeout, 0.0)], headers or {}, done)
+        pool.submit([_Check("", url, address, timeout, 0.0)], headers or {}, done)
         finished.wait(timeout + 1.0)
     finally:
         pool.stop()
@@ -1325,7 +1425,7 @@ class HealthChecker:
         *,
         supervisor_id: str = "",
         pool: Any = None,
-        on_change: Callable[[str, tuple[str, str, bool]], None] | None = None,
+        on_change: Callable[[str, StatusChange], None] | None = None,
     ) -> None:
         self.registry = registry
         #: Sent with every check so a worker knows whose check it received.
@@ -1337,6 +1437,9 @@ class HealthChecker:
         #: Checks fired, and the sum of their lateness (fire time minus due time) in seconds.
         self.fired = 0
         self.lateness = 0.0
+        #: Checks postponed because the supervisor itself could not check, and the last such error.
+        self.postponed = 0
+        self._trouble: tuple[float, str] | None = None
 
     def run_pending(self) -> int:
         """Fire every check that is due now; returns how many."""
@@ -1348,17 +1451,29 @@ class HealthChecker:
             self._pool.submit(checks, self.headers, self._done)
         return len(checks)
 
+    @property
+    def trouble(self) -> str:
+        """Why the supervisor could not check in the last ``OWN_TROUBLE_WINDOW`` seconds, or ""."""
+        trouble = self._trouble
+        if trouble is None or self.registry.clock() - trouble[0] > OWN_TROUBLE_WINDOW:
+            return ""
+        return trouble[1]
+
     def _done(self, check: _Check, result: CheckResult) -> None:
         try:
+            if result.postponed:
+                self.postponed += 1
+                if not self.trouble:  # logged once per episode, not once per check
+                    logger.error("%s; checks are postponed, not counted against workers", result.error)
+                self._trouble = (self.registry.clock(), result.error)
             change = self.registry.record(check.worker_id, result)
             if change is not None:
-                old, new, removed = change
-                if removed:
+                if change.removed:
                     logger.warning("worker %s removed: unhealthy for longer than API_DEREGISTER_AFTER", check.worker_id)
-                elif new == UNHEALTHY:
+                elif change.new == UNHEALTHY:
                     logger.warning("worker %s is unhealthy: %s", check.worker_id, result.error)
                 else:
-                    logger.info("worker %s is %s (was %s)", check.worker_id, new, old)
+                    logger.info("worker %s is %s (was %s)", check.worker_id, change.new, change.old)
                 if self._on_change is not None:
                     self._on_change(check.worker_id, change)
         except Exception:  # recording must never kill the pool's thread
@@ -1737,6 +1852,13 @@ async def _no_worker_handler(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(detail, status_code=503)
 
 
+def _file_busy(exc: sqlite3.Error) -> HTTPException:
+    logger.warning("the registry file could not be written: %s", exc)
+    return HTTPException(
+        503, f"the registry file is busy or cannot be written ({exc}); try again", {"Retry-After": "1"}
+    )
+
+
 def _is_connect_error(exc: BaseException) -> bool:
     """True when the connection was never made, so nothing was sent."""
     connect_errors = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
@@ -1927,6 +2049,7 @@ class PicoAPI(FastAPI):
         self.checker: HealthChecker | None = None
         self.supervisor_id = uuid.uuid4().hex[:12]
         self._store: _Store | None = None
+        self._resolving = 0  # host names being resolved for registrations (see _resolve_host)
         # Connection reuse for call() and broadcast(): one requests.Session per thread.
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
@@ -2040,13 +2163,16 @@ class PicoAPI(FastAPI):
     def _start_supervisor(self) -> None:
         assert self.registry is not None
         if self.config.registry_file:
-            self._store = _Store(self.config.registry_file)
+            self._store = _Store(self.config.registry_file, self.registry.__contains__)
             self.supervisor_id = self._store.identity()
             loaded = self._store.load()
-            for reg in loaded:
+            for reg, address in loaded:
                 if worker_id(reg.host, reg.port) not in self.registry:
                     try:
-                        self.registry.register(reg, status=UNKNOWN)
+                        self.registry.register(reg, status=UNKNOWN, address=address or _resolve(reg.host))
+                    except ValueError as exc:  # its checks fail, saying why, until it registers again
+                        logger.warning("loaded worker %s: %s", worker_id(reg.host, reg.port), exc)
+                        self.registry.register(reg, status=UNKNOWN, address="")
                     except RegistryFull:
                         logger.warning("registry file holds more than API_MAX_WORKERS workers; rest skipped")
                         break
@@ -2057,10 +2183,9 @@ class PicoAPI(FastAPI):
         gc.freeze()
         self.checker.start()
 
-    def _changed(self, wid: str, change: tuple[str, str, bool]) -> None:
-        if change[2] and self._store is not None:
-            with self._store.lock:
-                self._store.delete(wid)
+    def _changed(self, wid: str, change: StatusChange) -> None:
+        if change.removed and self._store is not None:
+            self._store.forget(wid)  # deleted by the next write: never disk I/O on the check thread
 
     # Handing out work ------------------------------------------------------------
 
@@ -2190,6 +2315,8 @@ class PicoAPI(FastAPI):
                     failing[check_name] = f"returned {ok!r}"
             except Exception as exc:
                 failing[check_name] = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
+        if self.checker is not None and self.checker.trouble:  # a supervisor that cannot check says so
+            failing["picoapi-checker"] = self.checker.trouble
         body: dict[str, Any] = {
             "status": UNHEALTHY if failing else HEALTHY,
             "name": self.title,
@@ -2239,18 +2366,24 @@ class PicoAPI(FastAPI):
                 **auth_errors,
                 400: {"description": "the body is not JSON"},
                 413: {"description": f"the body is over {MAX_BODY} bytes"},
-                503: {"description": "the registry is full (API_MAX_WORKERS)"},
+                422: {"description": "a field is invalid, or the host does not resolve"},
+                503: {"description": "the registry is full (API_MAX_WORKERS), or busy: see Retry-After"},
             },
         )
         async def register(reg: Registration, response: Response) -> Any:
             """Register a worker, or replace its entry (same host and port)."""
             try:
+                address = await self._resolve_host(reg.host)
                 if self._store is None:
-                    worker, created = registry.register(reg)
+                    worker, created = registry.register(reg, address=address)
                 else:
-                    worker, created = await run_in_threadpool(self._register_stored, reg)
+                    worker, created = await run_in_threadpool(self._register_stored, reg, address)
+            except ValueError as exc:  # the host does not resolve
+                raise HTTPException(422, [{"loc": ["body", "host"], "msg": str(exc), "type": "value_error"}]) from None
             except RegistryFull as exc:
                 raise HTTPException(503, str(exc)) from None
+            except sqlite3.Error as exc:
+                raise _file_busy(exc) from None
             response.status_code = 201 if created else 200
             response.headers[SUPERVISOR_HEADER] = self.supervisor_id
             if created:
@@ -2263,14 +2396,17 @@ class PicoAPI(FastAPI):
             dependencies=auth,
             tags=["picoapi"],
             operation_id="picoapi_deregister",
-            responses={**not_found, **auth_errors},
+            responses={**not_found, **auth_errors, 503: {"description": "the registry file is busy: see Retry-After"}},
         )
         async def deregister(worker_id: str) -> Response:
             """Remove a worker from the registry."""
             if self._store is None:
                 found = registry.deregister(worker_id)
             else:
-                found = await run_in_threadpool(self._deregister_stored, worker_id)
+                try:
+                    found = await run_in_threadpool(self._deregister_stored, worker_id)
+                except sqlite3.Error as exc:
+                    raise _file_busy(exc) from None
             if not found:
                 raise unknown(worker_id)
             logger.info("deregistered %s", worker_id)
@@ -2324,20 +2460,43 @@ class PicoAPI(FastAPI):
                 counts[worker.status] += 1
             return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags)))
 
-    def _register_stored(self, reg: Registration) -> tuple[Worker, bool]:
+    async def _resolve_host(self, host: str) -> str:
+        """The address of a registrant's host, resolved on a thread, a few at a time.
+
+        Slow DNS then holds at most MAX_RESOLVING of the threads that serve requests;
+        past that a registration by name is answered 503 at once.
+        """
+        if _is_ip(host):
+            return host
+        if self._resolving >= MAX_RESOLVING:
+            raise HTTPException(503, "too many host names are being resolved; try again", {"Retry-After": "1"})
+        self._resolving += 1  # only the event loop's thread counts, so no lock is needed
+        try:
+            return await run_in_threadpool(_resolve, host)
+        finally:
+            self._resolving -= 1
+
+    # The disk is written first: a busy file (503) leaves the registry as it was.
+    def _register_stored(self, reg: Registration, address: str) -> tuple[Worker, bool]:
         assert self._store is not None and self.registry is not None
+        wid = worker_id(reg.host, reg.port)
         with self._store.lock:
-            worker, created = self.registry.register(reg)
-            self._store.save(worker.id, reg)
-        return worker, created
+            known = wid in self.registry
+            self._store.save(wid, reg, address)
+            try:
+                return self.registry.register(reg, address=address)
+            except RegistryFull:
+                if not known:
+                    self._store.delete(wid)
+                raise
 
     def _deregister_stored(self, wid: str) -> bool:
         assert self._store is not None and self.registry is not None
         with self._store.lock:
-            found = self.registry.deregister(wid)
-            if found:
-                self._store.delete(wid)
-        return found
+            if wid not in self.registry:
+                return False
+            self._store.delete(wid)
+            return self.registry.deregister(wid)
 
 
 # -- Command line --------------------------------------------------------------

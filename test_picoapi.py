@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -878,7 +879,8 @@ class TestProbe:
 
     def test_500_and_redirect_are_failures(self) -> None:
         with raw_server(lambda c: c.sendall(b"HTTP/1.1 500 Oops\r\n\r\n")) as port:
-            assert probe(port) == (False, 500, pytest.approx(probe(port).latency, abs=1), "HTTP 500")
+            result = probe(port)
+        assert (result.ok, result.status_code, result.error, result.postponed) == (False, 500, "HTTP 500", False)
         moved = b"HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/\r\n\r\n"
         with raw_server(lambda c: c.sendall(moved)) as port:
             result = probe(port)
@@ -910,8 +912,8 @@ class TestProbe:
         with raw_server(reset) as port:
             assert not probe(port).ok
         assert "Connect" in probe(free_port()).error or "refused" in probe(free_port()).error.lower()
-        with raw_server(lambda c: c.sendall(b"SSH-2.0-OpenSSH\r\n")) as port:
-            assert probe(port).error.startswith("ValueError: not an HTTP answer")
+        with raw_server(lambda c: c.sendall(b"SSH-2.0-OpenSSH_9.6p1 Debian\r\n")) as port:
+            assert probe(port).error == "ValueError: not an HTTP response"  # no banner read back
 
     def test_huge_body_is_not_read(self) -> None:
         def huge(conn: socket.socket) -> None:
@@ -947,11 +949,16 @@ class TestProbe:
         server.close()
         assert seen[0].startswith(b"GET /hz?deep=1 HTTP/1.1\r\n") and b"X-PicoAPI-Supervisor: s\r\n" in seen[0]
 
-    def test_host_name_is_resolved(self) -> None:
+    def test_host_name_is_resolved(self, monkeypatch: pytest.MonkeyPatch) -> None:
         with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as port:
             assert probe(port, host="localhost").ok
+
+        def no_such_host(*args: Any, **kwargs: Any) -> Any:  # no DNS query leaves the machine
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
         result = probe(80, host="no-such-host.invalid", timeout=2)
-        assert not result.ok and result.error.startswith("cannot resolve 'no-such-host.invalid'")
+        assert not result.ok and result.error.startswith("host 'no-such-host.invalid' does not resolve")
 
     def test_tls_is_verified(self, tmp_path: Any) -> None:
         import ssl
@@ -1018,7 +1025,9 @@ class TestCheckPool:
 
             pool.start()
             try:
-                checks = [picoapi._Check(str(i), f"http://127.0.0.1:{port}/h", 2.0, 0.0) for i in range(20)]
+                checks = [
+                    picoapi._Check(str(i), f"http://127.0.0.1:{port}/h", "127.0.0.1", 2.0, 0.0) for i in range(20)
+                ]
                 pool.submit(checks, {}, done)
                 assert finished.wait(10)
             finally:
@@ -1033,7 +1042,7 @@ class TestCheckPool:
         pool = picoapi._CheckPool()
         pool.start()
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/h"
-        pool.submit([picoapi._Check(str(i), url, 30.0, 0.0) for i in range(50)], {}, lambda c, r: None)
+        pool.submit([picoapi._Check(str(i), url, "127.0.0.1", 30.0, 0.0) for i in range(50)], {}, lambda c, r: None)
         wait_for(lambda: pool._in_flight == 50, 5, "fifty checks in flight")
         started = time.monotonic()
         pool.stop()
@@ -1043,54 +1052,142 @@ class TestCheckPool:
 
 
 class TestSilentWorkers:
-    def test_silent_workers_do_not_delay_others(self) -> None:
-        """20 workers that accept and never answer beside one that answers at once."""
-        silent = socket.socket()
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(128)
+    def test_silent_workers_neither_delay_nor_starve_a_healthy_one(self) -> None:
+        """40 workers that accept and never answer, each its own host and port, with interval = timeout,
+        registered beside a healthy worker when the pool has only 8 slots."""
+        silent = []
+        for i in range(40):
+            listener = socket.socket()
+            listener.bind((f"127.0.0.{10 + i}", 0))
+            listener.listen(16)
+            silent.append(listener)
         with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as good_port:
             registry = Registry()
-            checker = HealthChecker(registry)
+            checker = HealthChecker(registry, pool=picoapi._CheckPool(limit=8))
             good, _ = registry.register(reg("127.0.0.1", good_port, interval=0.1))
-            for port in range(20):  # the same silent listener under 20 ids is enough to block threads
-                registry.register(
-                    Registration.model_validate(
-                        {
-                            "name": "silent",
-                            "host": "127.0.0.1",
-                            "port": silent.getsockname()[1],
-                            "health": {"url": f"http://127.0.0.1:{silent.getsockname()[1]}/h{port}", "interval": 0.1},
-                        }
-                    )
-                )
             checker.start()
             try:
-                wait_for(lambda: (registry.get(good.id).successes or 0) >= 10, 5, "ten good checks")
+                wait_for(lambda: registry.get(good.id).successes >= 1, 5, "a first good check")
+                for listener in silent:
+                    host, port = listener.getsockname()
+                    registry.register(reg(host, port, interval=1, health={"timeout": 1}))
+                assert len(registry) == 41
+                # once they hold slots (four at a time: half of them), the good worker must not wait for them
+                wait_for(lambda: sum(1 for w in registry.workers() if w.failures) >= 4, 10, "silent checks failing")
+                before = registry.get(good.id).successes
+                started = time.monotonic()
+                wait_for(lambda: registry.get(good.id).successes >= before + 10, 5, "ten more good checks")
+                took = time.monotonic() - started
             finally:
                 checker.stop()
-        silent.close()
+        for listener in silent:
+            listener.close()
         assert registry.get(good.id).status == "healthy"
+        record_figure("silent_workers_ten_good_checks_s", round(took, 2))
 
 
-# -- Persistence ---------------------------------------------------------------------
+class SpyDB:
+    """Stands in for the store's sqlite connection: notes which thread writes, or fails as told."""
+
+    def __init__(self, db: Any) -> None:
+        self.db, self.threads, self.fail = db, [], ""
+
+    def execute(self, *args: Any) -> Any:
+        self.threads.append(threading.current_thread().name)
+        if self.fail:
+            raise sqlite3.OperationalError(self.fail)
+        return self.db.execute(*args)
+
+    def close(self) -> None:
+        self.db.close()
 
 
 class TestPersistence:
     def test_store_round_trip_and_identity(self, tmp_path: Any) -> None:
         store = picoapi._Store(str(tmp_path / "reg.db"))
-        store.save("10.0.0.5:8888", reg())
-        store.save("10.0.0.6:8888", reg("10.0.0.6"))
+        store.save("10.0.0.5:8888", reg(), "10.0.0.5")
+        store.save("10.0.0.6:8888", reg("10.0.0.6"), "10.0.0.6")
         store.delete("10.0.0.6:8888")
         identity = store.identity()
         store.close()
         store = picoapi._Store(str(tmp_path / "reg.db"))
-        assert store.load() == [reg()]
+        assert store.load() == [(reg(), "10.0.0.5")]
         assert store.identity() == identity
         store.close()
 
     def test_bad_file_is_a_config_error(self, tmp_path: Any) -> None:
         with pytest.raises(ConfigError, match="API_REGISTRY_FILE .* cannot be used as a registry file"):
             picoapi._Store(str(tmp_path / "no" / "such" / "dir.db"))
+
+    def test_corrupt_or_foreign_file_is_a_config_error_naming_it(self, tmp_path: Any) -> None:
+        corrupt = tmp_path / "corrupt.db"
+        corrupt.write_bytes(b"SQLite format 3\x00" + os.urandom(4096))
+        with pytest.raises(ConfigError, match=f"API_REGISTRY_FILE '{corrupt}' cannot be used as a registry file"):
+            picoapi._Store(str(corrupt))
+        foreign = tmp_path / "foreign.db"
+        with contextlib.closing(sqlite3.connect(foreign)) as db:
+            db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+            db.commit()
+        with pytest.raises(ConfigError, match=f"API_REGISTRY_FILE '{foreign}' is not a PicoAPI registry file"):
+            picoapi._Store(str(foreign))
+        with contextlib.closing(sqlite3.connect(foreign)) as db:  # left as it was
+            assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("invoices",)]
+
+    def test_second_supervisor_on_the_same_file_refuses_to_start(self, tmp_path: Any) -> None:
+        path = str(tmp_path / "reg.db")
+        with TestClient(PicoAPI(mode="supervisor", registry_file=path)) as client:
+            assert client.put("/register", json=body(port=9001)).status_code == 201
+            second = subprocess.run(
+                [sys.executable, "-c", f"import picoapi; picoapi._Store({path!r})"],
+                env={**os.environ, "PYTHONPATH": HERE},
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert second.returncode != 0
+            assert f"API_REGISTRY_FILE {path!r} is in use by another supervisor" in second.stderr
+            assert client.get("/services/127.0.0.1:9001").status_code == 200  # the first one is untouched
+        assert picoapi._Store(path).load()[0][0].port == 9001  # and free again once it stopped
+
+    def test_busy_file_is_503_with_retry_after_and_changes_nothing(self, tmp_path: Any) -> None:
+        app = PicoAPI(mode="supervisor", registry_file=str(tmp_path / "reg.db"))
+        with TestClient(app) as client:
+            assert client.put("/register", json=body(port=9001)).status_code == 201
+            assert app._store is not None
+            spy = app._store._db = SpyDB(app._store._db)
+            spy.fail = "database is locked"
+            for answer in (client.put("/register", json=body(port=9002)), client.delete("/register/127.0.0.1:9001")):
+                assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+                assert "the registry file is busy" in answer.json()["detail"]
+            assert sorted(w.id for w in app.registry.workers()) == ["127.0.0.1:9001"]  # as it was
+            spy.fail = ""
+            assert client.put("/register", json=body(port=9002)).status_code == 201
+
+    def test_removal_is_written_off_the_check_thread_and_never_loses_a_new_row(self, tmp_path: Any) -> None:
+        path = str(tmp_path / "reg.db")
+        app = PicoAPI(mode="supervisor", registry_file=path, deregister_after=0.2, health_failures=1)
+        with TestClient(app) as client:
+            assert app._store is not None
+            spy = app._store._db = SpyDB(app._store._db)
+            dead = body(port=free_port(), interval=0.1)
+            assert client.put("/register", json=dead).status_code == 201
+            wid = f"127.0.0.1:{dead['port']}"
+            wait_for(lambda: wid not in app.registry, 10, "the dead worker's removal")
+            # removed, then registered again before any write: the new row must survive the queued delete
+            assert client.put("/register", json=dead).status_code == 201
+            assert client.put("/register", json=body(port=9003)).status_code == 201  # a write flushes the queue
+        assert "picoapi-checks" not in spy.threads and "picoapi-health" not in spy.threads
+        assert sorted(r.port for r, _ in picoapi._Store(path).load()) == sorted([dead["port"], 9003])
+
+    def test_queued_delete_spares_a_worker_registered_again_meanwhile(self, tmp_path: Any) -> None:
+        registered = {"10.0.0.5:8888"}
+        store = picoapi._Store(str(tmp_path / "reg.db"), registered.__contains__)
+        store.save("10.0.0.5:8888", reg(), "10.0.0.5")
+        store.save("10.0.0.6:8888", reg("10.0.0.6"), "10.0.0.6")
+        store.forget("10.0.0.5:8888")  # the checker removed it, but a PUT brought it back before the flush
+        store.forget("10.0.0.6:8888")
+        store.close()
+        assert [r.host for r, _ in picoapi._Store(str(tmp_path / "reg.db")).load()] == ["10.0.0.5"]
 
     def test_supervisor_restart_keeps_workers(self, tmp_path: Any) -> None:
         path = str(tmp_path / "reg.db")
