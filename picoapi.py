@@ -1330,8 +1330,10 @@ class _CheckPool:
 
     def _fail(self, probe: _Probe, exc: BaseException) -> None:
         # Out of descriptors, buffers or local ports is the supervisor's trouble, not the worker's.
-        own = isinstance(exc, OSError) and exc.errno in _OWN_TROUBLE
-        text = f"supervisor could not check: {os.strerror(exc.errno or 0)}" if own else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, OSError) and exc.errno in _OWN_TROUBLE:
+            text, own = f"supervisor could not check: {exc.strerror}", True
+        else:
+            text, own = f"{type(exc).__name__}: {exc}", False
         self._finish(probe, CheckResult(False, None, time.monotonic() - probe.started, _printable(text), own))
 
     def _finish(self, probe: _Probe, result: CheckResult, *, report: bool = True) -> None:
