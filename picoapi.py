@@ -150,8 +150,6 @@ DEREGISTER_TIMEOUT = 2.0
 MAX_RESOLVING = 4
 #: Seconds a registration waits for a busy registry file before answering 503.
 STORE_TIMEOUT = 1.0
-#: The supervisor's /health reports its own trouble (out of descriptors, say) for this many seconds.
-OWN_TROUBLE_WINDOW = 30.0
 #: Seconds app.call() and app.broadcast() wait for a worker unless told otherwise.
 DEFAULT_CALL_TIMEOUT = 10.0
 #: GET /services/{id}/openapi: how long to wait for the worker, and the most it may send.
@@ -1439,9 +1437,10 @@ class HealthChecker:
         #: Checks fired, and the sum of their lateness (fire time minus due time) in seconds.
         self.fired = 0
         self.lateness = 0.0
-        #: Checks postponed because the supervisor itself could not check, and the last such error.
+        #: Checks postponed because the supervisor itself could not check (out of descriptors, say).
         self.postponed = 0
-        self._trouble: tuple[float, str] | None = None
+        #: Why the last check could not be made, until one can be again; else "". /health shows it.
+        self.trouble = ""
 
     def run_pending(self) -> int:
         """Fire every check that is due now; returns how many."""
@@ -1453,21 +1452,15 @@ class HealthChecker:
             self._pool.submit(checks, self.headers, self._done)
         return len(checks)
 
-    @property
-    def trouble(self) -> str:
-        """Why the supervisor could not check in the last ``OWN_TROUBLE_WINDOW`` seconds, or ""."""
-        trouble = self._trouble
-        if trouble is None or self.registry.clock() - trouble[0] > OWN_TROUBLE_WINDOW:
-            return ""
-        return trouble[1]
-
     def _done(self, check: _Check, result: CheckResult) -> None:
         try:
             if result.postponed:
                 self.postponed += 1
                 if not self.trouble:  # logged once per episode, not once per check
                     logger.error("%s; checks are postponed, not counted against workers", result.error)
-                self._trouble = (self.registry.clock(), result.error)
+            elif self.trouble:
+                logger.warning("checks can be made again")
+            self.trouble = result.error if result.postponed else ""
             change = self.registry.record(check.worker_id, result)
             if change is not None:
                 if change.removed:

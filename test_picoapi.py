@@ -37,6 +37,7 @@ from picoapi import (
     Config,
     ConfigError,
     HealthChecker,
+    HealthSpec,
     NoWorkerAvailable,
     PicoAPI,
     PicoAPIError,
@@ -1751,40 +1752,90 @@ def echo(text: str) -> dict:
 """
 
 
+def listens(pid: int, port: int) -> bool:
+    """True when process ``pid`` itself holds the socket listening on ``port`` (Linux: /proc)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/net/tcp") as table:
+            rows = [line.split() for line in table.readlines()[1:]]
+        inodes = {f"socket:[{r[9]}]" for r in rows if r[3] == "0A" and int(r[1].split(":")[1], 16) == port}
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd"))
+    return False
+
+
+class Child(subprocess.Popen):  # type: ignore[type-arg]
+    """A process a test started: the port it serves on and its log, shown if the test fails."""
+
+    port: int
+    log: Any
+
+
+def serve(
+    args: Callable[[int], list[str]], env: dict[str, str], log: Any, cwd: Any, port: int | None = None, **popen: Any
+) -> Child:
+    """Start ``python -m picoapi *args(port)`` and return once that very process listens on the port.
+
+    A port picked before the child binds it can be taken meanwhile: with no fixed ``port``
+    a child that lost the race is started again on another one. Its log is shown if the test fails.
+    """
+    for _ in range(5):
+        chosen = port or free_port()
+        out = open(log, "ab")  # noqa: SIM115 - the child keeps it
+        proc = Child(
+            [sys.executable, "-m", "picoapi", *args(chosen)], cwd=cwd, env=env, stdout=out, stderr=out, **popen
+        )
+        out.close()
+        proc.port, proc.log = chosen, log
+        CHILD_LOGS.append(log)
+        deadline = time.monotonic() + 20
+        while not listens(proc.pid, chosen):
+            if proc.poll() is not None:
+                if port is None and "address already in use" in log.read_text(errors="replace"):
+                    break  # lost the race for the port: another try on another port
+                raise AssertionError(f"{args(chosen)} exited with {proc.returncode}; its log is shown below")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"{args(chosen)} did not listen on {chosen} within 20 s")
+            time.sleep(0.05)
+        else:
+            return proc
+    raise AssertionError("lost the race for a free port five times")
+
+
+#: Logs of the processes the running test started; conftest.py shows them when it fails.
+CHILD_LOGS: list[Any] = []
+
+
 class Cluster:
     """Starts supervisor and worker processes; :meth:`close` stops every one."""
 
     def __init__(self, tmp_path: Any) -> None:
         self.tmp = tmp_path
         (tmp_path / "echo_worker.py").write_text(WORKER_MODULE)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.sup_port = free_port()
-        self.url = f"http://127.0.0.1:{self.sup_port}"
+        self.procs: list[Child] = []
+        self.sup_port: int | None = None
+        self.url = ""
 
-    def _env(self, extra: dict[str, str]) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
-        env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
-        env.update(extra)
-        return env
-
-    def _start(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"proc{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "picoapi", *args], cwd=self.tmp, env=self._env(env), stdout=log, stderr=log
-        )
+    def _start(self, args: Callable[[int], list[str]], env: dict[str, str], port: int | None) -> Child:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("API_")}, "PYTHONPATH": HERE, **env}
+        proc = serve(args, env, self.tmp / f"proc{len(self.procs)}.log", self.tmp, port)
         self.procs.append(proc)
         return proc
 
-    def supervisor(self, **env: str) -> subprocess.Popen[bytes]:
-        proc = self._start(["supervisor", "--bind", "127.0.0.1", "--port", str(self.sup_port)], env)
-        wait_for(lambda: requests.get(self.url + "/health", timeout=0.5).ok, 15, "the supervisor")
+    def supervisor(self, **env: str) -> Child:
+        """Start the supervisor: on a free port the first time, on the same port when restarted."""
+        proc = self._start(lambda port: ["supervisor", "--bind", "127.0.0.1", "--port", str(port)], env, self.sup_port)
+        self.sup_port, self.url = proc.port, f"http://127.0.0.1:{proc.port}"
+        wait_for(lambda: requests.get(self.url + "/health", timeout=0.5).ok, 15, "the supervisor's /health")
         return proc
 
-    def worker(self, port: int, interval: float = 0.2, **env: str) -> subprocess.Popen[bytes]:
+    def worker(self, port: int | None = None, interval: float = 0.2, **env: str) -> Child:
+        """Start an echo worker (on a free port unless given); returns once it listens."""
+        if self.sup_port is None:  # the worker may start first: its supervisor's port is chosen now
+            self.sup_port = free_port()
+            self.url = f"http://127.0.0.1:{self.sup_port}"
         settings = {
             "API_HOST": "127.0.0.1",
             "API_BIND": "127.0.0.1",
-            "API_PORT": str(port),
             "API_TITLE": "echo",
             "API_TAGS": "echo",
             "API_REGISTER_PATH": self.url + "/register",
@@ -1792,7 +1843,7 @@ class Cluster:
             "API_REGISTER_TIMEOUT": "0.5",
             **env,
         }
-        return self._start(["worker", "echo_worker:app"], settings)
+        return self._start(lambda p: ["worker", "echo_worker:app", "--port", str(p)], settings, port)
 
     def services(self) -> list[dict[str, Any]]:
         return list(requests.get(self.url + "/services", timeout=1).json())
@@ -1816,25 +1867,20 @@ def cluster(tmp_path: Any) -> Iterator[Cluster]:
     c = Cluster(tmp_path)
     try:
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
     finally:
         c.close()
 
 
 class TestEndToEnd:
     def test_worker_started_first_registers_when_supervisor_comes_up(self, cluster: Cluster) -> None:
-        port = free_port()
-        cluster.worker(port)
+        port = cluster.worker().port
         wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=0.5).ok, 15, "the worker")
         cluster.supervisor()
         wait_for(lambda: cluster.status(f"127.0.0.1:{port}") == "healthy", 20, "the worker's registration")
 
     def test_restarted_supervisor_gets_worker_back(self, cluster: Cluster) -> None:
         sup = cluster.supervisor()
-        port = free_port()
-        cluster.worker(port)
+        port = cluster.worker().port
         wid = f"127.0.0.1:{port}"
         wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration")
         sup.kill()
@@ -1846,8 +1892,8 @@ class TestEndToEnd:
 
     def test_sigterm_deregisters_at_once(self, cluster: Cluster) -> None:
         cluster.supervisor()
-        port = free_port()
-        worker = cluster.worker(port, interval=60)
+        worker = cluster.worker(interval=60)
+        port = worker.port
         wid = f"127.0.0.1:{port}"
         wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration")
         worker.send_signal(signal.SIGTERM)
@@ -1858,8 +1904,8 @@ class TestEndToEnd:
 
     def test_killed_worker_turns_unhealthy_then_recovers(self, cluster: Cluster) -> None:
         cluster.supervisor()
-        port = free_port()
-        worker = cluster.worker(port)
+        worker = cluster.worker()
+        port = worker.port
         wid = f"127.0.0.1:{port}"
         wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration")
         worker.kill()
@@ -1881,8 +1927,7 @@ class TestEndToEnd:
             requests.put(
                 cluster.url + "/register", json=body(port=silent_port, interval=0.2), timeout=2
             ).raise_for_status()
-            port = free_port()
-            cluster.worker(port)
+            port = cluster.worker().port
             wid = f"127.0.0.1:{port}"
             wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration")
             wait_for(lambda: cluster.status(f"127.0.0.1:{silent_port}") == "unhealthy", 10, "the silent one marked")
@@ -1938,24 +1983,25 @@ class TestExample:
     def test_example_system_runs_as_the_readme_says(self, tmp_path: Any) -> None:
         """examples/: a supervisor with POST /jobs and two kinds of worker, as real processes."""
         examples = os.path.join(HERE, "examples")
-        sup_port, resize_port, ocr_port = free_port(), free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
         env["PYTHONPATH"] = HERE
-        env["API_REGISTER_PATH"] = f"http://127.0.0.1:{sup_port}/register"  # the environment wins over .env
-        procs = []
+        procs: list[Child] = []
         try:
-            for args in (
-                ["supervisor", "supervisor:app", "--port", str(sup_port)],
-                ["worker", "resizer:app", "--port", str(resize_port)],
-                ["worker", "reader:app", "--port", str(ocr_port)],
-            ):
-                log = open(tmp_path / f"{args[1]}.log", "wb")  # noqa: SIM115 - closed with the process
+            procs.append(
+                serve(lambda p: ["supervisor", "supervisor:app", "--port", str(p)], env, tmp_path / "sup.log", examples)
+            )
+            url = f"http://127.0.0.1:{procs[0].port}"
+            env["API_REGISTER_PATH"] = url + "/register"  # the environment wins over .env
+            for name in ("resizer", "reader"):
                 procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "picoapi", *args], cwd=examples, env=env, stdout=log, stderr=log
+                    serve(
+                        lambda p, n=name: ["worker", f"{n}:app", "--port", str(p)],
+                        env,
+                        tmp_path / f"{name}.log",
+                        examples,
                     )
                 )
-            url = f"http://127.0.0.1:{sup_port}"
+            resize_port, ocr_port = procs[1].port, procs[2].port
             wait_for(lambda: len(requests.get(url + "/services?tag=image", timeout=1).json()) == 2, 20, "two workers")
             jobs = [
                 {"kind": "resize", "payload": {"width": 640, "height": 480, "scale": 0.5}},
@@ -2077,8 +2123,7 @@ def picoapi_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 class TestStatusCommand:
     def test_table_tags_and_json_against_a_live_supervisor(self, cluster: Cluster) -> None:
         cluster.supervisor()
-        port = free_port()
-        cluster.worker(port)
+        port = cluster.worker().port
         wait_for(lambda: cluster.status(f"127.0.0.1:{port}") == "healthy", 15, "registration")
         requests.put(cluster.url + "/register", json=body(port=free_port(), tags=["other"]), timeout=2)
         out = picoapi_cli("status", cluster.url)
@@ -2143,8 +2188,8 @@ def browse(url: str, profile: Any, *args: str) -> str:
 class TestDashboardInABrowser:
     def test_rows_statuses_and_a_killed_worker(self, cluster: Cluster, tmp_path: Any) -> None:
         cluster.supervisor()
-        ports = [free_port(), free_port()]
-        workers = [cluster.worker(port, interval=0.3) for port in ports]
+        workers = [cluster.worker(interval=0.3) for _ in range(2)]
+        ports = [worker.port for worker in workers]
         ids = [f"127.0.0.1:{port}" for port in ports]
         wait_for(lambda: all(cluster.status(i) == "healthy" for i in ids), 20, "two healthy workers")
         requests.put(
@@ -2225,6 +2270,11 @@ fuzzed = schemathesis.openapi.from_asgi(
 
 
 class TestFuzzing:
+    @pytest.fixture(autouse=True)
+    def no_dns(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Generated host names resolve to a loopback address: no query leaves the machine."""
+        monkeypatch.setattr(picoapi, "_resolve", lambda host: host if picoapi._is_ip(host) else "127.0.0.9")
+
     @fuzzed.parametrize()
     @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
     def test_supervisor_api(self, case: Any) -> None:
@@ -2334,9 +2384,7 @@ class TestRestart:
     def test_sigkill_with_registry_file_every_worker_back_at_once(self, cluster: Cluster, tmp_path: Any) -> None:
         db = str(tmp_path / "registry.db")
         sup = cluster.supervisor(API_REGISTRY_FILE=db)
-        ports = [free_port() for _ in range(3)]
-        for port in ports:
-            cluster.worker(port, interval=0.3)
+        ports = [cluster.worker(interval=0.3).port for _ in range(3)]
         ids = [f"127.0.0.1:{port}" for port in ports]
         wait_for(lambda: all(cluster.status(i) == "healthy" for i in ids), 20, "three workers")
         sup.kill()
@@ -2353,9 +2401,7 @@ class TestRestart:
     def test_sigkill_without_file_every_worker_back_within_the_bound(self, cluster: Cluster) -> None:
         sup = cluster.supervisor()
         interval = 0.3
-        ports = [free_port() for _ in range(3)]
-        for port in ports:
-            cluster.worker(port, interval=interval)
+        ports = [cluster.worker(interval=interval).port for _ in range(3)]
         ids = [f"127.0.0.1:{port}" for port in ports]
         wait_for(lambda: all(cluster.status(i) == "healthy" for i in ids), 20, "three workers")
         sup.kill()
@@ -2554,3 +2600,197 @@ class TestFlapping:
         assert registry.get(worker.id).status == "healthy"  # type: ignore[union-attr]
         assert grown < 20_000  # bytes, after 10,000 checks: nothing accumulates per check
         assert len(registry._heap) <= 66
+
+
+# -- Robustness: no single input, fault or slow peer stalls the checker ----------------------------
+
+
+class ScriptedPool:
+    """Like InlinePool, but a check may also be lost (never reported) or make submit() raise."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+    def submit(self, checks: list[Any], headers: dict[str, str], done: Callable[..., None]) -> None:
+        for check in checks:
+            outcome = self.outcomes.pop(0) if self.outcomes else "ok"
+            if outcome == "raise":
+                raise RuntimeError("a bug in the pool")
+            if outcome != "lost":
+                result = {"ok": OK, "fail": FAIL, "postponed": CheckResult(False, None, None, "EMFILE", True)}
+                done(check, result[outcome])
+
+
+def assert_one_future_check_each(registry: Registry) -> None:
+    """The heap's invariant: every registered worker has exactly one live entry, due within interval + timeout."""
+    live: dict[str, list[float]] = {}
+    for due, seq, wid in registry._heap:
+        entry = registry._workers.get(wid)
+        if entry is not None and entry._heap_seq == seq:
+            live.setdefault(wid, []).append(due)
+    assert sorted(live) == sorted(registry._workers)
+    now = registry.clock()
+    for wid, dues in live.items():
+        entry = registry._workers[wid]
+        assert len(dues) == 1 and dues[0] <= now + entry.interval + entry.timeout + 1e-9, (wid, dues, now)
+
+
+class TestCheckerInvariant:
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("register"), st.integers(1, 6), st.sampled_from([0.05, 0.3, 1.0, 10.0])),
+                st.tuples(st.just("deregister"), st.integers(1, 6), st.just(0.0)),
+                st.tuples(st.just("advance"), st.just(0), st.floats(0.0, 12.0)),
+                st.tuples(st.just("suspect"), st.integers(1, 6), st.just(0.0)),
+                st.tuples(
+                    st.just("outcomes"), st.just(0), st.sampled_from(["ok", "fail", "lost", "raise", "postponed"])
+                ),
+            ),
+            max_size=60,
+        )
+    )
+    def test_every_worker_always_has_exactly_one_future_check(self, steps: list[tuple[str, int, Any]]) -> None:
+        clock = FakeClock()
+        registry = Registry(clock=clock, wall=clock, deregister_after=5.0)
+        pool = ScriptedPool()
+        checker = HealthChecker(registry, pool=pool)
+        for action, n, value in steps:
+            if action == "register":
+                registry.register(reg(port=n, interval=value))
+            elif action == "deregister":
+                registry.deregister(f"10.0.0.5:{n}")
+            elif action == "suspect":
+                registry.mark_suspect(f"10.0.0.5:{n}")
+            elif action == "outcomes":
+                pool.outcomes.extend([value] * 3)
+            else:
+                clock.advance(value)
+            with contextlib.suppress(RuntimeError):  # the thread's loop logs it; the schedule must not care
+                checker.run_pending()
+            assert_one_future_check_each(registry)
+
+    def test_a_check_that_cannot_be_built_fails_alone(self) -> None:
+        """A non-ASCII health path (from a registry file written before it was refused) beside good checks."""
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as port:
+            registry = Registry()
+            good = [registry.register(reg("127.0.0.1", port + 0, interval=0.1))[0]]
+            bad = Registration.model_construct(
+                **{
+                    **reg("127.0.0.1", 1).model_dump(),
+                    "health": HealthSpec.model_construct(
+                        url="http://127.0.0.1:1/sant\u00e9", interval=0.1, timeout=None
+                    ),
+                }
+            )
+            registry.register(bad, address="127.0.0.1")
+            checker = HealthChecker(registry)
+            checker.start()
+            try:
+                wait_for(lambda: registry.get("127.0.0.1:1").failures >= 2, 5, "the bad check failing")
+                wait_for(lambda: registry.get(good[0].id).successes >= 5, 5, "the good checks going on")
+            finally:
+                checker.stop()
+        assert registry.get("127.0.0.1:1").last_error.startswith("cannot check")
+        assert_one_future_check_each(registry)
+
+    def test_run_pending_before_start_queues_the_checks(self) -> None:
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as port:
+            registry = Registry()
+            worker, _ = registry.register(reg("127.0.0.1", port, interval=0.05), status="unknown")
+            checker = HealthChecker(registry)
+            assert checker.run_pending() == 1  # not an AttributeError: the pool takes it when it starts
+            checker.start()
+            try:
+                wait_for(lambda: registry.get(worker.id).last_success, 5, "the queued check")
+            finally:
+                checker.stop()
+
+
+class TestOwnTrouble:
+    def test_out_of_descriptors_postpones_checks_and_says_so(self, tmp_path: Any) -> None:
+        """A supervisor limited to 64 descriptors, flooded with idle connections to its own port."""
+        import http.client
+        import resource
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as worker_port:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+            proc = serve(
+                lambda p: ["supervisor", "--bind", "127.0.0.1", "--port", str(p)],
+                {**env, "PYTHONPATH": HERE},
+                tmp_path / "supervisor.log",
+                tmp_path,
+                preexec_fn=limit,
+            )
+            port, flood = proc.port, list[socket.socket]()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)  # kept alive through the flood
+
+                def get(path: str, method: str = "GET", payload: Any = None) -> tuple[int, Any]:
+                    headers = {"Content-Type": "application/json"} if payload else {}
+                    conn.request(method, path, json.dumps(payload) if payload else None, headers)
+                    answer = conn.getresponse()
+                    return answer.status, json.loads(answer.read())
+
+                assert get("/register", "PUT", body(port=worker_port, interval=0.1))[0] == 201
+                wid = f"127.0.0.1:{worker_port}"
+                wait_for(lambda: get(f"/services/{wid}")[1]["status"] == "healthy", 5, "a healthy worker")
+                for _ in range(80):
+                    flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+                health = wait_for(lambda: (a := get("/health"))[0] == 503 and a[1], 10, "the supervisor's own trouble")
+                assert "Too many open files" in health["failing"]["picoapi-checker"]
+                for _ in range(10):  # a second of checks that cannot be made
+                    assert get(f"/services/{wid}")[1]["status"] == "healthy"
+                    time.sleep(0.1)
+                for sock in flood:
+                    sock.close()
+                flood.clear()
+                wait_for(lambda: get("/health")[0] == 200, 10, "checks made again")
+                assert get(f"/services/{wid}")[1]["status"] == "healthy"
+            finally:
+                for sock in flood:
+                    sock.close()
+                proc.kill()
+                proc.wait(10)
+        assert "checks are postponed, not counted against workers" in (tmp_path / "supervisor.log").read_text()
+
+
+class TestSlowResolver:
+    def test_slow_names_cannot_take_every_thread_or_touch_the_checks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real, release = socket.getaddrinfo, threading.Event()
+
+        def resolver(host: Any, *args: Any, **kwargs: Any) -> Any:  # slow names; no query leaves the machine
+            if str(host).startswith("slow"):
+                release.wait(10)
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            return real(host, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", resolver)
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as port:
+            app = PicoAPI(mode="supervisor")
+            with TestClient(app) as client:
+                named = {**body(port=port, interval=0.05), "host": "localhost"}
+                named["health"]["url"] = f"http://localhost:{port}/health"
+                assert client.put("/register", json=named).status_code == 201
+                slow = []
+                for i in range(picoapi.MAX_RESOLVING):
+                    payload = {**body(port=9000 + i), "host": f"slow{i}.example"}
+                    payload["health"]["url"] = f"http://slow{i}.example:{9000 + i}/health"
+                    thread = threading.Thread(target=lambda p=payload: slow.append(client.put("/register", json=p)))
+                    thread.start()
+                wait_for(lambda: app._resolving == picoapi.MAX_RESOLVING, 5, "four slow resolutions")
+                extra = {**body(port=9100), "host": "slow-extra.example"}
+                extra["health"]["url"] = "http://slow-extra.example:9100/health"
+                refused = client.put("/register", json=extra)
+                assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+                before = app.registry.get(f"localhost:{port}").successes
+                wait_for(lambda: app.registry.get(f"localhost:{port}").successes >= before + 5, 5, "checks by name")
+                release.set()
+                wait_for(lambda: len(slow) == picoapi.MAX_RESOLVING, 10, "the slow registrations' answers")
+        assert [a.status_code for a in slow] == [422] * picoapi.MAX_RESOLVING
+        assert "does not resolve" in slow[0].json()["detail"][0]["msg"]
+        assert app.registry.get(f"localhost:{port}").address == "127.0.0.1"
