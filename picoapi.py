@@ -129,6 +129,10 @@ MAX_HOST = 253
 MAX_URL = 2048
 MAX_ERROR = 200
 MAX_BODY = 64 * 1024
+#: Processes remembered per entry (siblings serving one port, restarts); the oldest are forgotten.
+MAX_INSTANCES = 16
+#: A new worker's checks may fail this long (at most one interval) before it is unhealthy: its server is starting.
+STARTUP_GRACE = 10.0
 
 REGISTER_ROUTE = "/register"
 SERVICES_ROUTE = "/services"
@@ -518,6 +522,11 @@ class Registration(BaseModel):
     openapi: str | None = Field(
         default=None, max_length=512, pattern=r"^/[^\s\x00-\x1f\x7f]*$", description="the worker's OpenAPI path"
     )
+    instance: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="the registering process; its checks must answer as it",
+    )
 
     @field_validator("host")
     @classmethod
@@ -606,6 +615,8 @@ class Worker:
     timeout: float
     #: The IP address the host resolved to at registration: checks connect here, never resolving again.
     address: str = ""
+    #: The worker processes that registered this entry (several serve one port under uvicorn --workers).
+    instances: tuple[str, ...] = ()
     status: str = HEALTHY
     #: A call to it failed to connect: pick() skips it until its next check answers.
     suspect: bool = False
@@ -624,6 +635,7 @@ class Worker:
     _heap_seq: int | None = dataclasses.field(default=None, repr=False)
     _due: float = dataclasses.field(default=0.0, repr=False)
     _busy_until: float = dataclasses.field(default=0.0, repr=False)  # a check of it is in flight until then
+    _registered: float = dataclasses.field(default=0.0, repr=False)
     _unhealthy_since: float | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -632,8 +644,9 @@ class Worker:
         return f"{urlsplit(self.health_url).scheme}://{self.id}"
 
     @property
-    def health(self) -> HealthSpec:
-        return HealthSpec(url=self.health_url, interval=self.interval, timeout=self.timeout)
+    def is_ready(self) -> bool:
+        """Healthy, its last check succeeded and no call found it unreachable since: it may get work."""
+        return self.status == HEALTHY and not self.failures and not self.suspect
 
     def copy(self) -> Worker:
         return Worker(*_fields_of(self))
@@ -641,6 +654,9 @@ class Worker:
 
 #: All of a Worker's fields as a tuple, in order (a fast snapshot for copies).
 _fields_of = operator.attrgetter(*(f.name for f in dataclasses.fields(Worker)))
+#: What a registration says about a worker: the same again is a refresh, not a change.
+_CONTENT = ("name", "version", "tags", "description", "health_url", "interval", "timeout", "openapi", "address")
+_content_of = operator.attrgetter(*_CONTENT)
 
 
 class CheckResult(NamedTuple):
@@ -652,6 +668,8 @@ class CheckResult(NamedTuple):
     error: str = ""
     #: The supervisor itself could not check (out of descriptors, say): not the worker's failure.
     postponed: bool = False
+    #: The worker process that answered (its ``X-PicoAPI-Instance`` header), if it said.
+    instance: str | None = None
 
 
 class StatusChange(NamedTuple):
@@ -713,20 +731,29 @@ class Registry:
 
     # Registration ------------------------------------------------------------
 
-    def register(self, reg: Registration, *, status: str = HEALTHY, address: str | None = None) -> tuple[Worker, bool]:
-        """Create or replace the entry for ``reg``; returns (a copy, created).
+    def register(self, reg: Registration, *, address: str | None = None) -> tuple[Worker, bool]:
+        """Create, refresh or replace the entry for ``reg``; returns (a copy, created).
 
-        ``address`` is what the host resolved to (resolved here, blocking, if not
-        given). Raises :class:`RegistryFull` when a new worker would pass the cap,
-        ``ValueError`` naming the host when it does not resolve.
+        A new or changed entry is ``unknown`` and checked at once: nothing is handed
+        out before a good check. The same registration again (a worker's refresh, or
+        a sibling process serving the same port) changes nothing but adds its
+        instance. ``address`` is what the host resolved to (resolved here, blocking,
+        if not given). Raises :class:`RegistryFull` when a new worker would pass the
+        cap, ``ValueError`` naming the host when it does not resolve.
         """
         wid = worker_id(reg.host, reg.port)
         timeout = reg.health.timeout or min(reg.health.interval, DEFAULT_HEALTH_TIMEOUT)
         if address is None:
             address = _resolve(reg.host)
+        health = reg.health
+        content: tuple[Any, ...] = (reg.name, reg.version, tuple(reg.tags), reg.description, health.url)
+        content += (health.interval, timeout, reg.openapi, address)
         with self._lock:
-            now = self.clock()
             entry = self._workers.get(wid)
+            if entry is not None and _content_of(entry) == content:
+                if reg.instance and reg.instance not in entry.instances:  # the oldest are dropped
+                    entry.instances = (*entry.instances, reg.instance)[-MAX_INSTANCES:]
+                return entry.copy(), False
             created = entry is None
             if entry is None:
                 if len(self._workers) >= self.max_workers:
@@ -737,17 +764,13 @@ class Registry:
                 entry = Worker(wid, reg.name, reg.host, reg.port, reg.version, (), "", "", 0.0, 0.0)
                 self._workers[wid] = entry
             self._index(entry, remove=True)
-            entry.name, entry.version, entry.description = reg.name, reg.version, reg.description
-            entry.tags = tuple(reg.tags)
-            entry.health_url, entry.interval, entry.timeout = reg.health.url, reg.health.interval, timeout
-            entry.address = address
-            entry.status, entry.failures, entry.successes, entry.suspect = status, 0, 0, False
-            entry.openapi = reg.openapi
-            entry.registered_at, entry._unhealthy_since = self._wall(), None
+            for field, value in zip(_CONTENT, content, strict=True):
+                setattr(entry, field, value)
+            entry.instances = (reg.instance,) if reg.instance else ()
+            entry.status, entry.failures, entry.successes, entry.suspect = UNKNOWN, 0, 0, False
+            entry.registered_at, entry._registered, entry._unhealthy_since = self._wall(), self.clock(), None
             self._index(entry)
-            # A registration just spoke to us: the first check is one interval away,
-            # unless its state is unknown (loaded from disk), then it is due at once.
-            self._schedule(entry, now if status == UNKNOWN else now + entry.interval)
+            self._schedule(entry, self.clock())
             return entry.copy(), created
 
     def deregister(self, wid: str) -> bool:
@@ -902,10 +925,7 @@ class Registry:
             candidates = sorted(
                 wid
                 for wid in ids
-                if wid not in skip
-                and (w := self._workers[wid]).status == HEALTHY
-                and not w.suspect
-                and (version is None or w.version == version)
+                if wid not in skip and (w := self._workers[wid]).is_ready and (version is None or w.version == version)
             )
             if not candidates:
                 raise NoWorkerAvailable(list(tags), version)
@@ -947,6 +967,8 @@ class Registry:
             if result.postponed:
                 self._schedule(entry, min(entry._due, now + confirm_delay(entry.interval)))
                 return None
+            if result.ok and entry.instances and result.instance not in entry.instances:
+                result = result._replace(ok=False, error=f"answered by a process that did not register {wid}")
             entry.last_check = self._wall()
             entry.last_status_code, entry.last_latency = result.status_code, result.latency
             entry.last_error = result.error[:MAX_ERROR]
@@ -954,12 +976,12 @@ class Registry:
             if result.ok:
                 entry.successes, entry.failures = entry.successes + 1, 0
                 entry.last_success = entry.last_check
-                if old == UNKNOWN or (old == UNHEALTHY and entry.successes >= self.successes):
-                    entry.status, entry._unhealthy_since = HEALTHY, None
             else:
                 entry.failures, entry.successes = entry.failures + 1, 0
-                if old != UNHEALTHY and entry.failures >= self.failures:
-                    entry.status, entry._unhealthy_since = UNHEALTHY, now
+            starting = old == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
+            entry.status = next_status(old, result.ok, entry.failures, entry.successes, self, starting)
+            if entry.status != old:
+                entry._unhealthy_since = now if entry.status == UNHEALTHY else None
             if (
                 self.deregister_after is not None
                 and entry._unhealthy_since is not None
@@ -993,6 +1015,19 @@ class Registry:
         """Wake the waiting checker thread (used by ``stop()``)."""
         with self._wakeup:
             self._wakeup.notify_all()
+
+
+def next_status(status: str, ok: bool, failures: int, successes: int, need: Registry, starting: bool) -> str:
+    """A worker's status after a check, from the consecutive counts that include it.
+
+    ``unknown`` turns ``healthy`` on its first good check; ``healthy`` or ``unknown``
+    turn ``unhealthy`` after ``need.failures`` failures in a row (``unknown`` only
+    once it is past its start-up grace); ``unhealthy`` turns ``healthy`` after
+    ``need.successes`` good checks in a row.
+    """
+    if ok:
+        return UNHEALTHY if status == UNHEALTHY and successes < need.successes else HEALTHY
+    return UNHEALTHY if failures >= need.failures and not starting else status
 
 
 def confirm_delay(interval: float) -> float:
@@ -1309,22 +1344,27 @@ class _CheckPool:
             self._fail(probe, exc)
 
     def _read(self, probe: _Probe, sock: socket.socket) -> None:
-        data = sock.recv(1024)
+        """Read the status line and the headers (up to 4 KiB; the body never): the code and the instance."""
+        data = sock.recv(4096)
         if not data:
             raise ConnectionError("connection closed before an answer")
-        probe.buffer += data
-        end = probe.buffer.find(b"\r\n")
-        if end < 0:
-            if len(probe.buffer) > 512:
+        head = probe.buffer = probe.buffer + data
+        line_end = head.find(b"\r\n")
+        if line_end < 0:
+            if len(head) > 512:
                 raise ValueError("no HTTP status line in the first 512 bytes")
             return
-        parts = probe.buffer[:end].split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit() or len(parts[1]) != 3:
+        parts = head[:line_end].split(None, 2)
+        if not (len(parts) >= 2 and parts[0].startswith(b"HTTP/") and _is_code(parts[1])):
             raise ValueError("not an HTTP response")  # what it said is not echoed: no banner grabbing
-        code = int(parts[1])
-        latency = time.monotonic() - probe.started
+        end = head.find(b"\r\n\r\n")
+        if end < 0 and len(head) <= MAX_HEAD:
+            return  # more to come
+        found = _INSTANCE_RE.search(head, 0, end if end >= 0 else MAX_HEAD)
+        code, latency = int(parts[1]), time.monotonic() - probe.started
         ok = 200 <= code < 300
-        self._finish(probe, CheckResult(ok, code, latency, "" if ok else f"HTTP {code}"))
+        instance = found.group(1).decode() if found else None
+        self._finish(probe, CheckResult(ok, code, latency, "" if ok else f"HTTP {code}", instance=instance))
 
     def _fail(self, probe: _Probe, exc: BaseException) -> None:
         # Out of descriptors, buffers or local ports is the supervisor's trouble, not the worker's.
@@ -1360,6 +1400,14 @@ class _CheckPool:
         self._wake_w = None
         self._thread = None
 
+
+def _is_code(text: bytes) -> bool:
+    return len(text) == 3 and text.isdigit()
+
+
+_INSTANCE_RE = re.compile(rb"\r\nx-picoapi-instance:[ \t]*([A-Za-z0-9_-]{1,64})[ \t]*\r\n", re.IGNORECASE)
+#: The most of a check's answer that is read: its status line and headers.
+MAX_HEAD = 4096
 
 #: errno values that mean the supervisor ran out of something: the check is postponed.
 _OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
@@ -2164,10 +2212,10 @@ class PicoAPI(FastAPI):
             for reg, address in loaded:
                 if worker_id(reg.host, reg.port) not in self.registry:
                     try:
-                        self.registry.register(reg, status=UNKNOWN, address=address or _resolve(reg.host))
+                        self.registry.register(reg, address=address or _resolve(reg.host))
                     except ValueError as exc:  # its checks fail, saying why, until it registers again
                         logger.warning("loaded worker %s: %s", worker_id(reg.host, reg.port), exc)
-                        self.registry.register(reg, status=UNKNOWN, address="")
+                        self.registry.register(reg, address="")
                     except RegistryFull:
                         logger.warning("registry file holds more than API_MAX_WORKERS workers; rest skipped")
                         break
@@ -2263,7 +2311,7 @@ class PicoAPI(FastAPI):
         """
         registry = self._need_registry()
         wanted = [tags] if isinstance(tags, str) else list(tags)
-        workers = [w for w in registry.workers(*wanted, status=HEALTHY, version=version) if not w.suspect]
+        workers = [w for w in registry.workers(*wanted, status=HEALTHY, version=version) if w.is_ready]
         if self._broadcaster is None:
             self._broadcaster = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="picoapi-broadcast")
 
