@@ -580,16 +580,30 @@ class TestHealthEndpoint:
 
 
 class TestRegistry:
-    def test_register_creates_then_replaces_keeping_history(self) -> None:
+    def test_new_is_unknown_same_again_is_a_refresh_a_change_is_unknown_again(self) -> None:
         clock = FakeClock()
         registry = Registry(clock=clock, wall=clock)
-        worker, created = registry.register(reg(tags=["a"]))
-        assert created and worker.id == "10.0.0.5:8888" and worker.status == "healthy"
-        registry.record(worker.id, OK)
-        again, created = registry.register(reg(tags=["b"], version="2.0"))
-        assert not created and again.version == "2.0" and again.last_check == clock.now
+        worker, created = registry.register(reg(tags=["a"], instance="p1"))
+        assert created and worker.id == "10.0.0.5:8888" and worker.status == "unknown"  # nothing handed out yet
+        registry.record(worker.id, OK._replace(instance="p1"))
+        same, created = registry.register(reg(tags=["a"], instance="p2"))  # a sibling process, or a refresh
+        assert not created and same.status == "healthy" and same.successes == 1 and same.instances == ("p1", "p2")
+        again, created = registry.register(reg(tags=["b"], version="2.0", instance="p3"))
+        assert not created and again.version == "2.0" and again.last_check == clock.now  # the history stays
+        assert again.status == "unknown" and again.successes == 0 and again.instances == ("p3",)
         assert len(registry) == 1
         assert registry.workers("a") == [] and [w.id for w in registry.workers("b")] == [worker.id]
+
+    def test_a_check_answered_by_another_process_fails(self) -> None:
+        registry = Registry()
+        worker, _ = registry.register(reg(instance="p1"))
+        registry.record(worker.id, OK._replace(instance="p1"))
+        assert registry.get(worker.id).status == "healthy"  # type: ignore[union-attr]
+        for answered_by in ("intruder", None):
+            registry.record(worker.id, OK._replace(instance=answered_by))
+        entry = registry.get(worker.id)
+        assert entry is not None and entry.status == "unhealthy" and entry.last_status_code == 200
+        assert entry.last_error == "answered by a process that did not register 10.0.0.5:8888"
 
     def test_id_from_host_and_port(self) -> None:
         assert picoapi.worker_id("Host.Example", 80) == "host.example:80"
@@ -615,7 +629,7 @@ class TestRegistry:
         worker, _ = registry.register(reg())
         worker.status = "unhealthy"
         registry.workers()[0].name = "changed"
-        assert registry.get(worker.id).status == "healthy"  # type: ignore[union-attr]
+        assert registry.get(worker.id).status == "unknown"  # type: ignore[union-attr]
         assert registry.get(worker.id).name == "orders"  # type: ignore[union-attr]
         assert registry.get("nope") is None
 
@@ -655,6 +669,8 @@ class TestScheduler:
         clock, registry, pool, checker = sched
         registry.register(reg(port=1, interval=1))
         registry.register(reg(port=2, interval=3))
+        assert checker.run_pending() == 2  # a new registration is checked at once
+        pool.fired.clear()
         fired = []
         for _ in range(6):
             clock.advance(1)
@@ -667,6 +683,7 @@ class TestScheduler:
     def test_nothing_fires_early(self, sched: Any) -> None:
         clock, registry, pool, checker = sched
         registry.register(reg(interval=10))
+        assert checker.run_pending() == 1  # the first check, at once
         clock.advance(9.99)
         assert checker.run_pending() == 0
         clock.advance(0.01)
@@ -675,12 +692,14 @@ class TestScheduler:
     def test_reregistration_moves_schedule(self, sched: Any) -> None:
         clock, registry, pool, checker = sched
         registry.register(reg(interval=10))
+        checker.run_pending()
         clock.advance(8)
-        registry.register(reg(interval=5))
+        registry.register(reg(interval=5))  # a change: checked at once, then every 5 s
+        assert checker.run_pending() == 1
         clock.advance(2)
         assert checker.run_pending() == 0  # the old due time (10) is stale
         clock.advance(3)
-        assert checker.run_pending() == 1 and len(pool.fired) == 1
+        assert checker.run_pending() == 1 and len(pool.fired) == 3
 
     def test_deregistration_cancels(self, sched: Any) -> None:
         clock, registry, pool, checker = sched
@@ -692,6 +711,7 @@ class TestScheduler:
     def test_first_failure_is_confirmed_quickly(self, sched: Any) -> None:
         clock, registry, pool, checker = sched
         worker, _ = registry.register(reg(interval=10))
+        checker.run_pending()
         pool.outcome[worker.id] = [FAIL, FAIL]
         clock.advance(10)
         checker.run_pending()
@@ -705,6 +725,7 @@ class TestScheduler:
     def test_one_lost_check_does_not_mark_unhealthy(self, sched: Any) -> None:
         clock, registry, pool, checker = sched
         worker, _ = registry.register(reg(interval=10))
+        checker.run_pending()
         pool.outcome[worker.id] = [FAIL, OK]
         for _ in range(3):
             clock.advance(10)
@@ -718,6 +739,7 @@ class TestScheduler:
         pool = InlinePool()
         checker = HealthChecker(registry, pool=pool)
         worker, _ = registry.register(reg(interval=4))
+        checker.run_pending()
         pool.outcome[worker.id] = [FAIL, OK, OK]
         clock.advance(4)
         checker.run_pending()
@@ -732,6 +754,7 @@ class TestScheduler:
     def test_flapping_does_not_flip_status_every_check(self, sched: Any) -> None:
         clock, registry, pool, checker = sched
         worker, _ = registry.register(reg(interval=1))
+        checker.run_pending()
         pool.outcome[worker.id] = [FAIL, OK] * 50
         statuses = set()
         for _ in range(200):
@@ -747,6 +770,7 @@ class TestScheduler:
         changes: list[Any] = []
         checker = HealthChecker(registry, pool=pool, on_change=lambda wid, c: changes.append(c))
         worker, _ = registry.register(reg(interval=10))
+        checker.run_pending()
         pool.outcome[worker.id] = [FAIL] * 10
         for _ in range(30):
             clock.advance(1)
@@ -756,7 +780,11 @@ class TestScheduler:
             clock.advance(1)
             checker.run_pending()
         assert worker.id not in registry
-        assert changes == [("healthy", "unhealthy", False), ("unhealthy", "unhealthy", True)]
+        assert changes == [
+            ("unknown", "healthy", False),
+            ("healthy", "unhealthy", False),
+            ("unhealthy", "unhealthy", True),
+        ]
 
     def test_bring_forward(self, sched: Any) -> None:
         clock, registry, pool, checker = sched
@@ -764,11 +792,21 @@ class TestScheduler:
         registry.bring_forward(worker.id)
         assert checker.run_pending() == 1
 
-    def test_loaded_worker_is_unknown_and_checked_at_once(self, sched: Any) -> None:
+    def test_new_worker_is_unknown_checked_at_once_and_given_a_start_up_grace(self, sched: Any) -> None:
         clock, registry, pool, checker = sched
-        worker, _ = registry.register(reg(interval=100), status="unknown")
+        worker, _ = registry.register(reg(interval=100))
         assert worker.status == "unknown"
+        pool.outcome[worker.id] = [FAIL] * 11 + [OK]  # its server is not listening yet
         assert checker.run_pending() == 1
+        for _ in range(9):  # re-checked every second, still unknown for min(interval, 10 s)
+            clock.advance(1)
+            assert checker.run_pending() == 1
+            assert registry.get(worker.id).status == "unknown"
+        clock.advance(1)
+        checker.run_pending()
+        assert registry.get(worker.id).status == "unhealthy"  # it never answered: unhealthy after the grace
+        clock.advance(100)
+        checker.run_pending()
         assert registry.get(worker.id).status == "healthy"
 
     def test_result_for_deregistered_worker_is_dropped(self, sched: Any) -> None:
@@ -778,9 +816,10 @@ class TestScheduler:
     def test_lateness_is_measured(self, sched: Any) -> None:
         clock, registry, pool, checker = sched
         registry.register(reg(interval=1))
+        checker.run_pending()
         clock.advance(1.5)
         checker.run_pending()
-        assert checker.fired == 1 and checker.lateness == pytest.approx(0.5)
+        assert checker.fired == 2 and checker.lateness == pytest.approx(0.5)
 
     def test_broken_recording_does_not_kill_the_pool(self, sched: Any, caplog: Any) -> None:
         clock, registry, pool, checker = sched
@@ -1222,7 +1261,8 @@ class TestSupervisorRoutes:
     def test_register_create_replace_get_delete(self, supervisor: TestClient) -> None:
         first = supervisor.put("/register", json=body())
         assert first.status_code == 201 and first.json()["id"] == "127.0.0.1:9001"
-        assert first.json()["status"] == "healthy" and first.headers["X-PicoAPI-Supervisor"]
+        assert first.json()["status"] == "unknown" and first.headers["X-PicoAPI-Supervisor"]  # until checked
+        assert supervisor.put("/register", json=body()).status_code == 200  # the same again: a refresh
         second = supervisor.put("/register", json=body(version="2.0"))
         assert second.status_code == 200 and second.json()["version"] == "2.0"
         assert len(supervisor.get("/services").json()) == 1
@@ -1241,8 +1281,8 @@ class TestSupervisorRoutes:
         assert ids("?tag=resize&tag=png") == [1]
         assert ids("?version=2.0") == [2]
         assert ids("?name=reader") == [3]
-        assert ids("?status=healthy") == [1, 2, 3]
-        assert ids("?status=unhealthy") == []
+        assert ids("?status=unknown") == [1, 2, 3]  # none checked yet (the fixture runs no checker)
+        assert ids("?status=healthy") == ids("?status=unhealthy") == []
         assert supervisor.get("/services?status=sleepy").status_code == 422
 
     def test_registry_full(self, supervisor: TestClient) -> None:
@@ -1384,7 +1424,8 @@ def http_worker(
 def supervisor_with(*ports: int, tags: tuple[str, ...] = ("resize",), **fields: Any) -> PicoAPI:
     app = PicoAPI(mode="supervisor")
     for port in ports:
-        app.registry.register(reg("127.0.0.1", port, tags=list(tags), **fields))  # type: ignore[union-attr]
+        worker, _ = app.registry.register(reg("127.0.0.1", port, tags=list(tags), **fields))  # type: ignore[union-attr]
+        app.registry.record(worker.id, OK)  # type: ignore[union-attr]  # as if checked: nothing unchecked is picked
     return app
 
 
@@ -1414,7 +1455,11 @@ class TestPick:
         registry.register(reg("127.0.0.1", 1, tags=["resize", "png"], version="1.0"))
         registry.register(reg("127.0.0.1", 2, tags=["resize"], version="2.0"))
         registry.register(reg("127.0.0.1", 3, tags=["resize", "png"], version="2.0"))
+        registry.register(reg("127.0.0.1", 4, tags=["resize", "png"], version="2.0"))  # never checked: unknown
+        for port in (1, 2, 3):
+            registry.record(f"127.0.0.1:{port}", OK)
         registry.record("127.0.0.1:3", FAIL)
+        assert {app.pick("resize", "png").port for _ in range(4)} == {1}  # one failure: out until it passes again
         registry.record("127.0.0.1:3", FAIL)  # unhealthy now
         assert {app.pick("resize", "png").port for _ in range(4)} == {1}
         assert {app.pick("resize", version="2.0").port for _ in range(4)} == {2}
@@ -1535,7 +1580,7 @@ class TestWorkerOpenAPI:
             with TestClient(app) as client:
                 response = client.get(f"/services/127.0.0.1:{port}/openapi")
         assert response.status_code == 200 and response.json()["paths"] == {"/resize": {}}
-        assert paths == ["GET /spec.json"]
+        assert [p for p in paths if p != "GET /health"] == ["GET /spec.json"]  # beside the health checks
 
     def test_unreachable_worker_is_502(self) -> None:
         port = free_port()
@@ -2002,7 +2047,8 @@ class TestExample:
                     )
                 )
             resize_port, ocr_port = procs[1].port, procs[2].port
-            wait_for(lambda: len(requests.get(url + "/services?tag=image", timeout=1).json()) == 2, 20, "two workers")
+            healthy = url + "/services?tag=image&status=healthy"
+            wait_for(lambda: len(requests.get(healthy, timeout=1).json()) == 2, 20, "two healthy workers")
             jobs = [
                 {"kind": "resize", "payload": {"width": 640, "height": 480, "scale": 0.5}},
                 {"kind": "ocr", "payload": {"image": "HELLO PICOAPI"}},
@@ -2075,6 +2121,8 @@ class TestDashboard:
         assert registry is not None
         registry.register(reg("127.0.0.1", 1, name="<script>alert(1)</script>", tags=["a", "<b>"]))
         registry.register(reg("127.0.0.1", 2, name="ok", tags=["a"]))
+        registry.record("127.0.0.1:1", OK)
+        registry.record("127.0.0.1:2", OK)
         registry.record("127.0.0.1:2", FAIL)
         registry.record("127.0.0.1:2", FAIL)
         with TestClient(app) as client:
@@ -2086,7 +2134,7 @@ class TestDashboard:
         rows = Rows(page)
         assert list(rows.rows) == ["127.0.0.1:2", "127.0.0.1:1"]  # trouble first
         assert rows.rows["127.0.0.1:1"]["cells"][0] == "<script>alert(1)</script>"  # shown as text
-        assert rows.rows["127.0.0.1:2"]["status"] == "unhealthy" and rows.rows["127.0.0.1:2"]["cells"][7] == "2"
+        assert rows.rows["127.0.0.1:2"]["status"] == "unhealthy" and int(rows.rows["127.0.0.1:2"]["cells"][7]) >= 2
         assert rows.counts == {"healthy": "1 healthy", "unhealthy": "1 unhealthy", "unknown": "0 unknown"}
         assert "/dashboard" not in app.openapi()["paths"]
 
@@ -2133,7 +2181,7 @@ class TestStatusCommand:
         row = next(line for line in lines if line.startswith(f"127.0.0.1:{port}"))
         assert row.split()[1:5] == ["echo", "0.0.1", "echo", "healthy"]
         assert lines[0].index("STATUS") == row.index("healthy")  # aligned
-        assert lines[-1] == "2 workers: 2 healthy"
+        assert lines[-1] == "2 workers: 1 healthy, 1 unknown"  # nothing listens for the second: never checked good
         only = picoapi_cli("status", cluster.url, "--tag", "echo")
         assert [line.split()[0] for line in only.stdout.splitlines()[1:-2]] == [f"127.0.0.1:{port}"]
         as_json = json.loads(picoapi_cli("status", cluster.url, "--json", "--tag", "other").stdout)
@@ -2698,7 +2746,7 @@ class TestCheckerInvariant:
     def test_run_pending_before_start_queues_the_checks(self) -> None:
         with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as port:
             registry = Registry()
-            worker, _ = registry.register(reg("127.0.0.1", port, interval=0.05), status="unknown")
+            worker, _ = registry.register(reg("127.0.0.1", port, interval=0.05))
             checker = HealthChecker(registry)
             assert checker.run_pending() == 1  # not an AttributeError: the pool takes it when it starts
             checker.start()
