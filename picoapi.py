@@ -71,6 +71,9 @@ import requests.adapters
 import urllib3
 from dotenv import dotenv_values
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -477,8 +480,10 @@ class HealthSpec(BaseModel):
     """How the supervisor checks a worker."""
 
     url: str = Field(max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
-    interval: float = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, description="seconds between checks")
-    timeout: float | None = Field(default=None, gt=0, le=MAX_INTERVAL, description="seconds; default min(interval, 10)")
+    interval: float = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds between checks")
+    timeout: float | None = Field(
+        default=None, gt=0, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds; default min(interval, 10)"
+    )
 
 
 class Registration(BaseModel):
@@ -1737,6 +1742,19 @@ async def _no_worker_handler(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(detail, status_code=503)
 
 
+async def _validation_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's own 422, always sendable: json.loads reads NaN, Infinity, 1e400 and lone surrogates, which
+    the answer quotes back and JSON or UTF-8 cannot carry (FastAPI's handler answers 500). They go back as text."""
+    assert isinstance(exc, RequestValidationError)
+    errors = jsonable_encoder(exc.errors())
+    try:
+        body = to_json({"detail": errors}, inf_nan_mode="strings")
+    except ValueError:  # a lone surrogate ("\ud800") in the input: quote it escaped
+        errors = [{**error, "input": _printable(error.get("input"))} for error in errors]
+        body = to_json({"detail": errors}, inf_nan_mode="strings")
+    return Response(body, status_code=422, media_type="application/json")
+
+
 def _is_connect_error(exc: BaseException) -> bool:
     """True when the connection was never made, so nothing was sent."""
     connect_errors = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
@@ -1945,6 +1963,8 @@ class PicoAPI(FastAPI):
             self._add_supervisor_routes()
             self.add_middleware(_BodyLimit, path=REGISTER_ROUTE, limit=MAX_BODY)
             self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
+            if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
+                self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
         self.add_api_route(
             config.health_path,
             self._health_endpoint,

@@ -1214,6 +1214,43 @@ class TestSupervisorRoutes:
         assert "WorkerOut" in json.dumps(schema["paths"]["/services"]["get"]["responses"]["200"])
 
 
+class TestHostileInput:
+    @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+    @pytest.mark.parametrize(
+        ("template", "loc"),
+        [
+            ('{"url": "http://127.0.0.1:9001/health", "interval": %s}', ["body", "health", "interval"]),
+            ('{"url": "http://127.0.0.1:9001/health", "interval": 10, "timeout": %s}', ["body", "health", "timeout"]),
+        ],
+    )
+    def test_non_finite_seconds_are_422_naming_the_field(
+        self, supervisor: TestClient, caplog: Any, literal: str, template: str, loc: list[str]
+    ) -> None:
+        payload = json.dumps({**body(), "health": "HEALTH"}).replace('"HEALTH"', template % literal)
+        response = supervisor.put("/register", content=payload, headers={"Content-Type": "application/json"})
+        assert response.status_code == 422
+        assert [(e["loc"], e["msg"]) for e in response.json()["detail"]] == [(loc, "Input should be a finite number")]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback per request
+
+    @pytest.mark.parametrize(
+        ("field", "raw", "loc", "quoted"),
+        [
+            ("name", "NaN", ["body", "name"], "NaN"),
+            ("port", "Infinity", ["body", "port"], "Infinity"),
+            ("tags", "[1e400]", ["body", "tags", 0], "Infinity"),
+            (None, "NaN", ["body"], "NaN"),
+            ("name", '"\\ud800"', ["body", "name"], "\\ud800"),  # a lone surrogate: UTF-8 has no byte for it
+        ],
+    )
+    def test_what_json_cannot_carry_is_quoted_back_as_text(
+        self, supervisor: TestClient, field: str | None, raw: str, loc: list[Any], quoted: str
+    ) -> None:
+        payload = raw if field is None else json.dumps({**body(), field: "X"}).replace('"X"', raw)
+        response = supervisor.put("/register", content=payload, headers={"Content-Type": "application/json"})
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == loc
+        assert response.json()["detail"][0]["input"] == quoted
+
+
 class TestToken:
     @pytest.fixture
     def client(self) -> Iterator[TestClient]:
