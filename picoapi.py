@@ -60,6 +60,7 @@ import ssl
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -76,7 +77,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -203,6 +204,24 @@ def _printable(text: object, limit: int = MAX_ERROR) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+#: What no text field may hold: controls (C0 and C1: ESC, CSI, OSC...), formats (bidi overrides, zero-width
+#: characters), surrogates and line or paragraph separators. They rewrite terminals, reorder or break lines
+#: in logs and tables, and let 'resizer\u200b' register beside 'resizer' looking the same.
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _check_text(what: str, text: str, error: type[ValueError] = ValueError) -> str:
+    """``text``, if it holds no character of the :data:`_HIDDEN` categories; else ``error`` naming ``what``."""
+    if not text.isprintable():  # False for every hidden category: most text is done here, in C
+        for i, char in enumerate(text):
+            if unicodedata.category(char) in _HIDDEN:
+                raise error(
+                    f"{what} must not contain control, format or line-separator characters; remove the "
+                    f"U+{ord(char):04X} at index {i}, got '{_printable(text)}'"
+                )
+    return text
+
+
 # -- Configuration -----------------------------------------------------------
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
@@ -261,9 +280,14 @@ def _parse_host(var: str, raw: object) -> str:
 
 def _parse_text(var: str, raw: object, limit: int) -> str:
     text = str(raw).strip()
-    if not text or len(text) > limit or not text.isprintable():
+    if not text or len(text) > limit:
         raise ConfigError(f"{var} must be 1 to {limit} printable characters, got {raw!r}")
-    return text
+    return _check_text(var, text, ConfigError)
+
+
+def _parse_description(var: str, raw: object) -> str:
+    # FastAPI descriptions are often Markdown over several lines: the registration's copy is one line.
+    return _check_text(var, re.sub(r"[\t\r\n]+", " ", str(raw).strip())[:MAX_DESCRIPTION], ConfigError)
 
 
 def _parse_urls(var: str, raw: object) -> tuple[str, ...]:
@@ -289,11 +313,15 @@ def _parse_list(var: str, raw: object, sep: str) -> tuple[str, ...]:
     return tuple(str(item).strip() for item in raw if str(item).strip())
 
 
+def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str:
+    """``tag``, if it is a valid tag; else ``error`` naming ``what``: 'API_TAGS items', 'each tag'."""
+    if not 1 <= len(tag) <= MAX_TAG or not _TAG_RE.match(tag):
+        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces or ':', got '{_printable(tag)}'")
+    return _check_text(what, tag, error)
+
+
 def _parse_tags(var: str, raw: object) -> tuple[str, ...]:
-    tags = _parse_list(var, raw, ":")
-    for tag in tags:
-        if len(tag) > MAX_TAG or not _TAG_RE.match(tag) or not tag.isprintable():
-            raise ConfigError(f"{var} items must be 1 to {MAX_TAG} characters without spaces or ':', got {tag!r}")
+    tags = tuple(_check_tag(f"{var} items", tag, ConfigError) for tag in _parse_list(var, raw, ":"))
     if len(tags) > MAX_TAGS:
         raise ConfigError(f"{var} may list at most {MAX_TAGS} tags, got {len(tags)}")
     return tags
@@ -330,7 +358,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "port": ("API_PORT", _parse_port),
     "bind": ("API_BIND", _parse_host),
     "title": ("API_TITLE", lambda v, r: _parse_text(v, r, MAX_NAME) if str(r).strip() else ""),
-    "description": ("API_DESCRIPTION", lambda v, r: str(r)[:MAX_DESCRIPTION]),
+    "description": ("API_DESCRIPTION", _parse_description),
     "version": ("API_VERSION", lambda v, r: _parse_text(v, r, MAX_VERSION)),
     "register_urls": ("API_REGISTER_PATH", _parse_urls),
     "health_path": ("API_HEALTH_PATH", _parse_path),
@@ -489,10 +517,10 @@ class HealthSpec(BaseModel):
 class Registration(BaseModel):
     """The body of ``PUT /register``: what a worker says about itself."""
 
-    name: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f]+$")
+    name: str = Field(min_length=1, max_length=MAX_NAME)
     host: str = Field(min_length=1, max_length=MAX_HOST, pattern=_HOST_RE.pattern)
     port: int = Field(ge=1, le=65535)
-    version: str = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION, pattern=r"^[^\x00-\x1f\x7f]+$")
+    version: str = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION)
     tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
     description: str = Field(default="", max_length=MAX_DESCRIPTION)
     health: HealthSpec
@@ -505,13 +533,15 @@ class Registration(BaseModel):
     def _normal_host(cls, host: str) -> str:
         return host.strip("[]").lower()
 
+    @field_validator("name", "version", "description", "openapi")
+    @classmethod
+    def _visible_text(cls, text: str | None, info: ValidationInfo) -> str | None:
+        return text if text is None else _check_text(str(info.field_name), text)
+
     @field_validator("tags")
     @classmethod
     def _valid_tags(cls, tags: list[str]) -> list[str]:
-        for tag in tags:
-            if not 1 <= len(tag) <= MAX_TAG or not _TAG_RE.match(tag) or not tag.isprintable():
-                raise ValueError(f"each tag must be 1 to {MAX_TAG} characters without spaces or ':', got {tag!r}")
-        return list(dict.fromkeys(tags))
+        return list(dict.fromkeys(_check_tag("each tag", tag) for tag in tags))
 
     @model_validator(mode="after")
     def _health_is_own(self) -> Registration:

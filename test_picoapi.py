@@ -107,6 +107,11 @@ def body(host: str = "127.0.0.1", port: int = 9001, interval: float = 10, **fiel
     return reg(host, port, interval, **fields).model_dump(exclude_none=True)
 
 
+#: Characters that rewrite terminals, reorder text or hide: C0 and C1 controls (ESC, BEL, CSI, OSC), bidi override,
+#: zero-width space and no-break, line and paragraph separators, a lone surrogate (a non-UTF-8 byte in os.environ).
+HIDDEN_CHARACTERS = ["\x00", "\x1b", "\x07", "\x7f", "\x9b", "\x9d", "\u202e", "\u200b", "\ufeff", "\u2028"]
+HIDDEN_CHARACTERS += ["\u2029", "\udcff"]
+
 FAIL = CheckResult(False, None, 0.001, "refused")
 OK = CheckResult(True, 200, 0.001)
 
@@ -271,7 +276,12 @@ class TestConfig:
             ("API_DEREGISTER_AFTER", "soon", "API_DEREGISTER_AFTER must be a number of seconds"),
             ("API_HEALTH_TIMEOUT", "0", "API_HEALTH_TIMEOUT must be a number of seconds from 0.01 to 86400, got '0'"),
             ("API_TITLE", "x" * 129, "API_TITLE must be 1 to 128 printable characters"),
-            ("API_VERSION", "1\x00", "API_VERSION must be 1 to 64 printable characters"),
+            (
+                "API_VERSION",
+                "1\x00",
+                "API_VERSION must not contain control, format or line-separator characters; remove the U+0000 at "
+                "index 1, got '1\\x00'",
+            ),
         ],
     )
     def test_bad_value_names_variable_value_and_fix(self, var: str, raw: str, message: str) -> None:
@@ -279,6 +289,21 @@ class TestConfig:
             Config.load(environ={var: raw})
         assert str(info.value).startswith(message)
         assert isinstance(info.value, ValueError) and isinstance(info.value, PicoAPIError)
+
+    @pytest.mark.parametrize("var", ["API_TITLE", "API_VERSION", "API_DESCRIPTION", "API_TAGS"])
+    def test_text_variables_refuse_hidden_characters(self, var: str) -> None:
+        for char in HIDDEN_CHARACTERS:
+            with pytest.raises(ConfigError) as info:
+                Config.load(environ={var: f"re{char}sizer"})
+            message = str(info.value)
+            assert message.startswith(var) and f"got 're{ascii(char)[1:-1]}sizer'" in message, message
+            assert message.isprintable()  # safe to print on the operator's terminal
+
+    def test_multiline_description_is_one_line_in_the_registration(self) -> None:
+        markdown = "# Orders\n\nResizes *images*.\r\n\tFast."
+        app = PicoAPI(title="orders", description=markdown, env_file=None)
+        assert app.description == markdown  # FastAPI's /docs keep the Markdown
+        assert app.config.description == "# Orders Resizes *images*. Fast."
 
     def test_credentials_refused_with_wildcard_origin(self) -> None:
         with pytest.raises(ConfigError, match="API_CORS_ALLOW_CREDENTIALS=true needs explicit origins"):
@@ -1249,6 +1274,34 @@ class TestHostileInput:
         response = supervisor.put("/register", content=payload, headers={"Content-Type": "application/json"})
         assert response.status_code == 422 and response.json()["detail"][0]["loc"] == loc
         assert response.json()["detail"][0]["input"] == quoted
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("name", "resizer{}"),
+            ("version", "1.0{}"),
+            ("tags", ["png{}"]),
+            ("description", "resizes{} images"),
+            ("openapi", "/openapi{}.json"),
+            ("host", "127.0.0.1{}"),
+        ],
+    )
+    def test_text_fields_refuse_hidden_characters(self, supervisor: TestClient, field: str, value: Any) -> None:
+        for char in HIDDEN_CHARACTERS:
+            filled = json.loads(json.dumps(value).replace("{}", json.dumps(char)[1:-1]))
+            payload = json.dumps({**body(), field: filled})  # ASCII with \\u escapes, a lone surrogate's too
+            response = supervisor.put("/register", content=payload, headers={"Content-Type": "application/json"})
+            assert f"body.{field}" in field_error(response), (field, char)
+        assert supervisor.get("/services").json() == []
+
+    def test_lookalike_name_does_not_register_beside_the_original(self, supervisor: TestClient) -> None:
+        assert supervisor.put("/register", json=body(port=1, name="resizer")).status_code == 201
+        refused = field_error(supervisor.put("/register", json={**body(port=2), "name": "resizer\u200b"}))
+        assert refused == (
+            "body.name: Value error, name must not contain control, format or line-separator characters; "
+            "remove the U+200B at index 7, got 'resizer\\u200b'"
+        )
+        assert [entry["name"] for entry in supervisor.get("/services").json()] == ["resizer"]
 
 
 class TestToken:
