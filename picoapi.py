@@ -65,7 +65,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, NamedTuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import requests
 import requests.adapters
@@ -222,6 +222,22 @@ def _check_text(what: str, text: str, error: type[ValueError] = ValueError) -> s
     return text
 
 
+def _check_health_path(what: str, path: str, error: type[ValueError] = ValueError, origin: str = "") -> str:
+    """``path``, if it is ASCII without query or fragment; else ``error`` naming ``what`` and the fix.
+
+    The checker sends it byte for byte. A health check is a path, as API_HEALTH_PATH is: a query there is a
+    mistake, and a fragment never even leaves the client.
+    """
+    # RFC 3986's path characters and existing %XX escapes stay as they are; the rest is percent-encoded.
+    fixed = quote(path.partition("#")[0].partition("?")[0], safe="/%:@!$&'()*+,;=")
+    if fixed != path:
+        raise error(
+            f"{what} must be an ASCII path without ?query or #fragment; percent-encode it: "
+            f"'{origin}{fixed}', got '{_printable(origin + path)}'"
+        )
+    return path
+
+
 # -- Configuration -----------------------------------------------------------
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
@@ -329,9 +345,9 @@ def _parse_tags(var: str, raw: object) -> tuple[str, ...]:
 
 def _parse_path(var: str, raw: object) -> str:
     text = str(raw).strip()
-    if not text.startswith("/") or len(text) > 512 or not text.isprintable() or " " in text:
+    if not text.startswith("/") or len(text) > 512:
         raise ConfigError(f"{var} must be a path starting with '/', such as '/health', got {raw!r}")
-    return text
+    return _check_health_path(var, text, ConfigError)
 
 
 def _parse_mode(var: str, raw: object) -> str:
@@ -474,6 +490,11 @@ class Config:
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"http://{host}:{self.port}{self.health_path}"
 
+    @property
+    def health_route(self) -> str:
+        """The health path as the app's router sees it: percent-decoded, as servers decode request paths."""
+        return unquote(self.health_path)
+
     def registration(self) -> dict[str, Any]:
         """The JSON body a worker sends to ``PUT /register``."""
         self.require("host", "title", purpose="for a worker to register")
@@ -512,6 +533,16 @@ class HealthSpec(BaseModel):
     timeout: float | None = Field(
         default=None, gt=0, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds; default min(interval, 10)"
     )
+
+    @field_validator("url")
+    @classmethod
+    def _ascii_path(cls, url: str) -> str:
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        _check_health_path("health.url", url[len(origin) :], origin=origin)
+        if not url.isascii():  # the host as well: 'K' (U+212A, Kelvin sign) lower-cases to an ASCII 'k'
+            raise ValueError(f"health.url must be ASCII, got '{_printable(url)}'")
+        return url
 
 
 class Registration(BaseModel):
@@ -1996,7 +2027,7 @@ class PicoAPI(FastAPI):
             if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
                 self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
         self.add_api_route(
-            config.health_path,
+            config.health_route,
             self._health_endpoint,
             methods=["GET"],
             include_in_schema=False,
@@ -2020,7 +2051,7 @@ class PicoAPI(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Noted here, not in the route, so a health route of the user's own counts too.
-        if self.registrar is not None and scope["type"] == "http" and scope["path"] == self.config.health_path:
+        if self.registrar is not None and scope["type"] == "http" and scope["path"] == self.config.health_route:
             key = _SUPERVISOR_HEADER_KEY
             self.registrar.note_check(next((v.decode() for k, v in scope["headers"] if k == key), None))
         await super().__call__(scope, receive, send)

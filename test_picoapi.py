@@ -282,6 +282,12 @@ class TestConfig:
                 "API_VERSION must not contain control, format or line-separator characters; remove the U+0000 at "
                 "index 1, got '1\\x00'",
             ),
+            (
+                "API_HEALTH_PATH",
+                "/santé",
+                "API_HEALTH_PATH must be an ASCII path without ?query or #fragment; percent-encode it: "
+                "'/sant%C3%A9', got '/santé'",
+            ),
         ],
     )
     def test_bad_value_names_variable_value_and_fix(self, var: str, raw: str, message: str) -> None:
@@ -304,6 +310,32 @@ class TestConfig:
         app = PicoAPI(title="orders", description=markdown, env_file=None)
         assert app.description == markdown  # FastAPI's /docs keep the Markdown
         assert app.config.description == "# Orders Resizes *images*. Fast."
+
+    @pytest.mark.parametrize(
+        ("raw", "fix"),
+        [
+            ("/€", "/%E2%82%AC"),
+            ("/health?full=1", "/health"),
+            ("/health#top", "/health"),
+            ("/he alth", "/he%20alth"),
+            ("/he\x1balth", "/he%1Balth"),
+            ("/h\u200bealth", "/h%E2%80%8Bealth"),
+        ],
+    )
+    def test_health_path_is_ascii_without_query(self, raw: str, fix: str) -> None:
+        with pytest.raises(ConfigError) as info:
+            Config.load(environ={"API_HEALTH_PATH": raw})
+        assert str(info.value) == (
+            "API_HEALTH_PATH must be an ASCII path without ?query or #fragment; percent-encode it: "
+            f"'{fix}', got '{picoapi._printable(raw)}'"
+        )
+
+    def test_percent_encoded_health_path_is_served_and_registered(self) -> None:
+        config = Config.load(environ={"API_HOST": "127.0.0.1", "API_TITLE": "t", "API_HEALTH_PATH": "/sant%C3%A9"})
+        assert config.health_url == "http://127.0.0.1:8888/sant%C3%A9"
+        Registration.model_validate(config.registration())  # the supervisor takes it
+        with TestClient(PicoAPI(config=config)) as client:  # servers decode the path before routing it
+            assert client.get("/sant%C3%A9").json()["status"] == "healthy"
 
     def test_credentials_refused_with_wildcard_origin(self) -> None:
         with pytest.raises(ConfigError, match="API_CORS_ALLOW_CREDENTIALS=true needs explicit origins"):
@@ -1284,6 +1316,7 @@ class TestHostileInput:
             ("description", "resizes{} images"),
             ("openapi", "/openapi{}.json"),
             ("host", "127.0.0.1{}"),
+            ("health", {"url": "http://127.0.0.1:9001/health{}", "interval": 1}),
         ],
     )
     def test_text_fields_refuse_hidden_characters(self, supervisor: TestClient, field: str, value: Any) -> None:
@@ -1302,6 +1335,28 @@ class TestHostileInput:
             "remove the U+200B at index 7, got 'resizer\\u200b'"
         )
         assert [entry["name"] for entry in supervisor.get("/services").json()] == ["resizer"]
+
+    @pytest.mark.parametrize(
+        ("path", "fix"),
+        [
+            ("/santé", "/sant%C3%A9"),
+            ("/€", "/%E2%82%AC"),
+            ("/health?full=1", "/health"),
+            ("/health#top", "/health"),
+            ("/h\x9bealth", "/h%C2%9Bealth"),
+        ],
+    )
+    def test_health_url_is_ascii_without_query(self, supervisor: TestClient, path: str, fix: str) -> None:
+        payload = {**body(), "health": {"url": f"http://127.0.0.1:9001{path}", "interval": 1}}
+        refused = field_error(supervisor.put("/register", json=payload))
+        assert refused.startswith("body.health.url: Value error, health.url must be an ASCII path without ?query")
+        assert f"percent-encode it: 'http://127.0.0.1:9001{fix}'" in refused
+
+    def test_percent_encoded_health_url_and_ascii_host(self, supervisor: TestClient) -> None:
+        encoded = {**body(), "health": {"url": "http://127.0.0.1:9001/sant%C3%A9", "interval": 1}}
+        assert supervisor.put("/register", json=encoded).status_code == 201
+        kelvin = {**body(host="k"), "health": {"url": "http://\u212a:9001/health", "interval": 1}}  # 'K'.lower() == 'k'
+        assert "health.url must be ASCII" in field_error(supervisor.put("/register", json=kelvin))
 
 
 class TestToken:
