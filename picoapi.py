@@ -77,7 +77,16 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -155,6 +164,8 @@ DEFAULT_CALL_TIMEOUT = 10.0
 #: GET /services/{id}/openapi: how long to wait for the worker, and the most it may send.
 OPENAPI_TIMEOUT = 5.0
 OPENAPI_MAX_BYTES = 1024 * 1024
+#: ``picoapi status`` reads at most this many pages of GET /services (100,000 workers), whatever it is told.
+STATUS_MAX_PAGES = 100
 
 logger = logging.getLogger("picoapi")
 
@@ -2479,38 +2490,73 @@ def _default_supervisor_url() -> str:
     return f"http://127.0.0.1:{config.port}"
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    url = (args.url or _default_supervisor_url()).rstrip("/")
-    try:
-        resp = requests.get(url + SERVICES_ROUTE, params={"tag": args.tag or []}, timeout=args.timeout)
-        resp.raise_for_status()
-        entries = resp.json()
-    except requests.RequestException as exc:
-        raise PicoAPIError(f"cannot reach the supervisor at {url}: {_root_cause(exc)}") from None
-    except ValueError:
-        raise PicoAPIError(f"{url}{SERVICES_ROUTE} did not answer JSON: is it a PicoAPI supervisor?") from None
-    if args.json:
-        print(json.dumps(entries, indent=2))
-        return 0
-    now = time.time()
+#: A page of GET /services, read by the model the route declares: one shape on both ends.
+_STATUS_PAGE = TypeAdapter(list[WorkerOut])
+
+
+def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
+    """The supervisor's entries page after page, at most STATUS_MAX_PAGES: (entries, whether that is all).
+
+    Raises :class:`PicoAPIError`, one line, if it cannot be reached or answers anything else.
+    """
+    entries: list[dict[str, Any]] = []
+    after: str | None = None
+    for _ in range(STATUS_MAX_PAGES):
+        query: dict[str, Any] = {"tag": list(tags), "after": after}
+        try:
+            resp = requests.get(url + SERVICES_ROUTE, params=query, timeout=timeout)
+            resp.raise_for_status()
+            page = resp.json()
+        except requests.JSONDecodeError:  # a RequestException too: first
+            raise PicoAPIError(f"{url}{SERVICES_ROUTE} did not answer JSON: is it a PicoAPI supervisor?") from None
+        except requests.RequestException as exc:
+            raise PicoAPIError(f"cannot reach the supervisor at {url}: {_printable(_root_cause(exc))}") from None
+        try:
+            ids = [entry.id for entry in _STATUS_PAGE.validate_python(page, strict=True)]
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = "entry " + ".".join(map(str, error["loc"])) if error["loc"] else "the answer"
+            why = _printable(f"{where}: {error['msg']}")
+            raise PicoAPIError(
+                f"{url}{SERVICES_ROUTE} sent a malformed page ({why}): is it a PicoAPI supervisor?"
+            ) from None
+        ids = [entries[-1]["id"], *ids] if entries else ids
+        if ids != sorted(set(ids)):  # strictly rising ids: the pages cannot repeat or loop
+            raise PicoAPIError(f"{url}{SERVICES_ROUTE} sent entries out of id order: is it a PicoAPI supervisor?")
+        entries += page
+        if not page or "next" not in resp.links:
+            return entries, True
+        after = entries[-1]["id"]
+    return entries, False
+
+
+def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
+    """The entries as a table and a summary; every cell escaped, for it came from the far end."""
+    now, cell = time.time(), functools.partial(_printable, limit=MAX_DESCRIPTION)
     rows = [
         (
-            e["id"],
-            e["name"],
-            e["version"],
-            ",".join(e["tags"]),
-            e["status"] + ("*" if e.get("suspect") else ""),
-            _ago(e["last_check"], now),
-            _ms(e["last_latency"]),
+            *map(cell, (e["id"], e["name"], e["version"], ",".join(e["tags"]))),
+            cell(e["status"] + ("*" if e.get("suspect") else "")),
+            _ago(e.get("last_check"), now),
+            _ms(e.get("last_latency")),
         )
         for e in entries
     ]
     print(_table(rows, ("ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST CHECK", "LATENCY")))
-    counts: dict[str, int] = {}
-    for entry in entries:
-        counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+    counts = collections.Counter(cell(e["status"]) for e in entries)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    print(f"\n{len(entries)} workers" + (f": {summary}" if summary else ""))
+    print(f"\n{len(entries)} workers" + (f": {summary}" if summary else ""), flush=True)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    url = (args.url or _default_supervisor_url()).rstrip("/")
+    entries, complete = _services(url, args.tag or [], args.timeout)
+    if args.json:
+        print(json.dumps(entries, indent=2))  # ensure_ascii: every control character escaped
+    else:
+        _print_status(entries)
+    if not complete:
+        raise PicoAPIError(f"stopped after {STATUS_MAX_PAGES} pages ({len(entries)} workers); narrow it with --tag")
     return 0
 
 

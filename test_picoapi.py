@@ -7,6 +7,7 @@ processes on 127.0.0.1 and stop them in a ``finally``.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from typing import Any
@@ -2122,6 +2124,44 @@ def picoapi_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     )
 
 
+SERVICES = "http://127.0.0.1/services"
+#: A GET /services entry as a supervisor sends it.
+ENTRY = json.loads(json.dumps(picoapi._out(Registry().register(reg("127.0.0.1", 1))[0])))
+
+
+def status_entry(wid: str, **fields: Any) -> dict[str, Any]:
+    return {**ENTRY, "id": wid, **fields}
+
+
+@contextlib.contextmanager
+def fake_supervisor(answer: Callable[[dict[str, list[str]]], tuple[Any, dict[str, str]]]) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering every GET with ``answer(query)``: a body (JSON unless bytes), headers."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            payload, headers = answer(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query))
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(200)
+            for name, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(2)
+
+
 class TestStatusCommand:
     def test_table_tags_and_json_against_a_live_supervisor(self, cluster: Cluster) -> None:
         cluster.supervisor()
@@ -2153,6 +2193,59 @@ class TestStatusCommand:
         assert out.returncode == 1 and out.stdout == ""
         assert out.stderr.startswith(f"picoapi: cannot reach the supervisor at http://127.0.0.1:{port}: ")
         assert len(out.stderr.strip().splitlines()) == 1
+
+    def test_hostile_entries_cannot_reach_the_terminal(self, capsys: Any) -> None:
+        attack = "\x1b]0;pwned\x07\x1b[2J"
+        forged = "\n127.0.0.1:2  forged  1.0  x  healthy  -  -"
+        entries = [
+            status_entry("127.0.0.1:1", name=f"evil{attack}{forged}", tags=[f"t{attack}", "u\u202e\x9b"]),
+            status_entry(f"127.0.0.1:3{attack}", version=f"1{attack}\n\n9 workers: 9 healthy"),
+        ]
+        with fake_supervisor(lambda query: (entries, {})) as url:
+            assert picoapi.main(["status", url]) == 0
+            table = capsys.readouterr().out
+            assert picoapi.main(["status", url, "--json"]) == 0
+            as_json = capsys.readouterr().out
+        for out in (table, as_json):
+            assert not {"\x1b", "\x07", "\x9b", "\u202e"} & set(out), out
+        lines = table.splitlines()
+        assert len(lines) == 1 + 2 + 2 and lines[1].startswith("127.0.0.1:1 ") and lines[2].startswith("127.0.0.1:3")
+        assert lines[-1] == "2 workers: 2 healthy" and "\\x1b]0;pwned\\x07" in lines[1]
+        assert json.loads(as_json) == entries
+
+    @pytest.mark.parametrize(
+        ("answer", "why"),
+        [
+            ({"workers": []}, "malformed page (the answer: Input should be a valid list)"),
+            ([1], "malformed page (entry 0: Input should be a valid dictionary"),
+            ([{"id": "x"}], "malformed page (entry 0.name: Field required)"),
+            ([{**ENTRY, "tags": "png"}], "malformed page (entry 0.tags: Input should be a valid list)"),
+            ([{**ENTRY, "name": 5}], "malformed page (entry 0.name: Input should be a valid string)"),
+            ([{**ENTRY, "last_check": "soon"}], "malformed page (entry 0.last_check: Input should be a valid number)"),
+            ([ENTRY, ENTRY], "entries out of id order"),
+            (b"<html>", "did not answer JSON"),
+        ],
+    )
+    def test_malformed_answer_is_one_line_and_exit_1(self, capsys: Any, answer: Any, why: str) -> None:
+        with fake_supervisor(lambda query: (answer, {})) as url:
+            assert picoapi.main(["status", url]) == 1
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.startswith(f"picoapi: {url}/services ") and why in out.err
+        assert len(out.err.splitlines()) == 1
+
+    def test_endless_or_looping_pages_are_bounded(self, capsys: Any) -> None:
+        def endless(query: dict[str, list[str]]) -> tuple[Any, dict[str, str]]:
+            after = int(query.get("after", ["0"])[0])
+            return [status_entry(f"{after + 1:09d}")], {"Link": f'<{SERVICES}?after={after + 1:09d}>; rel="next"'}
+
+        with fake_supervisor(endless) as url:
+            assert picoapi.main(["status", url, "--json"]) == 1
+        out = capsys.readouterr()
+        assert len(json.loads(out.out)) == picoapi.STATUS_MAX_PAGES
+        assert out.err == "picoapi: stopped after 100 pages (100 workers); narrow it with --tag\n"
+        with fake_supervisor(lambda query: ([ENTRY], {"Link": f'<{SERVICES}>; rel="next"'})) as url:
+            assert picoapi.main(["status", url]) == 1  # the same page again: out of id order, not a loop
+        assert "entries out of id order" in capsys.readouterr().err
 
     @pytest.mark.parametrize("command", ["supervisor", "worker", "status", "demo"])
     def test_every_command_has_help_with_an_example(self, command: str) -> None:
