@@ -32,6 +32,7 @@ Dependencies: fastapi, uvicorn, requests, python-dotenv. Licence: MIT.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -145,6 +146,9 @@ MAX_BODY = 64 * 1024
 
 REGISTER_ROUTE = "/register"
 SERVICES_ROUTE = "/services"
+#: GET /services' default and largest ``limit``: every entry of a registry of up to 1,000 workers in one answer,
+#: as before paging, and never more than ~6 MB (1,000 entries with every field at its longest).
+SERVICES_PAGE = 1000
 DASHBOARD_ROUTE = "/dashboard"
 #: Seconds between two reloads of the dashboard page.
 DASHBOARD_REFRESH = 2
@@ -2368,17 +2372,34 @@ class PicoAPI(FastAPI):
             logger.info("deregistered %s", worker_id)
             return Response(status_code=204)
 
-        @self.get(SERVICES_ROUTE, response_model=list[WorkerOut], tags=["picoapi"], operation_id="picoapi_services")
+        next_link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
+
+        @self.get(
+            SERVICES_ROUTE,
+            response_model=list[WorkerOut],
+            tags=["picoapi"],
+            operation_id="picoapi_services",
+            responses={200: {"headers": {"Link": next_link}}},
+        )
         async def services(
+            request: Request,
             tag: Annotated[list[str], Query(description="repeat for several; all must match")] = [],  # noqa: B006
             name: str | None = None,
             version: str | None = None,
             status: Literal["healthy", "unhealthy", "unknown"] | None = None,
+            limit: Annotated[int, Query(ge=1, le=SERVICES_PAGE, description="entries per page")] = SERVICES_PAGE,
+            after: Annotated[str | None, Query(description="only ids after this one: the previous page's last")] = None,
         ) -> Any:
-            """The registered workers, filtered."""
+            """The registered workers, filtered, by id, a page at a time: the Link header leads to the next."""
             workers = registry.workers(*tag, status=status, name=name, version=version)
+            start = 0 if after is None else bisect.bisect_right(workers, after, key=operator.attrgetter("id"))
+            page = workers[start : start + limit]
             # Built here from the registry's own data: serialised once, not validated again.
-            return Response(to_json([_out(w) for w in workers]), media_type="application/json")
+            response = Response(to_json([_out(w) for w in page]), media_type="application/json")
+            if start + limit < len(workers):
+                next_url = request.url.include_query_params(after=page[-1].id, limit=limit)
+                response.headers["Link"] = f'<{next_url}>; rel="next"'
+            return response
 
         @self.get(
             SERVICES_ROUTE + "/{worker_id}",
@@ -2502,7 +2523,7 @@ def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[
     entries: list[dict[str, Any]] = []
     after: str | None = None
     for _ in range(STATUS_MAX_PAGES):
-        query: dict[str, Any] = {"tag": list(tags), "after": after}
+        query: dict[str, Any] = {"tag": list(tags), "limit": SERVICES_PAGE, "after": after}
         try:
             resp = requests.get(url + SERVICES_ROUTE, params=query, timeout=timeout)
             resp.raise_for_status()

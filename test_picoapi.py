@@ -1270,7 +1270,36 @@ class TestSupervisorRoutes:
         }
         put = schema["paths"]["/register"]["put"]
         assert put["operationId"] == "picoapi_register" and "201" in put["responses"]
-        assert "WorkerOut" in json.dumps(schema["paths"]["/services"]["get"]["responses"]["200"])
+        services = schema["paths"]["/services"]["get"]
+        assert "WorkerOut" in json.dumps(services["responses"]["200"])
+        params = {p["name"]: p["schema"] for p in services["parameters"]}
+        assert params["limit"]["default"] == params["limit"]["maximum"] == 1000 and params["limit"]["minimum"] == 1
+        assert "after" in params and "Link" in services["responses"]["200"]["headers"]
+
+    def test_services_come_in_pages_linked_by_id(self) -> None:
+        app = PicoAPI(mode="supervisor", env_file=None)
+        for port in range(1, 12):
+            app.registry.register(reg("127.0.0.1", port, tags=["resize"] if port % 2 else ["ocr"]))  # type: ignore[union-attr]
+        with TestClient(app) as client:
+            ids, pages, url = [], 0, "/services?tag=resize&limit=2"
+            while url:
+                response = client.get(url)
+                assert response.status_code == 200 and len(response.json()) <= 2
+                ids += [entry["id"] for entry in response.json()]
+                url, pages = response.links.get("next", {}).get("url"), pages + 1
+        assert ids == sorted(f"127.0.0.1:{port}" for port in range(1, 12, 2)) and pages == 3  # each once, in order
+
+    def test_services_default_page_and_limit_bounds(self) -> None:
+        app = PicoAPI(mode="supervisor", env_file=None)
+        for port in range(1, 1002):
+            app.registry.register(reg("127.0.0.1", port))  # type: ignore[union-attr]
+        with TestClient(app) as client:
+            first = client.get("/services")
+            assert len(first.json()) == 1000
+            rest = client.get(first.links["next"]["url"])
+            assert [e["id"] for e in rest.json()] == ["127.0.0.1:999"] and "link" not in rest.headers
+            for bad in ("0", "1001", "all"):
+                assert "query.limit" in field_error(client.get(f"/services?limit={bad}"))
 
 
 class TestHostileInput:
@@ -2194,6 +2223,14 @@ class TestStatusCommand:
         assert out.stderr.startswith(f"picoapi: cannot reach the supervisor at http://127.0.0.1:{port}: ")
         assert len(out.stderr.strip().splitlines()) == 1
 
+    def test_follows_the_pages_of_a_live_supervisor(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        assert set(register_many(cluster.url, range(1, 1202), 8)) == {201}
+        out = picoapi_cli("status", cluster.url)
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.splitlines()) == 1 + 1201 + 2 and out.stdout.endswith("1201 workers: 1201 healthy\n")
+        assert len({e["id"] for e in json.loads(picoapi_cli("status", cluster.url, "--json").stdout)}) == 1201
+
     def test_hostile_entries_cannot_reach_the_terminal(self, capsys: Any) -> None:
         attack = "\x1b]0;pwned\x07\x1b[2J"
         forged = "\n127.0.0.1:2  forged  1.0  x  healthy  -  -"
@@ -2442,11 +2479,11 @@ class TestLoad:
             created = register_many(cluster.url, ports, 32)
             create_s = time.monotonic() - started
             assert created.count(201) == 10_000
-            assert len(cluster.services()) == 10_000
+            assert len(picoapi._services(cluster.url, (), 10)[0]) == 10_000
             started = time.monotonic()
             replaced = register_many(cluster.url, ports, 32)
             replace_s = time.monotonic() - started
-            assert replaced.count(200) == 10_000 and len(cluster.services()) == 10_000
+            assert replaced.count(200) == 10_000 and len(picoapi._services(cluster.url, (), 10)[0]) == 10_000
             started = time.monotonic()
             deleted = register_many(cluster.url, ports, 32, method="DELETE")
             delete_s = time.monotonic() - started
