@@ -66,7 +66,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, NamedTuple
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import requests
 import requests.adapters
@@ -150,8 +150,9 @@ SERVICES_ROUTE = "/services"
 #: as before paging, and never more than ~6 MB (1,000 entries with every field at its longest).
 SERVICES_PAGE = 1000
 DASHBOARD_ROUTE = "/dashboard"
-#: Seconds between two reloads of the dashboard page.
+#: Seconds between two reloads of the dashboard page, and the rows it shows at most (~100 KB of HTML).
 DASHBOARD_REFRESH = 2
+DASHBOARD_PAGE = 200
 SUPERVISOR_HEADER = "X-PicoAPI-Supervisor"
 _SUPERVISOR_HEADER_KEY = SUPERVISOR_HEADER.lower().encode()  # as it appears in an ASGI scope
 HEALTHY, UNHEALTHY, UNKNOWN = "healthy", "unhealthy", "unknown"
@@ -1866,7 +1867,8 @@ td.tags {{ white-space: normal; }}
 .status::before {{ content: ""; display: inline-block; width: .7em; height: .7em; border-radius: 50%;
   margin-right: .4em; background: currentColor; }}
 .healthy {{ color: #137333; }} .unhealthy {{ color: #c5221f; }} .unknown {{ color: #80868b; }}
-.counts span {{ margin-right: 1rem; font-weight: 600; }} form {{ margin: .8rem 0; }}
+.counts span {{ margin-right: 1rem; font-weight: 600; }} .counts a {{ text-decoration: none; }}
+form {{ margin: .8rem 0; }}
 footer {{ color: #666; margin-top: 1rem; }}
 </style></head><body>
 <h1>{title}</h1>
@@ -1879,32 +1881,48 @@ footer {{ color: #666; margin-top: 1rem; }}
 <tbody>
 {rows}
 </tbody></table>
-<footer>{shown} of {total} workers shown; this page reloads every {refresh} s.</footer>
+<footer>{shown}; this page reloads every {refresh} s.{pages}</footer>
 </body></html>
 """
 
 
-def _render_dashboard(title: str, workers: Sequence[Worker], counts: Mapping[str, int], filter_text: str) -> str:
-    """The dashboard page; everything a worker sent is escaped."""
+def _render_dashboard(
+    title: str, workers: Sequence[Worker], counts: Mapping[str, int], tags: str, status: str | None, page: int
+) -> str:
+    """Page ``page`` of the dashboard (DASHBOARD_PAGE rows, trouble first); everything a worker sent is escaped."""
     esc, now = html.escape, time.time()
     order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
+    first = (page - 1) * DASHBOARD_PAGE
+    shown = sorted(workers, key=lambda w: (order.get(w.status, 3), w.name, w.id))[first : first + DASHBOARD_PAGE]
+
+    def href(**query: Any) -> str:
+        query = {"tag": tags, "status": status, **query}
+        return esc(f"{DASHBOARD_ROUTE}?{urlencode({k: v for k, v in query.items() if v})}")
+
+    links = [f'<a rel="prev" href="{href(page=page - 1)}">previous page</a>'] if page > 1 else []
+    if first + DASHBOARD_PAGE < len(workers):
+        links.append(f'<a rel="next" href="{href(page=page + 1)}">next page</a>')
     rows = [
         f'<tr class="worker" data-id="{esc(w.id)}" data-status="{esc(w.status)}"><td>{esc(w.name)}</td>'
         f'<td>{esc(w.id)}</td><td>{esc(w.version)}</td><td class="tags">{esc(" ".join(w.tags))}</td>'
         f'<td class="status {esc(w.status)}">{esc(w.status)}{" (suspect)" if w.suspect else ""}</td>'
         f'<td>{_ago(w.last_check, now)}</td><td class="num">{_ms(w.last_latency)}</td>'
         f'<td class="num">{w.failures}</td></tr>'
-        for w in sorted(workers, key=lambda w: (order.get(w.status, 3), w.name, w.id))
+        for w in shown
     ]
     return _DASHBOARD.format(
         refresh=DASHBOARD_REFRESH,
         title=esc(title),
-        counts="".join(f'<span class="{s}" data-count="{s}">{n} {s}</span>' for s, n in counts.items()),
+        counts="".join(
+            f'<a href="{href(status=s, tag="")}"><span class="{s}" data-count="{s}">{n} {s}</span></a>'
+            for s, n in counts.items()
+        ),
         action=DASHBOARD_ROUTE,
-        filter=esc(filter_text),
+        filter=esc(tags),
         rows="\n".join(rows) or '<tr><td colspan="8">no worker</td></tr>',
-        shown=len(workers),
-        total=sum(counts.values()),
+        shown=f"{f'{first + 1}-{first + len(shown)}' if shown else 'none'} of {len(workers)} workers shown, "
+        f"{sum(counts.values())} in all",
+        pages=" " + " ".join(links) if links else "",
     )
 
 
@@ -2429,13 +2447,19 @@ class PicoAPI(FastAPI):
             return _fetch_openapi(worker.url + (worker.openapi or "/openapi.json"))
 
         @self.get(DASHBOARD_ROUTE, include_in_schema=False, tags=["picoapi"], operation_id="picoapi_dashboard")
-        async def dashboard(tag: Annotated[list[str], Query()] = [], status: str | None = None) -> HTMLResponse:  # noqa: B006
+        async def dashboard(
+            tag: Annotated[list[str], Query()] = [],  # noqa: B006
+            status: str | None = None,
+            page: Annotated[int, Query(ge=1)] = 1,
+        ) -> HTMLResponse:
             tags = [t for item in tag for t in re.split(r"[\s,]+", item) if t]
-            workers = registry.workers(*tags, status=status if status in STATUSES else None)
+            status = status if status in STATUSES else None
+            everyone = registry.workers()
+            workers = registry.workers(*tags, status=status) if tags or status else everyone
             counts = {s: 0 for s in STATUSES}
-            for worker in registry.workers():
+            for worker in everyone:
                 counts[worker.status] += 1
-            return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags)))
+            return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags), status, page))
 
     def _register_stored(self, reg: Registration) -> tuple[Worker, bool]:
         assert self._store is not None and self.registry is not None
