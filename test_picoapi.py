@@ -2013,6 +2013,24 @@ class TestDemo:
             with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 pass
 
+    def test_no_healthy_worker_is_one_line_not_a_traceback(self, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+        """A check can fail on a busy machine just before a task: the demo waits, then says so in one line."""
+        monkeypatch.setattr(picoapi._Demo, "spawn", lambda self, name, args, env: None)
+        registered = [status_entry(f"127.0.0.1:{i}", name=name, tags=["text", name]) for i, name in enumerate("abc")]
+
+        def services(request: Any) -> tuple[int, dict[str, str], str]:
+            unhealthy = "status=healthy" in request.url  # registered, but every check failing now
+            return 200, {}, json.dumps([] if unhealthy else registered)
+
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+            mock.add_callback(responses.GET, re.compile(r"http://127\.0\.0\.1:\d+/services"), callback=services)
+            started = time.monotonic()
+            assert picoapi.main(["demo", "--interval", "0.05", "--pace", "0"]) == 1
+        assert time.monotonic() - started < 10  # a deadline, not a hang
+        err = capsys.readouterr().err
+        assert err.startswith("picoapi: timed out waiting for a healthy worker tagged text and upper; logs in ")
+        assert len(err.splitlines()) == 1
+
 
 class TestExample:
     def test_example_system_runs_as_the_readme_says(self, tmp_path: Any) -> None:
