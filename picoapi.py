@@ -32,6 +32,7 @@ Dependencies: fastapi, uvicorn, requests, python-dotenv. Licence: MIT.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -60,20 +61,33 @@ import ssl
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, NamedTuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import requests
 import requests.adapters
 import urllib3
 from dotenv import dotenv_values
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -132,9 +146,13 @@ MAX_BODY = 64 * 1024
 
 REGISTER_ROUTE = "/register"
 SERVICES_ROUTE = "/services"
+#: GET /services' default and largest ``limit``: every entry of a registry of up to 1,000 workers in one answer,
+#: as before paging, and never more than ~6 MB (1,000 entries with every field at its longest).
+SERVICES_PAGE = 1000
 DASHBOARD_ROUTE = "/dashboard"
-#: Seconds between two reloads of the dashboard page.
+#: Seconds between two reloads of the dashboard page, and the rows it shows at most (~100 KB of HTML).
 DASHBOARD_REFRESH = 2
+DASHBOARD_PAGE = 200
 SUPERVISOR_HEADER = "X-PicoAPI-Supervisor"
 _SUPERVISOR_HEADER_KEY = SUPERVISOR_HEADER.lower().encode()  # as it appears in an ASGI scope
 HEALTHY, UNHEALTHY, UNKNOWN = "healthy", "unhealthy", "unknown"
@@ -155,6 +173,8 @@ DEFAULT_CALL_TIMEOUT = 10.0
 #: GET /services/{id}/openapi: how long to wait for the worker, and the most it may send.
 OPENAPI_TIMEOUT = 5.0
 OPENAPI_MAX_BYTES = 1024 * 1024
+#: ``picoapi status`` reads at most this many pages of GET /services (100,000 workers), whatever it is told.
+STATUS_MAX_PAGES = 100
 
 logger = logging.getLogger("picoapi")
 
@@ -224,6 +244,40 @@ def _resolve(host: str) -> str:
         ) from exc
 
 
+#: What no text field may hold: controls (C0 and C1: ESC, CSI, OSC...), formats (bidi overrides, zero-width
+#: characters), surrogates and line or paragraph separators. They rewrite terminals, reorder or break lines
+#: in logs and tables, and let 'resizer\u200b' register beside 'resizer' looking the same.
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _check_text(what: str, text: str, error: type[ValueError] = ValueError) -> str:
+    """``text``, if it holds no character of the :data:`_HIDDEN` categories; else ``error`` naming ``what``."""
+    if not text.isprintable():  # False for every hidden category: most text is done here, in C
+        for i, char in enumerate(text):
+            if unicodedata.category(char) in _HIDDEN:
+                raise error(
+                    f"{what} must not contain control, format or line-separator characters; remove the "
+                    f"U+{ord(char):04X} at index {i}, got '{_printable(text)}'"
+                )
+    return text
+
+
+def _check_health_path(what: str, path: str, error: type[ValueError] = ValueError, origin: str = "") -> str:
+    """``path``, if it is ASCII without query or fragment; else ``error`` naming ``what`` and the fix.
+
+    The checker sends it byte for byte. A health check is a path, as API_HEALTH_PATH is: a query there is a
+    mistake, and a fragment never even leaves the client.
+    """
+    # RFC 3986's path characters and existing %XX escapes stay as they are; the rest is percent-encoded.
+    fixed = quote(path.partition("#")[0].partition("?")[0], safe="/%:@!$&'()*+,;=")
+    if fixed != path:
+        raise error(
+            f"{what} must be an ASCII path without ?query or #fragment; percent-encode it: "
+            f"'{origin}{fixed}', got '{_printable(origin + path)}'"
+        )
+    return path
+
+
 # -- Configuration -----------------------------------------------------------
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
@@ -282,9 +336,14 @@ def _parse_host(var: str, raw: object) -> str:
 
 def _parse_text(var: str, raw: object, limit: int) -> str:
     text = str(raw).strip()
-    if not text or len(text) > limit or not text.isprintable():
+    if not text or len(text) > limit:
         raise ConfigError(f"{var} must be 1 to {limit} printable characters, got {raw!r}")
-    return text
+    return _check_text(var, text, ConfigError)
+
+
+def _parse_description(var: str, raw: object) -> str:
+    # FastAPI descriptions are often Markdown over several lines: the registration's copy is one line.
+    return _check_text(var, re.sub(r"[\t\r\n]+", " ", str(raw).strip())[:MAX_DESCRIPTION], ConfigError)
 
 
 def _parse_urls(var: str, raw: object) -> tuple[str, ...]:
@@ -310,11 +369,15 @@ def _parse_list(var: str, raw: object, sep: str) -> tuple[str, ...]:
     return tuple(str(item).strip() for item in raw if str(item).strip())
 
 
+def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str:
+    """``tag``, if it is a valid tag; else ``error`` naming ``what``: 'API_TAGS items', 'each tag'."""
+    if not 1 <= len(tag) <= MAX_TAG or not _TAG_RE.match(tag):
+        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces or ':', got '{_printable(tag)}'")
+    return _check_text(what, tag, error)
+
+
 def _parse_tags(var: str, raw: object) -> tuple[str, ...]:
-    tags = _parse_list(var, raw, ":")
-    for tag in tags:
-        if len(tag) > MAX_TAG or not _TAG_RE.match(tag) or not tag.isprintable():
-            raise ConfigError(f"{var} items must be 1 to {MAX_TAG} characters without spaces or ':', got {tag!r}")
+    tags = tuple(_check_tag(f"{var} items", tag, ConfigError) for tag in _parse_list(var, raw, ":"))
     if len(tags) > MAX_TAGS:
         raise ConfigError(f"{var} may list at most {MAX_TAGS} tags, got {len(tags)}")
     return tags
@@ -322,9 +385,9 @@ def _parse_tags(var: str, raw: object) -> tuple[str, ...]:
 
 def _parse_path(var: str, raw: object) -> str:
     text = str(raw).strip()
-    if not text.startswith("/") or len(text) > 512 or not text.isprintable() or " " in text:
+    if not text.startswith("/") or len(text) > 512:
         raise ConfigError(f"{var} must be a path starting with '/', such as '/health', got {raw!r}")
-    return text
+    return _check_health_path(var, text, ConfigError)
 
 
 def _parse_mode(var: str, raw: object) -> str:
@@ -351,7 +414,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "port": ("API_PORT", _parse_port),
     "bind": ("API_BIND", _parse_host),
     "title": ("API_TITLE", lambda v, r: _parse_text(v, r, MAX_NAME) if str(r).strip() else ""),
-    "description": ("API_DESCRIPTION", lambda v, r: str(r)[:MAX_DESCRIPTION]),
+    "description": ("API_DESCRIPTION", _parse_description),
     "version": ("API_VERSION", lambda v, r: _parse_text(v, r, MAX_VERSION)),
     "register_urls": ("API_REGISTER_PATH", _parse_urls),
     "health_path": ("API_HEALTH_PATH", _parse_path),
@@ -467,6 +530,11 @@ class Config:
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"http://{host}:{self.port}{self.health_path}"
 
+    @property
+    def health_route(self) -> str:
+        """The health path as the app's router sees it: percent-decoded, as servers decode request paths."""
+        return unquote(self.health_path)
+
     def registration(self) -> dict[str, Any]:
         """The JSON body a worker sends to ``PUT /register``."""
         self.require("host", "title", purpose="for a worker to register")
@@ -501,17 +569,29 @@ class HealthSpec(BaseModel):
     """How the supervisor checks a worker."""
 
     url: str = Field(max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
-    interval: float = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, description="seconds between checks")
-    timeout: float | None = Field(default=None, gt=0, le=MAX_INTERVAL, description="seconds; default min(interval, 10)")
+    interval: float = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds between checks")
+    timeout: float | None = Field(
+        default=None, gt=0, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds; default min(interval, 10)"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _ascii_path(cls, url: str) -> str:
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        _check_health_path("health.url", url[len(origin) :], origin=origin)
+        if not url.isascii():  # the host as well: 'K' (U+212A, Kelvin sign) lower-cases to an ASCII 'k'
+            raise ValueError(f"health.url must be ASCII, got '{_printable(url)}'")
+        return url
 
 
 class Registration(BaseModel):
     """The body of ``PUT /register``: what a worker says about itself."""
 
-    name: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f]+$")
+    name: str = Field(min_length=1, max_length=MAX_NAME)
     host: str = Field(min_length=1, max_length=MAX_HOST, pattern=_HOST_RE.pattern)
     port: int = Field(ge=1, le=65535)
-    version: str = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION, pattern=r"^[^\x00-\x1f\x7f]+$")
+    version: str = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION)
     tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
     description: str = Field(default="", max_length=MAX_DESCRIPTION)
     health: HealthSpec
@@ -524,13 +604,15 @@ class Registration(BaseModel):
     def _normal_host(cls, host: str) -> str:
         return host.strip("[]").lower()
 
+    @field_validator("name", "version", "description", "openapi")
+    @classmethod
+    def _visible_text(cls, text: str | None, info: ValidationInfo) -> str | None:
+        return text if text is None else _check_text(str(info.field_name), text)
+
     @field_validator("tags")
     @classmethod
     def _valid_tags(cls, tags: list[str]) -> list[str]:
-        for tag in tags:
-            if not 1 <= len(tag) <= MAX_TAG or not _TAG_RE.match(tag) or not tag.isprintable():
-                raise ValueError(f"each tag must be 1 to {MAX_TAG} characters without spaces or ':', got {tag!r}")
-        return list(dict.fromkeys(tags))
+        return list(dict.fromkeys(_check_tag("each tag", tag) for tag in tags))
 
     @model_validator(mode="after")
     def _health_is_own(self) -> Registration:
@@ -1854,6 +1936,19 @@ def _file_busy(exc: sqlite3.Error) -> HTTPException:
     )
 
 
+async def _validation_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's own 422, always sendable: json.loads reads NaN, Infinity, 1e400 and lone surrogates, which
+    the answer quotes back and JSON or UTF-8 cannot carry (FastAPI's handler answers 500). They go back as text."""
+    assert isinstance(exc, RequestValidationError)
+    errors = jsonable_encoder(exc.errors())
+    try:
+        body = to_json({"detail": errors}, inf_nan_mode="strings")
+    except ValueError:  # a lone surrogate ("\ud800") in the input: quote it escaped
+        errors = [{**error, "input": _printable(error.get("input"))} for error in errors]
+        body = to_json({"detail": errors}, inf_nan_mode="strings")
+    return Response(body, status_code=422, media_type="application/json")
+
+
 def _is_connect_error(exc: BaseException) -> bool:
     """True when the connection was never made, so nothing was sent."""
     connect_errors = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
@@ -1889,7 +1984,8 @@ td.tags {{ white-space: normal; }}
 .status::before {{ content: ""; display: inline-block; width: .7em; height: .7em; border-radius: 50%;
   margin-right: .4em; background: currentColor; }}
 .healthy {{ color: #137333; }} .unhealthy {{ color: #c5221f; }} .unknown {{ color: #80868b; }}
-.counts span {{ margin-right: 1rem; font-weight: 600; }} form {{ margin: .8rem 0; }}
+.counts span {{ margin-right: 1rem; font-weight: 600; }} .counts a {{ text-decoration: none; }}
+form {{ margin: .8rem 0; }}
 footer {{ color: #666; margin-top: 1rem; }}
 </style></head><body>
 <h1>{title}</h1>
@@ -1902,32 +1998,48 @@ footer {{ color: #666; margin-top: 1rem; }}
 <tbody>
 {rows}
 </tbody></table>
-<footer>{shown} of {total} workers shown; this page reloads every {refresh} s.</footer>
+<footer>{shown}; this page reloads every {refresh} s.{pages}</footer>
 </body></html>
 """
 
 
-def _render_dashboard(title: str, workers: Sequence[Worker], counts: Mapping[str, int], filter_text: str) -> str:
-    """The dashboard page; everything a worker sent is escaped."""
+def _render_dashboard(
+    title: str, workers: Sequence[Worker], counts: Mapping[str, int], tags: str, status: str | None, page: int
+) -> str:
+    """Page ``page`` of the dashboard (DASHBOARD_PAGE rows, trouble first); everything a worker sent is escaped."""
     esc, now = html.escape, time.time()
     order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
+    first = (page - 1) * DASHBOARD_PAGE
+    shown = sorted(workers, key=lambda w: (order.get(w.status, 3), w.name, w.id))[first : first + DASHBOARD_PAGE]
+
+    def href(**query: Any) -> str:
+        query = {"tag": tags, "status": status, **query}
+        return esc(f"{DASHBOARD_ROUTE}?{urlencode({k: v for k, v in query.items() if v})}")
+
+    links = [f'<a rel="prev" href="{href(page=page - 1)}">previous page</a>'] if page > 1 else []
+    if first + DASHBOARD_PAGE < len(workers):
+        links.append(f'<a rel="next" href="{href(page=page + 1)}">next page</a>')
     rows = [
         f'<tr class="worker" data-id="{esc(w.id)}" data-status="{esc(w.status)}"><td>{esc(w.name)}</td>'
         f'<td>{esc(w.id)}</td><td>{esc(w.version)}</td><td class="tags">{esc(" ".join(w.tags))}</td>'
         f'<td class="status {esc(w.status)}">{esc(w.status)}{" (suspect)" if w.suspect else ""}</td>'
         f'<td>{_ago(w.last_check, now)}</td><td class="num">{_ms(w.last_latency)}</td>'
         f'<td class="num">{w.failures}</td></tr>'
-        for w in sorted(workers, key=lambda w: (order.get(w.status, 3), w.name, w.id))
+        for w in shown
     ]
     return _DASHBOARD.format(
         refresh=DASHBOARD_REFRESH,
         title=esc(title),
-        counts="".join(f'<span class="{s}" data-count="{s}">{n} {s}</span>' for s, n in counts.items()),
+        counts="".join(
+            f'<a href="{href(status=s, tag="")}"><span class="{s}" data-count="{s}">{n} {s}</span></a>'
+            for s, n in counts.items()
+        ),
         action=DASHBOARD_ROUTE,
-        filter=esc(filter_text),
+        filter=esc(tags),
         rows="\n".join(rows) or '<tr><td colspan="8">no worker</td></tr>',
-        shown=len(workers),
-        total=sum(counts.values()),
+        shown=f"{f'{first + 1}-{first + len(shown)}' if shown else 'none'} of {len(workers)} workers shown, "
+        f"{sum(counts.values())} in all",
+        pages=" " + " ".join(links) if links else "",
     )
 
 
@@ -2063,8 +2175,10 @@ class PicoAPI(FastAPI):
             self._add_supervisor_routes()
             self.add_middleware(_BodyLimit, path=REGISTER_ROUTE, limit=MAX_BODY)
             self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
+            if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
+                self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
         self.add_api_route(
-            config.health_path,
+            config.health_route,
             self._health_endpoint,
             methods=["GET"],
             include_in_schema=False,
@@ -2088,7 +2202,7 @@ class PicoAPI(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Noted here, not in the route, so a health route of the user's own counts too.
-        if self.registrar is not None and scope["type"] == "http" and scope["path"] == self.config.health_path:
+        if self.registrar is not None and scope["type"] == "http" and scope["path"] == self.config.health_route:
             key = _SUPERVISOR_HEADER_KEY
             self.registrar.note_check(next((v.decode() for k, v in scope["headers"] if k == key), None))
         await super().__call__(scope, receive, send)
@@ -2407,17 +2521,34 @@ class PicoAPI(FastAPI):
             logger.info("deregistered %s", worker_id)
             return Response(status_code=204)
 
-        @self.get(SERVICES_ROUTE, response_model=list[WorkerOut], tags=["picoapi"], operation_id="picoapi_services")
+        next_link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
+
+        @self.get(
+            SERVICES_ROUTE,
+            response_model=list[WorkerOut],
+            tags=["picoapi"],
+            operation_id="picoapi_services",
+            responses={200: {"headers": {"Link": next_link}}},
+        )
         async def services(
+            request: Request,
             tag: Annotated[list[str], Query(description="repeat for several; all must match")] = [],  # noqa: B006
             name: str | None = None,
             version: str | None = None,
             status: Literal["healthy", "unhealthy", "unknown"] | None = None,
+            limit: Annotated[int, Query(ge=1, le=SERVICES_PAGE, description="entries per page")] = SERVICES_PAGE,
+            after: Annotated[str | None, Query(description="only ids after this one: the previous page's last")] = None,
         ) -> Any:
-            """The registered workers, filtered."""
+            """The registered workers, filtered, by id, a page at a time: the Link header leads to the next."""
             workers = registry.workers(*tag, status=status, name=name, version=version)
+            start = 0 if after is None else bisect.bisect_right(workers, after, key=operator.attrgetter("id"))
+            page = workers[start : start + limit]
             # Built here from the registry's own data: serialised once, not validated again.
-            return Response(to_json([_out(w) for w in workers]), media_type="application/json")
+            response = Response(to_json([_out(w) for w in page]), media_type="application/json")
+            if start + limit < len(workers):
+                next_url = request.url.include_query_params(after=page[-1].id, limit=limit)
+                response.headers["Link"] = f'<{next_url}>; rel="next"'
+            return response
 
         @self.get(
             SERVICES_ROUTE + "/{worker_id}",
@@ -2447,13 +2578,19 @@ class PicoAPI(FastAPI):
             return _fetch_openapi(worker.url + (worker.openapi or "/openapi.json"))
 
         @self.get(DASHBOARD_ROUTE, include_in_schema=False, tags=["picoapi"], operation_id="picoapi_dashboard")
-        async def dashboard(tag: Annotated[list[str], Query()] = [], status: str | None = None) -> HTMLResponse:  # noqa: B006
+        async def dashboard(
+            tag: Annotated[list[str], Query()] = [],  # noqa: B006
+            status: str | None = None,
+            page: Annotated[int, Query(ge=1)] = 1,
+        ) -> HTMLResponse:
             tags = [t for item in tag for t in re.split(r"[\s,]+", item) if t]
-            workers = registry.workers(*tags, status=status if status in STATUSES else None)
+            status = status if status in STATUSES else None
+            everyone = registry.workers()
+            workers = registry.workers(*tags, status=status) if tags or status else everyone
             counts = {s: 0 for s in STATUSES}
-            for worker in registry.workers():
+            for worker in everyone:
                 counts[worker.status] += 1
-            return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags)))
+            return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags), status, page))
 
     async def _resolve_host(self, host: str) -> str:
         """The address of a registrant's host, resolved on a thread, a few at a time.
@@ -2552,38 +2689,73 @@ def _default_supervisor_url() -> str:
     return f"http://127.0.0.1:{config.port}"
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    url = (args.url or _default_supervisor_url()).rstrip("/")
-    try:
-        resp = requests.get(url + SERVICES_ROUTE, params={"tag": args.tag or []}, timeout=args.timeout)
-        resp.raise_for_status()
-        entries = resp.json()
-    except requests.RequestException as exc:
-        raise PicoAPIError(f"cannot reach the supervisor at {url}: {_root_cause(exc)}") from None
-    except ValueError:
-        raise PicoAPIError(f"{url}{SERVICES_ROUTE} did not answer JSON: is it a PicoAPI supervisor?") from None
-    if args.json:
-        print(json.dumps(entries, indent=2))
-        return 0
-    now = time.time()
+#: A page of GET /services, read by the model the route declares: one shape on both ends.
+_STATUS_PAGE = TypeAdapter(list[WorkerOut])
+
+
+def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
+    """The supervisor's entries page after page, at most STATUS_MAX_PAGES: (entries, whether that is all).
+
+    Raises :class:`PicoAPIError`, one line, if it cannot be reached or answers anything else.
+    """
+    entries: list[dict[str, Any]] = []
+    after: str | None = None
+    for _ in range(STATUS_MAX_PAGES):
+        query: dict[str, Any] = {"tag": list(tags), "limit": SERVICES_PAGE, "after": after}
+        try:
+            resp = requests.get(url + SERVICES_ROUTE, params=query, timeout=timeout)
+            resp.raise_for_status()
+            page = resp.json()
+        except requests.JSONDecodeError:  # a RequestException too: first
+            raise PicoAPIError(f"{url}{SERVICES_ROUTE} did not answer JSON: is it a PicoAPI supervisor?") from None
+        except requests.RequestException as exc:
+            raise PicoAPIError(f"cannot reach the supervisor at {url}: {_printable(_root_cause(exc))}") from None
+        try:
+            ids = [entry.id for entry in _STATUS_PAGE.validate_python(page, strict=True)]
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = "entry " + ".".join(map(str, error["loc"])) if error["loc"] else "the answer"
+            why = _printable(f"{where}: {error['msg']}")
+            raise PicoAPIError(
+                f"{url}{SERVICES_ROUTE} sent a malformed page ({why}): is it a PicoAPI supervisor?"
+            ) from None
+        ids = [entries[-1]["id"], *ids] if entries else ids
+        if ids != sorted(set(ids)):  # strictly rising ids: the pages cannot repeat or loop
+            raise PicoAPIError(f"{url}{SERVICES_ROUTE} sent entries out of id order: is it a PicoAPI supervisor?")
+        entries += page
+        if not page or "next" not in resp.links:
+            return entries, True
+        after = entries[-1]["id"]
+    return entries, False
+
+
+def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
+    """The entries as a table and a summary; every cell escaped, for it came from the far end."""
+    now, cell = time.time(), functools.partial(_printable, limit=MAX_DESCRIPTION)
     rows = [
         (
-            e["id"],
-            e["name"],
-            e["version"],
-            ",".join(e["tags"]),
-            e["status"] + ("*" if e.get("suspect") else ""),
-            _ago(e["last_check"], now),
-            _ms(e["last_latency"]),
+            *map(cell, (e["id"], e["name"], e["version"], ",".join(e["tags"]))),
+            cell(e["status"] + ("*" if e.get("suspect") else "")),
+            _ago(e.get("last_check"), now),
+            _ms(e.get("last_latency")),
         )
         for e in entries
     ]
     print(_table(rows, ("ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST CHECK", "LATENCY")))
-    counts: dict[str, int] = {}
-    for entry in entries:
-        counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+    counts = collections.Counter(cell(e["status"]) for e in entries)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    print(f"\n{len(entries)} workers" + (f": {summary}" if summary else ""))
+    print(f"\n{len(entries)} workers" + (f": {summary}" if summary else ""), flush=True)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    url = (args.url or _default_supervisor_url()).rstrip("/")
+    entries, complete = _services(url, args.tag or [], args.timeout)
+    if args.json:
+        print(json.dumps(entries, indent=2))  # ensure_ascii: every control character escaped
+    else:
+        _print_status(entries)
+    if not complete:
+        raise PicoAPIError(f"stopped after {STATUS_MAX_PAGES} pages ({len(entries)} workers); narrow it with --tag")
     return 0
 
 
@@ -2676,9 +2848,9 @@ class _Demo:
         }
         self.spawn(name, ["worker", "picoapi:demo_worker"], env)
 
-    def services(self) -> list[dict[str, Any]]:
+    def services(self, **query: Any) -> list[dict[str, Any]]:
         try:
-            return list(requests.get(self.url + SERVICES_ROUTE, timeout=1).json())
+            return list(requests.get(self.url + SERVICES_ROUTE, params=query, timeout=1).json())
         except (requests.RequestException, ValueError):
             return []
 
@@ -2693,6 +2865,18 @@ class _Demo:
                 raise PicoAPIError(f"timed out waiting for {what}; logs in {self.dir}")
             time.sleep(0.05)
         return time.monotonic() - started
+
+    def healthy(self, *tags: str) -> dict[str, Any]:
+        """A healthy worker with ``tags``; waits for one, as a check may just have failed on a busy machine."""
+        found: list[dict[str, Any]] = []
+
+        def ready() -> bool:
+            found[:] = self.services(tag=list(tags), status=HEALTHY)
+            return bool(found)
+
+        # One good check brings a worker back: ten intervals and some slack are plenty.
+        self.wait(f"a healthy worker tagged {' and '.join(tags)}", ready, 2 + 10 * self.interval)
+        return found[0]
 
     def status_of(self, name: str) -> str | None:
         wid = worker_id("127.0.0.1", self.ports[name])
@@ -2732,10 +2916,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         demo.wait("three registrations", filled, 20)
         time.sleep(args.pace)  # time to look at the dashboard between steps
         for tag, text in (("upper", "hello picoapi"), ("reverse", "stressed"), ("count", "a b c d")):
-            query = {"tag": ["text", tag], "status": HEALTHY}
-            worker = requests.get(demo.url + SERVICES_ROUTE, params=query, timeout=2).json()[0]
-            answer = requests.get(f"http://{worker['id']}/work", params={"text": text}, timeout=2).json()
-            demo.say(f"task tag={tag:<8} {text!r:<16} -> {worker['name']:<8} answered {answer['result']!r}")
+            worker = demo.healthy("text", tag)
+            try:
+                answer = requests.get(f"http://{worker['id']}/work", params={"text": text}, timeout=2).json()["result"]
+            except (requests.RequestException, ValueError, LookupError, TypeError) as exc:
+                raise PicoAPIError(f"the demo's {tag!r} worker did not answer: {_root_cause(exc)}") from None
+            demo.say(f"task tag={tag:<8} {text!r:<16} -> {worker['name']:<8} answered {answer!r}")
         time.sleep(args.pace)
         demo.say("killing worker 'reverse' (SIGKILL)")
         demo.procs["killed"] = demo.procs.pop("reverse")
@@ -2748,10 +2934,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         took = demo.wait("recovery", lambda: demo.status_of("reverse") == HEALTHY, 20)
         demo.say(f"'reverse' is healthy again after {took:.2f}s")
         time.sleep(args.pace)
-        now, entries = time.time(), demo.services()
-        rows = [(e["id"], e["name"], ",".join(e["tags"]), e["status"], _ago(e["last_check"], now)) for e in entries]
         demo.say(f"the registry now (same as 'picoapi status {demo.url}'):")
-        print(_table(rows, ("ID", "NAME", "TAGS", "STATUS", "LAST CHECK")), flush=True)
+        _print_status(demo.services())
         demo.say("stopping everything")
     except KeyboardInterrupt:
         demo.say("interrupted; stopping everything")
