@@ -316,8 +316,17 @@ def _optional_seconds(var: str, raw: object) -> float | None:
     return _parse_seconds(var, raw, MIN_INTERVAL, 10 * MAX_INTERVAL)
 
 
-def _any_text(var: str, raw: object) -> str:
-    return str(raw)
+def _parse_token(var: str, raw: object) -> str | None:
+    # Never echo the value: it is a secret. A blank one would silently turn authentication off.
+    text = raw if isinstance(raw, str) else " "
+    if text == "":
+        return None  # unset, as an empty variable is
+    if len(text) > 4096 or not (text.isascii() and text.isprintable()) or text != text.strip():
+        raise ConfigError(
+            f"{var} must be 1 to 4096 printable ASCII characters with no whitespace around them (a file from "
+            "`kubectl create secret --from-file` keeps its final newline: strip it); the value is not shown"
+        )
+    return text
 
 
 #: field -> (variable, parser). The single source of truth for every setting.
@@ -338,7 +347,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "cors_allow_methods": ("API_CORS_ALLOW_METHODS", lambda v, r: _parse_list(v, r, "!")),
     "cors_allow_headers": ("API_CORS_ALLOW_HEADERS", lambda v, r: _parse_list(v, r, "!")),
     "cors_allow_credentials": ("API_CORS_ALLOW_CREDENTIALS", _parse_bool),
-    "register_token": ("API_REGISTER_TOKEN", _any_text),
+    "register_token": ("API_REGISTER_TOKEN", _parse_token),
     "register_timeout": ("API_REGISTER_TIMEOUT", lambda v, r: _parse_seconds(v, r, 0.0, 3600.0)),
     "register_required": ("API_REGISTER_REQUIRED", _parse_bool),
     "max_workers": ("API_MAX_WORKERS", lambda v, r: _parse_count(v, r, 1, 10_000_000)),
@@ -409,8 +418,8 @@ class Config:
             raw: Any = overrides.get(field_name)
             for source in sources if raw is None else ():
                 raw = source.get(var) or source.get(_ALIASES.get(var, ""))
-                if raw is not None and str(raw).strip() == "":
-                    raw = None  # an empty variable counts as unset
+                if raw is not None and str(raw).strip() == "" and (raw == "" or field_name != "register_token"):
+                    raw = None  # an empty variable counts as unset; a blank token is an error, not "no token"
                 if raw is not None:
                     break
             if raw is not None:
@@ -1455,7 +1464,8 @@ class Registrar:
         interval = float(body["health"]["interval"])
         #: No check from a supervisor for this long means it forgot us: register again.
         self.watchdog_after = watchdog_after or DEFAULT_WATCHDOG_INTERVALS * interval
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._token = _parse_token("token", token or "")
+        self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         self._clock, self._sleep, self._rand = clock, sleep, rand
         self._lock = threading.Lock()  # guards the _Supervisor fields across threads
         self._stop = threading.Event()

@@ -1641,6 +1641,33 @@ class TestWorkerApp:
             pass
 
 
+class TestRegistrarHostile:
+    """Supervisors that trickle, flood, redirect, lie, inject or hang: the worker stays bounded and its logs clean."""
+
+    @pytest.mark.parametrize(
+        "token",
+        ["s3cret\n", " s3cret", "s3cret\t", "s3c\nret", "s3cré", "s3c\u20ac", "s3c\x00", "s3c" * 1366, "   ", "\n"],
+    )
+    def test_bad_token_is_refused_without_showing_it(self, token: str) -> None:
+        fix = r"API_REGISTER_TOKEN must be 1 to 4096 printable ASCII characters with no whitespace around them .*strip"
+        for load in (
+            lambda: Config.load(environ={"API_REGISTER_TOKEN": token}, env_file=None),
+            lambda: Config.load({"register_token": token}, env_file=None),
+        ):
+            with pytest.raises(ConfigError, match=fix) as info:
+                load()
+            assert "s3c" not in str(info.value)
+        with pytest.raises(ConfigError, match="token must be"):
+            Registrar((SUP,), worker_config().registration(), token=token)
+
+    def test_good_and_empty_tokens(self) -> None:
+        for token in ("s3cret", "a b", "!~", "x" * 4096):
+            assert Config.load(environ={"API_REGISTER_TOKEN": token}, env_file=None).register_token == token
+            assert Config.load({"register_token": token}, env_file=None).register_token == token
+        assert Config.load(environ={"API_REGISTER_TOKEN": ""}, env_file=None).register_token is None
+        assert Config.load({"register_token": ""}, env_file=None).register_token is None
+
+
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
 
 WORKER_MODULE = """
