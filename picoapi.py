@@ -1642,16 +1642,15 @@ class Registrar:
 
 
 def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), or None."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), at most BACKOFF_CAP; else None."""
+    value = (value or "").strip()
+    if _is_whole(value):  # not '²', which isdigit() takes and float() refuses
+        return min(BACKOFF_CAP, float(value))
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError, OSError):  # not a date, or one no clock can hold
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(BACKOFF_CAP, max(0.0, seconds))
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
