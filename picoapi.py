@@ -1486,7 +1486,7 @@ class Registrar:
         try:
             resp = requests.put(sup.url, json=self.body, headers=self._headers, timeout=max(0.05, timeout))
         except requests.RequestException as exc:
-            sup.error = _scrub(_root_cause(exc), self._headers)[:MAX_ERROR]
+            sup.error = self._safe(_root_cause(exc))
             return 0.0
         if resp.status_code < 300:
             try:
@@ -1498,10 +1498,14 @@ class Registrar:
                 sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
             logger.info("registered with %s as %s", sup.url, wid)
             return None
-        sup.error = f"HTTP {resp.status_code}: {_scrub(_detail(resp), self._headers)}"[:MAX_ERROR]
+        sup.error = self._safe(f"HTTP {resp.status_code}: {_detail(resp.content)}")
         if resp.status_code >= 500 or resp.status_code in _RETRY_STATUS:
             return _retry_after(resp.headers.get("Retry-After")) or 0.0
         raise _Refused(f"{sup.url} refused the registration: {sup.error}")
+
+    def _safe(self, text: str) -> str:
+        """``text`` from the far end or an error, fit for a log: no token, nothing unprintable."""
+        return _printable(text.replace(self._token, "***") if self._token else text)
 
     def _retry_later(self, sup: _Supervisor, asked: float, *, refused: bool = False) -> float:
         """Set ``sup``'s next attempt after a failed one; returns the delay.
@@ -1673,22 +1677,25 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(root).__name__}: {root}"
 
 
-def _detail(resp: requests.Response) -> str:
-    """The supervisor's own message: FastAPI's ``detail`` if there is one."""
+def _json(content: bytes) -> Any:
+    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep."""
     try:
-        detail = resp.json().get("detail", resp.text)
-    except (ValueError, AttributeError):
-        detail = resp.text
+        return json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _detail(content: bytes) -> str:
+    """The supervisor's own message, raw (uncut, so the token can be scrubbed): FastAPI's ``detail`` if any."""
+    answer, text = _json(content), content.decode("utf-8", "replace")
+    detail = answer.get("detail", text) if isinstance(answer, dict) else text
     if isinstance(detail, list):  # FastAPI's 422: name each field that failed
         detail = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in detail if isinstance(e, dict)
+            f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}"
+            for e in detail
+            if isinstance(e, dict) and isinstance(e.get("loc", []), list)
         )
-    return str(detail)[:MAX_ERROR]
-
-
-def _scrub(text: str, headers: Mapping[str, str]) -> str:
-    token = headers.get("Authorization", "").removeprefix("Bearer ")
-    return text.replace(token, "***") if token else text
+    return str(detail)
 
 
 # -- Responses and the dashboard -----------------------------------------------

@@ -1691,6 +1691,28 @@ class TestRegistrarHostile:
         r.register_all()
         assert clock.slept == [slept] and r.supervisors[0].is_registered
 
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            {"status": 400, "json": {"detail": "\x1b]0;pwned\x07\x1b[2J"}},
+            {"status": 422, "json": {"detail": [{"loc": ["body", "\x1b[2J"], "msg": "pwned\x1b]0;x\x07"}]}},
+            {"status": 503, "body": "pwned\r\n\x1b[31m"},
+        ],
+        ids=["detail", "422", "503 text"],
+    )
+    @responses.activate
+    def test_supervisor_text_is_printable_in_logs_and_errors(self, answer: dict[str, Any], caplog: Any) -> None:
+        responses.put(SUP, **answer)
+        caplog.set_level(logging.DEBUG, "picoapi")
+        registrar(FakeClock(), timeout=3).register_all()
+        with pytest.raises(RegistrationError) as info:
+            registrar(FakeClock(), timeout=3, required=True).register_all()
+        assert all(record.getMessage().isprintable() for record in caplog.records)
+        warnings = [record.getMessage() for record in caplog.records if "incomplete" in record.getMessage()]
+        assert len(warnings) == 1 and all(
+            text.isprintable() and "pwned" in text for text in warnings + [str(info.value)]
+        )
+
 
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
 
