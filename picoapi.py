@@ -1410,6 +1410,7 @@ class HealthChecker:
 # -- Worker side ---------------------------------------------------------------
 
 _RETRY_STATUS = {408, 429}
+_NOT_A_SUPERVISOR = "is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
 
 
 @dataclasses.dataclass
@@ -1432,7 +1433,7 @@ class _Supervisor:
 
 
 class _Refused(Exception):
-    """A supervisor answered 4xx: retrying the same request will not help."""
+    """A supervisor answered what retrying will not fix (4xx, a redirect, not our entry)."""
 
 
 class Registrar:
@@ -1481,27 +1482,35 @@ class Registrar:
     def _attempt(self, sup: _Supervisor, timeout: float) -> float | None:
         """PUT once; None on success, else the delay the supervisor asked for (or 0).
 
-        Raises :class:`_Refused` on a 4xx that retrying will not fix.
+        Raises :class:`_Refused` on an answer that retrying will not fix.
         """
         try:
-            resp = requests.put(sup.url, json=self.body, headers=self._headers, timeout=max(0.05, timeout))
+            resp = requests.put(
+                sup.url, json=self.body, headers=self._headers, timeout=max(0.05, timeout), allow_redirects=False
+            )
         except requests.RequestException as exc:
             sup.error = self._safe(_root_cause(exc))
             return 0.0
-        if resp.status_code < 300:
-            try:
-                wid = str(resp.json()["id"])
-            except (ValueError, KeyError, TypeError):
-                wid = worker_id(self.body["host"], self.body["port"])
+        status, content = resp.status_code, resp.content
+        if 200 <= status < 300 and _is_own_entry(_json(content), self.body):
             with self._lock:
-                sup.worker_id, sup.identity = wid, resp.headers.get(SUPERVISOR_HEADER)
+                sup.worker_id = worker_id(self.body["host"], self.body["port"])
+                sup.identity = resp.headers.get(SUPERVISOR_HEADER)
                 sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
-            logger.info("registered with %s as %s", sup.url, wid)
+            logger.info("registered with %s as %s", sup.url, sup.worker_id)
             return None
-        sup.error = self._safe(f"HTTP {resp.status_code}: {_detail(resp.content)}")
-        if resp.status_code >= 500 or resp.status_code in _RETRY_STATUS:
-            return _retry_after(resp.headers.get("Retry-After")) or 0.0
-        raise _Refused(f"{sup.url} refused the registration: {sup.error}")
+        if 200 <= status < 300:
+            sup.error = f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}"
+        elif 300 <= status < 400:  # following one would turn the PUT into a GET somewhere else
+            sup.error = self._safe(
+                f"HTTP {status} redirect to {resp.headers.get('Location')}, not followed: "
+                "set API_REGISTER_PATH to the supervisor's own /register URL"
+            )
+        else:
+            sup.error = self._safe(f"HTTP {status}: {_detail(content)}")
+            if status >= 500 or status in _RETRY_STATUS:
+                return _retry_after(resp.headers.get("Retry-After")) or 0.0
+        raise _Refused(f"refused the registration: {sup.error}")
 
     def _safe(self, text: str) -> str:
         """``text`` from the far end or an error, fit for a log: no token, nothing unprintable."""
@@ -1593,7 +1602,7 @@ class Registrar:
                 if asked is not None:
                     wait = min(wait, self._retry_later(sup, asked))
             except _Refused as exc:
-                logger.error("%s", exc)
+                logger.error("%s %s", sup.url, exc)
                 wait = min(wait, self._retry_later(sup, BACKOFF_CAP, refused=True))
         return max(0.01, wait)
 
@@ -1628,7 +1637,9 @@ class Registrar:
                 return
             url = f"{sup.url.rstrip('/')}/{quote(wid, safe='')}"
             try:
-                resp = requests.delete(url, headers=self._headers, timeout=(timeout / 4, timeout / 2))
+                resp = requests.delete(
+                    url, headers=self._headers, timeout=(timeout / 4, timeout / 2), allow_redirects=False
+                )
                 if resp.status_code >= 300 and resp.status_code != 404:
                     logger.warning("deregistering from %s: HTTP %s", sup.url, resp.status_code)
             except requests.RequestException as exc:
@@ -1683,6 +1694,12 @@ def _json(content: bytes) -> Any:
         return json.loads(content)
     except (ValueError, RecursionError):
         return None
+
+
+def _is_own_entry(answer: Any, body: Mapping[str, Any]) -> bool:
+    """Whether a supervisor's answer is the registry entry of the worker that sent ``body``."""
+    own = {"id": worker_id(body["host"], body["port"]), "host": body["host"], "port": body["port"]}
+    return isinstance(answer, dict) and all(answer.get(key) == value for key, value in own.items())
 
 
 def _detail(content: bytes) -> str:

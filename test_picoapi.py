@@ -1481,7 +1481,8 @@ def registrar(clock: FakeClock, urls: tuple[str, ...] = (SUP,), **kwargs: Any) -
 
 
 def answer(status: int = 201, **headers: str) -> dict[str, Any]:
-    return {"status": status, "json": {"id": "127.0.0.1:9001"}, "headers": {"X-PicoAPI-Supervisor": "sup1", **headers}}
+    entry = {"id": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001}
+    return {"status": status, "json": entry, "headers": {"X-PicoAPI-Supervisor": "sup1", **headers}}
 
 
 class TestRegistrar:
@@ -1697,8 +1698,9 @@ class TestRegistrarHostile:
             {"status": 400, "json": {"detail": "\x1b]0;pwned\x07\x1b[2J"}},
             {"status": 422, "json": {"detail": [{"loc": ["body", "\x1b[2J"], "msg": "pwned\x1b]0;x\x07"}]}},
             {"status": 503, "body": "pwned\r\n\x1b[31m"},
+            {"status": 302, "headers": {"Location": "http://x/\x1b]0;pwned\x07"}},
         ],
-        ids=["detail", "422", "503 text"],
+        ids=["detail", "422", "503 text", "redirect"],
     )
     @responses.activate
     def test_supervisor_text_is_printable_in_logs_and_errors(self, answer: dict[str, Any], caplog: Any) -> None:
@@ -1712,6 +1714,43 @@ class TestRegistrarHostile:
         assert len(warnings) == 1 and all(
             text.isprintable() and "pwned" in text for text in warnings + [str(info.value)]
         )
+
+    @pytest.mark.parametrize("status", [301, 302, 307, 308])
+    @responses.activate
+    def test_redirect_is_not_followed(self, status: int) -> None:
+        elsewhere = "http://127.0.0.1:8100/elsewhere"
+        responses.put(SUP, status=status, headers={"Location": elsewhere})
+        responses.get(elsewhere, **answer(200))
+        responses.put(elsewhere, **answer(200))
+        r = registrar(FakeClock(), required=True)
+        with pytest.raises(RegistrationError, match=f"HTTP {status} redirect to {elsewhere}, not followed: set API_"):
+            r.register_all()
+        assert [c.request.url for c in responses.calls] == [SUP] and not r.supervisors[0].is_registered
+
+    @pytest.mark.parametrize(
+        "content",
+        [
+            b"<html>welcome to nginx</html>",
+            b"",
+            b'{"ok": true}',
+            b'["127.0.0.1:9001"]',
+            b'"127.0.0.1:9001"',
+            b'{"id": "10.0.0.9:9001", "host": "10.0.0.9", "port": 9001}',
+            b'{"id": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9002}',
+            b'{"id": "127.0.0.1:9001"}',
+            b"[" * 60_000,  # deeper than json can parse, within the 64 KiB read
+        ],
+    )
+    @responses.activate
+    def test_only_its_own_entry_counts_as_registered(self, content: bytes) -> None:
+        responses.put(SUP, status=200, body=content)
+        r = registrar(FakeClock(), required=True)
+        with pytest.raises(RegistrationError) as info:
+            r.register_all()
+        assert str(info.value).endswith(
+            "answered 200 but not with this worker's entry: is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
+        )
+        assert "nginx" not in str(info.value) and not r.supervisors[0].is_registered
 
 
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
