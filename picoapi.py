@@ -1439,8 +1439,8 @@ class _Refused(Exception):
 class Registrar:
     """Registers a worker with its supervisors and keeps it registered.
 
-    :meth:`register_all` blocks (bounded by ``timeout``) with retry and backoff;
-    :meth:`start` runs one daemon thread that retries the supervisors still
+    :meth:`register_all` blocks (``timeout`` in all, connect to last byte) with retry and
+    backoff; :meth:`start` runs one daemon thread that retries the supervisors still
     missing and re-registers with any whose checks stopped (it forgot us);
     :meth:`deregister_all` leaves every supervisor within ``DEREGISTER_TIMEOUT``.
     """
@@ -1479,19 +1479,49 @@ class Registrar:
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
         return delay * (0.5 + 0.5 * self._rand())
 
+    def _send(self, url: str, timeout: float) -> tuple[requests.Response, bytes | None]:
+        """PUT once, no redirects, cut after ``timeout`` seconds in all; returns the answer and
+        its body, None if over MAX_BODY bytes (never read). Raises requests' errors."""
+        adapter = _Cuttable()
+        timer = threading.Timer(timeout, adapter.cut)
+        timer.name, timer.daemon = "picoapi-deadline", True
+        timer.start()
+        try:
+            with requests.Session() as session:
+                session.mount("http://", adapter)
+                session.mount("https://", adapter)
+                resp = session.put(
+                    url, json=self.body, headers=self._headers, timeout=timeout, allow_redirects=False, stream=True
+                )
+                with resp:
+                    content = b""
+                    for chunk in resp.iter_content(MAX_BODY // 4):
+                        content += chunk
+                        if len(content) > MAX_BODY:
+                            return resp, None
+                    return resp, content
+        except requests.RequestException as exc:
+            if not adapter.is_cut:
+                raise
+            raise _Cut(f"timed out: no complete answer within {timeout:g}s") from exc
+        finally:
+            timer.cancel()
+            timer.join()
+
     def _attempt(self, sup: _Supervisor, timeout: float) -> float | None:
         """PUT once; None on success, else the delay the supervisor asked for (or 0).
 
         Raises :class:`_Refused` on an answer that retrying will not fix.
         """
         try:
-            resp = requests.put(
-                sup.url, json=self.body, headers=self._headers, timeout=max(0.05, timeout), allow_redirects=False
-            )
+            resp, content = self._send(sup.url, max(0.05, timeout))
         except requests.RequestException as exc:
-            sup.error = self._safe(_root_cause(exc))
+            sup.error = self._safe(str(exc) if isinstance(exc, _Cut) else _root_cause(exc))
             return 0.0
-        status, content = resp.status_code, resp.content
+        status = resp.status_code
+        if content is None:
+            sup.error = f"answered {status} with over {MAX_BODY} bytes: too large for a supervisor's answer"
+            return 0.0
         if 200 <= status < 300 and _is_own_entry(_json(content), self.body):
             with self._lock:
                 sup.worker_id = worker_id(self.body["host"], self.body["port"])
@@ -1713,6 +1743,65 @@ def _detail(content: bytes) -> str:
             if isinstance(e, dict) and isinstance(e.get("loc", []), list)
         )
     return str(detail)
+
+
+class _CutConnection(urllib3.connection.HTTPConnection):
+    """Hands ``on_socket`` a duplicate of its socket: shutdown() acts on the socket, not the
+    descriptor, so another thread can cut the connection with it, even once TLS wrapped the original."""
+
+    def __init__(self, *args: Any, on_socket: Callable[[socket.socket], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_socket = on_socket
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        self._on_socket(sock.dup())
+        return sock
+
+
+class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _Cuttable(requests.adapters.HTTPAdapter):
+    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each
+    read, not the answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(max_retries=0)
+        self._lock = threading.Lock()  # guards _socks and is_cut
+        self._socks: list[socket.socket] = []
+        self.is_cut = False
+
+    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
+        pool = super().get_connection_with_tls_context(*args, **kwargs)
+        if isinstance(pool, urllib3.HTTPConnectionPool):  # always; narrows the type
+            pool.ConnectionCls = _CutTLSConnection if isinstance(pool, urllib3.HTTPSConnectionPool) else _CutConnection
+            pool.conn_kw["on_socket"] = self._opened
+        return pool
+
+    def _opened(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+        if self.is_cut:  # opened after the cut: it must carry no request
+            self.cut()
+
+    def cut(self) -> None:
+        with self._lock:
+            self.is_cut = True
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+
+
+class _Cut(requests.Timeout):
+    """A request cut at its deadline."""
 
 
 # -- Responses and the dashboard -----------------------------------------------

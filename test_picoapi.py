@@ -1642,6 +1642,67 @@ class TestWorkerApp:
             pass
 
 
+ENTRY = b'{"id": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001}'
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One whole request, head and Content-Length bytes of body: closing with bytes unread would reset."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+        data += chunk
+    length = re.search(rb"(?im)^content-length: *(\d+)", data)
+    while length and len(data.partition(b"\r\n\r\n")[2]) < int(length[1]) and (chunk := conn.recv(65536)):
+        data += chunk
+    return data
+
+
+@contextlib.contextmanager
+def raw_supervisor(answer: Callable[[bytes, socket.socket], None]) -> Iterator[str]:
+    """A raw TCP server on 127.0.0.1 that hands each request and its socket to ``answer``; yields its /register URL."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            answer(read_request(conn), conn)
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                threading.Thread(target=handle, args=(server.accept()[0],), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/register"
+    finally:
+        stop.set()
+        thread.join(2)
+        server.close()
+
+
+def trickle(conn: socket.socket, data: bytes) -> None:
+    for byte in data[:30]:  # 3 s at most
+        conn.sendall(bytes([byte]))
+        time.sleep(0.1)
+
+
+def trickled_head(request: bytes, conn: socket.socket) -> None:
+    trickle(conn, b"HTTP/1.1 201 Created\r\nX-Pwned: pwned pwned pwned pwned\r\n\r\n")
+
+
+def trickled_body(request: bytes, conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n" % (len(ENTRY) + 40))
+    trickle(conn, b'{"pwned": "pwned pwned pwned pwned pwned pwned"}')
+
+
+def flood(request: bytes, conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 400000000\r\n\r\n")
+    for _ in range(100):  # 6.4 MB of the 400 MB it announced
+        conn.sendall(b"pwned " * 10_000)
+
+
 class TestRegistrarHostile:
     """Supervisors that trickle, flood, redirect, lie, inject or hang: the worker stays bounded and its logs clean."""
 
@@ -1751,6 +1812,60 @@ class TestRegistrarHostile:
             "answered 200 but not with this worker's entry: is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
         )
         assert "nginx" not in str(info.value) and not r.supervisors[0].is_registered
+
+    @pytest.mark.parametrize(
+        ("answer", "error"),
+        [(trickled_head, "timed out"), (trickled_body, "timed out"), (flood, "too large")],
+        ids=["trickled head", "trickled body", "400 MB"],
+    )
+    def test_startup_is_bounded_from_connect_to_last_byte(self, answer: Any, error: str) -> None:
+        with raw_supervisor(answer) as url:
+            r = Registrar((url,), worker_config().registration(), timeout=1.0, required=True)
+            started = time.monotonic()
+            with pytest.raises(RegistrationError, match=error) as info:
+                r.register_all()
+            elapsed = time.monotonic() - started
+        assert elapsed < 1.5 and not r.supervisors[0].is_registered
+        assert "pwned" not in str(info.value)
+
+    def test_https_supervisor_registers_and_is_cut_too(self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        import ssl
+
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+            + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+            check=True,
+            capture_output=True,
+        )
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))  # requests trusts it, as an operator's CA bundle
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server = socket.create_server(("127.0.0.1", 0))
+        entry = b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(ENTRY), ENTRY)
+
+        def serve() -> None:
+            for answer in (lambda tls: tls.sendall(entry), lambda tls: trickle(tls, entry)):
+                conn, _ = server.accept()
+                with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+                    read_request(tls)
+                    answer(tls)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        url = f"https://127.0.0.1:{server.getsockname()[1]}/register"
+        try:
+            answered = Registrar((url,), worker_config().registration(), timeout=1.0, required=True)
+            answered.register_all()
+            trickled = Registrar((url,), worker_config().registration(), timeout=1.0, required=True)
+            started = time.monotonic()
+            with pytest.raises(RegistrationError, match="timed out"):
+                trickled.register_all()
+            elapsed = time.monotonic() - started
+        finally:
+            thread.join(5)
+            server.close()
+        assert answered.supervisors[0].is_registered and elapsed < 1.5
 
 
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
