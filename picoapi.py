@@ -1597,10 +1597,12 @@ class Registrar:
             ]
             for thread in threads:
                 thread.start()
-            for thread in threads:
-                thread.join()
+            for sup, thread in zip(self.supervisors, threads, strict=True):
+                thread.join(max(0.0, deadline - self._clock()) + 0.25)  # the deadline's cut takes a moment
+                if thread.is_alive():
+                    errors.setdefault(sup.url, f"no answer within {self.timeout:g}s")
         if errors:
-            text = "; ".join(f"{url}: {err}" for url, err in errors.items())
+            text = "; ".join(f"{url}: {err}" for url, err in list(errors.items()))  # late threads may still add
             if self.required:
                 raise RegistrationError(f"registration failed (API_REGISTER_REQUIRED is on): {text}")
             logger.warning("registration incomplete, retrying in the background: %s", text)

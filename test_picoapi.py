@@ -1867,6 +1867,26 @@ class TestRegistrarHostile:
             server.close()
         assert answered.supervisors[0].is_registered and elapsed < 1.5
 
+    @responses.activate
+    def test_several_supervisors_are_joined_within_the_deadline(self, caplog: Any) -> None:
+        responses.put(SUP2, **answer())
+        release = threading.Event()
+        r = Registrar((SUP, SUP2), worker_config().registration(), timeout=0.5)
+        attempt = r._attempt
+
+        def hang_on_the_first(sup: Any, timeout: float) -> float | None:  # where no cut reaches: a slow DNS lookup
+            return 0.0 if sup.url == SUP and release.wait(5) else attempt(sup, timeout)
+
+        r._attempt = hang_on_the_first  # type: ignore[method-assign]
+        started = time.monotonic()
+        try:
+            r.register_all()
+        finally:
+            release.set()
+        assert time.monotonic() - started < 1.25
+        assert [s.is_registered for s in r.supervisors] == [False, True]
+        assert f"{SUP}: no answer within 0.5s" in caplog.text
+
 
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
 
