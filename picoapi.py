@@ -1468,7 +1468,9 @@ class Registrar:
         self._token = _parse_token("token", token or "")
         self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         self._clock, self._sleep, self._rand = clock, sleep, rand
-        self._lock = threading.Lock()  # guards the _Supervisor fields across threads
+        self._lock = threading.Lock()  # guards the _Supervisor fields and _in_flight across threads
+        self._idle = threading.Condition(self._lock)  # notified when _in_flight empties
+        self._in_flight: set[_Cuttable] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -1480,9 +1482,13 @@ class Registrar:
         return delay * (0.5 + 0.5 * self._rand())
 
     def _send(self, url: str, timeout: float) -> tuple[requests.Response, bytes | None]:
-        """PUT once, no redirects, cut after ``timeout`` seconds in all; returns the answer and
-        its body, None if over MAX_BODY bytes (never read). Raises requests' errors."""
+        """PUT once, no redirects, cut after ``timeout`` seconds in all or by :meth:`stop`; returns the
+        answer and its body, None if over MAX_BODY bytes (never read). Raises requests' errors."""
         adapter = _Cuttable()
+        with self._lock:
+            if self._stop.is_set():
+                raise _Cut("not sent: the registrar is stopping")
+            self._in_flight.add(adapter)
         timer = threading.Timer(timeout, adapter.cut)
         timer.name, timer.daemon = "picoapi-deadline", True
         timer.start()
@@ -1503,10 +1509,14 @@ class Registrar:
         except requests.RequestException as exc:
             if not adapter.is_cut:
                 raise
-            raise _Cut(f"timed out: no complete answer within {timeout:g}s") from exc
+            why = "cut by stop()" if self._stop.is_set() else f"timed out: no complete answer within {timeout:g}s"
+            raise _Cut(why) from exc
         finally:
             timer.cancel()
             timer.join()
+            with self._idle:
+                self._in_flight.discard(adapter)
+                self._idle.notify_all()
 
     def _attempt(self, sup: _Supervisor, timeout: float) -> float | None:
         """PUT once; None on success, else the delay the supervisor asked for (or 0).
@@ -1654,19 +1664,25 @@ class Registrar:
             self._stop.wait(wait)
 
     def stop(self, timeout: float = 1.0) -> None:
-        self._stop.set()
+        """Stop the thread and cut any request in flight; waits (``timeout`` at most) until
+        none is, so that no PUT of ours can land after the DELETE that follows."""
+        with self._idle:
+            self._stop.set()
+            for adapter in self._in_flight:
+                adapter.cut()
+            self._idle.wait_for(lambda: not self._in_flight, timeout)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
     def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
         """DELETE this worker at every supervisor at once; returns within ``timeout``."""
+        deadline = self._clock() + timeout * 0.75
         self.stop(timeout / 4)
+        # Even where we are not registered: a PUT cut while awaiting its answer may have landed.
+        wid = worker_id(self.body["host"], self.body["port"])
 
         def one(sup: _Supervisor) -> None:
-            wid = sup.worker_id
-            if wid is None:
-                return
             url = f"{sup.url.rstrip('/')}/{quote(wid, safe='')}"
             try:
                 resp = requests.delete(
@@ -1681,11 +1697,10 @@ class Registrar:
         threads = [
             threading.Thread(target=one, args=(s,), name="picoapi-deregister", daemon=True) for s in self.supervisors
         ]
-        deadline = time.monotonic() + timeout * 0.75
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, deadline - self._clock()))
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -1803,7 +1818,7 @@ class _Cuttable(requests.adapters.HTTPAdapter):
 
 
 class _Cut(requests.Timeout):
-    """A request cut at its deadline."""
+    """A request cut at its deadline or by stop(); the message says which."""
 
 
 # -- Responses and the dashboard -----------------------------------------------

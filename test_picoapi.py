@@ -1887,6 +1887,71 @@ class TestRegistrarHostile:
         assert [s.is_registered for s in r.supervisors] == [False, True]
         assert f"{SUP}: no answer within 0.5s" in caplog.text
 
+    def test_stop_cuts_the_put_in_flight_before_the_delete(self) -> None:
+        puts: list[socket.socket] = []
+        held, done = threading.Event(), threading.Event()
+        deletes: list[str] = []
+
+        def is_open(conn: socket.socket) -> bool:
+            try:
+                while conn.recv(65536, socket.MSG_DONTWAIT):
+                    pass  # the rest of the PUT, if it came in two parts
+            except BlockingIOError:
+                return True  # nothing more to read, and no end either
+            except OSError:
+                pass  # reset: cut too
+            return False
+
+        def answer(request: bytes, conn: socket.socket) -> None:
+            if request.startswith(b"DELETE"):
+                deletes.append("while a PUT was in flight" if is_open(puts[-1]) else "after the PUT was cut")
+                conn.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+            elif not puts:
+                puts.append(conn)
+                conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(ENTRY), ENTRY))
+            else:  # the watchdog's second PUT: held for 5 s, as a supervisor stuck in its store would
+                puts.append(conn)
+                held.set()
+                done.wait(5)
+
+        with raw_supervisor(answer) as url:
+            r = Registrar((url,), worker_config(health_interval=1).registration(), watchdog_after=0.2)
+            r.register_all()
+            r.start()  # no checks arrive: it registers again after 0.2 s
+            try:
+                assert held.wait(5), "the second PUT never came"
+                started = time.monotonic()
+                r.deregister_all()
+                elapsed = time.monotonic() - started
+            finally:
+                done.set()
+        assert deletes == ["after the PUT was cut"] and elapsed < 2.0, (deletes, elapsed)
+        assert not [name for name in picoapi_threads() if "regist" in name]
+
+    @responses.activate
+    def test_deregister_all_keeps_time_by_the_injected_clock(self) -> None:
+        release = threading.Event()
+        responses.put(SUP, **answer())
+        responses.add_callback(
+            responses.DELETE, SUP + "/127.0.0.1%3A9001", lambda _: (release.wait(5), 204, {}, "")[1:]
+        )
+        now = [0.0]
+
+        def clock() -> float:  # every reading 10 s on: the deadline has passed at once
+            now[0] += 10
+            return now[0]
+
+        r = Registrar((SUP,), worker_config().registration(), clock=clock)
+        r.register_all()
+        started = time.monotonic()
+        try:
+            r.deregister_all()
+        finally:
+            elapsed = time.monotonic() - started
+            release.set()
+            wait_for(lambda: "picoapi-deregister" not in picoapi_threads(), 5, "the DELETE to end")
+        assert elapsed < 0.5
+
 
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
 
