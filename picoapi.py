@@ -403,8 +403,17 @@ def _optional_seconds(var: str, raw: object) -> float | None:
     return _parse_seconds(var, raw, MIN_INTERVAL, 10 * MAX_INTERVAL)
 
 
-def _any_text(var: str, raw: object) -> str:
-    return str(raw)
+def _parse_token(var: str, raw: object) -> str | None:
+    # Never echo the value: it is a secret. A blank one would silently turn authentication off.
+    text = raw if isinstance(raw, str) else " "
+    if text == "":
+        return None  # unset, as an empty variable is
+    if len(text) > 4096 or not (text.isascii() and text.isprintable()) or text != text.strip():
+        raise ConfigError(
+            f"{var} must be 1 to 4096 printable ASCII characters with no whitespace around them (a file from "
+            "`kubectl create secret --from-file` keeps its final newline: strip it); the value is not shown"
+        )
+    return text
 
 
 #: field -> (variable, parser). The single source of truth for every setting.
@@ -425,7 +434,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "cors_allow_methods": ("API_CORS_ALLOW_METHODS", lambda v, r: _parse_list(v, r, "!")),
     "cors_allow_headers": ("API_CORS_ALLOW_HEADERS", lambda v, r: _parse_list(v, r, "!")),
     "cors_allow_credentials": ("API_CORS_ALLOW_CREDENTIALS", _parse_bool),
-    "register_token": ("API_REGISTER_TOKEN", _any_text),
+    "register_token": ("API_REGISTER_TOKEN", _parse_token),
     "register_timeout": ("API_REGISTER_TIMEOUT", lambda v, r: _parse_seconds(v, r, 0.0, 3600.0)),
     "register_required": ("API_REGISTER_REQUIRED", _parse_bool),
     "max_workers": ("API_MAX_WORKERS", lambda v, r: _parse_count(v, r, 1, 10_000_000)),
@@ -496,8 +505,8 @@ class Config:
             raw: Any = overrides.get(field_name)
             for source in sources if raw is None else ():
                 raw = source.get(var) or source.get(_ALIASES.get(var, ""))
-                if raw is not None and str(raw).strip() == "":
-                    raw = None  # an empty variable counts as unset
+                if raw is not None and str(raw).strip() == "" and (raw == "" or field_name != "register_token"):
+                    raw = None  # an empty variable counts as unset; a blank token is an error, not "no token"
                 if raw is not None:
                     break
             if raw is not None:
@@ -1593,6 +1602,7 @@ class HealthChecker:
 # -- Worker side ---------------------------------------------------------------
 
 _RETRY_STATUS = {408, 429}
+_NOT_A_SUPERVISOR = "is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
 
 
 @dataclasses.dataclass
@@ -1615,14 +1625,14 @@ class _Supervisor:
 
 
 class _Refused(Exception):
-    """A supervisor answered 4xx: retrying the same request will not help."""
+    """A supervisor answered what retrying will not fix (4xx, a redirect, not our entry)."""
 
 
 class Registrar:
     """Registers a worker with its supervisors and keeps it registered.
 
-    :meth:`register_all` blocks (bounded by ``timeout``) with retry and backoff;
-    :meth:`start` runs one daemon thread that retries the supervisors still
+    :meth:`register_all` blocks (``timeout`` in all, connect to last byte) with retry and
+    backoff; :meth:`start` runs one daemon thread that retries the supervisors still
     missing and re-registers with any whose checks stopped (it forgot us);
     :meth:`deregister_all` leaves every supervisor within ``DEREGISTER_TIMEOUT``.
     """
@@ -1647,9 +1657,12 @@ class Registrar:
         interval = float(body["health"]["interval"])
         #: No check from a supervisor for this long means it forgot us: register again.
         self.watchdog_after = watchdog_after or DEFAULT_WATCHDOG_INTERVALS * interval
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._token = _parse_token("token", token or "")
+        self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         self._clock, self._sleep, self._rand = clock, sleep, rand
-        self._lock = threading.Lock()  # guards the _Supervisor fields across threads
+        self._lock = threading.Lock()  # guards the _Supervisor fields and _in_flight across threads
+        self._idle = threading.Condition(self._lock)  # notified when _in_flight empties
+        self._in_flight: set[_Cuttable] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -1660,30 +1673,80 @@ class Registrar:
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
         return delay * (0.5 + 0.5 * self._rand())
 
+    def _send(self, url: str, timeout: float) -> tuple[requests.Response, bytes | None]:
+        """PUT once, no redirects, cut after ``timeout`` seconds in all or by :meth:`stop`; returns the
+        answer and its body, None if over MAX_BODY bytes (never read). Raises requests' errors."""
+        adapter = _Cuttable()
+        with self._lock:
+            if self._stop.is_set():
+                raise _Cut("not sent: the registrar is stopping")
+            self._in_flight.add(adapter)
+        timer = threading.Timer(timeout, adapter.cut)
+        timer.name, timer.daemon = "picoapi-deadline", True
+        timer.start()
+        try:
+            with requests.Session() as session:
+                session.mount("http://", adapter)
+                session.mount("https://", adapter)
+                resp = session.put(
+                    url, json=self.body, headers=self._headers, timeout=timeout, allow_redirects=False, stream=True
+                )
+                with resp:
+                    content = b""
+                    for chunk in resp.iter_content(MAX_BODY // 4):
+                        content += chunk
+                        if len(content) > MAX_BODY:
+                            return resp, None
+                    return resp, content
+        except requests.RequestException as exc:
+            if not adapter.is_cut:
+                raise
+            why = "cut by stop()" if self._stop.is_set() else f"timed out: no complete answer within {timeout:g}s"
+            raise _Cut(why) from exc
+        finally:
+            timer.cancel()
+            timer.join()
+            with self._idle:
+                self._in_flight.discard(adapter)
+                self._idle.notify_all()
+
     def _attempt(self, sup: _Supervisor, timeout: float) -> float | None:
         """PUT once; None on success, else the delay the supervisor asked for (or 0).
 
-        Raises :class:`_Refused` on a 4xx that retrying will not fix.
+        Raises :class:`_Refused` on an answer that retrying will not fix.
         """
         try:
-            resp = requests.put(sup.url, json=self.body, headers=self._headers, timeout=max(0.05, timeout))
+            resp, content = self._send(sup.url, max(0.05, timeout))
         except requests.RequestException as exc:
-            sup.error = _scrub(_root_cause(exc), self._headers)[:MAX_ERROR]
+            sup.error = self._safe(str(exc) if isinstance(exc, _Cut) else _root_cause(exc))
             return 0.0
-        if resp.status_code < 300:
-            try:
-                wid = str(resp.json()["id"])
-            except (ValueError, KeyError, TypeError):
-                wid = worker_id(self.body["host"], self.body["port"])
+        status = resp.status_code
+        if content is None:
+            sup.error = f"answered {status} with over {MAX_BODY} bytes: too large for a supervisor's answer"
+            return 0.0
+        if 200 <= status < 300 and _is_own_entry(_json(content), self.body):
             with self._lock:
-                sup.worker_id, sup.identity = wid, resp.headers.get(SUPERVISOR_HEADER)
+                sup.worker_id = worker_id(self.body["host"], self.body["port"])
+                sup.identity = resp.headers.get(SUPERVISOR_HEADER)
                 sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
-            logger.info("registered with %s as %s", sup.url, wid)
+            logger.info("registered with %s as %s", sup.url, sup.worker_id)
             return None
-        sup.error = f"HTTP {resp.status_code}: {_scrub(_detail(resp), self._headers)}"[:MAX_ERROR]
-        if resp.status_code >= 500 or resp.status_code in _RETRY_STATUS:
-            return _retry_after(resp.headers.get("Retry-After")) or 0.0
-        raise _Refused(f"{sup.url} refused the registration: {sup.error}")
+        if 200 <= status < 300:
+            sup.error = f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}"
+        elif 300 <= status < 400:  # following one would turn the PUT into a GET somewhere else
+            sup.error = self._safe(
+                f"HTTP {status} redirect to {resp.headers.get('Location')}, not followed: "
+                "set API_REGISTER_PATH to the supervisor's own /register URL"
+            )
+        else:
+            sup.error = self._safe(f"HTTP {status}: {_detail(content)}")
+            if status >= 500 or status in _RETRY_STATUS:
+                return _retry_after(resp.headers.get("Retry-After")) or 0.0
+        raise _Refused(f"refused the registration: {sup.error}")
+
+    def _safe(self, text: str) -> str:
+        """``text`` from the far end or an error, fit for a log: no token, nothing unprintable."""
+        return _printable(text.replace(self._token, "***") if self._token else text)
 
     def _retry_later(self, sup: _Supervisor, asked: float, *, refused: bool = False) -> float:
         """Set ``sup``'s next attempt after a failed one; returns the delay.
@@ -1736,10 +1799,12 @@ class Registrar:
             ]
             for thread in threads:
                 thread.start()
-            for thread in threads:
-                thread.join()
+            for sup, thread in zip(self.supervisors, threads, strict=True):
+                thread.join(max(0.0, deadline - self._clock()) + 0.25)  # the deadline's cut takes a moment
+                if thread.is_alive():
+                    errors.setdefault(sup.url, f"no answer within {self.timeout:g}s")
         if errors:
-            text = "; ".join(f"{url}: {err}" for url, err in errors.items())
+            text = "; ".join(f"{url}: {err}" for url, err in list(errors.items()))  # late threads may still add
             if self.required:
                 raise RegistrationError(f"registration failed (API_REGISTER_REQUIRED is on): {text}")
             logger.warning("registration incomplete, retrying in the background: %s", text)
@@ -1771,7 +1836,7 @@ class Registrar:
                 if asked is not None:
                     wait = min(wait, self._retry_later(sup, asked))
             except _Refused as exc:
-                logger.error("%s", exc)
+                logger.error("%s %s", sup.url, exc)
                 wait = min(wait, self._retry_later(sup, BACKOFF_CAP, refused=True))
         return max(0.01, wait)
 
@@ -1791,22 +1856,30 @@ class Registrar:
             self._stop.wait(wait)
 
     def stop(self, timeout: float = 1.0) -> None:
-        self._stop.set()
+        """Stop the thread and cut any request in flight; waits (``timeout`` at most) until
+        none is, so that no PUT of ours can land after the DELETE that follows."""
+        with self._idle:
+            self._stop.set()
+            for adapter in self._in_flight:
+                adapter.cut()
+            self._idle.wait_for(lambda: not self._in_flight, timeout)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
     def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
         """DELETE this worker at every supervisor at once; returns within ``timeout``."""
+        deadline = self._clock() + timeout * 0.75
         self.stop(timeout / 4)
+        # Even where we are not registered: a PUT cut while awaiting its answer may have landed.
+        wid = worker_id(self.body["host"], self.body["port"])
 
         def one(sup: _Supervisor) -> None:
-            wid = sup.worker_id
-            if wid is None:
-                return
             url = f"{sup.url.rstrip('/')}/{quote(wid, safe='')}"
             try:
-                resp = requests.delete(url, headers=self._headers, timeout=(timeout / 4, timeout / 2))
+                resp = requests.delete(
+                    url, headers=self._headers, timeout=(timeout / 4, timeout / 2), allow_redirects=False
+                )
                 if resp.status_code >= 300 and resp.status_code != 404:
                     logger.warning("deregistering from %s: HTTP %s", sup.url, resp.status_code)
             except requests.RequestException as exc:
@@ -1816,24 +1889,22 @@ class Registrar:
         threads = [
             threading.Thread(target=one, args=(s,), name="picoapi-deregister", daemon=True) for s in self.supervisors
         ]
-        deadline = time.monotonic() + timeout * 0.75
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, deadline - self._clock()))
 
 
 def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), or None."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), at most BACKOFF_CAP; else None."""
+    value = (value or "").strip()
+    if _is_whole(value):  # not '²', which isdigit() takes and float() refuses
+        return min(BACKOFF_CAP, float(value))
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError, OSError):  # not a date, or one no clock can hold
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(BACKOFF_CAP, max(0.0, seconds))
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -1856,22 +1927,90 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(root).__name__}: {root}"
 
 
-def _detail(resp: requests.Response) -> str:
-    """The supervisor's own message: FastAPI's ``detail`` if there is one."""
+def _json(content: bytes) -> Any:
+    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep."""
     try:
-        detail = resp.json().get("detail", resp.text)
-    except (ValueError, AttributeError):
-        detail = resp.text
+        return json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _is_own_entry(answer: Any, body: Mapping[str, Any]) -> bool:
+    """Whether a supervisor's answer is the registry entry of the worker that sent ``body``."""
+    own = {"id": worker_id(body["host"], body["port"]), "host": body["host"], "port": body["port"]}
+    return isinstance(answer, dict) and all(answer.get(key) == value for key, value in own.items())
+
+
+def _detail(content: bytes) -> str:
+    """The supervisor's own message, raw (uncut, so the token can be scrubbed): FastAPI's ``detail`` if any."""
+    answer, text = _json(content), content.decode("utf-8", "replace")
+    detail = answer.get("detail", text) if isinstance(answer, dict) else text
     if isinstance(detail, list):  # FastAPI's 422: name each field that failed
         detail = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in detail if isinstance(e, dict)
+            f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}"
+            for e in detail
+            if isinstance(e, dict) and isinstance(e.get("loc", []), list)
         )
-    return str(detail)[:MAX_ERROR]
+    return str(detail)
 
 
-def _scrub(text: str, headers: Mapping[str, str]) -> str:
-    token = headers.get("Authorization", "").removeprefix("Bearer ")
-    return text.replace(token, "***") if token else text
+class _CutConnection(urllib3.connection.HTTPConnection):
+    """Hands ``on_socket`` a duplicate of its socket: shutdown() acts on the socket, not the
+    descriptor, so another thread can cut the connection with it, even once TLS wrapped the original."""
+
+    def __init__(self, *args: Any, on_socket: Callable[[socket.socket], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_socket = on_socket
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        self._on_socket(sock.dup())
+        return sock
+
+
+class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _Cuttable(requests.adapters.HTTPAdapter):
+    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each
+    read, not the answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(max_retries=0)
+        self._lock = threading.Lock()  # guards _socks and is_cut
+        self._socks: list[socket.socket] = []
+        self.is_cut = False
+
+    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
+        pool = super().get_connection_with_tls_context(*args, **kwargs)
+        if isinstance(pool, urllib3.HTTPConnectionPool):  # always; narrows the type
+            pool.ConnectionCls = _CutTLSConnection if isinstance(pool, urllib3.HTTPSConnectionPool) else _CutConnection
+            pool.conn_kw["on_socket"] = self._opened
+        return pool
+
+    def _opened(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+        if self.is_cut:  # opened after the cut: it must carry no request
+            self.cut()
+
+    def cut(self) -> None:
+        with self._lock:
+            self.is_cut = True
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+
+
+class _Cut(requests.Timeout):
+    """A request cut at its deadline or by stop(); the message says which."""
 
 
 # -- Responses and the dashboard -----------------------------------------------

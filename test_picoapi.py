@@ -1756,7 +1756,8 @@ def registrar(clock: FakeClock, urls: tuple[str, ...] = (SUP,), **kwargs: Any) -
 
 
 def answer(status: int = 201, **headers: str) -> dict[str, Any]:
-    return {"status": status, "json": {"id": "127.0.0.1:9001"}, "headers": {"X-PicoAPI-Supervisor": "sup1", **headers}}
+    entry = {"id": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001}
+    return {"status": status, "json": entry, "headers": {"X-PicoAPI-Supervisor": "sup1", **headers}}
 
 
 class TestRegistrar:
@@ -1809,9 +1810,9 @@ class TestRegistrar:
         assert clock.slept == [7.0]
 
     def test_retry_after_as_date(self) -> None:
-        future = time.time() + 60
+        future = time.time() + 20  # within BACKOFF_CAP
         value = picoapi.email.utils.formatdate(future, usegmt=True)
-        assert 55 < picoapi._retry_after(value) <= 60  # type: ignore[operator]
+        assert 15 < picoapi._retry_after(value) <= 20  # type: ignore[operator]
         assert picoapi._retry_after("soon") is None
 
     @responses.activate
@@ -1914,6 +1915,317 @@ class TestWorkerApp:
         app = PicoAPI(config=worker_config(register_required=True))
         with pytest.raises(RegistrationError, match="HTTP 401: missing token"), TestClient(app):
             pass
+
+
+ENTRY = b'{"id": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001}'
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One whole request, head and Content-Length bytes of body: closing with bytes unread would reset."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+        data += chunk
+    length = re.search(rb"(?im)^content-length: *(\d+)", data)
+    while length and len(data.partition(b"\r\n\r\n")[2]) < int(length[1]) and (chunk := conn.recv(65536)):
+        data += chunk
+    return data
+
+
+@contextlib.contextmanager
+def raw_supervisor(answer: Callable[[bytes, socket.socket], None]) -> Iterator[str]:
+    """A raw TCP server on 127.0.0.1 that hands each request and its socket to ``answer``; yields its /register URL."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            answer(read_request(conn), conn)
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                threading.Thread(target=handle, args=(server.accept()[0],), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/register"
+    finally:
+        stop.set()
+        thread.join(2)
+        server.close()
+
+
+def trickle(conn: socket.socket, data: bytes) -> None:
+    for byte in data[:30]:  # 3 s at most
+        conn.sendall(bytes([byte]))
+        time.sleep(0.1)
+
+
+def trickled_head(request: bytes, conn: socket.socket) -> None:
+    trickle(conn, b"HTTP/1.1 201 Created\r\nX-Pwned: pwned pwned pwned pwned\r\n\r\n")
+
+
+def trickled_body(request: bytes, conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n" % (len(ENTRY) + 40))
+    trickle(conn, b'{"pwned": "pwned pwned pwned pwned pwned pwned"}')
+
+
+def flood(request: bytes, conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 400000000\r\n\r\n")
+    for _ in range(100):  # 6.4 MB of the 400 MB it announced
+        conn.sendall(b"pwned " * 10_000)
+
+
+class TestRegistrarHostile:
+    """Supervisors that trickle, flood, redirect, lie, inject or hang: the worker stays bounded and its logs clean."""
+
+    @pytest.mark.parametrize(
+        "token",
+        ["s3cret\n", " s3cret", "s3cret\t", "s3c\nret", "s3cré", "s3c\u20ac", "s3c\x00", "s3c" * 1366, "   ", "\n"],
+    )
+    def test_bad_token_is_refused_without_showing_it(self, token: str) -> None:
+        fix = r"API_REGISTER_TOKEN must be 1 to 4096 printable ASCII characters with no whitespace around them .*strip"
+        for load in (
+            lambda: Config.load(environ={"API_REGISTER_TOKEN": token}, env_file=None),
+            lambda: Config.load({"register_token": token}, env_file=None),
+        ):
+            with pytest.raises(ConfigError, match=fix) as info:
+                load()
+            assert "s3c" not in str(info.value)
+        with pytest.raises(ConfigError, match="token must be"):
+            Registrar((SUP,), worker_config().registration(), token=token)
+
+    def test_good_and_empty_tokens(self) -> None:
+        for token in ("s3cret", "a b", "!~", "x" * 4096):
+            assert Config.load(environ={"API_REGISTER_TOKEN": token}, env_file=None).register_token == token
+            assert Config.load({"register_token": token}, env_file=None).register_token == token
+        assert Config.load(environ={"API_REGISTER_TOKEN": ""}, env_file=None).register_token is None
+        assert Config.load({"register_token": ""}, env_file=None).register_token is None
+
+    @pytest.mark.parametrize(
+        ("value", "slept"),
+        [
+            ("7", 7.0),
+            (" 7 ", 7.0),
+            ("\xb2", 0.5),  # a Latin-1 byte that decodes to '²', which isdigit() takes
+            ("99999999999", 30.0),
+            ("9" * 5000, 0.5),
+            ("-5", 0.5),
+            ("1e3", 0.5),
+            ("Fri, 31 Dec 9999 23:59:59 GMT", 30.0),
+            ("Thu, 01 Jan 1970 00:00:00 GMT", 0.5),
+            ("Mon, 99 Foo 99999 99:99:99 GMT", 0.5),
+        ],
+    )
+    @responses.activate
+    def test_retry_after_is_digits_or_a_date_and_capped(self, value: str, slept: float) -> None:
+        responses.put(SUP, status=503, headers={"Retry-After": value})
+        responses.put(SUP, **answer())
+        clock = FakeClock()
+        r = registrar(clock, timeout=60)
+        r.register_all()
+        assert clock.slept == [slept] and r.supervisors[0].is_registered
+
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            {"status": 400, "json": {"detail": "\x1b]0;pwned\x07\x1b[2J"}},
+            {"status": 422, "json": {"detail": [{"loc": ["body", "\x1b[2J"], "msg": "pwned\x1b]0;x\x07"}]}},
+            {"status": 503, "body": "pwned\r\n\x1b[31m"},
+            {"status": 302, "headers": {"Location": "http://x/\x1b]0;pwned\x07"}},
+        ],
+        ids=["detail", "422", "503 text", "redirect"],
+    )
+    @responses.activate
+    def test_supervisor_text_is_printable_in_logs_and_errors(self, answer: dict[str, Any], caplog: Any) -> None:
+        responses.put(SUP, **answer)
+        caplog.set_level(logging.DEBUG, "picoapi")
+        registrar(FakeClock(), timeout=3).register_all()
+        with pytest.raises(RegistrationError) as info:
+            registrar(FakeClock(), timeout=3, required=True).register_all()
+        assert all(record.getMessage().isprintable() for record in caplog.records)
+        warnings = [record.getMessage() for record in caplog.records if "incomplete" in record.getMessage()]
+        assert len(warnings) == 1 and all(
+            text.isprintable() and "pwned" in text for text in warnings + [str(info.value)]
+        )
+
+    @pytest.mark.parametrize("status", [301, 302, 307, 308])
+    @responses.activate
+    def test_redirect_is_not_followed(self, status: int) -> None:
+        elsewhere = "http://127.0.0.1:8100/elsewhere"
+        responses.put(SUP, status=status, headers={"Location": elsewhere})
+        responses.get(elsewhere, **answer(200))
+        responses.put(elsewhere, **answer(200))
+        r = registrar(FakeClock(), required=True)
+        with pytest.raises(RegistrationError, match=f"HTTP {status} redirect to {elsewhere}, not followed: set API_"):
+            r.register_all()
+        assert [c.request.url for c in responses.calls] == [SUP] and not r.supervisors[0].is_registered
+
+    @pytest.mark.parametrize(
+        "content",
+        [
+            b"<html>welcome to nginx</html>",
+            b"",
+            b'{"ok": true}',
+            b'["127.0.0.1:9001"]',
+            b'"127.0.0.1:9001"',
+            b'{"id": "10.0.0.9:9001", "host": "10.0.0.9", "port": 9001}',
+            b'{"id": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9002}',
+            b'{"id": "127.0.0.1:9001"}',
+            b"[" * 60_000,  # deeper than json can parse, within the 64 KiB read
+        ],
+    )
+    @responses.activate
+    def test_only_its_own_entry_counts_as_registered(self, content: bytes) -> None:
+        responses.put(SUP, status=200, body=content)
+        r = registrar(FakeClock(), required=True)
+        with pytest.raises(RegistrationError) as info:
+            r.register_all()
+        assert str(info.value).endswith(
+            "answered 200 but not with this worker's entry: is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
+        )
+        assert "nginx" not in str(info.value) and not r.supervisors[0].is_registered
+
+    @pytest.mark.parametrize(
+        ("answer", "error"),
+        [(trickled_head, "timed out"), (trickled_body, "timed out"), (flood, "too large")],
+        ids=["trickled head", "trickled body", "400 MB"],
+    )
+    def test_startup_is_bounded_from_connect_to_last_byte(self, answer: Any, error: str) -> None:
+        with raw_supervisor(answer) as url:
+            r = Registrar((url,), worker_config().registration(), timeout=1.0, required=True)
+            started = time.monotonic()
+            with pytest.raises(RegistrationError, match=error) as info:
+                r.register_all()
+            elapsed = time.monotonic() - started
+        assert elapsed < 1.5 and not r.supervisors[0].is_registered
+        assert "pwned" not in str(info.value)
+
+    def test_https_supervisor_registers_and_is_cut_too(self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        import ssl
+
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+            + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+            check=True,
+            capture_output=True,
+        )
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))  # requests trusts it, as an operator's CA bundle
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server = socket.create_server(("127.0.0.1", 0))
+        entry = b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(ENTRY), ENTRY)
+
+        def serve() -> None:
+            for answer in (lambda tls: tls.sendall(entry), lambda tls: trickle(tls, entry)):
+                conn, _ = server.accept()
+                with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+                    read_request(tls)
+                    answer(tls)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        url = f"https://127.0.0.1:{server.getsockname()[1]}/register"
+        try:
+            answered = Registrar((url,), worker_config().registration(), timeout=1.0, required=True)
+            answered.register_all()
+            trickled = Registrar((url,), worker_config().registration(), timeout=1.0, required=True)
+            started = time.monotonic()
+            with pytest.raises(RegistrationError, match="timed out"):
+                trickled.register_all()
+            elapsed = time.monotonic() - started
+        finally:
+            thread.join(5)
+            server.close()
+        assert answered.supervisors[0].is_registered and elapsed < 1.5
+
+    @responses.activate
+    def test_several_supervisors_are_joined_within_the_deadline(self, caplog: Any) -> None:
+        responses.put(SUP2, **answer())
+        release = threading.Event()
+        r = Registrar((SUP, SUP2), worker_config().registration(), timeout=0.5)
+        attempt = r._attempt
+
+        def hang_on_the_first(sup: Any, timeout: float) -> float | None:  # where no cut reaches: a slow DNS lookup
+            return 0.0 if sup.url == SUP and release.wait(5) else attempt(sup, timeout)
+
+        r._attempt = hang_on_the_first  # type: ignore[method-assign]
+        started = time.monotonic()
+        try:
+            r.register_all()
+        finally:
+            release.set()
+        assert time.monotonic() - started < 1.25
+        assert [s.is_registered for s in r.supervisors] == [False, True]
+        assert f"{SUP}: no answer within 0.5s" in caplog.text
+
+    def test_stop_cuts_the_put_in_flight_before_the_delete(self) -> None:
+        puts: list[socket.socket] = []
+        held, done = threading.Event(), threading.Event()
+        deletes: list[str] = []
+
+        def is_open(conn: socket.socket) -> bool:
+            try:
+                while conn.recv(65536, socket.MSG_DONTWAIT):
+                    pass  # the rest of the PUT, if it came in two parts
+            except BlockingIOError:
+                return True  # nothing more to read, and no end either
+            except OSError:
+                pass  # reset: cut too
+            return False
+
+        def answer(request: bytes, conn: socket.socket) -> None:
+            if request.startswith(b"DELETE"):
+                deletes.append("while a PUT was in flight" if is_open(puts[-1]) else "after the PUT was cut")
+                conn.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+            elif not puts:
+                puts.append(conn)
+                conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(ENTRY), ENTRY))
+            else:  # the watchdog's second PUT: held for 5 s, as a supervisor stuck in its store would
+                puts.append(conn)
+                held.set()
+                done.wait(5)
+
+        with raw_supervisor(answer) as url:
+            r = Registrar((url,), worker_config(health_interval=1).registration(), watchdog_after=0.2)
+            r.register_all()
+            r.start()  # no checks arrive: it registers again after 0.2 s
+            try:
+                assert held.wait(5), "the second PUT never came"
+                started = time.monotonic()
+                r.deregister_all()
+                elapsed = time.monotonic() - started
+            finally:
+                done.set()
+        assert deletes == ["after the PUT was cut"] and elapsed < 2.0, (deletes, elapsed)
+        assert not [name for name in picoapi_threads() if "regist" in name]
+
+    @responses.activate
+    def test_deregister_all_keeps_time_by_the_injected_clock(self) -> None:
+        release = threading.Event()
+        responses.put(SUP, **answer())
+        responses.add_callback(
+            responses.DELETE, SUP + "/127.0.0.1%3A9001", lambda _: (release.wait(5), 204, {}, "")[1:]
+        )
+        now = [0.0]
+
+        def clock() -> float:  # every reading 10 s on: the deadline has passed at once
+            now[0] += 10
+            return now[0]
+
+        r = Registrar((SUP,), worker_config().registration(), clock=clock)
+        r.register_all()
+        started = time.monotonic()
+        try:
+            r.deregister_all()
+        finally:
+            elapsed = time.monotonic() - started
+            release.set()
+            wait_for(lambda: "picoapi-deregister" not in picoapi_threads(), 5, "the DELETE to end")
+        assert elapsed < 0.5
 
 
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
