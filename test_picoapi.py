@@ -2649,11 +2649,11 @@ def picoapi_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 
 SERVICES = "http://127.0.0.1/services"
 #: A GET /services entry as a supervisor sends it.
-ENTRY = json.loads(json.dumps(picoapi._out(Registry().register(reg("127.0.0.1", 1))[0])))
+SERVICE_ENTRY = json.loads(json.dumps(picoapi._out(Registry().register(reg("127.0.0.1", 1))[0])))
 
 
 def status_entry(wid: str, **fields: Any) -> dict[str, Any]:
-    return {**ENTRY, "id": wid, **fields}
+    return {**SERVICE_ENTRY, "id": wid, **fields}
 
 
 @contextlib.contextmanager
@@ -2749,10 +2749,13 @@ class TestStatusCommand:
             ({"workers": []}, "malformed page (the answer: Input should be a valid list)"),
             ([1], "malformed page (entry 0: Input should be a valid dictionary"),
             ([{"id": "x"}], "malformed page (entry 0.name: Field required)"),
-            ([{**ENTRY, "tags": "png"}], "malformed page (entry 0.tags: Input should be a valid list)"),
-            ([{**ENTRY, "name": 5}], "malformed page (entry 0.name: Input should be a valid string)"),
-            ([{**ENTRY, "last_check": "soon"}], "malformed page (entry 0.last_check: Input should be a valid number)"),
-            ([ENTRY, ENTRY], "entries out of id order"),
+            ([{**SERVICE_ENTRY, "tags": "png"}], "malformed page (entry 0.tags: Input should be a valid list)"),
+            ([{**SERVICE_ENTRY, "name": 5}], "malformed page (entry 0.name: Input should be a valid string)"),
+            (
+                [{**SERVICE_ENTRY, "last_check": "soon"}],
+                "malformed page (entry 0.last_check: Input should be a valid number)",
+            ),
+            ([SERVICE_ENTRY, SERVICE_ENTRY], "entries out of id order"),
             (b"<html>", "did not answer JSON"),
         ],
     )
@@ -2773,7 +2776,7 @@ class TestStatusCommand:
         out = capsys.readouterr()
         assert len(json.loads(out.out)) == picoapi.STATUS_MAX_PAGES
         assert out.err == "picoapi: stopped after 100 pages (100 workers); narrow it with --tag\n"
-        with fake_supervisor(lambda query: ([ENTRY], {"Link": f'<{SERVICES}>; rel="next"'})) as url:
+        with fake_supervisor(lambda query: ([SERVICE_ENTRY], {"Link": f'<{SERVICES}>; rel="next"'})) as url:
             assert picoapi.main(["status", url]) == 1  # the same page again: out of id order, not a loop
         assert "entries out of id order" in capsys.readouterr().err
 
