@@ -2128,7 +2128,7 @@ form {{ margin: .8rem 0; }}
 footer {{ color: #666; margin-top: 1rem; }}
 </style></head><body>
 <h1>{title}</h1>
-<p class="counts" id="counts">{counts}</p>
+{trouble}<p class="counts" id="counts">{counts}</p>
 <form method="get" action="{action}">
 <label>tags <input name="tag" value="{filter}" placeholder="e.g. resize png"></label>
 <button type="submit">filter</button> <a href="{action}">show all</a></form>
@@ -2143,7 +2143,13 @@ footer {{ color: #666; margin-top: 1rem; }}
 
 
 def _render_dashboard(
-    title: str, workers: Sequence[Worker], counts: Mapping[str, int], tags: str, status: str | None, page: int
+    title: str,
+    workers: Sequence[Worker],
+    counts: Mapping[str, int],
+    tags: str,
+    status: str | None,
+    page: int,
+    trouble: str = "",
 ) -> str:
     """Page ``page`` of the dashboard (DASHBOARD_PAGE rows, trouble first); everything a worker sent is escaped."""
     esc, now = html.escape, time.time()
@@ -2169,6 +2175,9 @@ def _render_dashboard(
     return _DASHBOARD.format(
         refresh=DASHBOARD_REFRESH,
         title=esc(title),
+        trouble=f'<p class="unhealthy" role="alert">Checks postponed: {esc(trouble)}</p>\n'
+        if trouble
+        else "",
         counts="".join(
             f'<a href="{href(status=s, tag="")}"><span class="{s}" data-count="{s}">{n} {s}</span></a>'
             for s, n in counts.items()
@@ -2729,7 +2738,8 @@ class PicoAPI(FastAPI):
             counts = {s: 0 for s in STATUSES}
             for worker in everyone:
                 counts[worker.status] += 1
-            return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags), status, page))
+            trouble = self.checker.trouble if self.checker is not None else ""
+            return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags), status, page, trouble))
 
     async def _resolve_host(self, host: str) -> str:
         """The address of a registrant's host, resolved on a thread, a few at a time.

@@ -3363,7 +3363,8 @@ class TestOwnTrouble:
                     headers = {"Content-Type": "application/json"} if payload else {}
                     conn.request(method, path, json.dumps(payload) if payload else None, headers)
                     answer = conn.getresponse()
-                    return answer.status, json.loads(answer.read())
+                    content = answer.read()
+                    return answer.status, content.decode() if path == "/dashboard" else json.loads(content)
 
                 assert get("/register", "PUT", body(port=worker_port, interval=0.1))[0] == 201
                 wid = f"127.0.0.1:{worker_port}"
@@ -3372,6 +3373,7 @@ class TestOwnTrouble:
                     flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))
                 health = wait_for(lambda: (a := get("/health"))[0] == 503 and a[1], 10, "the supervisor's own trouble")
                 assert "Too many open files" in health["failing"]["picoapi-checker"]
+                assert "Checks postponed: supervisor could not check: Too many open files" in get("/dashboard")[1]
                 for _ in range(10):  # a second of checks that cannot be made
                     assert get(f"/services/{wid}")[1]["status"] == "healthy"
                     time.sleep(0.1)
