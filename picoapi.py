@@ -32,6 +32,7 @@ Dependencies: fastapi, uvicorn, requests, python-dotenv. Licence: MIT.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -60,20 +61,33 @@ import ssl
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, NamedTuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import requests
 import requests.adapters
 import urllib3
 from dotenv import dotenv_values
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -136,9 +150,13 @@ STARTUP_GRACE = 10.0
 
 REGISTER_ROUTE = "/register"
 SERVICES_ROUTE = "/services"
+#: GET /services' default and largest ``limit``: every entry of a registry of up to 1,000 workers in one answer,
+#: as before paging, and never more than ~6 MB (1,000 entries with every field at its longest).
+SERVICES_PAGE = 1000
 DASHBOARD_ROUTE = "/dashboard"
-#: Seconds between two reloads of the dashboard page.
+#: Seconds between two reloads of the dashboard page, and the rows it shows at most (~100 KB of HTML).
 DASHBOARD_REFRESH = 2
+DASHBOARD_PAGE = 200
 SUPERVISOR_HEADER = "X-PicoAPI-Supervisor"
 _SUPERVISOR_HEADER_KEY = SUPERVISOR_HEADER.lower().encode()  # as it appears in an ASGI scope
 HEALTHY, UNHEALTHY, UNKNOWN = "healthy", "unhealthy", "unknown"
@@ -159,6 +177,8 @@ DEFAULT_CALL_TIMEOUT = 10.0
 #: GET /services/{id}/openapi: how long to wait for the worker, and the most it may send.
 OPENAPI_TIMEOUT = 5.0
 OPENAPI_MAX_BYTES = 1024 * 1024
+#: ``picoapi status`` reads at most this many pages of GET /services (100,000 workers), whatever it is told.
+STATUS_MAX_PAGES = 100
 
 logger = logging.getLogger("picoapi")
 
@@ -228,6 +248,40 @@ def _resolve(host: str) -> str:
         ) from exc
 
 
+#: What no text field may hold: controls (C0 and C1: ESC, CSI, OSC...), formats (bidi overrides, zero-width
+#: characters), surrogates and line or paragraph separators. They rewrite terminals, reorder or break lines
+#: in logs and tables, and let 'resizer\u200b' register beside 'resizer' looking the same.
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _check_text(what: str, text: str, error: type[ValueError] = ValueError) -> str:
+    """``text``, if it holds no character of the :data:`_HIDDEN` categories; else ``error`` naming ``what``."""
+    if not text.isprintable():  # False for every hidden category: most text is done here, in C
+        for i, char in enumerate(text):
+            if unicodedata.category(char) in _HIDDEN:
+                raise error(
+                    f"{what} must not contain control, format or line-separator characters; remove the "
+                    f"U+{ord(char):04X} at index {i}, got '{_printable(text)}'"
+                )
+    return text
+
+
+def _check_health_path(what: str, path: str, error: type[ValueError] = ValueError, origin: str = "") -> str:
+    """``path``, if it is ASCII without query or fragment; else ``error`` naming ``what`` and the fix.
+
+    The checker sends it byte for byte. A health check is a path, as API_HEALTH_PATH is: a query there is a
+    mistake, and a fragment never even leaves the client.
+    """
+    # RFC 3986's path characters and existing %XX escapes stay as they are; the rest is percent-encoded.
+    fixed = quote(path.partition("#")[0].partition("?")[0], safe="/%:@!$&'()*+,;=")
+    if fixed != path:
+        raise error(
+            f"{what} must be an ASCII path without ?query or #fragment; percent-encode it: "
+            f"'{origin}{fixed}', got '{_printable(origin + path)}'"
+        )
+    return path
+
+
 # -- Configuration -----------------------------------------------------------
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
@@ -286,9 +340,14 @@ def _parse_host(var: str, raw: object) -> str:
 
 def _parse_text(var: str, raw: object, limit: int) -> str:
     text = str(raw).strip()
-    if not text or len(text) > limit or not text.isprintable():
+    if not text or len(text) > limit:
         raise ConfigError(f"{var} must be 1 to {limit} printable characters, got {raw!r}")
-    return text
+    return _check_text(var, text, ConfigError)
+
+
+def _parse_description(var: str, raw: object) -> str:
+    # FastAPI descriptions are often Markdown over several lines: the registration's copy is one line.
+    return _check_text(var, re.sub(r"[\t\r\n]+", " ", str(raw).strip())[:MAX_DESCRIPTION], ConfigError)
 
 
 def _parse_urls(var: str, raw: object) -> tuple[str, ...]:
@@ -314,11 +373,15 @@ def _parse_list(var: str, raw: object, sep: str) -> tuple[str, ...]:
     return tuple(str(item).strip() for item in raw if str(item).strip())
 
 
+def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str:
+    """``tag``, if it is a valid tag; else ``error`` naming ``what``: 'API_TAGS items', 'each tag'."""
+    if not 1 <= len(tag) <= MAX_TAG or not _TAG_RE.match(tag):
+        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces or ':', got '{_printable(tag)}'")
+    return _check_text(what, tag, error)
+
+
 def _parse_tags(var: str, raw: object) -> tuple[str, ...]:
-    tags = _parse_list(var, raw, ":")
-    for tag in tags:
-        if len(tag) > MAX_TAG or not _TAG_RE.match(tag) or not tag.isprintable():
-            raise ConfigError(f"{var} items must be 1 to {MAX_TAG} characters without spaces or ':', got {tag!r}")
+    tags = tuple(_check_tag(f"{var} items", tag, ConfigError) for tag in _parse_list(var, raw, ":"))
     if len(tags) > MAX_TAGS:
         raise ConfigError(f"{var} may list at most {MAX_TAGS} tags, got {len(tags)}")
     return tags
@@ -326,9 +389,9 @@ def _parse_tags(var: str, raw: object) -> tuple[str, ...]:
 
 def _parse_path(var: str, raw: object) -> str:
     text = str(raw).strip()
-    if not text.startswith("/") or len(text) > 512 or not text.isprintable() or " " in text:
+    if not text.startswith("/") or len(text) > 512:
         raise ConfigError(f"{var} must be a path starting with '/', such as '/health', got {raw!r}")
-    return text
+    return _check_health_path(var, text, ConfigError)
 
 
 def _parse_mode(var: str, raw: object) -> str:
@@ -344,8 +407,17 @@ def _optional_seconds(var: str, raw: object) -> float | None:
     return _parse_seconds(var, raw, MIN_INTERVAL, 10 * MAX_INTERVAL)
 
 
-def _any_text(var: str, raw: object) -> str:
-    return str(raw)
+def _parse_token(var: str, raw: object) -> str | None:
+    # Never echo the value: it is a secret. A blank one would silently turn authentication off.
+    text = raw if isinstance(raw, str) else " "
+    if text == "":
+        return None  # unset, as an empty variable is
+    if len(text) > 4096 or not (text.isascii() and text.isprintable()) or text != text.strip():
+        raise ConfigError(
+            f"{var} must be 1 to 4096 printable ASCII characters with no whitespace around them (a file from "
+            "`kubectl create secret --from-file` keeps its final newline: strip it); the value is not shown"
+        )
+    return text
 
 
 #: field -> (variable, parser). The single source of truth for every setting.
@@ -355,7 +427,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "port": ("API_PORT", _parse_port),
     "bind": ("API_BIND", _parse_host),
     "title": ("API_TITLE", lambda v, r: _parse_text(v, r, MAX_NAME) if str(r).strip() else ""),
-    "description": ("API_DESCRIPTION", lambda v, r: str(r)[:MAX_DESCRIPTION]),
+    "description": ("API_DESCRIPTION", _parse_description),
     "version": ("API_VERSION", lambda v, r: _parse_text(v, r, MAX_VERSION)),
     "register_urls": ("API_REGISTER_PATH", _parse_urls),
     "health_path": ("API_HEALTH_PATH", _parse_path),
@@ -366,7 +438,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "cors_allow_methods": ("API_CORS_ALLOW_METHODS", lambda v, r: _parse_list(v, r, "!")),
     "cors_allow_headers": ("API_CORS_ALLOW_HEADERS", lambda v, r: _parse_list(v, r, "!")),
     "cors_allow_credentials": ("API_CORS_ALLOW_CREDENTIALS", _parse_bool),
-    "register_token": ("API_REGISTER_TOKEN", _any_text),
+    "register_token": ("API_REGISTER_TOKEN", _parse_token),
     "register_timeout": ("API_REGISTER_TIMEOUT", lambda v, r: _parse_seconds(v, r, 0.0, 3600.0)),
     "register_required": ("API_REGISTER_REQUIRED", _parse_bool),
     "max_workers": ("API_MAX_WORKERS", lambda v, r: _parse_count(v, r, 1, 10_000_000)),
@@ -437,8 +509,8 @@ class Config:
             raw: Any = overrides.get(field_name)
             for source in sources if raw is None else ():
                 raw = source.get(var) or source.get(_ALIASES.get(var, ""))
-                if raw is not None and str(raw).strip() == "":
-                    raw = None  # an empty variable counts as unset
+                if raw is not None and str(raw).strip() == "" and (raw == "" or field_name != "register_token"):
+                    raw = None  # an empty variable counts as unset; a blank token is an error, not "no token"
                 if raw is not None:
                     break
             if raw is not None:
@@ -470,6 +542,11 @@ class Config:
         """The address the supervisor calls: host, port and health path."""
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"http://{host}:{self.port}{self.health_path}"
+
+    @property
+    def health_route(self) -> str:
+        """The health path as the app's router sees it: percent-decoded, as servers decode request paths."""
+        return unquote(self.health_path)
 
     def registration(self) -> dict[str, Any]:
         """The JSON body a worker sends to ``PUT /register``."""
@@ -505,17 +582,29 @@ class HealthSpec(BaseModel):
     """How the supervisor checks a worker."""
 
     url: str = Field(max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
-    interval: float = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, description="seconds between checks")
-    timeout: float | None = Field(default=None, gt=0, le=MAX_INTERVAL, description="seconds; default min(interval, 10)")
+    interval: float = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds between checks")
+    timeout: float | None = Field(
+        default=None, gt=0, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds; default min(interval, 10)"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _ascii_path(cls, url: str) -> str:
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        _check_health_path("health.url", url[len(origin) :], origin=origin)
+        if not url.isascii():  # the host as well: 'K' (U+212A, Kelvin sign) lower-cases to an ASCII 'k'
+            raise ValueError(f"health.url must be ASCII, got '{_printable(url)}'")
+        return url
 
 
 class Registration(BaseModel):
     """The body of ``PUT /register``: what a worker says about itself."""
 
-    name: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f]+$")
+    name: str = Field(min_length=1, max_length=MAX_NAME)
     host: str = Field(min_length=1, max_length=MAX_HOST, pattern=_HOST_RE.pattern)
     port: int = Field(ge=1, le=65535)
-    version: str = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION, pattern=r"^[^\x00-\x1f\x7f]+$")
+    version: str = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION)
     tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
     description: str = Field(default="", max_length=MAX_DESCRIPTION)
     health: HealthSpec
@@ -533,13 +622,15 @@ class Registration(BaseModel):
     def _normal_host(cls, host: str) -> str:
         return host.strip("[]").lower()
 
+    @field_validator("name", "version", "description", "openapi")
+    @classmethod
+    def _visible_text(cls, text: str | None, info: ValidationInfo) -> str | None:
+        return text if text is None else _check_text(str(info.field_name), text)
+
     @field_validator("tags")
     @classmethod
     def _valid_tags(cls, tags: list[str]) -> list[str]:
-        for tag in tags:
-            if not 1 <= len(tag) <= MAX_TAG or not _TAG_RE.match(tag) or not tag.isprintable():
-                raise ValueError(f"each tag must be 1 to {MAX_TAG} characters without spaces or ':', got {tag!r}")
-        return list(dict.fromkeys(tags))
+        return list(dict.fromkeys(_check_tag("each tag", tag) for tag in tags))
 
     @model_validator(mode="after")
     def _health_is_own(self) -> Registration:
@@ -1559,6 +1650,7 @@ class HealthChecker:
 # -- Worker side ---------------------------------------------------------------
 
 _RETRY_STATUS = {408, 429}
+_NOT_A_SUPERVISOR = "is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
 
 
 @dataclasses.dataclass
@@ -1581,14 +1673,14 @@ class _Supervisor:
 
 
 class _Refused(Exception):
-    """A supervisor answered 4xx: retrying the same request will not help."""
+    """A supervisor answered what retrying will not fix (4xx, a redirect, not our entry)."""
 
 
 class Registrar:
     """Registers a worker with its supervisors and keeps it registered.
 
-    :meth:`register_all` blocks (bounded by ``timeout``) with retry and backoff;
-    :meth:`start` runs one daemon thread that retries the supervisors still
+    :meth:`register_all` blocks (``timeout`` in all, connect to last byte) with retry and
+    backoff; :meth:`start` runs one daemon thread that retries the supervisors still
     missing and re-registers with any whose checks stopped (it forgot us);
     :meth:`deregister_all` leaves every supervisor within ``DEREGISTER_TIMEOUT``.
     """
@@ -1613,9 +1705,12 @@ class Registrar:
         interval = float(body["health"]["interval"])
         #: No check from a supervisor for this long means it forgot us: register again.
         self.watchdog_after = watchdog_after or DEFAULT_WATCHDOG_INTERVALS * interval
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._token = _parse_token("token", token or "")
+        self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         self._clock, self._sleep, self._rand = clock, sleep, rand
-        self._lock = threading.Lock()  # guards the _Supervisor fields across threads
+        self._lock = threading.Lock()  # guards the _Supervisor fields and _in_flight across threads
+        self._idle = threading.Condition(self._lock)  # notified when _in_flight empties
+        self._in_flight: set[_Cuttable] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -1626,30 +1721,80 @@ class Registrar:
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
         return delay * (0.5 + 0.5 * self._rand())
 
+    def _send(self, url: str, timeout: float) -> tuple[requests.Response, bytes | None]:
+        """PUT once, no redirects, cut after ``timeout`` seconds in all or by :meth:`stop`; returns the
+        answer and its body, None if over MAX_BODY bytes (never read). Raises requests' errors."""
+        adapter = _Cuttable()
+        with self._lock:
+            if self._stop.is_set():
+                raise _Cut("not sent: the registrar is stopping")
+            self._in_flight.add(adapter)
+        timer = threading.Timer(timeout, adapter.cut)
+        timer.name, timer.daemon = "picoapi-deadline", True
+        timer.start()
+        try:
+            with requests.Session() as session:
+                session.mount("http://", adapter)
+                session.mount("https://", adapter)
+                resp = session.put(
+                    url, json=self.body, headers=self._headers, timeout=timeout, allow_redirects=False, stream=True
+                )
+                with resp:
+                    content = b""
+                    for chunk in resp.iter_content(MAX_BODY // 4):
+                        content += chunk
+                        if len(content) > MAX_BODY:
+                            return resp, None
+                    return resp, content
+        except requests.RequestException as exc:
+            if not adapter.is_cut:
+                raise
+            why = "cut by stop()" if self._stop.is_set() else f"timed out: no complete answer within {timeout:g}s"
+            raise _Cut(why) from exc
+        finally:
+            timer.cancel()
+            timer.join()
+            with self._idle:
+                self._in_flight.discard(adapter)
+                self._idle.notify_all()
+
     def _attempt(self, sup: _Supervisor, timeout: float) -> float | None:
         """PUT once; None on success, else the delay the supervisor asked for (or 0).
 
-        Raises :class:`_Refused` on a 4xx that retrying will not fix.
+        Raises :class:`_Refused` on an answer that retrying will not fix.
         """
         try:
-            resp = requests.put(sup.url, json=self.body, headers=self._headers, timeout=max(0.05, timeout))
+            resp, content = self._send(sup.url, max(0.05, timeout))
         except requests.RequestException as exc:
-            sup.error = _scrub(_root_cause(exc), self._headers)[:MAX_ERROR]
+            sup.error = self._safe(str(exc) if isinstance(exc, _Cut) else _root_cause(exc))
             return 0.0
-        if resp.status_code < 300:
-            try:
-                wid = str(resp.json()["id"])
-            except (ValueError, KeyError, TypeError):
-                wid = worker_id(self.body["host"], self.body["port"])
+        status = resp.status_code
+        if content is None:
+            sup.error = f"answered {status} with over {MAX_BODY} bytes: too large for a supervisor's answer"
+            return 0.0
+        if 200 <= status < 300 and _is_own_entry(_json(content), self.body):
             with self._lock:
-                sup.worker_id, sup.identity = wid, resp.headers.get(SUPERVISOR_HEADER)
+                sup.worker_id = worker_id(self.body["host"], self.body["port"])
+                sup.identity = resp.headers.get(SUPERVISOR_HEADER)
                 sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
-            logger.info("registered with %s as %s", sup.url, wid)
+            logger.info("registered with %s as %s", sup.url, sup.worker_id)
             return None
-        sup.error = f"HTTP {resp.status_code}: {_scrub(_detail(resp), self._headers)}"[:MAX_ERROR]
-        if resp.status_code >= 500 or resp.status_code in _RETRY_STATUS:
-            return _retry_after(resp.headers.get("Retry-After")) or 0.0
-        raise _Refused(f"{sup.url} refused the registration: {sup.error}")
+        if 200 <= status < 300:
+            sup.error = f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}"
+        elif 300 <= status < 400:  # following one would turn the PUT into a GET somewhere else
+            sup.error = self._safe(
+                f"HTTP {status} redirect to {resp.headers.get('Location')}, not followed: "
+                "set API_REGISTER_PATH to the supervisor's own /register URL"
+            )
+        else:
+            sup.error = self._safe(f"HTTP {status}: {_detail(content)}")
+            if status >= 500 or status in _RETRY_STATUS:
+                return _retry_after(resp.headers.get("Retry-After")) or 0.0
+        raise _Refused(f"refused the registration: {sup.error}")
+
+    def _safe(self, text: str) -> str:
+        """``text`` from the far end or an error, fit for a log: no token, nothing unprintable."""
+        return _printable(text.replace(self._token, "***") if self._token else text)
 
     def _retry_later(self, sup: _Supervisor, asked: float, *, refused: bool = False) -> float:
         """Set ``sup``'s next attempt after a failed one; returns the delay.
@@ -1702,10 +1847,12 @@ class Registrar:
             ]
             for thread in threads:
                 thread.start()
-            for thread in threads:
-                thread.join()
+            for sup, thread in zip(self.supervisors, threads, strict=True):
+                thread.join(max(0.0, deadline - self._clock()) + 0.25)  # the deadline's cut takes a moment
+                if thread.is_alive():
+                    errors.setdefault(sup.url, f"no answer within {self.timeout:g}s")
         if errors:
-            text = "; ".join(f"{url}: {err}" for url, err in errors.items())
+            text = "; ".join(f"{url}: {err}" for url, err in list(errors.items()))  # late threads may still add
             if self.required:
                 raise RegistrationError(f"registration failed (API_REGISTER_REQUIRED is on): {text}")
             logger.warning("registration incomplete, retrying in the background: %s", text)
@@ -1737,7 +1884,7 @@ class Registrar:
                 if asked is not None:
                     wait = min(wait, self._retry_later(sup, asked))
             except _Refused as exc:
-                logger.error("%s", exc)
+                logger.error("%s %s", sup.url, exc)
                 wait = min(wait, self._retry_later(sup, BACKOFF_CAP, refused=True))
         return max(0.01, wait)
 
@@ -1757,22 +1904,30 @@ class Registrar:
             self._stop.wait(wait)
 
     def stop(self, timeout: float = 1.0) -> None:
-        self._stop.set()
+        """Stop the thread and cut any request in flight; waits (``timeout`` at most) until
+        none is, so that no PUT of ours can land after the DELETE that follows."""
+        with self._idle:
+            self._stop.set()
+            for adapter in self._in_flight:
+                adapter.cut()
+            self._idle.wait_for(lambda: not self._in_flight, timeout)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
     def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
         """DELETE this worker at every supervisor at once; returns within ``timeout``."""
+        deadline = self._clock() + timeout * 0.75
         self.stop(timeout / 4)
+        # Even where we are not registered: a PUT cut while awaiting its answer may have landed.
+        wid = worker_id(self.body["host"], self.body["port"])
 
         def one(sup: _Supervisor) -> None:
-            wid = sup.worker_id
-            if wid is None:
-                return
             url = f"{sup.url.rstrip('/')}/{quote(wid, safe='')}"
             try:
-                resp = requests.delete(url, headers=self._headers, timeout=(timeout / 4, timeout / 2))
+                resp = requests.delete(
+                    url, headers=self._headers, timeout=(timeout / 4, timeout / 2), allow_redirects=False
+                )
                 if resp.status_code >= 300 and resp.status_code != 404:
                     logger.warning("deregistering from %s: HTTP %s", sup.url, resp.status_code)
             except requests.RequestException as exc:
@@ -1782,24 +1937,22 @@ class Registrar:
         threads = [
             threading.Thread(target=one, args=(s,), name="picoapi-deregister", daemon=True) for s in self.supervisors
         ]
-        deadline = time.monotonic() + timeout * 0.75
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, deadline - self._clock()))
 
 
 def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), or None."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), at most BACKOFF_CAP; else None."""
+    value = (value or "").strip()
+    if _is_whole(value):  # not '²', which isdigit() takes and float() refuses
+        return min(BACKOFF_CAP, float(value))
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError, OSError):  # not a date, or one no clock can hold
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(BACKOFF_CAP, max(0.0, seconds))
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -1822,22 +1975,90 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(root).__name__}: {root}"
 
 
-def _detail(resp: requests.Response) -> str:
-    """The supervisor's own message: FastAPI's ``detail`` if there is one."""
+def _json(content: bytes) -> Any:
+    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep."""
     try:
-        detail = resp.json().get("detail", resp.text)
-    except (ValueError, AttributeError):
-        detail = resp.text
+        return json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _is_own_entry(answer: Any, body: Mapping[str, Any]) -> bool:
+    """Whether a supervisor's answer is the registry entry of the worker that sent ``body``."""
+    own = {"id": worker_id(body["host"], body["port"]), "host": body["host"], "port": body["port"]}
+    return isinstance(answer, dict) and all(answer.get(key) == value for key, value in own.items())
+
+
+def _detail(content: bytes) -> str:
+    """The supervisor's own message, raw (uncut, so the token can be scrubbed): FastAPI's ``detail`` if any."""
+    answer, text = _json(content), content.decode("utf-8", "replace")
+    detail = answer.get("detail", text) if isinstance(answer, dict) else text
     if isinstance(detail, list):  # FastAPI's 422: name each field that failed
         detail = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in detail if isinstance(e, dict)
+            f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}"
+            for e in detail
+            if isinstance(e, dict) and isinstance(e.get("loc", []), list)
         )
-    return str(detail)[:MAX_ERROR]
+    return str(detail)
 
 
-def _scrub(text: str, headers: Mapping[str, str]) -> str:
-    token = headers.get("Authorization", "").removeprefix("Bearer ")
-    return text.replace(token, "***") if token else text
+class _CutConnection(urllib3.connection.HTTPConnection):
+    """Hands ``on_socket`` a duplicate of its socket: shutdown() acts on the socket, not the
+    descriptor, so another thread can cut the connection with it, even once TLS wrapped the original."""
+
+    def __init__(self, *args: Any, on_socket: Callable[[socket.socket], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_socket = on_socket
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        self._on_socket(sock.dup())
+        return sock
+
+
+class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _Cuttable(requests.adapters.HTTPAdapter):
+    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each
+    read, not the answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(max_retries=0)
+        self._lock = threading.Lock()  # guards _socks and is_cut
+        self._socks: list[socket.socket] = []
+        self.is_cut = False
+
+    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
+        pool = super().get_connection_with_tls_context(*args, **kwargs)
+        if isinstance(pool, urllib3.HTTPConnectionPool):  # always; narrows the type
+            pool.ConnectionCls = _CutTLSConnection if isinstance(pool, urllib3.HTTPSConnectionPool) else _CutConnection
+            pool.conn_kw["on_socket"] = self._opened
+        return pool
+
+    def _opened(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+        if self.is_cut:  # opened after the cut: it must carry no request
+            self.cut()
+
+    def cut(self) -> None:
+        with self._lock:
+            self.is_cut = True
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+
+
+class _Cut(requests.Timeout):
+    """A request cut at its deadline or by stop(); the message says which."""
 
 
 # -- Responses and the dashboard -----------------------------------------------
@@ -1902,6 +2123,19 @@ def _file_busy(exc: sqlite3.Error) -> HTTPException:
     )
 
 
+async def _validation_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's own 422, always sendable: json.loads reads NaN, Infinity, 1e400 and lone surrogates, which
+    the answer quotes back and JSON or UTF-8 cannot carry (FastAPI's handler answers 500). They go back as text."""
+    assert isinstance(exc, RequestValidationError)
+    errors = jsonable_encoder(exc.errors())
+    try:
+        body = to_json({"detail": errors}, inf_nan_mode="strings")
+    except ValueError:  # a lone surrogate ("\ud800") in the input: quote it escaped
+        errors = [{**error, "input": _printable(error.get("input"))} for error in errors]
+        body = to_json({"detail": errors}, inf_nan_mode="strings")
+    return Response(body, status_code=422, media_type="application/json")
+
+
 def _is_connect_error(exc: BaseException) -> bool:
     """True when the connection was never made, so nothing was sent."""
     connect_errors = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
@@ -1937,11 +2171,12 @@ td.tags {{ white-space: normal; }}
 .status::before {{ content: ""; display: inline-block; width: .7em; height: .7em; border-radius: 50%;
   margin-right: .4em; background: currentColor; }}
 .healthy {{ color: #137333; }} .unhealthy {{ color: #c5221f; }} .unknown {{ color: #80868b; }}
-.counts span {{ margin-right: 1rem; font-weight: 600; }} form {{ margin: .8rem 0; }}
+.counts span {{ margin-right: 1rem; font-weight: 600; }} .counts a {{ text-decoration: none; }}
+form {{ margin: .8rem 0; }}
 footer {{ color: #666; margin-top: 1rem; }}
 </style></head><body>
 <h1>{title}</h1>
-<p class="counts" id="counts">{counts}</p>
+{trouble}<p class="counts" id="counts">{counts}</p>
 <form method="get" action="{action}">
 <label>tags <input name="tag" value="{filter}" placeholder="e.g. resize png"></label>
 <button type="submit">filter</button> <a href="{action}">show all</a></form>
@@ -1950,32 +2185,57 @@ footer {{ color: #666; margin-top: 1rem; }}
 <tbody>
 {rows}
 </tbody></table>
-<footer>{shown} of {total} workers shown; this page reloads every {refresh} s.</footer>
+<footer>{shown}; this page reloads every {refresh} s.{pages}</footer>
 </body></html>
 """
 
 
-def _render_dashboard(title: str, workers: Sequence[Worker], counts: Mapping[str, int], filter_text: str) -> str:
-    """The dashboard page; everything a worker sent is escaped."""
+def _render_dashboard(
+    title: str,
+    workers: Sequence[Worker],
+    counts: Mapping[str, int],
+    tags: str,
+    status: str | None,
+    page: int,
+    trouble: str = "",
+) -> str:
+    """Page ``page`` of the dashboard (DASHBOARD_PAGE rows, trouble first); everything a worker sent is escaped."""
     esc, now = html.escape, time.time()
     order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
+    first = (page - 1) * DASHBOARD_PAGE
+    shown = sorted(workers, key=lambda w: (order.get(w.status, 3), w.name, w.id))[first : first + DASHBOARD_PAGE]
+
+    def href(**query: Any) -> str:
+        query = {"tag": tags, "status": status, **query}
+        return esc(f"{DASHBOARD_ROUTE}?{urlencode({k: v for k, v in query.items() if v})}")
+
+    links = [f'<a rel="prev" href="{href(page=page - 1)}">previous page</a>'] if page > 1 else []
+    if first + DASHBOARD_PAGE < len(workers):
+        links.append(f'<a rel="next" href="{href(page=page + 1)}">next page</a>')
     rows = [
         f'<tr class="worker" data-id="{esc(w.id)}" data-status="{esc(w.status)}"><td>{esc(w.name)}</td>'
         f'<td>{esc(w.id)}</td><td>{esc(w.version)}</td><td class="tags">{esc(" ".join(w.tags))}</td>'
         f'<td class="status {esc(w.status)}">{esc(w.status)}{" (suspect)" if w.suspect else ""}</td>'
         f'<td>{_ago(w.last_check, now)}</td><td class="num">{_ms(w.last_latency)}</td>'
         f'<td class="num">{w.failures}</td></tr>'
-        for w in sorted(workers, key=lambda w: (order.get(w.status, 3), w.name, w.id))
+        for w in shown
     ]
     return _DASHBOARD.format(
         refresh=DASHBOARD_REFRESH,
         title=esc(title),
-        counts="".join(f'<span class="{s}" data-count="{s}">{n} {s}</span>' for s, n in counts.items()),
+        trouble=f'<p class="unhealthy" role="alert">Checks postponed: {esc(trouble)}</p>\n'
+        if trouble
+        else "",
+        counts="".join(
+            f'<a href="{href(status=s, tag="")}"><span class="{s}" data-count="{s}">{n} {s}</span></a>'
+            for s, n in counts.items()
+        ),
         action=DASHBOARD_ROUTE,
-        filter=esc(filter_text),
+        filter=esc(tags),
         rows="\n".join(rows) or '<tr><td colspan="8">no worker</td></tr>',
-        shown=len(workers),
-        total=sum(counts.values()),
+        shown=f"{f'{first + 1}-{first + len(shown)}' if shown else 'none'} of {len(workers)} workers shown, "
+        f"{sum(counts.values())} in all",
+        pages=" " + " ".join(links) if links else "",
     )
 
 
@@ -2111,8 +2371,10 @@ class PicoAPI(FastAPI):
             self._add_supervisor_routes()
             self.add_middleware(_BodyLimit, path=REGISTER_ROUTE, limit=MAX_BODY)
             self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
+            if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
+                self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
         self.add_api_route(
-            config.health_path,
+            config.health_route,
             self._health_endpoint,
             methods=["GET"],
             include_in_schema=False,
@@ -2136,7 +2398,7 @@ class PicoAPI(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Noted here, not in the route, so a health route of the user's own counts too.
-        if self.registrar is not None and scope["type"] == "http" and scope["path"] == self.config.health_path:
+        if self.registrar is not None and scope["type"] == "http" and scope["path"] == self.config.health_route:
             key = _SUPERVISOR_HEADER_KEY
             self.registrar.note_check(next((v.decode() for k, v in scope["headers"] if k == key), None))
         await super().__call__(scope, receive, send)
@@ -2455,17 +2717,34 @@ class PicoAPI(FastAPI):
             logger.info("deregistered %s", worker_id)
             return Response(status_code=204)
 
-        @self.get(SERVICES_ROUTE, response_model=list[WorkerOut], tags=["picoapi"], operation_id="picoapi_services")
+        next_link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
+
+        @self.get(
+            SERVICES_ROUTE,
+            response_model=list[WorkerOut],
+            tags=["picoapi"],
+            operation_id="picoapi_services",
+            responses={200: {"headers": {"Link": next_link}}},
+        )
         async def services(
+            request: Request,
             tag: Annotated[list[str], Query(description="repeat for several; all must match")] = [],  # noqa: B006
             name: str | None = None,
             version: str | None = None,
             status: Literal["healthy", "unhealthy", "unknown"] | None = None,
+            limit: Annotated[int, Query(ge=1, le=SERVICES_PAGE, description="entries per page")] = SERVICES_PAGE,
+            after: Annotated[str | None, Query(description="only ids after this one: the previous page's last")] = None,
         ) -> Any:
-            """The registered workers, filtered."""
+            """The registered workers, filtered, by id, a page at a time: the Link header leads to the next."""
             workers = registry.workers(*tag, status=status, name=name, version=version)
+            start = 0 if after is None else bisect.bisect_right(workers, after, key=operator.attrgetter("id"))
+            page = workers[start : start + limit]
             # Built here from the registry's own data: serialised once, not validated again.
-            return Response(to_json([_out(w) for w in workers]), media_type="application/json")
+            response = Response(to_json([_out(w) for w in page]), media_type="application/json")
+            if start + limit < len(workers):
+                next_url = request.url.include_query_params(after=page[-1].id, limit=limit)
+                response.headers["Link"] = f'<{next_url}>; rel="next"'
+            return response
 
         @self.get(
             SERVICES_ROUTE + "/{worker_id}",
@@ -2495,13 +2774,20 @@ class PicoAPI(FastAPI):
             return _fetch_openapi(worker.url + (worker.openapi or "/openapi.json"))
 
         @self.get(DASHBOARD_ROUTE, include_in_schema=False, tags=["picoapi"], operation_id="picoapi_dashboard")
-        async def dashboard(tag: Annotated[list[str], Query()] = [], status: str | None = None) -> HTMLResponse:  # noqa: B006
+        async def dashboard(
+            tag: Annotated[list[str], Query()] = [],  # noqa: B006
+            status: str | None = None,
+            page: Annotated[int, Query(ge=1)] = 1,
+        ) -> HTMLResponse:
             tags = [t for item in tag for t in re.split(r"[\s,]+", item) if t]
-            workers = registry.workers(*tags, status=status if status in STATUSES else None)
+            status = status if status in STATUSES else None
+            everyone = registry.workers()
+            workers = registry.workers(*tags, status=status) if tags or status else everyone
             counts = {s: 0 for s in STATUSES}
-            for worker in registry.workers():
+            for worker in everyone:
                 counts[worker.status] += 1
-            return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags)))
+            trouble = self.checker.trouble if self.checker is not None else ""
+            return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags), status, page, trouble))
 
     async def _resolve_host(self, host: str) -> str:
         """The address of a registrant's host, resolved on a thread, a few at a time.
@@ -2600,38 +2886,73 @@ def _default_supervisor_url() -> str:
     return f"http://127.0.0.1:{config.port}"
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    url = (args.url or _default_supervisor_url()).rstrip("/")
-    try:
-        resp = requests.get(url + SERVICES_ROUTE, params={"tag": args.tag or []}, timeout=args.timeout)
-        resp.raise_for_status()
-        entries = resp.json()
-    except requests.RequestException as exc:
-        raise PicoAPIError(f"cannot reach the supervisor at {url}: {_root_cause(exc)}") from None
-    except ValueError:
-        raise PicoAPIError(f"{url}{SERVICES_ROUTE} did not answer JSON: is it a PicoAPI supervisor?") from None
-    if args.json:
-        print(json.dumps(entries, indent=2))
-        return 0
-    now = time.time()
+#: A page of GET /services, read by the model the route declares: one shape on both ends.
+_STATUS_PAGE = TypeAdapter(list[WorkerOut])
+
+
+def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
+    """The supervisor's entries page after page, at most STATUS_MAX_PAGES: (entries, whether that is all).
+
+    Raises :class:`PicoAPIError`, one line, if it cannot be reached or answers anything else.
+    """
+    entries: list[dict[str, Any]] = []
+    after: str | None = None
+    for _ in range(STATUS_MAX_PAGES):
+        query: dict[str, Any] = {"tag": list(tags), "limit": SERVICES_PAGE, "after": after}
+        try:
+            resp = requests.get(url + SERVICES_ROUTE, params=query, timeout=timeout)
+            resp.raise_for_status()
+            page = resp.json()
+        except requests.JSONDecodeError:  # a RequestException too: first
+            raise PicoAPIError(f"{url}{SERVICES_ROUTE} did not answer JSON: is it a PicoAPI supervisor?") from None
+        except requests.RequestException as exc:
+            raise PicoAPIError(f"cannot reach the supervisor at {url}: {_printable(_root_cause(exc))}") from None
+        try:
+            ids = [entry.id for entry in _STATUS_PAGE.validate_python(page, strict=True)]
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = "entry " + ".".join(map(str, error["loc"])) if error["loc"] else "the answer"
+            why = _printable(f"{where}: {error['msg']}")
+            raise PicoAPIError(
+                f"{url}{SERVICES_ROUTE} sent a malformed page ({why}): is it a PicoAPI supervisor?"
+            ) from None
+        ids = [entries[-1]["id"], *ids] if entries else ids
+        if ids != sorted(set(ids)):  # strictly rising ids: the pages cannot repeat or loop
+            raise PicoAPIError(f"{url}{SERVICES_ROUTE} sent entries out of id order: is it a PicoAPI supervisor?")
+        entries += page
+        if not page or "next" not in resp.links:
+            return entries, True
+        after = entries[-1]["id"]
+    return entries, False
+
+
+def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
+    """The entries as a table and a summary; every cell escaped, for it came from the far end."""
+    now, cell = time.time(), functools.partial(_printable, limit=MAX_DESCRIPTION)
     rows = [
         (
-            e["id"],
-            e["name"],
-            e["version"],
-            ",".join(e["tags"]),
-            e["status"] + ("*" if e.get("suspect") else ""),
-            _ago(e["last_check"], now),
-            _ms(e["last_latency"]),
+            *map(cell, (e["id"], e["name"], e["version"], ",".join(e["tags"]))),
+            cell(e["status"] + ("*" if e.get("suspect") else "")),
+            _ago(e.get("last_check"), now),
+            _ms(e.get("last_latency")),
         )
         for e in entries
     ]
     print(_table(rows, ("ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST CHECK", "LATENCY")))
-    counts: dict[str, int] = {}
-    for entry in entries:
-        counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+    counts = collections.Counter(cell(e["status"]) for e in entries)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    print(f"\n{len(entries)} workers" + (f": {summary}" if summary else ""))
+    print(f"\n{len(entries)} workers" + (f": {summary}" if summary else ""), flush=True)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    url = (args.url or _default_supervisor_url()).rstrip("/")
+    entries, complete = _services(url, args.tag or [], args.timeout)
+    if args.json:
+        print(json.dumps(entries, indent=2))  # ensure_ascii: every control character escaped
+    else:
+        _print_status(entries)
+    if not complete:
+        raise PicoAPIError(f"stopped after {STATUS_MAX_PAGES} pages ({len(entries)} workers); narrow it with --tag")
     return 0
 
 
@@ -2724,9 +3045,9 @@ class _Demo:
         }
         self.spawn(name, ["worker", "picoapi:demo_worker"], env)
 
-    def services(self) -> list[dict[str, Any]]:
+    def services(self, **query: Any) -> list[dict[str, Any]]:
         try:
-            return list(requests.get(self.url + SERVICES_ROUTE, timeout=1).json())
+            return list(requests.get(self.url + SERVICES_ROUTE, params=query, timeout=1).json())
         except (requests.RequestException, ValueError):
             return []
 
@@ -2741,6 +3062,18 @@ class _Demo:
                 raise PicoAPIError(f"timed out waiting for {what}; logs in {self.dir}")
             time.sleep(0.05)
         return time.monotonic() - started
+
+    def healthy(self, *tags: str) -> dict[str, Any]:
+        """A healthy worker with ``tags``; waits for one, as a check may just have failed on a busy machine."""
+        found: list[dict[str, Any]] = []
+
+        def ready() -> bool:
+            found[:] = self.services(tag=list(tags), status=HEALTHY)
+            return bool(found)
+
+        # One good check brings a worker back: ten intervals and some slack are plenty.
+        self.wait(f"a healthy worker tagged {' and '.join(tags)}", ready, 2 + 10 * self.interval)
+        return found[0]
 
     def status_of(self, name: str) -> str | None:
         wid = worker_id("127.0.0.1", self.ports[name])
@@ -2780,10 +3113,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         demo.wait("three registrations", filled, 20)
         time.sleep(args.pace)  # time to look at the dashboard between steps
         for tag, text in (("upper", "hello picoapi"), ("reverse", "stressed"), ("count", "a b c d")):
-            query = {"tag": ["text", tag], "status": HEALTHY}
-            worker = requests.get(demo.url + SERVICES_ROUTE, params=query, timeout=2).json()[0]
-            answer = requests.get(f"http://{worker['id']}/work", params={"text": text}, timeout=2).json()
-            demo.say(f"task tag={tag:<8} {text!r:<16} -> {worker['name']:<8} answered {answer['result']!r}")
+            worker = demo.healthy("text", tag)
+            try:
+                answer = requests.get(f"http://{worker['id']}/work", params={"text": text}, timeout=2).json()["result"]
+            except (requests.RequestException, ValueError, LookupError, TypeError) as exc:
+                raise PicoAPIError(f"the demo's {tag!r} worker did not answer: {_root_cause(exc)}") from None
+            demo.say(f"task tag={tag:<8} {text!r:<16} -> {worker['name']:<8} answered {answer!r}")
         time.sleep(args.pace)
         demo.say("killing worker 'reverse' (SIGKILL)")
         demo.procs["killed"] = demo.procs.pop("reverse")
@@ -2796,10 +3131,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         took = demo.wait("recovery", lambda: demo.status_of("reverse") == HEALTHY, 20)
         demo.say(f"'reverse' is healthy again after {took:.2f}s")
         time.sleep(args.pace)
-        now, entries = time.time(), demo.services()
-        rows = [(e["id"], e["name"], ",".join(e["tags"]), e["status"], _ago(e["last_check"], now)) for e in entries]
         demo.say(f"the registry now (same as 'picoapi status {demo.url}'):")
-        print(_table(rows, ("ID", "NAME", "TAGS", "STATUS", "LAST CHECK")), flush=True)
+        _print_status(demo.services())
         demo.say("stopping everything")
     except KeyboardInterrupt:
         demo.say("interrupted; stopping everything")

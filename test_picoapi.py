@@ -7,6 +7,8 @@ processes on 127.0.0.1 and stop them in a ``finally``.
 from __future__ import annotations
 
 import contextlib
+import html
+import http.server
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from typing import Any
@@ -108,6 +111,11 @@ def reg(host: str = "10.0.0.5", port: int = 8888, interval: float = 10, **fields
 def body(host: str = "127.0.0.1", port: int = 9001, interval: float = 10, **fields: Any) -> dict[str, Any]:
     return reg(host, port, interval, **fields).model_dump(exclude_none=True)
 
+
+#: Characters that rewrite terminals, reorder text or hide: C0 and C1 controls (ESC, BEL, CSI, OSC), bidi override,
+#: zero-width space and no-break, line and paragraph separators, a lone surrogate (a non-UTF-8 byte in os.environ).
+HIDDEN_CHARACTERS = ["\x00", "\x1b", "\x07", "\x7f", "\x9b", "\x9d", "\u202e", "\u200b", "\ufeff", "\u2028"]
+HIDDEN_CHARACTERS += ["\u2029", "\udcff"]
 
 FAIL = CheckResult(False, None, 0.001, "refused")
 OK = CheckResult(True, 200, 0.001)
@@ -273,7 +281,18 @@ class TestConfig:
             ("API_DEREGISTER_AFTER", "soon", "API_DEREGISTER_AFTER must be a number of seconds"),
             ("API_HEALTH_TIMEOUT", "0", "API_HEALTH_TIMEOUT must be a number of seconds from 0.01 to 86400, got '0'"),
             ("API_TITLE", "x" * 129, "API_TITLE must be 1 to 128 printable characters"),
-            ("API_VERSION", "1\x00", "API_VERSION must be 1 to 64 printable characters"),
+            (
+                "API_VERSION",
+                "1\x00",
+                "API_VERSION must not contain control, format or line-separator characters; remove the U+0000 at "
+                "index 1, got '1\\x00'",
+            ),
+            (
+                "API_HEALTH_PATH",
+                "/santé",
+                "API_HEALTH_PATH must be an ASCII path without ?query or #fragment; percent-encode it: "
+                "'/sant%C3%A9', got '/santé'",
+            ),
         ],
     )
     def test_bad_value_names_variable_value_and_fix(self, var: str, raw: str, message: str) -> None:
@@ -281,6 +300,47 @@ class TestConfig:
             Config.load(environ={var: raw})
         assert str(info.value).startswith(message)
         assert isinstance(info.value, ValueError) and isinstance(info.value, PicoAPIError)
+
+    @pytest.mark.parametrize("var", ["API_TITLE", "API_VERSION", "API_DESCRIPTION", "API_TAGS"])
+    def test_text_variables_refuse_hidden_characters(self, var: str) -> None:
+        for char in HIDDEN_CHARACTERS:
+            with pytest.raises(ConfigError) as info:
+                Config.load(environ={var: f"re{char}sizer"})
+            message = str(info.value)
+            assert message.startswith(var) and f"got 're{ascii(char)[1:-1]}sizer'" in message, message
+            assert message.isprintable()  # safe to print on the operator's terminal
+
+    def test_multiline_description_is_one_line_in_the_registration(self) -> None:
+        markdown = "# Orders\n\nResizes *images*.\r\n\tFast."
+        app = PicoAPI(title="orders", description=markdown, env_file=None)
+        assert app.description == markdown  # FastAPI's /docs keep the Markdown
+        assert app.config.description == "# Orders Resizes *images*. Fast."
+
+    @pytest.mark.parametrize(
+        ("raw", "fix"),
+        [
+            ("/€", "/%E2%82%AC"),
+            ("/health?full=1", "/health"),
+            ("/health#top", "/health"),
+            ("/he alth", "/he%20alth"),
+            ("/he\x1balth", "/he%1Balth"),
+            ("/h\u200bealth", "/h%E2%80%8Bealth"),
+        ],
+    )
+    def test_health_path_is_ascii_without_query(self, raw: str, fix: str) -> None:
+        with pytest.raises(ConfigError) as info:
+            Config.load(environ={"API_HEALTH_PATH": raw})
+        assert str(info.value) == (
+            "API_HEALTH_PATH must be an ASCII path without ?query or #fragment; percent-encode it: "
+            f"'{fix}', got '{picoapi._printable(raw)}'"
+        )
+
+    def test_percent_encoded_health_path_is_served_and_registered(self) -> None:
+        config = Config.load(environ={"API_HOST": "127.0.0.1", "API_TITLE": "t", "API_HEALTH_PATH": "/sant%C3%A9"})
+        assert config.health_url == "http://127.0.0.1:8888/sant%C3%A9"
+        Registration.model_validate(config.registration())  # the supervisor takes it
+        with TestClient(PicoAPI(config=config)) as client:  # servers decode the path before routing it
+            assert client.get("/sant%C3%A9").json()["status"] == "healthy"
 
     def test_credentials_refused_with_wildcard_origin(self) -> None:
         with pytest.raises(ConfigError, match="API_CORS_ALLOW_CREDENTIALS=true needs explicit origins"):
@@ -1349,7 +1409,124 @@ class TestSupervisorRoutes:
         }
         put = schema["paths"]["/register"]["put"]
         assert put["operationId"] == "picoapi_register" and "201" in put["responses"]
-        assert "WorkerOut" in json.dumps(schema["paths"]["/services"]["get"]["responses"]["200"])
+        services = schema["paths"]["/services"]["get"]
+        assert "WorkerOut" in json.dumps(services["responses"]["200"])
+        params = {p["name"]: p["schema"] for p in services["parameters"]}
+        assert params["limit"]["default"] == params["limit"]["maximum"] == 1000 and params["limit"]["minimum"] == 1
+        assert "after" in params and "Link" in services["responses"]["200"]["headers"]
+
+    def test_services_come_in_pages_linked_by_id(self) -> None:
+        app = PicoAPI(mode="supervisor", env_file=None)
+        for port in range(1, 12):
+            app.registry.register(reg("127.0.0.1", port, tags=["resize"] if port % 2 else ["ocr"]))  # type: ignore[union-attr]
+        with TestClient(app) as client:
+            ids, pages, url = [], 0, "/services?tag=resize&limit=2"
+            while url:
+                response = client.get(url)
+                assert response.status_code == 200 and len(response.json()) <= 2
+                ids += [entry["id"] for entry in response.json()]
+                url, pages = response.links.get("next", {}).get("url"), pages + 1
+        assert ids == sorted(f"127.0.0.1:{port}" for port in range(1, 12, 2)) and pages == 3  # each once, in order
+
+    def test_services_default_page_and_limit_bounds(self) -> None:
+        app = PicoAPI(mode="supervisor", env_file=None)
+        for port in range(1, 1002):
+            app.registry.register(reg("127.0.0.1", port))  # type: ignore[union-attr]
+        with TestClient(app) as client:
+            first = client.get("/services")
+            assert len(first.json()) == 1000
+            rest = client.get(first.links["next"]["url"])
+            assert [e["id"] for e in rest.json()] == ["127.0.0.1:999"] and "link" not in rest.headers
+            for bad in ("0", "1001", "all"):
+                assert "query.limit" in field_error(client.get(f"/services?limit={bad}"))
+
+
+class TestHostileInput:
+    @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+    @pytest.mark.parametrize(
+        ("template", "loc"),
+        [
+            ('{"url": "http://127.0.0.1:9001/health", "interval": %s}', ["body", "health", "interval"]),
+            ('{"url": "http://127.0.0.1:9001/health", "interval": 10, "timeout": %s}', ["body", "health", "timeout"]),
+        ],
+    )
+    def test_non_finite_seconds_are_422_naming_the_field(
+        self, supervisor: TestClient, caplog: Any, literal: str, template: str, loc: list[str]
+    ) -> None:
+        payload = json.dumps({**body(), "health": "HEALTH"}).replace('"HEALTH"', template % literal)
+        response = supervisor.put("/register", content=payload, headers={"Content-Type": "application/json"})
+        assert response.status_code == 422
+        assert [(e["loc"], e["msg"]) for e in response.json()["detail"]] == [(loc, "Input should be a finite number")]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback per request
+
+    @pytest.mark.parametrize(
+        ("field", "raw", "loc", "quoted"),
+        [
+            ("name", "NaN", ["body", "name"], "NaN"),
+            ("port", "Infinity", ["body", "port"], "Infinity"),
+            ("tags", "[1e400]", ["body", "tags", 0], "Infinity"),
+            (None, "NaN", ["body"], "NaN"),
+            ("name", '"\\ud800"', ["body", "name"], "\\ud800"),  # a lone surrogate: UTF-8 has no byte for it
+        ],
+    )
+    def test_what_json_cannot_carry_is_quoted_back_as_text(
+        self, supervisor: TestClient, field: str | None, raw: str, loc: list[Any], quoted: str
+    ) -> None:
+        payload = raw if field is None else json.dumps({**body(), field: "X"}).replace('"X"', raw)
+        response = supervisor.put("/register", content=payload, headers={"Content-Type": "application/json"})
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == loc
+        assert response.json()["detail"][0]["input"] == quoted
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("name", "resizer{}"),
+            ("version", "1.0{}"),
+            ("tags", ["png{}"]),
+            ("description", "resizes{} images"),
+            ("openapi", "/openapi{}.json"),
+            ("host", "127.0.0.1{}"),
+            ("health", {"url": "http://127.0.0.1:9001/health{}", "interval": 1}),
+        ],
+    )
+    def test_text_fields_refuse_hidden_characters(self, supervisor: TestClient, field: str, value: Any) -> None:
+        for char in HIDDEN_CHARACTERS:
+            filled = json.loads(json.dumps(value).replace("{}", json.dumps(char)[1:-1]))
+            payload = json.dumps({**body(), field: filled})  # ASCII with \\u escapes, a lone surrogate's too
+            response = supervisor.put("/register", content=payload, headers={"Content-Type": "application/json"})
+            assert f"body.{field}" in field_error(response), (field, char)
+        assert supervisor.get("/services").json() == []
+
+    def test_lookalike_name_does_not_register_beside_the_original(self, supervisor: TestClient) -> None:
+        assert supervisor.put("/register", json=body(port=1, name="resizer")).status_code == 201
+        refused = field_error(supervisor.put("/register", json={**body(port=2), "name": "resizer\u200b"}))
+        assert refused == (
+            "body.name: Value error, name must not contain control, format or line-separator characters; "
+            "remove the U+200B at index 7, got 'resizer\\u200b'"
+        )
+        assert [entry["name"] for entry in supervisor.get("/services").json()] == ["resizer"]
+
+    @pytest.mark.parametrize(
+        ("path", "fix"),
+        [
+            ("/santé", "/sant%C3%A9"),
+            ("/€", "/%E2%82%AC"),
+            ("/health?full=1", "/health"),
+            ("/health#top", "/health"),
+            ("/h\x9bealth", "/h%C2%9Bealth"),
+        ],
+    )
+    def test_health_url_is_ascii_without_query(self, supervisor: TestClient, path: str, fix: str) -> None:
+        payload = {**body(), "health": {"url": f"http://127.0.0.1:9001{path}", "interval": 1}}
+        refused = field_error(supervisor.put("/register", json=payload))
+        assert refused.startswith("body.health.url: Value error, health.url must be an ASCII path without ?query")
+        assert f"percent-encode it: 'http://127.0.0.1:9001{fix}'" in refused
+
+    def test_percent_encoded_health_url_and_ascii_host(self, supervisor: TestClient) -> None:
+        encoded = {**body(), "health": {"url": "http://127.0.0.1:9001/sant%C3%A9", "interval": 1}}
+        assert supervisor.put("/register", json=encoded).status_code == 201
+        kelvin = {**body(host="k"), "health": {"url": "http://\u212a:9001/health", "interval": 1}}  # 'K'.lower() == 'k'
+        assert "health.url must be ASCII" in field_error(supervisor.put("/register", json=kelvin))
 
 
 class TestToken:
@@ -1624,7 +1801,8 @@ def registrar(clock: FakeClock, urls: tuple[str, ...] = (SUP,), **kwargs: Any) -
 
 
 def answer(status: int = 201, **headers: str) -> dict[str, Any]:
-    return {"status": status, "json": {"id": "127.0.0.1:9001"}, "headers": {"X-PicoAPI-Supervisor": "sup1", **headers}}
+    entry = {"id": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001}
+    return {"status": status, "json": entry, "headers": {"X-PicoAPI-Supervisor": "sup1", **headers}}
 
 
 class TestRegistrar:
@@ -1677,9 +1855,9 @@ class TestRegistrar:
         assert clock.slept == [7.0]
 
     def test_retry_after_as_date(self) -> None:
-        future = time.time() + 60
+        future = time.time() + 20  # within BACKOFF_CAP
         value = picoapi.email.utils.formatdate(future, usegmt=True)
-        assert 55 < picoapi._retry_after(value) <= 60  # type: ignore[operator]
+        assert 15 < picoapi._retry_after(value) <= 20  # type: ignore[operator]
         assert picoapi._retry_after("soon") is None
 
     @responses.activate
@@ -1782,6 +1960,317 @@ class TestWorkerApp:
         app = PicoAPI(config=worker_config(register_required=True))
         with pytest.raises(RegistrationError, match="HTTP 401: missing token"), TestClient(app):
             pass
+
+
+ENTRY = b'{"id": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001}'
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One whole request, head and Content-Length bytes of body: closing with bytes unread would reset."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+        data += chunk
+    length = re.search(rb"(?im)^content-length: *(\d+)", data)
+    while length and len(data.partition(b"\r\n\r\n")[2]) < int(length[1]) and (chunk := conn.recv(65536)):
+        data += chunk
+    return data
+
+
+@contextlib.contextmanager
+def raw_supervisor(answer: Callable[[bytes, socket.socket], None]) -> Iterator[str]:
+    """A raw TCP server on 127.0.0.1 that hands each request and its socket to ``answer``; yields its /register URL."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            answer(read_request(conn), conn)
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                threading.Thread(target=handle, args=(server.accept()[0],), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/register"
+    finally:
+        stop.set()
+        thread.join(2)
+        server.close()
+
+
+def trickle(conn: socket.socket, data: bytes) -> None:
+    for byte in data[:30]:  # 3 s at most
+        conn.sendall(bytes([byte]))
+        time.sleep(0.1)
+
+
+def trickled_head(request: bytes, conn: socket.socket) -> None:
+    trickle(conn, b"HTTP/1.1 201 Created\r\nX-Pwned: pwned pwned pwned pwned\r\n\r\n")
+
+
+def trickled_body(request: bytes, conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n" % (len(ENTRY) + 40))
+    trickle(conn, b'{"pwned": "pwned pwned pwned pwned pwned pwned"}')
+
+
+def flood(request: bytes, conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 400000000\r\n\r\n")
+    for _ in range(100):  # 6.4 MB of the 400 MB it announced
+        conn.sendall(b"pwned " * 10_000)
+
+
+class TestRegistrarHostile:
+    """Supervisors that trickle, flood, redirect, lie, inject or hang: the worker stays bounded and its logs clean."""
+
+    @pytest.mark.parametrize(
+        "token",
+        ["s3cret\n", " s3cret", "s3cret\t", "s3c\nret", "s3cré", "s3c\u20ac", "s3c\x00", "s3c" * 1366, "   ", "\n"],
+    )
+    def test_bad_token_is_refused_without_showing_it(self, token: str) -> None:
+        fix = r"API_REGISTER_TOKEN must be 1 to 4096 printable ASCII characters with no whitespace around them .*strip"
+        for load in (
+            lambda: Config.load(environ={"API_REGISTER_TOKEN": token}, env_file=None),
+            lambda: Config.load({"register_token": token}, env_file=None),
+        ):
+            with pytest.raises(ConfigError, match=fix) as info:
+                load()
+            assert "s3c" not in str(info.value)
+        with pytest.raises(ConfigError, match="token must be"):
+            Registrar((SUP,), worker_config().registration(), token=token)
+
+    def test_good_and_empty_tokens(self) -> None:
+        for token in ("s3cret", "a b", "!~", "x" * 4096):
+            assert Config.load(environ={"API_REGISTER_TOKEN": token}, env_file=None).register_token == token
+            assert Config.load({"register_token": token}, env_file=None).register_token == token
+        assert Config.load(environ={"API_REGISTER_TOKEN": ""}, env_file=None).register_token is None
+        assert Config.load({"register_token": ""}, env_file=None).register_token is None
+
+    @pytest.mark.parametrize(
+        ("value", "slept"),
+        [
+            ("7", 7.0),
+            (" 7 ", 7.0),
+            ("\xb2", 0.5),  # a Latin-1 byte that decodes to '²', which isdigit() takes
+            ("99999999999", 30.0),
+            ("9" * 5000, 0.5),
+            ("-5", 0.5),
+            ("1e3", 0.5),
+            ("Fri, 31 Dec 9999 23:59:59 GMT", 30.0),
+            ("Thu, 01 Jan 1970 00:00:00 GMT", 0.5),
+            ("Mon, 99 Foo 99999 99:99:99 GMT", 0.5),
+        ],
+    )
+    @responses.activate
+    def test_retry_after_is_digits_or_a_date_and_capped(self, value: str, slept: float) -> None:
+        responses.put(SUP, status=503, headers={"Retry-After": value})
+        responses.put(SUP, **answer())
+        clock = FakeClock()
+        r = registrar(clock, timeout=60)
+        r.register_all()
+        assert clock.slept == [slept] and r.supervisors[0].is_registered
+
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            {"status": 400, "json": {"detail": "\x1b]0;pwned\x07\x1b[2J"}},
+            {"status": 422, "json": {"detail": [{"loc": ["body", "\x1b[2J"], "msg": "pwned\x1b]0;x\x07"}]}},
+            {"status": 503, "body": "pwned\r\n\x1b[31m"},
+            {"status": 302, "headers": {"Location": "http://x/\x1b]0;pwned\x07"}},
+        ],
+        ids=["detail", "422", "503 text", "redirect"],
+    )
+    @responses.activate
+    def test_supervisor_text_is_printable_in_logs_and_errors(self, answer: dict[str, Any], caplog: Any) -> None:
+        responses.put(SUP, **answer)
+        caplog.set_level(logging.DEBUG, "picoapi")
+        registrar(FakeClock(), timeout=3).register_all()
+        with pytest.raises(RegistrationError) as info:
+            registrar(FakeClock(), timeout=3, required=True).register_all()
+        assert all(record.getMessage().isprintable() for record in caplog.records)
+        warnings = [record.getMessage() for record in caplog.records if "incomplete" in record.getMessage()]
+        assert len(warnings) == 1 and all(
+            text.isprintable() and "pwned" in text for text in warnings + [str(info.value)]
+        )
+
+    @pytest.mark.parametrize("status", [301, 302, 307, 308])
+    @responses.activate
+    def test_redirect_is_not_followed(self, status: int) -> None:
+        elsewhere = "http://127.0.0.1:8100/elsewhere"
+        responses.put(SUP, status=status, headers={"Location": elsewhere})
+        responses.get(elsewhere, **answer(200))
+        responses.put(elsewhere, **answer(200))
+        r = registrar(FakeClock(), required=True)
+        with pytest.raises(RegistrationError, match=f"HTTP {status} redirect to {elsewhere}, not followed: set API_"):
+            r.register_all()
+        assert [c.request.url for c in responses.calls] == [SUP] and not r.supervisors[0].is_registered
+
+    @pytest.mark.parametrize(
+        "content",
+        [
+            b"<html>welcome to nginx</html>",
+            b"",
+            b'{"ok": true}',
+            b'["127.0.0.1:9001"]',
+            b'"127.0.0.1:9001"',
+            b'{"id": "10.0.0.9:9001", "host": "10.0.0.9", "port": 9001}',
+            b'{"id": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9002}',
+            b'{"id": "127.0.0.1:9001"}',
+            b"[" * 60_000,  # deeper than json can parse, within the 64 KiB read
+        ],
+    )
+    @responses.activate
+    def test_only_its_own_entry_counts_as_registered(self, content: bytes) -> None:
+        responses.put(SUP, status=200, body=content)
+        r = registrar(FakeClock(), required=True)
+        with pytest.raises(RegistrationError) as info:
+            r.register_all()
+        assert str(info.value).endswith(
+            "answered 200 but not with this worker's entry: is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
+        )
+        assert "nginx" not in str(info.value) and not r.supervisors[0].is_registered
+
+    @pytest.mark.parametrize(
+        ("answer", "error"),
+        [(trickled_head, "timed out"), (trickled_body, "timed out"), (flood, "too large")],
+        ids=["trickled head", "trickled body", "400 MB"],
+    )
+    def test_startup_is_bounded_from_connect_to_last_byte(self, answer: Any, error: str) -> None:
+        with raw_supervisor(answer) as url:
+            r = Registrar((url,), worker_config().registration(), timeout=1.0, required=True)
+            started = time.monotonic()
+            with pytest.raises(RegistrationError, match=error) as info:
+                r.register_all()
+            elapsed = time.monotonic() - started
+        assert elapsed < 1.5 and not r.supervisors[0].is_registered
+        assert "pwned" not in str(info.value)
+
+    def test_https_supervisor_registers_and_is_cut_too(self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        import ssl
+
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+            + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+            check=True,
+            capture_output=True,
+        )
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))  # requests trusts it, as an operator's CA bundle
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server = socket.create_server(("127.0.0.1", 0))
+        entry = b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(ENTRY), ENTRY)
+
+        def serve() -> None:
+            for answer in (lambda tls: tls.sendall(entry), lambda tls: trickle(tls, entry)):
+                conn, _ = server.accept()
+                with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+                    read_request(tls)
+                    answer(tls)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        url = f"https://127.0.0.1:{server.getsockname()[1]}/register"
+        try:
+            answered = Registrar((url,), worker_config().registration(), timeout=1.0, required=True)
+            answered.register_all()
+            trickled = Registrar((url,), worker_config().registration(), timeout=1.0, required=True)
+            started = time.monotonic()
+            with pytest.raises(RegistrationError, match="timed out"):
+                trickled.register_all()
+            elapsed = time.monotonic() - started
+        finally:
+            thread.join(5)
+            server.close()
+        assert answered.supervisors[0].is_registered and elapsed < 1.5
+
+    @responses.activate
+    def test_several_supervisors_are_joined_within_the_deadline(self, caplog: Any) -> None:
+        responses.put(SUP2, **answer())
+        release = threading.Event()
+        r = Registrar((SUP, SUP2), worker_config().registration(), timeout=0.5)
+        attempt = r._attempt
+
+        def hang_on_the_first(sup: Any, timeout: float) -> float | None:  # where no cut reaches: a slow DNS lookup
+            return 0.0 if sup.url == SUP and release.wait(5) else attempt(sup, timeout)
+
+        r._attempt = hang_on_the_first  # type: ignore[method-assign]
+        started = time.monotonic()
+        try:
+            r.register_all()
+        finally:
+            release.set()
+        assert time.monotonic() - started < 1.25
+        assert [s.is_registered for s in r.supervisors] == [False, True]
+        assert f"{SUP}: no answer within 0.5s" in caplog.text
+
+    def test_stop_cuts_the_put_in_flight_before_the_delete(self) -> None:
+        puts: list[socket.socket] = []
+        held, done = threading.Event(), threading.Event()
+        deletes: list[str] = []
+
+        def is_open(conn: socket.socket) -> bool:
+            try:
+                while conn.recv(65536, socket.MSG_DONTWAIT):
+                    pass  # the rest of the PUT, if it came in two parts
+            except BlockingIOError:
+                return True  # nothing more to read, and no end either
+            except OSError:
+                pass  # reset: cut too
+            return False
+
+        def answer(request: bytes, conn: socket.socket) -> None:
+            if request.startswith(b"DELETE"):
+                deletes.append("while a PUT was in flight" if is_open(puts[-1]) else "after the PUT was cut")
+                conn.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+            elif not puts:
+                puts.append(conn)
+                conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(ENTRY), ENTRY))
+            else:  # the watchdog's second PUT: held for 5 s, as a supervisor stuck in its store would
+                puts.append(conn)
+                held.set()
+                done.wait(5)
+
+        with raw_supervisor(answer) as url:
+            r = Registrar((url,), worker_config(health_interval=1).registration(), watchdog_after=0.2)
+            r.register_all()
+            r.start()  # no checks arrive: it registers again after 0.2 s
+            try:
+                assert held.wait(5), "the second PUT never came"
+                started = time.monotonic()
+                r.deregister_all()
+                elapsed = time.monotonic() - started
+            finally:
+                done.set()
+        assert deletes == ["after the PUT was cut"] and elapsed < 2.0, (deletes, elapsed)
+        assert not [name for name in picoapi_threads() if "regist" in name]
+
+    @responses.activate
+    def test_deregister_all_keeps_time_by_the_injected_clock(self) -> None:
+        release = threading.Event()
+        responses.put(SUP, **answer())
+        responses.add_callback(
+            responses.DELETE, SUP + "/127.0.0.1%3A9001", lambda _: (release.wait(5), 204, {}, "")[1:]
+        )
+        now = [0.0]
+
+        def clock() -> float:  # every reading 10 s on: the deadline has passed at once
+            now[0] += 10
+            return now[0]
+
+        r = Registrar((SUP,), worker_config().registration(), clock=clock)
+        r.register_all()
+        started = time.monotonic()
+        try:
+            r.deregister_all()
+        finally:
+            elapsed = time.monotonic() - started
+            release.set()
+            wait_for(lambda: "picoapi-deregister" not in picoapi_threads(), 5, "the DELETE to end")
+        assert elapsed < 0.5
 
 
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
@@ -2023,6 +2512,24 @@ class TestDemo:
             with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 pass
 
+    def test_no_healthy_worker_is_one_line_not_a_traceback(self, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+        """A check can fail on a busy machine just before a task: the demo waits, then says so in one line."""
+        monkeypatch.setattr(picoapi._Demo, "spawn", lambda self, name, args, env: None)
+        registered = [status_entry(f"127.0.0.1:{i}", name=name, tags=["text", name]) for i, name in enumerate("abc")]
+
+        def services(request: Any) -> tuple[int, dict[str, str], str]:
+            unhealthy = "status=healthy" in request.url  # registered, but every check failing now
+            return 200, {}, json.dumps([] if unhealthy else registered)
+
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+            mock.add_callback(responses.GET, re.compile(r"http://127\.0\.0\.1:\d+/services"), callback=services)
+            started = time.monotonic()
+            assert picoapi.main(["demo", "--interval", "0.05", "--pace", "0"]) == 1
+        assert time.monotonic() - started < 10  # a deadline, not a hang
+        err = capsys.readouterr().err
+        assert err.startswith("picoapi: timed out waiting for a healthy worker tagged text and upper; logs in ")
+        assert len(err.splitlines()) == 1
+
 
 class TestExample:
     def test_example_system_runs_as_the_readme_says(self, tmp_path: Any) -> None:
@@ -2146,14 +2653,34 @@ class TestDashboard:
             assert list(Rows(client.get("/dashboard?tag=ocr").text).rows) == ["127.0.0.1:2"]
             assert len(Rows(client.get("/dashboard").text).rows) == 2
 
-    def test_readable_with_a_thousand_workers(self) -> None:
+    def test_ten_thousand_workers_in_pages_trouble_first(self) -> None:
         app = PicoAPI(mode="supervisor")
-        for port in range(1, 1001):
-            app.registry.register(reg("127.0.0.1", port))  # type: ignore[union-attr]
+        registry = app.registry
+        assert registry is not None
+        for port in range(1, 10_001):
+            registry.register(reg("127.0.0.1", port, tags=["ocr"] if port % 10 else ["resize"]))
+        troubled = [f"127.0.0.1:{port}" for port in (9001, 9002, 9003)]
+        for wid in troubled:
+            registry.record(wid, FAIL)
+            registry.record(wid, FAIL)
         with TestClient(app) as client:
-            page = client.get("/dashboard").text
-        assert len(Rows(page).rows) == 1000 and "position: sticky" in page
-        assert len(page) < 400_000
+            first = client.get("/dashboard").text
+            assert len(first) < 150_000 and "position: sticky" in first  # was 25 MB, every row on one page
+            rows = Rows(first)
+            assert rows.counts == {"healthy": "9997 healthy", "unhealthy": "3 unhealthy", "unknown": "0 unknown"}
+            assert len(rows.rows) == 200 and list(rows.rows)[:3] == troubled  # trouble first, on the first page
+            assert '<a rel="next" href="/dashboard?page=2">' in first and 'rel="prev"' not in first
+            last = client.get("/dashboard?page=50").text
+            assert len(Rows(last).rows) == 200 and 'rel="next"' not in last and 'rel="prev"' in last
+            seen, url = [], "/dashboard?tag=resize"  # the filter is kept from page to page
+            while url:
+                page = client.get(url).text
+                seen += list(Rows(page).rows)
+                found = re.search(r'<a rel="next" href="([^"]+)"', page)
+                url = html.unescape(found.group(1)) if found else ""
+            assert sorted(seen) == sorted(f"127.0.0.1:{port}" for port in range(10, 10_001, 10))
+            assert "no worker" in client.get("/dashboard?page=51").text
+            assert Rows(client.get("/dashboard?status=unhealthy").text).rows.keys() == set(troubled)
 
 
 def picoapi_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -2166,6 +2693,44 @@ def picoapi_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
         env={**clean, **(env or {})},
         timeout=60,
     )
+
+
+SERVICES = "http://127.0.0.1/services"
+#: A GET /services entry as a supervisor sends it.
+SERVICE_ENTRY = json.loads(json.dumps(picoapi._out(Registry().register(reg("127.0.0.1", 1))[0])))
+
+
+def status_entry(wid: str, **fields: Any) -> dict[str, Any]:
+    return {**SERVICE_ENTRY, "id": wid, **fields}
+
+
+@contextlib.contextmanager
+def fake_supervisor(answer: Callable[[dict[str, list[str]]], tuple[Any, dict[str, str]]]) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering every GET with ``answer(query)``: a body (JSON unless bytes), headers."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            payload, headers = answer(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query))
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(200)
+            for name, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(2)
 
 
 class TestStatusCommand:
@@ -2198,6 +2763,70 @@ class TestStatusCommand:
         assert out.returncode == 1 and out.stdout == ""
         assert out.stderr.startswith(f"picoapi: cannot reach the supervisor at http://127.0.0.1:{port}: ")
         assert len(out.stderr.strip().splitlines()) == 1
+
+    def test_follows_the_pages_of_a_live_supervisor(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        assert set(register_many(cluster.url, range(1, 1202), 8)) == {201}
+        out = picoapi_cli("status", cluster.url)
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.splitlines()) == 1 + 1201 + 2 and out.stdout.endswith("1201 workers: 1201 healthy\n")
+        assert len({e["id"] for e in json.loads(picoapi_cli("status", cluster.url, "--json").stdout)}) == 1201
+
+    def test_hostile_entries_cannot_reach_the_terminal(self, capsys: Any) -> None:
+        attack = "\x1b]0;pwned\x07\x1b[2J"
+        forged = "\n127.0.0.1:2  forged  1.0  x  healthy  -  -"
+        entries = [
+            status_entry("127.0.0.1:1", name=f"evil{attack}{forged}", tags=[f"t{attack}", "u\u202e\x9b"]),
+            status_entry(f"127.0.0.1:3{attack}", version=f"1{attack}\n\n9 workers: 9 healthy"),
+        ]
+        with fake_supervisor(lambda query: (entries, {})) as url:
+            assert picoapi.main(["status", url]) == 0
+            table = capsys.readouterr().out
+            assert picoapi.main(["status", url, "--json"]) == 0
+            as_json = capsys.readouterr().out
+        for out in (table, as_json):
+            assert not {"\x1b", "\x07", "\x9b", "\u202e"} & set(out), out
+        lines = table.splitlines()
+        assert len(lines) == 1 + 2 + 2 and lines[1].startswith("127.0.0.1:1 ") and lines[2].startswith("127.0.0.1:3")
+        assert lines[-1] == "2 workers: 2 healthy" and "\\x1b]0;pwned\\x07" in lines[1]
+        assert json.loads(as_json) == entries
+
+    @pytest.mark.parametrize(
+        ("answer", "why"),
+        [
+            ({"workers": []}, "malformed page (the answer: Input should be a valid list)"),
+            ([1], "malformed page (entry 0: Input should be a valid dictionary"),
+            ([{"id": "x"}], "malformed page (entry 0.name: Field required)"),
+            ([{**SERVICE_ENTRY, "tags": "png"}], "malformed page (entry 0.tags: Input should be a valid list)"),
+            ([{**SERVICE_ENTRY, "name": 5}], "malformed page (entry 0.name: Input should be a valid string)"),
+            (
+                [{**SERVICE_ENTRY, "last_check": "soon"}],
+                "malformed page (entry 0.last_check: Input should be a valid number)",
+            ),
+            ([SERVICE_ENTRY, SERVICE_ENTRY], "entries out of id order"),
+            (b"<html>", "did not answer JSON"),
+        ],
+    )
+    def test_malformed_answer_is_one_line_and_exit_1(self, capsys: Any, answer: Any, why: str) -> None:
+        with fake_supervisor(lambda query: (answer, {})) as url:
+            assert picoapi.main(["status", url]) == 1
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.startswith(f"picoapi: {url}/services ") and why in out.err
+        assert len(out.err.splitlines()) == 1
+
+    def test_endless_or_looping_pages_are_bounded(self, capsys: Any) -> None:
+        def endless(query: dict[str, list[str]]) -> tuple[Any, dict[str, str]]:
+            after = int(query.get("after", ["0"])[0])
+            return [status_entry(f"{after + 1:09d}")], {"Link": f'<{SERVICES}?after={after + 1:09d}>; rel="next"'}
+
+        with fake_supervisor(endless) as url:
+            assert picoapi.main(["status", url, "--json"]) == 1
+        out = capsys.readouterr()
+        assert len(json.loads(out.out)) == picoapi.STATUS_MAX_PAGES
+        assert out.err == "picoapi: stopped after 100 pages (100 workers); narrow it with --tag\n"
+        with fake_supervisor(lambda query: ([SERVICE_ENTRY], {"Link": f'<{SERVICES}>; rel="next"'})) as url:
+            assert picoapi.main(["status", url]) == 1  # the same page again: out of id order, not a loop
+        assert "entries out of id order" in capsys.readouterr().err
 
     @pytest.mark.parametrize("command", ["supervisor", "worker", "status", "demo"])
     def test_every_command_has_help_with_an_example(self, command: str) -> None:
@@ -2399,11 +3028,11 @@ class TestLoad:
             created = register_many(cluster.url, ports, 32)
             create_s = time.monotonic() - started
             assert created.count(201) == 10_000
-            assert len(cluster.services()) == 10_000
+            assert len(picoapi._services(cluster.url, (), 10)[0]) == 10_000
             started = time.monotonic()
             replaced = register_many(cluster.url, ports, 32)
             replace_s = time.monotonic() - started
-            assert replaced.count(200) == 10_000 and len(cluster.services()) == 10_000
+            assert replaced.count(200) == 10_000 and len(picoapi._services(cluster.url, (), 10)[0]) == 10_000
             started = time.monotonic()
             deleted = register_many(cluster.url, ports, 32, method="DELETE")
             delete_s = time.monotonic() - started
@@ -2782,7 +3411,8 @@ class TestOwnTrouble:
                     headers = {"Content-Type": "application/json"} if payload else {}
                     conn.request(method, path, json.dumps(payload) if payload else None, headers)
                     answer = conn.getresponse()
-                    return answer.status, json.loads(answer.read())
+                    content = answer.read()
+                    return answer.status, content.decode() if path == "/dashboard" else json.loads(content)
 
                 assert get("/register", "PUT", body(port=worker_port, interval=0.1))[0] == 201
                 wid = f"127.0.0.1:{worker_port}"
@@ -2791,6 +3421,7 @@ class TestOwnTrouble:
                     flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))
                 health = wait_for(lambda: (a := get("/health"))[0] == 503 and a[1], 10, "the supervisor's own trouble")
                 assert "Too many open files" in health["failing"]["picoapi-checker"]
+                assert "Checks postponed: supervisor could not check: Too many open files" in get("/dashboard")[1]
                 for _ in range(10):  # a second of checks that cannot be made
                     assert get(f"/services/{wid}")[1]["status"] == "healthy"
                     time.sleep(0.1)

@@ -44,11 +44,13 @@ HEALTHY_FIRST, SILENT_FIRST = 20_000, 10_000  # below the ephemeral port range
 
 
 def services(base: str) -> dict[str, dict[str, Any]]:
-    """The supervisor's registry by id; patient, as 2 cores may be busy starting processes."""
+    """The supervisor's registry by id, every page; patient, as 2 cores may be busy starting processes."""
+    import picoapi
+
     for _ in range(5):
         try:
-            return {e["id"]: e for e in requests.get(base + "/services", timeout=10).json()}
-        except requests.RequestException:
+            return {e["id"]: e for e in picoapi._services(base, (), 10)[0]}
+        except picoapi.PicoAPIError:
             time.sleep(0.5)
     raise RuntimeError(f"{base} did not answer GET /services five times in a row")
 
@@ -304,7 +306,7 @@ def queries() -> dict[str, Any]:
                 started = time.perf_counter()
                 response = session.get(f"http://127.0.0.1:{port}/services", params={"tag": tag}, timeout=30)
                 times.append(time.perf_counter() - started)
-                assert len(response.json()) == int(tag[1:])
+                assert len(response.json()) == min(1000, int(tag[1:]))  # one page: 1,000 at most
             result[f"http_{tag}"] = summary_ms(times)
     return result
 
@@ -582,7 +584,7 @@ def _md_queries(r: dict[str, Any]) -> str:
     q = r["queries"]
     rows = [
         ["GET /services?tag=x (100 match)", q["http_x100"]],
-        ["GET /services?tag=x (5,000 match)", q["http_x5000"]],
+        ["GET /services?tag=x (5,000 match, first page of 1,000)", q["http_x5000"]],
         ['registry.workers("x") (100 match)', q["in_process"]["in_process_x100"]],
         ['registry.workers("x") (5,000 match)', q["in_process"]["in_process_x5000"]],
     ]
