@@ -143,6 +143,7 @@ MAX_HOST = 253
 MAX_URL = 2048
 MAX_ERROR = 200
 MAX_BODY = 64 * 1024
+_INSTANCE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 #: Processes remembered per entry (siblings serving one port, restarts); the oldest are forgotten.
 MAX_INSTANCES = 16
 #: A new worker's checks may fail this long (at most one interval) before it is unhealthy: its server is starting.
@@ -234,6 +235,62 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an IP address (an IPv4-mapped IPv6 address as IPv4), or None."""
+    try:
+        ip = ipaddress.ip_address(text or "")
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] = ()) -> str:
+    """The address a registration from ``peer`` may claim for ``host``: its checks go there (blocking: DNS).
+
+    The host must be ``peer``'s own address or a name resolving to it, or resolve into
+    ``networks``; an unspecified, link-local, multicast or broadcast address only if a
+    listed network holds it. Raises ValueError for a host that does not resolve or is
+    not spelled canonically (one address, one id), PermissionError for a claim refused.
+    """
+    ip = _ip(host)
+    if ip is None:
+        with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
+            ip = _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
+    if ip is not None and str(ip) != host:
+        raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
+    if ip is not None:
+        addresses = [ip]
+    else:
+        try:
+            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise ValueError(
+                f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an address"
+            ) from exc
+        addresses = list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
+    listed = [a for a in addresses if any(a in net for net in networks)]
+    for a in addresses:
+        special = a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"
+        if special and a not in listed:
+            raise PermissionError(
+                f"host {host!r} resolves to {a}, an unspecified, link-local, multicast or broadcast address; "
+                "declare the worker's own address (a network listed in API_REGISTER_NETWORKS opens it)"
+            )
+    if (peer_ip := _ip(peer)) in addresses:
+        return str(peer_ip)
+    if listed:
+        return str(listed[0])
+    shown = ", ".join(map(str, addresses))
+    raise PermissionError(
+        f"host {host!r} resolves to {shown}, but the registration came from {_printable(peer)}: a worker may "
+        "only register an address it is reachable at; register from that host, or list its network in "
+        "API_REGISTER_NETWORKS (NAT, proxies, containers)"
+    )
 
 
 def _resolve(host: str) -> str:
@@ -350,6 +407,15 @@ def _parse_description(var: str, raw: object) -> str:
     return _check_text(var, re.sub(r"[\t\r\n]+", " ", str(raw).strip())[:MAX_DESCRIPTION], ConfigError)
 
 
+def _parse_networks(var: str, raw: object) -> tuple[IPNetwork, ...]:
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in _parse_list(var, raw, "!"))
+    except ValueError:
+        raise ConfigError(
+            f"{var} must list networks such as '10.0.0.0/8' or 'fd00::/8' ('!' between several), got {raw!r}"
+        ) from None
+
+
 def _parse_urls(var: str, raw: object) -> tuple[str, ...]:
     for url in (items := _parse_list(var, raw, "!")):
         try:
@@ -439,6 +505,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "cors_allow_headers": ("API_CORS_ALLOW_HEADERS", lambda v, r: _parse_list(v, r, "!")),
     "cors_allow_credentials": ("API_CORS_ALLOW_CREDENTIALS", _parse_bool),
     "register_token": ("API_REGISTER_TOKEN", _parse_token),
+    "register_networks": ("API_REGISTER_NETWORKS", _parse_networks),
     "register_timeout": ("API_REGISTER_TIMEOUT", lambda v, r: _parse_seconds(v, r, 0.0, 3600.0)),
     "register_required": ("API_REGISTER_REQUIRED", _parse_bool),
     "max_workers": ("API_MAX_WORKERS", lambda v, r: _parse_count(v, r, 1, 10_000_000)),
@@ -476,6 +543,7 @@ class Config:
     cors_allow_headers: tuple[str, ...] = DEFAULT_CORS
     cors_allow_credentials: bool = False
     register_token: str | None = dataclasses.field(default=None, repr=False)
+    register_networks: tuple[IPNetwork, ...] = ()
     register_timeout: float = DEFAULT_REGISTER_TIMEOUT
     register_required: bool = False
     max_workers: int = DEFAULT_MAX_WORKERS
@@ -613,7 +681,7 @@ class Registration(BaseModel):
     )
     instance: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        pattern=_INSTANCE_PATTERN,
         description="the registering process; its checks must answer as it",
     )
 
@@ -750,6 +818,13 @@ _CONTENT = ("name", "version", "tags", "description", "health_url", "interval", 
 _content_of = operator.attrgetter(*_CONTENT)
 
 
+def _content(reg: Registration, address: str) -> tuple[Any, ...]:
+    """The :data:`_CONTENT` of the entry that ``reg``, from ``address``, makes."""
+    timeout = reg.health.timeout or min(reg.health.interval, DEFAULT_HEALTH_TIMEOUT)
+    health = (reg.health.url, reg.health.interval, timeout)
+    return (reg.name, reg.version, tuple(reg.tags), reg.description, *health, reg.openapi, address)
+
+
 class CheckResult(NamedTuple):
     """The outcome of one health check."""
 
@@ -833,12 +908,9 @@ class Registry:
         cap, ``ValueError`` naming the host when it does not resolve.
         """
         wid = worker_id(reg.host, reg.port)
-        timeout = reg.health.timeout or min(reg.health.interval, DEFAULT_HEALTH_TIMEOUT)
         if address is None:
             address = _resolve(reg.host)
-        health = reg.health
-        content: tuple[Any, ...] = (reg.name, reg.version, tuple(reg.tags), reg.description, health.url)
-        content += (health.interval, timeout, reg.openapi, address)
+        content = _content(reg, address)
         with self._lock:
             entry = self._workers.get(wid)
             if entry is not None and _content_of(entry) == content:
@@ -863,6 +935,15 @@ class Registry:
             self._index(entry)
             self._schedule(entry, self.clock())
             return entry.copy(), created
+
+    def forget_instance(self, wid: str, instance: str) -> tuple[str, ...]:
+        """Drop a process from ``wid``'s instances (it is stopping); returns those left."""
+        with self._lock:
+            entry = self._workers.get(wid)
+            if entry is None:
+                return ()
+            entry.instances = tuple(i for i in entry.instances if i != instance)
+            return entry.instances
 
     def deregister(self, wid: str) -> bool:
         """Remove a worker; its pending check is dropped lazily. False if unknown."""
@@ -1526,9 +1607,12 @@ def _default_in_flight() -> int:
 
 
 def check_once(
-    url: str, timeout: float = DEFAULT_HEALTH_TIMEOUT, headers: Mapping[str, str] | None = None
+    url: str, timeout: float = DEFAULT_HEALTH_TIMEOUT, headers: Mapping[str, str] | None = None, address: str = ""
 ) -> CheckResult:
-    """Run one health check of ``url`` as the supervisor would; blocks at most ``timeout`` (plus a little)."""
+    """Run one health check of ``url`` (at ``address``, else its host resolved) as the supervisor would.
+
+    Blocks at most ``timeout`` (plus a little).
+    """
     pool, finished = _CheckPool(limit=1), threading.Event()
     results: list[CheckResult] = []
 
@@ -1537,7 +1621,7 @@ def check_once(
         finished.set()
 
     try:
-        address = _resolve(urlsplit(url).hostname or "")
+        address = address or _resolve(urlsplit(url).hostname or "")
     except ValueError as exc:
         return CheckResult(False, None, None, str(exc))
     pool.start()
@@ -2223,9 +2307,7 @@ def _render_dashboard(
     return _DASHBOARD.format(
         refresh=DASHBOARD_REFRESH,
         title=esc(title),
-        trouble=f'<p class="unhealthy" role="alert">Checks postponed: {esc(trouble)}</p>\n'
-        if trouble
-        else "",
+        trouble=f'<p class="unhealthy" role="alert">Checks postponed: {esc(trouble)}</p>\n' if trouble else "",
         counts="".join(
             f'<a href="{href(status=s, tag="")}"><span class="{s}" data-count="{s}">{n} {s}</span></a>'
             for s, n in counts.items()
@@ -2324,6 +2406,7 @@ class PicoAPI(FastAPI):
         cors_allow_headers: str | Sequence[str] | None = None,
         cors_allow_credentials: bool | None = None,
         register_token: str | None = None,
+        register_networks: str | Sequence[str] | None = None,
         register_timeout: float | None = None,
         register_required: bool | None = None,
         max_workers: int | None = None,
@@ -2675,16 +2758,19 @@ class PicoAPI(FastAPI):
                 503: {"description": "the registry is full (API_MAX_WORKERS), or busy: see Retry-After"},
             },
         )
-        async def register(reg: Registration, response: Response) -> Any:
-            """Register a worker, or replace its entry (same host and port)."""
+        async def register(reg: Registration, request: Request, response: Response) -> Any:
+            """Register a worker (only an address it registers from), or refresh or replace its entry."""
             try:
-                address = await self._resolve_host(reg.host)
+                address = await self._resolve_host(reg.host, request.client.host if request.client else None)
+                await self._refuse_if_served(reg, address)
                 if self._store is None:
                     worker, created = registry.register(reg, address=address)
                 else:
                     worker, created = await run_in_threadpool(self._register_stored, reg, address)
-            except ValueError as exc:  # the host does not resolve
+            except ValueError as exc:  # the host does not resolve, or is not spelled canonically
                 raise HTTPException(422, [{"loc": ["body", "host"], "msg": str(exc), "type": "value_error"}]) from None
+            except PermissionError as exc:
+                raise HTTPException(403, str(exc)) from None
             except RegistryFull as exc:
                 raise HTTPException(503, str(exc)) from None
             except sqlite3.Error as exc:
@@ -2703,8 +2789,35 @@ class PicoAPI(FastAPI):
             operation_id="picoapi_deregister",
             responses={**not_found, **auth_errors, 503: {"description": "the registry file is busy: see Retry-After"}},
         )
-        async def deregister(worker_id: str) -> Response:
-            """Remove a worker from the registry."""
+        async def deregister(
+            worker_id: str,
+            request: Request,
+            instance: Annotated[
+                str | None, Query(pattern=_INSTANCE_PATTERN, description="the stopping process")
+            ] = None,
+        ) -> Response:
+            """Remove a worker: from its own address (or with the token); naming its process, only its own entry.
+
+            An entry that another process of the worker still serves (uvicorn --workers) stays.
+            """
+            entry = registry.get(worker_id)
+            if entry is None:
+                raise unknown(worker_id)
+            peer = _ip(request.client.host if request.client else None)
+            if not self.config.register_token and peer != _ip(entry.address):
+                if not any(peer in net for net in self.config.register_networks):
+                    raise HTTPException(
+                        403,
+                        f"{worker_id} may only be deregistered from its own address {entry.address}, not from "
+                        f"{_printable(peer)}; with API_REGISTER_TOKEN set, its holder may remove it from anywhere",
+                    )
+            if instance is not None and entry.instances:
+                if instance not in entry.instances:
+                    raise HTTPException(409, f"{worker_id} was registered by another process; it stays")
+                left = registry.forget_instance(worker_id, instance)
+                if left and await self._answered_by_own(entry, left):
+                    logger.info("%s: one of its processes stopped, another still serves it", worker_id)
+                    return Response(status_code=204)
             if self._store is None:
                 found = registry.deregister(worker_id)
             else:
@@ -2789,21 +2902,46 @@ class PicoAPI(FastAPI):
             trouble = self.checker.trouble if self.checker is not None else ""
             return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags), status, page, trouble))
 
-    async def _resolve_host(self, host: str) -> str:
-        """The address of a registrant's host, resolved on a thread, a few at a time.
+    async def _resolve_host(self, host: str, peer: str | None) -> str:
+        """The address a registration from ``peer`` may claim for ``host`` (see :func:`_claimed_address`).
 
-        Slow DNS then holds at most MAX_RESOLVING of the threads that serve requests;
-        past that a registration by name is answered 503 at once.
+        Names are resolved on a thread, a few at a time: slow DNS then holds at most
+        MAX_RESOLVING of the threads that serve requests; past that a registration by
+        name is answered 503 at once.
         """
-        if _is_ip(host):
-            return host
+        if _ip(host) is not None:
+            return _claimed_address(host, peer, self.config.register_networks)
         if self._resolving >= MAX_RESOLVING:
             raise HTTPException(503, "too many host names are being resolved; try again", {"Retry-After": "1"})
         self._resolving += 1  # only the event loop's thread counts, so no lock is needed
         try:
-            return await run_in_threadpool(_resolve, host)
+            return await run_in_threadpool(_claimed_address, host, peer, self.config.register_networks)
         finally:
             self._resolving -= 1
+
+    async def _refuse_if_served(self, reg: Registration, address: str) -> None:
+        """409 when ``reg`` would change an entry that another live process still serves.
+
+        A second copy of a service started by mistake on a port that is taken must not
+        evict the live one; the same registration again (a sibling process) is welcome.
+        """
+        assert self.registry is not None
+        entry = self.registry.get(worker_id(reg.host, reg.port))
+        if entry is None or not entry.instances or reg.instance in entry.instances:
+            return
+        if _content_of(entry) != _content(reg, address) and await self._answered_by_own(entry):
+            raise HTTPException(
+                409,
+                f"{entry.id} is served by another live instance ({entry.name} {entry.version}); "
+                "stop it first, or serve this one on another port",
+            )
+
+    async def _answered_by_own(self, entry: Worker, instances: Sequence[str] = ()) -> bool:
+        """Check ``entry`` now (at most 2 s): did one of ``instances`` (its own, by default) answer?"""
+        headers = self.checker.headers if self.checker is not None else {}
+        timeout = min(entry.timeout, 2.0)
+        result = await run_in_threadpool(check_once, entry.health_url, timeout, headers, entry.address)
+        return result.ok and result.instance in (instances or entry.instances)
 
     # The disk is written first: a busy file (503) leaves the registry as it was.
     def _register_stored(self, reg: Registration, address: str) -> tuple[Worker, bool]:

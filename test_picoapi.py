@@ -31,7 +31,7 @@ import pytest
 import requests
 import responses
 from fastapi import APIRouter, Depends, FastAPI, HTTPException
-from fastapi.testclient import TestClient
+from fastapi.testclient import TestClient as FastAPITestClient
 from starlette.middleware.base import BaseHTTPMiddleware
 
 import picoapi
@@ -52,6 +52,14 @@ from picoapi import (
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class TestClient(FastAPITestClient):
+    """FastAPI's TestClient calling from 127.0.0.1, as a worker on this machine would (by default its
+    peer address is 'testclient', which may register nothing: a worker may only claim its own address)."""
+
+    def __init__(self, app: Any, **kwargs: Any) -> None:
+        super().__init__(app, **{"client": ("127.0.0.1", 50000), **kwargs})
 
 
 # -- Helpers -------------------------------------------------------------------
