@@ -729,6 +729,8 @@ class WorkerOut(BaseModel):
     id: str
     name: str
     host: str
+    #: What the host resolved to when it registered: the checks go there.
+    address: str
     port: int
     version: str
     tags: list[str]
@@ -2153,6 +2155,7 @@ def _out(w: Worker) -> dict[str, Any]:
         "id": w.id,
         "name": w.name,
         "host": w.host,
+        "address": w.address,
         "port": w.port,
         "version": w.version,
         "tags": list(w.tags),

@@ -3486,3 +3486,159 @@ class TestSlowResolver:
         assert [a.status_code for a in slow] == [422] * picoapi.MAX_RESOLVING
         assert "does not resolve" in slow[0].json()["detail"][0]["msg"]
         assert app.registry.get(f"localhost:{port}").address == "127.0.0.1"
+
+
+# -- Trust: nothing a client says is acted on until it has been verified ------------------------
+
+
+def call_from(source: str, url: str, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
+    """One request to ``url`` from the loopback address ``source``, as another host on the network would send it."""
+    import http.client
+
+    parts = requests.utils.urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5, source_address=(source, 0))
+    try:
+        conn.request(
+            method, path, json.dumps(payload) if payload is not None else None, {"Content-Type": "application/json"}
+        )
+        answer = conn.getresponse()
+        content = answer.read()
+        return answer.status, json.loads(content) if content else None
+    finally:
+        conn.close()
+
+
+def instance_server(instance: str, status: int = 200) -> contextlib.AbstractContextManager[int]:
+    """A health endpoint on 127.0.0.1 that answers as the worker process ``instance``."""
+    answer = f"HTTP/1.1 {status} OK\r\nX-PicoAPI-Instance: {instance}\r\nContent-Length: 0\r\n\r\n".encode()
+    return raw_server(lambda c: c.sendall(answer))
+
+
+class TestTrust:
+    @pytest.mark.parametrize(
+        ("host", "status", "message"),
+        [
+            ("2130706433", 422, "host '2130706433' is another spelling of 127.0.0.1; register '127.0.0.1'"),
+            ("0177.0.0.1", 422, "another spelling of 127.0.0.1"),
+            ("0x7f.1", 422, "another spelling of 127.0.0.1"),
+            ("127.1", 422, "another spelling of 127.0.0.1"),
+            ("::ffff:127.0.0.1", 422, "another spelling of 127.0.0.1"),
+            ("0.0.0.0", 403, "resolves to 0.0.0.0, an unspecified, link-local, multicast or broadcast address"),
+            ("169.254.169.254", 403, "resolves to 169.254.169.254, an unspecified, link-local"),
+            ("metadata.google.internal", 403, "resolves to 169.254.169.254, an unspecified, link-local"),
+            ("127.0.0.3", 403, "host '127.0.0.3' resolves to 127.0.0.3, but the registration came from 127.0.0.1"),
+        ],
+    )
+    def test_forged_hosts_in_every_spelling_are_refused(
+        self, supervisor: TestClient, monkeypatch: pytest.MonkeyPatch, host: str, status: int, message: str
+    ) -> None:
+        real = socket.getaddrinfo
+
+        def resolver(name: Any, *args: Any, **kwargs: Any) -> Any:  # the cloud's metadata name, without DNS
+            if name == "metadata.google.internal" and not kwargs.get("flags"):  # a name, not a number
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", 0))]
+            return real(name, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", resolver)
+        port = 9001
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/health"
+        answer = supervisor.put(
+            "/register", json={**body(port=port), "host": host, "health": {"url": url, "interval": 1}}
+        )
+        assert answer.status_code == status
+        detail = answer.json()["detail"]
+        assert message in (detail if isinstance(detail, str) else detail[0]["msg"])
+        assert supervisor.get("/services").json() == []
+
+    def test_only_an_address_it_registers_from_unless_its_network_is_listed(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+
+        def claim(host: str) -> dict[str, Any]:
+            return {**body(port=9001), "host": host, "health": {"url": f"http://{host}:9001/h", "interval": 1}}
+
+        status, answer = call_from("127.0.0.2", cluster.url, "PUT", "/register", claim("127.0.0.3"))
+        assert status == 403 and "resolves to 127.0.0.3, but the registration came from 127.0.0.2" in answer["detail"]
+        assert call_from("127.0.0.2", cluster.url, "PUT", "/register", claim("127.0.0.2"))[0] == 201
+        assert [s["address"] for s in cluster.services()] == ["127.0.0.2"]
+        cluster.close()
+        cluster.supervisor(API_REGISTER_NETWORKS="127.0.0.0/29!169.254.0.0/16")  # NAT or containers: opened on purpose
+        assert call_from("127.0.0.2", cluster.url, "PUT", "/register", claim("127.0.0.3"))[0] == 201
+        assert call_from("127.0.0.2", cluster.url, "PUT", "/register", claim("169.254.169.254"))[0] == 201
+        assert call_from("127.0.0.2", cluster.url, "PUT", "/register", claim("127.0.0.9"))[0] == 403  # not listed
+
+    def test_no_read_back_through_last_error(self, cluster: Cluster) -> None:
+        banner = b"SSH-2.0-OpenSSH_9.6p1 Debian-3 secret-banner\r\n"
+        with raw_server(lambda c: c.sendall(banner)) as port:
+            cluster.supervisor()
+            payload = {**body(port=port, interval=0.1)}
+            assert requests.put(cluster.url + "/register", json=payload, timeout=5).status_code == 201
+            wid = f"127.0.0.1:{port}"
+            entry = wait_for(
+                lambda: next((s for s in cluster.services() if s["id"] == wid and s["last_check"]), None), 10, "a check"
+            )
+        assert entry["last_error"] == "ValueError: not an HTTP response" and entry["status"] != "healthy"
+        assert "SSH" not in json.dumps(cluster.services())
+
+    def test_a_new_entry_gets_no_work_before_a_good_check(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        real = cluster.worker(interval=0.2)
+        wait_for(lambda: cluster.status(f"127.0.0.1:{real.port}") == "healthy", 15, "the real worker")
+        decoy = {**body(port=9009, interval=0.2, tags=["echo"]), "host": "127.0.0.2"}
+        decoy["health"]["url"] = "http://127.0.0.2:9009/health"  # nothing answers there
+        assert call_from("127.0.0.2", cluster.url, "PUT", "/register", decoy)[0] == 201
+        for _ in range(10):
+            healthy = requests.get(cluster.url + "/services", params={"tag": "echo", "status": "healthy"}, timeout=2)
+            assert [s["id"] for s in healthy.json()] == [f"127.0.0.1:{real.port}"]
+            time.sleep(0.1)
+
+    def test_re_put_and_delete_of_a_live_worker_are_refused(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        with instance_server("live1") as port:
+            wid = f"127.0.0.1:{port}"
+            mine = body(port=port, interval=0.2, instance="live1")
+            assert requests.put(cluster.url + "/register", json=mine, timeout=5).status_code == 201
+            wait_for(lambda: cluster.status(wid) == "healthy", 10, "the live worker")
+            other = {**mine, "tags": ["stolen"], "instance": "intruder"}
+            other["host"], other["health"] = "127.0.0.2", {**mine["health"], "url": f"http://127.0.0.2:{port}/health"}
+            assert (
+                call_from(
+                    "127.0.0.2",
+                    cluster.url,
+                    "PUT",
+                    "/register",
+                    {**other, "host": "127.0.0.1", "health": mine["health"]},
+                )[0]
+                == 403
+            )
+            status, answer = call_from(
+                "127.0.0.1", cluster.url, "PUT", "/register", {**mine, "tags": ["stolen"], "instance": "copy2"}
+            )
+            assert status == 409 and f"{wid} is served by another live instance" in answer["detail"]
+            assert call_from("127.0.0.2", cluster.url, "DELETE", f"/register/{wid}")[0] == 403
+            assert call_from("127.0.0.1", cluster.url, "DELETE", f"/register/{wid}?instance=copy2")[0] == 409
+            assert (
+                requests.put(cluster.url + "/register", json={**mine, "instance": "live2"}, timeout=5).status_code
+                == 200
+            )
+            # a sibling process stops: the entry stays while another of its processes answers
+            assert call_from("127.0.0.1", cluster.url, "DELETE", f"/register/{wid}?instance=live2")[0] == 204
+            assert cluster.status(wid) == "healthy"
+            assert [s["tags"] for s in cluster.services()] == [["resize"]]
+        # the last one stops (nothing answers any more): the entry leaves
+        assert call_from("127.0.0.1", cluster.url, "DELETE", f"/register/{wid}?instance=live1")[0] == 204
+        assert cluster.status(wid) is None
+
+    def test_a_check_answered_by_another_process_turns_the_entry_unhealthy(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        with instance_server("stranger") as port:
+            wid = f"127.0.0.1:{port}"
+            mine = body(port=port, interval=0.1, instance="gone")
+            assert requests.put(cluster.url + "/register", json=mine, timeout=5).status_code == 201
+            entry = wait_for(
+                lambda: next((s for s in cluster.services() if s["id"] == wid and s["failures"] >= 2), None),
+                10,
+                "checks",
+            )
+        assert (
+            entry["status"] != "healthy" and entry["last_error"] == f"answered by a process that did not register {wid}"
+        )
