@@ -918,6 +918,8 @@ class Registry:
             if entry is not None and _content_of(entry) == content:
                 if reg.instance and reg.instance not in entry.instances:  # the oldest are dropped
                     entry.instances = (*entry.instances, reg.instance)[-MAX_INSTANCES:]
+                if entry.status != HEALTHY:  # restarted, say: check it now, not an interval later
+                    self._schedule(entry, self.clock())
                 return entry.copy(), False
             created = entry is None
             if entry is None:

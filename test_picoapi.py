@@ -659,6 +659,12 @@ class TestRegistry:
         again, created = registry.register(reg(tags=["b"], version="2.0", instance="p3"))
         assert not created and again.version == "2.0" and again.last_check == clock.now  # the history stays
         assert again.status == "unknown" and again.successes == 0 and again.instances == ("p3",)
+        registry.pop_due(clock())
+        registry.record(worker.id, FAIL)  # not answering yet: re-checked in a second
+        clock.advance(0.5)
+        assert registry.pop_due(clock()) == []
+        registry.register(reg(tags=["b"], version="2.0", instance="p4"))  # restarted while not healthy
+        assert [c.worker_id for c in registry.pop_due(clock())] == [worker.id]  # checked now, not an interval later
         assert len(registry) == 1
         assert registry.workers("a") == [] and [w.id for w in registry.workers("b")] == [worker.id]
 
