@@ -2223,9 +2223,7 @@ def _render_dashboard(
     return _DASHBOARD.format(
         refresh=DASHBOARD_REFRESH,
         title=esc(title),
-        trouble=f'<p class="unhealthy" role="alert">Checks postponed: {esc(trouble)}</p>\n'
-        if trouble
-        else "",
+        trouble=f'<p class="unhealthy" role="alert">Checks postponed: {esc(trouble)}</p>\n' if trouble else "",
         counts="".join(
             f'<a href="{href(status=s, tag="")}"><span class="{s}" data-count="{s}">{n} {s}</span></a>'
             for s, n in counts.items()
