@@ -2532,9 +2532,12 @@ class PicoAPI(FastAPI):
         checked at once, and the next worker is tried, until all were. A request that
         may have reached a worker is not sent again unless ``retry_sent=True`` (for
         idempotent requests). Raises :class:`NoWorkerAvailable` listing every worker
-        tried and why. ``kwargs`` go to ``requests``; connections are reused.
+        tried and why. ``kwargs`` go to ``requests``; connections are reused. A redirect
+        is returned, not followed (it would take the request, body and all, to another
+        host), unless ``allow_redirects=True``.
         """
         registry = self._need_registry()
+        kwargs.setdefault("allow_redirects", False)
         wanted = [tags] if isinstance(tags, str) else list(tags)
         tried: list[tuple[str, str]] = []
         while True:
@@ -2567,9 +2570,11 @@ class PicoAPI(FastAPI):
         """Send the same request to every healthy worker with ``tags``, concurrently.
 
         Returns ``{worker id: response or exception}``; returns within about ``timeout``
-        seconds, a worker still busy then gets a ``TimeoutError``.
+        seconds, a worker still busy then gets a ``TimeoutError``. Redirects are returned,
+        not followed, unless ``allow_redirects=True``.
         """
         registry = self._need_registry()
+        kwargs.setdefault("allow_redirects", False)
         wanted = [tags] if isinstance(tags, str) else list(tags)
         workers = [w for w in registry.workers(*wanted, status=HEALTHY, version=version) if w.is_ready]
         if self._broadcaster is None:

@@ -3478,3 +3478,76 @@ class TestSlowResolver:
         assert [a.status_code for a in slow] == [422] * picoapi.MAX_RESOLVING
         assert "does not resolve" in slow[0].json()["detail"][0]["msg"]
         assert app.registry.get(f"localhost:{port}").address == "127.0.0.1"
+
+
+# -- Trust boundaries: who may send, write, host and read back ------------------------------
+
+
+@contextlib.contextmanager
+def recording_server(
+    host: str, answer: Callable[[Any], tuple[int, dict[str, str]]] = lambda h: (200, {})
+) -> Iterator[tuple[int, list[tuple[str, dict[str, str], bytes]]]]:
+    """An HTTP server on ``host`` that reads every request whole; yields its port and what it received
+    (request line, headers, body). ``answer`` gives the status and headers of an empty answer."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[tuple[str, dict[str, str], bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_any(self) -> None:
+            content = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            received.append((f"{self.command} {self.path}", dict(self.headers), content))
+            status, headers = answer(self)
+            self.send_response(status)
+            for name, value in {**headers, "Content-Length": "0"}.items():
+                self.send_header(name, value)
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_any  # noqa: N815
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(2)
+
+
+CARD = {"card": "4111 1111 1111 1111"}
+
+
+class TestTrustBoundaries:
+    # 1. Dispatch goes only where it was sent
+
+    @pytest.mark.parametrize("dispatch", ["call", "broadcast"])
+    def test_work_is_not_redirected_to_another_host(self, dispatch: str) -> None:
+        with recording_server("127.0.0.3") as (thief, stolen):
+            elsewhere = {"Location": f"http://127.0.0.3:{thief}/steal"}
+            moved = lambda h: (200, {}) if h.path == "/health" else (307, elsewhere)  # noqa: E731
+            with recording_server("127.0.0.1", moved) as (port, received):
+                app = supervisor_with(port)
+                wid = f"127.0.0.1:{port}"
+
+                def send(**options: Any) -> requests.Response:
+                    auth = {"Authorization": "Bearer job-secret"}
+                    if dispatch == "call":
+                        return app.call("resize", "POST", "/charge", json=CARD, headers=auth, **options)
+                    answer = app.broadcast("resize", "POST", "/charge", json=CARD, headers=auth, **options)[wid]
+                    assert isinstance(answer, requests.Response), answer
+                    return answer
+
+                with TestClient(app):  # its shutdown stops the broadcast threads
+                    refused = send()
+                    assert refused.status_code == 307 and refused.headers["Location"] == elsewhere["Location"]
+                    assert [r[0] for r in received if r[0] != "GET /health"] == ["POST /charge"] and stolen == []
+                    assert send(allow_redirects=True).status_code == 200  # followed only when asked
+        assert [(line, content) for line, _, content in stolen] == [("POST /steal", json.dumps(CARD).encode())]
