@@ -90,6 +90,7 @@ from pydantic import (
 )
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
@@ -2277,11 +2278,21 @@ class _CORS(CORSMiddleware):
     Those (every call between services: registrations, checks, tasks) only need
     ``Vary: Origin`` on the answer, which is appended to the raw headers instead of
     parsing them into objects; requests from browsers take Starlette's own path.
+    Browsers send Origin with every write: under ``guarded`` (the supervisor's /register),
+    a write or its preflight from an origin not listed by name gets 403, so '*' lets
+    any page read the registry but none change it.
     """
+
+    def __init__(self, app: ASGIApp, /, *, guarded: str | None = None, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.guarded = guarded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or any(k == b"origin" for k, _ in scope["headers"]):
-            await super().__call__(scope, receive, send)
+            if self.guarded and scope["type"] == "http" and (refusal := self._foreign_write(scope, self.guarded)):
+                await refusal(scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
             return
 
         async def send_with_vary(message: Message) -> None:
@@ -2290,6 +2301,24 @@ class _CORS(CORSMiddleware):
             await send(message)
 
         await self.app(scope, receive, send_with_vary)
+
+    def _foreign_write(self, scope: Scope, guarded: str) -> Response | None:
+        """The 403 for a write (or its preflight) under ``guarded`` from an origin not listed by name, else None."""
+        path = scope["path"].removeprefix(scope.get("root_path", ""))  # as the router sees it, behind a proxy too
+        if path != guarded and not path.startswith(guarded + "/"):
+            return None
+        headers, method = Headers(scope=scope), scope["method"]
+        if method == "OPTIONS":
+            method = headers.get("access-control-request-method", method)
+        origin = headers["origin"]
+        if method in ("GET", "HEAD") or (origin != "*" and origin in self.allow_origins):
+            return None
+        detail = (
+            f"{_printable(method, 16)} {guarded} from origin '{_printable(origin)}' refused: browser pages may change "
+            "the registry only from origins listed by name in API_CORS_ALLOW_ORIGINS ('*' does not count); list it "
+            "there, '!'-delimited, to allow it"
+        )
+        return JSONResponse({"detail": detail}, status_code=403)
 
 
 HealthCheckFunc = Callable[[], Any]
@@ -2385,6 +2414,7 @@ class PicoAPI(FastAPI):
             allow_methods=list(config.cors_allow_methods),
             allow_headers=list(config.cors_allow_headers),
             allow_credentials=config.cors_allow_credentials,
+            guarded=REGISTER_ROUTE if config.mode == "supervisor" else None,
         )
         self.router.lifespan_context = self._wrap_lifespan(self.router.lifespan_context)
         self._own_routes = self.router.routes[first_own:]

@@ -3551,3 +3551,52 @@ class TestTrustBoundaries:
                     assert [r[0] for r in received if r[0] != "GET /health"] == ["POST /charge"] and stolen == []
                     assert send(allow_redirects=True).status_code == 200  # followed only when asked
         assert [(line, content) for line, _, content in stolen] == [("POST /steal", json.dumps(CARD).encode())]
+
+    # 2. Browsers cannot write
+
+    def test_cross_origin_writes_need_an_origin_listed_by_name(self) -> None:
+        evil = {"Origin": "http://evil.example"}
+        with TestClient(PicoAPI(mode="supervisor")) as client:  # API_CORS_ALLOW_ORIGINS='*', the default
+            put = client.put("/register", json=body(), headers=evil)
+            assert put.status_code == 403 and "access-control-allow-origin" not in put.headers
+            assert "'http://evil.example'" in put.json()["detail"] and "API_CORS_ALLOW_ORIGINS" in put.json()["detail"]
+            assert client.get("/services").json() == []
+            preflight = client.options(
+                "/register", headers={**evil, "Access-Control-Request-Method": "PUT"}
+            )  # a browser asks first, and must not be told yes
+            assert preflight.status_code == 403 and "access-control-allow-methods" not in preflight.headers
+            assert client.put("/register", json=body()).status_code == 201  # no Origin: a worker, curl
+            gone = client.delete("/register/127.0.0.1:9001", headers={"Origin": "null"})  # a sandboxed page
+            assert gone.status_code == 403 and len(client.get("/services").json()) == 1
+            preflight = client.options(
+                "/register/127.0.0.1:9001", headers={**evil, "Access-Control-Request-Method": "DELETE"}
+            )
+            assert preflight.status_code == 403
+            read = client.get("/services", headers=evil)  # reads keep the configured CORS
+            assert read.status_code == 200 and read.headers["access-control-allow-origin"] == "*"
+            assert client.delete("/register/127.0.0.1:9001").status_code == 204
+        with TestClient(PicoAPI(mode="supervisor"), root_path="/api") as client:  # behind a proxy's path prefix
+            assert client.put("/api/register", json=body(), headers=evil).status_code == 403
+
+    def test_a_listed_origin_may_write(self) -> None:
+        ops, evil = {"Origin": "http://ops.example"}, {"Origin": "http://evil.example"}
+        with TestClient(PicoAPI(mode="supervisor", cors_allow_origins="http://ops.example")) as client:
+            preflight = client.options("/register", headers={**ops, "Access-Control-Request-Method": "PUT"})
+            assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ops["Origin"]
+            put = client.put("/register", json=body(), headers=ops)
+            assert put.status_code == 201 and put.headers["access-control-allow-origin"] == ops["Origin"]
+            assert client.put("/register", json=body(port=9002), headers=evil).status_code == 403
+            assert client.delete("/register/127.0.0.1:9001", headers=ops).status_code == 204
+        with TestClient(PicoAPI(mode="supervisor", cors_allow_origins="*!http://ops.example")) as client:
+            assert client.put("/register", json=body(), headers=ops).status_code == 201  # '*' reads, ops writes
+            assert client.put("/register", json=body(port=9002), headers=evil).status_code == 403
+
+    def test_a_workers_own_routes_keep_plain_cors(self) -> None:
+        app = PicoAPI()
+
+        @app.put("/register")
+        def theirs() -> dict[str, bool]:
+            return {"theirs": True}
+
+        with TestClient(app) as client:
+            assert client.put("/register", headers={"Origin": "http://any.example"}).status_code == 200
