@@ -77,6 +77,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import (
     BaseModel,
@@ -287,6 +288,7 @@ def _check_health_path(what: str, path: str, error: type[ValueError] = ValueErro
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
 _TAG_RE = re.compile(r"^[^\s:]+$")
+_ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -408,6 +410,20 @@ def _optional_seconds(var: str, raw: object) -> float | None:
     return _parse_seconds(var, raw, MIN_INTERVAL, 10 * MAX_INTERVAL)
 
 
+def _parse_allowed_hosts(var: str, raw: object) -> tuple[str, ...]:
+    # As Starlette's TrustedHostMiddleware compares the Host header's host: lower case, IPv6 in brackets.
+    hosts = []
+    for item in _parse_list(var, raw, "!"):
+        host = f"[{item.lower()}]" if ":" in item and _is_ip(item) else item.lower()
+        if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and not _is_ip(host[1:-1])):
+            raise ConfigError(
+                f"{var} must list host names or IP addresses without scheme or port, '!'-delimited, such as "
+                f"'keeper!keeper.internal!127.0.0.1' ('*.example.com' for subdomains, '*' for any), got {item!r}"
+            )
+        hosts.append(host)
+    return tuple(hosts)
+
+
 def _parse_token(var: str, raw: object) -> str | None:
     # Never echo the value: it is a secret. A blank one would silently turn authentication off.
     text = raw if isinstance(raw, str) else " "
@@ -439,6 +455,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "cors_allow_methods": ("API_CORS_ALLOW_METHODS", lambda v, r: _parse_list(v, r, "!")),
     "cors_allow_headers": ("API_CORS_ALLOW_HEADERS", lambda v, r: _parse_list(v, r, "!")),
     "cors_allow_credentials": ("API_CORS_ALLOW_CREDENTIALS", _parse_bool),
+    "allowed_hosts": ("API_ALLOWED_HOSTS", _parse_allowed_hosts),
     "register_token": ("API_REGISTER_TOKEN", _parse_token),
     "register_timeout": ("API_REGISTER_TIMEOUT", lambda v, r: _parse_seconds(v, r, 0.0, 3600.0)),
     "register_required": ("API_REGISTER_REQUIRED", _parse_bool),
@@ -476,6 +493,8 @@ class Config:
     cors_allow_methods: tuple[str, ...] = DEFAULT_CORS
     cors_allow_headers: tuple[str, ...] = DEFAULT_CORS
     cors_allow_credentials: bool = False
+    #: Host header values served; others get 400. Empty: every host.
+    allowed_hosts: tuple[str, ...] = ()
     register_token: str | None = dataclasses.field(default=None, repr=False)
     register_timeout: float = DEFAULT_REGISTER_TIMEOUT
     register_required: bool = False
@@ -525,6 +544,13 @@ class Config:
             raise ConfigError(
                 "API_CORS_ALLOW_CREDENTIALS=true needs explicit origins, got "
                 "API_CORS_ALLOW_ORIGINS='*'; list the origins, '!'-delimited"
+            )
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host or ""
+        listed = any(host == h or (h[0] == "*" and host.endswith(h[1:])) for h in self.allowed_hosts)
+        if host and self.allowed_hosts and not listed:
+            raise ConfigError(
+                f"API_ALLOWED_HOSTS must list API_HOST ('{self.host}'): the supervisor's health checks and calls use "
+                "it as their Host, and other hosts get 400; add it, '!'-delimited"
             )
         if self.health_timeout is not None and self.health_timeout > self.health_interval:
             raise ConfigError(
@@ -2350,6 +2376,7 @@ class PicoAPI(FastAPI):
         cors_allow_methods: str | Sequence[str] | None = None,
         cors_allow_headers: str | Sequence[str] | None = None,
         cors_allow_credentials: bool | None = None,
+        allowed_hosts: str | Sequence[str] | None = None,
         register_token: str | None = None,
         register_timeout: float | None = None,
         register_required: bool | None = None,
@@ -2416,6 +2443,8 @@ class PicoAPI(FastAPI):
             allow_credentials=config.cors_allow_credentials,
             guarded=REGISTER_ROUTE if config.mode == "supervisor" else None,
         )
+        if config.allowed_hosts:  # unset: no middleware, every host served at no cost
+            self.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts), www_redirect=False)
         self.router.lifespan_context = self._wrap_lifespan(self.router.lifespan_context)
         self._own_routes = self.router.routes[first_own:]
 

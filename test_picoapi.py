@@ -3522,6 +3522,22 @@ def recording_server(
         thread.join(2)
 
 
+def raw_request(port: int, method: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One request from 127.0.0.2, another host, with exactly ``headers`` (Host among them)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=("127.0.0.2", 0))
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 CARD = {"card": "4111 1111 1111 1111"}
 
 
@@ -3600,3 +3616,57 @@ class TestTrustBoundaries:
 
         with TestClient(app) as client:
             assert client.put("/register", headers={"Origin": "http://any.example"}).status_code == 200
+
+    # 3. API_ALLOWED_HOSTS
+
+    @pytest.mark.parametrize(
+        ("raw", "expected"),
+        [
+            ("keeper!keeper.internal!127.0.0.1", ("keeper", "keeper.internal", "127.0.0.1")),
+            ("Keeper!*.Internal!::1!", ("keeper", "*.internal", "[::1]")),
+            ("[::1]!*", ("[::1]", "*")),
+        ],
+    )
+    def test_allowed_hosts_are_read(self, raw: str, expected: tuple[str, ...]) -> None:
+        assert Config.load(environ={"API_ALLOWED_HOSTS": raw}, env_file=None).allowed_hosts == expected
+        assert Config.load(env_file=None).allowed_hosts == ()  # unset: every host
+
+    @pytest.mark.parametrize("raw", ["keeper:8100", "http://keeper", "keeper/x", "*keeper", "kee*per", "k eeper"])
+    def test_bad_allowed_host_names_the_variable_value_and_fix(self, raw: str) -> None:
+        with pytest.raises(ConfigError, match=rf"API_ALLOWED_HOSTS .*without scheme or port.*got '{re.escape(raw)}'"):
+            Config.load(environ={"API_ALLOWED_HOSTS": raw}, env_file=None)
+
+    def test_allowed_hosts_must_cover_api_host(self) -> None:
+        with pytest.raises(ConfigError, match=r"API_ALLOWED_HOSTS must list API_HOST \('worker7'\).*health checks"):
+            Config.load(environ={"API_ALLOWED_HOSTS": "keeper", "API_HOST": "worker7"}, env_file=None)
+        for allowed in ("worker7", "*.internal", "*"):
+            host = "worker7" if allowed != "*.internal" else "worker7.internal"
+            Config.load(environ={"API_ALLOWED_HOSTS": allowed, "API_HOST": host}, env_file=None)
+
+    @pytest.mark.parametrize("mode", ["supervisor", "worker"])
+    def test_other_hosts_are_refused(self, mode: Any) -> None:
+        app = PicoAPI(mode=mode, allowed_hosts="keeper!keeper.internal!127.0.0.1")
+        with TestClient(app, base_url="http://keeper.internal:8100") as client:
+            assert client.get("/health").status_code == 200
+            assert client.get("/health", headers={"Host": "evil.example"}).status_code == 400
+            assert client.get("/health", headers={"Host": "evil.example:8100"}).status_code == 400
+            assert client.get("/health", headers={"Host": "127.0.0.1:8100"}).status_code == 200
+            put = client.put("/register", json=body(), headers={"Host": "evil.example"})
+            assert put.status_code == 400
+        with TestClient(PicoAPI(mode=mode)) as client:  # unset: every host is served, as before
+            assert client.get("/health", headers={"Host": "evil.example"}).status_code == 200
+
+    def test_rebound_name_cannot_reach_supervisor_or_worker(self, cluster: Cluster) -> None:
+        cluster.supervisor(API_ALLOWED_HOSTS="127.0.0.1")
+        port = cluster.worker(API_ALLOWED_HOSTS="127.0.0.1").port  # its API_HOST, so its checks pass
+        wid = f"127.0.0.1:{port}"
+        wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration under the listed host")
+        assert cluster.sup_port is not None
+        rebound = {"Host": f"evil.example:{cluster.sup_port}", "Origin": f"http://evil.example:{cluster.sup_port}"}
+        for target, path in [(cluster.sup_port, "/services"), (port, "/health"), (port, "/openapi.json")]:
+            assert raw_request(target, "GET", path, rebound)[0] == 400
+        assert raw_request(cluster.sup_port, "DELETE", f"/register/{wid}", rebound)[0] == 400
+        assert raw_request(cluster.sup_port, "GET", "/services", {"Host": f"127.0.0.1:{cluster.sup_port}"})[0] == 200
+        unlisted = picoapi.check_once(f"http://localhost:{port}/health", 2, {picoapi.SUPERVISOR_HEADER: "x"})
+        assert not unlisted.ok and unlisted.status_code == 400  # checks answer only under a listed host
+        assert cluster.status(wid) == "healthy"
