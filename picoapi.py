@@ -176,9 +176,11 @@ MAX_RESOLVING = 4
 STORE_TIMEOUT = 1.0
 #: Seconds app.call() and app.broadcast() wait for a worker unless told otherwise.
 DEFAULT_CALL_TIMEOUT = 10.0
-#: GET /services/{id}/openapi: how long to wait for the worker, and the most it may send.
+#: GET /services/{id}/openapi: seconds it waits for the worker in all, the most the worker may send, and the
+#: documents fetched at once (more are answered 503).
 OPENAPI_TIMEOUT = 5.0
 OPENAPI_MAX_BYTES = 1024 * 1024
+OPENAPI_MAX_FETCHES = 4
 #: ``picoapi status`` reads at most this many pages of GET /services (100,000 workers), whatever it is told.
 STATUS_MAX_PAGES = 100
 
@@ -2116,24 +2118,39 @@ def _out(w: Worker) -> dict[str, Any]:
 
 
 def _fetch_openapi(url: str) -> dict[str, Any]:
-    """GET a worker's OpenAPI document: bounded in time and size, no redirects; 502 otherwise."""
+    """GET a worker's OpenAPI document, blocking at most OPENAPI_TIMEOUT in all, no redirects.
+
+    502 unless it is a JSON object with an ``openapi`` field, in OPENAPI_MAX_BYTES. A 502 says what
+    went wrong in its own words, never in the far end's bytes: a registered address may be anything's.
+    """
+    adapter, timeout, body = _Cuttable(), OPENAPI_TIMEOUT, b""
+    timer = threading.Timer(timeout, adapter.cut)
+    timer.name, timer.daemon = "picoapi-deadline", True
+    timer.start()
     try:
-        with requests.get(url, timeout=OPENAPI_TIMEOUT, stream=True, allow_redirects=False) as resp:
-            if resp.status_code != 200:
-                raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
-            body = b""
-            for chunk in resp.iter_content(64 * 1024):
-                body += chunk
-                if len(body) > OPENAPI_MAX_BYTES:
-                    raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
+        with requests.Session() as session:
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            with session.get(url, timeout=timeout, stream=True, allow_redirects=False) as resp:
+                if resp.status_code != 200:
+                    raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
+                for chunk in resp.iter_content(64 * 1024):
+                    body += chunk
+                    if len(body) > OPENAPI_MAX_BYTES:
+                        raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
     except requests.RequestException as exc:
-        raise HTTPException(502, f"the worker could not be reached: {_root_cause(exc)}"[:MAX_ERROR]) from None
-    try:
-        document = json.loads(body)
-    except ValueError:
-        raise HTTPException(502, "the worker's OpenAPI document is not JSON") from None
-    if not isinstance(document, dict):
-        raise HTTPException(502, "the worker's OpenAPI document is not a JSON object")
+        if not adapter.is_cut:
+            raise HTTPException(502, f"the worker could not be reached ({type(_causes(exc)[-1]).__name__})") from None
+    finally:
+        timer.cancel()
+        timer.join()
+    if adapter.is_cut:
+        raise HTTPException(502, f"the worker sent no complete OpenAPI document within {timeout:g}s")
+    document = _json(body)
+    if not isinstance(document, dict) or not isinstance(document.get("openapi"), str):
+        raise HTTPException(
+            502, "the worker's answer is not an OpenAPI document: a JSON object with an 'openapi' field"
+        )
     return document
 
 
@@ -2822,18 +2839,41 @@ class PicoAPI(FastAPI):
                 raise unknown(worker_id)
             return _out(worker)
 
+        fetching = 0  # OpenAPI documents being fetched; only the event loop's thread counts, so no lock
+
         @self.get(
             SERVICES_ROUTE + "/{worker_id}/openapi",
             tags=["picoapi"],
             operation_id="picoapi_service_openapi",
-            responses={**not_found, 502: {"description": "the worker did not send a usable document"}},
+            responses={
+                **not_found,
+                409: {"description": "the worker is not healthy: nothing is asked of it"},
+                502: {"description": f"the worker sent no OpenAPI document within {OPENAPI_TIMEOUT:g} s"},
+                503: {"description": "too many documents are being fetched: see Retry-After"},
+            },
         )
-        def service_openapi(worker_id: str) -> dict[str, Any]:
-            """The worker's own OpenAPI document: the forms of work it supports."""
+        async def service_openapi(worker_id: str) -> dict[str, Any]:
+            """The worker's own OpenAPI document: the forms of work it supports. Only from a healthy worker."""
+            nonlocal fetching
             worker = registry.get(worker_id)
             if worker is None:
                 raise unknown(worker_id)
-            return _fetch_openapi(worker.url + (worker.openapi or "/openapi.json"))
+            if not worker.is_ready:
+                why = f"status {worker.status}, {worker.failures} failed checks in a row"
+                why += ", a call could not connect" if worker.suspect else ""
+                raise HTTPException(
+                    409, f"worker {worker_id!r} is not healthy ({why}); nothing is fetched until a check passes"
+                )
+            # Each fetch holds a thread of the pool sync routes share, for up to OPENAPI_TIMEOUT: a few at most.
+            if fetching >= OPENAPI_MAX_FETCHES:
+                raise HTTPException(
+                    503, "too many OpenAPI documents are being fetched; try again", {"Retry-After": "1"}
+                )
+            fetching += 1
+            try:
+                return await run_in_threadpool(_fetch_openapi, worker.url + (worker.openapi or "/openapi.json"))
+            finally:
+                fetching -= 1
 
         @self.get(DASHBOARD_ROUTE, include_in_schema=False, tags=["picoapi"], operation_id="picoapi_dashboard")
         async def dashboard(

@@ -1761,9 +1761,9 @@ class TestWorkerOpenAPI:
 
     def test_unreachable_worker_is_502(self) -> None:
         port = free_port()
-        with TestClient(supervisor_with(port)) as client:
-            response = client.get(f"/services/127.0.0.1:{port}/openapi")
-            assert client.get("/services/nope:1/openapi").status_code == 404
+        client = TestClient(supervisor_with(port))  # no lifespan: a first check would find it down, and 409 follow
+        response = client.get(f"/services/127.0.0.1:{port}/openapi")
+        assert client.get("/services/nope:1/openapi").status_code == 404
         assert response.status_code == 502 and "could not be reached" in response.json()["detail"]
 
     def test_oversized_document_is_502(self) -> None:
@@ -3522,6 +3522,21 @@ def recording_server(
         thread.join(2)
 
 
+def trickling(seconds: float, seen: list[int] | None = None) -> Callable[[socket.socket], None]:
+    """A raw_server handler that promises a big answer and sends a byte every 50 ms for ``seconds``;
+    ``seen`` gets an item per connection."""
+
+    def handler(conn: socket.socket) -> None:
+        if seen is not None:
+            seen.append(1)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        for _ in range(int(seconds / 0.05)):
+            conn.sendall(b" ")
+            time.sleep(0.05)
+
+    return handler
+
+
 def raw_request(port: int, method: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
     """One request from 127.0.0.2, another host, with exactly ``headers`` (Host among them)."""
     import http.client
@@ -3539,6 +3554,7 @@ def raw_request(port: int, method: str, path: str, headers: dict[str, str]) -> t
 
 
 CARD = {"card": "4111 1111 1111 1111"}
+FAKE_CREDENTIALS = {"AccessKeyId": "AKIAIOSFODNN7EXAMPLE", "SecretAccessKey": "wJalrXUtnFEMI/K7MDENG/bPxRfiCY"}
 
 
 class TestTrustBoundaries:
@@ -3670,3 +3686,87 @@ class TestTrustBoundaries:
         unlisted = picoapi.check_once(f"http://localhost:{port}/health", 2, {picoapi.SUPERVISOR_HEADER: "x"})
         assert not unlisted.ok and unlisted.status_code == 400  # checks answer only under a listed host
         assert cluster.status(wid) == "healthy"
+
+    # 4. No read-back through /services/{id}/openapi
+
+    def test_openapi_only_from_a_ready_worker(self) -> None:
+        document = json.dumps({"openapi": "3.1.0", "paths": {}}).encode()
+        with http_worker(lambda h: (200, document)) as (port, _, paths):
+            app = PicoAPI(mode="supervisor")
+            registry = app.registry
+            assert registry is not None
+            wid = registry.register(reg("127.0.0.1", port, interval=60))[0].id  # unknown: never checked
+            client = TestClient(app)  # no lifespan: no checker to check it meanwhile
+            unchecked = client.get(f"/services/{wid}/openapi")
+            registry.record(wid, OK)
+            registry.mark_suspect(wid)  # a call could not connect to it since
+            suspect = client.get(f"/services/{wid}/openapi")
+            registry.record(wid, OK)
+            ready = client.get(f"/services/{wid}/openapi")
+            schema = client.get("/openapi.json").json()["paths"]["/services/{worker_id}/openapi"]["get"]
+        for refused in (unchecked, suspect):
+            assert refused.status_code == 409 and "is not healthy" in refused.json()["detail"]
+        assert ready.status_code == 200 and ready.json()["openapi"] == "3.1.0"
+        assert [p for p in paths if p != "GET /health"] == ["GET /openapi.json"]  # only the ready one was asked
+        assert {"409", "502", "503"} <= set(schema["responses"])
+
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            lambda h: (200, json.dumps(FAKE_CREDENTIALS).encode()),  # JSON, but no OpenAPI document
+            lambda h: (200, json.dumps([FAKE_CREDENTIALS]).encode()),
+            lambda h: (200, json.dumps({"openapi": FAKE_CREDENTIALS}).encode()),
+            lambda h: (200, b"AccessKeyId=" + FAKE_CREDENTIALS["AccessKeyId"].encode()),
+            lambda h: (404, json.dumps({"detail": FAKE_CREDENTIALS}).encode()),
+        ],
+    )
+    def test_openapi_never_echoes_what_is_not_an_openapi_document(self, answer: Any) -> None:
+        with http_worker(answer) as (port, _, _paths):  # no lifespan: no check meanwhile (the 404 would fail it)
+            response = TestClient(supervisor_with(port)).get(f"/services/127.0.0.1:{port}/openapi")
+        assert response.status_code == 502
+        assert "AKIA" not in response.text and "wJalr" not in response.text
+
+    def test_openapi_garbage_from_the_far_end_is_not_echoed(self) -> None:
+        with raw_server(lambda c: c.sendall(b"AKIAIOSFODNN7EXAMPLE secret garbage\r\n\r\n")) as port:
+            # no lifespan: the checker's first check would find the garbage and the route refuse before fetching
+            response = TestClient(supervisor_with(port)).get(f"/services/127.0.0.1:{port}/openapi")
+        assert response.status_code == 502 and "AKIA" not in response.text, response.text
+
+    def test_openapi_trickle_is_cut_at_the_total_deadline(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(picoapi, "OPENAPI_TIMEOUT", 0.5)
+        with raw_server(trickling(3.0)) as port:
+            with TestClient(supervisor_with(port)) as client:
+                started = time.monotonic()
+                response = client.get(f"/services/127.0.0.1:{port}/openapi")
+                elapsed = time.monotonic() - started
+        assert response.status_code == 502 and "within 0.5s" in response.json()["detail"]
+        assert 0.5 <= elapsed < 1.5, elapsed  # the trickle goes on for 3 s
+
+    def test_openapi_fetches_cannot_take_the_shared_threads(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(picoapi, "OPENAPI_TIMEOUT", 1.0)
+        seen: list[int] = []
+        with raw_server(trickling(3.0, seen)) as port:
+            app = supervisor_with(port)
+
+            @app.get("/sync")
+            def sync_route() -> dict[str, bool]:  # runs on the thread pool the sync routes share
+                return {"ok": True}
+
+            with TestClient(app) as client:
+                answers: list[Any] = []
+                url = f"/services/127.0.0.1:{port}/openapi"
+                threads = [threading.Thread(target=lambda: answers.append(client.get(url))) for _ in range(45)]
+                for thread in threads:
+                    thread.start()
+                wait_for(lambda: len(seen) >= picoapi.OPENAPI_MAX_FETCHES, 3, "fetches trickling")  # and a check
+                started = time.monotonic()
+                assert client.get("/sync").json() == {"ok": True}
+                waited = time.monotonic() - started
+                for thread in threads:
+                    thread.join(10)
+        assert waited < 0.5, waited  # on a thread held by a fetch it would wait ~3 s
+        statuses = [a.status_code for a in answers]
+        assert len(statuses) == 45 and set(statuses) <= {502, 503}
+        assert statuses.count(502) <= picoapi.OPENAPI_MAX_FETCHES
+        busy = next(a for a in answers if a.status_code == 503)
+        assert busy.headers["Retry-After"] == "1" and "being fetched" in busy.json()["detail"]
