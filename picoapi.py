@@ -77,6 +77,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import (
     BaseModel,
@@ -90,6 +91,7 @@ from pydantic import (
 )
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
@@ -175,9 +177,11 @@ MAX_RESOLVING = 4
 STORE_TIMEOUT = 1.0
 #: Seconds app.call() and app.broadcast() wait for a worker unless told otherwise.
 DEFAULT_CALL_TIMEOUT = 10.0
-#: GET /services/{id}/openapi: how long to wait for the worker, and the most it may send.
+#: GET /services/{id}/openapi: seconds it waits for the worker in all, the most the worker may send, and the
+#: documents fetched at once (more are answered 503).
 OPENAPI_TIMEOUT = 5.0
 OPENAPI_MAX_BYTES = 1024 * 1024
+OPENAPI_MAX_FETCHES = 4
 #: ``picoapi status`` reads at most this many pages of GET /services (100,000 workers), whatever it is told.
 STATUS_MAX_PAGES = 100
 
@@ -343,6 +347,7 @@ def _check_health_path(what: str, path: str, error: type[ValueError] = ValueErro
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
 _TAG_RE = re.compile(r"^[^\s:]+$")
+_ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -473,6 +478,20 @@ def _optional_seconds(var: str, raw: object) -> float | None:
     return _parse_seconds(var, raw, MIN_INTERVAL, 10 * MAX_INTERVAL)
 
 
+def _parse_allowed_hosts(var: str, raw: object) -> tuple[str, ...]:
+    # As Starlette's TrustedHostMiddleware compares the Host header's host: lower case, IPv6 in brackets.
+    hosts = []
+    for item in _parse_list(var, raw, "!"):
+        host = f"[{item.lower()}]" if ":" in item and _is_ip(item) else item.lower()
+        if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and not _is_ip(host[1:-1])):
+            raise ConfigError(
+                f"{var} must list host names or IP addresses without scheme or port, '!'-delimited, such as "
+                f"'keeper!keeper.internal!127.0.0.1' ('*.example.com' for subdomains, '*' for any), got {item!r}"
+            )
+        hosts.append(host)
+    return tuple(hosts)
+
+
 def _parse_token(var: str, raw: object) -> str | None:
     # Never echo the value: it is a secret. A blank one would silently turn authentication off.
     text = raw if isinstance(raw, str) else " "
@@ -504,6 +523,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "cors_allow_methods": ("API_CORS_ALLOW_METHODS", lambda v, r: _parse_list(v, r, "!")),
     "cors_allow_headers": ("API_CORS_ALLOW_HEADERS", lambda v, r: _parse_list(v, r, "!")),
     "cors_allow_credentials": ("API_CORS_ALLOW_CREDENTIALS", _parse_bool),
+    "allowed_hosts": ("API_ALLOWED_HOSTS", _parse_allowed_hosts),
     "register_token": ("API_REGISTER_TOKEN", _parse_token),
     "register_networks": ("API_REGISTER_NETWORKS", _parse_networks),
     "register_timeout": ("API_REGISTER_TIMEOUT", lambda v, r: _parse_seconds(v, r, 0.0, 3600.0)),
@@ -542,6 +562,8 @@ class Config:
     cors_allow_methods: tuple[str, ...] = DEFAULT_CORS
     cors_allow_headers: tuple[str, ...] = DEFAULT_CORS
     cors_allow_credentials: bool = False
+    #: Host header values served; others get 400. Empty: every host.
+    allowed_hosts: tuple[str, ...] = ()
     register_token: str | None = dataclasses.field(default=None, repr=False)
     register_networks: tuple[IPNetwork, ...] = ()
     register_timeout: float = DEFAULT_REGISTER_TIMEOUT
@@ -592,6 +614,13 @@ class Config:
             raise ConfigError(
                 "API_CORS_ALLOW_CREDENTIALS=true needs explicit origins, got "
                 "API_CORS_ALLOW_ORIGINS='*'; list the origins, '!'-delimited"
+            )
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host or ""
+        listed = any(host == h or (h[0] == "*" and host.endswith(h[1:])) for h in self.allowed_hosts)
+        if host and self.allowed_hosts and not listed:
+            raise ConfigError(
+                f"API_ALLOWED_HOSTS must list API_HOST ('{self.host}'): the supervisor's health checks and calls use "
+                "it as their Host, and other hosts get 400; add it, '!'-delimited"
             )
         if self.health_timeout is not None and self.health_timeout > self.health_interval:
             raise ConfigError(
@@ -2178,24 +2207,39 @@ def _out(w: Worker) -> dict[str, Any]:
 
 
 def _fetch_openapi(url: str) -> dict[str, Any]:
-    """GET a worker's OpenAPI document: bounded in time and size, no redirects; 502 otherwise."""
+    """GET a worker's OpenAPI document, blocking at most OPENAPI_TIMEOUT in all, no redirects.
+
+    502 unless it is a JSON object with an ``openapi`` field, in OPENAPI_MAX_BYTES. A 502 says what
+    went wrong in its own words, never in the far end's bytes: a registered address may be anything's.
+    """
+    adapter, timeout, body = _Cuttable(), OPENAPI_TIMEOUT, b""
+    timer = threading.Timer(timeout, adapter.cut)
+    timer.name, timer.daemon = "picoapi-deadline", True
+    timer.start()
     try:
-        with requests.get(url, timeout=OPENAPI_TIMEOUT, stream=True, allow_redirects=False) as resp:
-            if resp.status_code != 200:
-                raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
-            body = b""
-            for chunk in resp.iter_content(64 * 1024):
-                body += chunk
-                if len(body) > OPENAPI_MAX_BYTES:
-                    raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
+        with requests.Session() as session:
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            with session.get(url, timeout=timeout, stream=True, allow_redirects=False) as resp:
+                if resp.status_code != 200:
+                    raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
+                for chunk in resp.iter_content(64 * 1024):
+                    body += chunk
+                    if len(body) > OPENAPI_MAX_BYTES:
+                        raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
     except requests.RequestException as exc:
-        raise HTTPException(502, f"the worker could not be reached: {_root_cause(exc)}"[:MAX_ERROR]) from None
-    try:
-        document = json.loads(body)
-    except ValueError:
-        raise HTTPException(502, "the worker's OpenAPI document is not JSON") from None
-    if not isinstance(document, dict):
-        raise HTTPException(502, "the worker's OpenAPI document is not a JSON object")
+        if not adapter.is_cut:
+            raise HTTPException(502, f"the worker could not be reached ({type(_causes(exc)[-1]).__name__})") from None
+    finally:
+        timer.cancel()
+        timer.join()
+    if adapter.is_cut:
+        raise HTTPException(502, f"the worker sent no complete OpenAPI document within {timeout:g}s")
+    document = _json(body)
+    if not isinstance(document, dict) or not isinstance(document.get("openapi"), str):
+        raise HTTPException(
+            502, "the worker's answer is not an OpenAPI document: a JSON object with an 'openapi' field"
+        )
     return document
 
 
@@ -2366,11 +2410,21 @@ class _CORS(CORSMiddleware):
     Those (every call between services: registrations, checks, tasks) only need
     ``Vary: Origin`` on the answer, which is appended to the raw headers instead of
     parsing them into objects; requests from browsers take Starlette's own path.
+    Browsers send Origin with every write: under ``guarded`` (the supervisor's /register),
+    a write or its preflight from an origin not listed by name gets 403, so '*' lets
+    any page read the registry but none change it.
     """
+
+    def __init__(self, app: ASGIApp, /, *, guarded: str | None = None, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.guarded = guarded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or any(k == b"origin" for k, _ in scope["headers"]):
-            await super().__call__(scope, receive, send)
+            if self.guarded and scope["type"] == "http" and (refusal := self._foreign_write(scope, self.guarded)):
+                await refusal(scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
             return
 
         async def send_with_vary(message: Message) -> None:
@@ -2379,6 +2433,24 @@ class _CORS(CORSMiddleware):
             await send(message)
 
         await self.app(scope, receive, send_with_vary)
+
+    def _foreign_write(self, scope: Scope, guarded: str) -> Response | None:
+        """The 403 for a write (or its preflight) under ``guarded`` from an origin not listed by name, else None."""
+        path = scope["path"].removeprefix(scope.get("root_path", ""))  # as the router sees it, behind a proxy too
+        if path != guarded and not path.startswith(guarded + "/"):
+            return None
+        headers, method = Headers(scope=scope), scope["method"]
+        if method == "OPTIONS":
+            method = headers.get("access-control-request-method", method)
+        origin = headers["origin"]
+        if method in ("GET", "HEAD") or (origin != "*" and origin in self.allow_origins):
+            return None
+        detail = (
+            f"{_printable(method, 16)} {guarded} from origin '{_printable(origin)}' refused: browser pages may change "
+            "the registry only from origins listed by name in API_CORS_ALLOW_ORIGINS ('*' does not count); list it "
+            "there, '!'-delimited, to allow it"
+        )
+        return JSONResponse({"detail": detail}, status_code=403)
 
 
 HealthCheckFunc = Callable[[], Any]
@@ -2410,6 +2482,7 @@ class PicoAPI(FastAPI):
         cors_allow_methods: str | Sequence[str] | None = None,
         cors_allow_headers: str | Sequence[str] | None = None,
         cors_allow_credentials: bool | None = None,
+        allowed_hosts: str | Sequence[str] | None = None,
         register_token: str | None = None,
         register_networks: str | Sequence[str] | None = None,
         register_timeout: float | None = None,
@@ -2475,7 +2548,10 @@ class PicoAPI(FastAPI):
             allow_methods=list(config.cors_allow_methods),
             allow_headers=list(config.cors_allow_headers),
             allow_credentials=config.cors_allow_credentials,
+            guarded=REGISTER_ROUTE if config.mode == "supervisor" else None,
         )
+        if config.allowed_hosts:  # unset: no middleware, every host served at no cost
+            self.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts), www_redirect=False)
         self.router.lifespan_context = self._wrap_lifespan(self.router.lifespan_context)
         self._own_routes = self.router.routes[first_own:]
 
@@ -2622,9 +2698,12 @@ class PicoAPI(FastAPI):
         checked at once, and the next worker is tried, until all were. A request that
         may have reached a worker is not sent again unless ``retry_sent=True`` (for
         idempotent requests). Raises :class:`NoWorkerAvailable` listing every worker
-        tried and why. ``kwargs`` go to ``requests``; connections are reused.
+        tried and why. ``kwargs`` go to ``requests``; connections are reused. A redirect
+        is returned, not followed (it would take the request, body and all, to another
+        host), unless ``allow_redirects=True``.
         """
         registry = self._need_registry()
+        kwargs.setdefault("allow_redirects", False)
         wanted = [tags] if isinstance(tags, str) else list(tags)
         tried: list[tuple[str, str]] = []
         while True:
@@ -2657,9 +2736,11 @@ class PicoAPI(FastAPI):
         """Send the same request to every healthy worker with ``tags``, concurrently.
 
         Returns ``{worker id: response or exception}``; returns within about ``timeout``
-        seconds, a worker still busy then gets a ``TimeoutError``.
+        seconds, a worker still busy then gets a ``TimeoutError``. Redirects are returned,
+        not followed, unless ``allow_redirects=True``.
         """
         registry = self._need_registry()
+        kwargs.setdefault("allow_redirects", False)
         wanted = [tags] if isinstance(tags, str) else list(tags)
         workers = [w for w in registry.workers(*wanted, status=HEALTHY, version=version) if w.is_ready]
         if self._broadcaster is None:
@@ -2878,18 +2959,41 @@ class PicoAPI(FastAPI):
                 raise unknown(worker_id)
             return _out(worker)
 
+        fetching = 0  # OpenAPI documents being fetched; only the event loop's thread counts, so no lock
+
         @self.get(
             SERVICES_ROUTE + "/{worker_id}/openapi",
             tags=["picoapi"],
             operation_id="picoapi_service_openapi",
-            responses={**not_found, 502: {"description": "the worker did not send a usable document"}},
+            responses={
+                **not_found,
+                409: {"description": "the worker is not healthy: nothing is asked of it"},
+                502: {"description": f"the worker sent no OpenAPI document within {OPENAPI_TIMEOUT:g} s"},
+                503: {"description": "too many documents are being fetched: see Retry-After"},
+            },
         )
-        def service_openapi(worker_id: str) -> dict[str, Any]:
-            """The worker's own OpenAPI document: the forms of work it supports."""
+        async def service_openapi(worker_id: str) -> dict[str, Any]:
+            """The worker's own OpenAPI document: the forms of work it supports. Only from a healthy worker."""
+            nonlocal fetching
             worker = registry.get(worker_id)
             if worker is None:
                 raise unknown(worker_id)
-            return _fetch_openapi(worker.url + (worker.openapi or "/openapi.json"))
+            if not worker.is_ready:
+                why = f"status {worker.status}, {worker.failures} failed checks in a row"
+                why += ", a call could not connect" if worker.suspect else ""
+                raise HTTPException(
+                    409, f"worker {worker_id!r} is not healthy ({why}); nothing is fetched until a check passes"
+                )
+            # Each fetch holds a thread of the pool sync routes share, for up to OPENAPI_TIMEOUT: a few at most.
+            if fetching >= OPENAPI_MAX_FETCHES:
+                raise HTTPException(
+                    503, "too many OpenAPI documents are being fetched; try again", {"Retry-After": "1"}
+                )
+            fetching += 1
+            try:
+                return await run_in_threadpool(_fetch_openapi, worker.url + (worker.openapi or "/openapi.json"))
+            finally:
+                fetching -= 1
 
         @self.get(DASHBOARD_ROUTE, include_in_schema=False, tags=["picoapi"], operation_id="picoapi_dashboard")
         async def dashboard(

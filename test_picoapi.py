@@ -1775,9 +1775,9 @@ class TestWorkerOpenAPI:
 
     def test_unreachable_worker_is_502(self) -> None:
         port = free_port()
-        with TestClient(supervisor_with(port)) as client:
-            response = client.get(f"/services/127.0.0.1:{port}/openapi")
-            assert client.get("/services/nope:1/openapi").status_code == 404
+        client = TestClient(supervisor_with(port))  # no lifespan: a first check would find it down, and 409 follow
+        response = client.get(f"/services/127.0.0.1:{port}/openapi")
+        assert client.get("/services/nope:1/openapi").status_code == 404
         assert response.status_code == 502 and "could not be reached" in response.json()["detail"]
 
     def test_oversized_document_is_502(self) -> None:
@@ -3648,3 +3648,295 @@ class TestTrust:
         assert (
             entry["status"] != "healthy" and entry["last_error"] == f"answered by a process that did not register {wid}"
         )
+
+
+# -- Trust boundaries: who may send, write, host and read back ------------------------------
+
+
+@contextlib.contextmanager
+def recording_server(
+    host: str, answer: Callable[[Any], tuple[int, dict[str, str]]] = lambda h: (200, {})
+) -> Iterator[tuple[int, list[tuple[str, dict[str, str], bytes]]]]:
+    """An HTTP server on ``host`` that reads every request whole; yields its port and what it received
+    (request line, headers, body). ``answer`` gives the status and headers of an empty answer."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[tuple[str, dict[str, str], bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_any(self) -> None:
+            content = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            received.append((f"{self.command} {self.path}", dict(self.headers), content))
+            status, headers = answer(self)
+            self.send_response(status)
+            for name, value in {**headers, "Content-Length": "0"}.items():
+                self.send_header(name, value)
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_any  # noqa: N815
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(2)
+
+
+def trickling(seconds: float, seen: list[int] | None = None) -> Callable[[socket.socket], None]:
+    """A raw_server handler that promises a big answer and sends a byte every 50 ms for ``seconds``;
+    ``seen`` gets an item per connection."""
+
+    def handler(conn: socket.socket) -> None:
+        if seen is not None:
+            seen.append(1)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        for _ in range(int(seconds / 0.05)):
+            conn.sendall(b" ")
+            time.sleep(0.05)
+
+    return handler
+
+
+def raw_request(port: int, method: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One request from 127.0.0.2, another host, with exactly ``headers`` (Host among them)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=("127.0.0.2", 0))
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+CARD = {"card": "4111 1111 1111 1111"}
+FAKE_CREDENTIALS = {"AccessKeyId": "AKIAIOSFODNN7EXAMPLE", "SecretAccessKey": "wJalrXUtnFEMI/K7MDENG/bPxRfiCY"}
+
+
+class TestTrustBoundaries:
+    # 1. Dispatch goes only where it was sent
+
+    @pytest.mark.parametrize("dispatch", ["call", "broadcast"])
+    def test_work_is_not_redirected_to_another_host(self, dispatch: str) -> None:
+        with recording_server("127.0.0.3") as (thief, stolen):
+            elsewhere = {"Location": f"http://127.0.0.3:{thief}/steal"}
+            moved = lambda h: (200, {}) if h.path == "/health" else (307, elsewhere)  # noqa: E731
+            with recording_server("127.0.0.1", moved) as (port, received):
+                app = supervisor_with(port)
+                wid = f"127.0.0.1:{port}"
+
+                def send(**options: Any) -> requests.Response:
+                    auth = {"Authorization": "Bearer job-secret"}
+                    if dispatch == "call":
+                        return app.call("resize", "POST", "/charge", json=CARD, headers=auth, **options)
+                    answer = app.broadcast("resize", "POST", "/charge", json=CARD, headers=auth, **options)[wid]
+                    assert isinstance(answer, requests.Response), answer
+                    return answer
+
+                with TestClient(app):  # its shutdown stops the broadcast threads
+                    refused = send()
+                    assert refused.status_code == 307 and refused.headers["Location"] == elsewhere["Location"]
+                    assert [r[0] for r in received if r[0] != "GET /health"] == ["POST /charge"] and stolen == []
+                    assert send(allow_redirects=True).status_code == 200  # followed only when asked
+        assert [(line, content) for line, _, content in stolen] == [("POST /steal", json.dumps(CARD).encode())]
+
+    # 2. Browsers cannot write
+
+    def test_cross_origin_writes_need_an_origin_listed_by_name(self) -> None:
+        evil = {"Origin": "http://evil.example"}
+        with TestClient(PicoAPI(mode="supervisor")) as client:  # API_CORS_ALLOW_ORIGINS='*', the default
+            put = client.put("/register", json=body(), headers=evil)
+            assert put.status_code == 403 and "access-control-allow-origin" not in put.headers
+            assert "'http://evil.example'" in put.json()["detail"] and "API_CORS_ALLOW_ORIGINS" in put.json()["detail"]
+            assert client.get("/services").json() == []
+            preflight = client.options(
+                "/register", headers={**evil, "Access-Control-Request-Method": "PUT"}
+            )  # a browser asks first, and must not be told yes
+            assert preflight.status_code == 403 and "access-control-allow-methods" not in preflight.headers
+            assert client.put("/register", json=body()).status_code == 201  # no Origin: a worker, curl
+            gone = client.delete("/register/127.0.0.1:9001", headers={"Origin": "null"})  # a sandboxed page
+            assert gone.status_code == 403 and len(client.get("/services").json()) == 1
+            preflight = client.options(
+                "/register/127.0.0.1:9001", headers={**evil, "Access-Control-Request-Method": "DELETE"}
+            )
+            assert preflight.status_code == 403
+            read = client.get("/services", headers=evil)  # reads keep the configured CORS
+            assert read.status_code == 200 and read.headers["access-control-allow-origin"] == "*"
+            assert client.delete("/register/127.0.0.1:9001").status_code == 204
+        with TestClient(PicoAPI(mode="supervisor"), root_path="/api") as client:  # behind a proxy's path prefix
+            assert client.put("/api/register", json=body(), headers=evil).status_code == 403
+
+    def test_a_listed_origin_may_write(self) -> None:
+        ops, evil = {"Origin": "http://ops.example"}, {"Origin": "http://evil.example"}
+        with TestClient(PicoAPI(mode="supervisor", cors_allow_origins="http://ops.example")) as client:
+            preflight = client.options("/register", headers={**ops, "Access-Control-Request-Method": "PUT"})
+            assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ops["Origin"]
+            put = client.put("/register", json=body(), headers=ops)
+            assert put.status_code == 201 and put.headers["access-control-allow-origin"] == ops["Origin"]
+            assert client.put("/register", json=body(port=9002), headers=evil).status_code == 403
+            assert client.delete("/register/127.0.0.1:9001", headers=ops).status_code == 204
+        with TestClient(PicoAPI(mode="supervisor", cors_allow_origins="*!http://ops.example")) as client:
+            assert client.put("/register", json=body(), headers=ops).status_code == 201  # '*' reads, ops writes
+            assert client.put("/register", json=body(port=9002), headers=evil).status_code == 403
+
+    def test_a_workers_own_routes_keep_plain_cors(self) -> None:
+        app = PicoAPI()
+
+        @app.put("/register")
+        def theirs() -> dict[str, bool]:
+            return {"theirs": True}
+
+        with TestClient(app) as client:
+            assert client.put("/register", headers={"Origin": "http://any.example"}).status_code == 200
+
+    # 3. API_ALLOWED_HOSTS
+
+    @pytest.mark.parametrize(
+        ("raw", "expected"),
+        [
+            ("keeper!keeper.internal!127.0.0.1", ("keeper", "keeper.internal", "127.0.0.1")),
+            ("Keeper!*.Internal!::1!", ("keeper", "*.internal", "[::1]")),
+            ("[::1]!*", ("[::1]", "*")),
+        ],
+    )
+    def test_allowed_hosts_are_read(self, raw: str, expected: tuple[str, ...]) -> None:
+        assert Config.load(environ={"API_ALLOWED_HOSTS": raw}, env_file=None).allowed_hosts == expected
+        assert Config.load(env_file=None).allowed_hosts == ()  # unset: every host
+
+    @pytest.mark.parametrize("raw", ["keeper:8100", "http://keeper", "keeper/x", "*keeper", "kee*per", "k eeper"])
+    def test_bad_allowed_host_names_the_variable_value_and_fix(self, raw: str) -> None:
+        with pytest.raises(ConfigError, match=rf"API_ALLOWED_HOSTS .*without scheme or port.*got '{re.escape(raw)}'"):
+            Config.load(environ={"API_ALLOWED_HOSTS": raw}, env_file=None)
+
+    def test_allowed_hosts_must_cover_api_host(self) -> None:
+        with pytest.raises(ConfigError, match=r"API_ALLOWED_HOSTS must list API_HOST \('worker7'\).*health checks"):
+            Config.load(environ={"API_ALLOWED_HOSTS": "keeper", "API_HOST": "worker7"}, env_file=None)
+        for allowed in ("worker7", "*.internal", "*"):
+            host = "worker7" if allowed != "*.internal" else "worker7.internal"
+            Config.load(environ={"API_ALLOWED_HOSTS": allowed, "API_HOST": host}, env_file=None)
+
+    @pytest.mark.parametrize("mode", ["supervisor", "worker"])
+    def test_other_hosts_are_refused(self, mode: Any) -> None:
+        app = PicoAPI(mode=mode, allowed_hosts="keeper!keeper.internal!127.0.0.1")
+        with TestClient(app, base_url="http://keeper.internal:8100") as client:
+            assert client.get("/health").status_code == 200
+            assert client.get("/health", headers={"Host": "evil.example"}).status_code == 400
+            assert client.get("/health", headers={"Host": "evil.example:8100"}).status_code == 400
+            assert client.get("/health", headers={"Host": "127.0.0.1:8100"}).status_code == 200
+            put = client.put("/register", json=body(), headers={"Host": "evil.example"})
+            assert put.status_code == 400
+        with TestClient(PicoAPI(mode=mode)) as client:  # unset: every host is served, as before
+            assert client.get("/health", headers={"Host": "evil.example"}).status_code == 200
+
+    def test_rebound_name_cannot_reach_supervisor_or_worker(self, cluster: Cluster) -> None:
+        cluster.supervisor(API_ALLOWED_HOSTS="127.0.0.1")
+        port = cluster.worker(API_ALLOWED_HOSTS="127.0.0.1").port  # its API_HOST, so its checks pass
+        wid = f"127.0.0.1:{port}"
+        wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration under the listed host")
+        assert cluster.sup_port is not None
+        rebound = {"Host": f"evil.example:{cluster.sup_port}", "Origin": f"http://evil.example:{cluster.sup_port}"}
+        for target, path in [(cluster.sup_port, "/services"), (port, "/health"), (port, "/openapi.json")]:
+            assert raw_request(target, "GET", path, rebound)[0] == 400
+        assert raw_request(cluster.sup_port, "DELETE", f"/register/{wid}", rebound)[0] == 400
+        assert raw_request(cluster.sup_port, "GET", "/services", {"Host": f"127.0.0.1:{cluster.sup_port}"})[0] == 200
+        unlisted = picoapi.check_once(f"http://localhost:{port}/health", 2, {picoapi.SUPERVISOR_HEADER: "x"})
+        assert not unlisted.ok and unlisted.status_code == 400  # checks answer only under a listed host
+        assert cluster.status(wid) == "healthy"
+
+    # 4. No read-back through /services/{id}/openapi
+
+    def test_openapi_only_from_a_ready_worker(self) -> None:
+        document = json.dumps({"openapi": "3.1.0", "paths": {}}).encode()
+        with http_worker(lambda h: (200, document)) as (port, _, paths):
+            app = PicoAPI(mode="supervisor")
+            registry = app.registry
+            assert registry is not None
+            wid = registry.register(reg("127.0.0.1", port, interval=60))[0].id  # unknown: never checked
+            client = TestClient(app)  # no lifespan: no checker to check it meanwhile
+            unchecked = client.get(f"/services/{wid}/openapi")
+            registry.record(wid, OK)
+            registry.mark_suspect(wid)  # a call could not connect to it since
+            suspect = client.get(f"/services/{wid}/openapi")
+            registry.record(wid, OK)
+            ready = client.get(f"/services/{wid}/openapi")
+            schema = client.get("/openapi.json").json()["paths"]["/services/{worker_id}/openapi"]["get"]
+        for refused in (unchecked, suspect):
+            assert refused.status_code == 409 and "is not healthy" in refused.json()["detail"]
+        assert ready.status_code == 200 and ready.json()["openapi"] == "3.1.0"
+        assert [p for p in paths if p != "GET /health"] == ["GET /openapi.json"]  # only the ready one was asked
+        assert {"409", "502", "503"} <= set(schema["responses"])
+
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            lambda h: (200, json.dumps(FAKE_CREDENTIALS).encode()),  # JSON, but no OpenAPI document
+            lambda h: (200, json.dumps([FAKE_CREDENTIALS]).encode()),
+            lambda h: (200, json.dumps({"openapi": FAKE_CREDENTIALS}).encode()),
+            lambda h: (200, b"AccessKeyId=" + FAKE_CREDENTIALS["AccessKeyId"].encode()),
+            lambda h: (404, json.dumps({"detail": FAKE_CREDENTIALS}).encode()),
+        ],
+    )
+    def test_openapi_never_echoes_what_is_not_an_openapi_document(self, answer: Any) -> None:
+        with http_worker(answer) as (port, _, _paths):  # no lifespan: no check meanwhile (the 404 would fail it)
+            response = TestClient(supervisor_with(port)).get(f"/services/127.0.0.1:{port}/openapi")
+        assert response.status_code == 502
+        assert "AKIA" not in response.text and "wJalr" not in response.text
+
+    def test_openapi_garbage_from_the_far_end_is_not_echoed(self) -> None:
+        with raw_server(lambda c: c.sendall(b"AKIAIOSFODNN7EXAMPLE secret garbage\r\n\r\n")) as port:
+            # no lifespan: the checker's first check would find the garbage and the route refuse before fetching
+            response = TestClient(supervisor_with(port)).get(f"/services/127.0.0.1:{port}/openapi")
+        assert response.status_code == 502 and "AKIA" not in response.text, response.text
+
+    def test_openapi_trickle_is_cut_at_the_total_deadline(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(picoapi, "OPENAPI_TIMEOUT", 0.5)
+        with raw_server(trickling(3.0)) as port:
+            with TestClient(supervisor_with(port)) as client:
+                started = time.monotonic()
+                response = client.get(f"/services/127.0.0.1:{port}/openapi")
+                elapsed = time.monotonic() - started
+        assert response.status_code == 502 and "within 0.5s" in response.json()["detail"]
+        assert 0.5 <= elapsed < 1.5, elapsed  # the trickle goes on for 3 s
+
+    def test_openapi_fetches_cannot_take_the_shared_threads(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(picoapi, "OPENAPI_TIMEOUT", 1.0)
+        seen: list[int] = []
+        with raw_server(trickling(3.0, seen)) as port:
+            app = supervisor_with(port)
+
+            @app.get("/sync")
+            def sync_route() -> dict[str, bool]:  # runs on the thread pool the sync routes share
+                return {"ok": True}
+
+            with TestClient(app) as client:
+                answers: list[Any] = []
+                url = f"/services/127.0.0.1:{port}/openapi"
+                threads = [threading.Thread(target=lambda: answers.append(client.get(url))) for _ in range(45)]
+                for thread in threads:
+                    thread.start()
+                wait_for(lambda: len(seen) >= picoapi.OPENAPI_MAX_FETCHES, 3, "fetches trickling")  # and a check
+                started = time.monotonic()
+                assert client.get("/sync").json() == {"ok": True}
+                waited = time.monotonic() - started
+                for thread in threads:
+                    thread.join(10)
+        assert waited < 0.5, waited  # on a thread held by a fetch it would wait ~3 s
+        statuses = [a.status_code for a in answers]
+        assert len(statuses) == 45 and set(statuses) <= {502, 503}
+        assert statuses.count(502) <= picoapi.OPENAPI_MAX_FETCHES
+        busy = next(a for a in answers if a.status_code == 503)
+        assert busy.headers["Retry-After"] == "1" and "being fetched" in busy.json()["detail"]
