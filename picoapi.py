@@ -833,6 +833,16 @@ class Worker:
         """The worker's base address, e.g. ``http://10.0.0.5:8888``."""
         return f"{urlsplit(self.health_url).scheme}://{self.id}"
 
+    def _request(self, path: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """(URL, requests keywords) for ``path`` on this worker: at the address verified when it registered,
+        so its name is not resolved again (no DNS rebinding), under its own name in ``Host``. Over https the
+        name is kept: the certificate is checked against it."""
+        if not self.address or self.url.startswith("https:"):
+            return self.url + path, kwargs
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        headers = {"Host": self.id, **(kwargs.get("headers") or {})}
+        return f"http://{host}:{self.port}{path}", {**kwargs, "headers": headers}
+
     @property
     def is_ready(self) -> bool:
         """Healthy, its last check succeeded and no call found it unreachable since: it may get work."""
@@ -2206,7 +2216,7 @@ def _out(w: Worker) -> dict[str, Any]:
     }
 
 
-def _fetch_openapi(url: str) -> dict[str, Any]:
+def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
     """GET a worker's OpenAPI document, blocking at most OPENAPI_TIMEOUT in all, no redirects.
 
     502 unless it is a JSON object with an ``openapi`` field, in OPENAPI_MAX_BYTES. A 502 says what
@@ -2220,7 +2230,7 @@ def _fetch_openapi(url: str) -> dict[str, Any]:
         with requests.Session() as session:
             session.mount("http://", adapter)
             session.mount("https://", adapter)
-            with session.get(url, timeout=timeout, stream=True, allow_redirects=False) as resp:
+            with session.get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=False) as resp:
                 if resp.status_code != 200:
                     raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
                 for chunk in resp.iter_content(64 * 1024):
@@ -2712,7 +2722,8 @@ class PicoAPI(FastAPI):
             except NoWorkerAvailable:
                 raise NoWorkerAvailable(wanted, version, tried) from None
             try:
-                return self._session().request(method, worker.url + path, timeout=timeout, **kwargs)
+                url, options = worker._request(path, kwargs)
+                return self._session().request(method, url, timeout=timeout, **options)
             except requests.RequestException as exc:
                 unsent = isinstance(exc, requests.ConnectTimeout) or (
                     isinstance(exc, requests.ConnectionError) and _is_connect_error(exc)
@@ -2747,7 +2758,8 @@ class PicoAPI(FastAPI):
             self._broadcaster = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="picoapi-broadcast")
 
         def send(worker: Worker) -> requests.Response:
-            return self._session().request(method, worker.url + path, timeout=timeout, **kwargs)
+            url, options = worker._request(path, kwargs)
+            return self._session().request(method, url, timeout=timeout, **options)
 
         futures = {self._broadcaster.submit(send, w): w.id for w in workers}
         finished, _ = concurrent.futures.wait(futures, timeout=timeout + 0.5)
@@ -2991,7 +3003,8 @@ class PicoAPI(FastAPI):
                 )
             fetching += 1
             try:
-                return await run_in_threadpool(_fetch_openapi, worker.url + (worker.openapi or "/openapi.json"))
+                url, options = worker._request(worker.openapi or "/openapi.json", {})
+                return await run_in_threadpool(_fetch_openapi, url, options.get("headers"))
             finally:
                 fetching -= 1
 

@@ -3940,3 +3940,29 @@ class TestTrustBoundaries:
         assert statuses.count(502) <= picoapi.OPENAPI_MAX_FETCHES
         busy = next(a for a in answers if a.status_code == 503)
         assert busy.headers["Retry-After"] == "1" and "being fetched" in busy.json()["detail"]
+
+
+class TestNoRebinding:
+    def test_work_goes_to_the_address_verified_at_registration(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A registered name re-pointed at another host afterwards (DNS rebinding) does not move the work."""
+        hosts: list[str] = []
+
+        def answer(handler: Any) -> tuple[int, bytes]:
+            hosts.append(handler.headers["Host"])
+            return 200, b'{"openapi": "3.1.0", "paths": {}}'
+
+        with http_worker(answer) as (port, _, paths):
+            app = PicoAPI(mode="supervisor")
+            assert app.registry is not None
+            named = reg("localhost", port, tags=["resize"])
+            worker, _ = app.registry.register(named, address="127.0.0.1")
+            app.registry.record(worker.id, OK)
+            real = socket.getaddrinfo
+            monkeypatch.setattr(
+                socket, "getaddrinfo", lambda h, *a, **k: real("127.0.0.3" if h == "localhost" else h, *a, **k)
+            )
+            assert app.call("resize", "GET", "/work").status_code == 200
+            assert list(app.broadcast("resize", "GET", "/work").values())[0].status_code == 200  # type: ignore[union-attr]
+            assert TestClient(app).get(f"/services/localhost:{port}/openapi").status_code == 200
+        assert paths == ["GET /work", "GET /work", "GET /openapi.json"]
+        assert hosts == [f"localhost:{port}"] * 3  # under its own name, at its verified address
