@@ -160,6 +160,9 @@ DASHBOARD_REFRESH = 2
 DASHBOARD_PAGE = 200
 SUPERVISOR_HEADER = "X-PicoAPI-Supervisor"
 _SUPERVISOR_HEADER_KEY = SUPERVISOR_HEADER.lower().encode()  # as it appears in an ASGI scope
+#: Names the worker process that answered a health check (the supervisor counts only those that registered).
+INSTANCE_HEADER = "X-PicoAPI-Instance"
+_INSTANCE_HEADER_KEY = INSTANCE_HEADER.lower().encode()
 HEALTHY, UNHEALTHY, UNKNOWN = "healthy", "unhealthy", "unknown"
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN)
 
@@ -1861,7 +1864,7 @@ class Registrar:
                 sup.worker_id = worker_id(self.body["host"], self.body["port"])
                 sup.identity = resp.headers.get(SUPERVISOR_HEADER)
                 sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
-            logger.info("registered with %s as %s", sup.url, sup.worker_id)
+            logger.info("registered with %s as %s (instance %s)", sup.url, sup.worker_id, self.body.get("instance"))
             return None
         if 200 <= status < 300:
             sup.error = f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}"
@@ -2006,13 +2009,16 @@ class Registrar:
         # Even where we are not registered: a PUT cut while awaiting its answer may have landed.
         wid = worker_id(self.body["host"], self.body["port"])
 
+        # Naming this process: an entry that a sibling process still serves stays.
+        params = {"instance": self.body["instance"]} if self.body.get("instance") else None
+
         def one(sup: _Supervisor) -> None:
             url = f"{sup.url.rstrip('/')}/{quote(wid, safe='')}"
             try:
                 resp = requests.delete(
-                    url, headers=self._headers, timeout=(timeout / 4, timeout / 2), allow_redirects=False
+                    url, params=params, headers=self._headers, timeout=(timeout / 4, timeout / 2), allow_redirects=False
                 )
-                if resp.status_code >= 300 and resp.status_code != 404:
+                if resp.status_code >= 300 and resp.status_code not in (404, 409):  # 409: another process's now
                     logger.warning("deregistering from %s: HTTP %s", sup.url, resp.status_code)
             except requests.RequestException as exc:
                 logger.warning("deregistering from %s failed: %s", sup.url, type(exc).__name__)
@@ -2434,6 +2440,8 @@ class PicoAPI(FastAPI):
         self.registry: Registry | None = None
         self.checker: HealthChecker | None = None
         self.supervisor_id = uuid.uuid4().hex[:12]
+        #: This process's id, renewed at every startup; it registers with it, and its health answers say it.
+        self.instance = uuid.uuid4().hex[:12]
         self._store: _Store | None = None
         self._resolving = 0  # host names being resolved for registrations (see _resolve_host)
         # Connection reuse for call() and broadcast(): one requests.Session per thread.
@@ -2480,11 +2488,21 @@ class PicoAPI(FastAPI):
         return self.config.mode
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Noted here, not in the route, so a health route of the user's own counts too.
-        if self.registrar is not None and scope["type"] == "http" and scope["path"] == self.config.health_route:
+        # Here, not in the route, so a health route of the user's own is noted and says who answered too.
+        if scope["type"] != "http" or scope["path"] != self.config.health_route:
+            await super().__call__(scope, receive, send)
+            return
+        if self.registrar is not None:
             key = _SUPERVISOR_HEADER_KEY
-            self.registrar.note_check(next((v.decode() for k, v in scope["headers"] if k == key), None))
-        await super().__call__(scope, receive, send)
+            self.registrar.note_check(next((v.decode("latin-1") for k, v in scope["headers"] if k == key), None))
+        instance = (_INSTANCE_HEADER_KEY, self.instance.encode())
+
+        async def send_as_self(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), instance]
+            await send(message)
+
+        await super().__call__(scope, receive, send_as_self)
 
     def build_middleware_stack(self) -> ASGIApp:
         # Routes match in order and PicoAPI's come first, so a user's catch-all cannot
@@ -2513,10 +2531,11 @@ class PicoAPI(FastAPI):
 
     async def _start(self) -> None:
         config = self.config
+        self.instance = uuid.uuid4().hex[:12]  # anew: the processes of a server that forks after import differ
         if config.mode == "supervisor":
             await run_in_threadpool(self._start_supervisor)
         elif config.register_urls:
-            body = config.registration()
+            body = {**config.registration(), "instance": self.instance}
             if self.openapi_url:
                 body["openapi"] = self.openapi_url
             self.registrar = Registrar(

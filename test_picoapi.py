@@ -2281,6 +2281,40 @@ class TestRegistrarHostile:
         assert elapsed < 0.5
 
 
+class TestWorkerIdentity:
+    """Each worker process has an id: it registers, answers and leaves as itself."""
+
+    @responses.activate
+    def test_a_process_registers_answers_and_leaves_as_itself(self) -> None:
+        responses.put(SUP, **answer())
+        responses.delete(SUP + "/127.0.0.1%3A9001", status=204)
+        app = PicoAPI(config=worker_config())
+        built = app.instance
+        with TestClient(app) as client:
+            instance = app.instance
+            sent = json.loads(responses.calls[0].request.body)
+            assert sent["instance"] == instance != built  # anew at startup: processes forked after import differ
+            Registration.model_validate(sent)  # the supervisor takes it
+            # a header that is not UTF-8 (a prober's, an attacker's) is no 500
+            health = client.get("/health", headers={"X-PicoAPI-Supervisor": b"\xe9t\xe9"})
+            assert health.status_code == 200 and health.headers["X-PicoAPI-Instance"] == instance
+        assert responses.calls[-1].request.method == "DELETE"
+        assert responses.calls[-1].request.url == f"{SUP}/127.0.0.1%3A9001?instance={instance}"
+        assert PicoAPI(config=worker_config()).instance != instance
+
+    def test_a_health_route_of_the_users_own_says_who_answered_too(self) -> None:
+        app = PicoAPI(env_file=None)
+
+        @app.get("/health")
+        def mine() -> dict[str, bool]:
+            return {"ok": True}
+
+        with TestClient(app) as client:
+            health = client.get("/health")
+            assert health.json() == {"ok": True} and health.headers["X-PicoAPI-Instance"] == app.instance
+            assert "X-PicoAPI-Instance" not in client.get("/docs").headers
+
+
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
 
 WORKER_MODULE = """
