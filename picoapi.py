@@ -1763,6 +1763,10 @@ class _Refused(Exception):
     """A supervisor answered what retrying will not fix (4xx, a redirect, not our entry)."""
 
 
+class _Served(_Refused):
+    """409: another live process serves this host:port. Startup fails: a second copy never serves beside it."""
+
+
 class Registrar:
     """Registers a worker with its supervisors and keeps it registered.
 
@@ -1877,6 +1881,9 @@ class Registrar:
             sup.error = self._safe(f"HTTP {status}: {_detail(content)}")
             if status >= 500 or status in _RETRY_STATUS:
                 return _retry_after(resp.headers.get("Retry-After")) or 0.0
+            if status == 409:
+                wid = worker_id(self.body["host"], self.body["port"])
+                raise _Served(f"{wid} is served by another live instance; {sup.url} refused this one: {sup.error}")
         raise _Refused(f"refused the registration: {sup.error}")
 
     def _safe(self, text: str) -> str:
@@ -1912,11 +1919,13 @@ class Registrar:
     def register_all(self) -> None:
         """Register with every supervisor at once, blocking at most ``timeout`` seconds.
 
-        Raises :class:`RegistrationError` when ``required`` and any supervisor is
+        Raises :class:`RegistrationError` when a supervisor answers that another live
+        process serves this host:port (409), or when ``required`` and any supervisor is
         still missing; otherwise logs a warning and leaves it to :meth:`start`.
         """
         deadline = self._clock() + self.timeout
         errors: dict[str, str] = {}
+        served: list[str] = []
 
         def one(sup: _Supervisor) -> None:
             try:
@@ -1924,6 +1933,8 @@ class Registrar:
                     errors[sup.url] = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
             except _Refused as exc:
                 errors[sup.url] = str(exc)
+                if isinstance(exc, _Served):
+                    served.append(str(exc))
                 self._retry_later(sup, BACKOFF_CAP, refused=True)
 
         if len(self.supervisors) == 1:
@@ -1938,6 +1949,8 @@ class Registrar:
                 thread.join(max(0.0, deadline - self._clock()) + 0.25)  # the deadline's cut takes a moment
                 if thread.is_alive():
                     errors.setdefault(sup.url, f"no answer within {self.timeout:g}s")
+        if served:  # whatever API_REGISTER_REQUIRED says
+            raise RegistrationError("; ".join(served))
         if errors:
             text = "; ".join(f"{url}: {err}" for url, err in list(errors.items()))  # late threads may still add
             if self.required:
@@ -2545,7 +2558,11 @@ class PicoAPI(FastAPI):
                 timeout=config.register_timeout,
                 required=config.register_required,
             )
-            await run_in_threadpool(self.registrar.register_all)
+            try:
+                await run_in_threadpool(self.registrar.register_all)
+            except RegistrationError:  # the supervisors that did take it must not keep it
+                await run_in_threadpool(self.registrar.deregister_all)
+                raise
             self.registrar.start()
 
     async def _stop(self) -> None:

@@ -2282,7 +2282,7 @@ class TestRegistrarHostile:
 
 
 class TestWorkerIdentity:
-    """Each worker process has an id: it registers, answers and leaves as itself."""
+    """Each worker process has an id: it registers, answers and leaves as itself; a 409 ends its startup."""
 
     @responses.activate
     def test_a_process_registers_answers_and_leaves_as_itself(self) -> None:
@@ -2313,6 +2313,32 @@ class TestWorkerIdentity:
             health = client.get("/health")
             assert health.json() == {"ok": True} and health.headers["X-PicoAPI-Instance"] == app.instance
             assert "X-PicoAPI-Instance" not in client.get("/docs").headers
+
+    @pytest.mark.parametrize("required", [False, True])
+    @responses.activate
+    def test_409_fails_startup_whatever_register_required_says(self, required: bool) -> None:
+        detail = "127.0.0.1:9001 is served by another live instance (billing\x1b]0;pwned\x07 2.0); stop it first"
+        responses.put(SUP, status=409, json={"detail": detail})
+        responses.delete(SUP + "/127.0.0.1%3A9001", status=409)  # another process registered it: it stays
+        app = PicoAPI(config=worker_config(register_required=required))
+        with pytest.raises(RegistrationError) as info, TestClient(app):
+            pass
+        assert str(info.value) == (
+            f"127.0.0.1:9001 is served by another live instance; {SUP} refused this one: HTTP 409: 127.0.0.1:9001 is "
+            "served by another live instance (billing\\x1b]0;pwned\\x07 2.0); stop it first"
+        )
+        assert [c.request.method for c in responses.calls] == ["PUT", "DELETE"]  # never retried
+
+    @responses.activate
+    def test_409_from_one_supervisor_leaves_the_others_too(self) -> None:
+        responses.put(SUP, **answer())
+        responses.put(SUP2, status=409, json={"detail": "served"})
+        deletes = [responses.delete(url + "/127.0.0.1%3A9001", status=204) for url in (SUP, SUP2)]
+        app = PicoAPI(config=worker_config(register_urls=f"{SUP}!{SUP2}"))
+        served = f"^127.0.0.1:9001 is served by another live instance; {SUP2} refused this one: HTTP 409: served$"
+        with pytest.raises(RegistrationError, match=served), TestClient(app):
+            pass
+        assert [d.call_count for d in deletes] == [1, 1]  # the supervisor that took it keeps nothing
 
 
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
