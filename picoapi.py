@@ -65,7 +65,7 @@ import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, TypeGuard
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import requests
@@ -128,7 +128,7 @@ DEFAULT_REGISTER_TIMEOUT = 30.0
 DEFAULT_MAX_WORKERS = 10_000
 DEFAULT_HEALTH_FAILURES = 2
 DEFAULT_HEALTH_SUCCESSES = 1
-#: A worker that heard no check from a supervisor for this many intervals re-registers.
+#: A worker that heard no check from a supervisor for this many intervals asks it whether it still checks it.
 DEFAULT_WATCHDOG_INTERVALS = 3
 DEFAULT_MODE = "worker"
 
@@ -1772,7 +1772,8 @@ class Registrar:
 
     :meth:`register_all` blocks (``timeout`` in all, connect to last byte) with retry and
     backoff; :meth:`start` runs one daemon thread that retries the supervisors still
-    missing and re-registers with any whose checks stopped (it forgot us);
+    missing and re-registers with any whose checks stopped and that no longer check us
+    (they forgot us);
     :meth:`deregister_all` leaves every supervisor within ``DEREGISTER_TIMEOUT``.
     """
 
@@ -1788,6 +1789,7 @@ class Registrar:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Any] = time.sleep,
         rand: Callable[[], float] = random.random,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.supervisors = [_Supervisor(url) for url in urls]
         self.body = dict(body)
@@ -1798,12 +1800,13 @@ class Registrar:
         self.watchdog_after = watchdog_after or DEFAULT_WATCHDOG_INTERVALS * interval
         self._token = _parse_token("token", token or "")
         self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        self._clock, self._sleep, self._rand = clock, sleep, rand
+        self._clock, self._sleep, self._rand, self._wall = clock, sleep, rand, wall
         self._lock = threading.Lock()  # guards the _Supervisor fields and _in_flight across threads
         self._idle = threading.Condition(self._lock)  # notified when _in_flight empties
         self._in_flight: set[_Cuttable] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stranger = False  # a check came from a supervisor whose identity is none of ours
 
     # One attempt -------------------------------------------------------------------
 
@@ -1812,9 +1815,10 @@ class Registrar:
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
         return delay * (0.5 + 0.5 * self._rand())
 
-    def _send(self, url: str, timeout: float) -> tuple[requests.Response, bytes | None]:
-        """PUT once, no redirects, cut after ``timeout`` seconds in all or by :meth:`stop`; returns the
-        answer and its body, None if over MAX_BODY bytes (never read). Raises requests' errors."""
+    def _send(self, url: str, timeout: float, method: str = "PUT") -> tuple[requests.Response, bytes | None]:
+        """PUT the registration (or GET, without it or the token) once, no redirects, cut after ``timeout``
+        seconds in all or by :meth:`stop`; returns the answer and its body, None if over MAX_BODY bytes
+        (never read). Raises requests' errors."""
         adapter = _Cuttable()
         with self._lock:
             if self._stop.is_set():
@@ -1827,9 +1831,8 @@ class Registrar:
             with requests.Session() as session:
                 session.mount("http://", adapter)
                 session.mount("https://", adapter)
-                resp = session.put(
-                    url, json=self.body, headers=self._headers, timeout=timeout, allow_redirects=False, stream=True
-                )
+                sent: dict[str, Any] = {"json": self.body, "headers": self._headers} if method == "PUT" else {}
+                resp = session.request(method, url, timeout=timeout, allow_redirects=False, stream=True, **sent)
                 with resp:
                     content = b""
                     for chunk in resp.iter_content(MAX_BODY // 4):
@@ -1958,12 +1961,33 @@ class Registrar:
             logger.warning("registration incomplete, retrying in the background: %s", text)
 
     def note_check(self, identity: str | None) -> None:
-        """A health check arrived; ``identity`` is the supervisor header, if any."""
+        """A request reached the health path, ``identity`` in its supervisor header (or None). It counts as a
+        check only for the supervisor that gave that identity in its registration answer: a probe never does."""
         now = self._clock()
         with self._lock:
-            for sup in self.supervisors:
-                if (identity and sup.identity == identity) or (not identity and len(self.supervisors) == 1):
-                    sup.last_seen = now
+            heard = [sup for sup in self.supervisors if identity and sup.identity == identity]
+            for sup in heard:
+                sup.last_seen = now
+            # A supervisor it did not register with checks it: one restarted, to which a sibling process registered
+            # the entry again; the next silent one is then not asked but registered with again, knowing this process.
+            self._stranger = self._stranger or bool(identity and not heard)
+
+    def _still_checks(self, sup: _Supervisor) -> bool:
+        """Whether ``sup`` still holds this worker's entry and checked it lately (a GET, bounded as a PUT is)."""
+        wid = worker_id(self.body["host"], self.body["port"])
+        try:
+            resp, content = self._send(
+                f"{_base_url(sup.url)}{SERVICES_ROUTE}/{quote(wid, safe='')}", min(10.0, self.watchdog_after), "GET"
+            )
+        except requests.RequestException:
+            return False
+        entry = _json(content or b"") if resp.status_code == 200 else None
+        if not _is_own_entry(entry, self.body) or any(entry.get(k) != self.body.get(k) for k in ("name", "version")):
+            return False
+        # By its own clock (no skew between hosts); a Date is whole seconds, so a check may look up to 1 s fresher.
+        said = _http_date(resp.headers.get("Date"))
+        last = entry.get("last_check")
+        return isinstance(last, (int, float)) and (self._wall() if said is None else said) - last <= self.watchdog_after
 
     def step(self) -> float:
         """One round of the background thread; returns the seconds until the next one."""
@@ -1971,9 +1995,16 @@ class Registrar:
         wait = max(0.05, min(self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0))
         for sup in self.supervisors:
             with self._lock:
-                if sup.is_registered and now - sup.last_seen > self.watchdog_after:
-                    logger.warning("no check from %s for %.1fs; registering again", sup.url, now - sup.last_seen)
-                    sup.worker_id, sup.next_attempt = None, now
+                silent = sup.is_registered and now - sup.last_seen > self.watchdog_after
+            # Its checks may reach a sibling process (uvicorn --workers) rather than this one: ask.
+            if silent and not self._stranger and self._still_checks(sup):
+                with self._lock:
+                    sup.last_seen = self._clock()
+            elif silent:
+                logger.warning("%s no longer knows this worker process; registering again", sup.url)
+                with self._lock:
+                    sup.worker_id, sup.next_attempt, self._stranger = None, now, False
+            with self._lock:
                 skip = sup.is_registered or now < sup.next_attempt
             if skip:
                 if not sup.is_registered:
@@ -2051,11 +2082,21 @@ def _retry_after(value: str | None) -> float | None:
     value = (value or "").strip()
     if _is_whole(value):  # not '²', which isdigit() takes and float() refuses
         return min(BACKOFF_CAP, float(value))
+    when = _http_date(value)
+    return None if when is None else min(BACKOFF_CAP, max(0.0, when - time.time()))
+
+
+def _http_date(value: str | None) -> float | None:
+    """Unix seconds of an HTTP date (a Date or Retry-After header), or None."""
     try:
-        seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        return email.utils.parsedate_to_datetime((value or "").strip()).timestamp()
     except (TypeError, ValueError, OverflowError, OSError):  # not a date, or one no clock can hold
         return None
-    return min(BACKOFF_CAP, max(0.0, seconds))
+
+
+def _base_url(register_url: str) -> str:
+    """A supervisor's base URL from its registration URL: ``http://keeper:8100/register`` -> ``http://keeper:8100``."""
+    return register_url.rstrip("/").removesuffix(REGISTER_ROUTE)
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -2086,7 +2127,7 @@ def _json(content: bytes) -> Any:
         return None
 
 
-def _is_own_entry(answer: Any, body: Mapping[str, Any]) -> bool:
+def _is_own_entry(answer: Any, body: Mapping[str, Any]) -> TypeGuard[dict[str, Any]]:
     """Whether a supervisor's answer is the registry entry of the worker that sent ``body``."""
     own = {"id": worker_id(body["host"], body["port"]), "host": body["host"], "port": body["port"]}
     return isinstance(answer, dict) and all(answer.get(key) == value for key, value in own.items())
@@ -3055,8 +3096,7 @@ def _default_supervisor_url() -> str:
     """The supervisor this machine's configuration points at."""
     config = Config.load()
     if config.register_urls:
-        url = config.register_urls[0]
-        return url[: -len(REGISTER_ROUTE)] if url.endswith(REGISTER_ROUTE) else url
+        return _base_url(config.register_urls[0])
     return f"http://127.0.0.1:{config.port}"
 
 

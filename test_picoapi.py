@@ -2281,8 +2281,23 @@ class TestRegistrarHostile:
         assert elapsed < 0.5
 
 
+SERVICE = "http://127.0.0.1:8100/services/127.0.0.1%3A9001"
+
+
+def process_registrar(clock: FakeClock, wall: float = 5000.0, **kwargs: Any) -> Registrar:
+    """A registrar for process 'p1', interval 1 s (a silent supervisor is asked after 3 s), the wall at ``wall``."""
+    body = {**worker_config(health_interval=1).registration(), "instance": "p1"}
+    return Registrar((SUP,), body, clock=clock, sleep=clock.sleep, rand=lambda: 1.0, wall=lambda: wall, **kwargs)
+
+
+def service_entry(**fields: Any) -> dict[str, Any]:
+    """GET /services/{id} as a supervisor answers it for the worker of ``worker_config()``."""
+    return {"id": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001, "name": "orders", "version": "0.0.1", **fields}
+
+
 class TestWorkerIdentity:
-    """Each worker process has an id: it registers, answers and leaves as itself; a 409 ends its startup."""
+    """Each worker process has an id: it registers, answers and leaves as itself; only its own supervisors' checks
+    keep it from asking again; a 409 ends its startup."""
 
     @responses.activate
     def test_a_process_registers_answers_and_leaves_as_itself(self) -> None:
@@ -2339,6 +2354,116 @@ class TestWorkerIdentity:
         with pytest.raises(RegistrationError, match=served), TestClient(app):
             pass
         assert [d.call_count for d in deletes] == [1, 1]  # the supervisor that took it keeps nothing
+
+    @responses.activate
+    def test_only_its_own_supervisors_checks_count(self, caplog: Any) -> None:
+        responses.put(SUP, **answer())
+        responses.get(SERVICE, status=404, json={"detail": "no worker with id '127.0.0.1:9001'"})
+        clock = FakeClock()
+        r = process_registrar(clock)
+        r.register_all()
+        for _ in range(10):  # a load balancer's liveness probe: no supervisor header
+            clock.advance(1)
+            r.note_check(None)
+            r.step()
+        assert [c.request.method for c in responses.calls] == ["PUT", "GET", "PUT", "GET", "PUT"]
+        assert caplog.text.count(f"{SUP} no longer knows this worker process; registering again") == 2
+
+    @responses.activate
+    def test_a_process_its_supervisors_checks_miss_asks_and_stays_quiet(self, caplog: Any) -> None:
+        responses.put(SUP, **answer())
+        asked = responses.get(SERVICE, json=service_entry(last_check=4999.5))
+        clock = FakeClock()
+        r = process_registrar(clock, wall=5000.0)
+        r.register_all()
+        caplog.set_level(logging.DEBUG, "picoapi")
+        caplog.clear()
+        for _ in range(30):  # ten watchdog periods; a sibling process gets every check
+            clock.advance(1)
+            r.step()
+        assert [c.request.method for c in responses.calls].count("PUT") == 1 and asked.call_count == 7
+        assert caplog.records == [] and r.supervisors[0].is_registered
+
+    @responses.activate
+    def test_recent_by_the_supervisors_own_clock_and_asked_without_the_token(self) -> None:
+        responses.put(SUP, **answer())
+        date = picoapi.email.utils.formatdate(1_000_000.4, usegmt=True)  # whole seconds: 1,000,000
+        responses.get(SERVICE, json=service_entry(last_check=1_000_000.9), headers={"Date": date})
+        clock = FakeClock()
+        r = process_registrar(clock, wall=1_000_000.0 + 3600, token="s3cret")  # our clock an hour ahead
+        r.register_all()
+        clock.advance(3.5)
+        r.step()
+        assert [c.request.method for c in responses.calls] == ["PUT", "GET"]
+        assert "Authorization" not in responses.calls[1].request.headers
+
+    @responses.activate
+    def test_checks_from_a_supervisor_it_does_not_know_mean_it_restarted(self, caplog: Any) -> None:
+        responses.put(SUP, **answer())
+        responses.get(SERVICE, json=service_entry(last_check=4999.5))  # a sibling registered the entry again
+        clock = FakeClock()
+        r = process_registrar(clock, wall=5000.0)
+        r.register_all()
+        responses.replace(responses.PUT, SUP, **answer(**{"X-PicoAPI-Supervisor": "sup2"}))
+        clock.advance(2)
+        r.note_check("sup2")  # the restarted supervisor's check, counted against this process: it must join
+        clock.advance(1.5)
+        r.step()
+        assert [c.request.method for c in responses.calls] == ["PUT", "PUT"]
+        assert r.supervisors[0].identity == "sup2" and "no longer knows this worker process" in caplog.text
+        for _ in range(10):
+            clock.advance(1)
+            r.note_check("sup2")
+            r.step()
+        assert len(responses.calls) == 2  # its checks count again
+
+    @pytest.mark.parametrize(
+        "said",
+        [
+            pytest.param({"status": 404, "json": {"detail": "no worker with id"}}, id="forgot it"),
+            pytest.param({"json": service_entry(last_check=4996.5)}, id="checks it no more"),
+            pytest.param({"json": service_entry(last_check=None)}, id="never checked it"),
+            pytest.param({"json": service_entry(last_check="4999.5")}, id="not a number"),
+            pytest.param({"json": service_entry(name="billing", last_check=4999.5)}, id="another service's"),
+            pytest.param({"json": service_entry(version="2.0", last_check=4999.5)}, id="another version's"),
+            pytest.param({"json": [service_entry(last_check=4999.5)]}, id="a list"),
+            pytest.param({"body": "<html>welcome to nginx\x1b[2J</html>"}, id="not a supervisor"),
+            pytest.param({"status": 302, "headers": {"Location": SERVICE + "/x"}}, id="a redirect"),
+            pytest.param({"body": requests.ConnectionError("down")}, id="down"),
+        ],
+    )
+    @responses.activate
+    def test_registers_again_with_a_warning_when_its_supervisor_does_not_check_it(
+        self, said: dict[str, Any], caplog: Any
+    ) -> None:
+        responses.put(SUP, **answer())
+        responses.get(SERVICE, **said)
+        responses.get(SERVICE + "/x", json=service_entry(last_check=4999.5))
+        clock = FakeClock()
+        r = process_registrar(clock, wall=5000.0)
+        r.register_all()
+        clock.advance(3.5)
+        r.step()
+        assert [c.request.method for c in responses.calls] == ["PUT", "GET", "PUT"]
+        assert f"{SUP} no longer knows this worker process; registering again" in caplog.text
+        assert all(record.getMessage().isprintable() for record in caplog.records)
+
+    def test_the_question_is_bounded_in_total(self) -> None:
+        def answer(request: bytes, conn: socket.socket) -> None:
+            if request.startswith(b"GET"):
+                trickle(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 900\r\n\r\n" + b"x" * 900)
+            else:
+                conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(ENTRY), ENTRY))
+
+        with raw_supervisor(answer) as url:
+            body = {**worker_config(health_interval=1).registration(), "instance": "p1"}
+            r = Registrar((url,), body, watchdog_after=0.3)
+            r.register_all()
+            r.supervisors[0].last_seen -= 1  # no check for a second
+            started = time.monotonic()
+            r.step()
+            elapsed = time.monotonic() - started
+        assert elapsed < 1.0 and r.supervisors[0].is_registered  # the GET cut after 0.3 s, then registered again
 
 
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
