@@ -130,6 +130,8 @@ DEFAULT_HEALTH_FAILURES = 2
 DEFAULT_HEALTH_SUCCESSES = 1
 #: A worker that heard no check from a supervisor for this many intervals asks it whether it still checks it.
 DEFAULT_WATCHDOG_INTERVALS = 3
+#: A worker GETs its own registered health URL this long after startup (at most one interval).
+SELF_CHECK_AFTER = 2.0
 DEFAULT_MODE = "worker"
 
 MIN_INTERVAL = 0.05
@@ -1773,7 +1775,7 @@ class Registrar:
     :meth:`register_all` blocks (``timeout`` in all, connect to last byte) with retry and
     backoff; :meth:`start` runs one daemon thread that retries the supervisors still
     missing and re-registers with any whose checks stopped and that no longer check us
-    (they forgot us);
+    (they forgot us), and checks once that this worker answers where it registered;
     :meth:`deregister_all` leaves every supervisor within ``DEREGISTER_TIMEOUT``.
     """
 
@@ -1806,6 +1808,7 @@ class Registrar:
         self._in_flight: set[_Cuttable] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._self_check: threading.Timer | None = None
         self._stranger = False  # a check came from a supervisor whose identity is none of ours
 
     # One attempt -------------------------------------------------------------------
@@ -2020,10 +2023,31 @@ class Registrar:
         return max(0.01, wait)
 
     def start(self) -> None:
-        """Start the background thread (retries and watchdog)."""
+        """Start the background thread (retries and watchdog), and the self-check's timer."""
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="picoapi-registrar", daemon=True)
         self._thread.start()
+        self._self_check = threading.Timer(min(SELF_CHECK_AFTER, self.body["health"]["interval"]), self.check_self)
+        self._self_check.name, self._self_check.daemon = "picoapi-self-check", True
+        self._self_check.start()
+
+    def check_self(self) -> None:
+        """GET the health URL this worker registered; log an ERROR with the fix unless it, or a sibling
+        process, answers there (the server binds another port than the one registered, say)."""
+        wid, url = worker_id(self.body["host"], self.body["port"]), self.body["health"]["url"]
+        try:
+            resp, content = self._send(url, min(self.body["health"]["interval"], DEFAULT_HEALTH_TIMEOUT), "GET")
+            found = _who_else(resp, content, self.body)
+        except Exception as exc:  # requests' errors, or any other: the timer's thread never dies of it
+            found = f"nothing answers there ({self._safe(str(exc) if isinstance(exc, _Cut) else _root_cause(exc))})"
+        if found and not self._stop.is_set():  # shutting down cuts the check: nothing to report
+            logger.error(
+                "registered %s but %s: the server binds another port or address; pass --port %s to uvicorn "
+                "(picoapi worker binds API_PORT itself), or set API_PORT and API_HOST to where it listens",
+                wid,
+                found,
+                self.body["port"],
+            )
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -2042,6 +2066,8 @@ class Registrar:
             for adapter in self._in_flight:
                 adapter.cut()
             self._idle.wait_for(lambda: not self._in_flight, timeout)
+        if self._self_check is not None:
+            self._self_check.cancel()  # never joined: a check under way was cut above
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -2097,6 +2123,22 @@ def _http_date(value: str | None) -> float | None:
 def _base_url(register_url: str) -> str:
     """A supervisor's base URL from its registration URL: ``http://keeper:8100/register`` -> ``http://keeper:8100``."""
     return register_url.rstrip("/").removesuffix(REGISTER_ROUTE)
+
+
+def _who_else(answer: requests.Response, content: bytes | None, body: Mapping[str, Any]) -> str | None:
+    """Who answered a worker's GET of its own health URL, if neither it nor a sibling (same name and version,
+    any process) did; None if they did, or if a PicoAPI app whose health route is its own did (no name said)."""
+    said = _json(content or b"")
+    said = said if isinstance(said, dict) else {}
+    if body.get("instance") and answer.headers.get(INSTANCE_HEADER) == body["instance"]:
+        return None  # itself
+    if "name" in said:
+        if (said["name"], said.get("version")) == (body["name"], body.get("version")):
+            return None  # a sibling
+        return f"another service ('{_printable(said['name'])} {_printable(said.get('version'))}') answers there"
+    if INSTANCE_HEADER in answer.headers:
+        return None  # a PicoAPI app whose health route is its own: it may be a sibling, nothing tells
+    return f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -2782,10 +2824,11 @@ class PicoAPI(FastAPI):
                 failing[check_name] = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
         if self.checker is not None and self.checker.trouble:  # a supervisor that cannot check says so
             failing["picoapi-checker"] = self.checker.trouble
+        # As registered (FastAPI's default version is not API_VERSION's): a sibling's check_self knows them.
         body: dict[str, Any] = {
             "status": UNHEALTHY if failing else HEALTHY,
-            "name": self.title,
-            "version": self.version,
+            "name": self.config.title or self.title,
+            "version": self.config.version,
         }
         if failing:
             body["failing"] = failing

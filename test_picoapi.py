@@ -2282,6 +2282,11 @@ class TestRegistrarHostile:
 
 
 SERVICE = "http://127.0.0.1:8100/services/127.0.0.1%3A9001"
+HEALTH = "http://127.0.0.1:9001/health"
+SELF_CHECK_FIX = (
+    ": the server binds another port or address; pass --port 9001 to uvicorn (picoapi worker binds API_PORT itself), "
+    "or set API_PORT and API_HOST to where it listens"
+)
 
 
 def process_registrar(clock: FakeClock, wall: float = 5000.0, **kwargs: Any) -> Registrar:
@@ -2297,7 +2302,7 @@ def service_entry(**fields: Any) -> dict[str, Any]:
 
 class TestWorkerIdentity:
     """Each worker process has an id: it registers, answers and leaves as itself; only its own supervisors' checks
-    keep it from asking again; a 409 ends its startup."""
+    keep it from asking again; a 409 ends its startup; it says so when its registered address reaches another."""
 
     @responses.activate
     def test_a_process_registers_answers_and_leaves_as_itself(self) -> None:
@@ -2313,6 +2318,9 @@ class TestWorkerIdentity:
             # a header that is not UTF-8 (a prober's, an attacker's) is no 500
             health = client.get("/health", headers={"X-PicoAPI-Supervisor": b"\xe9t\xe9"})
             assert health.status_code == 200 and health.headers["X-PicoAPI-Instance"] == instance
+            # as registered, so that a sibling process knows it (FastAPI's own default version is 0.1.0)
+            said = health.json()
+            assert (said["name"], said["version"]) == (sent["name"], sent["version"]) == ("orders", "0.0.1")
         assert responses.calls[-1].request.method == "DELETE"
         assert responses.calls[-1].request.url == f"{SUP}/127.0.0.1%3A9001?instance={instance}"
         assert PicoAPI(config=worker_config()).instance != instance
@@ -2464,6 +2472,75 @@ class TestWorkerIdentity:
             r.step()
             elapsed = time.monotonic() - started
         assert elapsed < 1.0 and r.supervisors[0].is_registered  # the GET cut after 0.3 s, then registered again
+
+    @pytest.mark.parametrize(
+        ("said", "found"),
+        [
+            (
+                {"json": {"status": "healthy", "name": "billing\x1b[2J", "version": "2.0"}},
+                "another service ('billing\\x1b[2J 2.0') answers there",
+            ),
+            ({"json": {"name": "orders", "version": "9.9"}}, "another service ('orders 9.9') answers there"),
+            (
+                {"status": 404, "body": "<html>welcome to nginx</html>"},
+                "something else answers there (HTTP 404, not a PicoAPI health endpoint)",
+            ),
+            ({"body": requests.ConnectionError("refused")}, "nothing answers there (ConnectionError: refused)"),
+            ({"json": {"name": "orders", "version": "0.0.1"}, "headers": {"X-PicoAPI-Instance": "p2"}}, None),
+            ({"status": 503, "json": {"status": "unhealthy", "name": "orders", "version": "0.0.1"}}, None),
+            ({"json": {"ok": True}, "headers": {"X-PicoAPI-Instance": "p1"}}, None),
+            ({"json": {"ok": True}, "headers": {"X-PicoAPI-Instance": "p2"}}, None),
+        ],
+        ids=[
+            "another service",
+            "another version",
+            "not PicoAPI",
+            "nothing",
+            "a sibling",
+            "itself, failing a check of its own",
+            "itself, through a route of its own",
+            "a PicoAPI process through a route of its own",
+        ],
+    )
+    @responses.activate
+    def test_self_check_says_who_answers_where_it_registered(
+        self, said: dict[str, Any], found: str | None, caplog: Any
+    ) -> None:
+        responses.get(HEALTH, **said)
+        process_registrar(FakeClock()).check_self()
+        assert "Authorization" not in responses.calls[0].request.headers
+        errors = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+        assert errors == (
+            [] if found is None else [("ERROR", f"registered 127.0.0.1:9001 but {found}{SELF_CHECK_FIX}")]
+        )
+
+    def test_self_check_runs_once_after_startup_and_never_holds_shutdown(self, caplog: Any) -> None:
+        port = free_port()  # nothing listens there
+        body = {**worker_config(port=port, health_interval=0.2).registration(), "instance": "p1"}
+        r = Registrar((f"http://127.0.0.1:{free_port()}/register",), body)
+        r.start()
+        try:
+            wait_for(lambda: "nothing answers there" in caplog.text, 5, "the self-check's ERROR")
+        finally:
+            r.stop()
+        assert f"registered 127.0.0.1:{port} but nothing answers there (ConnectionRefusedError: " in caplog.text
+        assert f"pass --port {port} to uvicorn" in caplog.text
+        silent = socket.create_server(("127.0.0.1", 0))  # connects, never answers
+        with silent:
+            body = {**worker_config(port=silent.getsockname()[1], health_interval=60).registration(), "instance": "p1"}
+            r = Registrar((SUP,), body)
+            checking = threading.Thread(target=r.check_self)
+            checking.start()
+            wait_for(lambda: r._in_flight, 5, "the self-check's GET")
+            started = time.monotonic()
+            caplog.clear()
+            r.stop()
+            checking.join(5)
+        assert time.monotonic() - started < 0.5 and caplog.records == []  # cut: nothing to report
+        r = Registrar((SUP,), body)
+        r.start()
+        r.stop()
+        wait_for(lambda: "picoapi-self-check" not in picoapi_threads(), 2, "the cancelled timer to end")
 
 
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
