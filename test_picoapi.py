@@ -2574,9 +2574,16 @@ class Child(subprocess.Popen):  # type: ignore[type-arg]
 
 
 def serve(
-    args: Callable[[int], list[str]], env: dict[str, str], log: Any, cwd: Any, port: int | None = None, **popen: Any
+    args: Callable[[int], list[str]],
+    env: dict[str, str] | Callable[[int], dict[str, str]],
+    log: Any,
+    cwd: Any,
+    port: int | None = None,
+    module: str = "picoapi",
+    **popen: Any,
 ) -> Child:
-    """Start ``python -m picoapi *args(port)`` and return once that very process listens on the port.
+    """Start ``python -m <module> *args(port)`` (in ``env(port)`` if a function) and return once that very
+    process listens on the port.
 
     A port picked before the child binds it can be taken meanwhile: with no fixed ``port``
     a child that lost the race is started again on another one. Its log is shown if the test fails.
@@ -2584,8 +2591,9 @@ def serve(
     for _ in range(5):
         chosen = port or free_port()
         out = open(log, "ab")  # noqa: SIM115 - the child keeps it
+        environ = env(chosen) if callable(env) else env
         proc = Child(
-            [sys.executable, "-m", "picoapi", *args(chosen)], cwd=cwd, env=env, stdout=out, stderr=out, **popen
+            [sys.executable, "-m", module, *args(chosen)], cwd=cwd, env=environ, stdout=out, stderr=out, **popen
         )
         out.close()
         proc.port, proc.log = chosen, log
@@ -2619,9 +2627,19 @@ class Cluster:
         self.sup_port: int | None = None
         self.url = ""
 
-    def _start(self, args: Callable[[int], list[str]], env: dict[str, str], port: int | None) -> Child:
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("API_")}, "PYTHONPATH": HERE, **env}
-        proc = serve(args, env, self.tmp / f"proc{len(self.procs)}.log", self.tmp, port)
+    def _start(
+        self,
+        args: Callable[[int], list[str]],
+        env: dict[str, str] | Callable[[int], dict[str, str]],
+        port: int | None,
+        module: str = "picoapi",
+    ) -> Child:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+
+        def environ(port: int) -> dict[str, str]:
+            return {**clean, "PYTHONPATH": HERE, **(env(port) if callable(env) else env)}
+
+        proc = serve(args, environ, self.tmp / f"proc{len(self.procs)}.log", self.tmp, port, module)
         self.procs.append(proc)
         return proc
 
@@ -2634,10 +2652,16 @@ class Cluster:
 
     def worker(self, port: int | None = None, interval: float = 0.2, **env: str) -> Child:
         """Start an echo worker (on a free port unless given); returns once it listens."""
+        return self._start(
+            lambda p: ["worker", "echo_worker:app", "--port", str(p)], self.settings(interval, env), port
+        )
+
+    def settings(self, interval: float, env: dict[str, str]) -> dict[str, str]:
+        """An echo worker's environment."""
         if self.sup_port is None:  # the worker may start first: its supervisor's port is chosen now
             self.sup_port = free_port()
             self.url = f"http://127.0.0.1:{self.sup_port}"
-        settings = {
+        return {
             "API_HOST": "127.0.0.1",
             "API_BIND": "127.0.0.1",
             "API_TITLE": "echo",
@@ -2647,7 +2671,6 @@ class Cluster:
             "API_REGISTER_TIMEOUT": "0.5",
             **env,
         }
-        return self._start(lambda p: ["worker", "echo_worker:app", "--port", str(p)], settings, port)
 
     def services(self) -> list[dict[str, Any]]:
         return list(requests.get(self.url + "/services", timeout=1).json())
@@ -3748,3 +3771,160 @@ class TestSlowResolver:
         assert [a.status_code for a in slow] == [422] * picoapi.MAX_RESOLVING
         assert "does not resolve" in slow[0].json()["detail"][0]["msg"]
         assert app.registry.get(f"localhost:{port}").address == "127.0.0.1"
+
+
+# -- Shared ports: one address, several processes, real servers ----------------------------
+
+#: The echo worker, logging what picoapi says (as `picoapi worker` does) under plain uvicorn too.
+LOGGED_WORKER_MODULE = """
+import logging
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(process)d]: %(message)s")
+
+from echo_worker import app
+"""
+
+
+@contextlib.contextmanager
+def statuses_of(cluster: Cluster, wid: str) -> Iterator[list[str | None]]:
+    """Every status the supervisor lists for ``wid`` (None: not listed), sampled every 50 ms while the block runs."""
+    seen: list[str | None] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            with contextlib.suppress(requests.RequestException, ValueError):
+                seen.append(cluster.status(wid))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join(5)
+
+
+class TestSharedPorts:
+    """Workers whose address is served by another process, by several, or by none: never handed out wrongly."""
+
+    @staticmethod
+    def uvicorn(cluster: Cluster, *options: str, interval: float = 0.2, **env: str) -> Child:
+        """``python -m uvicorn logged_worker:app --port P`` as an operator would start it, not through ``picoapi
+        worker``; its API_PORT is P unless given."""
+        (cluster.tmp / "logged_worker.py").write_text(LOGGED_WORKER_MODULE)
+        args = ["logged_worker:app", "--host", "127.0.0.1", *options, "--port"]
+
+        def settings(port: int) -> dict[str, str]:
+            return cluster.settings(interval, {"API_PORT": str(port), **env})
+
+        return cluster._start(lambda p: [*args, str(p)], settings, None, "uvicorn")
+
+    @staticmethod
+    def copy(cluster: Cluster, port: int, **env: str) -> str:
+        """Start ``picoapi worker`` on ``port``, which is taken, and return its log once it exited (10 s at most)."""
+        log = cluster.tmp / f"copy{len(CHILD_LOGS)}.log"
+        CHILD_LOGS.append(log)
+        environ = {**{k: v for k, v in os.environ.items() if not k.startswith("API_")}, "PYTHONPATH": HERE}
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "picoapi", "worker", "echo_worker:app", "--port", str(port)],
+                cwd=cluster.tmp,
+                env={**environ, **cluster.settings(0.3, env)},
+                stdout=out,
+                stderr=out,
+            )
+        try:
+            assert proc.wait(10) != 0, "a copy on a taken port kept running"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        return log.read_text(errors="replace")
+
+    @staticmethod
+    def answering(port: int) -> str:
+        """The instance that answers the health path at ``port``."""
+        return str(requests.get(f"http://127.0.0.1:{port}/health", timeout=1).headers["X-PicoAPI-Instance"])
+
+    def test_plain_uvicorn_on_another_port_than_registered_is_never_handed_out(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        registered = free_port()  # API_PORT, where nothing listens; uvicorn binds a port of its own
+        worker = self.uvicorn(cluster, API_PORT=str(registered))
+        wid = f"127.0.0.1:{registered}"
+        error = f"ERROR picoapi [{worker.pid}]: registered {wid} but nothing answers there ("
+        with statuses_of(cluster, wid) as seen:
+            wait_for(lambda: error in worker.log.read_text(), 10, "the self-check's ERROR")
+            wait_for(lambda: cluster.status(wid) == "unhealthy", 10, "its start-up grace to end")
+        assert f"pass --port {registered} to uvicorn" in worker.log.read_text()
+        assert seen and "healthy" not in seen, seen
+        assert requests.get(f"http://127.0.0.1:{worker.port}/echo?text=hi", timeout=1).ok  # it serves, elsewhere
+
+    def test_a_second_copy_on_a_taken_port_never_takes_the_live_worker_out(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        live = cluster.worker(interval=0.3)
+        wid = f"127.0.0.1:{live.port}"
+        wait_for(lambda: cluster.status(wid) == "healthy", 15, "the live worker")
+        instance = self.answering(live.port)
+        with statuses_of(cluster, wid) as seen:
+            other = self.copy(cluster, live.port, API_TITLE="billing", API_VERSION="2.0")
+            same = self.copy(cluster, live.port)
+            checked = next(s for s in cluster.services() if s["id"] == wid)["last_check"]
+            wait_for(lambda: cluster.services()[0]["last_check"] > checked, 5, "a check after both copies")
+        served = f"{wid} is served by another live instance; {cluster.url}/register refused this one: HTTP 409: "
+        assert f"RegistrationError: {served}{wid} is served by another live instance (echo 0.0.1)" in other
+        assert "Application startup failed" in other
+        assert "address already in use" in same and "Application shutdown complete" in same
+        assert set(seen) == {"healthy"}, seen
+        assert [s["id"] for s in cluster.services()] == [wid] and self.answering(live.port) == instance
+
+    def test_uvicorn_workers_are_one_entry_until_the_server_stops(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        server = self.uvicorn(cluster, "--workers", "2", interval=0.2)
+        wid = f"127.0.0.1:{server.port}"
+
+        def registered() -> list[str]:
+            return re.findall(rf"registered with \S+ as {re.escape(wid)} \(instance (\w+)\)", server.log.read_text())
+
+        wait_for(lambda: len(registered()) == 2 and cluster.status(wid) == "healthy", 20, "both processes")
+        assert self.answering(server.port) in registered()  # it is the server we started that answers
+        with statuses_of(cluster, wid) as seen:
+            successes = next(s for s in cluster.services() if s["id"] == wid)["successes"]
+            wait_for(lambda: cluster.services()[0]["successes"] >= successes + 12, 10, "four watchdog periods")
+        assert set(seen) == {"healthy"}, seen
+        log = server.log.read_text()
+        assert len(registered()) == 2 and "WARNING" not in log and "ERROR" not in log  # no process registered again
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and listens(int(p), server.port)]
+        children.remove(server.pid)
+        assert len(children) == 2
+        with statuses_of(cluster, wid) as seen:
+            os.kill(children[0], signal.SIGKILL)  # uvicorn starts another process, which joins the entry
+            wait_for(lambda: len(registered()) == 3, 15, "the new process's registration")
+            wait_for(lambda: cluster.status(wid) == "healthy", 5, "the entry, healthy")
+        assert None not in seen and cluster.status(wid) == "healthy", seen
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(15) == 0
+        wait_for(lambda: cluster.status(wid) is None, 5, "the entry to leave with the server")
+
+    def test_a_liveness_probe_does_not_keep_a_forgotten_worker_from_registering_again(self, cluster: Cluster) -> None:
+        supervisor = cluster.supervisor()
+        port = cluster.worker(interval=0.2).port
+        wid = f"127.0.0.1:{port}"
+        wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration")
+        stop = threading.Event()
+
+        def probe() -> None:  # Kubernetes' liveness probe, a load balancer's: no supervisor header
+            while not stop.wait(0.3):
+                with contextlib.suppress(requests.RequestException):
+                    requests.get(f"http://127.0.0.1:{port}/health", timeout=0.5)
+
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
+        try:
+            supervisor.kill()
+            supervisor.wait(5)
+            cluster.supervisor()  # forgot the worker: no registry file
+            wait_for(lambda: cluster.status(wid) == "healthy", 10, "registration again, despite the prober")
+        finally:
+            stop.set()
+            prober.join(5)
