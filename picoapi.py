@@ -65,7 +65,7 @@ import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, TypeGuard
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import requests
@@ -130,8 +130,10 @@ DEFAULT_REGISTER_TIMEOUT = 30.0
 DEFAULT_MAX_WORKERS = 10_000
 DEFAULT_HEALTH_FAILURES = 2
 DEFAULT_HEALTH_SUCCESSES = 1
-#: A worker that heard no check from a supervisor for this many intervals re-registers.
+#: A worker that heard no check from a supervisor for this many intervals asks it whether it still checks it.
 DEFAULT_WATCHDOG_INTERVALS = 3
+#: A worker GETs its own registered health URL this long after startup (at most one interval).
+SELF_CHECK_AFTER = 2.0
 DEFAULT_MODE = "worker"
 
 MIN_INTERVAL = 0.05
@@ -162,6 +164,9 @@ DASHBOARD_REFRESH = 2
 DASHBOARD_PAGE = 200
 SUPERVISOR_HEADER = "X-PicoAPI-Supervisor"
 _SUPERVISOR_HEADER_KEY = SUPERVISOR_HEADER.lower().encode()  # as it appears in an ASGI scope
+#: Names the worker process that answered a health check (the supervisor counts only those that registered).
+INSTANCE_HEADER = "X-PicoAPI-Instance"
+_INSTANCE_HEADER_KEY = INSTANCE_HEADER.lower().encode()
 HEALTHY, UNHEALTHY, UNKNOWN = "healthy", "unhealthy", "unknown"
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN)
 
@@ -1803,12 +1808,17 @@ class _Refused(Exception):
     """A supervisor answered what retrying will not fix (4xx, a redirect, not our entry)."""
 
 
+class _Served(_Refused):
+    """409: another live process serves this host:port. Startup fails: a second copy never serves beside it."""
+
+
 class Registrar:
     """Registers a worker with its supervisors and keeps it registered.
 
     :meth:`register_all` blocks (``timeout`` in all, connect to last byte) with retry and
     backoff; :meth:`start` runs one daemon thread that retries the supervisors still
-    missing and re-registers with any whose checks stopped (it forgot us);
+    missing and re-registers with any whose checks stopped and that no longer check us
+    (they forgot us), and checks once that this worker answers where it registered;
     :meth:`deregister_all` leaves every supervisor within ``DEREGISTER_TIMEOUT``.
     """
 
@@ -1824,6 +1834,7 @@ class Registrar:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Any] = time.sleep,
         rand: Callable[[], float] = random.random,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.supervisors = [_Supervisor(url) for url in urls]
         self.body = dict(body)
@@ -1834,12 +1845,14 @@ class Registrar:
         self.watchdog_after = watchdog_after or DEFAULT_WATCHDOG_INTERVALS * interval
         self._token = _parse_token("token", token or "")
         self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        self._clock, self._sleep, self._rand = clock, sleep, rand
+        self._clock, self._sleep, self._rand, self._wall = clock, sleep, rand, wall
         self._lock = threading.Lock()  # guards the _Supervisor fields and _in_flight across threads
         self._idle = threading.Condition(self._lock)  # notified when _in_flight empties
         self._in_flight: set[_Cuttable] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._self_check: threading.Timer | None = None
+        self._stranger = False  # a check came from a supervisor whose identity is none of ours
 
     # One attempt -------------------------------------------------------------------
 
@@ -1848,9 +1861,10 @@ class Registrar:
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
         return delay * (0.5 + 0.5 * self._rand())
 
-    def _send(self, url: str, timeout: float) -> tuple[requests.Response, bytes | None]:
-        """PUT once, no redirects, cut after ``timeout`` seconds in all or by :meth:`stop`; returns the
-        answer and its body, None if over MAX_BODY bytes (never read). Raises requests' errors."""
+    def _send(self, url: str, timeout: float, method: str = "PUT") -> tuple[requests.Response, bytes | None]:
+        """PUT the registration (or GET, without it or the token) once, no redirects, cut after ``timeout``
+        seconds in all or by :meth:`stop`; returns the answer and its body, None if over MAX_BODY bytes
+        (never read). Raises requests' errors."""
         adapter = _Cuttable()
         with self._lock:
             if self._stop.is_set():
@@ -1863,9 +1877,8 @@ class Registrar:
             with requests.Session() as session:
                 session.mount("http://", adapter)
                 session.mount("https://", adapter)
-                resp = session.put(
-                    url, json=self.body, headers=self._headers, timeout=timeout, allow_redirects=False, stream=True
-                )
+                sent: dict[str, Any] = {"json": self.body, "headers": self._headers} if method == "PUT" else {}
+                resp = session.request(method, url, timeout=timeout, allow_redirects=False, stream=True, **sent)
                 with resp:
                     content = b""
                     for chunk in resp.iter_content(MAX_BODY // 4):
@@ -1904,7 +1917,7 @@ class Registrar:
                 sup.worker_id = worker_id(self.body["host"], self.body["port"])
                 sup.identity = resp.headers.get(SUPERVISOR_HEADER)
                 sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
-            logger.info("registered with %s as %s", sup.url, sup.worker_id)
+            logger.info("registered with %s as %s (instance %s)", sup.url, sup.worker_id, self.body.get("instance"))
             return None
         if 200 <= status < 300:
             sup.error = f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}"
@@ -1917,6 +1930,9 @@ class Registrar:
             sup.error = self._safe(f"HTTP {status}: {_detail(content)}")
             if status >= 500 or status in _RETRY_STATUS:
                 return _retry_after(resp.headers.get("Retry-After")) or 0.0
+            if status == 409:
+                wid = worker_id(self.body["host"], self.body["port"])
+                raise _Served(f"{wid} is served by another live instance; {sup.url} refused this one: {sup.error}")
         raise _Refused(f"refused the registration: {sup.error}")
 
     def _safe(self, text: str) -> str:
@@ -1952,11 +1968,13 @@ class Registrar:
     def register_all(self) -> None:
         """Register with every supervisor at once, blocking at most ``timeout`` seconds.
 
-        Raises :class:`RegistrationError` when ``required`` and any supervisor is
+        Raises :class:`RegistrationError` when a supervisor answers that another live
+        process serves this host:port (409), or when ``required`` and any supervisor is
         still missing; otherwise logs a warning and leaves it to :meth:`start`.
         """
         deadline = self._clock() + self.timeout
         errors: dict[str, str] = {}
+        served: list[str] = []
 
         def one(sup: _Supervisor) -> None:
             try:
@@ -1964,6 +1982,8 @@ class Registrar:
                     errors[sup.url] = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
             except _Refused as exc:
                 errors[sup.url] = str(exc)
+                if isinstance(exc, _Served):
+                    served.append(str(exc))
                 self._retry_later(sup, BACKOFF_CAP, refused=True)
 
         if len(self.supervisors) == 1:
@@ -1978,6 +1998,8 @@ class Registrar:
                 thread.join(max(0.0, deadline - self._clock()) + 0.25)  # the deadline's cut takes a moment
                 if thread.is_alive():
                     errors.setdefault(sup.url, f"no answer within {self.timeout:g}s")
+        if served:  # whatever API_REGISTER_REQUIRED says
+            raise RegistrationError("; ".join(served))
         if errors:
             text = "; ".join(f"{url}: {err}" for url, err in list(errors.items()))  # late threads may still add
             if self.required:
@@ -1985,12 +2007,33 @@ class Registrar:
             logger.warning("registration incomplete, retrying in the background: %s", text)
 
     def note_check(self, identity: str | None) -> None:
-        """A health check arrived; ``identity`` is the supervisor header, if any."""
+        """A request reached the health path, ``identity`` in its supervisor header (or None). It counts as a
+        check only for the supervisor that gave that identity in its registration answer: a probe never does."""
         now = self._clock()
         with self._lock:
-            for sup in self.supervisors:
-                if (identity and sup.identity == identity) or (not identity and len(self.supervisors) == 1):
-                    sup.last_seen = now
+            heard = [sup for sup in self.supervisors if identity and sup.identity == identity]
+            for sup in heard:
+                sup.last_seen = now
+            # A supervisor it did not register with checks it: one restarted, to which a sibling process registered
+            # the entry again; the next silent one is then not asked but registered with again, knowing this process.
+            self._stranger = self._stranger or bool(identity and not heard)
+
+    def _still_checks(self, sup: _Supervisor) -> bool:
+        """Whether ``sup`` still holds this worker's entry and checked it lately (a GET, bounded as a PUT is)."""
+        wid = worker_id(self.body["host"], self.body["port"])
+        try:
+            resp, content = self._send(
+                f"{_base_url(sup.url)}{SERVICES_ROUTE}/{quote(wid, safe='')}", min(10.0, self.watchdog_after), "GET"
+            )
+        except requests.RequestException:
+            return False
+        entry = _json(content or b"") if resp.status_code == 200 else None
+        if not _is_own_entry(entry, self.body) or any(entry.get(k) != self.body.get(k) for k in ("name", "version")):
+            return False
+        # By its own clock (no skew between hosts); a Date is whole seconds, so a check may look up to 1 s fresher.
+        said = _http_date(resp.headers.get("Date"))
+        last = entry.get("last_check")
+        return isinstance(last, (int, float)) and (self._wall() if said is None else said) - last <= self.watchdog_after
 
     def step(self) -> float:
         """One round of the background thread; returns the seconds until the next one."""
@@ -1998,9 +2041,16 @@ class Registrar:
         wait = max(0.05, min(self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0))
         for sup in self.supervisors:
             with self._lock:
-                if sup.is_registered and now - sup.last_seen > self.watchdog_after:
-                    logger.warning("no check from %s for %.1fs; registering again", sup.url, now - sup.last_seen)
-                    sup.worker_id, sup.next_attempt = None, now
+                silent = sup.is_registered and now - sup.last_seen > self.watchdog_after
+            # Its checks may reach a sibling process (uvicorn --workers) rather than this one: ask.
+            if silent and not self._stranger and self._still_checks(sup):
+                with self._lock:
+                    sup.last_seen = self._clock()
+            elif silent:
+                logger.warning("%s no longer knows this worker process; registering again", sup.url)
+                with self._lock:
+                    sup.worker_id, sup.next_attempt, self._stranger = None, now, False
+            with self._lock:
                 skip = sup.is_registered or now < sup.next_attempt
             if skip:
                 if not sup.is_registered:
@@ -2016,10 +2066,31 @@ class Registrar:
         return max(0.01, wait)
 
     def start(self) -> None:
-        """Start the background thread (retries and watchdog)."""
+        """Start the background thread (retries and watchdog), and the self-check's timer."""
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="picoapi-registrar", daemon=True)
         self._thread.start()
+        self._self_check = threading.Timer(min(SELF_CHECK_AFTER, self.body["health"]["interval"]), self.check_self)
+        self._self_check.name, self._self_check.daemon = "picoapi-self-check", True
+        self._self_check.start()
+
+    def check_self(self) -> None:
+        """GET the health URL this worker registered; log an ERROR with the fix unless it, or a sibling
+        process, answers there (the server binds another port than the one registered, say)."""
+        wid, url = worker_id(self.body["host"], self.body["port"]), self.body["health"]["url"]
+        try:
+            resp, content = self._send(url, min(self.body["health"]["interval"], DEFAULT_HEALTH_TIMEOUT), "GET")
+            found = _who_else(resp, content, self.body)
+        except Exception as exc:  # requests' errors, or any other: the timer's thread never dies of it
+            found = f"nothing answers there ({self._safe(str(exc) if isinstance(exc, _Cut) else _root_cause(exc))})"
+        if found and not self._stop.is_set():  # shutting down cuts the check: nothing to report
+            logger.error(
+                "registered %s but %s: the server binds another port or address; pass --port %s to uvicorn "
+                "(picoapi worker binds API_PORT itself), or set API_PORT and API_HOST to where it listens",
+                wid,
+                found,
+                self.body["port"],
+            )
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -2038,6 +2109,8 @@ class Registrar:
             for adapter in self._in_flight:
                 adapter.cut()
             self._idle.wait_for(lambda: not self._in_flight, timeout)
+        if self._self_check is not None:
+            self._self_check.cancel()  # never joined: a check under way was cut above
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -2049,13 +2122,16 @@ class Registrar:
         # Even where we are not registered: a PUT cut while awaiting its answer may have landed.
         wid = worker_id(self.body["host"], self.body["port"])
 
+        # Naming this process: an entry that a sibling process still serves stays.
+        params = {"instance": self.body["instance"]} if self.body.get("instance") else None
+
         def one(sup: _Supervisor) -> None:
             url = f"{sup.url.rstrip('/')}/{quote(wid, safe='')}"
             try:
                 resp = requests.delete(
-                    url, headers=self._headers, timeout=(timeout / 4, timeout / 2), allow_redirects=False
+                    url, params=params, headers=self._headers, timeout=(timeout / 4, timeout / 2), allow_redirects=False
                 )
-                if resp.status_code >= 300 and resp.status_code != 404:
+                if resp.status_code >= 300 and resp.status_code not in (404, 409):  # 409: another process's now
                     logger.warning("deregistering from %s: HTTP %s", sup.url, resp.status_code)
             except requests.RequestException as exc:
                 logger.warning("deregistering from %s failed: %s", sup.url, type(exc).__name__)
@@ -2075,11 +2151,37 @@ def _retry_after(value: str | None) -> float | None:
     value = (value or "").strip()
     if _is_whole(value):  # not '²', which isdigit() takes and float() refuses
         return min(BACKOFF_CAP, float(value))
+    when = _http_date(value)
+    return None if when is None else min(BACKOFF_CAP, max(0.0, when - time.time()))
+
+
+def _http_date(value: str | None) -> float | None:
+    """Unix seconds of an HTTP date (a Date or Retry-After header), or None."""
     try:
-        seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        return email.utils.parsedate_to_datetime((value or "").strip()).timestamp()
     except (TypeError, ValueError, OverflowError, OSError):  # not a date, or one no clock can hold
         return None
-    return min(BACKOFF_CAP, max(0.0, seconds))
+
+
+def _base_url(register_url: str) -> str:
+    """A supervisor's base URL from its registration URL: ``http://keeper:8100/register`` -> ``http://keeper:8100``."""
+    return register_url.rstrip("/").removesuffix(REGISTER_ROUTE)
+
+
+def _who_else(answer: requests.Response, content: bytes | None, body: Mapping[str, Any]) -> str | None:
+    """Who answered a worker's GET of its own health URL, if neither it nor a sibling (same name and version,
+    any process) did; None if they did, or if a PicoAPI app whose health route is its own did (no name said)."""
+    said = _json(content or b"")
+    said = said if isinstance(said, dict) else {}
+    if body.get("instance") and answer.headers.get(INSTANCE_HEADER) == body["instance"]:
+        return None  # itself
+    if "name" in said:
+        if (said["name"], said.get("version")) == (body["name"], body.get("version")):
+            return None  # a sibling
+        return f"another service ('{_printable(said['name'])} {_printable(said.get('version'))}') answers there"
+    if INSTANCE_HEADER in answer.headers:
+        return None  # a PicoAPI app whose health route is its own: it may be a sibling, nothing tells
+    return f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -2110,7 +2212,7 @@ def _json(content: bytes) -> Any:
         return None
 
 
-def _is_own_entry(answer: Any, body: Mapping[str, Any]) -> bool:
+def _is_own_entry(answer: Any, body: Mapping[str, Any]) -> TypeGuard[dict[str, Any]]:
     """Whether a supervisor's answer is the registry entry of the worker that sent ``body``."""
     own = {"id": worker_id(body["host"], body["port"]), "host": body["host"], "port": body["port"]}
     return isinstance(answer, dict) and all(answer.get(key) == value for key, value in own.items())
@@ -2522,6 +2624,8 @@ class PicoAPI(FastAPI):
         self.registry: Registry | None = None
         self.checker: HealthChecker | None = None
         self.supervisor_id = uuid.uuid4().hex[:12]
+        #: This process's id, renewed at every startup; it registers with it, and its health answers say it.
+        self.instance = uuid.uuid4().hex[:12]
         self._store: _Store | None = None
         self._resolving = 0  # host names being resolved for registrations (see _resolve_host)
         # Connection reuse for call() and broadcast(): one requests.Session per thread.
@@ -2571,11 +2675,21 @@ class PicoAPI(FastAPI):
         return self.config.mode
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Noted here, not in the route, so a health route of the user's own counts too.
-        if self.registrar is not None and scope["type"] == "http" and scope["path"] == self.config.health_route:
+        # Here, not in the route, so a health route of the user's own is noted and says who answered too.
+        if scope["type"] != "http" or scope["path"] != self.config.health_route:
+            await super().__call__(scope, receive, send)
+            return
+        if self.registrar is not None:
             key = _SUPERVISOR_HEADER_KEY
-            self.registrar.note_check(next((v.decode() for k, v in scope["headers"] if k == key), None))
-        await super().__call__(scope, receive, send)
+            self.registrar.note_check(next((v.decode("latin-1") for k, v in scope["headers"] if k == key), None))
+        instance = (_INSTANCE_HEADER_KEY, self.instance.encode())
+
+        async def send_as_self(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), instance]
+            await send(message)
+
+        await super().__call__(scope, receive, send_as_self)
 
     def build_middleware_stack(self) -> ASGIApp:
         # Routes match in order and PicoAPI's come first, so a user's catch-all cannot
@@ -2604,10 +2718,11 @@ class PicoAPI(FastAPI):
 
     async def _start(self) -> None:
         config = self.config
+        self.instance = uuid.uuid4().hex[:12]  # anew: the processes of a server that forks after import differ
         if config.mode == "supervisor":
             await run_in_threadpool(self._start_supervisor)
         elif config.register_urls:
-            body = config.registration()
+            body = {**config.registration(), "instance": self.instance}
             if self.openapi_url:
                 body["openapi"] = self.openapi_url
             self.registrar = Registrar(
@@ -2617,7 +2732,11 @@ class PicoAPI(FastAPI):
                 timeout=config.register_timeout,
                 required=config.register_required,
             )
-            await run_in_threadpool(self.registrar.register_all)
+            try:
+                await run_in_threadpool(self.registrar.register_all)
+            except RegistrationError:  # the supervisors that did take it must not keep it
+                await run_in_threadpool(self.registrar.deregister_all)
+                raise
             self.registrar.start()
 
     async def _stop(self) -> None:
@@ -2803,10 +2922,11 @@ class PicoAPI(FastAPI):
                 failing[check_name] = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
         if self.checker is not None and self.checker.trouble:  # a supervisor that cannot check says so
             failing["picoapi-checker"] = self.checker.trouble
+        # As registered (FastAPI's default version is not API_VERSION's): a sibling's check_self knows them.
         body: dict[str, Any] = {
             "status": UNHEALTHY if failing else HEALTHY,
-            "name": self.title,
-            "version": self.version,
+            "name": self.config.title or self.title,
+            "version": self.config.version,
         }
         if failing:
             body["failing"] = failing
@@ -3141,8 +3261,7 @@ def _default_supervisor_url() -> str:
     """The supervisor this machine's configuration points at."""
     config = Config.load()
     if config.register_urls:
-        url = config.register_urls[0]
-        return url[: -len(REGISTER_ROUTE)] if url.endswith(REGISTER_ROUTE) else url
+        return _base_url(config.register_urls[0])
     return f"http://127.0.0.1:{config.port}"
 
 

@@ -2287,6 +2287,268 @@ class TestRegistrarHostile:
         assert elapsed < 0.5
 
 
+SERVICE = "http://127.0.0.1:8100/services/127.0.0.1%3A9001"
+HEALTH = "http://127.0.0.1:9001/health"
+SELF_CHECK_FIX = (
+    ": the server binds another port or address; pass --port 9001 to uvicorn (picoapi worker binds API_PORT itself), "
+    "or set API_PORT and API_HOST to where it listens"
+)
+
+
+def process_registrar(clock: FakeClock, wall: float = 5000.0, **kwargs: Any) -> Registrar:
+    """A registrar for process 'p1', interval 1 s (a silent supervisor is asked after 3 s), the wall at ``wall``."""
+    body = {**worker_config(health_interval=1).registration(), "instance": "p1"}
+    return Registrar((SUP,), body, clock=clock, sleep=clock.sleep, rand=lambda: 1.0, wall=lambda: wall, **kwargs)
+
+
+def service_entry(**fields: Any) -> dict[str, Any]:
+    """GET /services/{id} as a supervisor answers it for the worker of ``worker_config()``."""
+    return {"id": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001, "name": "orders", "version": "0.0.1", **fields}
+
+
+class TestWorkerIdentity:
+    """Each worker process has an id: it registers, answers and leaves as itself; only its own supervisors' checks
+    keep it from asking again; a 409 ends its startup; it says so when its registered address reaches another."""
+
+    @responses.activate
+    def test_a_process_registers_answers_and_leaves_as_itself(self) -> None:
+        responses.put(SUP, **answer())
+        responses.delete(SUP + "/127.0.0.1%3A9001", status=204)
+        app = PicoAPI(config=worker_config())
+        built = app.instance
+        with TestClient(app) as client:
+            instance = app.instance
+            sent = json.loads(responses.calls[0].request.body)
+            assert sent["instance"] == instance != built  # anew at startup: processes forked after import differ
+            Registration.model_validate(sent)  # the supervisor takes it
+            # a header that is not UTF-8 (a prober's, an attacker's) is no 500
+            health = client.get("/health", headers={"X-PicoAPI-Supervisor": b"\xe9t\xe9"})
+            assert health.status_code == 200 and health.headers["X-PicoAPI-Instance"] == instance
+            # as registered, so that a sibling process knows it (FastAPI's own default version is 0.1.0)
+            said = health.json()
+            assert (said["name"], said["version"]) == (sent["name"], sent["version"]) == ("orders", "0.0.1")
+        assert responses.calls[-1].request.method == "DELETE"
+        assert responses.calls[-1].request.url == f"{SUP}/127.0.0.1%3A9001?instance={instance}"
+        assert PicoAPI(config=worker_config()).instance != instance
+
+    def test_a_health_route_of_the_users_own_says_who_answered_too(self) -> None:
+        app = PicoAPI(env_file=None)
+
+        @app.get("/health")
+        def mine() -> dict[str, bool]:
+            return {"ok": True}
+
+        with TestClient(app) as client:
+            health = client.get("/health")
+            assert health.json() == {"ok": True} and health.headers["X-PicoAPI-Instance"] == app.instance
+            assert "X-PicoAPI-Instance" not in client.get("/docs").headers
+
+    @pytest.mark.parametrize("required", [False, True])
+    @responses.activate
+    def test_409_fails_startup_whatever_register_required_says(self, required: bool) -> None:
+        detail = "127.0.0.1:9001 is served by another live instance (billing\x1b]0;pwned\x07 2.0); stop it first"
+        responses.put(SUP, status=409, json={"detail": detail})
+        responses.delete(SUP + "/127.0.0.1%3A9001", status=409)  # another process registered it: it stays
+        app = PicoAPI(config=worker_config(register_required=required))
+        with pytest.raises(RegistrationError) as info, TestClient(app):
+            pass
+        assert str(info.value) == (
+            f"127.0.0.1:9001 is served by another live instance; {SUP} refused this one: HTTP 409: 127.0.0.1:9001 is "
+            "served by another live instance (billing\\x1b]0;pwned\\x07 2.0); stop it first"
+        )
+        assert [c.request.method for c in responses.calls] == ["PUT", "DELETE"]  # never retried
+
+    @responses.activate
+    def test_409_from_one_supervisor_leaves_the_others_too(self) -> None:
+        responses.put(SUP, **answer())
+        responses.put(SUP2, status=409, json={"detail": "served"})
+        deletes = [responses.delete(url + "/127.0.0.1%3A9001", status=204) for url in (SUP, SUP2)]
+        app = PicoAPI(config=worker_config(register_urls=f"{SUP}!{SUP2}"))
+        served = f"^127.0.0.1:9001 is served by another live instance; {SUP2} refused this one: HTTP 409: served$"
+        with pytest.raises(RegistrationError, match=served), TestClient(app):
+            pass
+        assert [d.call_count for d in deletes] == [1, 1]  # the supervisor that took it keeps nothing
+
+    @responses.activate
+    def test_only_its_own_supervisors_checks_count(self, caplog: Any) -> None:
+        responses.put(SUP, **answer())
+        responses.get(SERVICE, status=404, json={"detail": "no worker with id '127.0.0.1:9001'"})
+        clock = FakeClock()
+        r = process_registrar(clock)
+        r.register_all()
+        for _ in range(10):  # a load balancer's liveness probe: no supervisor header
+            clock.advance(1)
+            r.note_check(None)
+            r.step()
+        assert [c.request.method for c in responses.calls] == ["PUT", "GET", "PUT", "GET", "PUT"]
+        assert caplog.text.count(f"{SUP} no longer knows this worker process; registering again") == 2
+
+    @responses.activate
+    def test_a_process_its_supervisors_checks_miss_asks_and_stays_quiet(self, caplog: Any) -> None:
+        responses.put(SUP, **answer())
+        asked = responses.get(SERVICE, json=service_entry(last_check=4999.5))
+        clock = FakeClock()
+        r = process_registrar(clock, wall=5000.0)
+        r.register_all()
+        caplog.set_level(logging.DEBUG, "picoapi")
+        caplog.clear()
+        for _ in range(30):  # ten watchdog periods; a sibling process gets every check
+            clock.advance(1)
+            r.step()
+        assert [c.request.method for c in responses.calls].count("PUT") == 1 and asked.call_count == 7
+        assert caplog.records == [] and r.supervisors[0].is_registered
+
+    @responses.activate
+    def test_recent_by_the_supervisors_own_clock_and_asked_without_the_token(self) -> None:
+        responses.put(SUP, **answer())
+        date = picoapi.email.utils.formatdate(1_000_000.4, usegmt=True)  # whole seconds: 1,000,000
+        responses.get(SERVICE, json=service_entry(last_check=1_000_000.9), headers={"Date": date})
+        clock = FakeClock()
+        r = process_registrar(clock, wall=1_000_000.0 + 3600, token="s3cret")  # our clock an hour ahead
+        r.register_all()
+        clock.advance(3.5)
+        r.step()
+        assert [c.request.method for c in responses.calls] == ["PUT", "GET"]
+        assert "Authorization" not in responses.calls[1].request.headers
+
+    @responses.activate
+    def test_checks_from_a_supervisor_it_does_not_know_mean_it_restarted(self, caplog: Any) -> None:
+        responses.put(SUP, **answer())
+        responses.get(SERVICE, json=service_entry(last_check=4999.5))  # a sibling registered the entry again
+        clock = FakeClock()
+        r = process_registrar(clock, wall=5000.0)
+        r.register_all()
+        responses.replace(responses.PUT, SUP, **answer(**{"X-PicoAPI-Supervisor": "sup2"}))
+        clock.advance(2)
+        r.note_check("sup2")  # the restarted supervisor's check, counted against this process: it must join
+        clock.advance(1.5)
+        r.step()
+        assert [c.request.method for c in responses.calls] == ["PUT", "PUT"]
+        assert r.supervisors[0].identity == "sup2" and "no longer knows this worker process" in caplog.text
+        for _ in range(10):
+            clock.advance(1)
+            r.note_check("sup2")
+            r.step()
+        assert len(responses.calls) == 2  # its checks count again
+
+    @pytest.mark.parametrize(
+        "said",
+        [
+            pytest.param({"status": 404, "json": {"detail": "no worker with id"}}, id="forgot it"),
+            pytest.param({"json": service_entry(last_check=4996.5)}, id="checks it no more"),
+            pytest.param({"json": service_entry(last_check=None)}, id="never checked it"),
+            pytest.param({"json": service_entry(last_check="4999.5")}, id="not a number"),
+            pytest.param({"json": service_entry(name="billing", last_check=4999.5)}, id="another service's"),
+            pytest.param({"json": service_entry(version="2.0", last_check=4999.5)}, id="another version's"),
+            pytest.param({"json": [service_entry(last_check=4999.5)]}, id="a list"),
+            pytest.param({"body": "<html>welcome to nginx\x1b[2J</html>"}, id="not a supervisor"),
+            pytest.param({"status": 302, "headers": {"Location": SERVICE + "/x"}}, id="a redirect"),
+            pytest.param({"body": requests.ConnectionError("down")}, id="down"),
+        ],
+    )
+    @responses.activate
+    def test_registers_again_with_a_warning_when_its_supervisor_does_not_check_it(
+        self, said: dict[str, Any], caplog: Any
+    ) -> None:
+        responses.put(SUP, **answer())
+        responses.get(SERVICE, **said)
+        responses.get(SERVICE + "/x", json=service_entry(last_check=4999.5))
+        clock = FakeClock()
+        r = process_registrar(clock, wall=5000.0)
+        r.register_all()
+        clock.advance(3.5)
+        r.step()
+        assert [c.request.method for c in responses.calls] == ["PUT", "GET", "PUT"]
+        assert f"{SUP} no longer knows this worker process; registering again" in caplog.text
+        assert all(record.getMessage().isprintable() for record in caplog.records)
+
+    def test_the_question_is_bounded_in_total(self) -> None:
+        def answer(request: bytes, conn: socket.socket) -> None:
+            if request.startswith(b"GET"):
+                trickle(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 900\r\n\r\n" + b"x" * 900)
+            else:
+                conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(ENTRY), ENTRY))
+
+        with raw_supervisor(answer) as url:
+            body = {**worker_config(health_interval=1).registration(), "instance": "p1"}
+            r = Registrar((url,), body, watchdog_after=0.3)
+            r.register_all()
+            r.supervisors[0].last_seen -= 1  # no check for a second
+            started = time.monotonic()
+            r.step()
+            elapsed = time.monotonic() - started
+        assert elapsed < 1.0 and r.supervisors[0].is_registered  # the GET cut after 0.3 s, then registered again
+
+    @pytest.mark.parametrize(
+        ("said", "found"),
+        [
+            (
+                {"json": {"status": "healthy", "name": "billing\x1b[2J", "version": "2.0"}},
+                "another service ('billing\\x1b[2J 2.0') answers there",
+            ),
+            ({"json": {"name": "orders", "version": "9.9"}}, "another service ('orders 9.9') answers there"),
+            (
+                {"status": 404, "body": "<html>welcome to nginx</html>"},
+                "something else answers there (HTTP 404, not a PicoAPI health endpoint)",
+            ),
+            ({"body": requests.ConnectionError("refused")}, "nothing answers there (ConnectionError: refused)"),
+            ({"json": {"name": "orders", "version": "0.0.1"}, "headers": {"X-PicoAPI-Instance": "p2"}}, None),
+            ({"status": 503, "json": {"status": "unhealthy", "name": "orders", "version": "0.0.1"}}, None),
+            ({"json": {"ok": True}, "headers": {"X-PicoAPI-Instance": "p1"}}, None),
+            ({"json": {"ok": True}, "headers": {"X-PicoAPI-Instance": "p2"}}, None),
+        ],
+        ids=[
+            "another service",
+            "another version",
+            "not PicoAPI",
+            "nothing",
+            "a sibling",
+            "itself, failing a check of its own",
+            "itself, through a route of its own",
+            "a PicoAPI process through a route of its own",
+        ],
+    )
+    @responses.activate
+    def test_self_check_says_who_answers_where_it_registered(
+        self, said: dict[str, Any], found: str | None, caplog: Any
+    ) -> None:
+        responses.get(HEALTH, **said)
+        process_registrar(FakeClock()).check_self()
+        assert "Authorization" not in responses.calls[0].request.headers
+        errors = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+        assert errors == (
+            [] if found is None else [("ERROR", f"registered 127.0.0.1:9001 but {found}{SELF_CHECK_FIX}")]
+        )
+
+    def test_self_check_runs_once_after_startup_and_never_holds_shutdown(self, caplog: Any) -> None:
+        port = free_port()  # nothing listens there
+        body = {**worker_config(port=port, health_interval=0.2).registration(), "instance": "p1"}
+        r = Registrar((f"http://127.0.0.1:{free_port()}/register",), body)
+        r.start()
+        try:
+            wait_for(lambda: "nothing answers there" in caplog.text, 5, "the self-check's ERROR")
+        finally:
+            r.stop()
+        assert f"registered 127.0.0.1:{port} but nothing answers there (ConnectionRefusedError: " in caplog.text
+        assert f"pass --port {port} to uvicorn" in caplog.text
+        silent = socket.create_server(("127.0.0.1", 0))  # connects, never answers
+        with silent:
+            body = {**worker_config(port=silent.getsockname()[1], health_interval=60).registration(), "instance": "p1"}
+            r = Registrar((SUP,), body)
+            checking = threading.Thread(target=r.check_self)
+            checking.start()
+            wait_for(lambda: r._in_flight, 5, "the self-check's GET")
+            started = time.monotonic()
+            caplog.clear()
+            r.stop()
+            checking.join(5)
+        assert time.monotonic() - started < 0.5 and caplog.records == []  # cut: nothing to report
+        r = Registrar((SUP,), body)
+        r.start()
+        r.stop()
+        wait_for(lambda: "picoapi-self-check" not in picoapi_threads(), 2, "the cancelled timer to end")
+
+
 # -- End to end: real processes on 127.0.0.1 ---------------------------------------------
 
 WORKER_MODULE = """
@@ -2318,9 +2580,16 @@ class Child(subprocess.Popen):  # type: ignore[type-arg]
 
 
 def serve(
-    args: Callable[[int], list[str]], env: dict[str, str], log: Any, cwd: Any, port: int | None = None, **popen: Any
+    args: Callable[[int], list[str]],
+    env: dict[str, str] | Callable[[int], dict[str, str]],
+    log: Any,
+    cwd: Any,
+    port: int | None = None,
+    module: str = "picoapi",
+    **popen: Any,
 ) -> Child:
-    """Start ``python -m picoapi *args(port)`` and return once that very process listens on the port.
+    """Start ``python -m <module> *args(port)`` (in ``env(port)`` if a function) and return once that very
+    process listens on the port.
 
     A port picked before the child binds it can be taken meanwhile: with no fixed ``port``
     a child that lost the race is started again on another one. Its log is shown if the test fails.
@@ -2328,8 +2597,9 @@ def serve(
     for _ in range(5):
         chosen = port or free_port()
         out = open(log, "ab")  # noqa: SIM115 - the child keeps it
+        environ = env(chosen) if callable(env) else env
         proc = Child(
-            [sys.executable, "-m", "picoapi", *args(chosen)], cwd=cwd, env=env, stdout=out, stderr=out, **popen
+            [sys.executable, "-m", module, *args(chosen)], cwd=cwd, env=environ, stdout=out, stderr=out, **popen
         )
         out.close()
         proc.port, proc.log = chosen, log
@@ -2363,9 +2633,19 @@ class Cluster:
         self.sup_port: int | None = None
         self.url = ""
 
-    def _start(self, args: Callable[[int], list[str]], env: dict[str, str], port: int | None) -> Child:
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("API_")}, "PYTHONPATH": HERE, **env}
-        proc = serve(args, env, self.tmp / f"proc{len(self.procs)}.log", self.tmp, port)
+    def _start(
+        self,
+        args: Callable[[int], list[str]],
+        env: dict[str, str] | Callable[[int], dict[str, str]],
+        port: int | None,
+        module: str = "picoapi",
+    ) -> Child:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+
+        def environ(port: int) -> dict[str, str]:
+            return {**clean, "PYTHONPATH": HERE, **(env(port) if callable(env) else env)}
+
+        proc = serve(args, environ, self.tmp / f"proc{len(self.procs)}.log", self.tmp, port, module)
         self.procs.append(proc)
         return proc
 
@@ -2378,10 +2658,16 @@ class Cluster:
 
     def worker(self, port: int | None = None, interval: float = 0.2, **env: str) -> Child:
         """Start an echo worker (on a free port unless given); returns once it listens."""
+        return self._start(
+            lambda p: ["worker", "echo_worker:app", "--port", str(p)], self.settings(interval, env), port
+        )
+
+    def settings(self, interval: float, env: dict[str, str]) -> dict[str, str]:
+        """An echo worker's environment."""
         if self.sup_port is None:  # the worker may start first: its supervisor's port is chosen now
             self.sup_port = free_port()
             self.url = f"http://127.0.0.1:{self.sup_port}"
-        settings = {
+        return {
             "API_HOST": "127.0.0.1",
             "API_BIND": "127.0.0.1",
             "API_TITLE": "echo",
@@ -2391,7 +2677,6 @@ class Cluster:
             "API_REGISTER_TIMEOUT": "0.5",
             **env,
         }
-        return self._start(lambda p: ["worker", "echo_worker:app", "--port", str(p)], settings, port)
 
     def services(self) -> list[dict[str, Any]]:
         return list(requests.get(self.url + "/services", timeout=1).json())
@@ -3966,3 +4251,160 @@ class TestNoRebinding:
             assert TestClient(app).get(f"/services/localhost:{port}/openapi").status_code == 200
         assert paths == ["GET /work", "GET /work", "GET /openapi.json"]
         assert hosts == [f"localhost:{port}"] * 3  # under its own name, at its verified address
+
+
+# -- Shared ports: one address, several processes, real servers ----------------------------
+
+#: The echo worker, logging what picoapi says (as `picoapi worker` does) under plain uvicorn too.
+LOGGED_WORKER_MODULE = """
+import logging
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(process)d]: %(message)s")
+
+from echo_worker import app
+"""
+
+
+@contextlib.contextmanager
+def statuses_of(cluster: Cluster, wid: str) -> Iterator[list[str | None]]:
+    """Every status the supervisor lists for ``wid`` (None: not listed), sampled every 50 ms while the block runs."""
+    seen: list[str | None] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            with contextlib.suppress(requests.RequestException, ValueError):
+                seen.append(cluster.status(wid))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join(5)
+
+
+class TestSharedPorts:
+    """Workers whose address is served by another process, by several, or by none: never handed out wrongly."""
+
+    @staticmethod
+    def uvicorn(cluster: Cluster, *options: str, interval: float = 0.2, **env: str) -> Child:
+        """``python -m uvicorn logged_worker:app --port P`` as an operator would start it, not through ``picoapi
+        worker``; its API_PORT is P unless given."""
+        (cluster.tmp / "logged_worker.py").write_text(LOGGED_WORKER_MODULE)
+        args = ["logged_worker:app", "--host", "127.0.0.1", *options, "--port"]
+
+        def settings(port: int) -> dict[str, str]:
+            return cluster.settings(interval, {"API_PORT": str(port), **env})
+
+        return cluster._start(lambda p: [*args, str(p)], settings, None, "uvicorn")
+
+    @staticmethod
+    def copy(cluster: Cluster, port: int, **env: str) -> str:
+        """Start ``picoapi worker`` on ``port``, which is taken, and return its log once it exited (10 s at most)."""
+        log = cluster.tmp / f"copy{len(CHILD_LOGS)}.log"
+        CHILD_LOGS.append(log)
+        environ = {**{k: v for k, v in os.environ.items() if not k.startswith("API_")}, "PYTHONPATH": HERE}
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "picoapi", "worker", "echo_worker:app", "--port", str(port)],
+                cwd=cluster.tmp,
+                env={**environ, **cluster.settings(0.3, env)},
+                stdout=out,
+                stderr=out,
+            )
+        try:
+            assert proc.wait(10) != 0, "a copy on a taken port kept running"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        return log.read_text(errors="replace")
+
+    @staticmethod
+    def answering(port: int) -> str:
+        """The instance that answers the health path at ``port``."""
+        return str(requests.get(f"http://127.0.0.1:{port}/health", timeout=1).headers["X-PicoAPI-Instance"])
+
+    def test_plain_uvicorn_on_another_port_than_registered_is_never_handed_out(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        registered = free_port()  # API_PORT, where nothing listens; uvicorn binds a port of its own
+        worker = self.uvicorn(cluster, API_PORT=str(registered))
+        wid = f"127.0.0.1:{registered}"
+        error = f"ERROR picoapi [{worker.pid}]: registered {wid} but nothing answers there ("
+        with statuses_of(cluster, wid) as seen:
+            wait_for(lambda: error in worker.log.read_text(), 10, "the self-check's ERROR")
+            wait_for(lambda: cluster.status(wid) == "unhealthy", 10, "its start-up grace to end")
+        assert f"pass --port {registered} to uvicorn" in worker.log.read_text()
+        assert seen and "healthy" not in seen, seen
+        assert requests.get(f"http://127.0.0.1:{worker.port}/echo?text=hi", timeout=1).ok  # it serves, elsewhere
+
+    def test_a_second_copy_on_a_taken_port_never_takes_the_live_worker_out(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        live = cluster.worker(interval=0.3)
+        wid = f"127.0.0.1:{live.port}"
+        wait_for(lambda: cluster.status(wid) == "healthy", 15, "the live worker")
+        instance = self.answering(live.port)
+        with statuses_of(cluster, wid) as seen:
+            other = self.copy(cluster, live.port, API_TITLE="billing", API_VERSION="2.0")
+            same = self.copy(cluster, live.port)
+            checked = next(s for s in cluster.services() if s["id"] == wid)["last_check"]
+            wait_for(lambda: cluster.services()[0]["last_check"] > checked, 5, "a check after both copies")
+        served = f"{wid} is served by another live instance; {cluster.url}/register refused this one: HTTP 409: "
+        assert f"RegistrationError: {served}{wid} is served by another live instance (echo 0.0.1)" in other
+        assert "Application startup failed" in other
+        assert "address already in use" in same and "Application shutdown complete" in same
+        assert set(seen) == {"healthy"}, seen
+        assert [s["id"] for s in cluster.services()] == [wid] and self.answering(live.port) == instance
+
+    def test_uvicorn_workers_are_one_entry_until_the_server_stops(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        server = self.uvicorn(cluster, "--workers", "2", interval=0.2)
+        wid = f"127.0.0.1:{server.port}"
+
+        def registered() -> list[str]:
+            return re.findall(rf"registered with \S+ as {re.escape(wid)} \(instance (\w+)\)", server.log.read_text())
+
+        wait_for(lambda: len(registered()) == 2 and cluster.status(wid) == "healthy", 20, "both processes")
+        assert self.answering(server.port) in registered()  # it is the server we started that answers
+        with statuses_of(cluster, wid) as seen:
+            successes = next(s for s in cluster.services() if s["id"] == wid)["successes"]
+            wait_for(lambda: cluster.services()[0]["successes"] >= successes + 12, 10, "four watchdog periods")
+        assert set(seen) == {"healthy"}, seen
+        log = server.log.read_text()
+        assert len(registered()) == 2 and "WARNING" not in log and "ERROR" not in log  # no process registered again
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and listens(int(p), server.port)]
+        children.remove(server.pid)
+        assert len(children) == 2
+        with statuses_of(cluster, wid) as seen:
+            os.kill(children[0], signal.SIGKILL)  # uvicorn starts another process, which joins the entry
+            wait_for(lambda: len(registered()) == 3, 15, "the new process's registration")
+            wait_for(lambda: cluster.status(wid) == "healthy", 5, "the entry, healthy")
+        assert None not in seen and cluster.status(wid) == "healthy", seen
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(15) == 0
+        wait_for(lambda: cluster.status(wid) is None, 5, "the entry to leave with the server")
+
+    def test_a_liveness_probe_does_not_keep_a_forgotten_worker_from_registering_again(self, cluster: Cluster) -> None:
+        supervisor = cluster.supervisor()
+        port = cluster.worker(interval=0.2).port
+        wid = f"127.0.0.1:{port}"
+        wait_for(lambda: cluster.status(wid) == "healthy", 15, "registration")
+        stop = threading.Event()
+
+        def probe() -> None:  # Kubernetes' liveness probe, a load balancer's: no supervisor header
+            while not stop.wait(0.3):
+                with contextlib.suppress(requests.RequestException):
+                    requests.get(f"http://127.0.0.1:{port}/health", timeout=0.5)
+
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
+        try:
+            supervisor.kill()
+            supervisor.wait(5)
+            cluster.supervisor()  # forgot the worker: no registry file
+            wait_for(lambda: cluster.status(wid) == "healthy", 10, "registration again, despite the prober")
+        finally:
+            stop.set()
+            prober.join(5)
