@@ -1299,31 +1299,36 @@ class _Store:
         db.execute("BEGIN IMMEDIATE")
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         columns = {row[1] for row in db.execute("PRAGMA table_info(workers)")}
-        if tables - {"workers", "meta"} or columns - {"id", "body", "address"}:
+        if tables - {"workers", "meta"} or columns - {"id", "body", "address", "instances"}:
             raise ConfigError(
                 f"API_REGISTRY_FILE {self.path!r} is not a PicoAPI registry file (it has other tables or "
                 "columns); name a new file"
             )
-        db.execute("CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL)")
-        if "address" not in columns:
-            db.execute("ALTER TABLE workers ADD COLUMN address TEXT NOT NULL DEFAULT ''")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL, "
+            "address TEXT NOT NULL DEFAULT '', instances TEXT NOT NULL DEFAULT '')"
+        )
+        for column in ("address", "instances") if tables else ():  # a file from an older version
+            if column not in columns:
+                db.execute(f"ALTER TABLE workers ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (self.FORMAT,))
         db.execute("COMMIT")
 
-    def load(self) -> list[tuple[Registration, str]]:
-        """Every stored registration with the address it resolved to (or "")."""
+    def load(self) -> list[tuple[Registration, str, list[str]]]:
+        """Every stored registration with the address it was verified at (or "") and its processes."""
         regs = []
-        for wid, body, address in self._db.execute("SELECT id, body, address FROM workers").fetchall():
+        for wid, body, address, instances in self._db.execute("SELECT * FROM workers").fetchall():
             try:
-                regs.append((Registration.model_validate_json(body), str(address)))
+                regs.append((Registration.model_validate_json(body), str(address), str(instances).split()))
             except ValueError as exc:
                 logger.warning("skipping unreadable registry row %s: %s", _printable(wid), _printable(exc))
         return regs
 
-    def save(self, wid: str, reg: Registration, address: str) -> None:
+    def save(self, wid: str, reg: Registration, address: str, instances: Sequence[str] = ()) -> None:
         self._flush()
-        self._db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?, ?)", (wid, reg.model_dump_json(), address))
+        row = (wid, reg.model_dump_json(), address, " ".join(instances))
+        self._db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?)", row)
 
     def delete(self, wid: str) -> None:
         self._flush()
@@ -2764,10 +2769,14 @@ class PicoAPI(FastAPI):
             self._store = _Store(self.config.registry_file, self.registry.__contains__)
             self.supervisor_id = self._store.identity()
             loaded = self._store.load()
-            for reg, address in loaded:
+            for reg, address, instances in loaded:
                 if worker_id(reg.host, reg.port) not in self.registry:
                     try:
-                        self.registry.register(reg, address=address or _resolve(reg.host))
+                        address = address or _resolve(reg.host)  # a file from before addresses were kept
+                        for instance in instances or [reg.instance or ""]:  # the same registration from each process
+                            self.registry.register(
+                                reg.model_copy(update={"instance": instance or None}), address=address
+                            )
                     except ValueError as exc:  # its checks fail, saying why, until it registers again
                         logger.warning("loaded worker %s: %s", worker_id(reg.host, reg.port), exc)
                         self.registry.register(reg, address="")
@@ -3181,7 +3190,7 @@ class PicoAPI(FastAPI):
     async def _answered_by_own(self, entry: Worker, instances: Sequence[str] = ()) -> bool:
         """Check ``entry`` now (at most 2 s): did one of ``instances`` (its own, by default) answer?"""
         headers = self.checker.headers if self.checker is not None else {}
-        timeout = min(entry.timeout, 2.0)
+        timeout = min(entry.timeout, 0.75)  # within the worker's own wait for its DELETE
         result = await run_in_threadpool(check_once, entry.health_url, timeout, headers, entry.address)
         return result.ok and result.instance in (instances or entry.instances)
 
@@ -3193,11 +3202,14 @@ class PicoAPI(FastAPI):
             known = wid in self.registry
             self._store.save(wid, reg, address)
             try:
-                return self.registry.register(reg, address=address)
+                worker, created = self.registry.register(reg, address=address)
             except RegistryFull:
                 if not known:
                     self._store.delete(wid)
                 raise
+            if worker.instances[1:]:  # a sibling process joined: keep every one across a restart
+                self._store.save(wid, reg, address, worker.instances)
+            return worker, created
 
     def _deregister_stored(self, wid: str) -> bool:
         assert self._store is not None and self.registry is not None

@@ -1225,7 +1225,7 @@ class TestPersistence:
         identity = store.identity()
         store.close()
         store = picoapi._Store(str(tmp_path / "reg.db"))
-        assert store.load() == [(reg(), "10.0.0.5")]
+        assert store.load() == [(reg(), "10.0.0.5", [])]
         assert store.identity() == identity
         store.close()
 
@@ -1291,7 +1291,17 @@ class TestPersistence:
             assert client.put("/register", json=dead).status_code == 201
             assert client.put("/register", json=body(port=9003)).status_code == 201  # a write flushes the queue
         assert "picoapi-checks" not in spy.threads and "picoapi-health" not in spy.threads
-        assert sorted(r.port for r, _ in picoapi._Store(path).load()) == sorted([dead["port"], 9003])
+        assert sorted(r.port for r, _, _ in picoapi._Store(path).load()) == sorted([dead["port"], 9003])
+
+    def test_every_process_of_an_entry_survives_a_restart(self, tmp_path: Any) -> None:
+        """uvicorn --workers 2: both processes registered; after a restart checks answered by either still count."""
+        path = str(tmp_path / "reg.db")
+        with TestClient(PicoAPI(mode="supervisor", registry_file=path)) as client:
+            for instance in ("proc1", "proc2"):
+                assert client.put("/register", json=body(port=9001, instance=instance)).status_code in (200, 201)
+        app = PicoAPI(mode="supervisor", registry_file=path)
+        with TestClient(app):
+            assert app.registry is not None and app.registry.get("127.0.0.1:9001").instances == ("proc1", "proc2")  # type: ignore[union-attr]
 
     def test_queued_delete_spares_a_worker_registered_again_meanwhile(self, tmp_path: Any) -> None:
         registered = {"10.0.0.5:8888"}
@@ -1301,7 +1311,7 @@ class TestPersistence:
         store.forget("10.0.0.5:8888")  # the checker removed it, but a PUT brought it back before the flush
         store.forget("10.0.0.6:8888")
         store.close()
-        assert [r.host for r, _ in picoapi._Store(str(tmp_path / "reg.db")).load()] == ["10.0.0.5"]
+        assert [r.host for r, _, _ in picoapi._Store(str(tmp_path / "reg.db")).load()] == ["10.0.0.5"]
 
     def test_supervisor_restart_keeps_workers(self, tmp_path: Any) -> None:
         path = str(tmp_path / "reg.db")
