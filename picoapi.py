@@ -1214,8 +1214,13 @@ class Registry:
             # A status change waiting for confirmation is re-checked quickly rather
             # than a whole interval later (see confirm_delay).
             pending = (result.ok and entry.status != HEALTHY) or (not result.ok and entry.status != UNHEALTHY)
-            if pending and now + confirm_delay(entry.interval) < entry._due:
-                self._schedule(entry, now + confirm_delay(entry.interval))
+            # A new worker whose server is not up yet is re-checked at the confirm delay, doubling: a crowd
+            # of registrations that never answer costs a few checks each, not one per delay.
+            delay = confirm_delay(entry.interval) * (
+                2 ** min(entry.failures - 1, 16) if starting and not result.ok else 1
+            )
+            if pending and now + delay < entry._due:
+                self._schedule(entry, now + delay)
             return StatusChange(old, entry.status, False) if entry.status != old else None
 
     def wait_until_due(self, is_stopping: Callable[[], bool]) -> None:

@@ -870,13 +870,15 @@ class TestScheduler:
         clock, registry, pool, checker = sched
         worker, _ = registry.register(reg(interval=100))
         assert worker.status == "unknown"
-        pool.outcome[worker.id] = [FAIL] * 11 + [OK]  # its server is not listening yet
+        pool.outcome[worker.id] = [FAIL] * 5 + [OK]  # its server is not listening yet
         assert checker.run_pending() == 1
-        for _ in range(9):  # re-checked every second, still unknown for min(interval, 10 s)
-            clock.advance(1)
+        for gap in (1, 2, 4):  # re-checked at the confirm delay, doubling, still unknown for min(interval, 10 s)
+            clock.advance(gap - 0.01)
+            assert checker.run_pending() == 0
+            clock.advance(0.01)
             assert checker.run_pending() == 1
             assert registry.get(worker.id).status == "unknown"
-        clock.advance(1)
+        clock.advance(8)
         checker.run_pending()
         assert registry.get(worker.id).status == "unhealthy"  # it never answered: unhealthy after the grace
         clock.advance(100)

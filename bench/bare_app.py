@@ -30,6 +30,7 @@ async def register(reg: Registration, response: Response) -> Any:
     entry = {
         "id": wid,
         **reg.model_dump(),
+        "address": reg.host,
         "status": "healthy",
         "suspect": False,
         "registered_at": time.time(),

@@ -821,6 +821,7 @@ def main() -> None:
         results["elapsed_s"] = round(time.monotonic() - started)
     with open(args.out, "w") as out:
         json.dump(results, out, indent=2)
+    results = json.loads(json.dumps(results))  # the report reads the saved figures' form: keys are strings
     print(write_report(results, os.path.join(HERE, "RESULTS-quick.md" if args.quick else "RESULTS.md")))
     log(f"done in {results['elapsed_s']} s; raw figures in {args.out}")
 
