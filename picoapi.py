@@ -1880,30 +1880,15 @@ class Registrar:
             if self._stop.is_set():
                 raise _Cut("not sent: the registrar is stopping")
             self._in_flight.add(adapter)
-        timer = threading.Timer(timeout, adapter.cut)
-        timer.name, timer.daemon = "picoapi-deadline", True
-        timer.start()
         try:
-            with requests.Session() as session:
-                session.mount("http://", adapter)
-                session.mount("https://", adapter)
-                sent: dict[str, Any] = {"json": self.body, "headers": self._headers} if method == "PUT" else {}
-                resp = session.request(method, url, timeout=timeout, allow_redirects=False, stream=True, **sent)
-                with resp:
-                    content = b""
-                    for chunk in resp.iter_content(MAX_BODY // 4):
-                        content += chunk
-                        if len(content) > MAX_BODY:
-                            return resp, None
-                    return resp, content
+            sent: dict[str, Any] = {"json": self.body, "headers": self._headers} if method == "PUT" else {}
+            return _bounded_request(adapter, method, url, timeout, MAX_BODY, **sent)
         except requests.RequestException as exc:
             if not adapter.is_cut:
                 raise
             why = "cut by stop()" if self._stop.is_set() else f"timed out: no complete answer within {timeout:g}s"
             raise _Cut(why) from exc
         finally:
-            timer.cancel()
-            timer.join()
             with self._idle:
                 self._in_flight.discard(adapter)
                 self._idle.notify_all()
@@ -2296,6 +2281,31 @@ class _Cuttable(requests.adapters.HTTPAdapter):
                 sock.close()
 
 
+def _bounded_request(
+    adapter: _Cuttable, method: str, url: str, timeout: float, limit: int, **kwargs: Any
+) -> tuple[requests.Response, bytes | None]:
+    """One request through ``adapter``, no redirects, cut after ``timeout`` seconds in all (connect to last
+    byte); returns the answer and its body, None when over ``limit`` bytes (the rest is never read). Raises
+    requests' errors; ``adapter.is_cut`` tells a deadline from another failure."""
+    timer = threading.Timer(timeout, adapter.cut)
+    timer.name, timer.daemon = "picoapi-deadline", True
+    timer.start()
+    try:
+        with requests.Session() as session:
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            with session.request(method, url, timeout=timeout, allow_redirects=False, stream=True, **kwargs) as resp:
+                content = b""
+                for chunk in resp.iter_content(64 * 1024):
+                    content += chunk
+                    if len(content) > limit:
+                        return resp, None
+                return resp, content
+    finally:
+        timer.cancel()
+        timer.join()
+
+
 class _Cut(requests.Timeout):
     """A request cut at its deadline or by stop(); the message says which."""
 
@@ -2334,29 +2344,17 @@ def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[s
     502 unless it is a JSON object with an ``openapi`` field, in OPENAPI_MAX_BYTES. A 502 says what
     went wrong in its own words, never in the far end's bytes: a registered address may be anything's.
     """
-    adapter, timeout, body = _Cuttable(), OPENAPI_TIMEOUT, b""
-    timer = threading.Timer(timeout, adapter.cut)
-    timer.name, timer.daemon = "picoapi-deadline", True
-    timer.start()
+    adapter, timeout = _Cuttable(), OPENAPI_TIMEOUT
     try:
-        with requests.Session() as session:
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            with session.get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=False) as resp:
-                if resp.status_code != 200:
-                    raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
-                for chunk in resp.iter_content(64 * 1024):
-                    body += chunk
-                    if len(body) > OPENAPI_MAX_BYTES:
-                        raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
+        resp, body = _bounded_request(adapter, "GET", url, timeout, OPENAPI_MAX_BYTES, headers=headers)
     except requests.RequestException as exc:
-        if not adapter.is_cut:
-            raise HTTPException(502, f"the worker could not be reached ({type(_causes(exc)[-1]).__name__})") from None
-    finally:
-        timer.cancel()
-        timer.join()
-    if adapter.is_cut:
-        raise HTTPException(502, f"the worker sent no complete OpenAPI document within {timeout:g}s")
+        if adapter.is_cut:
+            raise HTTPException(502, f"the worker sent no complete OpenAPI document within {timeout:g}s") from None
+        raise HTTPException(502, f"the worker could not be reached ({type(_causes(exc)[-1]).__name__})") from None
+    if resp.status_code != 200:
+        raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
+    if body is None:
+        raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
     document = _json(body)
     if not isinstance(document, dict) or not isinstance(document.get("openapi"), str):
         raise HTTPException(
