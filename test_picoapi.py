@@ -956,7 +956,7 @@ def raw_server(handler: Callable[[socket.socket], None]) -> Iterator[int]:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(16)
-    server.settimeout(0.2)
+    server.settimeout(0.05)  # how long stopping it may wait
     stop = threading.Event()
 
     def serve() -> None:
@@ -1614,7 +1614,7 @@ def http_worker(
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)  # shutdown() waits a poll
     thread.start()
     try:
         yield server.server_address[1], clients, paths
@@ -3039,7 +3039,7 @@ def fake_supervisor(answer: Callable[[dict[str, list[str]]], tuple[Any, dict[str
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)  # shutdown() waits a poll
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -3986,7 +3986,7 @@ def recording_server(
 
     server = ThreadingHTTPServer((host, 0), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)  # shutdown() waits a poll
     thread.start()
     try:
         yield server.server_address[1], received
