@@ -238,14 +238,6 @@ def _printable(text: object, limit: int = MAX_ERROR) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -304,7 +296,7 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
 
 def _resolve(host: str) -> str:
     """The IP address ``host`` names (blocking); raises ValueError naming the host."""
-    if _is_ip(host):
+    if _ip(host) is not None:
         return host
     try:
         return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
@@ -487,8 +479,8 @@ def _parse_allowed_hosts(var: str, raw: object) -> tuple[str, ...]:
     # As Starlette's TrustedHostMiddleware compares the Host header's host: lower case, IPv6 in brackets.
     hosts = []
     for item in _parse_list(var, raw, "!"):
-        host = f"[{item.lower()}]" if ":" in item and _is_ip(item) else item.lower()
-        if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and not _is_ip(host[1:-1])):
+        host = f"[{item.lower()}]" if ":" in item and _ip(item) is not None else item.lower()
+        if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and _ip(host[1:-1]) is None):
             raise ConfigError(
                 f"{var} must list host names or IP addresses without scheme or port, '!'-delimited, such as "
                 f"'keeper!keeper.internal!127.0.0.1' ('*.example.com' for subdomains, '*' for any), got {item!r}"
@@ -1414,8 +1406,9 @@ class _CheckPool:
     """Runs checks concurrently on one thread: non-blocking sockets and one selector.
 
     A silent worker costs a socket, not a thread, so it never delays another check.
-    Each check has a total deadline covering connect, TLS, send and the status
-    line; only the status line is read; redirects are never followed; the
+    Each check has a total deadline covering connect, TLS, send and the answer's
+    head; only the status line and headers are read (4 KiB at most, never the
+    body: the code and the answering process); redirects are never followed; the
     connection is fresh each time (as Consul does), so a half-dead keep-alive
     connection never hides a dead worker. At most ``limit`` checks are in flight,
     and checks of workers whose last check failed get at most half of them, so
@@ -2122,9 +2115,9 @@ class Registrar:
 
         def one(sup: _Supervisor) -> None:
             url = f"{sup.url.rstrip('/')}/{quote(wid, safe='')}"
-            try:
-                resp = requests.delete(
-                    url, params=params, headers=self._headers, timeout=(timeout / 4, timeout / 2), allow_redirects=False
+            try:  # bounded in total, as a PUT is: a trickling supervisor cannot keep a thread
+                resp, _ = _bounded_request(
+                    _Cuttable(), "DELETE", url, timeout / 2, MAX_BODY, params=params, headers=self._headers
                 )
                 if resp.status_code >= 300 and resp.status_code not in (404, 409):  # 409: another process's now
                     logger.warning("deregistering from %s: HTTP %s", sup.url, resp.status_code)

@@ -3266,7 +3266,7 @@ class TestFuzzing:
     @pytest.fixture(autouse=True)
     def no_dns(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Generated host names resolve to a loopback address: no query leaves the machine."""
-        monkeypatch.setattr(picoapi, "_resolve", lambda host: host if picoapi._is_ip(host) else "127.0.0.9")
+        monkeypatch.setattr(picoapi, "_resolve", lambda host: host if picoapi._ip(host) else "127.0.0.9")
 
     @fuzzed.parametrize()
     @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
