@@ -3078,8 +3078,9 @@ class PicoAPI(FastAPI):
             # Built here from the registry's own data: serialised once, not validated again.
             response = Response(to_json([_out(w) for w in page]), media_type="application/json")
             if start + limit < len(workers):
-                next_url = request.url.include_query_params(after=page[-1].id, limit=limit)
-                response.headers["Link"] = f'<{next_url}>; rel="next"'
+                # A path, not a URL: the Host header the caller sent is not echoed back.
+                following = request.url.include_query_params(after=page[-1].id, limit=limit)
+                response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
             return response
 
         @self.get(
