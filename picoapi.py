@@ -3274,8 +3274,10 @@ def _default_supervisor_url() -> str:
     return f"http://127.0.0.1:{config.port}"
 
 
-#: A page of GET /services, read by the model the route declares: one shape on both ends.
-_STATUS_PAGE = TypeAdapter(list[WorkerOut])
+@functools.cache
+def _status_page() -> TypeAdapter[list[WorkerOut]]:
+    """A page of GET /services, read by the model the route declares (built on first use, not at import)."""
+    return TypeAdapter(list[WorkerOut])
 
 
 def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
@@ -3296,7 +3298,7 @@ def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[
         except requests.RequestException as exc:
             raise PicoAPIError(f"cannot reach the supervisor at {url}: {_printable(_root_cause(exc))}") from None
         try:
-            ids = [entry.id for entry in _STATUS_PAGE.validate_python(page, strict=True)]
+            ids = [entry.id for entry in _status_page().validate_python(page, strict=True)]
         except ValidationError as exc:
             error = exc.errors()[0]
             where = "entry " + ".".join(map(str, error["loc"])) if error["loc"] else "the answer"
