@@ -4286,14 +4286,19 @@ from echo_worker import app
 
 @contextlib.contextmanager
 def statuses_of(cluster: Cluster, wid: str) -> Iterator[list[str | None]]:
-    """Every status the supervisor lists for ``wid`` (None: not listed), sampled every 50 ms while the block runs."""
+    """Every status the supervisor lists for ``wid`` (None: not listed), sampled when the block starts, every 50 ms
+    while it runs and once more when it ends (a block that ends at once still has samples)."""
     seen: list[str | None] = []
     done = threading.Event()
 
     def sample() -> None:
-        while not done.wait(0.05):
+        while True:
+            stop = done.is_set()
             with contextlib.suppress(requests.RequestException, ValueError):
                 seen.append(cluster.status(wid))
+            if stop:
+                break
+            done.wait(0.05)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
