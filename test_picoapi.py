@@ -3515,7 +3515,7 @@ class TestChurn:
         )
 
 
-ALL_VARIABLES = [var for var, _ in picoapi._VARIABLES.values()]
+ALL_VARIABLES = [setting.var for setting in picoapi._SETTINGS.values()]
 ANY_VALUE = st.one_of(
     st.text(),
     st.text(alphabet="0123456789.-:/![]eE "),
@@ -3538,14 +3538,14 @@ class TestConfigProperties:
         except ConfigError as exc:
             assert var in str(exc)
 
-    @pytest.mark.parametrize("field", list(picoapi._VARIABLES))
+    @pytest.mark.parametrize("field", list(picoapi._SETTINGS))
     @settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
     @given(value=ANY_VALUE)
     def test_keyword_value_is_valid_or_names_the_variable(self, field: str, value: Any) -> None:
         try:
             Config.load({field: value}, env_file=None)
         except ConfigError as exc:
-            assert picoapi._VARIABLES[field][0] in str(exc)
+            assert picoapi._SETTINGS[field].var in str(exc)
 
 
 class TestSecurity:
@@ -3784,7 +3784,7 @@ class TestSlowResolver:
                     payload["health"]["url"] = f"http://slow{i}.example:{9000 + i}/health"
                     thread = threading.Thread(target=lambda p=payload: slow.append(client.put("/register", json=p)))
                     thread.start()
-                wait_for(lambda: app._resolving == picoapi.MAX_RESOLVING, 5, "four slow resolutions")
+                wait_for(lambda: app._supervisor.resolving == picoapi.MAX_RESOLVING, 5, "four slow resolutions")
                 extra = {**body(port=9100), "host": "slow-extra.example"}
                 extra["health"]["url"] = "http://slow-extra.example:9100/health"
                 refused = client.put("/register", json=extra)
