@@ -440,6 +440,14 @@ class TestConfig:
             keyword = {"title": "t", "register_token": "s3cret"}.get(name, field.default)
             assert getattr(PicoAPI(**{name: keyword}, env_file=None).config, name) == (keyword or field.default)
 
+    def test_readme_and_env_example_list_every_setting(self) -> None:
+        variables = {setting.var for setting in picoapi._SETTINGS.values()}
+        readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+        table = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+        assert set(re.findall(r"^\| (API_\w+) \|", table, re.MULTILINE)) == variables | {"API_MASTER"}
+        example = open(os.path.join(HERE, ".env.example"), encoding="utf-8").read()
+        assert set(re.findall(r"^(API_\w+)=", example, re.MULTILINE)) == variables
+
     def test_token_is_not_in_repr(self) -> None:
         assert "s3cret" not in repr(Config.load({"register_token": "s3cret"}))
 
