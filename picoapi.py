@@ -254,50 +254,6 @@ def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
 
 
-def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] = ()) -> str:
-    """The address a registration from ``peer`` may claim for ``host``: its checks go there (blocking: DNS).
-
-    The host must be ``peer``'s own address or a name resolving to it, or resolve into
-    ``networks``; an unspecified, link-local, multicast or broadcast address only if a
-    listed network holds it. Raises ValueError for a host that does not resolve or is
-    not spelled canonically (one address, one id), PermissionError for a claim refused.
-    """
-    ip = _ip(host)
-    if ip is None:
-        with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
-            ip = _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
-    if ip is not None and str(ip) != host:
-        raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
-    if ip is not None:
-        addresses = [ip]
-    else:
-        try:
-            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            raise ValueError(
-                f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an address"
-            ) from exc
-        addresses = list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
-    listed = [a for a in addresses if any(a in net for net in networks)]
-    for a in addresses:
-        special = a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"
-        if special and a not in listed:
-            raise PermissionError(
-                f"host {host!r} resolves to {a}, an unspecified, link-local, multicast or broadcast address; "
-                "declare the worker's own address (a network listed in API_REGISTER_NETWORKS opens it)"
-            )
-    if (peer_ip := _ip(peer)) in addresses:
-        return str(peer_ip)
-    if listed:
-        return str(listed[0])
-    shown = ", ".join(map(str, addresses))
-    raise PermissionError(
-        f"host {host!r} resolves to {shown}, but the registration came from {_printable(peer)}: a worker may "
-        "only register an address it is reachable at; register from that host, or list its network in "
-        "API_REGISTER_NETWORKS (NAT, proxies, containers)"
-    )
-
-
 def _resolve(host: str) -> str:
     """The IP address ``host`` names (blocking); raises ValueError naming the host."""
     if _ip(host) is not None:
@@ -353,10 +309,6 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _split(value: str, sep: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(sep) if item.strip())
-
-
 def _is_whole(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 12  # not '²', not 5,000 digits
 
@@ -366,7 +318,9 @@ def _is_whole(text: str) -> bool:
 # naming the variable, the value and the way out.
 
 
-def _parse_seconds(var: str, raw: object, low: float, high: float) -> float:
+def _parse_seconds(var: str, raw: object, low: float, high: float, off: bool = False) -> float | None:
+    if off and str(raw).strip().lower() in ("", "off", "none", "0"):
+        return None
     try:
         value = float(str(raw).strip()) if not isinstance(raw, bool) else math.nan
     except ValueError:
@@ -374,12 +328,6 @@ def _parse_seconds(var: str, raw: object, low: float, high: float) -> float:
     if not low <= value <= high:  # also refuses nan and inf
         raise ConfigError(f"{var} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
     return value
-
-
-def _parse_seconds_or_off(var: str, raw: object, low: float, high: float) -> float | None:
-    if str(raw).strip().lower() in ("", "off", "none", "0"):
-        return None
-    return _parse_seconds(var, raw, low, high)
 
 
 def _parse_count(var: str, raw: object, low: int, high: int) -> int:
@@ -444,12 +392,9 @@ def _parse_list(
     var: str, raw: object, sep: str, item: Callable[[str, str], Any] | None = None, most: int = 0
 ) -> tuple[Any, ...]:
     """A ``sep``-delimited string or a list; each item checked by ``item(var, text)``, at most ``most`` of them."""
-    if isinstance(raw, str):
-        items = _split(raw, sep)
-    elif isinstance(raw, (list, tuple, set, frozenset)):
-        items = tuple(str(i).strip() for i in raw if str(i).strip())
-    else:
+    if not isinstance(raw, (str, list, tuple, set, frozenset)):
         raise ConfigError(f"{var} must be a {sep!r}-delimited string or a list of strings, got {raw!r}")
+    items = tuple(i.strip() for i in (raw.split(sep) if isinstance(raw, str) else map(str, raw)) if i.strip())
     if most and len(items) > most:
         raise ConfigError(f"{var} may list at most {most} items, got {len(items)}")
     return tuple(map(functools.partial(item, var), items)) if item else items
@@ -534,61 +479,69 @@ class Config:
     ``.env`` file, the defaults.
     """
 
-    mode: str = _setting("API_MODE", _parse_choice, "worker", "supervisor", default=DEFAULT_MODE, help="its side")
+    mode: str = _setting("API_MODE", _parse_choice, "worker", "supervisor", default=DEFAULT_MODE, help="its role")
     host: str | None = _setting("API_HOST", _parse_host, help="the host the supervisor reaches this API at")
     port: int = _setting("API_PORT", _parse_count, 1, 65535, default=DEFAULT_PORT, help="the port of the API")
     bind: str | None = _setting("API_BIND", _parse_host, help="the interface the command line binds to")
     title: str | None = _setting("API_TITLE", _parse_text, MAX_NAME, help="the service's name (FastAPI's title)")
     description: str = _setting(
-        "API_DESCRIPTION", _parse_text, MAX_DESCRIPTION, True, default=DEFAULT_DESCRIPTION, help="registered in a line"
+        "API_DESCRIPTION", _parse_text, MAX_DESCRIPTION, True, default=DEFAULT_DESCRIPTION, help="FastAPI's description"
     )
     version: str = _setting("API_VERSION", _parse_text, MAX_VERSION, default=DEFAULT_VERSION, help="its version")
     register_urls: tuple[str, ...] = _setting(
-        "API_REGISTER_PATH", _parse_list, "!", _url_item, default=(), old="API_KEEPER_URL", help="supervisors to join"
+        "API_REGISTER_PATH", _parse_list, "!", _url_item, default=(), old="API_KEEPER_URL", help="where to register"
     )
-    health_path: str = _setting("API_HEALTH_PATH", _parse_path, default=DEFAULT_HEALTH_PATH, help="what is checked")
+    health_path: str = _setting(
+        "API_HEALTH_PATH", _parse_path, default=DEFAULT_HEALTH_PATH, help="the path the supervisor checks"
+    )
     health_interval: float = _setting(
         "API_HEALTH_INTERVAL", _parse_seconds, MIN_INTERVAL, MAX_INTERVAL, default=DEFAULT_HEALTH_INTERVAL, help="gap"
     )
     health_timeout: float | None = _setting(
         "API_HEALTH_TIMEOUT", _parse_seconds, 0.01, MAX_INTERVAL, help="a check's deadline; unset: min(interval, 10)"
     )
-    tags: tuple[str, ...] = _setting("API_TAGS", _parse_list, ":", _tag_item, MAX_TAGS, default=(), help="its work")
+    tags: tuple[str, ...] = _setting(
+        "API_TAGS", _parse_list, ":", _tag_item, MAX_TAGS, default=(), help="what it does, for discovery"
+    )
     cors_allow_origins: tuple[str, ...] = _setting(
-        "API_CORS_ALLOW_ORIGINS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed origins, '!'-delimited"
+        "API_CORS_ALLOW_ORIGINS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed origins"
     )
     cors_allow_methods: tuple[str, ...] = _setting(
-        "API_CORS_ALLOW_METHODS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed methods, '!'-delimited"
+        "API_CORS_ALLOW_METHODS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed methods"
     )
     cors_allow_headers: tuple[str, ...] = _setting(
-        "API_CORS_ALLOW_HEADERS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed headers, '!'-delimited"
+        "API_CORS_ALLOW_HEADERS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed headers"
     )
     cors_allow_credentials: bool = _setting(
         "API_CORS_ALLOW_CREDENTIALS", _parse_bool, default=False, help="CORS credentials: needs listed origins"
     )
     allowed_hosts: tuple[str, ...] = _setting(
-        "API_ALLOWED_HOSTS", _parse_list, "!", _allowed_host_item, default=(), help="Host headers served; unset: any"
+        "API_ALLOWED_HOSTS", _parse_list, "!", _allowed_host_item, default=(), help="the Host headers served"
     )
-    register_token: str | None = _setting("API_REGISTER_TOKEN", _parse_token, help="the bearer token, both sides")
+    register_token: str | None = _setting("API_REGISTER_TOKEN", _parse_token, help="the token registrations carry")
     register_networks: tuple[IPNetwork, ...] = _setting(
-        "API_REGISTER_NETWORKS", _parse_list, "!", _network_item, default=(), help="may register from elsewhere"
+        "API_REGISTER_NETWORKS", _parse_list, "!", _network_item, default=(), help="claimable networks (NAT)"
     )
     register_timeout: float = _setting(
-        "API_REGISTER_TIMEOUT", _parse_seconds, 0.0, 3600.0, default=DEFAULT_REGISTER_TIMEOUT, help="tries this long"
+        "API_REGISTER_TIMEOUT", _parse_seconds, 0.0, 3600.0, default=DEFAULT_REGISTER_TIMEOUT, help="startup's wait"
     )
-    register_required: bool = _setting("API_REGISTER_REQUIRED", _parse_bool, default=False, help="or fail to start")
+    register_required: bool = _setting(
+        "API_REGISTER_REQUIRED", _parse_bool, default=False, help="fail startup unless registered"
+    )
     max_workers: int = _setting(
         "API_MAX_WORKERS", _parse_count, 1, 10_000_000, default=DEFAULT_MAX_WORKERS, help="the registry's cap"
     )
-    registry_file: str | None = _setting("API_REGISTRY_FILE", _parse_text, 4096, help="keeps the registrations")
+    registry_file: str | None = _setting(
+        "API_REGISTRY_FILE", _parse_text, 4096, help="a sqlite file keeping the registrations"
+    )
     deregister_after: float | None = _setting(
-        "API_DEREGISTER_AFTER", _parse_seconds_or_off, MIN_INTERVAL, 10 * MAX_INTERVAL, help="unhealthy this long: gone"
+        "API_DEREGISTER_AFTER", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True, help="unhealthy, then gone"
     )
     health_failures: int = _setting(
-        "API_HEALTH_FAILURES", _parse_count, 1, 100, default=DEFAULT_HEALTH_FAILURES, help="failures in a row: sick"
+        "API_HEALTH_FAILURES", _parse_count, 1, 100, default=DEFAULT_HEALTH_FAILURES, help="failures to be unhealthy"
     )
     health_successes: int = _setting(
-        "API_HEALTH_SUCCESSES", _parse_count, 1, 100, default=DEFAULT_HEALTH_SUCCESSES, help="successes: well again"
+        "API_HEALTH_SUCCESSES", _parse_count, 1, 100, default=DEFAULT_HEALTH_SUCCESSES, help="successes to recover"
     )
     #: The fields that were set by a keyword, the environment or the .env file.
     configured: frozenset[str] = frozenset()
@@ -2681,8 +2634,13 @@ class PicoAPI(FastAPI):
         first_own = len(self.router.routes)
         if config.mode == "supervisor":
             self._become_supervisor()
-        health = {"include_in_schema": False, "tags": ["picoapi"], "operation_id": "picoapi_health"}
-        self.add_api_route(config.health_route, self._health_endpoint, **health)
+        self.add_api_route(
+            config.health_route,
+            self._health_endpoint,
+            include_in_schema=False,
+            tags=["picoapi"],
+            operation_id="picoapi_health",
+        )
         cors = {f"allow_{k}": list(getattr(config, f"cors_allow_{k}")) for k in ("origins", "methods", "headers")}
         guarded = REGISTER_ROUTE if config.mode == "supervisor" else None
         self.add_middleware(_CORS, **cors, allow_credentials=config.cors_allow_credentials, guarded=guarded)
@@ -2998,6 +2956,50 @@ class PicoAPI(FastAPI):
 
 
 # -- The supervisor's routes -----------------------------------------------------
+
+
+def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] = ()) -> str:
+    """The address a registration from ``peer`` may claim for ``host``: its checks go there (blocking: DNS).
+
+    The host must be ``peer``'s own address or a name resolving to it, or resolve into
+    ``networks``; an unspecified, link-local, multicast or broadcast address only if a
+    listed network holds it. Raises ValueError for a host that does not resolve or is
+    not spelled canonically (one address, one id), PermissionError for a claim refused.
+    """
+    ip = _ip(host)
+    if ip is None:
+        with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
+            ip = _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
+    if ip is not None and str(ip) != host:
+        raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
+    if ip is not None:
+        addresses = [ip]
+    else:
+        try:
+            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise ValueError(
+                f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an address"
+            ) from exc
+        addresses = list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
+    listed = [a for a in addresses if any(a in net for net in networks)]
+    for a in addresses:
+        special = a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"
+        if special and a not in listed:
+            raise PermissionError(
+                f"host {host!r} resolves to {a}, an unspecified, link-local, multicast or broadcast address; "
+                "declare the worker's own address (a network listed in API_REGISTER_NETWORKS opens it)"
+            )
+    if (peer_ip := _ip(peer)) in addresses:
+        return str(peer_ip)
+    if listed:
+        return str(listed[0])
+    shown = ", ".join(map(str, addresses))
+    raise PermissionError(
+        f"host {host!r} resolves to {shown}, but the registration came from {_printable(peer)}: a worker may "
+        "only register an address it is reachable at; register from that host, or list its network in "
+        "API_REGISTER_NETWORKS (NAT, proxies, containers)"
+    )
 
 
 class _SupervisorRoutes:
