@@ -2584,6 +2584,22 @@ _FASTAPI_SETTINGS = frozenset({"title", "description", "version"})
 _FASTAPI_OPTIONS = frozenset(inspect.signature(FastAPI.__init__).parameters) - {"self", "extra"}
 
 
+def _split_keywords(
+    options: dict[str, Any], config: Config | None, env_file: str | os.PathLike[str] | None, is_master: bool | None
+) -> tuple[Config, dict[str, Any]]:
+    """PicoAPI's keywords split: the settings into its :class:`Config`, the rest to FastAPI (with the title,
+    description and version the configuration sets, unless given). A misspelt setting is a ConfigError."""
+    settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
+    if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
+        raise ConfigError(_unknown_settings(misspelt))
+    if config is None:
+        shared = {k: options[k] for k in _FASTAPI_SETTINGS if options.get(k)}  # PicoAPI(title=...) sets both
+        config = Config.load({**settings, **shared, "is_master": is_master}, env_file=env_file)
+    elif settings or is_master is not None:
+        raise ConfigError(f"give settings in config= or as keywords, not both: got config= and {sorted(settings)}")
+    return config, {**{k: getattr(config, k) for k in _FASTAPI_SETTINGS & config.configured}, **options}
+
+
 class PicoAPI(FastAPI):
     """A FastAPI app that is a worker (registers itself) or a supervisor (keeps the registry).
 
@@ -2601,18 +2617,9 @@ class PicoAPI(FastAPI):
         is_master: bool | None = None,
         **options: Any,
     ) -> None:
-        settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
-        if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
-            raise ConfigError(_unknown_settings(misspelt))
-        if config is None:
-            shared = {k: options[k] for k in _FASTAPI_SETTINGS if options.get(k)}  # PicoAPI(title=...) too
-            config = Config.load({**settings, **shared, "is_master": is_master}, env_file=env_file)
-        elif settings or is_master is not None:
-            raise ConfigError(f"give settings in config= or as keywords, not both: got config= and {sorted(settings)}")
+        config, options = _split_keywords(options, config, env_file, is_master)
         #: The validated settings of this app.
         self.config = config
-        for key in _FASTAPI_SETTINGS & config.configured - options.keys():
-            options[key] = getattr(config, key)
         super().__init__(**options)
         self._health_checks: dict[str, HealthCheckFunc] = {}
         #: The worker's registrar (a worker with API_REGISTER_PATH set), else None.
