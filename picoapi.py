@@ -723,11 +723,10 @@ class HealthSpec(BaseModel):
             raise ValueError(f"health.url must be ASCII, got '{_printable(url)}'")
         return url
 
-    @model_validator(mode="after")
-    def _default_timeout(self) -> HealthSpec:
-        if self.timeout is None:  # what the checker waits, and what GET /services shows
-            self.timeout = min(self.interval, DEFAULT_HEALTH_TIMEOUT)
-        return self
+    @property
+    def deadline(self) -> float:
+        """The check's total deadline: ``timeout``, by default min(interval, 10)."""
+        return self.timeout or min(self.interval, DEFAULT_HEALTH_TIMEOUT)
 
 
 class Registration(BaseModel):
@@ -789,9 +788,11 @@ class Registration(BaseModel):
 Status = Literal["healthy", "unhealthy", "unknown"]
 
 
-def _field(doc: str = "", *, default: Any = dataclasses.MISSING, shown: str | None = "", given: bool = False) -> Any:
+def _field(
+    doc: str = "", *, default: Any = dataclasses.MISSING, shown: str | None = "", given: bool | str = False
+) -> Any:
     """A public :class:`Worker` field: :class:`WorkerOut` shows it at ``shown`` (its own name by default, None:
-    not at all); if ``given``, a :class:`Registration` sets it, read at that same path."""
+    not at all); if ``given``, a :class:`Registration` sets it, read at that same path (or the one given)."""
     return dataclasses.field(default=default, metadata={"doc": doc, "shown": shown, "given": given})
 
 
@@ -812,7 +813,7 @@ class Worker:
     description: str = _field(given=True)
     health_url: str = _field(shown="health.url", given=True)
     interval: float = _field(shown="health.interval", given=True)
-    timeout: float = _field("the check's total deadline in seconds", shown="health.timeout", given=True)
+    timeout: float = _field("the check's total deadline in seconds", shown="health.timeout", given="health.deadline")
     openapi: str | None = _field("its OpenAPI path, if it sent one", default=None, given=True)
     address: str = _field(
         "what the host resolved to at registration: checks connect here, never resolving again", default=""
@@ -862,16 +863,19 @@ class Worker:
 
 
 #: Worker attribute -> the path WorkerOut shows it at ("health.url": "url" under "health"), for each shown.
-_SHOWN = {
-    f.name: f.metadata["shown"] or f.name for f in dataclasses.fields(Worker) if f.metadata.get("shown") is not None
-}
+_PUBLIC = [f for f in dataclasses.fields(Worker) if f.metadata]
+_SHOWN = {f.name: f.metadata["shown"] or f.name for f in _PUBLIC if f.metadata["shown"] is not None}
 #: All of a Worker's fields as a tuple, in order (a fast snapshot for copies).
 _fields_of = operator.attrgetter(*(f.name for f in dataclasses.fields(Worker)))
-#: What a registration says about a worker, read at the same paths in it (the address aside: the supervisor finds
-#: it); the same again is a refresh, not a change.
-_CONTENT = (*(f.name for f in dataclasses.fields(Worker) if f.metadata.get("given")), "address")
-_content_of = operator.attrgetter(*_CONTENT)
-_given_in = operator.attrgetter(*(_SHOWN[name] for name in _CONTENT[:-1]))
+#: What a registration says about a worker: each field and where a Registration holds it (the address aside: the
+#: supervisor finds it). The same again is a refresh, not a change.
+_GIVEN = {
+    f.name: f.metadata["given"] if f.metadata["given"] is not True else _SHOWN[f.name]
+    for f in _PUBLIC
+    if f.metadata["given"]
+}
+_CONTENT = (*_GIVEN, "address")
+_content_of, _given_in = operator.attrgetter(*_CONTENT), operator.attrgetter(*_GIVEN.values())
 
 
 def _content(reg: Registration, address: str) -> tuple[Any, ...]:
