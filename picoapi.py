@@ -2969,50 +2969,6 @@ class PicoAPI(FastAPI):
 # -- The supervisor's routes -----------------------------------------------------
 
 
-def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] = ()) -> str:
-    """The address a registration from ``peer`` may claim for ``host``: its checks go there (blocking: DNS).
-
-    The host must be ``peer``'s own address or a name resolving to it, or resolve into
-    ``networks``; an unspecified, link-local, multicast or broadcast address only if a
-    listed network holds it. Raises ValueError for a host that does not resolve or is
-    not spelled canonically (one address, one id), PermissionError for a claim refused.
-    """
-    ip = _ip(host)
-    if ip is None:
-        with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
-            ip = _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
-    if ip is not None and str(ip) != host:
-        raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
-    if ip is not None:
-        addresses = [ip]
-    else:
-        try:
-            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            raise ValueError(
-                f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an address"
-            ) from exc
-        addresses = list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
-    listed = [a for a in addresses if any(a in net for net in networks)]
-    for a in addresses:
-        special = a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"
-        if special and a not in listed:
-            raise PermissionError(
-                f"host {host!r} resolves to {a}, an unspecified, link-local, multicast or broadcast address; "
-                "declare the worker's own address (a network listed in API_REGISTER_NETWORKS opens it)"
-            )
-    if (peer_ip := _ip(peer)) in addresses:
-        return str(peer_ip)
-    if listed:
-        return str(listed[0])
-    shown = ", ".join(map(str, addresses))
-    raise PermissionError(
-        f"host {host!r} resolves to {shown}, but the registration came from {_printable(peer)}: a worker may "
-        "only register an address it is reachable at; register from that host, or list its network in "
-        "API_REGISTER_NETWORKS (NAT, proxies, containers)"
-    )
-
-
 class _SupervisorRoutes:
     """The supervisor's HTTP API as an APIRouter: workers register and deregister, anyone reads the registry.
 
@@ -3281,6 +3237,50 @@ class _SupervisorRoutes:
                 return False
             self.app._store.delete(wid)
         return self.registry.deregister(wid)
+
+
+def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] = ()) -> str:
+    """The address a registration from ``peer`` may claim for ``host``: its checks go there (blocking: DNS).
+
+    The host must be ``peer``'s own address or a name resolving to it, or resolve into
+    ``networks``; an unspecified, link-local, multicast or broadcast address only if a
+    listed network holds it. Raises ValueError for a host that does not resolve or is
+    not spelled canonically (one address, one id), PermissionError for a claim refused.
+    """
+    ip = _ip(host)
+    if ip is None:
+        with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
+            ip = _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
+    if ip is not None and str(ip) != host:
+        raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
+    if ip is not None:
+        addresses = [ip]
+    else:
+        try:
+            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise ValueError(
+                f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an address"
+            ) from exc
+        addresses = list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
+    listed = [a for a in addresses if any(a in net for net in networks)]
+    for a in addresses:
+        special = a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"
+        if special and a not in listed:
+            raise PermissionError(
+                f"host {host!r} resolves to {a}, an unspecified, link-local, multicast or broadcast address; "
+                "declare the worker's own address (a network listed in API_REGISTER_NETWORKS opens it)"
+            )
+    if (peer_ip := _ip(peer)) in addresses:
+        return str(peer_ip)
+    if listed:
+        return str(listed[0])
+    shown = ", ".join(map(str, addresses))
+    raise PermissionError(
+        f"host {host!r} resolves to {shown}, but the registration came from {_printable(peer)}: a worker may "
+        "only register an address it is reachable at; register from that host, or list its network in "
+        "API_REGISTER_NETWORKS (NAT, proxies, containers)"
+    )
 
 
 def _unknown(wid: str) -> HTTPException:
