@@ -3071,7 +3071,7 @@ class _SupervisorRoutes:
 
         An entry that another process of the worker still serves (uvicorn --workers) stays.
         """
-        entry = self.get(worker_id)
+        entry = self.known(worker_id)
         peer = _ip(request.client.host if request.client else None)
         if not self.config.register_token and peer != _ip(entry.address):
             if not any(peer in net for net in self.config.register_networks):
@@ -3115,11 +3115,11 @@ class _SupervisorRoutes:
 
     async def service(self, worker_id: str) -> Response:
         """One registered worker."""
-        return _json_response(_out(self.get(worker_id)))
+        return _json_response(_out(self.known(worker_id)))
 
     async def service_openapi(self, worker_id: str) -> dict[str, Any]:
         """The worker's own OpenAPI document: the forms of work it supports. Only from a healthy worker."""
-        worker = self.get(worker_id)
+        worker = self.known(worker_id)
         if not worker.is_ready:
             why = f"status {worker.status}, {worker.failures} failed checks in a row"
             why += ", a call could not connect" if worker.suspect else ""
@@ -3147,7 +3147,7 @@ class _SupervisorRoutes:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(403, "wrong token")
 
-    def get(self, wid: str) -> Worker:
+    def known(self, wid: str) -> Worker:
         """A copy of the worker ``wid``; 404 if there is none."""
         if (worker := self.registry.get(wid)) is None:
             raise _unknown(wid)
