@@ -37,6 +37,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import email.utils
 import errno
 import functools
@@ -61,8 +62,11 @@ import ssl
 import sys
 import threading
 import time
+import types
+import typing
 import unicodedata
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, NamedTuple, TypeGuard
@@ -72,7 +76,7 @@ import requests
 import requests.adapters
 import urllib3
 from dotenv import dotenv_values
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -81,11 +85,11 @@ from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -250,50 +254,6 @@ def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
 
 
-def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] = ()) -> str:
-    """The address a registration from ``peer`` may claim for ``host``: its checks go there (blocking: DNS).
-
-    The host must be ``peer``'s own address or a name resolving to it, or resolve into
-    ``networks``; an unspecified, link-local, multicast or broadcast address only if a
-    listed network holds it. Raises ValueError for a host that does not resolve or is
-    not spelled canonically (one address, one id), PermissionError for a claim refused.
-    """
-    ip = _ip(host)
-    if ip is None:
-        with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
-            ip = _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
-    if ip is not None and str(ip) != host:
-        raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
-    if ip is not None:
-        addresses = [ip]
-    else:
-        try:
-            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            raise ValueError(
-                f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an address"
-            ) from exc
-        addresses = list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
-    listed = [a for a in addresses if any(a in net for net in networks)]
-    for a in addresses:
-        special = a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"
-        if special and a not in listed:
-            raise PermissionError(
-                f"host {host!r} resolves to {a}, an unspecified, link-local, multicast or broadcast address; "
-                "declare the worker's own address (a network listed in API_REGISTER_NETWORKS opens it)"
-            )
-    if (peer_ip := _ip(peer)) in addresses:
-        return str(peer_ip)
-    if listed:
-        return str(listed[0])
-    shown = ", ".join(map(str, addresses))
-    raise PermissionError(
-        f"host {host!r} resolves to {shown}, but the registration came from {_printable(peer)}: a worker may "
-        "only register an address it is reachable at; register from that host, or list its network in "
-        "API_REGISTER_NETWORKS (NAT, proxies, containers)"
-    )
-
-
 def _resolve(host: str) -> str:
     """The IP address ``host`` names (blocking); raises ValueError naming the host."""
     if _ip(host) is not None:
@@ -349,22 +309,18 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _split(value: str, sep: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(sep) if item.strip())
-
-
 def _is_whole(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 12  # not '²', not 5,000 digits
 
 
-def _parse_port(var: str, raw: object) -> int:
-    text = str(raw).strip()
-    if isinstance(raw, bool) or not _is_whole(text) or not 1 <= int(text) <= 65535:
-        raise ConfigError(f"{var} must be a whole number from 1 to 65535, got {raw!r}")
-    return int(text)
+# One parser per kind of setting. Each takes the variable (for its message), the raw value (a string from the
+# environment, or whatever a keyword was given) and the bounds its setting declares; bad input is a ConfigError
+# naming the variable, the value and the way out.
 
 
-def _parse_seconds(var: str, raw: object, low: float, high: float) -> float:
+def _parse_seconds(var: str, raw: object, low: float, high: float, off: bool = False) -> float | None:
+    if off and str(raw).strip().lower() in ("", "off", "none", "0"):
+        return None
     try:
         value = float(str(raw).strip()) if not isinstance(raw, bool) else math.nan
     except ValueError:
@@ -390,6 +346,21 @@ def _parse_bool(var: str, raw: object) -> bool:
     raise ConfigError(f"{var} must be true or false (1/0, yes/no, on/off), got {raw!r}")
 
 
+def _parse_choice(var: str, raw: object, *choices: str) -> str:
+    text = str(raw).strip().lower()
+    if text not in choices:
+        raise ConfigError(f"{var} must be {' or '.join(map(repr, choices))}, got {raw!r}")
+    return text
+
+
+def _parse_text(var: str, raw: object, limit: int, one_line: bool = False) -> str:
+    # One line: FastAPI descriptions are often Markdown over several lines, the registration's copy is one line.
+    text = re.sub(r"[\t\r\n]+", " ", str(raw).strip())[:limit] if one_line else str(raw).strip()
+    if not (text or one_line) or len(text) > limit:
+        raise ConfigError(f"{var} must be 1 to {limit} printable characters, got {raw!r}")
+    return _check_text(var, text, ConfigError)
+
+
 def _parse_host(var: str, raw: object) -> str:
     text = str(raw).strip()
     if not text or len(text) > MAX_HOST or not _HOST_RE.match(text):
@@ -397,96 +368,11 @@ def _parse_host(var: str, raw: object) -> str:
     return text.strip("[]").lower()
 
 
-def _parse_text(var: str, raw: object, limit: int) -> str:
-    text = str(raw).strip()
-    if not text or len(text) > limit:
-        raise ConfigError(f"{var} must be 1 to {limit} printable characters, got {raw!r}")
-    return _check_text(var, text, ConfigError)
-
-
-def _parse_description(var: str, raw: object) -> str:
-    # FastAPI descriptions are often Markdown over several lines: the registration's copy is one line.
-    return _check_text(var, re.sub(r"[\t\r\n]+", " ", str(raw).strip())[:MAX_DESCRIPTION], ConfigError)
-
-
-def _parse_networks(var: str, raw: object) -> tuple[IPNetwork, ...]:
-    try:
-        return tuple(ipaddress.ip_network(item, strict=False) for item in _parse_list(var, raw, "!"))
-    except ValueError:
-        raise ConfigError(
-            f"{var} must list networks such as '10.0.0.0/8' or 'fd00::/8' ('!' between several), got {raw!r}"
-        ) from None
-
-
-def _parse_urls(var: str, raw: object) -> tuple[str, ...]:
-    for url in (items := _parse_list(var, raw, "!")):
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError as exc:
-            raise ConfigError(f"{var} has a malformed URL {url!r}: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable():
-            raise ConfigError(
-                f"{var} must be an http:// or https:// URL such as "
-                f"'http://keeper:8100/register' ('!' between several), got {url!r}"
-            )
-    return items
-
-
-def _parse_list(var: str, raw: object, sep: str) -> tuple[str, ...]:
-    if isinstance(raw, str):
-        return _split(raw, sep)
-    if not isinstance(raw, (list, tuple, set, frozenset)):
-        raise ConfigError(f"{var} must be a {sep!r}-delimited string or a list of strings, got {raw!r}")
-    return tuple(str(item).strip() for item in raw if str(item).strip())
-
-
-def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str:
-    """``tag``, if it is a valid tag; else ``error`` naming ``what``: 'API_TAGS items', 'each tag'."""
-    if not 1 <= len(tag) <= MAX_TAG or not _TAG_RE.match(tag):
-        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces or ':', got '{_printable(tag)}'")
-    return _check_text(what, tag, error)
-
-
-def _parse_tags(var: str, raw: object) -> tuple[str, ...]:
-    tags = tuple(_check_tag(f"{var} items", tag, ConfigError) for tag in _parse_list(var, raw, ":"))
-    if len(tags) > MAX_TAGS:
-        raise ConfigError(f"{var} may list at most {MAX_TAGS} tags, got {len(tags)}")
-    return tags
-
-
 def _parse_path(var: str, raw: object) -> str:
     text = str(raw).strip()
     if not text.startswith("/") or len(text) > 512:
         raise ConfigError(f"{var} must be a path starting with '/', such as '/health', got {raw!r}")
     return _check_health_path(var, text, ConfigError)
-
-
-def _parse_mode(var: str, raw: object) -> str:
-    text = str(raw).strip().lower()
-    if text not in ("worker", "supervisor"):
-        raise ConfigError(f"{var} must be 'worker' or 'supervisor', got {raw!r}")
-    return text
-
-
-def _optional_seconds(var: str, raw: object) -> float | None:
-    if str(raw).strip().lower() in ("", "off", "none", "0"):
-        return None
-    return _parse_seconds(var, raw, MIN_INTERVAL, 10 * MAX_INTERVAL)
-
-
-def _parse_allowed_hosts(var: str, raw: object) -> tuple[str, ...]:
-    # As Starlette's TrustedHostMiddleware compares the Host header's host: lower case, IPv6 in brackets.
-    hosts = []
-    for item in _parse_list(var, raw, "!"):
-        host = f"[{item.lower()}]" if ":" in item and _ip(item) is not None else item.lower()
-        if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and _ip(host[1:-1]) is None):
-            raise ConfigError(
-                f"{var} must list host names or IP addresses without scheme or port, '!'-delimited, such as "
-                f"'keeper!keeper.internal!127.0.0.1' ('*.example.com' for subdomains, '*' for any), got {item!r}"
-            )
-        hosts.append(host)
-    return tuple(hosts)
 
 
 def _parse_token(var: str, raw: object) -> str | None:
@@ -502,74 +388,161 @@ def _parse_token(var: str, raw: object) -> str | None:
     return text
 
 
-#: field -> (variable, parser). The single source of truth for every setting.
-_VARIABLES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
-    "mode": ("API_MODE", _parse_mode),
-    "host": ("API_HOST", _parse_host),
-    "port": ("API_PORT", _parse_port),
-    "bind": ("API_BIND", _parse_host),
-    "title": ("API_TITLE", lambda v, r: _parse_text(v, r, MAX_NAME) if str(r).strip() else ""),
-    "description": ("API_DESCRIPTION", _parse_description),
-    "version": ("API_VERSION", lambda v, r: _parse_text(v, r, MAX_VERSION)),
-    "register_urls": ("API_REGISTER_PATH", _parse_urls),
-    "health_path": ("API_HEALTH_PATH", _parse_path),
-    "health_interval": ("API_HEALTH_INTERVAL", lambda v, r: _parse_seconds(v, r, MIN_INTERVAL, MAX_INTERVAL)),
-    "health_timeout": ("API_HEALTH_TIMEOUT", lambda v, r: _parse_seconds(v, r, 0.01, MAX_INTERVAL)),
-    "tags": ("API_TAGS", _parse_tags),
-    "cors_allow_origins": ("API_CORS_ALLOW_ORIGINS", lambda v, r: _parse_list(v, r, "!")),
-    "cors_allow_methods": ("API_CORS_ALLOW_METHODS", lambda v, r: _parse_list(v, r, "!")),
-    "cors_allow_headers": ("API_CORS_ALLOW_HEADERS", lambda v, r: _parse_list(v, r, "!")),
-    "cors_allow_credentials": ("API_CORS_ALLOW_CREDENTIALS", _parse_bool),
-    "allowed_hosts": ("API_ALLOWED_HOSTS", _parse_allowed_hosts),
-    "register_token": ("API_REGISTER_TOKEN", _parse_token),
-    "register_networks": ("API_REGISTER_NETWORKS", _parse_networks),
-    "register_timeout": ("API_REGISTER_TIMEOUT", lambda v, r: _parse_seconds(v, r, 0.0, 3600.0)),
-    "register_required": ("API_REGISTER_REQUIRED", _parse_bool),
-    "max_workers": ("API_MAX_WORKERS", lambda v, r: _parse_count(v, r, 1, 10_000_000)),
-    "registry_file": ("API_REGISTRY_FILE", lambda v, r: str(r).strip()),
-    "deregister_after": ("API_DEREGISTER_AFTER", _optional_seconds),
-    "health_failures": ("API_HEALTH_FAILURES", lambda v, r: _parse_count(v, r, 1, 100)),
-    "health_successes": ("API_HEALTH_SUCCESSES", lambda v, r: _parse_count(v, r, 1, 100)),
-}
-#: Old names still honoured; the table's name wins when both are set.
-_ALIASES = {"API_REGISTER_PATH": "API_KEEPER_URL"}
+def _parse_list(
+    var: str, raw: object, sep: str, item: Callable[[str, str], Any] | None = None, most: int = 0
+) -> tuple[Any, ...]:
+    """A ``sep``-delimited string or a list; each item checked by ``item(var, text)``, at most ``most`` of them."""
+    if not isinstance(raw, (str, list, tuple, set, frozenset)):
+        raise ConfigError(f"{var} must be a {sep!r}-delimited string or a list of strings, got {raw!r}")
+    items = tuple(i.strip() for i in (raw.split(sep) if isinstance(raw, str) else map(str, raw)) if i.strip())
+    if most and len(items) > most:
+        raise ConfigError(f"{var} may list at most {most} items, got {len(items)}")
+    return tuple(map(functools.partial(item, var), items)) if item else items
+
+
+def _url_item(var: str, url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{var} has a malformed URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable():
+        raise ConfigError(
+            f"{var} must be an http:// or https:// URL such as "
+            f"'http://keeper:8100/register' ('!' between several), got {url!r}"
+        )
+    return url
+
+
+def _network_item(var: str, text: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigError(
+            f"{var} must list networks such as '10.0.0.0/8' or 'fd00::/8' ('!' between several), got {text!r}"
+        ) from None
+
+
+def _allowed_host_item(var: str, item: str) -> str:
+    # As Starlette's TrustedHostMiddleware compares the Host header's host: lower case, IPv6 in brackets.
+    host = f"[{item.lower()}]" if ":" in item and _ip(item) is not None else item.lower()
+    if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and _ip(host[1:-1]) is None):
+        raise ConfigError(
+            f"{var} must list host names or IP addresses without scheme or port, '!'-delimited, such as "
+            f"'keeper!keeper.internal!127.0.0.1' ('*.example.com' for subdomains, '*' for any), got {item!r}"
+        )
+    return host
+
+
+def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str:
+    """``tag``, if it is a valid tag; else ``error`` naming ``what``: 'API_TAGS items', 'each tag'."""
+    if not 1 <= len(tag) <= MAX_TAG or not _TAG_RE.match(tag):
+        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces or ':', got '{_printable(tag)}'")
+    return _check_text(what, tag, error)
+
+
+def _tag_item(var: str, tag: str) -> str:
+    return _check_tag(f"{var} items", tag, ConfigError)
+
+
+class _Setting(NamedTuple):
+    """One row of the settings table (see :class:`Config`)."""
+
+    var: str
+    parse: Callable[..., Any]
+    bounds: tuple[Any, ...]
+    help: str
+    #: An older name of the variable, still read; ``var`` wins when both are set.
+    old: str | None = None
+
+    def read(self, raw: object) -> Any:
+        return self.parse(self.var, raw, *self.bounds)
+
+
+def _setting(
+    var: str, parse: Callable[..., Any], *bounds: Any, default: Any = None, help: str, old: str | None = None
+) -> Any:
+    """A :class:`Config` field that is a setting: its variable, its kind's parser and bounds, default, meaning."""
+    secret = parse is _parse_token  # never in a repr, a log or a traceback
+    return dataclasses.field(
+        default=default, repr=not secret, metadata={"setting": _Setting(var, parse, bounds, help, old)}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting of a PicoAPI app, parsed and validated.
+    """Every setting of a PicoAPI app, parsed and validated: the one table of settings.
 
-    Built by :meth:`load` from, in order of precedence: keywords, the process
-    environment, a ``.env`` file, the defaults below.
+    Each field is a setting. Its name is its keyword (``PicoAPI(port=8080)``, ``Config.load({"port": 8080})``);
+    its declaration gives its environment variable, the parser of its kind with its bounds, its default and
+    what it means. Built by :meth:`load` from, in order of precedence: keywords, the process environment, a
+    ``.env`` file, the defaults.
     """
 
-    mode: str = DEFAULT_MODE
-    host: str | None = None
-    port: int = DEFAULT_PORT
-    bind: str | None = None
-    title: str | None = None
-    description: str = DEFAULT_DESCRIPTION
-    version: str = DEFAULT_VERSION
-    register_urls: tuple[str, ...] = ()
-    health_path: str = DEFAULT_HEALTH_PATH
-    health_interval: float = DEFAULT_HEALTH_INTERVAL
-    health_timeout: float | None = None
-    tags: tuple[str, ...] = ()
-    cors_allow_origins: tuple[str, ...] = DEFAULT_CORS
-    cors_allow_methods: tuple[str, ...] = DEFAULT_CORS
-    cors_allow_headers: tuple[str, ...] = DEFAULT_CORS
-    cors_allow_credentials: bool = False
-    #: Host header values served; others get 400. Empty: every host.
-    allowed_hosts: tuple[str, ...] = ()
-    register_token: str | None = dataclasses.field(default=None, repr=False)
-    register_networks: tuple[IPNetwork, ...] = ()
-    register_timeout: float = DEFAULT_REGISTER_TIMEOUT
-    register_required: bool = False
-    max_workers: int = DEFAULT_MAX_WORKERS
-    registry_file: str | None = None
-    deregister_after: float | None = None
-    health_failures: int = DEFAULT_HEALTH_FAILURES
-    health_successes: int = DEFAULT_HEALTH_SUCCESSES
+    mode: str = _setting("API_MODE", _parse_choice, "worker", "supervisor", default=DEFAULT_MODE, help="its role")
+    host: str | None = _setting("API_HOST", _parse_host, help="the host the supervisor reaches this API at")
+    port: int = _setting("API_PORT", _parse_count, 1, 65535, default=DEFAULT_PORT, help="the port of the API")
+    bind: str | None = _setting("API_BIND", _parse_host, help="the interface the command line binds to")
+    title: str | None = _setting("API_TITLE", _parse_text, MAX_NAME, help="the service's name (FastAPI's title)")
+    description: str = _setting(
+        "API_DESCRIPTION", _parse_text, MAX_DESCRIPTION, True, default=DEFAULT_DESCRIPTION, help="FastAPI's description"
+    )
+    version: str = _setting("API_VERSION", _parse_text, MAX_VERSION, default=DEFAULT_VERSION, help="its version")
+    register_urls: tuple[str, ...] = _setting(
+        "API_REGISTER_PATH", _parse_list, "!", _url_item, default=(), old="API_KEEPER_URL", help="where to register"
+    )
+    health_path: str = _setting(
+        "API_HEALTH_PATH", _parse_path, default=DEFAULT_HEALTH_PATH, help="the path the supervisor checks"
+    )
+    health_interval: float = _setting(
+        "API_HEALTH_INTERVAL", _parse_seconds, MIN_INTERVAL, MAX_INTERVAL, default=DEFAULT_HEALTH_INTERVAL, help="gap"
+    )
+    health_timeout: float | None = _setting(
+        "API_HEALTH_TIMEOUT", _parse_seconds, 0.01, MAX_INTERVAL, help="a check's deadline; unset: min(interval, 10)"
+    )
+    tags: tuple[str, ...] = _setting(
+        "API_TAGS", _parse_list, ":", _tag_item, MAX_TAGS, default=(), help="what it does, for discovery"
+    )
+    cors_allow_origins: tuple[str, ...] = _setting(
+        "API_CORS_ALLOW_ORIGINS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed origins"
+    )
+    cors_allow_methods: tuple[str, ...] = _setting(
+        "API_CORS_ALLOW_METHODS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed methods"
+    )
+    cors_allow_headers: tuple[str, ...] = _setting(
+        "API_CORS_ALLOW_HEADERS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed headers"
+    )
+    cors_allow_credentials: bool = _setting(
+        "API_CORS_ALLOW_CREDENTIALS", _parse_bool, default=False, help="CORS credentials: needs listed origins"
+    )
+    allowed_hosts: tuple[str, ...] = _setting(
+        "API_ALLOWED_HOSTS", _parse_list, "!", _allowed_host_item, default=(), help="the Host headers served"
+    )
+    register_token: str | None = _setting("API_REGISTER_TOKEN", _parse_token, help="the token registrations carry")
+    register_networks: tuple[IPNetwork, ...] = _setting(
+        "API_REGISTER_NETWORKS", _parse_list, "!", _network_item, default=(), help="claimable networks (NAT)"
+    )
+    register_timeout: float = _setting(
+        "API_REGISTER_TIMEOUT", _parse_seconds, 0.0, 3600.0, default=DEFAULT_REGISTER_TIMEOUT, help="startup's wait"
+    )
+    register_required: bool = _setting(
+        "API_REGISTER_REQUIRED", _parse_bool, default=False, help="fail startup unless registered"
+    )
+    max_workers: int = _setting(
+        "API_MAX_WORKERS", _parse_count, 1, 10_000_000, default=DEFAULT_MAX_WORKERS, help="the registry's cap"
+    )
+    registry_file: str | None = _setting(
+        "API_REGISTRY_FILE", _parse_text, 4096, help="a sqlite file keeping the registrations"
+    )
+    deregister_after: float | None = _setting(
+        "API_DEREGISTER_AFTER", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True, help="unhealthy, then gone"
+    )
+    health_failures: int = _setting(
+        "API_HEALTH_FAILURES", _parse_count, 1, 100, default=DEFAULT_HEALTH_FAILURES, help="failures to be unhealthy"
+    )
+    health_successes: int = _setting(
+        "API_HEALTH_SUCCESSES", _parse_count, 1, 100, default=DEFAULT_HEALTH_SUCCESSES, help="successes to recover"
+    )
     #: The fields that were set by a keyword, the environment or the .env file.
     configured: frozenset[str] = frozenset()
 
@@ -587,21 +560,18 @@ class Config:
         ``.env`` may be absent, a path given explicitly must exist.
         """
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-        unknown = set(overrides) - set(_VARIABLES)
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(_VARIABLES)}")
         sources = [dict(os.environ if environ is None else environ), _read_env_file(env_file)]
+        _from_1x(overrides, sources)
+        if unknown := sorted(overrides.keys() - _SETTINGS.keys()):
+            raise ConfigError(_unknown_settings(unknown))
         values: dict[str, Any] = {}
-        for field_name, (var, parse) in _VARIABLES.items():
-            raw: Any = overrides.get(field_name)
+        for name, setting in _SETTINGS.items():
+            raw = overrides.get(name)
             for source in sources if raw is None else ():
-                raw = source.get(var) or source.get(_ALIASES.get(var, ""))
-                if raw is not None and str(raw).strip() == "" and (raw == "" or field_name != "register_token"):
-                    raw = None  # an empty variable counts as unset; a blank token is an error, not "no token"
-                if raw is not None:
+                if (raw := _raw_value(source, setting)) is not None:
                     break
             if raw is not None:
-                values[field_name] = parse(var, raw)
+                values[name] = setting.read(raw)
         config = cls(**values, configured=frozenset(values))
         config._check()
         return config
@@ -627,7 +597,7 @@ class Config:
 
     def require(self, *fields: str, purpose: str) -> None:
         """Raise :class:`ConfigError` naming each of ``fields`` that is unset."""
-        missing = [_VARIABLES[f][0] for f in fields if getattr(self, f) in (None, (), "")]
+        missing = [_SETTINGS[f].var for f in fields if getattr(self, f) in (None, (), "")]
         if missing:
             raise ConfigError(f"{', '.join(missing)} must be set {purpose}")
 
@@ -659,6 +629,62 @@ class Config:
         }
 
 
+#: keyword -> its row of the table, in declaration order.
+_SETTINGS: dict[str, _Setting] = {f.name: f.metadata["setting"] for f in dataclasses.fields(Config) if f.metadata}
+
+
+def _raw_value(source: Mapping[str, str], setting: _Setting) -> str | None:
+    """The setting's value in ``source`` under its name, else its old name; a blank variable counts as unset
+    (but a blank token is an error, not "no token")."""
+    for var in (setting.var, setting.old):
+        raw = source.get(var) if var else None
+        if raw and (raw.strip() or setting.parse is _parse_token):
+            return raw
+    return None
+
+
+def _close_setting(name: str) -> str | None:
+    """The setting ``name`` looks like a misspelling of (``prot``, ``API_PORT``, ``healthInterval``), or None."""
+    found = difflib.get_close_matches(name.lower().removeprefix("api_"), _SETTINGS, 1, 0.75)
+    return found[0] if found else None
+
+
+def _unknown_settings(names: Iterable[str]) -> str:
+    hints = [f"{n!r}" + (f" (did you mean {close!r}?)" if (close := _close_setting(n)) else "") for n in names]
+    return f"unknown setting {', '.join(hints)}; the settings are: {', '.join(_SETTINGS)}"
+
+
+def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> None:
+    """Read picoapi 1.x's ``is_master`` keyword and ``API_MASTER`` variable as the mode they mean, warning.
+
+    True is ``mode="supervisor"``, false ``mode="worker"``; given beside a mode that disagrees, a ConfigError
+    names both. Nothing is said when neither is used.
+    """
+    spellings = [(keywords, "is_master", "mode", "{}={!r}")] + [(s, "API_MASTER", "API_MODE", "{}={}") for s in sources]
+    for given, old, new, spelt in spellings:
+        if (raw := given.pop(old, None)) in (None, ""):
+            continue
+        mode = "supervisor" if _parse_bool(old, raw) else "worker"
+        if str(given.get(new) or mode).strip().lower() != mode:
+            raise ConfigError(
+                f"{spelt.format(old, raw)} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: "
+                f"{old} is the old spelling of {spelt.format(new, mode)}; keep only {new}"
+            )
+        given[new] = mode
+        _warn_outside(
+            f"{spelt.format(old, raw)} is picoapi 1.x's spelling: write {spelt.format(new, mode)} instead",
+            DeprecationWarning,
+        )
+
+
+def _warn_outside(message: str, category: type[Warning]) -> None:
+    """Warn at the first caller outside this file: the line the user wrote."""
+    frame, level = sys._getframe(), 1
+    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
     if path is None:
         return {}
@@ -670,6 +696,12 @@ def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
 
 
 # -- Models ------------------------------------------------------------------
+
+
+def worker_id(host: str, port: int) -> str:
+    """The id of the worker at ``host:port``: re-registering keeps it."""
+    host = host.strip("[]").lower()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class HealthSpec(BaseModel):
@@ -690,6 +722,11 @@ class HealthSpec(BaseModel):
         if not url.isascii():  # the host as well: 'K' (U+212A, Kelvin sign) lower-cases to an ASCII 'k'
             raise ValueError(f"health.url must be ASCII, got '{_printable(url)}'")
         return url
+
+    @property
+    def deadline(self) -> float:
+        """The check's total deadline: ``timeout``, by default min(interval, 10)."""
+        return self.timeout or min(self.interval, DEFAULT_HEALTH_TIMEOUT)
 
 
 class Registration(BaseModel):
@@ -747,77 +784,53 @@ class Registration(BaseModel):
         return self
 
 
-class WorkerOut(BaseModel):
-    """A registry entry as the HTTP API shows it. Times are Unix seconds."""
-
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    name: str
-    host: str
-    #: What the host resolved to when it registered: the checks go there.
-    address: str
-    port: int
-    version: str
-    tags: list[str]
-    description: str
-    health: HealthSpec
-    openapi: str | None = None
-    status: Literal["healthy", "unhealthy", "unknown"]
-    #: A call to it failed to connect; it is skipped by pick() until its next check.
-    suspect: bool = False
-    registered_at: float
-    last_check: float | None
-    last_success: float | None
-    failures: int
-    successes: int
-    last_status_code: int | None
-    last_latency: float | None = Field(description="seconds")
-    last_error: str
+#: A worker's status, as the HTTP API declares it.
+Status = Literal["healthy", "unhealthy", "unknown"]
 
 
-# -- Registry ----------------------------------------------------------------
-
-
-def worker_id(host: str, port: int) -> str:
-    """The id of the worker at ``host:port``: re-registering keeps it."""
-    host = host.strip("[]").lower()
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _field(
+    doc: str = "", *, default: Any = dataclasses.MISSING, shown: str | None = "", given: bool | str = False
+) -> Any:
+    """A public :class:`Worker` field: :class:`WorkerOut` shows it at ``shown`` (its own name by default, None:
+    not at all); if ``given``, a :class:`Registration` sets it, read at that same path (or the one given)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "shown": shown, "given": given})
 
 
 @dataclasses.dataclass(slots=True)
 class Worker:
-    """One registered worker. The registry hands out copies; mutate freely."""
+    """One registered worker. The registry hands out copies; mutate freely.
 
-    id: str
-    name: str
-    host: str
-    port: int
-    version: str
-    tags: tuple[str, ...]
-    description: str
-    health_url: str
-    interval: float
-    #: The check's total deadline in seconds.
-    timeout: float
-    #: The IP address the host resolved to at registration: checks connect here, never resolving again.
-    address: str = ""
-    #: The worker processes that registered this entry (several serve one port under uvicorn --workers).
-    instances: tuple[str, ...] = ()
-    status: str = HEALTHY
-    #: A call to it failed to connect: pick() skips it until its next check answers.
-    suspect: bool = False
-    #: Its OpenAPI path, if it sent one.
-    openapi: str | None = None
-    registered_at: float = 0.0
-    last_check: float | None = None
-    last_success: float | None = None
-    #: Consecutive failed and successful checks.
-    failures: int = 0
-    successes: int = 0
-    last_status_code: int | None = None
-    last_latency: float | None = None
-    last_error: str = ""
+    The one declaration of a worker's fields: :class:`WorkerOut` (the HTTP API's view), :func:`_out` (its
+    bodies), what a registration sets (:data:`_CONTENT`) and the copies all derive from it.
+    """
+
+    id: str = _field("host:port, or [IPv6]:port")
+    name: str = _field(given=True)
+    host: str = _field(given=True)
+    port: int = _field(given=True)
+    version: str = _field(given=True)
+    tags: tuple[str, ...] = _field(given=True)
+    description: str = _field(given=True)
+    health_url: str = _field(shown="health.url", given=True)
+    interval: float = _field(shown="health.interval", given=True)
+    timeout: float = _field("the check's total deadline in seconds", shown="health.timeout", given="health.deadline")
+    openapi: str | None = _field("its OpenAPI path, if it sent one", default=None, given=True)
+    address: str = _field(
+        "what the host resolved to at registration: checks connect here, never resolving again", default=""
+    )
+    instances: tuple[str, ...] = _field(
+        "the processes that registered it (several serve one port under uvicorn --workers)", default=(), shown=None
+    )
+    status: str = _field("healthy, unhealthy or unknown", default=HEALTHY)
+    suspect: bool = _field("a call to it failed to connect: pick() skips it until its next check", default=False)
+    registered_at: float = _field("Unix seconds, as every time below", default=0.0)
+    last_check: float | None = _field(default=None)
+    last_success: float | None = _field(default=None)
+    failures: int = _field("consecutive failed checks", default=0)
+    successes: int = _field("consecutive good checks", default=0)
+    last_status_code: int | None = _field(default=None)
+    last_latency: float | None = _field("seconds", default=None)
+    last_error: str = _field(default="")
     # The scheduler's bookkeeping (monotonic times); not part of the public view.
     _heap_seq: int | None = dataclasses.field(default=None, repr=False)
     _due: float = dataclasses.field(default=0.0, repr=False)
@@ -849,18 +862,52 @@ class Worker:
         return Worker(*_fields_of(self))
 
 
+#: Worker attribute -> the path WorkerOut shows it at ("health.url": "url" under "health"), for each shown.
+_PUBLIC = [f for f in dataclasses.fields(Worker) if f.metadata]
+_SHOWN = {f.name: f.metadata["shown"] or f.name for f in _PUBLIC if f.metadata["shown"] is not None}
 #: All of a Worker's fields as a tuple, in order (a fast snapshot for copies).
 _fields_of = operator.attrgetter(*(f.name for f in dataclasses.fields(Worker)))
-#: What a registration says about a worker: the same again is a refresh, not a change.
-_CONTENT = ("name", "version", "tags", "description", "health_url", "interval", "timeout", "openapi", "address")
-_content_of = operator.attrgetter(*_CONTENT)
+#: What a registration says about a worker: each field and where a Registration holds it (the address aside: the
+#: supervisor finds it). The same again is a refresh, not a change.
+_GIVEN = {
+    f.name: f.metadata["given"] if f.metadata["given"] is not True else _SHOWN[f.name]
+    for f in _PUBLIC
+    if f.metadata["given"]
+}
+_CONTENT = (*_GIVEN, "address")
+_content_of, _given_in = operator.attrgetter(*_CONTENT), operator.attrgetter(*_GIVEN.values())
 
 
 def _content(reg: Registration, address: str) -> tuple[Any, ...]:
     """The :data:`_CONTENT` of the entry that ``reg``, from ``address``, makes."""
-    timeout = reg.health.timeout or min(reg.health.interval, DEFAULT_HEALTH_TIMEOUT)
-    health = (reg.health.url, reg.health.interval, timeout)
-    return (reg.name, reg.version, tuple(reg.tags), reg.description, *health, reg.openapi, address)
+    return (*(tuple(v) if isinstance(v, list) else v for v in _given_in(reg)), address)
+
+
+_TOP = {path: name for name, path in _SHOWN.items() if "." not in path}
+_HEALTH = {path.removeprefix("health."): name for name, path in _SHOWN.items() if path.startswith("health.")}
+_top_of, _health_of = operator.attrgetter(*_TOP.values()), operator.attrgetter(*_HEALTH.values())
+
+
+def _out(w: Worker) -> dict[str, Any]:
+    """``w`` as the HTTP API shows it (a :class:`WorkerOut`), without validating again what the registry made."""
+    return {**dict(zip(_TOP, _top_of(w), strict=True)), "health": dict(zip(_HEALTH, _health_of(w), strict=True))}
+
+
+def _shown_fields() -> dict[str, Any]:
+    """WorkerOut's fields, from Worker's: a tuple is shown as a list, the health check as a :class:`HealthSpec`."""
+    fields: dict[str, Any] = {}
+    for key, name in _TOP.items():
+        hint = Status if key == "status" else typing.get_type_hints(Worker)[name]
+        hint = types.GenericAlias(list, typing.get_args(hint)[:1]) if typing.get_origin(hint) is tuple else hint
+        fields[key] = (hint, Field(description=Worker.__dataclass_fields__[name].metadata["doc"] or None))
+    return {**fields, "health": (HealthSpec, ...)}
+
+
+class WorkerOut(create_model("_WorkerFields", **_shown_fields())):  # type: ignore[misc]
+    """A registry entry as the HTTP API shows it, derived from :class:`Worker`. Times are Unix seconds."""
+
+
+# -- Registry ----------------------------------------------------------------
 
 
 class CheckResult(NamedTuple):
@@ -964,7 +1011,7 @@ class Registry:
                         f"the registry is full ({self.max_workers} workers, API_MAX_WORKERS); "
                         "deregister workers or raise API_MAX_WORKERS"
                     )
-                entry = Worker(wid, reg.name, reg.host, reg.port, reg.version, (), "", "", 0.0, 0.0)
+                entry = Worker(wid, **dict(zip(_CONTENT, content, strict=True)))
                 self._workers[wid] = entry
             self._index(entry, remove=True)
             for field, value in zip(_CONTENT, content, strict=True):
@@ -2306,31 +2353,6 @@ class _Cut(requests.Timeout):
 # -- Responses and the dashboard -----------------------------------------------
 
 
-def _out(w: Worker) -> dict[str, Any]:
-    return {
-        "id": w.id,
-        "name": w.name,
-        "host": w.host,
-        "address": w.address,
-        "port": w.port,
-        "version": w.version,
-        "tags": list(w.tags),
-        "description": w.description,
-        "health": {"url": w.health_url, "interval": w.interval, "timeout": w.timeout},
-        "openapi": w.openapi,
-        "status": w.status,
-        "suspect": w.suspect,
-        "registered_at": w.registered_at,
-        "last_check": w.last_check,
-        "last_success": w.last_success,
-        "failures": w.failures,
-        "successes": w.successes,
-        "last_status_code": w.last_status_code,
-        "last_latency": w.last_latency,
-        "last_error": w.last_error,
-    }
-
-
 def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
     """GET a worker's OpenAPI document, blocking at most OPENAPI_TIMEOUT in all, no redirects.
 
@@ -2360,13 +2382,6 @@ async def _no_worker_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, NoWorkerAvailable)
     detail = {"detail": str(exc), "tags": exc.tags, "version": exc.version, "tried": [list(t) for t in exc.tried]}
     return JSONResponse(detail, status_code=503)
-
-
-def _file_busy(exc: sqlite3.Error) -> HTTPException:
-    logger.warning("the registry file could not be written: %s", exc)
-    return HTTPException(
-        503, f"the registry file is busy or cannot be written ({exc}); try again", {"Retry-After": "1"}
-    )
 
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:
@@ -2567,57 +2582,49 @@ class _CORS(CORSMiddleware):
 
 
 HealthCheckFunc = Callable[[], Any]
+Responses = dict[int | str, dict[str, Any]]
+#: The settings that are FastAPI options too: PicoAPI(title=...) sets both.
+_FASTAPI_SETTINGS = frozenset({"title", "description", "version"})
+_FASTAPI_OPTIONS = frozenset(inspect.signature(FastAPI.__init__).parameters) - {"self", "extra"}
+
+
+def _split_keywords(
+    options: dict[str, Any], config: Config | None, env_file: str | os.PathLike[str] | None, is_master: bool | None
+) -> tuple[Config, dict[str, Any]]:
+    """PicoAPI's keywords split: the settings into its :class:`Config`, the rest to FastAPI (with the title,
+    description and version the configuration sets, unless given). A misspelt setting is a ConfigError."""
+    settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
+    if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
+        raise ConfigError(_unknown_settings(misspelt))
+    if config is None:
+        shared = {k: options[k] for k in _FASTAPI_SETTINGS if options.get(k)}  # PicoAPI(title=...) sets both
+        config = Config.load({**settings, **shared, "is_master": is_master}, env_file=env_file)
+    elif settings or is_master is not None:
+        raise ConfigError(f"give settings in config= or as keywords, not both: got config= and {sorted(settings)}")
+    return config, {**{k: getattr(config, k) for k in _FASTAPI_SETTINGS & config.configured}, **options}
 
 
 class PicoAPI(FastAPI):
     """A FastAPI app that is a worker (registers itself) or a supervisor (keeps the registry).
 
-    Keyword-only options name the settings of :class:`Config` (``host``, ``port``,
-    ``tags``, ``register_urls``...); they win over the environment and the
-    ``.env`` file. Every other keyword goes to FastAPI untouched.
+    Keywords that name a setting of :class:`Config` (``mode``, ``host``, ``port``, ``tags``...) win over
+    the environment and the ``.env`` file; ``config=`` gives them all at once instead. Every other
+    keyword goes to FastAPI untouched; one that looks like a misspelt setting is a :class:`ConfigError`.
+    ``is_master`` is picoapi 1.x's spelling of ``mode`` (deprecated).
     """
 
     def __init__(
         self,
         *,
-        mode: Literal["worker", "supervisor"] | None = None,
         config: Config | None = None,
         env_file: str | os.PathLike[str] | None = ".env",
-        host: str | None = None,
-        port: int | None = None,
-        bind: str | None = None,
-        register_urls: str | Sequence[str] | None = None,
-        health_path: str | None = None,
-        health_interval: float | None = None,
-        health_timeout: float | None = None,
-        tags: str | Sequence[str] | None = None,
-        cors_allow_origins: str | Sequence[str] | None = None,
-        cors_allow_methods: str | Sequence[str] | None = None,
-        cors_allow_headers: str | Sequence[str] | None = None,
-        cors_allow_credentials: bool | None = None,
-        allowed_hosts: str | Sequence[str] | None = None,
-        register_token: str | None = None,
-        register_networks: str | Sequence[str] | None = None,
-        register_timeout: float | None = None,
-        register_required: bool | None = None,
-        max_workers: int | None = None,
-        registry_file: str | None = None,
-        deregister_after: float | None = None,
-        health_failures: int | None = None,
-        health_successes: int | None = None,
-        **fastapi_kwargs: Any,
+        is_master: bool | None = None,
+        **options: Any,
     ) -> None:
-        if config is None:
-            options = {k: v for k, v in locals().items() if k in _VARIABLES}
-            for key in ("title", "description", "version"):
-                options[key] = fastapi_kwargs.get(key)
-            config = Config.load(options, env_file=env_file)
+        config, options = _split_keywords(options, config, env_file, is_master)
         #: The validated settings of this app.
         self.config = config
-        for key in ("title", "description", "version"):
-            if key in config.configured and key not in fastapi_kwargs:
-                fastapi_kwargs[key] = getattr(config, key)
-        super().__init__(**fastapi_kwargs)
+        super().__init__(**options)
         self._health_checks: dict[str, HealthCheckFunc] = {}
         #: The worker's registrar (a worker with API_REGISTER_PATH set), else None.
         self.registrar: Registrar | None = None
@@ -2628,7 +2635,6 @@ class PicoAPI(FastAPI):
         #: This process's id, renewed at every startup; it registers with it, and its health answers say it.
         self.instance = uuid.uuid4().hex[:12]
         self._store: _Store | None = None
-        self._resolving = 0  # host names being resolved for registrations (see _resolve_host)
         # Connection reuse for call() and broadcast(): one requests.Session per thread.
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
@@ -2638,37 +2644,37 @@ class PicoAPI(FastAPI):
             config.registration()  # raises ConfigError now if host or title is missing
         first_own = len(self.router.routes)
         if config.mode == "supervisor":
-            self.registry = Registry(
-                max_workers=config.max_workers,
-                failures=config.health_failures,
-                successes=config.health_successes,
-                deregister_after=config.deregister_after,
-            )
-            self._add_supervisor_routes()
-            self.add_middleware(_BodyLimit, path=REGISTER_ROUTE, limit=MAX_BODY)
-            self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
-            if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
-                self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
+            self._become_supervisor()
         self.add_api_route(
             config.health_route,
             self._health_endpoint,
-            methods=["GET"],
             include_in_schema=False,
             tags=["picoapi"],
             operation_id="picoapi_health",
         )
-        self.add_middleware(
-            _CORS,
-            allow_origins=list(config.cors_allow_origins),
-            allow_methods=list(config.cors_allow_methods),
-            allow_headers=list(config.cors_allow_headers),
-            allow_credentials=config.cors_allow_credentials,
-            guarded=REGISTER_ROUTE if config.mode == "supervisor" else None,
-        )
+        cors = {f"allow_{k}": list(getattr(config, f"cors_allow_{k}")) for k in ("origins", "methods", "headers")}
+        guarded = REGISTER_ROUTE if config.mode == "supervisor" else None
+        self.add_middleware(_CORS, **cors, allow_credentials=config.cors_allow_credentials, guarded=guarded)
         if config.allowed_hosts:  # unset: no middleware, every host served at no cost
             self.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts), www_redirect=False)
         self.router.lifespan_context = self._wrap_lifespan(self.router.lifespan_context)
         self._own_routes = self.router.routes[first_own:]
+
+    def _become_supervisor(self) -> None:
+        config = self.config
+        self.registry = Registry(
+            max_workers=config.max_workers,
+            failures=config.health_failures,
+            successes=config.health_successes,
+            deregister_after=config.deregister_after,
+        )
+        self._supervisor = _SupervisorRoutes(self, self.registry)
+        self.include_router(self._supervisor.router())
+        self._add_dashboard_route()
+        self.add_middleware(_BodyLimit, path=REGISTER_ROUTE, limit=MAX_BODY)
+        self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
+        if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
+            self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
 
     @property
     def mode(self) -> str:
@@ -2937,202 +2943,11 @@ class PicoAPI(FastAPI):
             body["failing"] = failing
         return JSONResponse(body, status_code=503 if failing else 200)
 
-    # Supervisor routes -----------------------------------------------------------
+    # The dashboard (helper h3 replaces it with a router of its own) -------------------
 
-    async def _require_token(self, request: Request) -> None:
-        token = self.config.register_token
-        if not token:
-            return
-        header = request.headers.get("authorization", "")
-        if not header:
-            raise HTTPException(
-                401, "missing 'Authorization: Bearer <token>' header", headers={"WWW-Authenticate": "Bearer"}
-            )
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(403, "wrong token")
-
-    def _add_supervisor_routes(self) -> None:
+    def _add_dashboard_route(self) -> None:
         registry = self.registry
         assert registry is not None
-        # Without a token there is nothing to check: no dependency to resolve per request.
-        auth = [Depends(self._require_token)] if self.config.register_token else []
-        not_found: dict[int | str, dict[str, Any]] = {404: {"description": "no worker with that id"}}
-        auth_errors: dict[int | str, dict[str, Any]] = {}
-        if self.config.register_token:
-            auth_errors = {401: {"description": "no bearer token"}, 403: {"description": "wrong token"}}
-
-        def unknown(wid: str) -> HTTPException:
-            return HTTPException(404, f"no worker with id {wid!r}; GET {SERVICES_ROUTE} lists them")
-
-        @self.put(
-            REGISTER_ROUTE,
-            response_model=WorkerOut,
-            status_code=200,
-            dependencies=auth,
-            tags=["picoapi"],
-            operation_id="picoapi_register",
-            responses={
-                201: {"model": WorkerOut, "description": "registered"},
-                **auth_errors,
-                400: {"description": "the body is not JSON"},
-                413: {"description": f"the body is over {MAX_BODY} bytes"},
-                422: {"description": "a field is invalid, or the host does not resolve"},
-                503: {"description": "the registry is full (API_MAX_WORKERS), or busy: see Retry-After"},
-            },
-        )
-        async def register(reg: Registration, request: Request, response: Response) -> Any:
-            """Register a worker (only an address it registers from), or refresh or replace its entry."""
-            try:
-                address = await self._resolve_host(reg.host, request.client.host if request.client else None)
-                await self._refuse_if_served(reg, address)
-                if self._store is None:
-                    worker, created = registry.register(reg, address=address)
-                else:
-                    worker, created = await run_in_threadpool(self._register_stored, reg, address)
-            except ValueError as exc:  # the host does not resolve, or is not spelled canonically
-                raise HTTPException(422, [{"loc": ["body", "host"], "msg": str(exc), "type": "value_error"}]) from None
-            except PermissionError as exc:
-                raise HTTPException(403, str(exc)) from None
-            except RegistryFull as exc:
-                raise HTTPException(503, str(exc)) from None
-            except sqlite3.Error as exc:
-                raise _file_busy(exc) from None
-            response.status_code = 201 if created else 200
-            response.headers[SUPERVISOR_HEADER] = self.supervisor_id
-            if created:
-                logger.info("registered %s (%s)", worker.id, worker.name)
-            return _out(worker)
-
-        @self.delete(
-            REGISTER_ROUTE + "/{worker_id}",
-            status_code=204,
-            dependencies=auth,
-            tags=["picoapi"],
-            operation_id="picoapi_deregister",
-            responses={**not_found, **auth_errors, 503: {"description": "the registry file is busy: see Retry-After"}},
-        )
-        async def deregister(
-            worker_id: str,
-            request: Request,
-            instance: Annotated[
-                str | None, Query(pattern=_INSTANCE_PATTERN, description="the stopping process")
-            ] = None,
-        ) -> Response:
-            """Remove a worker: from its own address (or with the token); naming its process, only its own entry.
-
-            An entry that another process of the worker still serves (uvicorn --workers) stays.
-            """
-            entry = registry.get(worker_id)
-            if entry is None:
-                raise unknown(worker_id)
-            peer = _ip(request.client.host if request.client else None)
-            if not self.config.register_token and peer != _ip(entry.address):
-                if not any(peer in net for net in self.config.register_networks):
-                    raise HTTPException(
-                        403,
-                        f"{worker_id} may only be deregistered from its own address {entry.address}, not from "
-                        f"{_printable(peer)}; with API_REGISTER_TOKEN set, its holder may remove it from anywhere",
-                    )
-            if instance is not None and entry.instances:
-                if instance not in entry.instances:
-                    raise HTTPException(409, f"{worker_id} was registered by another process; it stays")
-                left = registry.forget_instance(worker_id, instance)
-                if left and await self._answered_by_own(entry, left):
-                    logger.info("%s: one of its processes stopped, another still serves it", worker_id)
-                    return Response(status_code=204)
-            if self._store is None:
-                found = registry.deregister(worker_id)
-            else:
-                try:
-                    found = await run_in_threadpool(self._deregister_stored, worker_id)
-                except sqlite3.Error as exc:
-                    raise _file_busy(exc) from None
-            if not found:
-                raise unknown(worker_id)
-            logger.info("deregistered %s", worker_id)
-            return Response(status_code=204)
-
-        next_link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
-
-        @self.get(
-            SERVICES_ROUTE,
-            response_model=list[WorkerOut],
-            tags=["picoapi"],
-            operation_id="picoapi_services",
-            responses={200: {"headers": {"Link": next_link}}},
-        )
-        async def services(
-            request: Request,
-            tag: Annotated[list[str], Query(description="repeat for several; all must match")] = [],  # noqa: B006
-            name: str | None = None,
-            version: str | None = None,
-            status: Literal["healthy", "unhealthy", "unknown"] | None = None,
-            limit: Annotated[int, Query(ge=1, le=SERVICES_PAGE, description="entries per page")] = SERVICES_PAGE,
-            after: Annotated[str | None, Query(description="only ids after this one: the previous page's last")] = None,
-        ) -> Any:
-            """The registered workers, filtered, by id, a page at a time: the Link header leads to the next."""
-            workers = registry.workers(*tag, status=status, name=name, version=version)
-            start = 0 if after is None else bisect.bisect_right(workers, after, key=operator.attrgetter("id"))
-            page = workers[start : start + limit]
-            # Built here from the registry's own data: serialised once, not validated again.
-            response = Response(to_json([_out(w) for w in page]), media_type="application/json")
-            if start + limit < len(workers):
-                # A path, not a URL: the Host header the caller sent is not echoed back.
-                following = request.url.include_query_params(after=page[-1].id, limit=limit)
-                response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
-            return response
-
-        @self.get(
-            SERVICES_ROUTE + "/{worker_id}",
-            response_model=WorkerOut,
-            tags=["picoapi"],
-            operation_id="picoapi_service",
-            responses=not_found,
-        )
-        async def service(worker_id: str) -> Any:
-            """One registered worker."""
-            worker = registry.get(worker_id)
-            if worker is None:
-                raise unknown(worker_id)
-            return _out(worker)
-
-        fetching = 0  # OpenAPI documents being fetched; only the event loop's thread counts, so no lock
-
-        @self.get(
-            SERVICES_ROUTE + "/{worker_id}/openapi",
-            tags=["picoapi"],
-            operation_id="picoapi_service_openapi",
-            responses={
-                **not_found,
-                409: {"description": "the worker is not healthy: nothing is asked of it"},
-                502: {"description": f"the worker sent no OpenAPI document within {OPENAPI_TIMEOUT:g} s"},
-                503: {"description": "too many documents are being fetched: see Retry-After"},
-            },
-        )
-        async def service_openapi(worker_id: str) -> dict[str, Any]:
-            """The worker's own OpenAPI document: the forms of work it supports. Only from a healthy worker."""
-            nonlocal fetching
-            worker = registry.get(worker_id)
-            if worker is None:
-                raise unknown(worker_id)
-            if not worker.is_ready:
-                why = f"status {worker.status}, {worker.failures} failed checks in a row"
-                why += ", a call could not connect" if worker.suspect else ""
-                raise HTTPException(
-                    409, f"worker {worker_id!r} is not healthy ({why}); nothing is fetched until a check passes"
-                )
-            # Each fetch holds a thread of the pool sync routes share, for up to OPENAPI_TIMEOUT: a few at most.
-            if fetching >= OPENAPI_MAX_FETCHES:
-                raise HTTPException(
-                    503, "too many OpenAPI documents are being fetched; try again", {"Retry-After": "1"}
-                )
-            fetching += 1
-            try:
-                url, options = worker._request(worker.openapi or "/openapi.json", {})
-                return await run_in_threadpool(_fetch_openapi, url, options.get("headers"))
-            finally:
-                fetching -= 1
 
         @self.get(DASHBOARD_ROUTE, include_in_schema=False, tags=["picoapi"], operation_id="picoapi_dashboard")
         async def dashboard(
@@ -3150,7 +2965,195 @@ class PicoAPI(FastAPI):
             trouble = self.checker.trouble if self.checker is not None else ""
             return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags), status, page, trouble))
 
-    async def _resolve_host(self, host: str, peer: str | None) -> str:
+
+# -- The supervisor's routes -----------------------------------------------------
+
+
+class _SupervisorRoutes:
+    """The supervisor's HTTP API as an APIRouter: workers register and deregister, anyone reads the registry.
+
+    Bodies are built by :func:`_out`, from the same declaration as the :class:`WorkerOut` each route declares,
+    and sent as they are: serialised once, never validated again (a test checks them against the schema).
+    """
+
+    def __init__(self, app: PicoAPI, registry: Registry) -> None:
+        self.app, self.registry, self.config = app, registry, app.config
+        # Host names being resolved and OpenAPI documents being fetched: each holds a thread of the pool
+        # sync routes share, so a few at most. Only the event loop's thread counts them: no lock.
+        self.resolving = self.fetching = 0
+
+    def router(self) -> APIRouter:
+        token = self.config.register_token
+        auth = [Depends(self.require_token)] if token else []  # no token: no dependency to resolve per request
+        auth_errors: Responses = {401: {"description": "no bearer token"}, 403: {"description": "wrong token"}}
+        auth_errors = auth_errors if token else {}
+        not_found: Responses = {404: {"description": "no worker with that id"}}
+        busy: Responses = {503: {"description": "the registry file is busy: see Retry-After"}}
+        next_link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
+        routes = APIRouter(tags=["picoapi"])
+        routes.add_api_route(
+            REGISTER_ROUTE,
+            self.register,
+            methods=["PUT"],
+            response_model=WorkerOut,
+            dependencies=auth,
+            operation_id="picoapi_register",
+            responses={
+                201: {"model": WorkerOut, "description": "registered"},
+                **auth_errors,
+                400: {"description": "the body is not JSON"},
+                413: {"description": f"the body is over {MAX_BODY} bytes"},
+                422: {"description": "a field is invalid, or the host does not resolve"},
+                503: {"description": "the registry is full (API_MAX_WORKERS), or busy: see Retry-After"},
+            },
+        )
+        routes.add_api_route(
+            REGISTER_ROUTE + "/{worker_id}",
+            self.deregister,
+            methods=["DELETE"],
+            status_code=204,
+            dependencies=auth,
+            operation_id="picoapi_deregister",
+            responses={**not_found, **auth_errors, **busy},
+        )
+        routes.add_api_route(
+            SERVICES_ROUTE,
+            self.services,
+            response_model=list[WorkerOut],
+            operation_id="picoapi_services",
+            responses={200: {"headers": {"Link": next_link}}},
+        )
+        routes.add_api_route(
+            SERVICES_ROUTE + "/{worker_id}",
+            self.service,
+            response_model=WorkerOut,
+            operation_id="picoapi_service",
+            responses=not_found,
+        )
+        routes.add_api_route(
+            SERVICES_ROUTE + "/{worker_id}/openapi",
+            self.service_openapi,
+            operation_id="picoapi_service_openapi",
+            responses={
+                **not_found,
+                409: {"description": "the worker is not healthy: nothing is asked of it"},
+                502: {"description": f"the worker sent no OpenAPI document within {OPENAPI_TIMEOUT:g} s"},
+                503: {"description": "too many documents are being fetched: see Retry-After"},
+            },
+        )
+        return routes
+
+    # The routes ----------------------------------------------------------------------
+
+    async def register(self, reg: Registration, request: Request) -> Response:
+        """Register a worker (only an address it registers from), or refresh or replace its entry."""
+        try:
+            address = await self.claimed_address(reg.host, request.client.host if request.client else None)
+            await self.refuse_if_served(reg, address)
+            worker, created = await self.write(self.add, reg, address)
+        except ValueError as exc:  # the host does not resolve, or is not spelled canonically
+            raise HTTPException(422, [{"loc": ["body", "host"], "msg": str(exc), "type": "value_error"}]) from None
+        except PermissionError as exc:
+            raise HTTPException(403, str(exc)) from None
+        except RegistryFull as exc:
+            raise HTTPException(503, str(exc)) from None
+        if created:
+            logger.info("registered %s (%s)", worker.id, worker.name)
+        return _json_response(_out(worker), 201 if created else 200, {SUPERVISOR_HEADER: self.app.supervisor_id})
+
+    async def deregister(
+        self,
+        worker_id: str,
+        request: Request,
+        instance: Annotated[str | None, Query(pattern=_INSTANCE_PATTERN, description="the stopping process")] = None,
+    ) -> Response:
+        """Remove a worker: from its own address (or with the token); naming its process, only its own entry.
+
+        An entry that another process of the worker still serves (uvicorn --workers) stays.
+        """
+        entry = self.known(worker_id)
+        peer = _ip(request.client.host if request.client else None)
+        if not self.config.register_token and peer != _ip(entry.address):
+            if not any(peer in net for net in self.config.register_networks):
+                raise HTTPException(
+                    403,
+                    f"{worker_id} may only be deregistered from its own address {entry.address}, not from "
+                    f"{_printable(peer)}; with API_REGISTER_TOKEN set, its holder may remove it from anywhere",
+                )
+        if instance is not None and entry.instances:
+            if instance not in entry.instances:
+                raise HTTPException(409, f"{worker_id} was registered by another process; it stays")
+            left = self.registry.forget_instance(worker_id, instance)
+            if left and await self.answered_by_own(entry, left):
+                logger.info("%s: one of its processes stopped, another still serves it", worker_id)
+                return Response(status_code=204)
+        if not await self.write(self.remove, worker_id):
+            raise _unknown(worker_id)
+        logger.info("deregistered %s", worker_id)
+        return Response(status_code=204)
+
+    async def services(
+        self,
+        request: Request,
+        tag: Annotated[list[str], Query(description="repeat for several; all must match")] = [],  # noqa: B006
+        name: str | None = None,
+        version: str | None = None,
+        status: Status | None = None,
+        limit: Annotated[int, Query(ge=1, le=SERVICES_PAGE, description="entries per page")] = SERVICES_PAGE,
+        after: Annotated[str | None, Query(description="only ids after this one: the previous page's last")] = None,
+    ) -> Response:
+        """The registered workers, filtered, by id, a page at a time: the Link header leads to the next."""
+        workers = self.registry.workers(*tag, status=status, name=name, version=version)
+        start = 0 if after is None else bisect.bisect_right(workers, after, key=operator.attrgetter("id"))
+        page = workers[start : start + limit]
+        headers = {}
+        if start + limit < len(workers):
+            # A path, not a URL: the Host header the caller sent is not echoed back.
+            following = request.url.include_query_params(after=page[-1].id, limit=limit)
+            headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+        return _json_response([_out(w) for w in page], headers=headers)
+
+    async def service(self, worker_id: str) -> Response:
+        """One registered worker."""
+        return _json_response(_out(self.known(worker_id)))
+
+    async def service_openapi(self, worker_id: str) -> dict[str, Any]:
+        """The worker's own OpenAPI document: the forms of work it supports. Only from a healthy worker."""
+        worker = self.known(worker_id)
+        if not worker.is_ready:
+            why = f"status {worker.status}, {worker.failures} failed checks in a row"
+            why += ", a call could not connect" if worker.suspect else ""
+            raise HTTPException(
+                409, f"worker {worker_id!r} is not healthy ({why}); nothing is fetched until a check passes"
+            )
+        if self.fetching >= OPENAPI_MAX_FETCHES:
+            raise HTTPException(503, "too many OpenAPI documents are being fetched; try again", {"Retry-After": "1"})
+        self.fetching += 1
+        try:
+            url, options = worker._request(worker.openapi or "/openapi.json", {})
+            return await run_in_threadpool(_fetch_openapi, url, options.get("headers"))
+        finally:
+            self.fetching -= 1
+
+    # What they share -------------------------------------------------------------------
+
+    async def require_token(self, request: Request) -> None:
+        token, header = self.config.register_token or "", request.headers.get("authorization", "")
+        if not header:
+            raise HTTPException(
+                401, "missing 'Authorization: Bearer <token>' header", headers={"WWW-Authenticate": "Bearer"}
+            )
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(403, "wrong token")
+
+    def known(self, wid: str) -> Worker:
+        """A copy of the worker ``wid``; 404 if there is none."""
+        if (worker := self.registry.get(wid)) is None:
+            raise _unknown(wid)
+        return worker
+
+    async def claimed_address(self, host: str, peer: str | None) -> str:
         """The address a registration from ``peer`` may claim for ``host`` (see :func:`_claimed_address`).
 
         Names are resolved on a thread, a few at a time: slow DNS then holds at most
@@ -3159,62 +3162,134 @@ class PicoAPI(FastAPI):
         """
         if _ip(host) is not None:
             return _claimed_address(host, peer, self.config.register_networks)
-        if self._resolving >= MAX_RESOLVING:
+        if self.resolving >= MAX_RESOLVING:
             raise HTTPException(503, "too many host names are being resolved; try again", {"Retry-After": "1"})
-        self._resolving += 1  # only the event loop's thread counts, so no lock is needed
+        self.resolving += 1
         try:
             return await run_in_threadpool(_claimed_address, host, peer, self.config.register_networks)
         finally:
-            self._resolving -= 1
+            self.resolving -= 1
 
-    async def _refuse_if_served(self, reg: Registration, address: str) -> None:
+    async def refuse_if_served(self, reg: Registration, address: str) -> None:
         """409 when ``reg`` would change an entry that another live process still serves.
 
         A second copy of a service started by mistake on a port that is taken must not
         evict the live one; the same registration again (a sibling process) is welcome.
         """
-        assert self.registry is not None
         entry = self.registry.get(worker_id(reg.host, reg.port))
         if entry is None or not entry.instances or reg.instance in entry.instances:
             return
-        if _content_of(entry) != _content(reg, address) and await self._answered_by_own(entry):
+        if _content_of(entry) != _content(reg, address) and await self.answered_by_own(entry):
             raise HTTPException(
                 409,
                 f"{entry.id} is served by another live instance ({entry.name} {entry.version}); "
                 "stop it first, or serve this one on another port",
             )
 
-    async def _answered_by_own(self, entry: Worker, instances: Sequence[str] = ()) -> bool:
+    async def answered_by_own(self, entry: Worker, instances: Sequence[str] = ()) -> bool:
         """Check ``entry`` now (at most 2 s): did one of ``instances`` (its own, by default) answer?"""
-        headers = self.checker.headers if self.checker is not None else {}
+        headers = self.app.checker.headers if self.app.checker is not None else {}
         timeout = min(entry.timeout, 0.75)  # within the worker's own wait for its DELETE
         result = await run_in_threadpool(check_once, entry.health_url, timeout, headers, entry.address)
         return result.ok and result.instance in (instances or entry.instances)
 
-    # The disk is written first: a busy file (503) leaves the registry as it was.
-    def _register_stored(self, reg: Registration, address: str) -> tuple[Worker, bool]:
-        assert self._store is not None and self.registry is not None
-        wid = worker_id(reg.host, reg.port)
-        with self._store.lock:
-            known = wid in self.registry
-            self._store.save(wid, reg, address)
-            try:
-                worker, created = self.registry.register(reg, address=address)
-            except RegistryFull:
-                if not known:
-                    self._store.delete(wid)
-                raise
-            if worker.instances[1:]:  # a sibling process joined: keep every one across a restart
-                self._store.save(wid, reg, address, worker.instances)
-            return worker, created
+    async def write(self, change: Callable[..., Any], *args: Any) -> Any:
+        """``change(*args)``: at once without a registry file; with one, on a thread under the file's lock
+        (a busy file is 503, and leaves the registry as it was: the disk is written first)."""
+        store = self.app._store
+        if store is None:
+            return change(*args)
 
-    def _deregister_stored(self, wid: str) -> bool:
-        assert self._store is not None and self.registry is not None
-        with self._store.lock:
+        def locked() -> Any:
+            with store.lock:
+                return change(*args)
+
+        try:
+            return await run_in_threadpool(locked)
+        except sqlite3.Error as exc:
+            logger.warning("the registry file could not be written: %s", exc)
+            raise HTTPException(
+                503, f"the registry file is busy or cannot be written ({exc}); try again", {"Retry-After": "1"}
+            ) from None
+
+    def add(self, reg: Registration, address: str) -> tuple[Worker, bool]:
+        """Register ``reg`` from ``address`` (see :meth:`write`); returns (a copy, created)."""
+        store = self.app._store
+        if store is None:
+            return self.registry.register(reg, address=address)
+        wid = worker_id(reg.host, reg.port)
+        known = wid in self.registry
+        store.save(wid, reg, address)
+        try:
+            worker, created = self.registry.register(reg, address=address)
+        except RegistryFull:
+            if not known:
+                store.delete(wid)
+            raise
+        if worker.instances[1:]:  # a sibling process joined: keep every one across a restart
+            store.save(wid, reg, address, worker.instances)
+        return worker, created
+
+    def remove(self, wid: str) -> bool:
+        """Deregister ``wid`` (see :meth:`write`); False if it is not registered."""
+        if self.app._store is not None:
             if wid not in self.registry:
                 return False
-            self._store.delete(wid)
-            return self.registry.deregister(wid)
+            self.app._store.delete(wid)
+        return self.registry.deregister(wid)
+
+
+def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] = ()) -> str:
+    """The address a registration from ``peer`` may claim for ``host``: its checks go there (blocking: DNS).
+
+    The host must be ``peer``'s own address or a name resolving to it, or resolve into
+    ``networks``; an unspecified, link-local, multicast or broadcast address only if a
+    listed network holds it. Raises ValueError for a host that does not resolve or is
+    not spelled canonically (one address, one id), PermissionError for a claim refused.
+    """
+    ip = _ip(host)
+    if ip is None:
+        with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
+            ip = _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
+    if ip is not None and str(ip) != host:
+        raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
+    if ip is not None:
+        addresses = [ip]
+    else:
+        try:
+            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise ValueError(
+                f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an address"
+            ) from exc
+        addresses = list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
+    listed = [a for a in addresses if any(a in net for net in networks)]
+    for a in addresses:
+        special = a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"
+        if special and a not in listed:
+            raise PermissionError(
+                f"host {host!r} resolves to {a}, an unspecified, link-local, multicast or broadcast address; "
+                "declare the worker's own address (a network listed in API_REGISTER_NETWORKS opens it)"
+            )
+    if (peer_ip := _ip(peer)) in addresses:
+        return str(peer_ip)
+    if listed:
+        return str(listed[0])
+    shown = ", ".join(map(str, addresses))
+    raise PermissionError(
+        f"host {host!r} resolves to {shown}, but the registration came from {_printable(peer)}: a worker may "
+        "only register an address it is reachable at; register from that host, or list its network in "
+        "API_REGISTER_NETWORKS (NAT, proxies, containers)"
+    )
+
+
+def _unknown(wid: str) -> HTTPException:
+    return HTTPException(404, f"no worker with id {wid!r}; GET {SERVICES_ROUTE} lists them")
+
+
+def _json_response(content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """``content`` serialised once, as it is: for bodies built from the registry's own data."""
+    return Response(to_json(content), status_code, headers, media_type="application/json")
 
 
 # -- Command line --------------------------------------------------------------

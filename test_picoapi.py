@@ -7,6 +7,7 @@ processes on 127.0.0.1 and stop them in a ``finally``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import http.server
 import json
@@ -23,6 +24,7 @@ import textwrap
 import threading
 import time
 import urllib.parse
+import warnings
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from typing import Any
@@ -417,6 +419,35 @@ class TestConfig:
         with pytest.raises(ConfigError, match="API_HOST, API_TITLE must be set for a worker to register"):
             PicoAPI(register_urls="http://127.0.0.1:1/register")
 
+    def test_keyword_that_is_not_a_setting_fails_loudly(self) -> None:
+        with pytest.raises(ConfigError, match=r"unknown setting 'helth_interval' \(did you mean 'health_interval'\?\)"):
+            PicoAPI(helth_interval=5)
+        with pytest.raises(ConfigError, match=r"unknown setting 'API_PORT' \(did you mean 'port'\?\)"):
+            PicoAPI(API_PORT=8080)
+        with pytest.raises(ConfigError, match=r"unknown setting 'prot' \(did you mean 'port'\?\); the settings are"):
+            Config.load({"prot": 1})
+        assert PicoAPI(docs_url=None, title="t").docs_url is None  # FastAPI's own options go to FastAPI
+
+    def test_config_and_setting_keywords_are_not_mixed(self) -> None:
+        with pytest.raises(ConfigError, match=r"not both: got config= and \['port'\]"):
+            PicoAPI(config=Config.load(env_file=None), port=1)
+
+    @pytest.mark.parametrize("name", list(picoapi._SETTINGS))
+    def test_every_setting_is_a_field_a_keyword_and_a_variable(self, name: str) -> None:
+        setting, field = picoapi._SETTINGS[name], Config.__dataclass_fields__[name]
+        assert setting.var.startswith("API_") and setting.help and field.default is not dataclasses.MISSING
+        if name not in ("mode", "host", "bind", "register_urls", "allowed_hosts", "registry_file"):
+            keyword = {"title": "t", "register_token": "s3cret"}.get(name, field.default)
+            assert getattr(PicoAPI(**{name: keyword}, env_file=None).config, name) == (keyword or field.default)
+
+    def test_readme_and_env_example_list_every_setting(self) -> None:
+        variables = {setting.var for setting in picoapi._SETTINGS.values()}
+        readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+        table = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+        assert set(re.findall(r"^\| (API_\w+) \|", table, re.MULTILINE)) == variables | {"API_MASTER"}
+        example = open(os.path.join(HERE, ".env.example"), encoding="utf-8").read()
+        assert set(re.findall(r"^(API_\w+)=", example, re.MULTILINE)) == variables
+
     def test_token_is_not_in_repr(self) -> None:
         assert "s3cret" not in repr(Config.load({"register_token": "s3cret"}))
 
@@ -429,6 +460,49 @@ class TestConfig:
             "import picoapi, threading, sys; assert threading.active_count() == 1; assert 'uvicorn' not in sys.modules"
         )
         subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE, env={**os.environ, "API_PORT": "bad"})
+
+
+class TestOneXSpellings:
+    """picoapi 1.x's ``is_master`` and ``API_MASTER`` still choose the mode, with a warning naming the new spelling."""
+
+    @pytest.mark.parametrize(("old", "mode"), [(True, "supervisor"), (False, "worker")])
+    def test_is_master_keyword(self, old: bool, mode: str) -> None:
+        with pytest.warns(
+            DeprecationWarning, match=rf"is_master={old} is picoapi 1.x's spelling: write mode='{mode}'"
+        ) as seen:
+            app = PicoAPI(is_master=old, env_file=None)
+        assert app.mode == mode and (app.registry is not None) == (mode == "supervisor")
+        assert seen[0].filename == __file__  # it points at the line that used it
+
+    @pytest.mark.parametrize(("raw", "mode"), [("true", "supervisor"), ("1", "supervisor"), ("false", "worker")])
+    def test_api_master_variable(self, raw: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("API_MASTER", raw)
+        with pytest.warns(
+            DeprecationWarning, match=f"API_MASTER={raw} is picoapi 1.x's spelling: write API_MODE={mode}"
+        ):
+            assert PicoAPI().mode == mode
+        (monkeypatch.delenv("API_MASTER"), open(".env", "w").write(f"API_MASTER={raw}\n"))  # from a .env file too
+        with pytest.warns(DeprecationWarning, match="API_MASTER"):
+            assert PicoAPI().mode == mode
+
+    def test_a_conflict_names_both(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        with pytest.raises(ConfigError, match=r"is_master=True \(picoapi 1.x\) and mode='worker' disagree"):
+            PicoAPI(is_master=True, mode="worker", env_file=None)
+        monkeypatch.setenv("API_MASTER", "true")
+        monkeypatch.setenv("API_MODE", "worker")
+        with pytest.raises(ConfigError, match=r"API_MASTER=true \(picoapi 1.x\) and API_MODE=worker disagree"):
+            PicoAPI()
+        with pytest.raises(ConfigError, match="API_MASTER must be true or false"):
+            Config.load(environ={"API_MASTER": "boss"}, env_file=None)
+
+    @pytest.mark.parametrize("mode", ["worker", "supervisor"])
+    def test_nothing_warns_without_them(self, mode: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            app = PicoAPI(mode=mode)
+            with TestClient(app) as client:
+                assert client.get("/health").status_code == 200
+                assert mode == "worker" or client.get("/services").json() == []
 
 
 # -- The app as a drop-in FastAPI ----------------------------------------------
@@ -1440,6 +1514,41 @@ class TestSupervisorRoutes:
         params = {p["name"]: p["schema"] for p in services["parameters"]}
         assert params["limit"]["default"] == params["limit"]["maximum"] == 1000 and params["limit"]["minimum"] == 1
         assert "after" in params and "Link" in services["responses"]["200"]["headers"]
+
+    def test_every_route_sends_what_its_schema_declares(self) -> None:
+        """Bodies are serialised from the registry, not validated on the way out: the OpenAPI schema checks them."""
+        import jsonschema_rs
+
+        document = json.dumps({"openapi": "3.1.0", "paths": {}}).encode()
+        with http_worker(lambda h: (200, document)) as (port, _, _paths):
+            app = supervisor_with(port, openapi="/spec.json")
+            with TestClient(app) as client:
+                spec = client.get("/openapi.json").json()
+                wid = urllib.parse.quote(f"127.0.0.1:{port}")
+                sent = {
+                    ("/register", "put", 201): client.put("/register", json=body(port=9001, description="d")),
+                    ("/register", "put", 200): client.put("/register", json=body(port=9001, description="d")),
+                    ("/services", "get", 200): client.get("/services?limit=1"),
+                    ("/services/{worker_id}", "get", 200): client.get(f"/services/{wid}"),
+                    ("/services/{worker_id}/openapi", "get", 200): client.get(f"/services/{wid}/openapi"),
+                    ("/services/{worker_id}", "get", 404): client.get("/services/nope:1"),
+                    ("/services", "get", 422): client.get("/services?limit=0"),
+                    ("/register/{worker_id}", "delete", 204): client.delete("/register/127.0.0.1:9001"),
+                }
+        assert sent["/services", "get", 200].links["next"]  # a page of one, of two workers
+        declared = {(path, method) for path, methods in spec["paths"].items() for method in methods}
+        assert declared == {(path, method) for path, method, status in sent if status < 300}  # every route
+        for (path, method, status), response in sent.items():
+            assert response.status_code == status, (path, method, response.text)
+            content = spec["paths"][path][method]["responses"][str(status)].get("content")
+            if status == 204 or (status == 404 and content is None):  # an error declared by its description
+                assert content is None and (status != 204 or response.content == b"")
+                continue
+            schema = {**content["application/json"]["schema"], "components": spec["components"]}
+            for model in ("WorkerOut", "HealthSpec"):  # and nothing undeclared either
+                spec["components"]["schemas"][model]["additionalProperties"] = False
+            errors = [e.message for e in jsonschema_rs.validator_for(schema).iter_errors(response.json())]
+            assert errors == [], (path, method, status, errors)
 
     def test_services_come_in_pages_linked_by_id(self) -> None:
         app = PicoAPI(mode="supervisor", env_file=None)
@@ -3515,7 +3624,7 @@ class TestChurn:
         )
 
 
-ALL_VARIABLES = [var for var, _ in picoapi._VARIABLES.values()]
+ALL_VARIABLES = [setting.var for setting in picoapi._SETTINGS.values()]
 ANY_VALUE = st.one_of(
     st.text(),
     st.text(alphabet="0123456789.-:/![]eE "),
@@ -3538,14 +3647,14 @@ class TestConfigProperties:
         except ConfigError as exc:
             assert var in str(exc)
 
-    @pytest.mark.parametrize("field", list(picoapi._VARIABLES))
+    @pytest.mark.parametrize("field", list(picoapi._SETTINGS))
     @settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
     @given(value=ANY_VALUE)
     def test_keyword_value_is_valid_or_names_the_variable(self, field: str, value: Any) -> None:
         try:
             Config.load({field: value}, env_file=None)
         except ConfigError as exc:
-            assert picoapi._VARIABLES[field][0] in str(exc)
+            assert picoapi._SETTINGS[field].var in str(exc)
 
 
 class TestSecurity:
@@ -3784,7 +3893,7 @@ class TestSlowResolver:
                     payload["health"]["url"] = f"http://slow{i}.example:{9000 + i}/health"
                     thread = threading.Thread(target=lambda p=payload: slow.append(client.put("/register", json=p)))
                     thread.start()
-                wait_for(lambda: app._resolving == picoapi.MAX_RESOLVING, 5, "four slow resolutions")
+                wait_for(lambda: app._supervisor.resolving == picoapi.MAX_RESOLVING, 5, "four slow resolutions")
                 extra = {**body(port=9100), "host": "slow-extra.example"}
                 extra["health"]["url"] = "http://slow-extra.example:9100/health"
                 refused = client.put("/register", json=extra)
