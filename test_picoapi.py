@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import html
 import http.server
 import json
 import logging
@@ -3369,20 +3368,16 @@ class Browser:
 
     def rows(self) -> dict[str, dict[str, Any]]:
         """The dashboard's worker rows as it shows them now: id -> status and cell texts."""
-        return {
-            row["id"]: row
-            for row in self.js(
-                "[...document.querySelectorAll('tr.worker')].map((tr) => ({id: tr.dataset.id, status: tr.dataset.status,"
-                " cells: [...tr.cells].map((td) => td.textContent)}))"
-            )
-        }
+        rows = self.js(
+            "[...document.querySelectorAll('tr.worker')].map((tr) => "
+            "({id: tr.dataset.id, status: tr.dataset.status, cells: [...tr.cells].map((td) => td.textContent)}))"
+        )
+        return {row["id"]: row for row in rows}
 
     def counts(self) -> dict[str, str]:
-        return dict(
-            self.js(
-                "Object.fromEntries([...document.querySelectorAll('[data-count]')].map((a) => [a.dataset.count, a.textContent]))"
-            )
-        )
+        """The dashboard's status counts as it shows them now."""
+        counts = "[...document.querySelectorAll('[data-count]')].map((a) => [a.dataset.count, a.textContent])"
+        return dict(self.js(f"Object.fromEntries({counts})"))
 
     def close(self) -> None:
         self.proc.kill()
