@@ -3441,6 +3441,114 @@ class TestDashboardInABrowser:
             png.write(shot)
 
 
+PROMETHEUS = shutil.which("prometheus")
+
+
+@contextlib.contextmanager
+def prometheus(config: dict[str, Any], tmp_path: Any) -> Iterator[str]:
+    """Our own Prometheus on 127.0.0.1 (own config, storage and free port; never the system's service):
+    yields its URL once it is ready, and stops it."""
+    assert PROMETHEUS is not None
+    (tmp_path / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    log = tmp_path / "prometheus.log"
+    CHILD_LOGS.append(log)
+    for _ in range(5):
+        port = free_port()
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [
+                    PROMETHEUS,
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=out,
+                stderr=out,
+                cwd=tmp_path,
+            )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(requests.RequestException):
+                    if listens(proc.pid, port) and requests.get(url + "/-/ready", timeout=1).ok:
+                        yield url
+                        return
+                time.sleep(0.1)
+            if "address already in use" not in log.read_text(errors="replace"):
+                raise AssertionError(f"prometheus did not get ready on {port}; its log is shown below")
+        finally:
+            proc.kill()
+            proc.wait(10)
+    raise AssertionError("lost the race for a free port five times")
+
+
+@pytest.mark.skipif(
+    PROMETHEUS is None and not os.environ.get("PICOAPI_REQUIRE_PROMETHEUS"),
+    reason="needs Debian's prometheus (apt-get install prometheus); .ci/run installs it and requires this test",
+)
+class TestPrometheus:
+    def test_scrapes_the_supervisor_and_discovers_its_healthy_workers(self, cluster: Cluster, tmp_path: Any) -> None:
+        cluster.supervisor()
+        workers = [cluster.worker(interval=0.3) for _ in range(2)]
+        ids = [f"127.0.0.1:{worker.port}" for worker in workers]
+        other = body(port=free_port(), tags=["other"], interval=60)  # not asked for: the filter leaves it out
+        requests.put(cluster.url + "/register", json=other, timeout=2).raise_for_status()
+        wait_for(lambda: all(cluster.status(i) == "healthy" for i in ids), 20, "two healthy workers")
+        supervisor = cluster.url.removeprefix("http://")
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {"job_name": "picoapi", "static_configs": [{"targets": [supervisor]}]},
+                {
+                    "job_name": "workers",
+                    "http_sd_configs": [
+                        {"url": cluster.url + "/prometheus/targets?tag=echo", "refresh_interval": "1s"}
+                    ],
+                    "relabel_configs": [
+                        {"source_labels": ["__meta_picoapi_name"], "target_label": "service"},
+                        {"source_labels": ["__meta_picoapi_version"], "target_label": "version"},
+                    ],
+                },
+            ],
+        }
+
+        with prometheus(config, tmp_path) as url:
+
+            def targets(job: str) -> dict[str, dict[str, Any]]:
+                found = requests.get(url + "/api/v1/targets?state=active", timeout=2).json()["data"]["activeTargets"]
+                return {t["labels"]["instance"]: t for t in found if t["labels"]["job"] == job}
+
+            wait_for(lambda: targets("picoapi")[supervisor]["health"] == "up", 20, "the supervisor's /metrics scraped")
+            found = wait_for(lambda: (t := targets("workers")) and set(t) == set(ids) and t, 20, "the workers found")
+            for wid in ids:
+                assert found[wid]["labels"] == {
+                    "instance": wid,
+                    "job": "workers",
+                    "service": "echo",
+                    "version": "0.0.1",
+                }
+                meta = {k: v for k, v in found[wid]["discoveredLabels"].items() if k.startswith("__meta_picoapi_")}
+                assert meta == {
+                    "__meta_picoapi_id": wid,
+                    "__meta_picoapi_name": "echo",
+                    "__meta_picoapi_version": "0.0.1",
+                    "__meta_picoapi_tags": ",echo,",
+                    "__meta_picoapi_scheme": "http",
+                }
+
+            def healthy_workers() -> str:
+                query = {"query": 'picoapi_workers{status="healthy"}'}
+                answer = requests.get(url + "/api/v1/query", params=query, timeout=2).json()["data"]["result"]
+                return str(answer[0]["value"][1])
+
+            wait_for(lambda: healthy_workers() == "2", 20, "the supervisor's gauge read by Prometheus")
+            workers[0].kill()
+            workers[0].wait(5)
+            wait_for(lambda: set(targets("workers")) == {ids[1]}, 20, "the dead worker dropped from the targets")
+            wait_for(lambda: healthy_workers() == "1", 20, "the gauge following it")
+
+
 # -- Reliability and security ----------------------------------------------------------------
 # Figures these tests measure go to test-artifacts/reliability.json (quoted in the README).
 
