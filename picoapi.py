@@ -160,7 +160,7 @@ SERVICES_ROUTE = "/services"
 #: as before paging, and never more than ~6 MB (1,000 entries with every field at its longest).
 SERVICES_PAGE = 1000
 DASHBOARD_ROUTE = "/dashboard"
-#: Seconds between two reloads of the dashboard page, and the rows it shows at most (~100 KB of HTML).
+#: Seconds between two updates of the dashboard (it never reloads), and the rows a page shows at most (~45 KB).
 DASHBOARD_REFRESH = 2
 DASHBOARD_PAGE = 200
 SUPERVISOR_HEADER = "X-PicoAPI-Supervisor"
@@ -2536,11 +2536,11 @@ def _dashboard_row(w: Worker, now: float, wall: float) -> dict[str, Any]:
     }
 
 
-def _summary(app: Any, tags: list[str], status: str | None, page: int) -> dict[str, Any]:
+def _summary(app: PicoAPI, tags: list[str], status: str | None, page: int) -> dict[str, Any]:
     """What the dashboard shows: counts over the workers with ``tags``, and a page of them, trouble first."""
-    registry: Registry = app.registry
-    everyone = registry.workers()
-    tagged = registry.workers(*tags) if tags else everyone
+    registry = app.registry
+    assert registry is not None
+    tagged = registry.workers(*tags)
     counts = collections.Counter(w.status for w in tagged)
     matched = [w for w in tagged if status is None or w.status == status]
     order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
@@ -2549,8 +2549,8 @@ def _summary(app: Any, tags: list[str], status: str | None, page: int) -> dict[s
     return {
         "title": app.title,
         "trouble": app.checker.trouble if app.checker is not None else "",
-        **{"now": wall, "refresh": DASHBOARD_REFRESH, "page": page, "page_size": DASHBOARD_PAGE},
-        **{"total": len(everyone), "matched": len(matched), "counts": {s: counts[s] for s in STATUSES}},
+        **{"now": wall, "page": page, "page_size": DASHBOARD_PAGE, "total": len(registry), "matched": len(matched)},
+        "counts": {s: counts[s] for s in STATUSES},
         "workers": [_dashboard_row(w, now, wall) for w in matched[first : first + DASHBOARD_PAGE]],
     }
 
@@ -2668,9 +2668,10 @@ def _dashboard_page() -> tuple[str, str]:
     return page, policy + "; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 
 
-def _operator_router(app: Any) -> APIRouter:
+def _operator_router(app: PicoAPI) -> APIRouter:
     """The supervisor's routes for operators: the dashboard, GET /metrics and Prometheus' service discovery."""
     router, registry = APIRouter(tags=["picoapi"]), app.registry
+    assert registry is not None
 
     @router.get(DASHBOARD_ROUTE, include_in_schema=False)
     async def dashboard() -> HTMLResponse:
@@ -2695,8 +2696,10 @@ def _operator_router(app: Any) -> APIRouter:
     @router.get(TARGETS_ROUTE, response_model=list[TargetGroup], operation_id="picoapi_prometheus_targets")
     async def prometheus_targets(tags: _Tags) -> Response:
         """The healthy workers with every tag, as Prometheus' HTTP service discovery reads them."""
-        groups = [_target_group(w) for w in registry.workers(*tags, status=HEALTHY)]
-        return Response(to_json(groups), media_type="application/json")
+        groups = await run_in_threadpool(
+            lambda: to_json([_target_group(w) for w in registry.workers(*tags, status=HEALTHY)])
+        )
+        return Response(groups, media_type="application/json")
 
     return router
 

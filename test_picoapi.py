@@ -2949,6 +2949,7 @@ class TestDashboard:
         assert response.headers["content-type"].startswith("text/html")
         assert "alert(1)" not in page and "<b>jobs" not in page  # no data in the page: its script fetches it
         assert "innerHTML" not in page and "textContent" in page  # data goes in as text, never as markup
+        assert '"Checks postponed: " + d.trouble' in page  # the supervisor's own trouble, said first
         assert 'http-equiv="refresh"' not in page and "setTimeout(update, 2000)" in page  # updates, never reloads
         assert "http://" not in page and "https://" not in page and "src=" not in page  # no external asset
         script = page.split("<script>")[1].split("</script>")[0]
@@ -3103,6 +3104,7 @@ class TestMetrics:
         assert found["picoapi_checks"][("picoapi_checks_total", (("result", "postponed"),))] == 1
         assert found["picoapi_checks"][("picoapi_checks_total", (("result", "failed"),))] == 0
         assert found["picoapi_checker_trouble"] == {("picoapi_checker_trouble", ()): 1}
+        assert found["picoapi_checks_in_flight"] == {("picoapi_checks_in_flight", ()): 0}
 
     def test_tag_series_are_bounded_and_label_values_escaped(self) -> None:
         registry = Registry(max_workers=200)
@@ -4079,7 +4081,7 @@ class TestOwnTrouble:
                     conn.request(method, path, json.dumps(payload) if payload else None, headers)
                     answer = conn.getresponse()
                     content = answer.read()
-                    return answer.status, content.decode() if path == "/dashboard" else json.loads(content)
+                    return answer.status, json.loads(content)
 
                 assert get("/register", "PUT", body(port=worker_port, interval=0.1))[0] == 201
                 wid = f"127.0.0.1:{worker_port}"
@@ -4088,7 +4090,8 @@ class TestOwnTrouble:
                     flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))
                 health = wait_for(lambda: (a := get("/health"))[0] == 503 and a[1], 10, "the supervisor's own trouble")
                 assert "Too many open files" in health["failing"]["picoapi-checker"]
-                assert "Checks postponed: supervisor could not check: Too many open files" in get("/dashboard")[1]
+                trouble = get("/dashboard/summary")[1]["trouble"]  # the page shows "Checks postponed: <trouble>"
+                assert trouble == "supervisor could not check: Too many open files"
                 for _ in range(10):  # a second of checks that cannot be made
                     assert get(f"/services/{wid}")[1]["status"] == "healthy"
                     time.sleep(0.1)
