@@ -2627,7 +2627,7 @@ function render(d) {
     return a;
   }));
   $("rows").replaceChildren(...d.workers.map((w) => row(w, d.now)));
-  if (!d.workers.length) $("rows").append(cell("no worker"));
+  if (!d.workers.length) $("rows").insertRow().append(cell("no worker"));
   const first = (d.page - 1) * d.page_size, last = first + d.workers.length;
   $("shown").textContent = (last > first ? first + 1 + "-" + last : "none") + " of " + d.matched + " workers shown, "
     + d.total + " in all" + (view.status ? " (" + view.status + ")" : "");
