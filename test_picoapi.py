@@ -3441,6 +3441,10 @@ class TestDashboardInABrowser:
         assert shot[:8] == b"\x89PNG\r\n\x1a\n"
         with open(os.path.join(ARTIFACTS, "dashboard.png"), "wb") as png:
             png.write(shot)
+        browser.js("document.getElementById('tag').value = 'a:b'; document.getElementById('filter').requestSubmit()")
+        shown = "document.getElementById('error').hidden ? '' : document.getElementById('error').textContent"
+        refusal = wait_for(lambda: browser.js(shown), 10, "the bad filter's refusal shown")
+        assert refusal.startswith("Not updated: tag must be 1 to 64 characters") and len(browser.rows()) == 2
 
 
 PROMETHEUS = shutil.which("prometheus")
