@@ -1434,6 +1434,8 @@ class TestSupervisorRoutes:
             "/services",
             "/services/{worker_id}",
             "/services/{worker_id}/openapi",
+            "/metrics",
+            "/prometheus/targets",
         }
         put = schema["paths"]["/register"]["put"]
         assert put["operationId"] == "picoapi_register" and "201" in put["responses"]
