@@ -3332,6 +3332,7 @@ class Browser:
             stderr=subprocess.DEVNULL,
             close_fds=False,
             preexec_fn=as_fds_3_and_4,
+            start_new_session=True,  # its renderers and helpers share its process group: close() ends them all
         )
         os.close(to_child)
         os.close(from_child)
@@ -3384,7 +3385,14 @@ class Browser:
         return dict(self.js(f"Object.fromEntries({counts})"))
 
     def close(self) -> None:
-        self.proc.kill()
+        """Ask the browser to quit, then end its process group, whatever is left of it."""
+        self.session = ""
+        with contextlib.suppress(AssertionError, OSError):
+            self.send("Browser.close")  # it quits without answering: the pipe closes
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
         os.close(self._to_browser)
         os.close(self._from_browser)
