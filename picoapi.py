@@ -32,6 +32,7 @@ Dependencies: fastapi, uvicorn, requests, python-dotenv. Licence: MIT.
 from __future__ import annotations
 
 import argparse
+import base64
 import bisect
 import collections
 import concurrent.futures
@@ -42,9 +43,9 @@ import email.utils
 import errno
 import functools
 import gc
+import hashlib
 import heapq
 import hmac
-import html
 import inspect
 import ipaddress
 import itertools
@@ -70,7 +71,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, NamedTuple, TypeGuard
-from urllib.parse import quote, unquote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import requests
 import requests.adapters
@@ -82,7 +83,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import (
     BaseModel,
     Field,
@@ -163,7 +164,7 @@ SERVICES_ROUTE = "/services"
 #: as before paging, and never more than ~6 MB (1,000 entries with every field at its longest).
 SERVICES_PAGE = 1000
 DASHBOARD_ROUTE = "/dashboard"
-#: Seconds between two reloads of the dashboard page, and the rows it shows at most (~100 KB of HTML).
+#: Seconds between two updates of the dashboard (it never reloads), and the rows a page shows at most (~45 KB).
 DASHBOARD_REFRESH = 2
 DASHBOARD_PAGE = 200
 SUPERVISOR_HEADER = "X-PicoAPI-Supervisor"
@@ -921,6 +922,8 @@ class CheckResult(NamedTuple):
     postponed: bool = False
     #: The worker process that answered (its ``X-PicoAPI-Instance`` header), if it said.
     instance: str | None = None
+    #: Seconds the check started after it was due.
+    late: float = 0.0
 
 
 class StatusChange(NamedTuple):
@@ -979,6 +982,7 @@ class Registry:
         self._seq = itertools.count()
         self._turns: dict[tuple[frozenset[str], str | None], int] = {}
         self._stale = 0  # heap entries left behind by lazy cancellation
+        self.metrics = _Metrics()  # GET /metrics' counters, updated under _lock
 
     # Registration ------------------------------------------------------------
 
@@ -1021,6 +1025,7 @@ class Registry:
             entry.registered_at, entry._registered, entry._unhealthy_since = self._wall(), self.clock(), None
             self._index(entry)
             self._schedule(entry, self.clock())
+            self.metrics.registrations += 1
             return entry.copy(), created
 
     def forget_instance(self, wid: str, instance: str) -> tuple[str, ...]:
@@ -1036,6 +1041,7 @@ class Registry:
         """Remove a worker; its pending check is dropped lazily. False if unknown."""
         with self._lock:
             entry = self._workers.pop(wid, None)
+            self.metrics.deregistrations += entry is not None
             if entry is not None:
                 self._index(entry, remove=True)
                 self._went_stale(entry)
@@ -1228,6 +1234,7 @@ class Registry:
                 return None
             if result.ok and entry.instances and result.instance not in entry.instances:
                 result = result._replace(ok=False, error=f"answered by a process that did not register {wid}")
+            self.metrics.checked(result)
             entry.last_check = self._wall()
             entry.last_status_code, entry.last_latency = result.status_code, result.latency
             entry.last_error = result.error[:MAX_ERROR]
@@ -2418,84 +2425,298 @@ def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
 
 
+# -- Operator views: dashboard, metrics, service discovery ----------------------
+
+METRICS_ROUTE = "/metrics"
+#: Prometheus' HTTP service discovery (``http_sd_configs``): the healthy workers as scrape targets.
+TARGETS_ROUTE = "/prometheus/targets"
+#: GET /metrics shows workers by tag for the tags with the most workers, at most this many (3 series each),
+#: so that hostile or numerous tags cannot grow the label set without bound.
+METRICS_MAX_TAGS = 50
+#: Upper bounds in seconds of the check latency and lateness histograms' buckets (Prometheus' defaults).
+METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _Histogram:
+    """Counts per bucket (not cumulative; the last is +Inf) and the sum: an observation is two adds."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(METRICS_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(METRICS_BUCKETS, value)] += 1
+        self.sum += value
+
+
+class _Metrics:
+    """The registry's counters for GET /metrics, updated under its lock; the rest is read when scraped."""
+
+    def __init__(self) -> None:
+        self.checks = [0, 0]  # failed, succeeded
+        self.registrations = self.deregistrations = 0
+        self.latency, self.lateness = _Histogram(), _Histogram()
+
+    def checked(self, result: CheckResult) -> None:
+        self.checks[result.ok] += 1
+        if result.latency is not None:
+            self.latency.observe(result.latency)
+        self.lateness.observe(result.late)
+
+
+#: Label values escaped as the exposition format asks.
+_LABEL_ESCAPES = str.maketrans({"\\": r"\\", '"': r"\"", "\n": r"\n"})
+_Samples = list[tuple[str, dict[str, str], float]]
+
+
+def _exposition(registry: Registry, checker: HealthChecker | None) -> str:
+    """The supervisor's metrics in the Prometheus text exposition format (version 0.0.4)."""
+    metrics, workers, lines = registry.metrics, registry.workers(), list[str]()
+    statuses = collections.Counter(w.status for w in workers)
+    by_tag = collections.Counter((tag, w.status) for w in workers for tag in w.tags)
+    sizes = collections.Counter(tag for w in workers for tag in w.tags)
+    top = sorted(sizes, key=lambda tag: (-sizes[tag], tag))[:METRICS_MAX_TAGS]
+    tagged: _Samples = [("", {"tag": tag, "status": s}, by_tag[tag, s]) for tag in top for s in STATUSES]
+    postponed = checker.postponed if checker is not None else 0
+    results = {"ok": metrics.checks[True], "failed": metrics.checks[False], "postponed": postponed}
+    checks: _Samples = [("", {"result": result}, n) for result, n in results.items()]
+
+    def histogram(hist: _Histogram) -> _Samples:
+        counts = list(hist.counts)  # one snapshot: the +Inf bucket and the count agree
+        bounds = [f"{bound:g}" for bound in METRICS_BUCKETS] + ["+Inf"]
+        buckets = [("_bucket", {"le": le}, n) for le, n in zip(bounds, itertools.accumulate(counts), strict=True)]
+        return [*buckets, ("_sum", {}, hist.sum), ("_count", {}, sum(counts))]
+
+    families: list[tuple[str, str, str, _Samples | float]] = [
+        ("workers", "gauge", "Registered workers by status.", [("", {"status": s}, statuses[s]) for s in STATUSES]),
+        ("workers_max", "gauge", "The most workers the registry takes (API_MAX_WORKERS).", registry.max_workers),
+        ("tag_workers", "gauge", f"Workers by tag and status, for the {METRICS_MAX_TAGS} largest tags.", tagged),
+        ("tags", "gauge", "Distinct tags of registered workers.", len(sizes)),
+        ("checks_total", "counter", "Health checks by result (postponed: the supervisor could not check).", checks),
+        ("check_latency_seconds", "histogram", "Seconds a check took, connect to answer.", histogram(metrics.latency)),
+        ("check_lateness_seconds", "histogram", "Seconds a check began after it was due.", histogram(metrics.lateness)),
+        ("checks_in_flight", "gauge", "Health checks under way.", getattr(checker, "in_flight", 0)),
+        ("registrations_total", "counter", "Registrations that created or changed an entry.", metrics.registrations),
+        ("deregistrations_total", "counter", "Workers removed by a DELETE.", metrics.deregistrations),
+        (
+            "checker_trouble",
+            "gauge",
+            "1 while the supervisor cannot make checks.",
+            int(bool(checker and checker.trouble)),
+        ),
+    ]
+    for name, kind, text, samples in families:
+        lines += (f"# HELP picoapi_{name} {text}", f"# TYPE picoapi_{name} {kind}")
+        for suffix, labels, value in samples if isinstance(samples, list) else [("", {}, samples)]:
+            pairs = ",".join(f'{k}="{v.translate(_LABEL_ESCAPES)}"' for k, v in labels.items())
+            lines.append(f"picoapi_{name}{suffix}{f'{{{pairs}}}' if pairs else ''} {value}")
+    return "\n".join(lines) + "\n"
+
+
+class TargetGroup(BaseModel):
+    """One entry of Prometheus' HTTP service discovery: a worker and its labels."""
+
+    targets: list[str]
+    labels: dict[str, str]
+
+
+def _target_group(w: Worker) -> dict[str, Any]:
+    labels = {"id": w.id, "name": w.name, "version": w.version, "tags": f",{','.join(w.tags)},"}
+    labels["scheme"] = urlsplit(w.health_url).scheme
+    return {"targets": [w.id], "labels": {f"__meta_picoapi_{k}": v for k, v in labels.items()}}
+
+
+def _tag_filter(
+    tag: Annotated[list[str], Query(description="repeat for several, or separate with spaces; all must match")] = [],  # noqa: B006
+) -> list[str]:
+    """The tags asked for, validated like API_TAGS: 422 naming a bad one."""
+    tags = [t for item in tag for t in re.split(r"[\s,]+", item) if t]
+    try:
+        if len(tags) > MAX_TAGS:
+            raise ValueError(f"tag may be given at most {MAX_TAGS} times, got {len(tags)}")
+        return [_check_tag("tag", t) for t in tags]
+    except ValueError as exc:
+        raise HTTPException(422, [{"loc": ["query", "tag"], "msg": str(exc), "type": "value_error"}]) from None
+
+
+_Tags = Annotated[list[str], Depends(_tag_filter)]
+
+
+def _dashboard_row(w: Worker, now: float, wall: float) -> dict[str, Any]:
+    since = w._unhealthy_since
+    return {
+        **{k: getattr(w, k) for k in ("id", "name", "version", "status", "suspect", "failures", "last_error")},
+        **{"tags": list(w.tags), "last_check": w.last_check, "last_latency": w.last_latency},
+        "unhealthy_since": None if since is None else wall - (now - since),
+    }
+
+
+def _summary(app: PicoAPI, tags: list[str], status: str | None, page: int) -> dict[str, Any]:
+    """What the dashboard shows: counts over the workers with ``tags``, and a page of them, trouble first."""
+    registry = app.registry
+    assert registry is not None
+    tagged = registry.workers(*tags)
+    counts = collections.Counter(w.status for w in tagged)
+    matched = [w for w in tagged if status is None or w.status == status]
+    order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
+    matched.sort(key=lambda w: (order[w.status], not (w.failures or w.suspect), w.name, w.id))
+    first, now, wall = (page - 1) * DASHBOARD_PAGE, registry.clock(), registry._wall()
+    return {
+        "title": app.title,
+        "trouble": app.checker.trouble if app.checker is not None else "",
+        **{"now": wall, "page": page, "page_size": DASHBOARD_PAGE, "total": len(registry), "matched": len(matched)},
+        "counts": {s: counts[s] for s in STATUSES},
+        "workers": [_dashboard_row(w, now, wall) for w in matched[first : first + DASHBOARD_PAGE]],
+    }
+
+
 _DASHBOARD = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{refresh}">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title} - PicoAPI</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>PicoAPI</title>
 <style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; }}
-h1 {{ font-size: 1.3rem; margin: 0 0 .5rem; }}
-table {{ border-collapse: collapse; width: 100%; }}
-th, td {{ text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #eee; white-space: nowrap; }}
-th {{ position: sticky; top: 0; background: #f6f6f6; }}
-td.tags {{ white-space: normal; }}
-.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-.status::before {{ content: ""; display: inline-block; width: .7em; height: .7em; border-radius: 50%;
-  margin-right: .4em; background: currentColor; }}
-.healthy {{ color: #137333; }} .unhealthy {{ color: #c5221f; }} .unknown {{ color: #80868b; }}
-.counts span {{ margin-right: 1rem; font-weight: 600; }} .counts a {{ text-decoration: none; }}
-form {{ margin: .8rem 0; }}
-footer {{ color: #666; margin-top: 1rem; }}
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; }
+h1 { font-size: 1.3rem; margin: 0 0 .5rem; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #eee; white-space: nowrap; }
+th { position: sticky; top: 0; background: #f6f6f6; }
+td.tags, td.error { white-space: normal; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.status::before { content: ""; display: inline-block; width: .7em; height: .7em; border-radius: 50%;
+  margin-right: .4em; background: currentColor; }
+.healthy { color: #137333; } .unhealthy { color: #c5221f; } .unknown { color: #80868b; }
+#counts a { margin-right: 1rem; font-weight: 600; text-decoration: none; }
+form { margin: .8rem 0; }
+footer { color: #666; margin-top: 1rem; } footer a { margin-left: .5rem; }
 </style></head><body>
-<h1>{title}</h1>
-{trouble}<p class="counts" id="counts">{counts}</p>
-<form method="get" action="{action}">
-<label>tags <input name="tag" value="{filter}" placeholder="e.g. resize png"></label>
-<button type="submit">filter</button> <a href="{action}">show all</a></form>
-<table id="workers"><thead><tr><th>name</th><th>id</th><th>version</th><th>tags</th><th>status</th>
-<th>last check</th><th class="num">latency</th><th class="num">failures</th></tr></thead>
-<tbody>
-{rows}
-</tbody></table>
-<footer>{shown}; this page reloads every {refresh} s.{pages}</footer>
-</body></html>
+<h1 id="title">PicoAPI</h1>
+<p class="unhealthy" id="trouble" role="alert" hidden></p><p class="unhealthy" id="error" role="alert" hidden></p>
+<p id="counts"></p>
+<form id="filter"><label>tags <input id="tag" name="tag" autocomplete="off" placeholder="e.g. resize png"></label>
+<button type="submit">filter</button> <button type="button" id="all">show all</button></form>
+<table id="workers"><thead><tr><th>name</th><th>id</th><th>version</th><th>tags</th><th>status</th><th>last error</th>
+<th>unhealthy since</th><th>last check</th><th class="num">latency</th><th class="num">failures</th></tr></thead>
+<tbody id="rows"></tbody></table>
+<footer><span id="shown">loading</span>; updated every REFRESH s.<span id="pages"></span></footer>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id), query = new URLSearchParams(location.search);
+const view = {tag: query.getAll("tag").join(" "), status: query.get("status") || "", page: +query.get("page") || 1};
+let timer = 0, asked = 0;
+function cell(text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  return td;
+}
+const ago = (t, now) => t == null ? "-" : Math.max(0, now - t).toFixed(1) + "s ago";
+function params(change) {
+  const v = Object.assign({}, view, change), p = new URLSearchParams();
+  for (const t of v.tag.split(/[\\s,]+/)) if (t) p.append("tag", t);
+  if (v.status) p.set("status", v.status);
+  if (v.page > 1) p.set("page", v.page);
+  return p;
+}
+function go(change) { Object.assign(view, change); update(); }
+function link(text, change, cls) {
+  const a = document.createElement("a");
+  a.textContent = text; a.href = "?" + params(change); a.className = cls || "";
+  a.onclick = (e) => { e.preventDefault(); go(change); };
+  return a;
+}
+function row(w, now) {
+  const tr = document.createElement("tr"), since = w.unhealthy_since;
+  tr.className = "worker"; tr.dataset.id = w.id; tr.dataset.status = w.status;
+  tr.append(cell(w.name), cell(w.id), cell(w.version), cell(w.tags.join(" "), "tags"),
+    cell(w.status + (w.suspect ? " (suspect)" : ""), "status " + w.status), cell(w.last_error, "error"),
+    cell(since == null ? "-" : new Date(since * 1000).toLocaleTimeString() + " (" + ago(since, now) + ")", "since"),
+    cell(ago(w.last_check, now)), cell(w.last_latency == null ? "-" : (w.last_latency * 1e3).toFixed(1) + " ms", "num"),
+    cell(String(w.failures), "num"));
+  return tr;
+}
+function render(d) {
+  document.title = d.title + " - PicoAPI"; $("title").textContent = d.title;
+  $("trouble").textContent = "Checks postponed: " + d.trouble; $("trouble").hidden = !d.trouble;
+  $("counts").replaceChildren(...Object.entries(d.counts).map(([s, n]) => {
+    const a = link(n + " " + s, {status: s, page: 1}, s);
+    a.dataset.count = s;
+    return a;
+  }));
+  $("rows").replaceChildren(...d.workers.map((w) => row(w, d.now)));
+  if (!d.workers.length) $("rows").insertRow().append(cell("no worker"));
+  const first = (d.page - 1) * d.page_size, last = first + d.workers.length;
+  $("shown").textContent = (last > first ? first + 1 + "-" + last : "none") + " of " + d.matched + " workers shown, "
+    + d.total + " in all" + (view.status ? " (" + view.status + ")" : "");
+  $("pages").replaceChildren(...(d.page > 1 ? [link("previous page", {page: d.page - 1})] : []),
+    ...(last < d.matched ? [link("next page", {page: d.page + 1})] : []));
+}
+async function update() {
+  clearTimeout(timer);
+  const mine = ++asked, p = params({});
+  history.replaceState(null, "", location.pathname + (String(p) ? "?" + p : ""));  // a reload keeps the view
+  try {
+    const answer = await fetch(location.pathname + "/summary?" + p, {cache: "no-store"}), d = await answer.json();
+    if (mine !== asked) return;
+    if (!answer.ok) throw new Error([].concat(d.detail).map((e) => e.msg || e).join("; "));
+    render(d);
+    $("error").hidden = true;
+  } catch (e) {
+    if (mine !== asked) return;
+    $("error").textContent = "Not updated: " + e.message; $("error").hidden = false;
+  }
+  timer = setTimeout(update, REFRESH000);
+}
+$("filter").onsubmit = (e) => { e.preventDefault(); go({tag: $("tag").value, page: 1}); };
+$("all").onclick = () => { $("tag").value = ""; go({tag: "", status: "", page: 1}); };
+$("tag").value = view.tag;
+update();
+</script></body></html>
 """
 
 
-def _render_dashboard(
-    title: str,
-    workers: Sequence[Worker],
-    counts: Mapping[str, int],
-    tags: str,
-    status: str | None,
-    page: int,
-    trouble: str = "",
-) -> str:
-    """Page ``page`` of the dashboard (DASHBOARD_PAGE rows, trouble first); everything a worker sent is escaped."""
-    esc, now = html.escape, time.time()
-    order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
-    first = (page - 1) * DASHBOARD_PAGE
-    shown = sorted(workers, key=lambda w: (order.get(w.status, 3), w.name, w.id))[first : first + DASHBOARD_PAGE]
+@functools.cache
+def _dashboard_page() -> tuple[str, str]:
+    """The dashboard (static: its script fetches the data) and a Content-Security-Policy that runs only it."""
+    page = _DASHBOARD.replace("REFRESH", str(DASHBOARD_REFRESH))
+    script = page.split("<script>")[1].split("</script>")[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = f"default-src 'none'; connect-src 'self'; style-src 'unsafe-inline'; script-src 'sha256-{digest}'"
+    return page, policy + "; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 
-    def href(**query: Any) -> str:
-        query = {"tag": tags, "status": status, **query}
-        return esc(f"{DASHBOARD_ROUTE}?{urlencode({k: v for k, v in query.items() if v})}")
 
-    links = [f'<a rel="prev" href="{href(page=page - 1)}">previous page</a>'] if page > 1 else []
-    if first + DASHBOARD_PAGE < len(workers):
-        links.append(f'<a rel="next" href="{href(page=page + 1)}">next page</a>')
-    rows = [
-        f'<tr class="worker" data-id="{esc(w.id)}" data-status="{esc(w.status)}"><td>{esc(w.name)}</td>'
-        f'<td>{esc(w.id)}</td><td>{esc(w.version)}</td><td class="tags">{esc(" ".join(w.tags))}</td>'
-        f'<td class="status {esc(w.status)}">{esc(w.status)}{" (suspect)" if w.suspect else ""}</td>'
-        f'<td>{_ago(w.last_check, now)}</td><td class="num">{_ms(w.last_latency)}</td>'
-        f'<td class="num">{w.failures}</td></tr>'
-        for w in shown
-    ]
-    return _DASHBOARD.format(
-        refresh=DASHBOARD_REFRESH,
-        title=esc(title),
-        trouble=f'<p class="unhealthy" role="alert">Checks postponed: {esc(trouble)}</p>\n' if trouble else "",
-        counts="".join(
-            f'<a href="{href(status=s, tag="")}"><span class="{s}" data-count="{s}">{n} {s}</span></a>'
-            for s, n in counts.items()
-        ),
-        action=DASHBOARD_ROUTE,
-        filter=esc(tags),
-        rows="\n".join(rows) or '<tr><td colspan="8">no worker</td></tr>',
-        shown=f"{f'{first + 1}-{first + len(shown)}' if shown else 'none'} of {len(workers)} workers shown, "
-        f"{sum(counts.values())} in all",
-        pages=" " + " ".join(links) if links else "",
-    )
+def _operator_router(app: PicoAPI) -> APIRouter:
+    """The supervisor's routes for operators: the dashboard, GET /metrics and Prometheus' service discovery."""
+    router, registry = APIRouter(tags=["picoapi"]), app.registry
+    assert registry is not None
+
+    @router.get(DASHBOARD_ROUTE, include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        page, policy = _dashboard_page()
+        return HTMLResponse(page, headers={"Content-Security-Policy": policy, "Cache-Control": "no-store"})
+
+    @router.get(DASHBOARD_ROUTE + "/summary", include_in_schema=False)
+    async def dashboard_summary(
+        tags: _Tags,
+        status: Literal["healthy", "unhealthy", "unknown"] | None = None,
+        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    ) -> Response:
+        summary = await run_in_threadpool(_summary, app, tags, status, page)
+        return Response(to_json(summary), media_type="application/json", headers={"Cache-Control": "no-store"})
+
+    @router.get(METRICS_ROUTE, response_class=PlainTextResponse, operation_id="picoapi_metrics")
+    async def metrics() -> PlainTextResponse:
+        """The supervisor's metrics in the Prometheus text exposition format."""
+        text = await run_in_threadpool(_exposition, registry, app.checker)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @router.get(TARGETS_ROUTE, response_model=list[TargetGroup], operation_id="picoapi_prometheus_targets")
+    async def prometheus_targets(tags: _Tags) -> Response:
+        """The healthy workers with every tag, as Prometheus' HTTP service discovery reads them."""
+        groups = await run_in_threadpool(
+            lambda: to_json([_target_group(w) for w in registry.workers(*tags, status=HEALTHY)])
+        )
+        return Response(groups, media_type="application/json")
+
+    return router
 
 
 # -- The PicoAPI class ---------------------------------------------------------
@@ -2670,7 +2891,7 @@ class PicoAPI(FastAPI):
         )
         self._supervisor = _SupervisorRoutes(self, self.registry)
         self.include_router(self._supervisor.router())
-        self._add_dashboard_route()
+        self.include_router(_operator_router(self))
         self.add_middleware(_BodyLimit, path=REGISTER_ROUTE, limit=MAX_BODY)
         self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
         if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
@@ -2942,28 +3163,6 @@ class PicoAPI(FastAPI):
         if failing:
             body["failing"] = failing
         return JSONResponse(body, status_code=503 if failing else 200)
-
-    # The dashboard (helper h3 replaces it with a router of its own) -------------------
-
-    def _add_dashboard_route(self) -> None:
-        registry = self.registry
-        assert registry is not None
-
-        @self.get(DASHBOARD_ROUTE, include_in_schema=False, tags=["picoapi"], operation_id="picoapi_dashboard")
-        async def dashboard(
-            tag: Annotated[list[str], Query()] = [],  # noqa: B006
-            status: str | None = None,
-            page: Annotated[int, Query(ge=1)] = 1,
-        ) -> HTMLResponse:
-            tags = [t for item in tag for t in re.split(r"[\s,]+", item) if t]
-            status = status if status in STATUSES else None
-            everyone = registry.workers()
-            workers = registry.workers(*tags, status=status) if tags or status else everyone
-            counts = {s: 0 for s in STATUSES}
-            for worker in everyone:
-                counts[worker.status] += 1
-            trouble = self.checker.trouble if self.checker is not None else ""
-            return HTMLResponse(_render_dashboard(self.title, workers, counts, " ".join(tags), status, page, trouble))
 
 
 # -- The supervisor's routes -----------------------------------------------------

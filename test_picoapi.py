@@ -6,14 +6,16 @@ processes on 127.0.0.1 and stop them in a ``finally``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
-import html
+import hashlib
 import http.server
 import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -1506,6 +1508,8 @@ class TestSupervisorRoutes:
             "/services",
             "/services/{worker_id}",
             "/services/{worker_id}/openapi",
+            "/metrics",
+            "/prometheus/targets",
         }
         put = schema["paths"]["/register"]["put"]
         assert put["operationId"] == "picoapi_register" and "201" in put["responses"]
@@ -1534,6 +1538,8 @@ class TestSupervisorRoutes:
                     ("/services/{worker_id}", "get", 404): client.get("/services/nope:1"),
                     ("/services", "get", 422): client.get("/services?limit=0"),
                     ("/register/{worker_id}", "delete", 204): client.delete("/register/127.0.0.1:9001"),
+                    ("/metrics", "get", 200): client.get("/metrics"),
+                    ("/prometheus/targets", "get", 200): client.get("/prometheus/targets"),
                 }
         assert sent["/services", "get", 200].links["next"]  # a page of one, of two workers
         declared = {(path, method) for path, methods in spec["paths"].items() for method in methods}
@@ -1543,6 +1549,9 @@ class TestSupervisorRoutes:
             content = spec["paths"][path][method]["responses"][str(status)].get("content")
             if status == 204 or (status == 404 and content is None):  # an error declared by its description
                 assert content is None and (status != 204 or response.content == b"")
+                continue
+            if "text/plain" in content:  # the metrics: Prometheus's text format, parsed by TestMetrics
+                assert response.headers["content-type"].startswith("text/plain") and "application/json" not in content
                 continue
             schema = {**content["application/json"]["schema"], "components": spec["components"]}
             for model in ("WorkerOut", "HealthSpec"):  # and nothing undeclared either
@@ -3041,37 +3050,73 @@ class Rows(HTMLParser):
             self.counts[self._count] = data
 
 
+def summary(client: TestClient, query: str = "") -> dict[str, Any]:
+    response = client.get("/dashboard/summary" + query)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
 class TestDashboard:
-    def test_shows_every_worker_escaped_with_counts(self) -> None:
+    def test_page_is_static_escapes_by_construction_and_runs_only_its_script(self) -> None:
+        app = PicoAPI(mode="supervisor", title="<b>jobs</b>")
+        app.registry.register(reg("127.0.0.1", 1, name="<script>alert(1)</script>"))  # type: ignore[union-attr]
+        response = TestClient(app).get("/dashboard")
+        page = response.text
+        assert response.headers["content-type"].startswith("text/html")
+        assert "alert(1)" not in page and "<b>jobs" not in page  # no data in the page: its script fetches it
+        assert "innerHTML" not in page and "textContent" in page  # data goes in as text, never as markup
+        assert '"Checks postponed: " + d.trouble' in page  # the supervisor's own trouble, said first
+        assert 'http-equiv="refresh"' not in page and "setTimeout(update, 2000)" in page  # updates, never reloads
+        assert "http://" not in page and "https://" not in page and "src=" not in page  # no external asset
+        script = page.split("<script>")[1].split("</script>")[0]
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        policy = response.headers["content-security-policy"]
+        assert f"script-src 'sha256-{digest}'" in policy and "default-src 'none'" in policy
+        assert "/dashboard" not in app.openapi()["paths"] and "/dashboard/summary" not in app.openapi()["paths"]
+
+    def test_summary_trouble_first_with_why_and_since_when(self) -> None:
         app = PicoAPI(mode="supervisor", title="jobs")
         registry = app.registry
         assert registry is not None
+        clock, wall = FakeClock(), FakeClock(1_800_000_000.0)
+        registry.clock, registry._wall = clock, wall
         registry.register(reg("127.0.0.1", 1, name="<script>alert(1)</script>", tags=["a", "<b>"]))
         registry.register(reg("127.0.0.1", 2, name="ok", tags=["a"]))
         registry.record("127.0.0.1:1", OK)
         registry.record("127.0.0.1:2", OK)
         registry.record("127.0.0.1:2", FAIL)
+        clock.advance(5)
+        wall.advance(5)
+        registry.record("127.0.0.1:2", FAIL)  # unhealthy from now on
+        clock.advance(30)
+        wall.advance(30)
         registry.record("127.0.0.1:2", FAIL)
-        with TestClient(app) as client:
-            response = client.get("/dashboard")
-        assert response.headers["content-type"].startswith("text/html")
-        page = response.text
-        assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-        assert 'http-equiv="refresh"' in page and "http://" not in page.split("</head>")[0]  # no external asset
-        rows = Rows(page)
-        assert list(rows.rows) == ["127.0.0.1:2", "127.0.0.1:1"]  # trouble first
-        assert rows.rows["127.0.0.1:1"]["cells"][0] == "<script>alert(1)</script>"  # shown as text
-        assert rows.rows["127.0.0.1:2"]["status"] == "unhealthy" and int(rows.rows["127.0.0.1:2"]["cells"][7]) >= 2
-        assert rows.counts == {"healthy": "1 healthy", "unhealthy": "1 unhealthy", "unknown": "0 unknown"}
-        assert "/dashboard" not in app.openapi()["paths"]
+        data = summary(TestClient(app))
+        assert data["title"] == "jobs" and data["now"] == 1_800_000_035.0 and data["trouble"] == ""
+        assert data["counts"] == {"healthy": 1, "unhealthy": 1, "unknown": 0} and data["total"] == 2
+        troubled, fine = data["workers"]  # trouble first
+        assert troubled["id"] == "127.0.0.1:2" and troubled["status"] == "unhealthy" and troubled["failures"] == 3
+        assert troubled["last_error"] == "refused" and troubled["unhealthy_since"] == 1_800_000_005.0
+        assert fine["name"] == "<script>alert(1)</script>" and fine["tags"] == ["a", "<b>"]  # as data, for textContent
+        assert fine["unhealthy_since"] is None and fine["last_error"] == ""
 
-    def test_tag_filter(self) -> None:
+    def test_counts_follow_the_tag_filter_and_bad_tags_are_refused(self) -> None:
         app = supervisor_with(1, tags=("resize", "png"))
         app.registry.register(reg("127.0.0.1", 2, tags=["ocr"]))  # type: ignore[union-attr]
-        with TestClient(app) as client:
-            assert list(Rows(client.get("/dashboard?tag=resize+png").text).rows) == ["127.0.0.1:1"]
-            assert list(Rows(client.get("/dashboard?tag=ocr").text).rows) == ["127.0.0.1:2"]
-            assert len(Rows(client.get("/dashboard").text).rows) == 2
+        client = TestClient(app)
+        for query, ids, counts in [
+            ("?tag=resize+png", ["127.0.0.1:1"], {"healthy": 1, "unhealthy": 0, "unknown": 0}),
+            ("?tag=resize,png", ["127.0.0.1:1"], {"healthy": 1, "unhealthy": 0, "unknown": 0}),
+            ("?tag=ocr", ["127.0.0.1:2"], {"healthy": 0, "unhealthy": 0, "unknown": 1}),
+            ("", ["127.0.0.1:2", "127.0.0.1:1"], {"healthy": 1, "unhealthy": 0, "unknown": 1}),
+            ("?tag=ocr&status=healthy", [], {"healthy": 0, "unhealthy": 0, "unknown": 1}),
+        ]:
+            data = summary(client, query)
+            assert ([w["id"] for w in data["workers"]], data["counts"], data["total"]) == (ids, counts, 2), query
+        for bad in ["a:b", "x" * 65, "\x1b[31m"]:
+            assert "tag must" in field_error(client.get("/dashboard/summary", params={"tag": bad}))
+        assert "at most 32 times" in field_error(client.get("/dashboard/summary?tag=" + "+".join("t" * 33)))
+        assert client.get("/dashboard/summary?status=bad").status_code == 422
 
     def test_ten_thousand_workers_in_pages_trouble_first(self) -> None:
         app = PicoAPI(mode="supervisor")
@@ -3086,23 +3131,137 @@ class TestDashboard:
             registry.record(wid, FAIL)
             registry.record(wid, FAIL)
         client = TestClient(app)  # no lifespan, so no checker: the statuses stay as recorded here
-        first = client.get("/dashboard").text
-        assert len(first) < 150_000 and "position: sticky" in first  # was 25 MB, every row on one page
-        rows = Rows(first)
-        assert rows.counts == {"healthy": "9997 healthy", "unhealthy": "3 unhealthy", "unknown": "0 unknown"}
-        assert len(rows.rows) == 200 and list(rows.rows)[:3] == troubled  # trouble first, on the first page
-        assert '<a rel="next" href="/dashboard?page=2">' in first and 'rel="prev"' not in first
-        last = client.get("/dashboard?page=50").text
-        assert len(Rows(last).rows) == 200 and 'rel="next"' not in last and 'rel="prev"' in last
-        seen, url = [], "/dashboard?tag=resize"  # the filter is kept from page to page
-        while url:
-            page = client.get(url).text
-            seen += list(Rows(page).rows)
-            found = re.search(r'<a rel="next" href="([^"]+)"', page)
-            url = html.unescape(found.group(1)) if found else ""
-        assert sorted(seen) == sorted(f"127.0.0.1:{port}" for port in range(10, 10_001, 10))
-        assert "no worker" in client.get("/dashboard?page=51").text
-        assert Rows(client.get("/dashboard?status=unhealthy").text).rows.keys() == set(troubled)
+        assert "position: sticky" in client.get("/dashboard").text
+        first = client.get("/dashboard/summary")
+        assert len(first.content) < 150_000  # a page, never every worker
+        data = first.json()
+        assert data["counts"] == {"healthy": 9997, "unhealthy": 3, "unknown": 0} and data["matched"] == 10_000
+        assert len(data["workers"]) == data["page_size"] == 200
+        assert [w["id"] for w in data["workers"][:3]] == troubled  # trouble first, on the first page
+        assert len(summary(client, "?page=50")["workers"]) == 200 and summary(client, "?page=51")["workers"] == []
+        seen, page = [], 1  # the filter is kept from page to page
+        while rows := summary(client, f"?tag=resize&page={page}")["workers"]:
+            seen += [w["id"] for w in rows]
+            page += 1
+        assert sorted(seen) == sorted(f"127.0.0.1:{port}" for port in range(10, 10_001, 10)) and page == 6
+        assert [w["id"] for w in summary(client, "?status=unhealthy")["workers"]] == troubled
+
+
+def metric_families(text: str) -> dict[str, Any]:
+    """GET /metrics read by prometheus_client's parser: family name -> {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        family.name: {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+        for family in text_string_to_metric_families(text)
+    }
+
+
+class TestMetrics:
+    def test_families_and_values_after_register_fail_recover(self) -> None:
+        app = PicoAPI(mode="supervisor", max_workers=50)
+        registry = app.registry
+        assert registry is not None
+        client = TestClient(app)  # no lifespan: the checks are the ones scripted here
+        assert client.put("/register", json=body(port=9001, tags=["resize", "png"])).status_code == 201
+        assert client.put("/register", json=body(port=9002, tags=["resize"])).status_code == 201
+        assert client.put("/register", json=body(port=9002, tags=["resize"])).status_code == 200  # a refresh
+        registry.record("127.0.0.1:9001", CheckResult(True, 200, 0.003, late=0.2))
+        registry.record("127.0.0.1:9002", CheckResult(True, 200, 0.03, late=0.0))
+        registry.record("127.0.0.1:9001", CheckResult(False, None, 0.7, "refused", late=3.0))
+        registry.record("127.0.0.1:9001", CheckResult(False, None, 20.0, "timed out"))  # unhealthy now
+        assert summary(client)["counts"]["unhealthy"] == 1
+        registry.record("127.0.0.1:9001", CheckResult(True, 200, 0.004))  # recovered
+        assert client.delete("/register/127.0.0.1:9002").status_code == 204
+        response = client.get("/metrics")
+        assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        found = metric_families(response.text)
+        assert set(found) == {
+            "picoapi_workers",
+            "picoapi_workers_max",
+            "picoapi_tag_workers",
+            "picoapi_tags",
+            "picoapi_checks",
+            "picoapi_check_latency_seconds",
+            "picoapi_check_lateness_seconds",
+            "picoapi_checks_in_flight",
+            "picoapi_registrations",
+            "picoapi_deregistrations",
+            "picoapi_checker_trouble",
+        }
+        status = {dict(labels)["status"]: value for (_, labels), value in found["picoapi_workers"].items()}
+        assert status == {"healthy": 1, "unhealthy": 0, "unknown": 0}
+        assert found["picoapi_workers_max"] == {("picoapi_workers_max", ()): 50}
+        by_tag = {tuple(dict(labels).values()): n for (_, labels), n in found["picoapi_tag_workers"].items() if n}
+        assert by_tag == {("healthy", "png"): 1, ("healthy", "resize"): 1}
+        checks = {dict(labels)["result"]: n for (_, labels), n in found["picoapi_checks"].items()}
+        assert checks == {"ok": 3, "failed": 2, "postponed": 0}
+        latency = found["picoapi_check_latency_seconds"]
+        buckets = {dict(labels)["le"]: n for (name, labels), n in latency.items() if name.endswith("_bucket")}
+        assert buckets["0.005"] == 2 and buckets["0.05"] == 3 and buckets["1"] == 4 and buckets["10"] == 4
+        assert buckets["+Inf"] == latency[("picoapi_check_latency_seconds_count", ())] == 5
+        assert latency[("picoapi_check_latency_seconds_sum", ())] == pytest.approx(20.737)
+        lateness = found["picoapi_check_lateness_seconds"]
+        late = {dict(labels)["le"]: n for (name, labels), n in lateness.items() if name.endswith("_bucket")}
+        assert (late["0.1"], late["0.25"], late["2.5"], late["5"], late["+Inf"]) == (3, 4, 4, 5, 5)
+        assert found["picoapi_registrations"] == {("picoapi_registrations_total", ()): 2}
+        assert found["picoapi_deregistrations"] == {("picoapi_deregistrations_total", ()): 1}
+        assert found["picoapi_checks_in_flight"] == {("picoapi_checks_in_flight", ()): 0}
+        assert found["picoapi_checker_trouble"] == {("picoapi_checker_trouble", ()): 0}
+        assert "/metrics" in app.openapi()["paths"]
+
+    def test_postponed_checks_and_trouble_are_the_supervisors_own_errors(self) -> None:
+        registry, pool = Registry(clock=FakeClock()), InlinePool()
+        checker = HealthChecker(registry, pool=pool)
+        registry.register(reg("127.0.0.1", 1), address="127.0.0.1")
+        pool.outcome["127.0.0.1:1"] = CheckResult(False, None, None, "supervisor could not check: EMFILE", True)
+        checker.run_pending()
+        found = metric_families(picoapi._exposition(registry, checker))
+        assert found["picoapi_checks"][("picoapi_checks_total", (("result", "postponed"),))] == 1
+        assert found["picoapi_checks"][("picoapi_checks_total", (("result", "failed"),))] == 0
+        assert found["picoapi_checker_trouble"] == {("picoapi_checker_trouble", ()): 1}
+        assert found["picoapi_checks_in_flight"] == {("picoapi_checks_in_flight", ()): 0}
+
+    def test_tag_series_are_bounded_and_label_values_escaped(self) -> None:
+        registry = Registry(max_workers=200)
+        hostile = 'a"b\\c'
+        for port in range(1, 81):  # 80 tags of one worker each
+            registry.register(reg("127.0.0.1", port, tags=[f"t{port:02}"]))
+        registry.register(reg("127.0.0.1", 100, tags=[hostile, "t80"]))
+        for port in range(101, 104):
+            registry.register(reg("127.0.0.1", port, tags=[hostile]))
+        found = metric_families(picoapi._exposition(registry, None))
+        tags = {dict(labels)["tag"] for _, labels in found["picoapi_tag_workers"]}
+        assert picoapi.METRICS_MAX_TAGS == 50 and len(found["picoapi_tag_workers"]) == 50 * 3
+        assert tags == {hostile, "t80", *(f"t{i:02}" for i in range(1, 49))}  # the largest, then by name
+        assert found["picoapi_tags"] == {("picoapi_tags", ()): 81}
+        assert found["picoapi_tag_workers"][("picoapi_tag_workers", (("status", "unknown"), ("tag", hostile)))] == 4
+
+
+class TestServiceDiscovery:
+    def test_healthy_workers_as_target_groups_filtered_by_tag(self) -> None:
+        app = supervisor_with(1, 2, tags=("resize", "png"), name="resizer", version="2.1.0")
+        registry = app.registry
+        assert registry is not None
+        registry.register(reg("127.0.0.1", 3, tags=["resize"]))  # unknown: not a target yet
+        registry.register(reg("127.0.0.1", 4, tags=["ocr"]))
+        registry.record("127.0.0.1:4", OK)
+        registry.record("127.0.0.1:2", FAIL)
+        registry.record("127.0.0.1:2", FAIL)  # unhealthy: not a target
+        client = TestClient(app)
+        everyone = client.get("/prometheus/targets").json()
+        assert [group["targets"] for group in everyone] == [["127.0.0.1:1"], ["127.0.0.1:4"]]
+        assert everyone[0]["labels"] == {
+            "__meta_picoapi_id": "127.0.0.1:1",
+            "__meta_picoapi_name": "resizer",
+            "__meta_picoapi_version": "2.1.0",
+            "__meta_picoapi_tags": ",resize,png,",
+            "__meta_picoapi_scheme": "http",
+        }
+        assert [g["targets"] for g in client.get("/prometheus/targets?tag=resize&tag=png").json()] == [["127.0.0.1:1"]]
+        assert client.get("/prometheus/targets?tag=nothing").json() == []
+        assert "tag must be" in field_error(client.get("/prometheus/targets", params={"tag": "a:b"}))
+        assert "/prometheus/targets" in app.openapi()["paths"]
 
 
 def picoapi_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -3263,24 +3422,103 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = os.path.join(HERE, "test-artifacts")
 
 
-def browse(url: str, profile: Any, *args: str) -> str:
-    """Load ``url`` in headless Chromium and return what it printed (the DOM with --dump-dom)."""
-    assert CHROMIUM is not None
-    command = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        *args,
-        url,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: its fds 3 and 4),
+    so a test can type into a page and read it while it lives, with no package beyond the browser."""
+
+    def __init__(self, profile: Any) -> None:
+        assert CHROMIUM is not None
+        to_child, self._to_browser = os.pipe()
+        self._from_browser, from_child = os.pipe()
+
+        def as_fds_3_and_4() -> None:
+            import fcntl
+
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_child, from_child)]  # clear of 3 and 4
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
+
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+        flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *flags, f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=False,
+            preexec_fn=as_fds_3_and_4,
+            start_new_session=True,  # its renderers and helpers share its process group: close() ends them all
+        )
+        os.close(to_child)
+        os.close(from_child)
+        self._ids, self._buffer, self.session = iter(range(1, 1 << 30)), b"", ""
+
+    def send(self, method: str, **params: Any) -> dict[str, Any]:
+        """One DevTools command (on the attached page, once there is one); its result, within 20 s."""
+        wanted = next(self._ids)
+        message = {
+            "id": wanted,
+            "method": method,
+            "params": params,
+            **({"sessionId": self.session} if self.session else {}),
+        }
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + 20
+        while True:
+            while b"\0" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\0", 1)
+                answer = json.loads(line)
+                if answer.get("id") == wanted:
+                    assert "error" not in answer, answer
+                    return dict(answer["result"])
+            ready, _, _ = select.select([self._from_browser], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(self._from_browser, 1 << 20) if ready else b""
+            assert chunk, f"chromium did not answer {method} within 20 s"
+            self._buffer += chunk
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", url=url)["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def js(self, expression: str) -> Any:
+        """The value of ``expression`` in the page."""
+        answer = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in answer, answer
+        return answer["result"].get("value")
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """The dashboard's worker rows as it shows them now: id -> status and cell texts."""
+        rows = self.js(
+            "[...document.querySelectorAll('tr.worker')].map((tr) => "
+            "({id: tr.dataset.id, status: tr.dataset.status, cells: [...tr.cells].map((td) => td.textContent)}))"
+        )
+        return {row["id"]: row for row in rows}
+
+    def counts(self) -> dict[str, str]:
+        """The dashboard's status counts as it shows them now."""
+        counts = "[...document.querySelectorAll('[data-count]')].map((a) => [a.dataset.count, a.textContent])"
+        return dict(self.js(f"Object.fromEntries({counts})"))
+
+    def close(self) -> None:
+        """Ask the browser to quit, then end its process group, whatever is left of it."""
+        self.session = ""
+        with contextlib.suppress(AssertionError, OSError):
+            self.send("Browser.close")  # it quits without answering: the pipe closes
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        os.close(self._to_browser)
+        os.close(self._from_browser)
+
+
+@pytest.fixture
+def browser(tmp_path: Any) -> Iterator[Browser]:
+    b = Browser(tmp_path / "profile")
+    try:
+        yield b
+    finally:
+        b.close()
 
 
 @pytest.mark.skipif(
@@ -3288,30 +3526,157 @@ def browse(url: str, profile: Any, *args: str) -> str:
     reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it and requires this test",
 )
 class TestDashboardInABrowser:
-    def test_rows_statuses_and_a_killed_worker(self, cluster: Cluster, tmp_path: Any) -> None:
-        cluster.supervisor()
+    def test_live_rows_why_since_when_filter_kept_and_counts_follow_it(
+        self, cluster: Cluster, browser: Browser
+    ) -> None:
+        cluster.supervisor(API_TITLE="<i>jobs</i>")
         workers = [cluster.worker(interval=0.3) for _ in range(2)]
-        ports = [worker.port for worker in workers]
-        ids = [f"127.0.0.1:{port}" for port in ports]
+        ids = [f"127.0.0.1:{worker.port}" for worker in workers]
         wait_for(lambda: all(cluster.status(i) == "healthy" for i in ids), 20, "two healthy workers")
-        requests.put(
-            cluster.url + "/register", json=body(port=free_port(), name="<script>alert(1)</script>"), timeout=2
-        ).raise_for_status()
-        page = Rows(browse(cluster.url + "/dashboard", tmp_path / "profile", "--dump-dom"))
-        assert {i: page.rows[i]["status"] for i in ids} == dict.fromkeys(ids, "healthy")
-        assert [page.rows[i]["cells"][0] for i in ids] == ["echo", "echo"]
-        assert "<script>alert(1)</script>" in [row["cells"][0] for row in page.rows.values()]  # text, not a script
+        hostile = body(port=free_port(), name="<script>alert(1)</script>", tags=["other"], interval=0.3)
+        requests.put(cluster.url + "/register", json=hostile, timeout=2).raise_for_status()
+        browser.open(cluster.url + "/dashboard")
+        rows = wait_for(lambda: len(r := browser.rows()) == 3 and r, 10, "three rows")
+        assert {i: rows[i]["status"] for i in ids} == dict.fromkeys(ids, "healthy")
+        assert [rows[i]["cells"][0] for i in ids] == ["echo", "echo"]
+        assert "<script>alert(1)</script>" in [row["cells"][0] for row in rows.values()]  # text, not a script
+        assert browser.js("document.scripts.length") == 1 and browser.js("document.title") == "<i>jobs</i> - PicoAPI"
+        browser.js("window.sameDocument = true; document.getElementById('tag').focus()")
+        browser.send("Input.insertText", text="ech")  # a filter half typed, not submitted
         workers[0].kill()
         workers[0].wait(5)
-        wait_for(lambda: cluster.status(ids[0]) == "unhealthy", 10, "detection")
-        page = Rows(browse(cluster.url + "/dashboard", tmp_path / "profile", "--dump-dom"))
-        assert page.rows[ids[0]]["status"] == "unhealthy" and page.rows[ids[1]]["status"] == "healthy"
-        assert list(page.rows)[0] == ids[0]  # trouble first
+        killed = wait_for(lambda: (r := browser.rows().get(ids[0])) and r["status"] == "unhealthy" and r, 15, "it")
+        assert browser.js("window.sameDocument") is True  # updated in place: the page was never reloaded
+        assert browser.js("document.getElementById('tag').value") == "ech"  # what was typed stays, and the focus
+        assert browser.js("document.activeElement.id") == "tag"
+        assert "Connection refused" in killed["cells"][5]  # why
+        assert re.fullmatch(r".+ \(\d+\.\ds ago\)", killed["cells"][6])  # since when
+        everyone = {"healthy": "1 healthy", "unhealthy": "2 unhealthy", "unknown": "0 unknown"}
+        wait_for(lambda: browser.counts() == everyone, 10, "the counts of every worker")
+        assert [row["status"] for row in browser.rows().values()] == ["unhealthy", "unhealthy", "healthy"]
+        browser.send("Input.insertText", text="o")
+        browser.js("document.getElementById('filter').requestSubmit()")
+        filtered = {"healthy": "1 healthy", "unhealthy": "1 unhealthy", "unknown": "0 unknown"}
+        wait_for(lambda: browser.counts() == filtered, 10, "counts of the filter's workers")  # the filter's only
+        assert set(browser.rows()) == set(ids) and browser.js("location.search") == "?tag=echo"
         os.makedirs(ARTIFACTS, exist_ok=True)
-        shot = os.path.join(ARTIFACTS, "dashboard.png")
-        browse(cluster.url + "/dashboard", tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,400")
-        with open(shot, "rb") as png:
-            assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+        browser.send("Emulation.setDeviceMetricsOverride", width=1400, height=400, deviceScaleFactor=1, mobile=False)
+        shot = base64.b64decode(browser.send("Page.captureScreenshot")["data"])
+        assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+        with open(os.path.join(ARTIFACTS, "dashboard.png"), "wb") as png:
+            png.write(shot)
+        browser.js("document.getElementById('tag').value = 'a:b'; document.getElementById('filter').requestSubmit()")
+        shown = "document.getElementById('error').hidden ? '' : document.getElementById('error').textContent"
+        refusal = wait_for(lambda: browser.js(shown), 10, "the bad filter's refusal shown")
+        assert refusal.startswith("Not updated: tag must be 1 to 64 characters") and len(browser.rows()) == 2
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@contextlib.contextmanager
+def prometheus(config: dict[str, Any], tmp_path: Any) -> Iterator[str]:
+    """Our own Prometheus on 127.0.0.1 (own config, storage and free port; never the system's service):
+    yields its URL once it is ready, and stops it."""
+    assert PROMETHEUS is not None
+    (tmp_path / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    log = tmp_path / "prometheus.log"
+    CHILD_LOGS.append(log)
+    for _ in range(5):
+        port = free_port()
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [
+                    PROMETHEUS,
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=out,
+                stderr=out,
+                cwd=tmp_path,
+            )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(requests.RequestException):
+                    if listens(proc.pid, port) and requests.get(url + "/-/ready", timeout=1).ok:
+                        yield url
+                        return
+                time.sleep(0.1)
+            if "address already in use" not in log.read_text(errors="replace"):
+                raise AssertionError(f"prometheus did not get ready on {port}; its log is shown below")
+        finally:
+            proc.kill()
+            proc.wait(10)
+    raise AssertionError("lost the race for a free port five times")
+
+
+@pytest.mark.skipif(
+    PROMETHEUS is None and not os.environ.get("PICOAPI_REQUIRE_PROMETHEUS"),
+    reason="needs Debian's prometheus (apt-get install prometheus); .ci/run installs it and requires this test",
+)
+class TestPrometheus:
+    def test_scrapes_the_supervisor_and_discovers_its_healthy_workers(self, cluster: Cluster, tmp_path: Any) -> None:
+        cluster.supervisor()
+        workers = [cluster.worker(interval=0.3) for _ in range(2)]
+        ids = [f"127.0.0.1:{worker.port}" for worker in workers]
+        other = body(port=free_port(), tags=["other"], interval=60)  # not asked for: the filter leaves it out
+        requests.put(cluster.url + "/register", json=other, timeout=2).raise_for_status()
+        wait_for(lambda: all(cluster.status(i) == "healthy" for i in ids), 20, "two healthy workers")
+        supervisor = cluster.url.removeprefix("http://")
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {"job_name": "picoapi", "static_configs": [{"targets": [supervisor]}]},
+                {
+                    "job_name": "workers",
+                    "http_sd_configs": [
+                        {"url": cluster.url + "/prometheus/targets?tag=echo", "refresh_interval": "1s"}
+                    ],
+                    "relabel_configs": [
+                        {"source_labels": ["__meta_picoapi_name"], "target_label": "service"},
+                        {"source_labels": ["__meta_picoapi_version"], "target_label": "version"},
+                    ],
+                },
+            ],
+        }
+
+        with prometheus(config, tmp_path) as url:
+
+            def targets(job: str) -> dict[str, dict[str, Any]]:
+                found = requests.get(url + "/api/v1/targets?state=active", timeout=2).json()["data"]["activeTargets"]
+                return {t["labels"]["instance"]: t for t in found if t["labels"]["job"] == job}
+
+            wait_for(lambda: targets("picoapi")[supervisor]["health"] == "up", 20, "the supervisor's /metrics scraped")
+            found = wait_for(lambda: (t := targets("workers")) and set(t) == set(ids) and t, 20, "the workers found")
+            for wid in ids:
+                assert found[wid]["labels"] == {
+                    "instance": wid,
+                    "job": "workers",
+                    "service": "echo",
+                    "version": "0.0.1",
+                }
+                meta = {k: v for k, v in found[wid]["discoveredLabels"].items() if k.startswith("__meta_picoapi_")}
+                assert meta == {
+                    "__meta_picoapi_id": wid,
+                    "__meta_picoapi_name": "echo",
+                    "__meta_picoapi_version": "0.0.1",
+                    "__meta_picoapi_tags": ",echo,",
+                    "__meta_picoapi_scheme": "http",
+                }
+
+            def healthy_workers() -> str:
+                query = {"query": 'picoapi_workers{status="healthy"}'}
+                answer = requests.get(url + "/api/v1/query", params=query, timeout=2).json()["data"]["result"]
+                return str(answer[0]["value"][1])
+
+            wait_for(lambda: healthy_workers() == "2", 20, "the supervisor's gauge read by Prometheus")
+            workers[0].kill()
+            workers[0].wait(5)
+            wait_for(lambda: set(targets("workers")) == {ids[1]}, 20, "the dead worker dropped from the targets")
+            wait_for(lambda: healthy_workers() == "1", 20, "the gauge following it")
 
 
 # -- Reliability and security ----------------------------------------------------------------
@@ -3844,7 +4209,7 @@ class TestOwnTrouble:
                     conn.request(method, path, json.dumps(payload) if payload else None, headers)
                     answer = conn.getresponse()
                     content = answer.read()
-                    return answer.status, content.decode() if path == "/dashboard" else json.loads(content)
+                    return answer.status, json.loads(content)
 
                 assert get("/register", "PUT", body(port=worker_port, interval=0.1))[0] == 201
                 wid = f"127.0.0.1:{worker_port}"
@@ -3853,7 +4218,8 @@ class TestOwnTrouble:
                     flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))
                 health = wait_for(lambda: (a := get("/health"))[0] == 503 and a[1], 10, "the supervisor's own trouble")
                 assert "Too many open files" in health["failing"]["picoapi-checker"]
-                assert "Checks postponed: supervisor could not check: Too many open files" in get("/dashboard")[1]
+                trouble = get("/dashboard/summary")[1]["trouble"]  # the page shows "Checks postponed: <trouble>"
+                assert trouble == "supervisor could not check: Too many open files"
                 for _ in range(10):  # a second of checks that cannot be made
                     assert get(f"/services/{wid}")[1]["status"] == "healthy"
                     time.sleep(0.1)
