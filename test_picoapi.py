@@ -19,10 +19,12 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import textwrap
 import threading
 import time
 import urllib.parse
+import zipfile
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from typing import Any
@@ -2891,6 +2893,29 @@ class TestExample:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+class TestPackaging:
+    def test_sdist_and_wheel_build_without_a_warning_and_hold_what_the_readme_names(self, tmp_path: Any) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # its warning is the machine's
+        command = [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), HERE]
+        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        said = (out.stdout + out.stderr).splitlines()
+        assert [line for line in said if re.search("warn|deprecat", line, re.IGNORECASE)] == []
+        name = f"picoapi-{picoapi.__version__}"
+        with tarfile.open(tmp_path / f"{name}.tar.gz") as sdist:
+            held = {member.removeprefix(f"{name}/") for member in sdist.getnames()}
+        wanted = {"LICENSE", "README.md", ".env.example", "picoapi.py", "test_picoapi.py", "conftest.py"}
+        examples = {f"examples/{f}" for f in os.listdir(os.path.join(HERE, "examples")) if f != "__pycache__"}
+        assert wanted | examples <= held
+        with zipfile.ZipFile(tmp_path / f"{name}-py3-none-any.whl") as wheel:
+            metadata = wheel.read(f"{name}.dist-info/METADATA").decode()
+            scripts = wheel.read(f"{name}.dist-info/entry_points.txt").decode()
+            assert f"{name}.dist-info/licenses/LICENSE" in wheel.namelist()
+        assert picoapi.__version__ == "2.0.0" and "\nVersion: 2.0.0\n" in metadata
+        assert "\nLicense-Expression: MIT\n" in metadata and "License ::" not in metadata
+        assert "picoapi = picoapi:main" in scripts
 
 
 # -- Dashboard, status command and a real browser ------------------------------------------
