@@ -12,6 +12,7 @@ import http.server
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
@@ -2827,12 +2828,29 @@ class TestDemo:
 
     def test_no_healthy_worker_is_one_line_not_a_traceback(self, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
         """A check can fail on a busy machine just before a task: the demo waits, then says so in one line."""
-        monkeypatch.setattr(picoapi._Demo, "spawn", lambda self, name, args, env: None)
+
+        class Started:  # a process that runs until it is stopped
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                self.returncode: int | None = None
+
+            def poll(self) -> int | None:
+                return self.returncode
+
+            def terminate(self) -> None:
+                self.returncode = -15
+
+            kill = terminate
+
+            def wait(self, timeout: float | None = None) -> int | None:
+                return self.returncode
+
+        monkeypatch.setattr(subprocess, "Popen", Started)
         registered = [status_entry(f"127.0.0.1:{i}", name=name, tags=["text", name]) for i, name in enumerate("abc")]
 
         def services(request: Any) -> tuple[int, dict[str, str], str]:
-            unhealthy = "status=healthy" in request.url  # registered, but every check failing now
-            return 200, {}, json.dumps([] if unhealthy else registered)
+            tags = urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query)["tag"]
+            unhealthy = len(tags) == 2  # registered, but every check failing by the time of a task
+            return 200, {}, json.dumps([{**e, "status": "unhealthy"} if unhealthy else e for e in registered])
 
         with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
             mock.add_callback(responses.GET, re.compile(r"http://127\.0\.0\.1:\d+/services"), callback=services)
@@ -2840,30 +2858,36 @@ class TestDemo:
             assert picoapi.main(["demo", "--interval", "0.05", "--pace", "0"]) == 1
         assert time.monotonic() - started < 10  # a deadline, not a hang
         err = capsys.readouterr().err
-        assert err.startswith("picoapi: timed out waiting for a healthy worker tagged text and upper; logs in ")
+        assert err.startswith("picoapi: timed out waiting for 1 healthy worker tagged text and upper at http://")
         assert len(err.splitlines()) == 1
 
 
 class TestExample:
     def test_example_system_runs_as_the_readme_says(self, tmp_path: Any) -> None:
         """examples/: a supervisor with POST /jobs and two kinds of worker, as real processes."""
-        examples = os.path.join(HERE, "examples")
+        os.symlink(os.path.join(HERE, "examples"), tmp_path / "examples")  # run from a root with no .env
         env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
         env["PYTHONPATH"] = HERE
         procs: list[Child] = []
         try:
-            procs.append(
-                serve(lambda p: ["supervisor", "supervisor:app", "--port", str(p)], env, tmp_path / "sup.log", examples)
-            )
+            sup = ["supervisor", "examples.supervisor:app", "--env-file", "examples/supervisor.env", "--port"]
+            procs.append(serve(lambda p: [*sup, str(p)], env, tmp_path / "sup.log", tmp_path))
             url = f"http://127.0.0.1:{procs[0].port}"
-            env["API_REGISTER_PATH"] = url + "/register"  # the environment wins over .env
+            env["API_REGISTER_PATH"] = url + "/register"  # the environment wins over the --env-file
             for name in ("resizer", "reader"):
                 procs.append(
                     serve(
-                        lambda p, n=name: ["worker", f"{n}:app", "--port", str(p)],
+                        lambda p, n=name: [
+                            "worker",
+                            f"examples.{n}:app",
+                            "--env-file",
+                            "examples/worker.env",
+                            "--port",
+                            str(p),
+                        ],
                         env,
                         tmp_path / f"{name}.log",
-                        examples,
+                        tmp_path,
                     )
                 )
             resize_port, ocr_port = procs[1].port, procs[2].port
@@ -2893,6 +2917,86 @@ class TestExample:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def venv_shims(root: Any) -> Any:
+    """``root/.venv/bin`` as the quickstart leaves it: ``picoapi`` and ``python`` run this checkout's module."""
+    bin_dir = root / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, command in (("picoapi", f"{sys.executable} -m picoapi"), ("python", sys.executable)):
+        (bin_dir / name).write_text(f'#!/bin/sh\nPYTHONPATH="{HERE}" exec {command} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def readme_blocks(text: str) -> list[tuple[str, str | None]]:
+    """The README's ```sh blocks in order, each with the ```text block right after it (the output it shows) or None."""
+    blocks = list(re.finditer(r"^```(\w*)\n(.*?)^```$", text, re.MULTILINE | re.DOTALL))
+    found = []
+    for block, after in zip(blocks, [*blocks[1:], None], strict=True):
+        if block[1] == "sh":
+            shown = after is not None and after[1] == "text" and not text[block.end() : after.start()].strip()
+            found.append((block[2], after[2] if shown and after else None))
+    return found
+
+
+def comparable(output: str) -> list[str]:
+    """Output lines as the README shows them: times and latencies (decimals) vary, and so does the space around them."""
+    return [" ".join(re.sub(r"\d+\.\d+", "N", line).split()) for line in output.strip().splitlines()]
+
+
+class TestReadme:
+    def test_every_sh_block_runs_as_written_with_the_output_shown(self, tmp_path: Any) -> None:
+        """After the quickstart, from the root, in one shell as a reader would: blocks ending in ``&`` start servers,
+        which the shell's process group takes down at the end; only 127.0.0.1 is reached."""
+        with open(os.path.join(HERE, "README.md")) as file:
+            blocks = readme_blocks(file.read())
+        (demo, _), (tests, _) = blocks[:2]
+        assert demo.strip().endswith(".venv/bin/picoapi demo")
+        with open(os.path.join(HERE, ".ci", "run")) as file:
+            assert tests.strip() in file.read().splitlines()  # CI runs the quickstart's test command verbatim
+        assert shutil.which("curl"), "the README's commands use curl: install it (.ci/run does)"
+        for port in (8100, 8001, 8002):  # the example's fixed ports
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                raise AssertionError(f"port {port}, which the README's example uses, is taken")
+        os.symlink(os.path.join(HERE, "examples"), tmp_path / "examples")
+        venv_shims(tmp_path)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+        shell = subprocess.Popen(
+            ["bash"],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        CHILD_LOGS.extend(sorted(tmp_path.glob("*.log")))
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in shell.stdout or ()], daemon=True).start()
+        try:
+            for number, (command, shown) in enumerate(blocks[2:], 3):
+                assert shell.stdin is not None
+                shell.stdin.write(f"{command}\nprintf '\\nblock {number} exited %s\\n' $?\n")
+                shell.stdin.flush()
+                output, deadline = [], time.monotonic() + 60
+                while not (output and output[-1].startswith(f"block {number} exited ")):
+                    try:
+                        output.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+                    except queue.Empty:
+                        raise AssertionError(f"sh block {number} still runs after 60 s:\n{command}") from None
+                CHILD_LOGS.extend(p for p in sorted(tmp_path.glob("*.log")) if p not in CHILD_LOGS)
+                said = "".join(output[:-1])
+                assert output[-1] == f"block {number} exited 0\n", f"sh block {number} failed:\n{command}\n{said}"
+                if shown is not None:
+                    assert comparable(said) == comparable(shown), f"sh block {number}:\n{command}\n{said}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGTERM)
+            shell.wait(10)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGKILL)
 
 
 class TestPackaging:
@@ -4452,3 +4556,42 @@ class TestSharedPorts:
         finally:
             stop.set()
             prober.join(5)
+
+
+class TestLogging:
+    """PicoAPI's lines under plain uvicorn: as uvicorn's own (prefix, level), unless the user set logging up."""
+
+    @staticmethod
+    def uvicorn(cluster: Cluster, module: str, *options: str, **env: str) -> Child:
+        args = [f"{module}:app", "--host", "127.0.0.1", *options, "--port"]
+        return cluster._start(
+            lambda p: [*args, str(p)], lambda p: cluster.settings(0.2, {"API_PORT": str(p), **env}), None, "uvicorn"
+        )
+
+    def test_info_and_warnings_come_out_as_uvicorns_at_its_level(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        worker = self.uvicorn(cluster, "echo_worker")
+        registered = f"INFO:     registered with {cluster.url}/register as 127.0.0.1:{worker.port} (instance "
+        wait_for(lambda: registered in worker.log.read_text(), 10, "its INFO line")
+        quiet = self.uvicorn(cluster, "echo_worker", "--log-level", "warning", API_REGISTER_PATH="")
+        why = (
+            "WARNING:  not registering with a supervisor: API_REGISTER_PATH is not set (its tags ['echo'] go nowhere), "
+            "so this worker serves as a plain app; set API_REGISTER_PATH to the supervisor's /register URL"
+        )
+        wait_for(lambda: why in quiet.log.read_text(), 10, "its WARNING")
+        stop = [cluster.procs.pop(), cluster.procs.pop()]
+        for proc in stop:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+        log = quiet.log.read_text()
+        assert log.count("not registering") == 1 and "INFO" not in log, log  # once; uvicorn's level, for both
+        assert "Application shutdown complete" in worker.log.read_text() and "\nnot registering" not in log
+
+    def test_a_users_own_logging_set_up_is_left_alone(self, cluster: Cluster) -> None:
+        (cluster.tmp / "logged_worker.py").write_text(LOGGED_WORKER_MODULE)
+        worker = self.uvicorn(cluster, "logged_worker", API_REGISTER_PATH="")
+        wait_for(lambda: "not registering" in worker.log.read_text(), 10, "its WARNING")
+        log = worker.log.read_text()
+        assert (
+            f"WARNING picoapi [{worker.pid}]: not registering with a supervisor" in log and "WARNING:  not" not in log
+        )
