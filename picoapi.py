@@ -3577,7 +3577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker",
         "run a worker app",
         "Run a worker app (module:attribute) on API_BIND:API_PORT, registering that port.",
-        "API_HOST=127.0.0.1 API_TITLE=upper API_REGISTER_PATH=http://127.0.0.1:8100/register "
+        "API_HOST=127.0.0.1 API_TITLE=upper API_TAGS=text:upper API_REGISTER_PATH=http://127.0.0.1:8100/register "
         "picoapi worker picoapi:demo_worker --bind 127.0.0.1 --port 8001",
     )
     wrk.add_argument("app", help="the app to run, as module:attribute (an app or an app factory)")

@@ -20,6 +20,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import textwrap
 import threading
@@ -2804,14 +2805,90 @@ class TestCommandLine:
         assert out.returncode == 2
         assert out.stderr.strip() == "picoapi: API_PORT must be a whole number from 1 to 65535, got 'eighty'"
 
+    def test_each_side_reads_its_own_env_file_before_the_folders_env(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        (cluster.tmp / ".env").write_text("API_TITLE=the-supervisors-title\nAPI_TAGS=wrong\n")  # one folder, two sides
+        settings = cluster.settings(0.2, {"API_TITLE": "from-its-file"})
+        (cluster.tmp / "worker.env").write_text("".join(f"{var}={value}\n" for var, value in settings.items()))
+        args = ["worker", "echo_worker:app", "--env-file", "worker.env", "--port"]
+        port = cluster._start(lambda p: [*args, str(p)], {}, None).port
+        wait_for(lambda: cluster.status(f"127.0.0.1:{port}") == "healthy", 15, "its registration")
+        entry = next(s for s in cluster.services() if s["id"] == f"127.0.0.1:{port}")
+        assert (entry["name"], entry["tags"]) == ("from-its-file", ["echo"])
+        missing = picoapi_cli("worker", "echo_worker:app", "--env-file", "nowhere.env")
+        assert missing.returncode == 2 and missing.stderr == (
+            "picoapi: --env-file 'nowhere.env' does not exist; pass the path of an existing file\n"
+        )
+
+    def test_the_examples_in_help_run_as_written(self, tmp_path: Any) -> None:
+        """``picoapi`` on the PATH, as after ``. .venv/bin/activate``; the examples use ports 8100 and 8001."""
+        examples = {}
+        for command in ("supervisor", "worker", "status"):
+            found = re.search(r"example: (.*)", " ".join(picoapi_cli(command, "--help").stdout.split()))
+            assert found, command
+            examples[command] = found[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+        env["PATH"] = f"{venv_shims(tmp_path)}{os.pathsep}{env['PATH']}"
+        servers = []
+        try:
+            for command in ("supervisor", "worker"):
+                log = tmp_path / f"{command}.log"
+                CHILD_LOGS.append(log)
+                with open(log, "ab") as out:
+                    servers.append(
+                        subprocess.Popen(
+                            ["bash", "-c", examples[command]],
+                            cwd=tmp_path,
+                            env=env,
+                            stdout=out,
+                            stderr=out,
+                            start_new_session=True,
+                        )
+                    )
+            healthy = "http://127.0.0.1:8100/services?status=healthy"
+            wait_for(lambda: requests.get(healthy, timeout=1).json(), 20, "the worker of the example, healthy")
+            out = subprocess.run(
+                ["bash", "-c", examples["status"]], cwd=tmp_path, env=env, capture_output=True, text=True
+            )
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.splitlines()[1].split()[:5] == [
+                "127.0.0.1:8001",
+                "upper",
+                "0.0.1",
+                "text,upper",
+                "healthy",
+            ]
+            assert out.stdout.endswith("\n1 worker: 1 healthy\n")
+        finally:
+            for server in servers:
+                os.killpg(server.pid, signal.SIGTERM)
+            for server in servers:
+                server.wait(10)
+
 
 class TestDemo:
-    def test_demo_runs_end_to_end_and_leaves_nothing(self) -> None:
+    def test_demo_runs_end_to_end_vendored_and_leaves_nothing(self, tmp_path: Any) -> None:
+        """picoapi.py copied into a project, in a venv that has its dependencies but no picoapi installed."""
+        project, temp = tmp_path / "project", tmp_path / "tmp"
+        project.mkdir()
+        temp.mkdir()
+        shutil.copy(os.path.join(HERE, "picoapi.py"), project)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "venv"], check=True)
+        python = str(tmp_path / "venv" / "bin" / "python")
+        site = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True)
+        # Our dependencies as a plain path: the .pth files there (our editable install of picoapi) are not run.
+        with open(os.path.join(site.stdout.decode().strip(), "deps.pth"), "w") as pth:
+            pth.write(sysconfig.get_paths()["purelib"] + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_") and k != "PYTHONPATH"}
+        env["TMPDIR"] = str(temp)
+        unvendored = subprocess.run([python, "-c", "import fastapi, picoapi"], cwd=temp, env=env, capture_output=True)
+        assert b"No module named 'picoapi'" in unvendored.stderr  # only the copy provides it
         out = subprocess.run(
-            [sys.executable, "-m", "picoapi", "demo", "--interval", "0.3", "--pace", "0"],
+            [python, "-m", "picoapi", "demo", "--interval", "0.3", "--pace", "0"],
             capture_output=True,
             text=True,
-            cwd=HERE,
+            cwd=project,
+            env=env,
             timeout=90,
         )
         assert out.returncode == 0, out.stdout + out.stderr
@@ -2825,6 +2902,38 @@ class TestDemo:
         for port in ports:  # nothing listens any more: every process is gone
             with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 pass
+        assert os.listdir(temp) == []  # its directory of settings and logs is gone
+
+    @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+    def test_an_interrupted_demo_leaves_nothing_either(self, tmp_path: Any, stop: signal.Signals) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+        env["TMPDIR"] = str(tmp_path)
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "picoapi", "demo", "--interval", "0.3", "--pace", "30"],
+            cwd=HERE,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        said: list[str] = []
+        threading.Thread(target=lambda: said.extend(demo.stdout or ()), daemon=True).start()
+        try:
+            wait_for(lambda: sum("registered:" in line for line in said) == 3, 30, "the demo's registrations")
+            assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.iterdir()).name]
+            assert next(tmp_path.iterdir()).name.startswith("picoapi-demo-")
+            demo.send_signal(stop)
+            assert demo.wait(15) == 130
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+        wait_for(lambda: "interrupted: stopped everything\n" in "".join(said[-1:]), 5, "its last word")
+        ports = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", "".join(said))}
+        assert len(ports) == 4
+        for port in ports:
+            with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
+        assert list(tmp_path.iterdir()) == []
 
     def test_no_healthy_worker_is_one_line_not_a_traceback(self, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
         """A check can fail on a busy machine just before a task: the demo waits, then says so in one line."""
@@ -3150,14 +3259,17 @@ def status_entry(wid: str, **fields: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def fake_supervisor(answer: Callable[[dict[str, list[str]]], tuple[Any, dict[str, str]]]) -> Iterator[str]:
-    """An HTTP server on 127.0.0.1 answering every GET with ``answer(query)``: a body (JSON unless bytes), headers."""
+def fake_supervisor(
+    answer: Callable[[dict[str, list[str]]], tuple[Any, dict[str, str]]], status: int = 200
+) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering every GET with ``status`` and ``answer(query)``: a body (JSON unless
+    bytes), headers."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             payload, headers = answer(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query))
             data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-            self.send_response(200)
+            self.send_response(status)
             for name, value in {"Content-Type": "application/json", **headers}.items():
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
@@ -3196,6 +3308,47 @@ class TestStatusCommand:
         assert [line.split()[0] for line in only.stdout.splitlines()[1:-2]] == [f"127.0.0.1:{port}"]
         as_json = json.loads(picoapi_cli("status", cluster.url, "--json", "--tag", "other").stdout)
         assert [e["tags"] for e in as_json] == [["other"]]
+        by_register_url = picoapi_cli("status", cluster.url + "/register", "--tag", "echo")  # as in API_REGISTER_PATH
+        assert by_register_url.returncode == 0 and comparable(by_register_url.stdout)[1:] == comparable(only.stdout)[1:]
+        assert by_register_url.stdout.endswith("\n1 worker: 1 healthy\n")
+        at_a_worker = picoapi_cli("status", f"http://127.0.0.1:{port}")
+        assert at_a_worker.returncode == 1 and at_a_worker.stderr == (
+            f"picoapi: http://127.0.0.1:{port}/services answered HTTP 404: not a PicoAPI supervisor "
+            "(pass its base URL or its /register URL)\n"
+        )
+
+    def test_without_a_url_it_asks_register_paths_supervisor_or_says_what_to_pass(self, capsys: Any) -> None:
+        assert picoapi.main(["status"]) == 2
+        assert capsys.readouterr().err == (
+            "picoapi: no supervisor to ask: pass its URL (e.g. picoapi status http://127.0.0.1:8100) "
+            "or set API_REGISTER_PATH\n"
+        )
+        with fake_supervisor(lambda query: ([status_entry("127.0.0.1:1")], {})) as url, open(".env", "w") as dotenv:
+            dotenv.write(f"API_REGISTER_PATH={url}/register\n")
+            dotenv.close()
+            assert picoapi.main(["status"]) == 0
+        assert capsys.readouterr().out.endswith("\n1 worker: 1 healthy\n")
+
+    @pytest.mark.parametrize("suffix", ["", "/", "/register", "/register/"])
+    def test_base_or_register_url_and_a_failed_checks_latency(self, capsys: Any, suffix: str) -> None:
+        entries = [
+            status_entry("127.0.0.1:1", last_latency=0.0021, failures=0),
+            status_entry("127.0.0.1:2", last_latency=0.0001, failures=2, status="unhealthy"),  # refused at once
+        ]
+        with fake_supervisor(lambda query: (entries, {})) as url:
+            assert picoapi.main(["status", url + suffix]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[1].endswith(" 2.1 ms") and lines[2].endswith(" -")  # a failed check's time says nothing
+        assert lines[-1] == "2 workers: 1 healthy, 1 unhealthy"
+
+    @pytest.mark.parametrize("status", [404, 405])
+    def test_what_is_not_a_supervisor_is_named(self, capsys: Any, status: int) -> None:
+        with fake_supervisor(lambda query: ({"detail": "Method Not Allowed"}, {}), status) as url:
+            assert picoapi.main(["status", url]) == 1
+        assert capsys.readouterr().err == (
+            f"picoapi: {url}/services answered HTTP {status}: not a PicoAPI supervisor "
+            "(pass its base URL or its /register URL)\n"
+        )
 
     def test_default_url_from_the_register_path(self, cluster: Cluster) -> None:
         cluster.supervisor()
@@ -3257,7 +3410,7 @@ class TestStatusCommand:
             assert picoapi.main(["status", url]) == 1
         out = capsys.readouterr()
         assert out.out == "" and out.err.startswith(f"picoapi: {url}/services ") and why in out.err
-        assert len(out.err.splitlines()) == 1
+        assert len(out.err.splitlines()) == 1 and "not a PicoAPI supervisor" in out.err
 
     def test_endless_or_looping_pages_are_bounded(self, capsys: Any) -> None:
         def endless(query: dict[str, list[str]]) -> tuple[Any, dict[str, str]]:
