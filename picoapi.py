@@ -341,6 +341,118 @@ def _check_health_path(what: str, path: str, error: type[ValueError] = ValueErro
     return path
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors behind it (requests wraps urllib3, which wraps OSError)."""
+    chain = [exc]
+    while len(chain) < 10:
+        last = chain[-1]
+        inner = getattr(last, "reason", None) or last.__cause__ or last.__context__
+        if inner is None and last.args and isinstance(last.args[0], BaseException):
+            inner = last.args[0]
+        if not isinstance(inner, BaseException) or inner in chain:
+            break
+        chain.append(inner)
+    return chain
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'."""
+    root = _causes(exc)[-1]
+    return f"{type(root).__name__}: {root}"
+
+
+def _json(content: bytes) -> Any:
+    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep."""
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+
+
+class _CutConnection(urllib3.connection.HTTPConnection):
+    """Hands ``on_socket`` a duplicate of its socket: shutdown() acts on the socket, not the
+    descriptor, so another thread can cut the connection with it, even once TLS wrapped the original."""
+
+    def __init__(self, *args: Any, on_socket: Callable[[socket.socket], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_socket = on_socket
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        self._on_socket(sock.dup())
+        return sock
+
+
+class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _Cuttable(requests.adapters.HTTPAdapter):
+    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each
+    read, not the answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(max_retries=0)
+        self._lock = threading.Lock()  # guards _socks and is_cut
+        self._socks: list[socket.socket] = []
+        self.is_cut = False
+
+    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
+        pool = super().get_connection_with_tls_context(*args, **kwargs)
+        if isinstance(pool, urllib3.HTTPConnectionPool):  # always; narrows the type
+            pool.ConnectionCls = _CutTLSConnection if isinstance(pool, urllib3.HTTPSConnectionPool) else _CutConnection
+            pool.conn_kw["on_socket"] = self._opened
+        return pool
+
+    def _opened(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+        if self.is_cut:  # opened after the cut: it must carry no request
+            self.cut()
+
+    def cut(self) -> None:
+        with self._lock:
+            self.is_cut = True
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+
+
+def _bounded_request(
+    adapter: _Cuttable, method: str, url: str, timeout: float, limit: int, **kwargs: Any
+) -> tuple[requests.Response, bytes | None]:
+    """One request through ``adapter``, no redirects, cut after ``timeout`` seconds in all (connect to last
+    byte); returns the answer and its body, None when over ``limit`` bytes (the rest is never read). Raises
+    requests' errors; ``adapter.is_cut`` tells a deadline from another failure."""
+    timer = threading.Timer(timeout, adapter.cut)
+    timer.name, timer.daemon = "picoapi-deadline", True
+    timer.start()
+    try:
+        with requests.Session() as session:
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            with session.request(method, url, timeout=timeout, allow_redirects=False, stream=True, **kwargs) as resp:
+                content = b""
+                for chunk in resp.iter_content(64 * 1024):
+                    content += chunk
+                    if len(content) > limit:
+                        return resp, None
+                return resp, content
+    finally:
+        timer.cancel()
+        timer.join()
+
+
+class _Cut(requests.Timeout):
+    """A request cut at its deadline or by stop(); the message says which."""
+
+
 # -- Configuration -----------------------------------------------------------
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
@@ -2178,34 +2290,6 @@ def _who_else(answer: requests.Response, content: bytes | None, body: Mapping[st
     return f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and the errors behind it (requests wraps urllib3, which wraps OSError)."""
-    chain = [exc]
-    while len(chain) < 10:
-        last = chain[-1]
-        inner = getattr(last, "reason", None) or last.__cause__ or last.__context__
-        if inner is None and last.args and isinstance(last.args[0], BaseException):
-            inner = last.args[0]
-        if not isinstance(inner, BaseException) or inner in chain:
-            break
-        chain.append(inner)
-    return chain
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'."""
-    root = _causes(exc)[-1]
-    return f"{type(root).__name__}: {root}"
-
-
-def _json(content: bytes) -> Any:
-    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep."""
-    try:
-        return json.loads(content)
-    except (ValueError, RecursionError):
-        return None
-
-
 def _is_own_entry(answer: Any, body: Mapping[str, Any]) -> TypeGuard[dict[str, Any]]:
     """Whether a supervisor's answer is the registry entry of the worker that sent ``body``."""
     own = {"id": worker_id(body["host"], body["port"]), "host": body["host"], "port": body["port"]}
@@ -2223,90 +2307,6 @@ def _detail(content: bytes) -> str:
             if isinstance(e, dict) and isinstance(e.get("loc", []), list)
         )
     return str(detail)
-
-
-class _CutConnection(urllib3.connection.HTTPConnection):
-    """Hands ``on_socket`` a duplicate of its socket: shutdown() acts on the socket, not the
-    descriptor, so another thread can cut the connection with it, even once TLS wrapped the original."""
-
-    def __init__(self, *args: Any, on_socket: Callable[[socket.socket], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._on_socket = on_socket
-
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        self._on_socket(sock.dup())
-        return sock
-
-
-class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
-    pass
-
-
-class _Cuttable(requests.adapters.HTTPAdapter):
-    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each
-    read, not the answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
-
-    def __init__(self) -> None:
-        super().__init__(max_retries=0)
-        self._lock = threading.Lock()  # guards _socks and is_cut
-        self._socks: list[socket.socket] = []
-        self.is_cut = False
-
-    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
-        pool = super().get_connection_with_tls_context(*args, **kwargs)
-        if isinstance(pool, urllib3.HTTPConnectionPool):  # always; narrows the type
-            pool.ConnectionCls = _CutTLSConnection if isinstance(pool, urllib3.HTTPSConnectionPool) else _CutConnection
-            pool.conn_kw["on_socket"] = self._opened
-        return pool
-
-    def _opened(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._socks.append(sock)
-        if self.is_cut:  # opened after the cut: it must carry no request
-            self.cut()
-
-    def cut(self) -> None:
-        with self._lock:
-            self.is_cut = True
-            for sock in self._socks:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        super().close()
-        with self._lock:
-            for sock in self._socks:
-                sock.close()
-
-
-def _bounded_request(
-    adapter: _Cuttable, method: str, url: str, timeout: float, limit: int, **kwargs: Any
-) -> tuple[requests.Response, bytes | None]:
-    """One request through ``adapter``, no redirects, cut after ``timeout`` seconds in all (connect to last
-    byte); returns the answer and its body, None when over ``limit`` bytes (the rest is never read). Raises
-    requests' errors; ``adapter.is_cut`` tells a deadline from another failure."""
-    timer = threading.Timer(timeout, adapter.cut)
-    timer.name, timer.daemon = "picoapi-deadline", True
-    timer.start()
-    try:
-        with requests.Session() as session:
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            with session.request(method, url, timeout=timeout, allow_redirects=False, stream=True, **kwargs) as resp:
-                content = b""
-                for chunk in resp.iter_content(64 * 1024):
-                    content += chunk
-                    if len(content) > limit:
-                        return resp, None
-                return resp, content
-    finally:
-        timer.cancel()
-        timer.join()
-
-
-class _Cut(requests.Timeout):
-    """A request cut at its deadline or by stop(); the message says which."""
 
 
 # -- Responses and the dashboard -----------------------------------------------
@@ -3363,18 +3363,23 @@ def _poll(what: str, condition: Callable[[], bool], timeout: float, alive: Calla
 
 
 def _healthy(
-    url: str, tags: Sequence[str], count: int, timeout: float, alive: Callable[[], None] = lambda: None
+    url: str,
+    tags: Sequence[str],
+    count: int,
+    timeout: float,
+    alive: Callable[[], None] = lambda: None,
+    status: str = HEALTHY,
 ) -> list[dict[str, Any]]:
-    """Wait until ``count`` workers with ``tags`` are healthy at ``url`` (up yet or not); returns the healthy ones."""
+    """Wait until ``count`` workers with ``tags`` have ``status`` at ``url`` (up yet or not); returns them."""
     found: list[dict[str, Any]] = []
 
     def enough() -> bool:
         with contextlib.suppress(PicoAPIError):
-            found[:] = [e for e in _services(url, tags, min(timeout, 5.0))[0] if e["status"] == HEALTHY]
+            found[:] = [e for e in _services(url, tags, min(timeout, 5.0))[0] if e["status"] == status]
         return len(found) >= count
 
     tagged = f" tagged {' and '.join(tags)}" if tags else ""
-    _poll(f"{count} healthy worker{'' if count == 1 else 's'}{tagged} at {url}", enough, timeout, alive)
+    _poll(f"{count} {status} worker{'' if count == 1 else 's'}{tagged} at {url}", enough, timeout, alive)
     return found
 
 
@@ -3422,12 +3427,10 @@ def _free_port() -> int:
 
 def _die_with_parent() -> None:
     """Runs in each demo child: on Linux, the kernel kills it when the demo dies."""
-    try:
-        import ctypes
+    import ctypes
 
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
-        pass
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -3443,14 +3446,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         filter(None, (os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH")))
     )
 
-    def say(text: str) -> None:
+    def say(text: str) -> float:
         print(f"[{time.monotonic() - started:5.1f}s] {text}", flush=True)
+        return time.monotonic()
 
-    def start(name: str, command: list[str], **settings: object) -> None:
-        """``picoapi COMMAND --env-file NAME.env``, as a user starts each side with its own settings."""
+    def start(name: str, command: list[str], settings: str) -> None:
+        """``picoapi COMMAND --env-file NAME.env``: each side with its settings, as a user starts it."""
         path = os.path.join(workdir, name)
-        with open(path + ".env", "w") as file:
-            file.writelines(f"{var}={value}\n" for var, value in settings.items())
+        with open(path + ".env", "w") as env_file:
+            env_file.write(f"API_BIND=127.0.0.1\n{settings}")
         with open(path + ".log", "ab") as log:
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "picoapi", *command, "--env-file", path + ".env"],
@@ -3462,34 +3466,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             )
 
     def start_worker(name: str) -> None:
-        start(
-            name,
-            ["worker", "picoapi:demo_worker"],
-            API_HOST="127.0.0.1",
-            API_BIND="127.0.0.1",
-            API_PORT=ports[name],
-            API_TITLE=name,
-            API_TAGS=_DEMO_WORKERS[name][0],
-            API_REGISTER_PATH=url + REGISTER_ROUTE,
-            API_HEALTH_INTERVAL=interval,
-        )
+        settings = f"API_HOST=127.0.0.1\nAPI_PORT={ports[name]}\nAPI_TITLE={name}\nAPI_TAGS={_DEMO_WORKERS[name][0]}\n"
+        settings += f"API_REGISTER_PATH={url}{REGISTER_ROUTE}\nAPI_HEALTH_INTERVAL={interval}\n"
+        start(name, ["worker", "picoapi:demo_worker"], settings)
 
     def alive() -> None:
         for name, proc in procs.items():
             if proc.poll() is not None:
                 raise PicoAPIError(f"the demo's {name} process exited (the end of its log is above)")
 
-    def status_of(name: str) -> str | None:
-        with contextlib.suppress(PicoAPIError):
-            return next((e["status"] for e in _services(url, [name], 1.0)[0]), None)
-        return None
-
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
     try:
         with tempfile.TemporaryDirectory(prefix="picoapi-demo-") as workdir:
             try:
                 say(f"supervisor starting: dashboard {url}{DASHBOARD_ROUTE} (open it now), API docs {url}/docs")
-                start("supervisor", ["supervisor"], API_BIND="127.0.0.1", API_PORT=urlsplit(url).port)
+                start("supervisor", ["supervisor"], f"API_PORT={urlsplit(url).port}\n")
                 for name in _DEMO_WORKERS:
                     start_worker(name)
                 for entry in _healthy(url, ["text"], len(_DEMO_WORKERS), 30, alive):
@@ -3506,16 +3497,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                         raise PicoAPIError(f"the demo's {tag!r} worker did not answer: {_root_cause(exc)}") from None
                     say(f"task tag={tag:<8} {text!r:<16} -> {worker['name']:<8} answered {result!r}")
                 time.sleep(args.pace)
-                say("killing worker 'reverse' (SIGKILL)")
+                since = say("killing worker 'reverse' (SIGKILL)")
                 (killed := procs.pop("reverse")).kill()
                 killed.wait()
-                took = _poll("detection", lambda: status_of("reverse") == UNHEALTHY, 15, alive)
+                _healthy(url, ["reverse"], 1, 15, alive, UNHEALTHY)
+                took = time.monotonic() - since
                 say(f"supervisor marked 'reverse' unhealthy after {took:.2f}s (interval {interval:g}s)")
                 time.sleep(args.pace * 1.5)
-                say("restarting worker 'reverse'")
+                since = say("restarting worker 'reverse'")
                 start_worker("reverse")
-                took = _poll("recovery", lambda: status_of("reverse") == HEALTHY, 20, alive)
-                say(f"'reverse' is healthy again after {took:.2f}s")
+                _healthy(url, ["reverse"], 1, 20, alive)
+                say(f"'reverse' is healthy again after {time.monotonic() - since:.2f}s")
                 time.sleep(args.pace)
                 say(f"the registry now (same as 'picoapi status {url}'):")
                 _print_status(_services(url, (), 5.0)[0])
@@ -3526,8 +3518,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                         tail = log.readlines()[-5:]
                     sys.stdout.writelines(f"[{name}] {_printable(line.rstrip())}\n" for line in tail)
                 raise
-            finally:
-                _stop(procs.values())
+            finally:  # SIGTERM, and the workers deregister; SIGKILL to any still there 5 s later
+                for proc in procs.values():
+                    proc.terminate()
+                for proc in procs.values():
+                    try:
+                        proc.wait(5)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
     except KeyboardInterrupt:
         say("interrupted: stopped everything")
         return 130
@@ -3535,22 +3534,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     say("done: no process left behind")
     return 0
-
-
-def _stop(procs: Iterable[Any]) -> None:
-    """SIGTERM to each of ``procs`` (workers deregister), SIGKILL to any still there 5 s later."""
-    import subprocess
-
-    procs = list(procs)
-    for proc in procs:
-        proc.terminate()
-    deadline = time.monotonic() + 5
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
