@@ -3568,7 +3568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.add_argument("--bind", help="interface to bind (API_BIND)")
         server.add_argument("--port", type=int, help="port (API_PORT)")
         server.add_argument(
-            "--env-file", help="this server's own settings file, read before ./.env (the environment wins)"
+            "--env-file", help="this server's own settings file; it wins over ./.env, the environment over both"
         )
     stat = command(
         "status",
