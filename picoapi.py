@@ -3350,43 +3350,27 @@ def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
     print(f"\n{_workers(len(entries))}" + (f": {summary}" if summary else ""), flush=True)
 
 
-def _poll(what: str, condition: Callable[[], bool], timeout: float, alive: Callable[[], None] = lambda: None) -> float:
-    """Try ``condition`` every 0.05 s until it holds; returns the seconds it took. ``alive`` raises when what is
-    awaited can no longer come. Raises :class:`PicoAPIError` after ``timeout`` seconds."""
-    started = time.monotonic()
-    while not condition():
-        alive()
-        if time.monotonic() - started > timeout:
-            raise PicoAPIError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
-def _healthy(
-    url: str,
-    tags: Sequence[str],
-    count: int,
-    timeout: float,
-    alive: Callable[[], None] = lambda: None,
-    status: str = HEALTHY,
+def _wait_for(
+    url: str, tags: Sequence[str], count: int, timeout: float, status: str = HEALTHY, alive: Callable[[], Any] = list
 ) -> list[dict[str, Any]]:
-    """Wait until ``count`` workers with ``tags`` have ``status`` at ``url`` (up yet or not); returns them."""
-    found: list[dict[str, Any]] = []
-
-    def enough() -> bool:
+    """Wait until ``count`` workers with ``tags`` have ``status`` at ``url`` (up yet or not), asking every 0.05 s;
+    returns them. ``alive`` raises when they can no longer come; raises :class:`PicoAPIError` after ``timeout`` s."""
+    deadline, found = time.monotonic() + timeout, list[dict[str, Any]]()
+    while len(found) < count:
+        alive()
+        if time.monotonic() > deadline:
+            tagged = f" tagged {' and '.join(tags)}" if tags else ""
+            raise PicoAPIError(f"timed out waiting for {count} {status} worker{'' if count == 1 else 's'}{tagged}")
+        time.sleep(0.05)
         with contextlib.suppress(PicoAPIError):
-            found[:] = [e for e in _services(url, tags, min(timeout, 5.0))[0] if e["status"] == status]
-        return len(found) >= count
-
-    tagged = f" tagged {' and '.join(tags)}" if tags else ""
-    _poll(f"{count} {status} worker{'' if count == 1 else 's'}{tagged} at {url}", enough, timeout, alive)
+            found = [e for e in _services(url, tags, min(timeout, 5.0))[0] if e["status"] == status]
     return found
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     url = _supervisor_url(args.url)
     if args.wait:
-        _healthy(url, args.tag or [], args.wait, args.timeout)
+        _wait_for(url, args.tag or [], args.wait, args.timeout)
     entries, complete = _services(url, args.tag or [], args.timeout)
     if args.json:
         print(json.dumps(entries, indent=2))  # ensure_ascii: every control character escaped
@@ -3483,13 +3467,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 start("supervisor", ["supervisor"], f"API_PORT={urlsplit(url).port}\n")
                 for name in _DEMO_WORKERS:
                     start_worker(name)
-                for entry in _healthy(url, ["text"], len(_DEMO_WORKERS), 30, alive):
+                for entry in _wait_for(url, ["text"], len(_DEMO_WORKERS), 30, alive=alive):
                     tags = ",".join(entry["tags"])
                     say(f"registered: {entry['name']:<8} {entry['id']:<16} tags={tags:<14} {entry['status']}")
                 time.sleep(args.pace)  # time to look at the dashboard between steps
                 for tag, text in (("upper", "hello picoapi"), ("reverse", "stressed"), ("count", "a b c d")):
                     # A check may just have failed on a busy machine: one good check brings a worker back.
-                    worker = _healthy(url, ["text", tag], 1, 2 + 10 * interval, alive)[0]
+                    worker = _wait_for(url, ["text", tag], 1, 2 + 10 * interval, alive=alive)[0]
                     try:
                         answer = requests.get(f"http://{worker['id']}/work", params={"text": text}, timeout=2)
                         result = answer.json()["result"]
@@ -3500,13 +3484,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 since = say("killing worker 'reverse' (SIGKILL)")
                 (killed := procs.pop("reverse")).kill()
                 killed.wait()
-                _healthy(url, ["reverse"], 1, 15, alive, UNHEALTHY)
+                _wait_for(url, ["reverse"], 1, 15, UNHEALTHY, alive)
                 took = time.monotonic() - since
                 say(f"supervisor marked 'reverse' unhealthy after {took:.2f}s (interval {interval:g}s)")
                 time.sleep(args.pace * 1.5)
                 since = say("restarting worker 'reverse'")
                 start_worker("reverse")
-                _healthy(url, ["reverse"], 1, 20, alive)
+                _wait_for(url, ["reverse"], 1, 20, alive=alive)
                 say(f"'reverse' is healthy again after {time.monotonic() - since:.2f}s")
                 time.sleep(args.pace)
                 say(f"the registry now (same as 'picoapi status {url}'):")
