@@ -1979,22 +1979,24 @@ class Registrar:
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
         return delay * (0.5 + 0.5 * self._rand())
 
-    def _send(self, url: str, timeout: float, method: str = "PUT") -> tuple[requests.Response, bytes | None]:
-        """PUT the registration (or GET, without it or the token) once, no redirects, cut after ``timeout``
-        seconds in all or by :meth:`stop`; returns the answer and its body, None if over MAX_BODY bytes
-        (never read). Raises requests' errors."""
+    def _send(
+        self, url: str, timeout: float, method: str = "GET", **sent: Any
+    ) -> tuple[requests.Response, bytes | None]:
+        """One request (the token only where passed in ``sent``), no redirects, cut after ``timeout`` seconds in all
+        or by :meth:`stop`, which only a DELETE may follow; returns the answer and its body, None if over MAX_BODY
+        bytes (never read). Raises requests' errors."""
         adapter = _Cuttable()
         with self._lock:
-            if self._stop.is_set():
+            if self._stop.is_set() and method != "DELETE":
                 raise _Cut("not sent: the registrar is stopping")
             self._in_flight.add(adapter)
         try:
-            sent: dict[str, Any] = {"json": self.body, "headers": self._headers} if method == "PUT" else {}
             return _bounded_request(adapter, method, url, timeout, MAX_BODY, **sent)
         except requests.RequestException as exc:
             if not adapter.is_cut:
                 raise
-            why = "cut by stop()" if self._stop.is_set() else f"timed out: no complete answer within {timeout:g}s"
+            cut_by_stop = self._stop.is_set() and method != "DELETE"
+            why = "cut by stop()" if cut_by_stop else f"timed out: no complete answer within {timeout:g}s"
             raise _Cut(why) from exc
         finally:
             with self._idle:
@@ -2007,7 +2009,7 @@ class Registrar:
         Raises :class:`_Refused` on an answer that retrying will not fix.
         """
         try:
-            resp, content = self._send(sup.url, max(0.05, timeout))
+            resp, content = self._send(sup.url, max(0.05, timeout), "PUT", json=self.body, headers=self._headers)
         except requests.RequestException as exc:
             sup.error = self._safe(str(exc) if isinstance(exc, _Cut) else _root_cause(exc))
             return 0.0
@@ -2119,7 +2121,7 @@ class Registrar:
         """Whether ``sup`` still holds this worker's entry and checked it lately (a GET, bounded as a PUT is)."""
         url = f"{_base_url(sup.url)}{SERVICES_ROUTE}/{quote(self._id, safe='')}"
         try:
-            resp, content = self._send(url, min(10.0, self.watchdog_after), "GET")
+            resp, content = self._send(url, min(10.0, self.watchdog_after))
         except requests.RequestException:
             return False
         entry = _json(content or b"") if resp.status_code == 200 else None
@@ -2174,7 +2176,7 @@ class Registrar:
         process, answers there (the server binds another port than the one registered, say)."""
         url = self.body["health"]["url"]
         try:
-            resp, content = self._send(url, min(self.body["health"]["interval"], DEFAULT_HEALTH_TIMEOUT), "GET")
+            resp, content = self._send(url, min(self.body["health"]["interval"], DEFAULT_HEALTH_TIMEOUT))
             found = _who_else(resp, content, self.body)
         except Exception as exc:  # requests' errors, or any other: the timer's thread never dies of it
             found = f"nothing answers there ({self._safe(str(exc) if isinstance(exc, _Cut) else _root_cause(exc))})"
@@ -2221,13 +2223,13 @@ class Registrar:
         def one(sup: _Supervisor) -> None:
             url = f"{sup.url.rstrip('/')}/{quote(self._id, safe='')}"
             try:  # bounded in total, as a PUT is: a trickling supervisor cannot keep a thread
-                resp, _ = _bounded_request(
-                    _Cuttable(), "DELETE", url, timeout / 2, MAX_BODY, params=params, headers=self._headers
-                )
+                resp, _ = self._send(url, timeout / 2, "DELETE", params=params, headers=self._headers)
                 if resp.status_code >= 300 and resp.status_code not in (404, 409):  # 409: another process's now
                     logger.warning("deregistering from %s: HTTP %s", sup.url, resp.status_code)
             except requests.RequestException as exc:
-                logger.warning("deregistering from %s failed: %s", sup.url, type(exc).__name__)
+                logger.warning(
+                    "deregistering from %s failed: %s", sup.url, exc if isinstance(exc, _Cut) else type(exc).__name__
+                )
             sup.worker_id = None
 
         self._each(one, deadline, "picoapi-deregister")
@@ -3425,10 +3427,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     url, ports = f"http://127.0.0.1:{_free_port()}", {name: _free_port() for name in _DEMO_WORKERS}
     env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
-    # The children import this very file, though it be vendored into a project rather than installed.
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, (os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH")))
-    )
 
     def say(text: str) -> float:
         print(f"[{time.monotonic() - started:5.1f}s] {text}", flush=True)
@@ -3441,7 +3439,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             env_file.write(f"API_BIND=127.0.0.1\n{settings}")
         with open(path + ".log", "ab") as log:
             procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "picoapi", *command, "--env-file", path + ".env"],
+                # This very file, by its path: its folder comes first on the child's sys.path, so a copy
+                # vendored into a project is the picoapi the child imports, installed or not.
+                [sys.executable, os.path.abspath(__file__), *command, "--env-file", path + ".env"],
                 env=env,
                 cwd=workdir,
                 stdout=log,
