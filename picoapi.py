@@ -3357,15 +3357,17 @@ def _wait_for(
 ) -> list[dict[str, Any]]:
     """Wait until ``count`` workers with ``tags`` have ``status`` at ``url`` (up yet or not), asking every 0.05 s;
     returns them. ``alive`` raises when they can no longer come; raises :class:`PicoAPIError` after ``timeout`` s."""
-    deadline, found = time.monotonic() + timeout, list[dict[str, Any]]()
+    deadline, found, why = time.monotonic() + timeout, list[dict[str, Any]](), ""
     while len(found) < count:
         alive()
         if time.monotonic() > deadline:
             tagged = f" tagged {' and '.join(tags)}" if tags else ""
-            raise PicoAPIError(f"timed out waiting for {count} {status} worker{'' if count == 1 else 's'}{tagged}")
+            raise PicoAPIError(f"timed out waiting for {count} {status} worker{'' if count == 1 else 's'}{tagged}{why}")
         time.sleep(0.05)
-        with contextlib.suppress(PicoAPIError):
-            found = [e for e in _services(url, tags, min(timeout, 5.0))[0] if e["status"] == status]
+        try:
+            found, why = [e for e in _services(url, tags, min(timeout, 5.0))[0] if e["status"] == status], ""
+        except PicoAPIError as exc:  # not up yet, say: it may come
+            why = f" (last: {exc})"
     return found
 
 

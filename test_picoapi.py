@@ -3350,6 +3350,17 @@ class TestStatusCommand:
             "(pass its base URL or its /register URL)\n"
         )
 
+    def test_wait_says_what_never_came_and_why(self, capsys: Any) -> None:
+        url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+        assert picoapi.main(["status", url, "--wait", "2", "--tag", "ocr", "--timeout", "0.3"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"picoapi: timed out waiting for 2 healthy workers tagged ocr (last: cannot reach the supervisor at {url}: "
+        )
+        with fake_supervisor(lambda query: ([status_entry("127.0.0.1:1"), status_entry("127.0.0.1:2")], {})) as url:
+            assert picoapi.main(["status", url, "--wait", "2", "--timeout", "5"]) == 0
+        assert capsys.readouterr().out.endswith("\n2 workers: 2 healthy\n")
+
     def test_default_url_from_the_register_path(self, cluster: Cluster) -> None:
         cluster.supervisor()
         out = picoapi_cli("status", env={"API_REGISTER_PATH": cluster.url + "/register"})
