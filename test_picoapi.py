@@ -2917,8 +2917,13 @@ class TestDemo:
         )
         said: list[str] = []
         threading.Thread(target=lambda: said.extend(demo.stdout or ()), daemon=True).start()
+
+        def registered() -> bool:
+            return sum("registered:" in line for line in said) == 3
+
         try:
-            wait_for(lambda: sum("registered:" in line for line in said) == 3, 30, "the demo's registrations")
+            wait_for(lambda: registered() or demo.poll() is not None, 60, "the demo's registrations")
+            assert registered(), "".join(said)
             assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.iterdir()).name]
             assert next(tmp_path.iterdir()).name.startswith("picoapi-demo-")
             demo.send_signal(stop)
