@@ -57,6 +57,7 @@ import os
 import random
 import re
 import selectors
+import signal
 import socket
 import sqlite3
 import ssl
@@ -119,7 +120,7 @@ __all__ = [
     "main",
 ]
 
-__version__ = "0.1.0"
+__version__ = "2.0.0"
 
 # -- Defaults ----------------------------------------------------------------
 
@@ -299,6 +300,118 @@ def _check_health_path(what: str, path: str, error: type[ValueError] = ValueErro
             f"'{origin}{fixed}', got '{_printable(origin + path)}'"
         )
     return path
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors behind it (requests wraps urllib3, which wraps OSError)."""
+    chain = [exc]
+    while len(chain) < 10:
+        last = chain[-1]
+        inner = getattr(last, "reason", None) or last.__cause__ or last.__context__
+        if inner is None and last.args and isinstance(last.args[0], BaseException):
+            inner = last.args[0]
+        if not isinstance(inner, BaseException) or inner in chain:
+            break
+        chain.append(inner)
+    return chain
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'."""
+    root = _causes(exc)[-1]
+    return f"{type(root).__name__}: {root}"
+
+
+def _json(content: bytes) -> Any:
+    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep."""
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+
+
+class _CutConnection(urllib3.connection.HTTPConnection):
+    """Hands ``on_socket`` a duplicate of its socket: shutdown() acts on the socket, not the
+    descriptor, so another thread can cut the connection with it, even once TLS wrapped the original."""
+
+    def __init__(self, *args: Any, on_socket: Callable[[socket.socket], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_socket = on_socket
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        self._on_socket(sock.dup())
+        return sock
+
+
+class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _Cuttable(requests.adapters.HTTPAdapter):
+    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each
+    read, not the answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(max_retries=0)
+        self._lock = threading.Lock()  # guards _socks and is_cut
+        self._socks: list[socket.socket] = []
+        self.is_cut = False
+
+    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
+        pool = super().get_connection_with_tls_context(*args, **kwargs)
+        if isinstance(pool, urllib3.HTTPConnectionPool):  # always; narrows the type
+            pool.ConnectionCls = _CutTLSConnection if isinstance(pool, urllib3.HTTPSConnectionPool) else _CutConnection
+            pool.conn_kw["on_socket"] = self._opened
+        return pool
+
+    def _opened(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+        if self.is_cut:  # opened after the cut: it must carry no request
+            self.cut()
+
+    def cut(self) -> None:
+        with self._lock:
+            self.is_cut = True
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+
+
+def _bounded_request(
+    adapter: _Cuttable, method: str, url: str, timeout: float, limit: int, **kwargs: Any
+) -> tuple[requests.Response, bytes | None]:
+    """One request through ``adapter``, no redirects, cut after ``timeout`` seconds in all (connect to last
+    byte); returns the answer and its body, None when over ``limit`` bytes (the rest is never read). Raises
+    requests' errors; ``adapter.is_cut`` tells a deadline from another failure."""
+    timer = threading.Timer(timeout, adapter.cut)
+    timer.name, timer.daemon = "picoapi-deadline", True
+    timer.start()
+    try:
+        with requests.Session() as session:
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            with session.request(method, url, timeout=timeout, allow_redirects=False, stream=True, **kwargs) as resp:
+                content = b""
+                for chunk in resp.iter_content(64 * 1024):
+                    content += chunk
+                    if len(content) > limit:
+                        return resp, None
+                return resp, content
+    finally:
+        timer.cancel()
+        timer.join()
+
+
+class _Cut(requests.Timeout):
+    """A request cut at its deadline or by stop(); the message says which."""
 
 
 # -- Configuration -----------------------------------------------------------
@@ -1877,6 +1990,7 @@ class Registrar:
     missing and re-registers with any whose checks stopped and that no longer check us
     (they forgot us), and checks once that this worker answers where it registered;
     :meth:`deregister_all` leaves every supervisor within ``DEREGISTER_TIMEOUT``.
+    Every round asks all the supervisors at once (:meth:`_each`): one that hangs holds up no other.
     """
 
     def __init__(
@@ -1900,6 +2014,7 @@ class Registrar:
         interval = float(body["health"]["interval"])
         #: No check from a supervisor for this long means it forgot us: register again.
         self.watchdog_after = watchdog_after or DEFAULT_WATCHDOG_INTERVALS * interval
+        self._id = worker_id(body["host"], body["port"])
         self._token = _parse_token("token", token or "")
         self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         self._clock, self._sleep, self._rand, self._wall = clock, sleep, rand, wall
@@ -1911,29 +2026,31 @@ class Registrar:
         self._self_check: threading.Timer | None = None
         self._stranger = False  # a check came from a supervisor whose identity is none of ours
 
-    # One attempt -------------------------------------------------------------------
+    # One request -------------------------------------------------------------------
 
     def backoff(self, attempt: int) -> float:
         """Seconds before attempt ``attempt + 1``: exponential, capped, half jittered."""
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
         return delay * (0.5 + 0.5 * self._rand())
 
-    def _send(self, url: str, timeout: float, method: str = "PUT") -> tuple[requests.Response, bytes | None]:
-        """PUT the registration (or GET, without it or the token) once, no redirects, cut after ``timeout``
-        seconds in all or by :meth:`stop`; returns the answer and its body, None if over MAX_BODY bytes
-        (never read). Raises requests' errors."""
+    def _send(
+        self, url: str, timeout: float, method: str = "GET", **sent: Any
+    ) -> tuple[requests.Response, bytes | None]:
+        """One request (the token only where passed in ``sent``), no redirects, cut after ``timeout`` seconds in all
+        or by :meth:`stop`, which only a DELETE may follow; returns the answer and its body, None if over MAX_BODY
+        bytes (never read). Raises requests' errors."""
         adapter = _Cuttable()
         with self._lock:
-            if self._stop.is_set():
+            if self._stop.is_set() and method != "DELETE":
                 raise _Cut("not sent: the registrar is stopping")
             self._in_flight.add(adapter)
         try:
-            sent: dict[str, Any] = {"json": self.body, "headers": self._headers} if method == "PUT" else {}
             return _bounded_request(adapter, method, url, timeout, MAX_BODY, **sent)
         except requests.RequestException as exc:
             if not adapter.is_cut:
                 raise
-            why = "cut by stop()" if self._stop.is_set() else f"timed out: no complete answer within {timeout:g}s"
+            cut_by_stop = self._stop.is_set() and method != "DELETE"
+            why = "cut by stop()" if cut_by_stop else f"timed out: no complete answer within {timeout:g}s"
             raise _Cut(why) from exc
         finally:
             with self._idle:
@@ -1946,7 +2063,7 @@ class Registrar:
         Raises :class:`_Refused` on an answer that retrying will not fix.
         """
         try:
-            resp, content = self._send(sup.url, max(0.05, timeout))
+            resp, content = self._send(sup.url, max(0.05, timeout), "PUT", json=self.body, headers=self._headers)
         except requests.RequestException as exc:
             sup.error = self._safe(str(exc) if isinstance(exc, _Cut) else _root_cause(exc))
             return 0.0
@@ -1956,10 +2073,9 @@ class Registrar:
             return 0.0
         if 200 <= status < 300 and _is_own_entry(_json(content), self.body):
             with self._lock:
-                sup.worker_id = worker_id(self.body["host"], self.body["port"])
-                sup.identity = resp.headers.get(SUPERVISOR_HEADER)
+                sup.worker_id, sup.identity = self._id, resp.headers.get(SUPERVISOR_HEADER)
                 sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
-            logger.info("registered with %s as %s (instance %s)", sup.url, sup.worker_id, self.body.get("instance"))
+            logger.info("registered with %s as %s (instance %s)", sup.url, self._id, self.body.get("instance"))
             return None
         if 200 <= status < 300:
             sup.error = f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}"
@@ -1973,8 +2089,7 @@ class Registrar:
             if status >= 500 or status in _RETRY_STATUS:
                 return _retry_after(resp.headers.get("Retry-After")) or 0.0
             if status == 409:
-                wid = worker_id(self.body["host"], self.body["port"])
-                raise _Served(f"{wid} is served by another live instance; {sup.url} refused this one: {sup.error}")
+                raise _Served(f"{self._id} is served by another live instance; {sup.url} refused this one: {sup.error}")
         raise _Refused(f"refused the registration: {sup.error}")
 
     def _safe(self, text: str) -> str:
@@ -1994,16 +2109,18 @@ class Registrar:
         sup.next_attempt = self._clock() + delay
         return delay
 
-    def register_one(self, sup: _Supervisor, deadline: float) -> bool:
-        """Try ``sup`` until it answers, refuses or ``deadline`` passes; True if registered."""
-        while True:
-            asked = self._attempt(sup, min(10.0, deadline - self._clock()))
-            if asked is None:
-                return True
-            delay = self._retry_later(sup, asked)
-            if sup.next_attempt >= deadline:
-                return False
-            self._sleep(delay)
+    def _each(
+        self, job: Callable[[_Supervisor], Any], deadline: float, name: str, only: Sequence[_Supervisor] = ()
+    ) -> list[_Supervisor]:
+        """Run ``job`` for every supervisor (or ``only`` these) at once, each in a daemon thread; returns, by
+        ``deadline``, those whose job is still running (a hung DNS lookup, say: no cut reaches it)."""
+        sups = list(only or self.supervisors)
+        threads = [threading.Thread(target=job, args=(s,), name=name, daemon=True) for s in sups]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, deadline - self._clock()))
+        return [sup for sup, thread in zip(sups, threads, strict=True) if thread.is_alive()]
 
     # The whole lifecycle ----------------------------------------------------------
 
@@ -2020,26 +2137,20 @@ class Registrar:
 
         def one(sup: _Supervisor) -> None:
             try:
-                if not self.register_one(sup, deadline):
-                    errors[sup.url] = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
+                while (asked := self._attempt(sup, min(10.0, deadline - self._clock()))) is not None:
+                    delay = self._retry_later(sup, asked)
+                    if sup.next_attempt >= deadline:
+                        errors[sup.url] = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
+                        return
+                    self._sleep(delay)
             except _Refused as exc:
                 errors[sup.url] = str(exc)
                 if isinstance(exc, _Served):
                     served.append(str(exc))
                 self._retry_later(sup, BACKOFF_CAP, refused=True)
 
-        if len(self.supervisors) == 1:
-            one(self.supervisors[0])
-        else:  # independently: one supervisor that is down never blocks the others
-            threads = [
-                threading.Thread(target=one, args=(s,), name="picoapi-register", daemon=True) for s in self.supervisors
-            ]
-            for thread in threads:
-                thread.start()
-            for sup, thread in zip(self.supervisors, threads, strict=True):
-                thread.join(max(0.0, deadline - self._clock()) + 0.25)  # the deadline's cut takes a moment
-                if thread.is_alive():
-                    errors.setdefault(sup.url, f"no answer within {self.timeout:g}s")
+        for sup in self._each(one, deadline + 0.25, "picoapi-register"):  # the deadline's cut takes a moment
+            errors.setdefault(sup.url, f"no answer within {self.timeout:g}s")
         if served:  # whatever API_REGISTER_REQUIRED says
             raise RegistrationError("; ".join(served))
         if errors:
@@ -2062,11 +2173,9 @@ class Registrar:
 
     def _still_checks(self, sup: _Supervisor) -> bool:
         """Whether ``sup`` still holds this worker's entry and checked it lately (a GET, bounded as a PUT is)."""
-        wid = worker_id(self.body["host"], self.body["port"])
+        url = f"{_base_url(sup.url)}{SERVICES_ROUTE}/{quote(self._id, safe='')}"
         try:
-            resp, content = self._send(
-                f"{_base_url(sup.url)}{SERVICES_ROUTE}/{quote(wid, safe='')}", min(10.0, self.watchdog_after), "GET"
-            )
+            resp, content = self._send(url, min(10.0, self.watchdog_after))
         except requests.RequestException:
             return False
         entry = _json(content or b"") if resp.status_code == 200 else None
@@ -2078,34 +2187,34 @@ class Registrar:
         return isinstance(last, (int, float)) and (self._wall() if said is None else said) - last <= self.watchdog_after
 
     def step(self) -> float:
-        """One round of the background thread; returns the seconds until the next one."""
+        """One round of the background thread, the supervisors due asked at once; returns the seconds until the next."""
         now = self._clock()
-        wait = max(0.05, min(self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0))
-        for sup in self.supervisors:
-            with self._lock:
-                silent = sup.is_registered and now - sup.last_seen > self.watchdog_after
-            # Its checks may reach a sibling process (uvicorn --workers) rather than this one: ask.
-            if silent and not self._stranger and self._still_checks(sup):
-                with self._lock:
-                    sup.last_seen = self._clock()
-            elif silent:
+        waits = [max(0.05, min(self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0))]
+        with self._lock:
+            silent = [s for s in self.supervisors if s.is_registered and now - s.last_seen > self.watchdog_after]
+            missing = [s for s in self.supervisors if not s.is_registered]
+        waits += [sup.next_attempt - now for sup in missing if now < sup.next_attempt]
+
+        def one(sup: _Supervisor) -> None:
+            if sup.is_registered:  # silent; its checks may reach a sibling process (uvicorn --workers): ask
+                if not self._stranger and self._still_checks(sup):
+                    with self._lock:
+                        sup.last_seen = self._clock()
+                    return
                 logger.warning("%s no longer knows this worker process; registering again", sup.url)
                 with self._lock:
-                    sup.worker_id, sup.next_attempt, self._stranger = None, now, False
-            with self._lock:
-                skip = sup.is_registered or now < sup.next_attempt
-            if skip:
-                if not sup.is_registered:
-                    wait = min(wait, sup.next_attempt - now)
-                continue
+                    sup.worker_id, self._stranger = None, False
             try:
                 asked = self._attempt(sup, 10.0)
-                if asked is not None:
-                    wait = min(wait, self._retry_later(sup, asked))
+                waits.append(math.inf if asked is None else self._retry_later(sup, asked))
             except _Refused as exc:
                 logger.error("%s %s", sup.url, exc)
-                wait = min(wait, self._retry_later(sup, BACKOFF_CAP, refused=True))
-        return max(0.01, wait)
+                waits.append(self._retry_later(sup, BACKOFF_CAP, refused=True))
+
+        due = silent + [sup for sup in missing if now >= sup.next_attempt]
+        if due:  # a question and a PUT, each bounded to 10 s
+            self._each(one, now + 20.5, "picoapi-registrar-round", due)
+        return max(0.01, min(waits))
 
     def start(self) -> None:
         """Start the background thread (retries and watchdog), and the self-check's timer."""
@@ -2119,9 +2228,9 @@ class Registrar:
     def check_self(self) -> None:
         """GET the health URL this worker registered; log an ERROR with the fix unless it, or a sibling
         process, answers there (the server binds another port than the one registered, say)."""
-        wid, url = worker_id(self.body["host"], self.body["port"]), self.body["health"]["url"]
+        url = self.body["health"]["url"]
         try:
-            resp, content = self._send(url, min(self.body["health"]["interval"], DEFAULT_HEALTH_TIMEOUT), "GET")
+            resp, content = self._send(url, min(self.body["health"]["interval"], DEFAULT_HEALTH_TIMEOUT))
             found = _who_else(resp, content, self.body)
         except Exception as exc:  # requests' errors, or any other: the timer's thread never dies of it
             found = f"nothing answers there ({self._safe(str(exc) if isinstance(exc, _Cut) else _root_cause(exc))})"
@@ -2129,7 +2238,7 @@ class Registrar:
             logger.error(
                 "registered %s but %s: the server binds another port or address; pass --port %s to uvicorn "
                 "(picoapi worker binds API_PORT itself), or set API_PORT and API_HOST to where it listens",
-                wid,
+                self._id,
                 found,
                 self.body["port"],
             )
@@ -2158,34 +2267,45 @@ class Registrar:
             self._thread = None
 
     def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
-        """DELETE this worker at every supervisor at once; returns within ``timeout``."""
+        """DELETE this worker at every supervisor at once (even where not registered: a PUT cut while
+        awaiting its answer may have landed); returns within ``timeout``."""
         deadline = self._clock() + timeout * 0.75
         self.stop(timeout / 4)
-        # Even where we are not registered: a PUT cut while awaiting its answer may have landed.
-        wid = worker_id(self.body["host"], self.body["port"])
-
         # Naming this process: an entry that a sibling process still serves stays.
         params = {"instance": self.body["instance"]} if self.body.get("instance") else None
 
         def one(sup: _Supervisor) -> None:
-            url = f"{sup.url.rstrip('/')}/{quote(wid, safe='')}"
+            url = f"{sup.url.rstrip('/')}/{quote(self._id, safe='')}"
             try:  # bounded in total, as a PUT is: a trickling supervisor cannot keep a thread
-                resp, _ = _bounded_request(
-                    _Cuttable(), "DELETE", url, timeout / 2, MAX_BODY, params=params, headers=self._headers
-                )
+                resp, _ = self._send(url, timeout / 2, "DELETE", params=params, headers=self._headers)
                 if resp.status_code >= 300 and resp.status_code not in (404, 409):  # 409: another process's now
                     logger.warning("deregistering from %s: HTTP %s", sup.url, resp.status_code)
             except requests.RequestException as exc:
-                logger.warning("deregistering from %s failed: %s", sup.url, type(exc).__name__)
+                logger.warning(
+                    "deregistering from %s failed: %s", sup.url, exc if isinstance(exc, _Cut) else type(exc).__name__
+                )
             sup.worker_id = None
 
-        threads = [
-            threading.Thread(target=one, args=(s,), name="picoapi-deregister", daemon=True) for s in self.supervisors
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(max(0.0, deadline - self._clock()))
+        self._each(one, deadline, "picoapi-deregister")
+
+
+def _why_not_registering(config: Config) -> str:
+    """Why a worker with ``config`` (no API_REGISTER_PATH) will not register, and the fix."""
+    given = f" (its tags {list(config.tags)} go nowhere)" if config.tags else ""
+    return (
+        f"not registering with a supervisor: API_REGISTER_PATH is not set{given}, so this worker serves as a plain "
+        "app; set API_REGISTER_PATH to the supervisor's /register URL, e.g. http://127.0.0.1:8100/register"
+    )
+
+
+def _log_like_uvicorn() -> None:
+    """Show PicoAPI's log lines as uvicorn shows its own (its handler and format, its level), when uvicorn
+    serves and nobody configured logging for PicoAPI or the root logger: those are the user's, never touched."""
+    server = logging.getLogger("uvicorn")
+    if logger.handlers or logger.level or logging.getLogger().handlers or not server.handlers:
+        return
+    logger.addHandler(server.handlers[0])
+    logger.setLevel(logging.getLogger("uvicorn.error").getEffectiveLevel())
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -2226,34 +2346,6 @@ def _who_else(answer: requests.Response, content: bytes | None, body: Mapping[st
     return f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and the errors behind it (requests wraps urllib3, which wraps OSError)."""
-    chain = [exc]
-    while len(chain) < 10:
-        last = chain[-1]
-        inner = getattr(last, "reason", None) or last.__cause__ or last.__context__
-        if inner is None and last.args and isinstance(last.args[0], BaseException):
-            inner = last.args[0]
-        if not isinstance(inner, BaseException) or inner in chain:
-            break
-        chain.append(inner)
-    return chain
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'."""
-    root = _causes(exc)[-1]
-    return f"{type(root).__name__}: {root}"
-
-
-def _json(content: bytes) -> Any:
-    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep."""
-    try:
-        return json.loads(content)
-    except (ValueError, RecursionError):
-        return None
-
-
 def _is_own_entry(answer: Any, body: Mapping[str, Any]) -> TypeGuard[dict[str, Any]]:
     """Whether a supervisor's answer is the registry entry of the worker that sent ``body``."""
     own = {"id": worker_id(body["host"], body["port"]), "host": body["host"], "port": body["port"]}
@@ -2271,90 +2363,6 @@ def _detail(content: bytes) -> str:
             if isinstance(e, dict) and isinstance(e.get("loc", []), list)
         )
     return str(detail)
-
-
-class _CutConnection(urllib3.connection.HTTPConnection):
-    """Hands ``on_socket`` a duplicate of its socket: shutdown() acts on the socket, not the
-    descriptor, so another thread can cut the connection with it, even once TLS wrapped the original."""
-
-    def __init__(self, *args: Any, on_socket: Callable[[socket.socket], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._on_socket = on_socket
-
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        self._on_socket(sock.dup())
-        return sock
-
-
-class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
-    pass
-
-
-class _Cuttable(requests.adapters.HTTPAdapter):
-    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each
-    read, not the answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
-
-    def __init__(self) -> None:
-        super().__init__(max_retries=0)
-        self._lock = threading.Lock()  # guards _socks and is_cut
-        self._socks: list[socket.socket] = []
-        self.is_cut = False
-
-    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
-        pool = super().get_connection_with_tls_context(*args, **kwargs)
-        if isinstance(pool, urllib3.HTTPConnectionPool):  # always; narrows the type
-            pool.ConnectionCls = _CutTLSConnection if isinstance(pool, urllib3.HTTPSConnectionPool) else _CutConnection
-            pool.conn_kw["on_socket"] = self._opened
-        return pool
-
-    def _opened(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._socks.append(sock)
-        if self.is_cut:  # opened after the cut: it must carry no request
-            self.cut()
-
-    def cut(self) -> None:
-        with self._lock:
-            self.is_cut = True
-            for sock in self._socks:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        super().close()
-        with self._lock:
-            for sock in self._socks:
-                sock.close()
-
-
-def _bounded_request(
-    adapter: _Cuttable, method: str, url: str, timeout: float, limit: int, **kwargs: Any
-) -> tuple[requests.Response, bytes | None]:
-    """One request through ``adapter``, no redirects, cut after ``timeout`` seconds in all (connect to last
-    byte); returns the answer and its body, None when over ``limit`` bytes (the rest is never read). Raises
-    requests' errors; ``adapter.is_cut`` tells a deadline from another failure."""
-    timer = threading.Timer(timeout, adapter.cut)
-    timer.name, timer.daemon = "picoapi-deadline", True
-    timer.start()
-    try:
-        with requests.Session() as session:
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            with session.request(method, url, timeout=timeout, allow_redirects=False, stream=True, **kwargs) as resp:
-                content = b""
-                for chunk in resp.iter_content(64 * 1024):
-                    content += chunk
-                    if len(content) > limit:
-                        return resp, None
-                return resp, content
-    finally:
-        timer.cancel()
-        timer.join()
-
-
-class _Cut(requests.Timeout):
-    """A request cut at its deadline or by stop(); the message says which."""
 
 
 # -- Responses and the dashboard -----------------------------------------------
@@ -2947,6 +2955,7 @@ class PicoAPI(FastAPI):
     async def _start(self) -> None:
         config = self.config
         self.instance = uuid.uuid4().hex[:12]  # anew: the processes of a server that forks after import differ
+        _log_like_uvicorn()
         if config.mode == "supervisor":
             await run_in_threadpool(self._start_supervisor)
         elif config.register_urls:
@@ -2966,6 +2975,8 @@ class PicoAPI(FastAPI):
                 await run_in_threadpool(self.registrar.deregister_all)
                 raise
             self.registrar.start()
+        else:
+            logger.warning("%s", _why_not_registering(config))
 
     async def _stop(self) -> None:
         if self.registrar is not None:
@@ -3494,58 +3505,59 @@ def _json_response(content: Any, status_code: int = 200, headers: Mapping[str, s
 # -- Command line --------------------------------------------------------------
 
 
-def _serve(app: PicoAPI, bind: str | None, port: int | None) -> int:
-    import uvicorn  # only the command line needs it
-
-    bind = bind or app.config.bind
-    if not bind:
-        raise ConfigError("API_BIND must be set to serve (e.g. 127.0.0.1 or 0.0.0.0), or pass --bind")
-    uvicorn.run(app, host=bind, port=port or app.config.port, log_level="info")
-    return 0
-
-
-def _load_app(spec: str, mode: str, args: argparse.Namespace) -> PicoAPI:
-    """Import ``module:attribute`` (an app or an app factory) from the working directory."""
+def _load_app(args: argparse.Namespace) -> PicoAPI:
+    """The app ``picoapi supervisor|worker`` serves: ``args.app`` (``module:attribute``, an app or an app factory,
+    from the working directory), else a bare supervisor. --env-file, --port and --bind go into this process's
+    environment first (the environment still wins over the file), so the app reads them as it is built: the port
+    it registers is the port served."""
     import importlib
 
-    # Set before the user's module builds its app, so the port it registers is
-    # the port we bind: they cannot disagree.
-    if args.port:
-        os.environ["API_PORT"] = str(args.port)
-    if args.bind:
-        os.environ["API_BIND"] = args.bind
-    module_name, _, attr = spec.partition(":")
+    if args.env_file:
+        if not os.path.isfile(args.env_file):
+            raise ConfigError(f"--env-file {args.env_file!r} does not exist; pass the path of an existing file")
+        for var, value in _read_env_file(args.env_file).items():
+            os.environ.setdefault(var, value)
+    for var, value in (("API_PORT", args.port), ("API_BIND", args.bind)):
+        if value:
+            os.environ[var] = str(value)
+    if not args.app:
+        app = PicoAPI(mode="supervisor")
+        if "title" not in app.config.configured:
+            app.title = "PicoAPI supervisor"
+        return app
+    module_name, _, attr = args.app.partition(":")
     sys.path.insert(0, os.getcwd())
     try:
         app = getattr(importlib.import_module(module_name), attr or "app")
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load the app {spec!r} (expected module:attribute): {exc}") from exc
+        raise ConfigError(f"cannot load the app {args.app!r} (expected module:attribute): {exc}") from exc
     if callable(app) and not isinstance(app, FastAPI):
         app = app()  # an app factory
     if not isinstance(app, PicoAPI):
-        raise ConfigError(f"{spec!r} is a {type(app).__name__}, not a PicoAPI app")
-    if app.mode != mode:
-        raise ConfigError(f"{spec!r} is a {app.mode}; run it with 'picoapi {app.mode}'")
+        raise ConfigError(f"{args.app!r} is a {type(app).__name__}, not a PicoAPI app")
+    if app.mode != args.command:
+        raise ConfigError(f"{args.app!r} is a {app.mode}; run it with 'picoapi {app.mode}'")
     return app
 
 
-def _cmd_supervisor(args: argparse.Namespace) -> int:
-    if args.app:
-        app = _load_app(args.app, "supervisor", args)
-    else:
-        overrides = {"port": args.port, "bind": args.bind}
-        app = PicoAPI(mode="supervisor", env_file=args.env_file, **{k: v for k, v in overrides.items() if v})
-        if "title" not in app.config.configured:
-            app.title = "PicoAPI supervisor"
-    return _serve(app, args.bind, app.config.port)
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn  # only the command line needs it
+
+    app = _load_app(args)
+    if not app.config.bind:
+        raise ConfigError("API_BIND must be set to serve (e.g. 127.0.0.1 or 0.0.0.0), or pass --bind")
+    uvicorn.run(app, host=app.config.bind, port=app.config.port, log_level="info")
+    return 0
 
 
-def _default_supervisor_url() -> str:
-    """The supervisor this machine's configuration points at."""
-    config = Config.load()
-    if config.register_urls:
-        return _base_url(config.register_urls[0])
-    return f"http://127.0.0.1:{config.port}"
+def _supervisor_url(url: str | None) -> str:
+    """A supervisor's base URL from ``url`` (its base or /register URL), else from API_REGISTER_PATH."""
+    urls = [url] if url else Config.load().register_urls
+    if not urls:
+        raise ConfigError(
+            "no supervisor to ask: pass its URL (e.g. picoapi status http://127.0.0.1:8100) or set API_REGISTER_PATH"
+        )
+    return _base_url(urls[0])
 
 
 @functools.cache
@@ -3557,37 +3569,43 @@ def _status_page() -> TypeAdapter[list[WorkerOut]]:
 def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
     """The supervisor's entries page after page, at most STATUS_MAX_PAGES: (entries, whether that is all).
 
-    Raises :class:`PicoAPIError`, one line, if it cannot be reached or answers anything else.
+    Raises :class:`PicoAPIError`, one line, if it cannot be reached or is not a PicoAPI supervisor.
     """
-    entries: list[dict[str, Any]] = []
-    after: str | None = None
+    where, entries, after = url + SERVICES_ROUTE, list[dict[str, Any]](), None
+
+    def not_one(why: str) -> PicoAPIError:
+        return PicoAPIError(f"{where} {why}: not a PicoAPI supervisor (pass its base URL or its /register URL)")
+
     for _ in range(STATUS_MAX_PAGES):
         query: dict[str, Any] = {"tag": list(tags), "limit": SERVICES_PAGE, "after": after}
         try:
-            resp = requests.get(url + SERVICES_ROUTE, params=query, timeout=timeout)
-            resp.raise_for_status()
-            page = resp.json()
-        except requests.JSONDecodeError:  # a RequestException too: first
-            raise PicoAPIError(f"{url}{SERVICES_ROUTE} did not answer JSON: is it a PicoAPI supervisor?") from None
+            resp = requests.get(where, params=query, timeout=timeout)
         except requests.RequestException as exc:
             raise PicoAPIError(f"cannot reach the supervisor at {url}: {_printable(_root_cause(exc))}") from None
+        if resp.status_code != 200:
+            said = f"answered HTTP {resp.status_code}"
+            raise not_one(said) if resp.status_code in (404, 405) else PicoAPIError(f"{where} {said}")
         try:
+            page = resp.json()
             ids = [entry.id for entry in _status_page().validate_python(page, strict=True)]
+        except requests.JSONDecodeError:
+            raise not_one("did not answer JSON") from None
         except ValidationError as exc:
             error = exc.errors()[0]
-            where = "entry " + ".".join(map(str, error["loc"])) if error["loc"] else "the answer"
-            why = _printable(f"{where}: {error['msg']}")
-            raise PicoAPIError(
-                f"{url}{SERVICES_ROUTE} sent a malformed page ({why}): is it a PicoAPI supervisor?"
-            ) from None
+            where_in = "entry " + ".".join(map(str, error["loc"])) if error["loc"] else "the answer"
+            raise not_one(_printable(f"sent a malformed page ({where_in}: {error['msg']})")) from None
         ids = [entries[-1]["id"], *ids] if entries else ids
         if ids != sorted(set(ids)):  # strictly rising ids: the pages cannot repeat or loop
-            raise PicoAPIError(f"{url}{SERVICES_ROUTE} sent entries out of id order: is it a PicoAPI supervisor?")
+            raise not_one("sent entries out of id order")
         entries += page
         if not page or "next" not in resp.links:
             return entries, True
         after = entries[-1]["id"]
     return entries, False
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker{'' if n == 1 else 's'}"
 
 
 def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
@@ -3598,34 +3616,50 @@ def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
             *map(cell, (e["id"], e["name"], e["version"], ",".join(e["tags"]))),
             cell(e["status"] + ("*" if e.get("suspect") else "")),
             _ago(e.get("last_check"), now),
-            _ms(e.get("last_latency")),
+            _ms(None if e.get("failures") else e.get("last_latency")),  # a failed check's time says nothing
         )
         for e in entries
     ]
     print(_table(rows, ("ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST CHECK", "LATENCY")))
     counts = collections.Counter(cell(e["status"]) for e in entries)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    print(f"\n{len(entries)} workers" + (f": {summary}" if summary else ""), flush=True)
+    print(f"\n{_workers(len(entries))}" + (f": {summary}" if summary else ""), flush=True)
+
+
+def _wait_for(
+    url: str, tags: Sequence[str], count: int, timeout: float, status: str = HEALTHY, alive: Callable[[], Any] = list
+) -> list[dict[str, Any]]:
+    """Wait until ``count`` workers with ``tags`` have ``status`` at ``url`` (up yet or not), asking every 0.05 s;
+    returns them. ``alive`` raises when they can no longer come; raises :class:`PicoAPIError` after ``timeout`` s."""
+    deadline, found, why = time.monotonic() + timeout, list[dict[str, Any]](), ""
+    while len(found) < count:
+        alive()
+        if time.monotonic() > deadline:
+            tagged = f" tagged {' and '.join(tags)}" if tags else ""
+            raise PicoAPIError(f"timed out waiting for {count} {status} worker{'' if count == 1 else 's'}{tagged}{why}")
+        time.sleep(0.05)
+        try:
+            found, why = [e for e in _services(url, tags, min(timeout, 5.0))[0] if e["status"] == status], ""
+        except PicoAPIError as exc:  # not up yet, say: it may come
+            why = f" (last: {exc})"
+    return found
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    url = (args.url or _default_supervisor_url()).rstrip("/")
+    url = _supervisor_url(args.url)
+    if args.wait:
+        _wait_for(url, args.tag or [], args.wait, args.timeout)
     entries, complete = _services(url, args.tag or [], args.timeout)
     if args.json:
         print(json.dumps(entries, indent=2))  # ensure_ascii: every control character escaped
     else:
         _print_status(entries)
     if not complete:
-        raise PicoAPIError(f"stopped after {STATUS_MAX_PAGES} pages ({len(entries)} workers); narrow it with --tag")
+        raise PicoAPIError(f"stopped after {STATUS_MAX_PAGES} pages ({_workers(len(entries))}); narrow it with --tag")
     return 0
 
 
-def _cmd_worker(args: argparse.Namespace) -> int:
-    app = _load_app(args.app, "worker", args)
-    return _serve(app, args.bind, app.config.port)
-
-
-# The demo: a supervisor and three workers on 127.0.0.1, in separate processes.
+# The demo: a supervisor and three workers on 127.0.0.1, started as a user would start them.
 
 #: The demo's workers: title, tags and what their /work endpoint does to a text.
 _DEMO_WORKERS = {
@@ -3648,8 +3682,6 @@ def demo_worker() -> PicoAPI:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -3657,161 +3689,111 @@ def _free_port() -> int:
 
 def _die_with_parent() -> None:
     """Runs in each demo child: on Linux, the kernel kills it when the demo dies."""
-    try:
-        import ctypes
+    import ctypes
 
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
-        pass
-
-
-class _Demo:
-    """Starts, watches and stops the demo's processes; :meth:`close` leaves none behind."""
-
-    def __init__(self, interval: float) -> None:
-        import subprocess
-        import tempfile
-
-        self._subprocess = subprocess
-        self.interval = interval
-        self.dir = tempfile.mkdtemp(prefix="picoapi-demo-")
-        self.sup_port = _free_port()
-        self.url = f"http://127.0.0.1:{self.sup_port}"
-        self.procs: dict[str, Any] = {}
-        self.ports = {name: _free_port() for name in _DEMO_WORKERS}
-        self.started = time.monotonic()
-
-    def say(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.started:5.1f}s] {text}", flush=True)
-
-    def spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> None:
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
-        log = open(os.path.join(self.dir, f"{name}.log"), "ab")  # noqa: SIM115 - the child owns it
-        self.procs[name] = self._subprocess.Popen(
-            [sys.executable, "-m", "picoapi", *args],
-            env={**clean, **env},
-            cwd=self.dir,
-            stdout=log,
-            stderr=log,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        log.close()
-
-    def start_worker(self, name: str) -> None:
-        env = {
-            "API_HOST": "127.0.0.1",
-            "API_BIND": "127.0.0.1",
-            "API_PORT": str(self.ports[name]),
-            "API_TITLE": name,
-            "API_TAGS": _DEMO_WORKERS[name][0],
-            "API_REGISTER_PATH": self.url + REGISTER_ROUTE,
-            "API_HEALTH_INTERVAL": str(self.interval),
-        }
-        self.spawn(name, ["worker", "picoapi:demo_worker"], env)
-
-    def services(self, **query: Any) -> list[dict[str, Any]]:
-        try:
-            return list(requests.get(self.url + SERVICES_ROUTE, params=query, timeout=1).json())
-        except (requests.RequestException, ValueError):
-            return []
-
-    def wait(self, what: str, condition: Callable[[], bool], timeout: float) -> float:
-        """Poll until ``condition``; returns the seconds it took. Raises PicoAPIError on timeout."""
-        started = time.monotonic()
-        while not condition():
-            for name, proc in self.procs.items():
-                if proc.poll() is not None and name != "killed":
-                    raise PicoAPIError(f"the demo's {name} process exited; see {self.dir}/{name}.log")
-            if time.monotonic() - started > timeout:
-                raise PicoAPIError(f"timed out waiting for {what}; logs in {self.dir}")
-            time.sleep(0.05)
-        return time.monotonic() - started
-
-    def healthy(self, *tags: str) -> dict[str, Any]:
-        """A healthy worker with ``tags``; waits for one, as a check may just have failed on a busy machine."""
-        found: list[dict[str, Any]] = []
-
-        def ready() -> bool:
-            found[:] = self.services(tag=list(tags), status=HEALTHY)
-            return bool(found)
-
-        # One good check brings a worker back: ten intervals and some slack are plenty.
-        self.wait(f"a healthy worker tagged {' and '.join(tags)}", ready, 2 + 10 * self.interval)
-        return found[0]
-
-    def status_of(self, name: str) -> str | None:
-        wid = worker_id("127.0.0.1", self.ports[name])
-        return next((s["status"] for s in self.services() if s["id"] == wid), None)
-
-    def close(self) -> None:
-        for proc in self.procs.values():  # workers first: they deregister on SIGTERM
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + 5
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except self._subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    demo = _Demo(interval=args.interval)
+    import subprocess
+    import tempfile
+
+    started, interval = time.monotonic(), args.interval
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    url, ports = f"http://127.0.0.1:{_free_port()}", {name: _free_port() for name in _DEMO_WORKERS}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+
+    def say(text: str) -> float:
+        print(f"[{time.monotonic() - started:5.1f}s] {text}", flush=True)
+        return time.monotonic()
+
+    def start(name: str, command: list[str], settings: str) -> None:
+        """``picoapi COMMAND --env-file NAME.env``: each side with its settings, as a user starts it."""
+        path = os.path.join(workdir, name)
+        with open(path + ".env", "w") as env_file:
+            env_file.write(f"API_BIND=127.0.0.1\n{settings}")
+        with open(path + ".log", "ab") as log:
+            procs[name] = subprocess.Popen(
+                # This very file, by its path: its folder comes first on the child's sys.path, so a copy
+                # vendored into a project is the picoapi the child imports, installed or not.
+                [sys.executable, os.path.abspath(__file__), *command, "--env-file", path + ".env"],
+                env=env,
+                cwd=workdir,
+                stdout=log,
+                stderr=log,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+
+    def start_worker(name: str) -> None:
+        settings = f"API_HOST=127.0.0.1\nAPI_PORT={ports[name]}\nAPI_TITLE={name}\nAPI_TAGS={_DEMO_WORKERS[name][0]}\n"
+        settings += f"API_REGISTER_PATH={url}{REGISTER_ROUTE}\nAPI_HEALTH_INTERVAL={interval}\n"
+        start(name, ["worker", "picoapi:demo_worker"], settings)
+
+    def alive() -> None:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                raise PicoAPIError(f"the demo's {name} process exited (the end of its log is above)")
+
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
     try:
-        demo.say(f"supervisor starting: dashboard {demo.url}{DASHBOARD_ROUTE} (open it now), API docs {demo.url}/docs")
-        demo.spawn("supervisor", ["supervisor", "--bind", "127.0.0.1", "--port", str(demo.sup_port)], {})
-        demo.wait("the supervisor", lambda: bool(demo.services()) or _answers(demo.url + DEFAULT_HEALTH_PATH), 20)
-        for name in _DEMO_WORKERS:
-            demo.start_worker(name)
-        seen: set[str] = set()
-
-        def filled() -> bool:
-            for entry in demo.services():
-                if entry["id"] not in seen:
-                    seen.add(entry["id"])
-                    tags = ",".join(entry["tags"])
-                    demo.say(f"registered: {entry['name']:<8} {entry['id']:<16} tags={tags:<14} {entry['status']}")
-            return len(seen) == len(_DEMO_WORKERS)
-
-        demo.wait("three registrations", filled, 20)
-        time.sleep(args.pace)  # time to look at the dashboard between steps
-        for tag, text in (("upper", "hello picoapi"), ("reverse", "stressed"), ("count", "a b c d")):
-            worker = demo.healthy("text", tag)
+        with tempfile.TemporaryDirectory(prefix="picoapi-demo-") as workdir:
             try:
-                answer = requests.get(f"http://{worker['id']}/work", params={"text": text}, timeout=2).json()["result"]
-            except (requests.RequestException, ValueError, LookupError, TypeError) as exc:
-                raise PicoAPIError(f"the demo's {tag!r} worker did not answer: {_root_cause(exc)}") from None
-            demo.say(f"task tag={tag:<8} {text!r:<16} -> {worker['name']:<8} answered {answer!r}")
-        time.sleep(args.pace)
-        demo.say("killing worker 'reverse' (SIGKILL)")
-        demo.procs["killed"] = demo.procs.pop("reverse")
-        demo.procs["killed"].kill()
-        took = demo.wait("detection", lambda: demo.status_of("reverse") == UNHEALTHY, 15)
-        demo.say(f"supervisor marked 'reverse' unhealthy after {took:.2f}s (interval {args.interval:g}s)")
-        time.sleep(args.pace * 1.5)
-        demo.say("restarting worker 'reverse'")
-        demo.start_worker("reverse")
-        took = demo.wait("recovery", lambda: demo.status_of("reverse") == HEALTHY, 20)
-        demo.say(f"'reverse' is healthy again after {took:.2f}s")
-        time.sleep(args.pace)
-        demo.say(f"the registry now (same as 'picoapi status {demo.url}'):")
-        _print_status(demo.services())
-        demo.say("stopping everything")
+                say(f"supervisor starting: dashboard {url}{DASHBOARD_ROUTE} (open it now), API docs {url}/docs")
+                start("supervisor", ["supervisor"], f"API_PORT={urlsplit(url).port}\n")
+                for name in _DEMO_WORKERS:
+                    start_worker(name)
+                for entry in _wait_for(url, ["text"], len(_DEMO_WORKERS), 30, alive=alive):
+                    tags = ",".join(entry["tags"])
+                    say(f"registered: {entry['name']:<8} {entry['id']:<16} tags={tags:<14} {entry['status']}")
+                time.sleep(args.pace)  # time to look at the dashboard between steps
+                for tag, text in (("upper", "hello picoapi"), ("reverse", "stressed"), ("count", "a b c d")):
+                    # A check may just have failed on a busy machine: one good check brings a worker back.
+                    worker = _wait_for(url, ["text", tag], 1, 2 + 10 * interval, alive=alive)[0]
+                    try:
+                        answer = requests.get(f"http://{worker['id']}/work", params={"text": text}, timeout=2)
+                        result = answer.json()["result"]
+                    except (requests.RequestException, ValueError, LookupError, TypeError) as exc:
+                        raise PicoAPIError(f"the demo's {tag!r} worker did not answer: {_root_cause(exc)}") from None
+                    say(f"task tag={tag:<8} {text!r:<16} -> {worker['name']:<8} answered {result!r}")
+                time.sleep(args.pace)
+                since = say("killing worker 'reverse' (SIGKILL)")
+                (killed := procs.pop("reverse")).kill()
+                killed.wait()
+                _wait_for(url, ["reverse"], 1, 15, UNHEALTHY, alive)
+                took = time.monotonic() - since
+                say(f"supervisor marked 'reverse' unhealthy after {took:.2f}s (interval {interval:g}s)")
+                time.sleep(args.pace * 1.5)
+                since = say("restarting worker 'reverse'")
+                start_worker("reverse")
+                _wait_for(url, ["reverse"], 1, 20, alive=alive)
+                say(f"'reverse' is healthy again after {time.monotonic() - since:.2f}s")
+                time.sleep(args.pace)
+                say(f"the registry now (same as 'picoapi status {url}'):")
+                _print_status(_services(url, (), 5.0)[0])
+                say("stopping everything")
+            except PicoAPIError:  # the logs go with the directory: show how each process ended
+                for name in sorted(procs):
+                    with open(os.path.join(workdir, name + ".log"), errors="replace") as log:
+                        tail = log.readlines()[-5:]
+                    sys.stdout.writelines(f"[{name}] {_printable(line.rstrip())}\n" for line in tail)
+                raise
+            finally:  # SIGTERM, and the workers deregister; SIGKILL to any still there 5 s later
+                for proc in procs.values():
+                    proc.terminate()
+                for proc in procs.values():
+                    try:
+                        proc.wait(5)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
     except KeyboardInterrupt:
-        demo.say("interrupted; stopping everything")
+        say("interrupted: stopped everything")
         return 130
     finally:
-        demo.close()
-    demo.say("done: no process left behind")
+        signal.signal(signal.SIGTERM, previous)
+    say("done: no process left behind")
     return 0
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=0.5).ok
-    except requests.RequestException:
-        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -3819,45 +3801,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="picoapi",
         description="FastAPI with service registration and health checking.",
-        epilog="example: picoapi supervisor --bind 127.0.0.1 --port 8100",
+        epilog="example: picoapi demo",
     )
     parser.add_argument("--version", action="version", version=f"picoapi {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sup = commands.add_parser(
+
+    def command(name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=description, epilog=f"example: {example}")
+
+    sup = command(
         "supervisor",
-        help="run a supervisor",
-        description="Run a supervisor with uvicorn on API_BIND:API_PORT: a bare one, or your own app.",
-        epilog="examples: picoapi supervisor --bind 127.0.0.1 --port 8100; picoapi supervisor jobs:app",
+        "run a supervisor",
+        "Run a supervisor with uvicorn on API_BIND:API_PORT: a bare one, or your own app.",
+        "picoapi supervisor --bind 127.0.0.1 --port 8100",
     )
-    wrk = commands.add_parser(
+    sup.add_argument("app", nargs="?", help="a supervisor app of your own, as module:attribute (default: a bare one)")
+    wrk = command(
         "worker",
-        help="run a worker app",
-        description="Run a worker app (module:attribute) on API_BIND:API_PORT, registering that port.",
-        epilog="example: API_REGISTER_PATH=http://127.0.0.1:8100/register picoapi worker myservice:app",
+        "run a worker app",
+        "Run a worker app (module:attribute) on API_BIND:API_PORT, registering that port.",
+        "API_HOST=127.0.0.1 API_TITLE=upper API_TAGS=text:upper API_REGISTER_PATH=http://127.0.0.1:8100/register "
+        "picoapi worker picoapi:demo_worker --bind 127.0.0.1 --port 8001",
     )
     wrk.add_argument("app", help="the app to run, as module:attribute (an app or an app factory)")
-    sup.add_argument("app", nargs="?", help="a supervisor app of your own, as module:attribute (default: a bare one)")
-    for command in (sup, wrk):
-        command.add_argument("--bind", help="interface to bind (API_BIND)")
-        command.add_argument("--port", type=int, help="port (API_PORT)")
-    sup.add_argument("--env-file", default=".env", help="the .env file to read (default: .env)")
-    stat = commands.add_parser(
+    for server in (sup, wrk):
+        server.add_argument("--bind", help="interface to bind (API_BIND)")
+        server.add_argument("--port", type=int, help="port (API_PORT)")
+        server.add_argument(
+            "--env-file", help="this server's own settings file; it wins over ./.env, the environment over both"
+        )
+    stat = command(
         "status",
-        help="print a supervisor's registry",
-        description="Print the registry of a running supervisor as a table (or JSON). URL defaults to the "
-        "supervisor of API_REGISTER_PATH, else http://127.0.0.1:API_PORT. Exits 1 if it cannot be reached.",
-        epilog="example: picoapi status http://127.0.0.1:8100 --tag resize --tag png",
+        "print a supervisor's registry",
+        "Print the registry of a running supervisor as a table (or JSON). URL defaults to API_REGISTER_PATH's "
+        "supervisor. Exits 1 if it cannot be reached or is not a PicoAPI supervisor.",
+        "picoapi status http://127.0.0.1:8100/register --tag text",
     )
-    stat.add_argument("url", nargs="?", help="the supervisor's base URL, e.g. http://127.0.0.1:8100")
+    stat.add_argument("url", nargs="?", help="the supervisor's base or /register URL, e.g. http://127.0.0.1:8100")
     stat.add_argument("--tag", action="append", help="only workers with this tag (repeat: all must match)")
     stat.add_argument("--json", action="store_true", help="print the entries as JSON")
+    stat.add_argument("--wait", type=int, metavar="N", help="first wait until N workers are healthy (for scripts)")
     stat.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the supervisor (default 5)")
-    demo = commands.add_parser(
+    demo = command(
         "demo",
-        help="run a live demo on 127.0.0.1",
-        description="Start a supervisor and three workers on 127.0.0.1, dispatch tasks by tag, kill a "
-        "worker and watch the supervisor detect it, restart it and watch it come back. Stops by itself.",
-        epilog="example: picoapi demo --interval 0.5 --pace 0",
+        "run a live demo on 127.0.0.1",
+        "Start a supervisor and three workers on 127.0.0.1, dispatch tasks by tag, kill a worker and watch the "
+        "supervisor detect it, restart it and watch it come back. Stops by itself.",
+        "picoapi demo --interval 0.5 --pace 0",
     )
     demo.add_argument("--interval", type=float, default=0.5, help="health-check interval in seconds (default 0.5)")
     demo.add_argument("--pace", type=float, default=2.0, help="seconds to pause between steps (default 2)")
@@ -3865,17 +3855,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command in ("supervisor", "worker"):
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"supervisor": _cmd_serve, "worker": _cmd_serve, "status": _cmd_status, "demo": _cmd_demo}
     try:
-        handlers = {"supervisor": _cmd_supervisor, "worker": _cmd_worker, "status": _cmd_status, "demo": _cmd_demo}
         return int(handlers[args.command](args))
-    except ConfigError as exc:
+    except PicoAPIError as exc:  # one line: 2 for bad configuration, 1 for anything else
         print(f"picoapi: {exc}", file=sys.stderr)
-        return 2
-    except PicoAPIError as exc:
-        print(f"picoapi: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
 
 
 if __name__ == "__main__":

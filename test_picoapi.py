@@ -14,6 +14,7 @@ import http.server
 import json
 import logging
 import os
+import queue
 import re
 import select
 import shutil
@@ -22,11 +23,14 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import sysconfig
+import tarfile
 import textwrap
 import threading
 import time
 import urllib.parse
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from typing import Any
@@ -2919,14 +2923,90 @@ class TestCommandLine:
         assert out.returncode == 2
         assert out.stderr.strip() == "picoapi: API_PORT must be a whole number from 1 to 65535, got 'eighty'"
 
+    def test_each_side_reads_its_own_env_file_before_the_folders_env(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        (cluster.tmp / ".env").write_text("API_TITLE=the-supervisors-title\nAPI_TAGS=wrong\n")  # one folder, two sides
+        settings = cluster.settings(0.2, {"API_TITLE": "from-its-file"})
+        (cluster.tmp / "worker.env").write_text("".join(f"{var}={value}\n" for var, value in settings.items()))
+        args = ["worker", "echo_worker:app", "--env-file", "worker.env", "--port"]
+        port = cluster._start(lambda p: [*args, str(p)], {}, None).port
+        wait_for(lambda: cluster.status(f"127.0.0.1:{port}") == "healthy", 15, "its registration")
+        entry = next(s for s in cluster.services() if s["id"] == f"127.0.0.1:{port}")
+        assert (entry["name"], entry["tags"]) == ("from-its-file", ["echo"])
+        missing = picoapi_cli("worker", "echo_worker:app", "--env-file", "nowhere.env")
+        assert missing.returncode == 2 and missing.stderr == (
+            "picoapi: --env-file 'nowhere.env' does not exist; pass the path of an existing file\n"
+        )
+
+    def test_the_examples_in_help_run_as_written(self, tmp_path: Any) -> None:
+        """``picoapi`` on the PATH, as after ``. .venv/bin/activate``; the examples use ports 8100 and 8001."""
+        examples = {}
+        for command in ("supervisor", "worker", "status"):
+            found = re.search(r"example: (.*)", " ".join(picoapi_cli(command, "--help").stdout.split()))
+            assert found, command
+            examples[command] = found[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+        env["PATH"] = f"{venv_shims(tmp_path)}{os.pathsep}{env['PATH']}"
+        servers = []
+        try:
+            for command in ("supervisor", "worker"):
+                log = tmp_path / f"{command}.log"
+                CHILD_LOGS.append(log)
+                with open(log, "ab") as out:
+                    servers.append(
+                        subprocess.Popen(
+                            ["bash", "-c", examples[command]],
+                            cwd=tmp_path,
+                            env=env,
+                            stdout=out,
+                            stderr=out,
+                            start_new_session=True,
+                        )
+                    )
+            healthy = "http://127.0.0.1:8100/services?status=healthy"
+            wait_for(lambda: requests.get(healthy, timeout=1).json(), 20, "the worker of the example, healthy")
+            out = subprocess.run(
+                ["bash", "-c", examples["status"]], cwd=tmp_path, env=env, capture_output=True, text=True
+            )
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.splitlines()[1].split()[:5] == [
+                "127.0.0.1:8001",
+                "upper",
+                "0.0.1",
+                "text,upper",
+                "healthy",
+            ]
+            assert out.stdout.endswith("\n1 worker: 1 healthy\n")
+        finally:
+            for server in servers:
+                os.killpg(server.pid, signal.SIGTERM)
+            for server in servers:
+                server.wait(10)
+
 
 class TestDemo:
-    def test_demo_runs_end_to_end_and_leaves_nothing(self) -> None:
+    def test_demo_runs_end_to_end_vendored_and_leaves_nothing(self, tmp_path: Any) -> None:
+        """picoapi.py copied into a project, in a venv that has its dependencies but no picoapi installed."""
+        project, temp = tmp_path / "project", tmp_path / "tmp"
+        project.mkdir()
+        temp.mkdir()
+        shutil.copy(os.path.join(HERE, "picoapi.py"), project)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "venv"], check=True)
+        python = str(tmp_path / "venv" / "bin" / "python")
+        site = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True)
+        # Our dependencies as a plain path: the .pth files there (our editable install of picoapi) are not run.
+        with open(os.path.join(site.stdout.decode().strip(), "deps.pth"), "w") as pth:
+            pth.write(sysconfig.get_paths()["purelib"] + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_") and k != "PYTHONPATH"}
+        env["TMPDIR"] = str(temp)
+        unvendored = subprocess.run([python, "-c", "import fastapi, picoapi"], cwd=temp, env=env, capture_output=True)
+        assert b"No module named 'picoapi'" in unvendored.stderr  # only the copy provides it
         out = subprocess.run(
-            [sys.executable, "-m", "picoapi", "demo", "--interval", "0.3", "--pace", "0"],
+            [python, "-m", "picoapi", "demo", "--interval", "0.3", "--pace", "0"],
             capture_output=True,
             text=True,
-            cwd=HERE,
+            cwd=project,
+            env=env,
             timeout=90,
         )
         assert out.returncode == 0, out.stdout + out.stderr
@@ -2940,15 +3020,69 @@ class TestDemo:
         for port in ports:  # nothing listens any more: every process is gone
             with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 pass
+        assert os.listdir(temp) == []  # its directory of settings and logs is gone
+
+    @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+    def test_an_interrupted_demo_leaves_nothing_either(self, tmp_path: Any, stop: signal.Signals) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+        env["TMPDIR"] = str(tmp_path)
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "picoapi", "demo", "--interval", "0.3", "--pace", "30"],
+            cwd=HERE,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        said: list[str] = []
+        threading.Thread(target=lambda: said.extend(demo.stdout or ()), daemon=True).start()
+
+        def registered() -> bool:
+            return sum("registered:" in line for line in said) == 3
+
+        try:
+            wait_for(lambda: registered() or demo.poll() is not None, 60, "the demo's registrations")
+            assert registered(), "".join(said)
+            assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.iterdir()).name]
+            assert next(tmp_path.iterdir()).name.startswith("picoapi-demo-")
+            demo.send_signal(stop)
+            assert demo.wait(15) == 130
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+        wait_for(lambda: "interrupted: stopped everything\n" in "".join(said[-1:]), 5, "its last word")
+        ports = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", "".join(said))}
+        assert len(ports) == 4
+        for port in ports:
+            with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
+        assert list(tmp_path.iterdir()) == []
 
     def test_no_healthy_worker_is_one_line_not_a_traceback(self, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
         """A check can fail on a busy machine just before a task: the demo waits, then says so in one line."""
-        monkeypatch.setattr(picoapi._Demo, "spawn", lambda self, name, args, env: None)
+
+        class Started:  # a process that runs until it is stopped
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                self.returncode: int | None = None
+
+            def poll(self) -> int | None:
+                return self.returncode
+
+            def terminate(self) -> None:
+                self.returncode = -15
+
+            kill = terminate
+
+            def wait(self, timeout: float | None = None) -> int | None:
+                return self.returncode
+
+        monkeypatch.setattr(subprocess, "Popen", Started)
         registered = [status_entry(f"127.0.0.1:{i}", name=name, tags=["text", name]) for i, name in enumerate("abc")]
 
         def services(request: Any) -> tuple[int, dict[str, str], str]:
-            unhealthy = "status=healthy" in request.url  # registered, but every check failing now
-            return 200, {}, json.dumps([] if unhealthy else registered)
+            tags = urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query)["tag"]
+            unhealthy = len(tags) == 2  # registered, but every check failing by the time of a task
+            return 200, {}, json.dumps([{**e, "status": "unhealthy"} if unhealthy else e for e in registered])
 
         with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
             mock.add_callback(responses.GET, re.compile(r"http://127\.0\.0\.1:\d+/services"), callback=services)
@@ -2956,30 +3090,36 @@ class TestDemo:
             assert picoapi.main(["demo", "--interval", "0.05", "--pace", "0"]) == 1
         assert time.monotonic() - started < 10  # a deadline, not a hang
         err = capsys.readouterr().err
-        assert err.startswith("picoapi: timed out waiting for a healthy worker tagged text and upper; logs in ")
+        assert err == "picoapi: timed out waiting for 1 healthy worker tagged text and upper\n"
         assert len(err.splitlines()) == 1
 
 
 class TestExample:
     def test_example_system_runs_as_the_readme_says(self, tmp_path: Any) -> None:
         """examples/: a supervisor with POST /jobs and two kinds of worker, as real processes."""
-        examples = os.path.join(HERE, "examples")
+        os.symlink(os.path.join(HERE, "examples"), tmp_path / "examples")  # run from a root with no .env
         env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
         env["PYTHONPATH"] = HERE
         procs: list[Child] = []
         try:
-            procs.append(
-                serve(lambda p: ["supervisor", "supervisor:app", "--port", str(p)], env, tmp_path / "sup.log", examples)
-            )
+            sup = ["supervisor", "examples.supervisor:app", "--env-file", "examples/supervisor.env", "--port"]
+            procs.append(serve(lambda p: [*sup, str(p)], env, tmp_path / "sup.log", tmp_path))
             url = f"http://127.0.0.1:{procs[0].port}"
-            env["API_REGISTER_PATH"] = url + "/register"  # the environment wins over .env
+            env["API_REGISTER_PATH"] = url + "/register"  # the environment wins over the --env-file
             for name in ("resizer", "reader"):
                 procs.append(
                     serve(
-                        lambda p, n=name: ["worker", f"{n}:app", "--port", str(p)],
+                        lambda p, n=name: [
+                            "worker",
+                            f"examples.{n}:app",
+                            "--env-file",
+                            "examples/worker.env",
+                            "--port",
+                            str(p),
+                        ],
                         env,
                         tmp_path / f"{name}.log",
-                        examples,
+                        tmp_path,
                     )
                 )
             resize_port, ocr_port = procs[1].port, procs[2].port
@@ -3009,6 +3149,109 @@ class TestExample:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def venv_shims(root: Any) -> Any:
+    """``root/.venv/bin`` as the quickstart leaves it: ``picoapi`` and ``python`` run this checkout's module."""
+    bin_dir = root / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, command in (("picoapi", f"{sys.executable} -m picoapi"), ("python", sys.executable)):
+        (bin_dir / name).write_text(f'#!/bin/sh\nPYTHONPATH="{HERE}" exec {command} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def readme_blocks(text: str) -> list[tuple[str, str | None]]:
+    """The README's ```sh blocks in order, each with the ```text block right after it (the output it shows) or None."""
+    blocks = list(re.finditer(r"^```(\w*)\n(.*?)^```$", text, re.MULTILINE | re.DOTALL))
+    found = []
+    for block, after in zip(blocks, [*blocks[1:], None], strict=True):
+        if block[1] == "sh":
+            shown = after is not None and after[1] == "text" and not text[block.end() : after.start()].strip()
+            found.append((block[2], after[2] if shown and after else None))
+    return found
+
+
+def comparable(output: str) -> list[str]:
+    """Output lines as the README shows them: times and latencies (decimals) vary, and so does the space around them."""
+    return [" ".join(re.sub(r"\d+\.\d+", "N", line).split()) for line in output.strip().splitlines()]
+
+
+class TestReadme:
+    def test_every_sh_block_runs_as_written_with_the_output_shown(self, tmp_path: Any) -> None:
+        """After the quickstart, from the root, in one shell as a reader would: blocks ending in ``&`` start servers,
+        which the shell's process group takes down at the end; only 127.0.0.1 is reached."""
+        with open(os.path.join(HERE, "README.md")) as file:
+            blocks = readme_blocks(file.read())
+        (demo, _), (tests, _) = blocks[:2]
+        assert demo.strip().endswith(".venv/bin/picoapi demo")
+        with open(os.path.join(HERE, ".ci", "run")) as file:
+            assert tests.strip() in file.read().splitlines()  # CI runs the quickstart's test command verbatim
+        assert shutil.which("curl"), "the README's commands use curl: install it (.ci/run does)"
+        for port in (8100, 8001, 8002):  # the example's fixed ports
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                raise AssertionError(f"port {port}, which the README's example uses, is taken")
+        os.symlink(os.path.join(HERE, "examples"), tmp_path / "examples")
+        venv_shims(tmp_path)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+        shell = subprocess.Popen(
+            ["bash"],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        CHILD_LOGS.extend(sorted(tmp_path.glob("*.log")))
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in shell.stdout or ()], daemon=True).start()
+        try:
+            for number, (command, shown) in enumerate(blocks[2:], 3):
+                assert shell.stdin is not None
+                shell.stdin.write(f"{command}\nprintf '\\nblock {number} exited %s\\n' $?\n")
+                shell.stdin.flush()
+                output, deadline = [], time.monotonic() + 60
+                while not (output and output[-1].startswith(f"block {number} exited ")):
+                    try:
+                        output.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+                    except queue.Empty:
+                        raise AssertionError(f"sh block {number} still runs after 60 s:\n{command}") from None
+                CHILD_LOGS.extend(p for p in sorted(tmp_path.glob("*.log")) if p not in CHILD_LOGS)
+                said = "".join(output[:-1])
+                assert output[-1] == f"block {number} exited 0\n", f"sh block {number} failed:\n{command}\n{said}"
+                if shown is not None:
+                    assert comparable(said) == comparable(shown), f"sh block {number}:\n{command}\n{said}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGTERM)
+            shell.wait(10)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGKILL)
+
+
+class TestPackaging:
+    def test_sdist_and_wheel_build_without_a_warning_and_hold_what_the_readme_names(self, tmp_path: Any) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # its warning is the machine's
+        command = [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), HERE]
+        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        said = (out.stdout + out.stderr).splitlines()
+        assert [line for line in said if re.search("warn|deprecat", line, re.IGNORECASE)] == []
+        name = f"picoapi-{picoapi.__version__}"
+        with tarfile.open(tmp_path / f"{name}.tar.gz") as sdist:
+            held = {member.removeprefix(f"{name}/") for member in sdist.getnames()}
+        wanted = {"LICENSE", "README.md", ".env.example", "picoapi.py", "test_picoapi.py", "conftest.py"}
+        examples = {f"examples/{f}" for f in os.listdir(os.path.join(HERE, "examples")) if f != "__pycache__"}
+        assert wanted | examples <= held
+        with zipfile.ZipFile(tmp_path / f"{name}-py3-none-any.whl") as wheel:
+            metadata = wheel.read(f"{name}.dist-info/METADATA").decode()
+            scripts = wheel.read(f"{name}.dist-info/entry_points.txt").decode()
+            assert f"{name}.dist-info/licenses/LICENSE" in wheel.namelist()
+        assert picoapi.__version__ == "2.0.0" and "\nVersion: 2.0.0\n" in metadata
+        assert "\nLicense-Expression: MIT\n" in metadata and "License ::" not in metadata
+        assert "picoapi = picoapi:main" in scripts
 
 
 # -- Dashboard, status command and a real browser ------------------------------------------
@@ -3289,14 +3532,17 @@ def status_entry(wid: str, **fields: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def fake_supervisor(answer: Callable[[dict[str, list[str]]], tuple[Any, dict[str, str]]]) -> Iterator[str]:
-    """An HTTP server on 127.0.0.1 answering every GET with ``answer(query)``: a body (JSON unless bytes), headers."""
+def fake_supervisor(
+    answer: Callable[[dict[str, list[str]]], tuple[Any, dict[str, str]]], status: int = 200
+) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering every GET with ``status`` and ``answer(query)``: a body (JSON unless
+    bytes), headers."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             payload, headers = answer(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query))
             data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-            self.send_response(200)
+            self.send_response(status)
             for name, value in {"Content-Type": "application/json", **headers}.items():
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
@@ -3335,6 +3581,58 @@ class TestStatusCommand:
         assert [line.split()[0] for line in only.stdout.splitlines()[1:-2]] == [f"127.0.0.1:{port}"]
         as_json = json.loads(picoapi_cli("status", cluster.url, "--json", "--tag", "other").stdout)
         assert [e["tags"] for e in as_json] == [["other"]]
+        by_register_url = picoapi_cli("status", cluster.url + "/register", "--tag", "echo")  # as in API_REGISTER_PATH
+        assert by_register_url.returncode == 0 and comparable(by_register_url.stdout)[1:] == comparable(only.stdout)[1:]
+        assert by_register_url.stdout.endswith("\n1 worker: 1 healthy\n")
+        at_a_worker = picoapi_cli("status", f"http://127.0.0.1:{port}")
+        assert at_a_worker.returncode == 1 and at_a_worker.stderr == (
+            f"picoapi: http://127.0.0.1:{port}/services answered HTTP 404: not a PicoAPI supervisor "
+            "(pass its base URL or its /register URL)\n"
+        )
+
+    def test_without_a_url_it_asks_register_paths_supervisor_or_says_what_to_pass(self, capsys: Any) -> None:
+        assert picoapi.main(["status"]) == 2
+        assert capsys.readouterr().err == (
+            "picoapi: no supervisor to ask: pass its URL (e.g. picoapi status http://127.0.0.1:8100) "
+            "or set API_REGISTER_PATH\n"
+        )
+        with fake_supervisor(lambda query: ([status_entry("127.0.0.1:1")], {})) as url, open(".env", "w") as dotenv:
+            dotenv.write(f"API_REGISTER_PATH={url}/register\n")
+            dotenv.close()
+            assert picoapi.main(["status"]) == 0
+        assert capsys.readouterr().out.endswith("\n1 worker: 1 healthy\n")
+
+    @pytest.mark.parametrize("suffix", ["", "/", "/register", "/register/"])
+    def test_base_or_register_url_and_a_failed_checks_latency(self, capsys: Any, suffix: str) -> None:
+        entries = [
+            status_entry("127.0.0.1:1", last_latency=0.0021, failures=0),
+            status_entry("127.0.0.1:2", last_latency=0.0001, failures=2, status="unhealthy"),  # refused at once
+        ]
+        with fake_supervisor(lambda query: (entries, {})) as url:
+            assert picoapi.main(["status", url + suffix]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[1].endswith(" 2.1 ms") and lines[2].endswith(" -")  # a failed check's time says nothing
+        assert lines[-1] == "2 workers: 1 healthy, 1 unhealthy"
+
+    @pytest.mark.parametrize("status", [404, 405])
+    def test_what_is_not_a_supervisor_is_named(self, capsys: Any, status: int) -> None:
+        with fake_supervisor(lambda query: ({"detail": "Method Not Allowed"}, {}), status) as url:
+            assert picoapi.main(["status", url]) == 1
+        assert capsys.readouterr().err == (
+            f"picoapi: {url}/services answered HTTP {status}: not a PicoAPI supervisor "
+            "(pass its base URL or its /register URL)\n"
+        )
+
+    def test_wait_says_what_never_came_and_why(self, capsys: Any) -> None:
+        url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+        assert picoapi.main(["status", url, "--wait", "2", "--tag", "ocr", "--timeout", "0.3"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"picoapi: timed out waiting for 2 healthy workers tagged ocr (last: cannot reach the supervisor at {url}: "
+        )
+        with fake_supervisor(lambda query: ([status_entry("127.0.0.1:1"), status_entry("127.0.0.1:2")], {})) as url:
+            assert picoapi.main(["status", url, "--wait", "2", "--timeout", "5"]) == 0
+        assert capsys.readouterr().out.endswith("\n2 workers: 2 healthy\n")
 
     def test_default_url_from_the_register_path(self, cluster: Cluster) -> None:
         cluster.supervisor()
@@ -3396,7 +3694,7 @@ class TestStatusCommand:
             assert picoapi.main(["status", url]) == 1
         out = capsys.readouterr()
         assert out.out == "" and out.err.startswith(f"picoapi: {url}/services ") and why in out.err
-        assert len(out.err.splitlines()) == 1
+        assert len(out.err.splitlines()) == 1 and "not a PicoAPI supervisor" in out.err
 
     def test_endless_or_looping_pages_are_bounded(self, capsys: Any) -> None:
         def endless(query: dict[str, list[str]]) -> tuple[Any, dict[str, str]]:
@@ -4907,3 +5205,42 @@ class TestSharedPorts:
         finally:
             stop.set()
             prober.join(5)
+
+
+class TestLogging:
+    """PicoAPI's lines under plain uvicorn: as uvicorn's own (prefix, level), unless the user set logging up."""
+
+    @staticmethod
+    def uvicorn(cluster: Cluster, module: str, *options: str, **env: str) -> Child:
+        args = [f"{module}:app", "--host", "127.0.0.1", *options, "--port"]
+        return cluster._start(
+            lambda p: [*args, str(p)], lambda p: cluster.settings(0.2, {"API_PORT": str(p), **env}), None, "uvicorn"
+        )
+
+    def test_info_and_warnings_come_out_as_uvicorns_at_its_level(self, cluster: Cluster) -> None:
+        cluster.supervisor()
+        worker = self.uvicorn(cluster, "echo_worker")
+        registered = f"INFO:     registered with {cluster.url}/register as 127.0.0.1:{worker.port} (instance "
+        wait_for(lambda: registered in worker.log.read_text(), 10, "its INFO line")
+        quiet = self.uvicorn(cluster, "echo_worker", "--log-level", "warning", API_REGISTER_PATH="")
+        why = (
+            "WARNING:  not registering with a supervisor: API_REGISTER_PATH is not set (its tags ['echo'] go nowhere), "
+            "so this worker serves as a plain app; set API_REGISTER_PATH to the supervisor's /register URL"
+        )
+        wait_for(lambda: why in quiet.log.read_text(), 10, "its WARNING")
+        stop = [cluster.procs.pop(), cluster.procs.pop()]
+        for proc in stop:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+        log = quiet.log.read_text()
+        assert log.count("not registering") == 1 and "INFO" not in log, log  # once; uvicorn's level, for both
+        assert "Application shutdown complete" in worker.log.read_text() and "\nnot registering" not in log
+
+    def test_a_users_own_logging_set_up_is_left_alone(self, cluster: Cluster) -> None:
+        (cluster.tmp / "logged_worker.py").write_text(LOGGED_WORKER_MODULE)
+        worker = self.uvicorn(cluster, "logged_worker", API_REGISTER_PATH="")
+        wait_for(lambda: "not registering" in worker.log.read_text(), 10, "its WARNING")
+        log = worker.log.read_text()
+        assert (
+            f"WARNING picoapi [{worker.pid}]: not registering with a supervisor" in log and "WARNING:  not" not in log
+        )

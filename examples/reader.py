@@ -1,6 +1,6 @@
 """A worker that reads text out of images (here: out of a string, shouting removed).
 
-picoapi worker reader:app --port 8002
+From the repository root: picoapi worker examples.reader:app --env-file examples/worker.env --port 8002
 """
 
 from pydantic import BaseModel

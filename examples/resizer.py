@@ -1,6 +1,6 @@
 """A worker that resizes images (here: computes the new size).
 
-picoapi worker resizer:app --port 8001
+From the repository root: picoapi worker examples.resizer:app --env-file examples/worker.env --port 8001
 """
 
 from pydantic import BaseModel, Field

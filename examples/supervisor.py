@@ -1,6 +1,6 @@
 """The example's supervisor: POST /jobs hands each job to a healthy worker that does that kind of job.
 
-picoapi supervisor supervisor:app --port 8100
+From the repository root: picoapi supervisor examples.supervisor:app --env-file examples/supervisor.env
 """
 
 from typing import Any
