@@ -2516,12 +2516,6 @@ class TargetGroup(BaseModel):
     labels: dict[str, str]
 
 
-def _target_group(w: Worker) -> dict[str, Any]:
-    labels = {"id": w.id, "name": w.name, "version": w.version, "tags": f",{','.join(w.tags)},"}
-    labels["scheme"] = urlsplit(w.health_url).scheme
-    return {"targets": [w.id], "labels": {f"__meta_picoapi_{k}": v for k, v in labels.items()}}
-
-
 def _tag_filter(
     tag: Annotated[list[str], Query(description="repeat for several, or separate with spaces; all must match")] = [],  # noqa: B006
 ) -> list[str]:
@@ -2539,31 +2533,9 @@ _Tags = Annotated[list[str], Depends(_tag_filter)]
 
 
 def _dashboard_row(w: Worker, now: float, wall: float) -> dict[str, Any]:
-    since = w._unhealthy_since
-    return {
-        **{k: getattr(w, k) for k in ("id", "name", "version", "status", "suspect", "failures", "last_error")},
-        **{"tags": list(w.tags), "last_check": w.last_check, "last_latency": w.last_latency},
-        "unhealthy_since": None if since is None else wall - (now - since),
-    }
-
-
-def _summary(app: PicoAPI, tags: list[str], status: str | None, page: int) -> dict[str, Any]:
-    """What the dashboard shows: counts over the workers with ``tags``, and a page of them, trouble first."""
-    registry = app.registry
-    assert registry is not None
-    tagged = registry.workers(*tags)
-    counts = collections.Counter(w.status for w in tagged)
-    matched = [w for w in tagged if status is None or w.status == status]
-    order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
-    matched.sort(key=lambda w: (order[w.status], not (w.failures or w.suspect), w.name, w.id))
-    first, now, wall = (page - 1) * DASHBOARD_PAGE, registry.clock(), registry._wall()
-    return {
-        "title": app.title,
-        "trouble": app.checker.trouble if app.checker is not None else "",
-        **{"now": wall, "page": page, "page_size": DASHBOARD_PAGE, "total": len(registry), "matched": len(matched)},
-        "counts": {s: counts[s] for s in STATUSES},
-        "workers": [_dashboard_row(w, now, wall) for w in matched[first : first + DASHBOARD_PAGE]],
-    }
+    shown = "id name version tags status suspect failures last_error last_check last_latency".split()
+    since = None if w._unhealthy_since is None else wall - (now - w._unhealthy_since)  # monotonic to Unix time
+    return {**{k: getattr(w, k) for k in shown}, "unhealthy_since": since}
 
 
 _DASHBOARD = """<!doctype html>
@@ -2682,27 +2654,40 @@ def _operator_router(app: PicoAPI) -> APIRouter:
         return HTMLResponse(page, headers={"Content-Security-Policy": policy, "Cache-Control": "no-store"})
 
     @router.get(DASHBOARD_ROUTE + "/summary", include_in_schema=False)
-    async def dashboard_summary(
-        tags: _Tags,
-        status: Literal["healthy", "unhealthy", "unknown"] | None = None,
-        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    def dashboard_summary(  # like every sync route, on a thread: never holding up the event loop
+        tags: _Tags, status: Status | None = None, page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
     ) -> Response:
-        summary = await run_in_threadpool(_summary, app, tags, status, page)
-        return Response(to_json(summary), media_type="application/json", headers={"Cache-Control": "no-store"})
+        """What the dashboard shows: counts over the workers with ``tags``, and a page of them, trouble first."""
+        tagged = registry.workers(*tags)
+        counts = collections.Counter(w.status for w in tagged)
+        matched = [w for w in tagged if status is None or w.status == status]
+        order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
+        matched.sort(key=lambda w: (order[w.status], not (w.failures or w.suspect), w.name, w.id))
+        first, now, wall = (page - 1) * DASHBOARD_PAGE, registry.clock(), registry._wall()
+        summary = {
+            "title": app.title,
+            "trouble": app.checker.trouble if app.checker is not None else "",
+            **{"now": wall, "page": page, "page_size": DASHBOARD_PAGE, "total": len(registry), "matched": len(matched)},
+            "counts": {s: counts[s] for s in STATUSES},
+            "workers": [_dashboard_row(w, now, wall) for w in matched[first : first + DASHBOARD_PAGE]],
+        }
+        return _json_response(summary, headers={"Cache-Control": "no-store"})
 
     @router.get(METRICS_ROUTE, response_class=PlainTextResponse, operation_id="picoapi_metrics")
-    async def metrics() -> PlainTextResponse:
+    def metrics() -> PlainTextResponse:
         """The supervisor's metrics in the Prometheus text exposition format."""
-        text = await run_in_threadpool(_exposition, registry, app.checker)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        exposition = _exposition(registry, app.checker)
+        return PlainTextResponse(exposition, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @router.get(TARGETS_ROUTE, response_model=list[TargetGroup], operation_id="picoapi_prometheus_targets")
-    async def prometheus_targets(tags: _Tags) -> Response:
+    def prometheus_targets(tags: _Tags) -> Response:
         """The healthy workers with every tag, as Prometheus' HTTP service discovery reads them."""
-        groups = await run_in_threadpool(
-            lambda: to_json([_target_group(w) for w in registry.workers(*tags, status=HEALTHY)])
-        )
-        return Response(groups, media_type="application/json")
+        groups = []
+        for w in registry.workers(*tags, status=HEALTHY):
+            labels = {"id": w.id, "name": w.name, "version": w.version, "tags": f",{','.join(w.tags)},"}
+            labels["scheme"] = urlsplit(w.health_url).scheme
+            groups.append({"targets": [w.id], "labels": {f"__meta_picoapi_{k}": v for k, v in labels.items()}})
+        return _json_response(groups)
 
     return router
 
@@ -3132,9 +3117,6 @@ class _CORS(CORSMiddleware):
 # -- The supervisor's routes -----------------------------------------------------
 
 
-Responses = dict[int | str, dict[str, Any]]
-
-
 class _SupervisorRoutes:
     """The supervisor's HTTP API as an APIRouter: workers register and deregister, anyone reads the registry.
 
@@ -3144,9 +3126,8 @@ class _SupervisorRoutes:
 
     def __init__(self, app: PicoAPI, registry: Registry) -> None:
         self.app, self.registry, self.config = app, registry, app.config
-        # Host names being resolved and OpenAPI documents being fetched: each holds a thread of the pool
-        # sync routes share, so a few at most. Only the event loop's thread counts them: no lock.
-        self.resolving = self.fetching = 0
+        #: What is under way on threads, by kind (see :meth:`on_thread`).
+        self.busy = collections.Counter[str]()
 
     def router(self) -> APIRouter:
         """The routes and the answers each may give; with API_REGISTER_TOKEN set, those that write need it."""
@@ -3169,12 +3150,12 @@ class _SupervisorRoutes:
             422: "a field is invalid, or the host does not resolve",
             503: "the registry is full (API_MAX_WORKERS), or busy: see Retry-After",
         }
-        created: Responses = {201: {"model": WorkerOut}}
+        created = {201: {"model": WorkerOut}}
         add("PUT", REGISTER_ROUTE, self.register, registering, response_model=WorkerOut, responses=created)
         not_found, busy = {404: "no worker with that id"}, {503: "the registry file is busy: see Retry-After"}
         add("DELETE", REGISTER_ROUTE + "/{worker_id}", self.deregister, not_found | busy, status_code=204)
         next_link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
-        paged: Responses = {200: {"headers": {"Link": next_link}}}
+        paged = {200: {"headers": {"Link": next_link}}}
         add("GET", SERVICES_ROUTE, self.services, {}, response_model=list[WorkerOut], responses=paged)
         add("GET", SERVICES_ROUTE + "/{worker_id}", self.service, not_found, response_model=WorkerOut)
         fetching = {
@@ -3268,14 +3249,11 @@ class _SupervisorRoutes:
             raise HTTPException(
                 409, f"worker {worker_id!r} is not healthy ({why}); nothing is fetched until a check passes"
             )
-        if self.fetching >= OPENAPI_MAX_FETCHES:
-            raise HTTPException(503, "too many OpenAPI documents are being fetched; try again", {"Retry-After": "1"})
-        self.fetching += 1
-        try:
-            url, options = worker._request(worker.openapi or "/openapi.json", {})
-            return await run_in_threadpool(_fetch_openapi, url, options.get("headers"))
-        finally:
-            self.fetching -= 1
+        url, options = worker._request(worker.openapi or "/openapi.json", {})
+        headers = options.get("headers")
+        return await self.on_thread(
+            "OpenAPI documents are being fetched", OPENAPI_MAX_FETCHES, _fetch_openapi, url, headers
+        )
 
     # What they share -------------------------------------------------------------------
 
@@ -3296,21 +3274,26 @@ class _SupervisorRoutes:
         return worker
 
     async def claimed_address(self, host: str, peer: str | None) -> str:
-        """The address a registration from ``peer`` may claim for ``host`` (see :func:`_claimed_address`).
-
-        Names are resolved on a thread, a few at a time: slow DNS then holds at most
-        MAX_RESOLVING of the threads that serve requests; past that a registration by
-        name is answered 503 at once.
-        """
+        """The address a registration from ``peer`` may claim for ``host`` (see :func:`_claimed_address`);
+        names are resolved on a thread, at most MAX_RESOLVING at once."""
+        networks = self.config.register_networks
         if _ip(host) is not None:
-            return _claimed_address(host, peer, self.config.register_networks)
-        if self.resolving >= MAX_RESOLVING:
-            raise HTTPException(503, "too many host names are being resolved; try again", {"Retry-After": "1"})
-        self.resolving += 1
+            return _claimed_address(host, peer, networks)
+        return await self.on_thread(
+            "host names are being resolved", MAX_RESOLVING, _claimed_address, host, peer, networks
+        )
+
+    async def on_thread(self, kind: str, limit: int, func: Callable[..., Any], *args: Any) -> Any:
+        """``func(*args)`` on a thread of the pool that sync routes share, at most ``limit`` of a ``kind`` at once,
+        so slow DNS or slow workers hold only a few of them; past that 503 at once. Only the event loop counts
+        them: no lock."""
+        if self.busy[kind] >= limit:
+            raise HTTPException(503, f"too many {kind}; try again", {"Retry-After": "1"})
+        self.busy[kind] += 1
         try:
-            return await run_in_threadpool(_claimed_address, host, peer, self.config.register_networks)
+            return await run_in_threadpool(func, *args)
         finally:
-            self.resolving -= 1
+            self.busy[kind] -= 1
 
     async def refuse_if_served(self, reg: Registration, address: str) -> None:
         """409 when ``reg`` would change an entry that another live process still serves.
@@ -3393,9 +3376,9 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
     if ip is None:
         with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
             ip = _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
-    if ip is not None and str(ip) != host:
-        raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
     if ip is not None:
+        if str(ip) != host:
+            raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
         addresses = [ip]
     else:
         try:
