@@ -2782,7 +2782,7 @@ class PicoAPI(FastAPI):
         if self.registrar is not None:
             key = _SUPERVISOR_HEADER_KEY
             self.registrar.note_check(next((v.decode("latin-1") for k, v in scope["headers"] if k == key), None))
-        await super().__call__(scope, receive, _sending_too(send, (_INSTANCE_HEADER_KEY, self.instance.encode())))
+        await super().__call__(scope, receive, _adding_header(send, (_INSTANCE_HEADER_KEY, self.instance.encode())))
 
     def build_middleware_stack(self) -> ASGIApp:
         # Routes match in order and PicoAPI's come first, so a user's catch-all cannot
@@ -2888,10 +2888,8 @@ class PicoAPI(FastAPI):
         return self.registry
 
     def pick(self, *tags: str, version: str | None = None) -> Worker:
-        """A healthy worker with every tag, taking turns among them (round-robin, thread-safe).
-
-        Raises :class:`NoWorkerAvailable` (a 503 when raised in a route).
-        """
+        """A healthy worker with every tag, taking turns among them (round-robin, thread-safe); raises
+        :class:`NoWorkerAvailable` (a 503 when raised in a route)."""
         return self._need_registry().pick(tags, version)
 
     def call(
@@ -3035,7 +3033,7 @@ def _split_keywords(
     return config, {**{k: getattr(config, k) for k in _FASTAPI_SETTINGS & config.configured}, **options}
 
 
-def _sending_too(send: Send, header: tuple[bytes, bytes]) -> Send:
+def _adding_header(send: Send, header: tuple[bytes, bytes]) -> Send:
     """``send``, adding ``header`` to the response's headers."""
 
     async def sending(message: Message) -> None:
@@ -3073,14 +3071,12 @@ class _BodyLimit:
 
 
 class _CORS(CORSMiddleware):
-    """Starlette's CORS middleware with a fast path for requests without an Origin header.
+    """Starlette's CORS middleware, with a fast path and a guard.
 
-    Those (every call between services: registrations, checks, tasks) only need
-    ``Vary: Origin`` on the answer, which is appended to the raw headers instead of
-    parsing them into objects; requests from browsers take Starlette's own path.
-    Browsers send Origin with every write: under ``guarded`` (the supervisor's /register),
-    a write or its preflight from an origin not listed by name gets 403, so '*' lets
-    any page read the registry but none change it.
+    Requests without an Origin header (every call between services) only need ``Vary: Origin`` on the answer,
+    appended to the raw headers; browsers' take Starlette's own path. Browsers send Origin with every write:
+    under ``guarded`` (the supervisor's /register) a write or its preflight from an origin not listed by name
+    gets 403, so '*' lets any page read the registry but none change it.
     """
 
     def __init__(self, app: ASGIApp, /, *, guarded: str | None = None, **options: Any) -> None:
@@ -3091,9 +3087,10 @@ class _CORS(CORSMiddleware):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if not any(k == b"origin" for k, _ in scope["headers"]):
-            return await self.app(scope, receive, _sending_too(send, (b"vary", b"Origin")))
-        refusal = self.guarded and self._foreign_write(scope, self.guarded)
-        await (refusal or super().__call__)(scope, receive, send)
+            return await self.app(scope, receive, _adding_header(send, (b"vary", b"Origin")))
+        if self.guarded and (refusal := self._foreign_write(scope, self.guarded)):
+            return await refusal(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
     def _foreign_write(self, scope: Scope, guarded: str) -> Response | None:
         """The 403 for a write (or its preflight) under ``guarded`` from an origin not listed by name, else None."""
@@ -3241,7 +3238,7 @@ class _SupervisorRoutes:
         return _json_response(_out(self.known(worker_id)))
 
     async def service_openapi(self, worker_id: str) -> dict[str, Any]:
-        """The worker's own OpenAPI document: the forms of work it supports. Only from a healthy worker."""
+        """The worker's own OpenAPI document (the forms of work it supports), only from a healthy worker."""
         worker = self.known(worker_id)
         if not worker.is_ready:
             why = f"status {worker.status}, {worker.failures} failed checks in a row"
@@ -3296,11 +3293,8 @@ class _SupervisorRoutes:
             self.busy[kind] -= 1
 
     async def refuse_if_served(self, reg: Registration, address: str) -> None:
-        """409 when ``reg`` would change an entry that another live process still serves.
-
-        A second copy of a service started by mistake on a port that is taken must not
-        evict the live one; the same registration again (a sibling process) is welcome.
-        """
+        """409 when ``reg`` would change an entry that another live process still serves: a second copy started
+        by mistake on a taken port must not evict the live one; the same registration (a sibling) is welcome."""
         entry = self.registry.get(worker_id(reg.host, reg.port))
         if entry is None or not entry.instances or reg.instance in entry.instances:
             return
