@@ -2882,6 +2882,8 @@ class PicoAPI(FastAPI):
         if change.removed and self._store is not None:
             self._store.forget(wid)  # deleted by the next write: never disk I/O on the check thread
 
+    # Handing out work ------------------------------------------------------------
+
     def _need_registry(self) -> Registry:
         if self.registry is None:
             raise PicoAPIError("pick(), call() and broadcast() need a supervisor: PicoAPI(mode='supervisor')")
