@@ -2485,9 +2485,10 @@ def _exposition(registry: Registry, checker: HealthChecker | None) -> str:
     sizes = collections.Counter(tag for w in workers for tag in w.tags)
     top = sorted(sizes, key=lambda tag: (-sizes[tag], tag))[:METRICS_MAX_TAGS]
     tagged: _Samples = [("", {"tag": tag, "status": s}, by_tag[tag, s]) for tag in top for s in STATUSES]
-    postponed = checker.postponed if checker is not None else 0
+    postponed = getattr(checker, "postponed", 0)
     results = {"ok": metrics.checks[True], "failed": metrics.checks[False], "postponed": postponed}
     checks: _Samples = [("", {"result": result}, n) for result, n in results.items()]
+    trouble = int(bool(getattr(checker, "trouble", "")))
 
     def histogram(hist: _Histogram) -> _Samples:
         counts = list(hist.counts)  # one snapshot: the +Inf bucket and the count agree
@@ -2506,12 +2507,7 @@ def _exposition(registry: Registry, checker: HealthChecker | None) -> str:
         ("checks_in_flight", "gauge", "Health checks under way.", getattr(checker, "in_flight", 0)),
         ("registrations_total", "counter", "Registrations that created or changed an entry.", metrics.registrations),
         ("deregistrations_total", "counter", "Workers removed by a DELETE.", metrics.deregistrations),
-        (
-            "checker_trouble",
-            "gauge",
-            "1 while the supervisor cannot make checks.",
-            int(bool(checker and checker.trouble)),
-        ),
+        ("checker_trouble", "gauge", "1 while the supervisor cannot make checks.", trouble),
     ]
     for name, kind, text, samples in families:
         lines += (f"# HELP picoapi_{name} {text}", f"# TYPE picoapi_{name} {kind}")
@@ -2526,12 +2522,6 @@ class TargetGroup(BaseModel):
 
     targets: list[str]
     labels: dict[str, str]
-
-
-def _target_group(w: Worker) -> dict[str, Any]:
-    labels = {"id": w.id, "name": w.name, "version": w.version, "tags": f",{','.join(w.tags)},"}
-    labels["scheme"] = urlsplit(w.health_url).scheme
-    return {"targets": [w.id], "labels": {f"__meta_picoapi_{k}": v for k, v in labels.items()}}
 
 
 def _tag_filter(
@@ -2551,31 +2541,9 @@ _Tags = Annotated[list[str], Depends(_tag_filter)]
 
 
 def _dashboard_row(w: Worker, now: float, wall: float) -> dict[str, Any]:
-    since = w._unhealthy_since
-    return {
-        **{k: getattr(w, k) for k in ("id", "name", "version", "status", "suspect", "failures", "last_error")},
-        **{"tags": list(w.tags), "last_check": w.last_check, "last_latency": w.last_latency},
-        "unhealthy_since": None if since is None else wall - (now - since),
-    }
-
-
-def _summary(app: PicoAPI, tags: list[str], status: str | None, page: int) -> dict[str, Any]:
-    """What the dashboard shows: counts over the workers with ``tags``, and a page of them, trouble first."""
-    registry = app.registry
-    assert registry is not None
-    tagged = registry.workers(*tags)
-    counts = collections.Counter(w.status for w in tagged)
-    matched = [w for w in tagged if status is None or w.status == status]
-    order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
-    matched.sort(key=lambda w: (order[w.status], not (w.failures or w.suspect), w.name, w.id))
-    first, now, wall = (page - 1) * DASHBOARD_PAGE, registry.clock(), registry._wall()
-    return {
-        "title": app.title,
-        "trouble": app.checker.trouble if app.checker is not None else "",
-        **{"now": wall, "page": page, "page_size": DASHBOARD_PAGE, "total": len(registry), "matched": len(matched)},
-        "counts": {s: counts[s] for s in STATUSES},
-        "workers": [_dashboard_row(w, now, wall) for w in matched[first : first + DASHBOARD_PAGE]],
-    }
+    shown = "id name version tags status suspect failures last_error last_check last_latency".split()
+    since = None if w._unhealthy_since is None else wall - (now - w._unhealthy_since)  # monotonic to Unix time
+    return {**{k: getattr(w, k) for k in shown}, "unhealthy_since": since}
 
 
 _DASHBOARD = """<!doctype html>
@@ -2610,30 +2578,26 @@ footer { color: #666; margin-top: 1rem; } footer a { margin-left: .5rem; }
 const $ = (id) => document.getElementById(id), query = new URLSearchParams(location.search);
 const view = {tag: query.getAll("tag").join(" "), status: query.get("status") || "", page: +query.get("page") || 1};
 let timer = 0, asked = 0;
-function cell(text, cls) {
-  const td = document.createElement("td");
-  td.textContent = text;
-  if (cls) td.className = cls;
-  return td;
-}
+const el = (tag, props) => Object.assign(document.createElement(tag), props);  // text goes in as text, never markup
+const cell = (textContent, className = "") => el("td", {textContent, className});
 const ago = (t, now) => t == null ? "-" : Math.max(0, now - t).toFixed(1) + "s ago";
 function params(change) {
-  const v = Object.assign({}, view, change), p = new URLSearchParams();
+  const v = {...view, ...change}, p = new URLSearchParams();
   for (const t of v.tag.split(/[\\s,]+/)) if (t) p.append("tag", t);
   if (v.status) p.set("status", v.status);
   if (v.page > 1) p.set("page", v.page);
   return p;
 }
 function go(change) { Object.assign(view, change); update(); }
-function link(text, change, cls) {
-  const a = document.createElement("a");
-  a.textContent = text; a.href = "?" + params(change); a.className = cls || "";
+function link(textContent, change, count) {  // a count (data-count) or a page link; either keeps the view live
+  const a = el("a", {textContent, href: "?" + params(change), className: count || ""});
+  if (count) a.dataset.count = count;
   a.onclick = (e) => { e.preventDefault(); go(change); };
   return a;
 }
 function row(w, now) {
-  const tr = document.createElement("tr"), since = w.unhealthy_since;
-  tr.className = "worker"; tr.dataset.id = w.id; tr.dataset.status = w.status;
+  const tr = el("tr", {className: "worker"}), since = w.unhealthy_since;
+  Object.assign(tr.dataset, {id: w.id, status: w.status});
   tr.append(cell(w.name), cell(w.id), cell(w.version), cell(w.tags.join(" "), "tags"),
     cell(w.status + (w.suspect ? " (suspect)" : ""), "status " + w.status), cell(w.last_error, "error"),
     cell(since == null ? "-" : new Date(since * 1000).toLocaleTimeString() + " (" + ago(since, now) + ")", "since"),
@@ -2644,11 +2608,7 @@ function row(w, now) {
 function render(d) {
   document.title = d.title + " - PicoAPI"; $("title").textContent = d.title;
   $("trouble").textContent = "Checks postponed: " + d.trouble; $("trouble").hidden = !d.trouble;
-  $("counts").replaceChildren(...Object.entries(d.counts).map(([s, n]) => {
-    const a = link(n + " " + s, {status: s, page: 1}, s);
-    a.dataset.count = s;
-    return a;
-  }));
+  $("counts").replaceChildren(...Object.entries(d.counts).map(([s, n]) => link(n + " " + s, {status: s, page: 1}, s)));
   $("rows").replaceChildren(...d.workers.map((w) => row(w, d.now)));
   if (!d.workers.length) $("rows").insertRow().append(cell("no worker"));
   const first = (d.page - 1) * d.page_size, last = first + d.workers.length;
@@ -2702,27 +2662,40 @@ def _operator_router(app: PicoAPI) -> APIRouter:
         return HTMLResponse(page, headers={"Content-Security-Policy": policy, "Cache-Control": "no-store"})
 
     @router.get(DASHBOARD_ROUTE + "/summary", include_in_schema=False)
-    async def dashboard_summary(
-        tags: _Tags,
-        status: Literal["healthy", "unhealthy", "unknown"] | None = None,
-        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    def dashboard_summary(  # like every sync route, on a thread: never holding up the event loop
+        tags: _Tags, status: Status | None = None, page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
     ) -> Response:
-        summary = await run_in_threadpool(_summary, app, tags, status, page)
-        return Response(to_json(summary), media_type="application/json", headers={"Cache-Control": "no-store"})
+        """What the dashboard shows: counts over the workers with ``tags``, and a page of them, trouble first."""
+        tagged = registry.workers(*tags)
+        counts = collections.Counter(w.status for w in tagged)
+        matched = [w for w in tagged if status is None or w.status == status]
+        order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
+        matched.sort(key=lambda w: (order[w.status], not (w.failures or w.suspect), w.name, w.id))
+        first, now, wall = (page - 1) * DASHBOARD_PAGE, registry.clock(), registry._wall()
+        summary = {
+            "title": app.title,
+            "trouble": app.checker.trouble if app.checker is not None else "",
+            **{"now": wall, "page": page, "page_size": DASHBOARD_PAGE, "total": len(registry), "matched": len(matched)},
+            "counts": {s: counts[s] for s in STATUSES},
+            "workers": [_dashboard_row(w, now, wall) for w in matched[first : first + DASHBOARD_PAGE]],
+        }
+        return _json_response(summary, headers={"Cache-Control": "no-store"})
 
     @router.get(METRICS_ROUTE, response_class=PlainTextResponse, operation_id="picoapi_metrics")
-    async def metrics() -> PlainTextResponse:
+    def metrics() -> PlainTextResponse:
         """The supervisor's metrics in the Prometheus text exposition format."""
-        text = await run_in_threadpool(_exposition, registry, app.checker)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        exposition = _exposition(registry, app.checker)
+        return PlainTextResponse(exposition, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @router.get(TARGETS_ROUTE, response_model=list[TargetGroup], operation_id="picoapi_prometheus_targets")
-    async def prometheus_targets(tags: _Tags) -> Response:
+    def prometheus_targets(tags: _Tags) -> Response:
         """The healthy workers with every tag, as Prometheus' HTTP service discovery reads them."""
-        groups = await run_in_threadpool(
-            lambda: to_json([_target_group(w) for w in registry.workers(*tags, status=HEALTHY)])
-        )
-        return Response(groups, media_type="application/json")
+        groups = []
+        for w in registry.workers(*tags, status=HEALTHY):
+            labels = {"id": w.id, "name": w.name, "version": w.version, "tags": f",{','.join(w.tags)},"}
+            labels["scheme"] = urlsplit(w.health_url).scheme
+            groups.append({"targets": [w.id], "labels": {f"__meta_picoapi_{k}": v for k, v in labels.items()}})
+        return _json_response(groups)
 
     return router
 
@@ -2730,107 +2703,7 @@ def _operator_router(app: PicoAPI) -> APIRouter:
 # -- The PicoAPI class ---------------------------------------------------------
 
 
-class _BodyLimit:
-    """Refuses request bodies over ``limit`` bytes on ``path`` with 413."""
-
-    def __init__(self, app: ASGIApp, path: str, limit: int) -> None:
-        self.app, self.path, self.limit = app, path, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
-            await self.app(scope, receive, send)
-            return
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
-        if not length.isdigit() or int(length) > self.limit:
-            await self._refuse(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise HTTPException(413, f"request body over {self.limit} bytes")
-            return message
-
-        await self.app(scope, counted, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
-        await response(scope, receive, send)
-
-
-class _CORS(CORSMiddleware):
-    """Starlette's CORS middleware with a fast path for requests without an Origin header.
-
-    Those (every call between services: registrations, checks, tasks) only need
-    ``Vary: Origin`` on the answer, which is appended to the raw headers instead of
-    parsing them into objects; requests from browsers take Starlette's own path.
-    Browsers send Origin with every write: under ``guarded`` (the supervisor's /register),
-    a write or its preflight from an origin not listed by name gets 403, so '*' lets
-    any page read the registry but none change it.
-    """
-
-    def __init__(self, app: ASGIApp, /, *, guarded: str | None = None, **options: Any) -> None:
-        super().__init__(app, **options)
-        self.guarded = guarded
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or any(k == b"origin" for k, _ in scope["headers"]):
-            if self.guarded and scope["type"] == "http" and (refusal := self._foreign_write(scope, self.guarded)):
-                await refusal(scope, receive, send)
-            else:
-                await super().__call__(scope, receive, send)
-            return
-
-        async def send_with_vary(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"vary", b"Origin")]
-            await send(message)
-
-        await self.app(scope, receive, send_with_vary)
-
-    def _foreign_write(self, scope: Scope, guarded: str) -> Response | None:
-        """The 403 for a write (or its preflight) under ``guarded`` from an origin not listed by name, else None."""
-        path = scope["path"].removeprefix(scope.get("root_path", ""))  # as the router sees it, behind a proxy too
-        if path != guarded and not path.startswith(guarded + "/"):
-            return None
-        headers, method = Headers(scope=scope), scope["method"]
-        if method == "OPTIONS":
-            method = headers.get("access-control-request-method", method)
-        origin = headers["origin"]
-        if method in ("GET", "HEAD") or (origin != "*" and origin in self.allow_origins):
-            return None
-        detail = (
-            f"{_printable(method, 16)} {guarded} from origin '{_printable(origin)}' refused: browser pages may change "
-            "the registry only from origins listed by name in API_CORS_ALLOW_ORIGINS ('*' does not count); list it "
-            "there, '!'-delimited, to allow it"
-        )
-        return JSONResponse({"detail": detail}, status_code=403)
-
-
 HealthCheckFunc = Callable[[], Any]
-Responses = dict[int | str, dict[str, Any]]
-#: The settings that are FastAPI options too: PicoAPI(title=...) sets both.
-_FASTAPI_SETTINGS = frozenset({"title", "description", "version"})
-_FASTAPI_OPTIONS = frozenset(inspect.signature(FastAPI.__init__).parameters) - {"self", "extra"}
-
-
-def _split_keywords(
-    options: dict[str, Any], config: Config | None, env_file: str | os.PathLike[str] | None, is_master: bool | None
-) -> tuple[Config, dict[str, Any]]:
-    """PicoAPI's keywords split: the settings into its :class:`Config`, the rest to FastAPI (with the title,
-    description and version the configuration sets, unless given). A misspelt setting is a ConfigError."""
-    settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
-    if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
-        raise ConfigError(_unknown_settings(misspelt))
-    if config is None:
-        shared = {k: options[k] for k in _FASTAPI_SETTINGS if options.get(k)}  # PicoAPI(title=...) sets both
-        config = Config.load({**settings, **shared, "is_master": is_master}, env_file=env_file)
-    elif settings or is_master is not None:
-        raise ConfigError(f"give settings in config= or as keywords, not both: got config= and {sorted(settings)}")
-    return config, {**{k: getattr(config, k) for k in _FASTAPI_SETTINGS & config.configured}, **options}
 
 
 class PicoAPI(FastAPI):
@@ -2913,19 +2786,11 @@ class PicoAPI(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Here, not in the route, so a health route of the user's own is noted and says who answered too.
         if scope["type"] != "http" or scope["path"] != self.config.health_route:
-            await super().__call__(scope, receive, send)
-            return
+            return await super().__call__(scope, receive, send)
         if self.registrar is not None:
             key = _SUPERVISOR_HEADER_KEY
             self.registrar.note_check(next((v.decode("latin-1") for k, v in scope["headers"] if k == key), None))
-        instance = (_INSTANCE_HEADER_KEY, self.instance.encode())
-
-        async def send_as_self(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), instance]
-            await send(message)
-
-        await super().__call__(scope, receive, send_as_self)
+        await super().__call__(scope, receive, _adding_header(send, (_INSTANCE_HEADER_KEY, self.instance.encode())))
 
     def build_middleware_stack(self) -> ASGIApp:
         # Routes match in order and PicoAPI's come first, so a user's catch-all cannot
@@ -3036,22 +2901,9 @@ class PicoAPI(FastAPI):
         return self.registry
 
     def pick(self, *tags: str, version: str | None = None) -> Worker:
-        """A healthy worker with every tag, taking turns among them (round-robin, thread-safe).
-
-        Raises :class:`NoWorkerAvailable` (a 503 when raised in a route).
-        """
+        """A healthy worker with every tag, taking turns among them (round-robin, thread-safe); raises
+        :class:`NoWorkerAvailable` (a 503 when raised in a route)."""
         return self._need_registry().pick(tags, version)
-
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(pool_connections=64, pool_maxsize=64)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            with self._sessions_lock:
-                self._sessions.append(session)
-        return session
 
     def call(
         self,
@@ -3074,9 +2926,7 @@ class PicoAPI(FastAPI):
         is returned, not followed (it would take the request, body and all, to another
         host), unless ``allow_redirects=True``.
         """
-        registry = self._need_registry()
-        kwargs.setdefault("allow_redirects", False)
-        wanted = [tags] if isinstance(tags, str) else list(tags)
+        registry, wanted = self._need_registry(), [tags] if isinstance(tags, str) else list(tags)
         tried: list[tuple[str, str]] = []
         while True:
             try:
@@ -3084,11 +2934,11 @@ class PicoAPI(FastAPI):
             except NoWorkerAvailable:
                 raise NoWorkerAvailable(wanted, version, tried) from None
             try:
-                url, options = worker._request(path, kwargs)
-                return self._session().request(method, url, timeout=timeout, **options)
+                return self._send(worker, method, path, timeout, kwargs)
             except requests.RequestException as exc:
-                unsent = isinstance(exc, requests.ConnectTimeout) or (
-                    isinstance(exc, requests.ConnectionError) and _is_connect_error(exc)
+                never_connected = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
+                unsent = isinstance(exc, requests.ConnectionError) and any(
+                    isinstance(e, never_connected) for e in _causes(exc)
                 )
                 if not (unsent or retry_sent):
                     raise
@@ -3112,18 +2962,11 @@ class PicoAPI(FastAPI):
         seconds, a worker still busy then gets a ``TimeoutError``. Redirects are returned,
         not followed, unless ``allow_redirects=True``.
         """
-        registry = self._need_registry()
-        kwargs.setdefault("allow_redirects", False)
-        wanted = [tags] if isinstance(tags, str) else list(tags)
+        registry, wanted = self._need_registry(), [tags] if isinstance(tags, str) else list(tags)
         workers = [w for w in registry.workers(*wanted, status=HEALTHY, version=version) if w.is_ready]
         if self._broadcaster is None:
             self._broadcaster = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="picoapi-broadcast")
-
-        def send(worker: Worker) -> requests.Response:
-            url, options = worker._request(path, kwargs)
-            return self._session().request(method, url, timeout=timeout, **options)
-
-        futures = {self._broadcaster.submit(send, w): w.id for w in workers}
+        futures = {self._broadcaster.submit(self._send, w, method, path, timeout, kwargs): w.id for w in workers}
         finished, _ = concurrent.futures.wait(futures, timeout=timeout + 0.5)
         results: dict[str, requests.Response | Exception] = {}
         for future, wid in futures.items():
@@ -3135,6 +2978,20 @@ class PicoAPI(FastAPI):
             else:
                 results[wid] = future.result()
         return results
+
+    def _send(self, worker: Worker, method: str, path: str, timeout: Any, kwargs: dict[str, Any]) -> requests.Response:
+        """``method path`` to ``worker`` on this thread's own session (connections are reused; _stop closes them
+        all), not following a redirect unless ``allow_redirects=True``."""
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(pool_connections=64, pool_maxsize=64)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            with self._sessions_lock:
+                self._sessions.append(session)
+        url, options = worker._request(path, {"allow_redirects": False, **kwargs})
+        return session.request(method, url, timeout=timeout, **options)
 
     # Health --------------------------------------------------------------------
 
@@ -3155,10 +3012,7 @@ class PicoAPI(FastAPI):
         failing: dict[str, str] = {}
         for check_name, check in self._health_checks.items():
             try:
-                if inspect.iscoroutinefunction(check):
-                    ok = await check()
-                else:
-                    ok = await run_in_threadpool(check)
+                ok = await check() if inspect.iscoroutinefunction(check) else await run_in_threadpool(check)
                 if not ok:
                     failing[check_name] = f"returned {ok!r}"
             except Exception as exc:
@@ -3166,14 +3020,108 @@ class PicoAPI(FastAPI):
         if self.checker is not None and self.checker.trouble:  # a supervisor that cannot check says so
             failing["picoapi-checker"] = self.checker.trouble
         # As registered (FastAPI's default version is not API_VERSION's): a sibling's check_self knows them.
-        body: dict[str, Any] = {
-            "status": UNHEALTHY if failing else HEALTHY,
-            "name": self.config.title or self.title,
-            "version": self.config.version,
-        }
-        if failing:
-            body["failing"] = failing
-        return JSONResponse(body, status_code=503 if failing else 200)
+        name, version = self.config.title or self.title, self.config.version
+        body = {"status": UNHEALTHY if failing else HEALTHY, "name": name, "version": version}
+        return JSONResponse(body | ({"failing": failing} if failing else {}), status_code=503 if failing else 200)
+
+
+#: The settings that are FastAPI options too: PicoAPI(title=...) sets both.
+_FASTAPI_SETTINGS = frozenset({"title", "description", "version"})
+_FASTAPI_OPTIONS = frozenset(inspect.signature(FastAPI.__init__).parameters) - {"self", "extra"}
+
+
+def _split_keywords(
+    options: dict[str, Any], config: Config | None, env_file: str | os.PathLike[str] | None, is_master: bool | None
+) -> tuple[Config, dict[str, Any]]:
+    """PicoAPI's keywords split: the settings into its :class:`Config`, the rest to FastAPI (with the title,
+    description and version the configuration sets, unless given). A misspelt setting is a ConfigError."""
+    settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
+    if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
+        raise ConfigError(_unknown_settings(misspelt))
+    if config is None:
+        shared = {k: options[k] for k in _FASTAPI_SETTINGS if options.get(k)}  # PicoAPI(title=...) sets both
+        config = Config.load({**settings, **shared, "is_master": is_master}, env_file=env_file)
+    elif settings or is_master is not None:
+        raise ConfigError(f"give settings in config= or as keywords, not both: got config= and {sorted(settings)}")
+    return config, {**{k: getattr(config, k) for k in _FASTAPI_SETTINGS & config.configured}, **options}
+
+
+def _adding_header(send: Send, header: tuple[bytes, bytes]) -> Send:
+    """``send``, adding ``header`` to the response's headers."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    return sending
+
+
+class _BodyLimit:
+    """Refuses request bodies over ``limit`` bytes on ``path`` with 413, by their length or as they arrive."""
+
+    def __init__(self, app: ASGIApp, path: str, limit: int) -> None:
+        self.app, self.path, self.limit = app, path, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            return await self.app(scope, receive, send)
+        too_long = f"request body over {self.limit} bytes"
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await JSONResponse({"detail": too_long}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, too_long)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class _CORS(CORSMiddleware):
+    """Starlette's CORS middleware, with a fast path and a guard.
+
+    Requests without an Origin header (every call between services) only need ``Vary: Origin`` on the answer,
+    appended to the raw headers; browsers' take Starlette's own path. Browsers send Origin with every write:
+    under ``guarded`` (the supervisor's /register) a write or its preflight from an origin not listed by name
+    gets 403, so '*' lets any page read the registry but none change it.
+    """
+
+    def __init__(self, app: ASGIApp, /, *, guarded: str | None = None, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.guarded = guarded
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if not any(k == b"origin" for k, _ in scope["headers"]):
+            return await self.app(scope, receive, _adding_header(send, (b"vary", b"Origin")))
+        if self.guarded and (refusal := self._foreign_write(scope, self.guarded)):
+            return await refusal(scope, receive, send)
+        await super().__call__(scope, receive, send)
+
+    def _foreign_write(self, scope: Scope, guarded: str) -> Response | None:
+        """The 403 for a write (or its preflight) under ``guarded`` from an origin not listed by name, else None."""
+        path = scope["path"].removeprefix(scope.get("root_path", ""))  # as the router sees it, behind a proxy too
+        if path != guarded and not path.startswith(guarded + "/"):
+            return None
+        headers, method = Headers(scope=scope), scope["method"]
+        if method == "OPTIONS":
+            method = headers.get("access-control-request-method", method)
+        origin = headers["origin"]
+        if method in ("GET", "HEAD") or (origin != "*" and origin in self.allow_origins):
+            return None
+        detail = (
+            f"{_printable(method, 16)} {guarded} from origin '{_printable(origin)}' refused: browser pages may change "
+            "the registry only from origins listed by name in API_CORS_ALLOW_ORIGINS ('*' does not count); list it "
+            "there, '!'-delimited, to allow it"
+        )
+        return JSONResponse({"detail": detail}, status_code=403)
 
 
 # -- The supervisor's routes -----------------------------------------------------
@@ -3188,69 +3136,44 @@ class _SupervisorRoutes:
 
     def __init__(self, app: PicoAPI, registry: Registry) -> None:
         self.app, self.registry, self.config = app, registry, app.config
-        # Host names being resolved and OpenAPI documents being fetched: each holds a thread of the pool
-        # sync routes share, so a few at most. Only the event loop's thread counts them: no lock.
-        self.resolving = self.fetching = 0
+        #: What is under way on threads, by kind (see :meth:`on_thread`).
+        self.busy = collections.Counter[str]()
 
     def router(self) -> APIRouter:
-        token = self.config.register_token
-        auth = [Depends(self.require_token)] if token else []  # no token: no dependency to resolve per request
-        auth_errors: Responses = {401: {"description": "no bearer token"}, 403: {"description": "wrong token"}}
-        auth_errors = auth_errors if token else {}
-        not_found: Responses = {404: {"description": "no worker with that id"}}
-        busy: Responses = {503: {"description": "the registry file is busy: see Retry-After"}}
+        """The routes and the answers each may give; with API_REGISTER_TOKEN set, those that write need it."""
+        token, routes = self.config.register_token, APIRouter(tags=["picoapi"])
+
+        def add(method: str, path: str, endpoint: Callable[..., Any], answers: dict[int, str], **options: Any) -> None:
+            if method != "GET" and token:  # no token: no dependency to resolve per request
+                options["dependencies"] = [Depends(self.require_token)]
+                answers = {401: "no bearer token", 403: "wrong token", **answers}
+            responses = options.setdefault("responses", {})
+            for code, text in answers.items():
+                responses.setdefault(code, {})["description"] = text
+            options["operation_id"] = f"picoapi_{endpoint.__name__}"
+            routes.add_api_route(path, endpoint, methods=[method], **options)
+
+        registering = {
+            201: "registered",
+            400: "the body is not JSON",
+            413: f"the body is over {MAX_BODY} bytes",
+            422: "a field is invalid, or the host does not resolve",
+            503: "the registry is full (API_MAX_WORKERS), or busy: see Retry-After",
+        }
+        created = {201: {"model": WorkerOut}}
+        add("PUT", REGISTER_ROUTE, self.register, registering, response_model=WorkerOut, responses=created)
+        not_found, busy = {404: "no worker with that id"}, {503: "the registry file is busy: see Retry-After"}
+        add("DELETE", REGISTER_ROUTE + "/{worker_id}", self.deregister, not_found | busy, status_code=204)
         next_link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
-        routes = APIRouter(tags=["picoapi"])
-        routes.add_api_route(
-            REGISTER_ROUTE,
-            self.register,
-            methods=["PUT"],
-            response_model=WorkerOut,
-            dependencies=auth,
-            operation_id="picoapi_register",
-            responses={
-                201: {"model": WorkerOut, "description": "registered"},
-                **auth_errors,
-                400: {"description": "the body is not JSON"},
-                413: {"description": f"the body is over {MAX_BODY} bytes"},
-                422: {"description": "a field is invalid, or the host does not resolve"},
-                503: {"description": "the registry is full (API_MAX_WORKERS), or busy: see Retry-After"},
-            },
-        )
-        routes.add_api_route(
-            REGISTER_ROUTE + "/{worker_id}",
-            self.deregister,
-            methods=["DELETE"],
-            status_code=204,
-            dependencies=auth,
-            operation_id="picoapi_deregister",
-            responses={**not_found, **auth_errors, **busy},
-        )
-        routes.add_api_route(
-            SERVICES_ROUTE,
-            self.services,
-            response_model=list[WorkerOut],
-            operation_id="picoapi_services",
-            responses={200: {"headers": {"Link": next_link}}},
-        )
-        routes.add_api_route(
-            SERVICES_ROUTE + "/{worker_id}",
-            self.service,
-            response_model=WorkerOut,
-            operation_id="picoapi_service",
-            responses=not_found,
-        )
-        routes.add_api_route(
-            SERVICES_ROUTE + "/{worker_id}/openapi",
-            self.service_openapi,
-            operation_id="picoapi_service_openapi",
-            responses={
-                **not_found,
-                409: {"description": "the worker is not healthy: nothing is asked of it"},
-                502: {"description": f"the worker sent no OpenAPI document within {OPENAPI_TIMEOUT:g} s"},
-                503: {"description": "too many documents are being fetched: see Retry-After"},
-            },
-        )
+        paged = {200: {"headers": {"Link": next_link}}}
+        add("GET", SERVICES_ROUTE, self.services, {}, response_model=list[WorkerOut], responses=paged)
+        add("GET", SERVICES_ROUTE + "/{worker_id}", self.service, not_found, response_model=WorkerOut)
+        fetching = {
+            409: "the worker is not healthy: nothing is asked of it",
+            502: f"the worker sent no OpenAPI document within {OPENAPI_TIMEOUT:g} s",
+            503: "too many documents are being fetched: see Retry-After",
+        }
+        add("GET", SERVICES_ROUTE + "/{worker_id}/openapi", self.service_openapi, not_found | fetching)
         return routes
 
     # The routes ----------------------------------------------------------------------
@@ -3283,13 +3206,13 @@ class _SupervisorRoutes:
         """
         entry = self.known(worker_id)
         peer = _ip(request.client.host if request.client else None)
-        if not self.config.register_token and peer != _ip(entry.address):
-            if not any(peer in net for net in self.config.register_networks):
-                raise HTTPException(
-                    403,
-                    f"{worker_id} may only be deregistered from its own address {entry.address}, not from "
-                    f"{_printable(peer)}; with API_REGISTER_TOKEN set, its holder may remove it from anywhere",
-                )
+        trusted = self.config.register_token or peer == _ip(entry.address)  # the token's holder, or the worker
+        if not trusted and not any(peer in net for net in self.config.register_networks):
+            raise HTTPException(
+                403,
+                f"{worker_id} may only be deregistered from its own address {entry.address}, not from "
+                f"{_printable(peer)}; with API_REGISTER_TOKEN set, its holder may remove it from anywhere",
+            )
         if instance is not None and entry.instances:
             if instance not in entry.instances:
                 raise HTTPException(409, f"{worker_id} was registered by another process; it stays")
@@ -3328,7 +3251,7 @@ class _SupervisorRoutes:
         return _json_response(_out(self.known(worker_id)))
 
     async def service_openapi(self, worker_id: str) -> dict[str, Any]:
-        """The worker's own OpenAPI document: the forms of work it supports. Only from a healthy worker."""
+        """The worker's own OpenAPI document (the forms of work it supports), only from a healthy worker."""
         worker = self.known(worker_id)
         if not worker.is_ready:
             why = f"status {worker.status}, {worker.failures} failed checks in a row"
@@ -3336,14 +3259,11 @@ class _SupervisorRoutes:
             raise HTTPException(
                 409, f"worker {worker_id!r} is not healthy ({why}); nothing is fetched until a check passes"
             )
-        if self.fetching >= OPENAPI_MAX_FETCHES:
-            raise HTTPException(503, "too many OpenAPI documents are being fetched; try again", {"Retry-After": "1"})
-        self.fetching += 1
-        try:
-            url, options = worker._request(worker.openapi or "/openapi.json", {})
-            return await run_in_threadpool(_fetch_openapi, url, options.get("headers"))
-        finally:
-            self.fetching -= 1
+        url, options = worker._request(worker.openapi or "/openapi.json", {})
+        headers = options.get("headers")
+        return await self.on_thread(
+            "OpenAPI documents are being fetched", OPENAPI_MAX_FETCHES, _fetch_openapi, url, headers
+        )
 
     # What they share -------------------------------------------------------------------
 
@@ -3364,28 +3284,30 @@ class _SupervisorRoutes:
         return worker
 
     async def claimed_address(self, host: str, peer: str | None) -> str:
-        """The address a registration from ``peer`` may claim for ``host`` (see :func:`_claimed_address`).
-
-        Names are resolved on a thread, a few at a time: slow DNS then holds at most
-        MAX_RESOLVING of the threads that serve requests; past that a registration by
-        name is answered 503 at once.
-        """
+        """The address a registration from ``peer`` may claim for ``host`` (see :func:`_claimed_address`);
+        names are resolved on a thread, at most MAX_RESOLVING at once."""
+        networks = self.config.register_networks
         if _ip(host) is not None:
-            return _claimed_address(host, peer, self.config.register_networks)
-        if self.resolving >= MAX_RESOLVING:
-            raise HTTPException(503, "too many host names are being resolved; try again", {"Retry-After": "1"})
-        self.resolving += 1
+            return _claimed_address(host, peer, networks)
+        return await self.on_thread(
+            "host names are being resolved", MAX_RESOLVING, _claimed_address, host, peer, networks
+        )
+
+    async def on_thread(self, kind: str, limit: int, func: Callable[..., Any], *args: Any) -> Any:
+        """``func(*args)`` on a thread of the pool that sync routes share, at most ``limit`` of a ``kind`` at once,
+        so slow DNS or slow workers hold only a few of them; past that 503 at once. Only the event loop counts
+        them: no lock."""
+        if self.busy[kind] >= limit:
+            raise HTTPException(503, f"too many {kind}; try again", {"Retry-After": "1"})
+        self.busy[kind] += 1
         try:
-            return await run_in_threadpool(_claimed_address, host, peer, self.config.register_networks)
+            return await run_in_threadpool(func, *args)
         finally:
-            self.resolving -= 1
+            self.busy[kind] -= 1
 
     async def refuse_if_served(self, reg: Registration, address: str) -> None:
-        """409 when ``reg`` would change an entry that another live process still serves.
-
-        A second copy of a service started by mistake on a port that is taken must not
-        evict the live one; the same registration again (a sibling process) is welcome.
-        """
+        """409 when ``reg`` would change an entry that another live process still serves: a second copy started
+        by mistake on a taken port must not evict the live one; the same registration (a sibling) is welcome."""
         entry = self.registry.get(worker_id(reg.host, reg.port))
         if entry is None or not entry.instances or reg.instance in entry.instances:
             return
@@ -3461,9 +3383,9 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
     if ip is None:
         with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
             ip = _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
-    if ip is not None and str(ip) != host:
-        raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
     if ip is not None:
+        if str(ip) != host:
+            raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
         addresses = [ip]
     else:
         try:

@@ -4557,7 +4557,11 @@ class TestSlowResolver:
                     payload["health"]["url"] = f"http://slow{i}.example:{9000 + i}/health"
                     thread = threading.Thread(target=lambda p=payload: slow.append(client.put("/register", json=p)))
                     thread.start()
-                wait_for(lambda: app._supervisor.resolving == picoapi.MAX_RESOLVING, 5, "four slow resolutions")
+                wait_for(
+                    lambda: app._supervisor.busy["host names are being resolved"] == picoapi.MAX_RESOLVING,
+                    5,
+                    "four slow resolutions",
+                )
                 extra = {**body(port=9100), "host": "slow-extra.example"}
                 extra["health"]["url"] = "http://slow-extra.example:9100/health"
                 refused = client.put("/register", json=extra)
