@@ -460,90 +460,54 @@ class _Setting(NamedTuple):
         return self.parse(self.var, raw, *self.bounds)
 
 
-def _setting(
-    var: str, parse: Callable[..., Any], *bounds: Any, default: Any = None, help: str, old: str | None = None
-) -> Any:
-    """A :class:`Config` field that is a setting: its variable, its kind's parser and bounds, default, meaning."""
+def _setting(default: Any, help: str, parse: Callable[..., Any], *bounds: Any, var: str = "", old: str = "") -> Any:
+    """A :class:`Config` field that is a setting (a row of its table); ``var`` defaults to API_ and its name."""
     secret = parse is _parse_token  # never in a repr, a log or a traceback
-    return dataclasses.field(
-        default=default, repr=not secret, metadata={"setting": _Setting(var, parse, bounds, help, old)}
-    )
+    row = _Setting(var, parse, bounds, help, old or None)
+    return dataclasses.field(default=default, repr=not secret, metadata={"setting": row})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every setting of a PicoAPI app, parsed and validated: the one table of settings.
 
-    Each field is a setting. Its name is its keyword (``PicoAPI(port=8080)``, ``Config.load({"port": 8080})``);
-    its declaration gives its environment variable, the parser of its kind with its bounds, its default and
-    what it means. Built by :meth:`load` from, in order of precedence: keywords, the process environment, a
-    ``.env`` file, the defaults.
+    Each field is a setting. Its name is its keyword (``PicoAPI(port=8080)``, ``Config.load({"port": 8080})``)
+    and, in capitals after ``API_``, its environment variable; its row gives its default, what it means, and the
+    parser of its kind with that parser's bounds. Built by :meth:`load` from, in order of precedence: keywords,
+    the process environment, a ``.env`` file, the defaults.
     """
 
-    mode: str = _setting("API_MODE", _parse_choice, "worker", "supervisor", default=DEFAULT_MODE, help="its role")
-    host: str | None = _setting("API_HOST", _parse_host, help="the host the supervisor reaches this API at")
-    port: int = _setting("API_PORT", _parse_count, 1, 65535, default=DEFAULT_PORT, help="the port of the API")
-    bind: str | None = _setting("API_BIND", _parse_host, help="the interface the command line binds to")
-    title: str | None = _setting("API_TITLE", _parse_text, MAX_NAME, help="the service's name (FastAPI's title)")
-    description: str = _setting(
-        "API_DESCRIPTION", _parse_text, MAX_DESCRIPTION, True, default=DEFAULT_DESCRIPTION, help="FastAPI's description"
-    )
-    version: str = _setting("API_VERSION", _parse_text, MAX_VERSION, default=DEFAULT_VERSION, help="its version")
+    # keyword: type = _setting(default, meaning, parser, *bounds)
+    mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, "worker", "supervisor")
+    host: str | None = _setting(None, "the host the supervisor reaches this API at", _parse_host)
+    port: int = _setting(DEFAULT_PORT, "the port of the API", _parse_count, 1, 65535)
+    bind: str | None = _setting(None, "the interface the command line binds to", _parse_host)
+    title: str | None = _setting(None, "the service's name (FastAPI's title)", _parse_text, MAX_NAME)
+    description: str = _setting(DEFAULT_DESCRIPTION, "FastAPI's description", _parse_text, MAX_DESCRIPTION, True)
+    version: str = _setting(DEFAULT_VERSION, "its version", _parse_text, MAX_VERSION)
     register_urls: tuple[str, ...] = _setting(
-        "API_REGISTER_PATH", _parse_list, "!", _url_item, default=(), old="API_KEEPER_URL", help="where to register"
+        (), "where to register", _parse_list, "!", _url_item, var="API_REGISTER_PATH", old="API_KEEPER_URL"
     )
-    health_path: str = _setting(
-        "API_HEALTH_PATH", _parse_path, default=DEFAULT_HEALTH_PATH, help="the path the supervisor checks"
-    )
-    health_interval: float = _setting(
-        "API_HEALTH_INTERVAL", _parse_seconds, MIN_INTERVAL, MAX_INTERVAL, default=DEFAULT_HEALTH_INTERVAL, help="gap"
-    )
-    health_timeout: float | None = _setting(
-        "API_HEALTH_TIMEOUT", _parse_seconds, 0.01, MAX_INTERVAL, help="a check's deadline; unset: min(interval, 10)"
-    )
-    tags: tuple[str, ...] = _setting(
-        "API_TAGS", _parse_list, ":", _tag_item, MAX_TAGS, default=(), help="what it does, for discovery"
-    )
-    cors_allow_origins: tuple[str, ...] = _setting(
-        "API_CORS_ALLOW_ORIGINS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed origins"
-    )
-    cors_allow_methods: tuple[str, ...] = _setting(
-        "API_CORS_ALLOW_METHODS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed methods"
-    )
-    cors_allow_headers: tuple[str, ...] = _setting(
-        "API_CORS_ALLOW_HEADERS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed headers"
-    )
-    cors_allow_credentials: bool = _setting(
-        "API_CORS_ALLOW_CREDENTIALS", _parse_bool, default=False, help="CORS credentials: needs listed origins"
-    )
-    allowed_hosts: tuple[str, ...] = _setting(
-        "API_ALLOWED_HOSTS", _parse_list, "!", _allowed_host_item, default=(), help="the Host headers served"
-    )
-    register_token: str | None = _setting("API_REGISTER_TOKEN", _parse_token, help="the token registrations carry")
-    register_networks: tuple[IPNetwork, ...] = _setting(
-        "API_REGISTER_NETWORKS", _parse_list, "!", _network_item, default=(), help="claimable networks (NAT)"
-    )
-    register_timeout: float = _setting(
-        "API_REGISTER_TIMEOUT", _parse_seconds, 0.0, 3600.0, default=DEFAULT_REGISTER_TIMEOUT, help="startup's wait"
-    )
-    register_required: bool = _setting(
-        "API_REGISTER_REQUIRED", _parse_bool, default=False, help="fail startup unless registered"
-    )
-    max_workers: int = _setting(
-        "API_MAX_WORKERS", _parse_count, 1, 10_000_000, default=DEFAULT_MAX_WORKERS, help="the registry's cap"
-    )
-    registry_file: str | None = _setting(
-        "API_REGISTRY_FILE", _parse_text, 4096, help="a sqlite file keeping the registrations"
-    )
+    health_path: str = _setting(DEFAULT_HEALTH_PATH, "the path the supervisor checks", _parse_path)
+    health_interval: float = _setting(DEFAULT_HEALTH_INTERVAL, "gap", _parse_seconds, MIN_INTERVAL, MAX_INTERVAL)
+    health_timeout: float | None = _setting(None, "a check's deadline", _parse_seconds, 0.01, MAX_INTERVAL)
+    tags: tuple[str, ...] = _setting((), "what it does, for discovery", _parse_list, ":", _tag_item, MAX_TAGS)
+    cors_allow_origins: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed origins", _parse_list, "!")
+    cors_allow_methods: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed methods", _parse_list, "!")
+    cors_allow_headers: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed headers", _parse_list, "!")
+    cors_allow_credentials: bool = _setting(False, "CORS credentials: needs listed origins", _parse_bool)
+    allowed_hosts: tuple[str, ...] = _setting((), "the Host headers served", _parse_list, "!", _allowed_host_item)
+    register_token: str | None = _setting(None, "the token registrations carry", _parse_token)
+    register_networks: tuple[IPNetwork, ...] = _setting((), "claimable networks (NAT)", _parse_list, "!", _network_item)
+    register_timeout: float = _setting(DEFAULT_REGISTER_TIMEOUT, "startup's wait", _parse_seconds, 0.0, 3600.0)
+    register_required: bool = _setting(False, "fail startup unless registered", _parse_bool)
+    max_workers: int = _setting(DEFAULT_MAX_WORKERS, "the registry's cap", _parse_count, 1, 10_000_000)
+    registry_file: str | None = _setting(None, "a sqlite file keeping the registrations", _parse_text, 4096)
     deregister_after: float | None = _setting(
-        "API_DEREGISTER_AFTER", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True, help="unhealthy, then gone"
+        None, "unhealthy, then gone", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True
     )
-    health_failures: int = _setting(
-        "API_HEALTH_FAILURES", _parse_count, 1, 100, default=DEFAULT_HEALTH_FAILURES, help="failures to be unhealthy"
-    )
-    health_successes: int = _setting(
-        "API_HEALTH_SUCCESSES", _parse_count, 1, 100, default=DEFAULT_HEALTH_SUCCESSES, help="successes to recover"
-    )
+    health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_count, 1, 100)
+    health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_count, 1, 100)
     #: The fields that were set by a keyword, the environment or the .env file.
     configured: frozenset[str] = frozenset()
 
@@ -631,7 +595,11 @@ class Config:
 
 
 #: keyword -> its row of the table, in declaration order.
-_SETTINGS: dict[str, _Setting] = {f.name: f.metadata["setting"] for f in dataclasses.fields(Config) if f.metadata}
+_SETTINGS: dict[str, _Setting] = {
+    f.name: f.metadata["setting"]._replace(var=f.metadata["setting"].var or f"API_{f.name.upper()}")
+    for f in dataclasses.fields(Config)
+    if f.metadata
+}
 
 
 def _raw_value(source: Mapping[str, str], setting: _Setting) -> str | None:
