@@ -51,7 +51,6 @@ import ipaddress
 import itertools
 import json
 import logging
-import math
 import operator
 import os
 import random
@@ -226,12 +225,8 @@ class NoWorkerAvailable(PicoAPIError, LookupError):
         #: The tags and version asked for, and each worker tried with why it failed.
         self.tags, self.version, self.tried = list(tags), version, list(tried)
         wanted = f"tags {self.tags}" + (f" and version {version!r}" if version else "")
-        if self.tried:
-            why = "; ".join(f"{wid}: {reason}" for wid, reason in self.tried)
-            message = f"no healthy worker with {wanted} could be reached (tried {why})"
-        else:
-            message = f"no healthy worker with {wanted}"
-        super().__init__(message)
+        why = "; ".join(f"{wid}: {reason}" for wid, reason in self.tried)
+        super().__init__(f"no healthy worker with {wanted}" + (f" could be reached (tried {why})" if why else ""))
 
 
 # -- Helpers -----------------------------------------------------------------
@@ -306,8 +301,7 @@ def _check_health_path(what: str, path: str, error: type[ValueError] = ValueErro
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
 _TAG_RE = re.compile(r"^[^\s:]+$")
 _ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+_BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
 def _is_whole(text: str) -> bool:
@@ -320,15 +314,13 @@ def _is_whole(text: str) -> bool:
 
 
 def _parse_seconds(var: str, raw: object, low: float, high: float, off: bool = False) -> float | None:
-    if off and str(raw).strip().lower() in ("", "off", "none", "0"):
+    text = str(raw).strip().lower()
+    if off and text in ("", "off", "none", "0"):
         return None
-    try:
-        value = float(str(raw).strip()) if not isinstance(raw, bool) else math.nan
-    except ValueError:
-        value = math.nan
-    if not low <= value <= high:  # also refuses nan and inf
-        raise ConfigError(f"{var} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
-    return value
+    with contextlib.suppress(ValueError):
+        if not isinstance(raw, bool) and low <= (value := float(text)) <= high:  # also refuses nan and inf
+            return value
+    raise ConfigError(f"{var} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
 
 
 def _parse_count(var: str, raw: object, low: int, high: int) -> int:
@@ -339,12 +331,10 @@ def _parse_count(var: str, raw: object, low: int, high: int) -> int:
 
 
 def _parse_bool(var: str, raw: object) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise ConfigError(f"{var} must be true or false (1/0, yes/no, on/off), got {raw!r}")
+    value = raw if isinstance(raw, bool) else _BOOLS.get(str(raw).strip().lower())
+    if value is None:
+        raise ConfigError(f"{var} must be true or false (1/0, yes/no, on/off), got {raw!r}")
+    return value
 
 
 def _parse_choice(var: str, raw: object, *choices: str) -> str:
