@@ -83,16 +83,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-from pydantic import (
-    BaseModel,
-    Field,
-    TypeAdapter,
-    ValidationError,
-    ValidationInfo,
-    create_model,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, Field, TypeAdapter, ValidationError, create_model, model_validator
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -280,20 +271,29 @@ def _check_text(what: str, text: str, error: type[ValueError] = ValueError) -> s
     return text
 
 
-def _check_health_path(what: str, path: str, error: type[ValueError] = ValueError, origin: str = "") -> str:
-    """``path``, if it is ASCII without query or fragment; else ``error`` naming ``what`` and the fix.
+def _check_health_url(what: str, url: str, error: type[ValueError] = ValueError) -> str:
+    """``url`` (or a path alone), if it is ASCII without query or fragment; else ``error`` naming ``what``, the fix.
 
-    The checker sends it byte for byte. A health check is a path, as API_HEALTH_PATH is: a query there is a
-    mistake, and a fragment never even leaves the client.
+    The checker sends the path byte for byte. A health check is a path, as API_HEALTH_PATH is: a query there is
+    a mistake, and a fragment never even leaves the client.
     """
+    origin = "" if url.startswith("/") else "{0.scheme}://{0.netloc}".format(urlsplit(url))
+    path = url[len(origin) :]
     # RFC 3986's path characters and existing %XX escapes stay as they are; the rest is percent-encoded.
     fixed = quote(path.partition("#")[0].partition("?")[0], safe="/%:@!$&'()*+,;=")
     if fixed != path:
         raise error(
             f"{what} must be an ASCII path without ?query or #fragment; percent-encode it: "
-            f"'{origin}{fixed}', got '{_printable(origin + path)}'"
+            f"'{origin}{fixed}', got '{_printable(url)}'"
         )
-    return path
+    if not url.isascii():  # the host as well: 'K' (U+212A, Kelvin sign) lower-cases to an ASCII 'k'
+        raise error(f"{what} must be ASCII, got '{_printable(url)}'")
+    return url
+
+
+def _normal_host(host: str) -> str:
+    """``host`` as the registry keeps it: lower case, an IPv6 address without brackets."""
+    return host.strip("[]").lower()
 
 
 # -- Configuration -----------------------------------------------------------
@@ -356,14 +356,14 @@ def _parse_host(var: str, raw: object) -> str:
     text = str(raw).strip()
     if not text or len(text) > MAX_HOST or not _HOST_RE.match(text):
         raise ConfigError(f"{var} must be a host name or IP address such as 'localhost' or '10.0.0.5', got {raw!r}")
-    return text.strip("[]").lower()
+    return _normal_host(text)
 
 
 def _parse_path(var: str, raw: object) -> str:
     text = str(raw).strip()
     if not text.startswith("/") or len(text) > 512:
         raise ConfigError(f"{var} must be a path starting with '/', such as '/health', got {raw!r}")
-    return _check_health_path(var, text, ConfigError)
+    return _check_health_url(var, text, ConfigError)
 
 
 def _parse_token(var: str, raw: object) -> str | None:
@@ -659,28 +659,29 @@ def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
 
 def worker_id(host: str, port: int) -> str:
     """The id of the worker at ``host:port``: re-registering keeps it."""
-    host = host.strip("[]").lower()
+    host = _normal_host(host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+#: Text a worker sends: no hidden character (:func:`_check_text`); the error names the field.
+_VISIBLE = AfterValidator(lambda text, info: _check_text(str(info.field_name), text))
+_Text = Annotated[str, _VISIBLE]
+#: A worker's tags: each checked, each kept once.
+_TagList = Annotated[
+    list[str], AfterValidator(lambda tags: list(dict.fromkeys(_check_tag("each tag", t) for t in tags)))
+]
 
 
 class HealthSpec(BaseModel):
     """How the supervisor checks a worker."""
 
-    url: str = Field(max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
+    url: Annotated[str, AfterValidator(functools.partial(_check_health_url, "health.url"))] = Field(
+        max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$"
+    )
     interval: float = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds between checks")
     timeout: float | None = Field(
         default=None, gt=0, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds; default min(interval, 10)"
     )
-
-    @field_validator("url")
-    @classmethod
-    def _ascii_path(cls, url: str) -> str:
-        parts = urlsplit(url)
-        origin = f"{parts.scheme}://{parts.netloc}"
-        _check_health_path("health.url", url[len(origin) :], origin=origin)
-        if not url.isascii():  # the host as well: 'K' (U+212A, Kelvin sign) lower-cases to an ASCII 'k'
-            raise ValueError(f"health.url must be ASCII, got '{_printable(url)}'")
-        return url
 
     @property
     def deadline(self) -> float:
@@ -691,36 +692,21 @@ class HealthSpec(BaseModel):
 class Registration(BaseModel):
     """The body of ``PUT /register``: what a worker says about itself."""
 
-    name: str = Field(min_length=1, max_length=MAX_NAME)
-    host: str = Field(min_length=1, max_length=MAX_HOST, pattern=_HOST_RE.pattern)
+    name: _Text = Field(min_length=1, max_length=MAX_NAME)
+    host: Annotated[str, AfterValidator(_normal_host)] = Field(
+        min_length=1, max_length=MAX_HOST, pattern=_HOST_RE.pattern
+    )
     port: int = Field(ge=1, le=65535)
-    version: str = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION)
-    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
-    description: str = Field(default="", max_length=MAX_DESCRIPTION)
+    version: _Text = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION)
+    tags: _TagList = Field(default_factory=list, max_length=MAX_TAGS)
+    description: _Text = Field(default="", max_length=MAX_DESCRIPTION)
     health: HealthSpec
-    openapi: str | None = Field(
-        default=None, max_length=512, pattern=r"^/[^\s\x00-\x1f\x7f]*$", description="the worker's OpenAPI path"
+    openapi: Annotated[str, Field(max_length=512, pattern=r"^/[^\s\x00-\x1f\x7f]*$"), _VISIBLE] | None = Field(
+        default=None, description="the worker's OpenAPI path"
     )
     instance: str | None = Field(
-        default=None,
-        pattern=_INSTANCE_PATTERN,
-        description="the registering process; its checks must answer as it",
+        default=None, pattern=_INSTANCE_PATTERN, description="the registering process; its checks must answer as it"
     )
-
-    @field_validator("host")
-    @classmethod
-    def _normal_host(cls, host: str) -> str:
-        return host.strip("[]").lower()
-
-    @field_validator("name", "version", "description", "openapi")
-    @classmethod
-    def _visible_text(cls, text: str | None, info: ValidationInfo) -> str | None:
-        return text if text is None else _check_text(str(info.field_name), text)
-
-    @field_validator("tags")
-    @classmethod
-    def _valid_tags(cls, tags: list[str]) -> list[str]:
-        return list(dict.fromkeys(_check_tag("each tag", tag) for tag in tags))
 
     @model_validator(mode="after")
     def _health_is_own(self) -> Registration:
