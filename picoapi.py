@@ -446,9 +446,6 @@ class _Setting(NamedTuple):
     #: An older name of the variable, still read; ``var`` wins when both are set.
     old: str | None = None
 
-    def read(self, raw: object) -> Any:
-        return self.parse(self.var, raw, *self.bounds)
-
 
 def _setting(default: Any, help: str, parse: Callable[..., Any], *bounds: Any, var: str = "", old: str = "") -> Any:
     """A :class:`Config` field that is a setting (a row of its table); ``var`` defaults to API_ and its name."""
@@ -522,11 +519,11 @@ class Config:
         values: dict[str, Any] = {}
         for name, setting in _SETTINGS.items():
             raw = overrides.get(name)
-            for source in sources if raw is None else ():
-                if (raw := _raw_value(source, setting)) is not None:
-                    break
+            if raw is None:  # each source under the name, then the old name; blank is unset (a blank token, an error)
+                found = (s.get(v) for s, v in itertools.product(sources, (setting.var, setting.old)) if v)
+                raw = next((r for r in found if r and (r.strip() or setting.parse is _parse_token)), None)
             if raw is not None:
-                values[name] = setting.read(raw)
+                values[name] = setting.parse(setting.var, raw, *setting.bounds)
         config = cls(**values, configured=frozenset(values))
         config._check()
         return config
@@ -570,18 +567,10 @@ class Config:
     def registration(self) -> dict[str, Any]:
         """The JSON body a worker sends to ``PUT /register``."""
         self.require("host", "title", purpose="for a worker to register")
-        health: dict[str, Any] = {"url": self.health_url, "interval": self.health_interval}
-        if self.health_timeout is not None:
-            health["timeout"] = self.health_timeout
-        return {
-            "name": self.title,
-            "host": self.host,
-            "port": self.port,
-            "version": self.version,
-            "tags": list(self.tags),
-            "description": self.description,
-            "health": health,
-        }
+        health = {"url": self.health_url, "interval": self.health_interval, "timeout": self.health_timeout}
+        body: dict[str, Any] = {"name": self.title, "host": self.host, "port": self.port, "version": self.version}
+        body |= {"tags": list(self.tags), "description": self.description}
+        return {**body, "health": {k: v for k, v in health.items() if v is not None}}
 
 
 #: keyword -> its row of the table, in declaration order.
@@ -590,16 +579,6 @@ _SETTINGS: dict[str, _Setting] = {
     for f in dataclasses.fields(Config)
     if f.metadata
 }
-
-
-def _raw_value(source: Mapping[str, str], setting: _Setting) -> str | None:
-    """The setting's value in ``source`` under its name, else its old name; a blank variable counts as unset
-    (but a blank token is an error, not "no token")."""
-    for var in (setting.var, setting.old):
-        raw = source.get(var) if var else None
-        if raw and (raw.strip() or setting.parse is _parse_token):
-            return raw
-    return None
 
 
 def _close_setting(name: str) -> str | None:
@@ -645,11 +624,9 @@ def _warn_outside(message: str, category: type[Warning]) -> None:
 
 
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
-    if path is None:
+    if path is None or (os.fspath(path) == ".env" and not os.path.exists(path)):
         return {}
     if not os.path.exists(path):
-        if os.fspath(path) == ".env":
-            return {}
         raise ConfigError(f"env_file {os.fspath(path)!r} does not exist; pass an existing path or None")
     return {k: v for k, v in dotenv_values(path).items() if v is not None}
 
@@ -814,11 +791,7 @@ _SHOWN = {f.name: f.metadata["shown"] or f.name for f in _PUBLIC if f.metadata["
 _fields_of = operator.attrgetter(*(f.name for f in dataclasses.fields(Worker)))
 #: What a registration says about a worker: each field and where a Registration holds it (the address aside: the
 #: supervisor finds it). The same again is a refresh, not a change.
-_GIVEN = {
-    f.name: f.metadata["given"] if f.metadata["given"] is not True else _SHOWN[f.name]
-    for f in _PUBLIC
-    if f.metadata["given"]
-}
+_GIVEN = {f.name: _SHOWN[f.name] if given is True else given for f in _PUBLIC if (given := f.metadata["given"])}
 _CONTENT = (*_GIVEN, "address")
 _content_of, _given_in = operator.attrgetter(*_CONTENT), operator.attrgetter(*_GIVEN.values())
 
