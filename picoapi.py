@@ -291,6 +291,13 @@ def _check_health_url(what: str, url: str, error: type[ValueError] = ValueError)
     return url
 
 
+def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str:
+    """``tag``, if it is a valid tag; else ``error`` naming ``what``: 'API_TAGS items', 'each tag'."""
+    if not 1 <= len(tag) <= MAX_TAG or not re.match(r"^[^\s:]+$", tag):
+        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces or ':', got '{_printable(tag)}'")
+    return _check_text(what, tag, error)
+
+
 def _normal_host(host: str) -> str:
     """``host`` as the registry keeps it: lower case, an IPv6 address without brackets."""
     return host.strip("[]").lower()
@@ -299,7 +306,6 @@ def _normal_host(host: str) -> str:
 # -- Configuration -----------------------------------------------------------
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
-_TAG_RE = re.compile(r"^[^\s:]+$")
 _ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
@@ -423,13 +429,6 @@ def _allowed_host_item(var: str, item: str) -> str:
             f"'keeper!keeper.internal!127.0.0.1' ('*.example.com' for subdomains, '*' for any), got {item!r}"
         )
     return host
-
-
-def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str:
-    """``tag``, if it is a valid tag; else ``error`` naming ``what``: 'API_TAGS items', 'each tag'."""
-    if not 1 <= len(tag) <= MAX_TAG or not _TAG_RE.match(tag):
-        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces or ':', got '{_printable(tag)}'")
-    return _check_text(what, tag, error)
 
 
 def _tag_item(var: str, tag: str) -> str:
@@ -609,18 +608,15 @@ def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> Non
                 f"{old} is the old spelling of {spelt.format(new, mode)}; keep only {new}"
             )
         given[new] = mode
-        _warn_outside(
-            f"{spelt.format(old, raw)} is picoapi 1.x's spelling: write {spelt.format(new, mode)} instead",
-            DeprecationWarning,
-        )
+        _deprecated(f"{spelt.format(old, raw)} is picoapi 1.x's spelling: write {spelt.format(new, mode)} instead")
 
 
-def _warn_outside(message: str, category: type[Warning]) -> None:
-    """Warn at the first caller outside this file: the line the user wrote."""
+def _deprecated(message: str) -> None:
+    """A DeprecationWarning at the first caller outside this file: the line the user wrote."""
     frame, level = sys._getframe(), 1
     while frame.f_back is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
+    warnings.warn(message, DeprecationWarning, stacklevel=level)
 
 
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
