@@ -546,12 +546,6 @@ class Config:
                 f"API_HEALTH_INTERVAL ({self.health_interval:g})"
             )
 
-    def require(self, *fields: str, purpose: str) -> None:
-        """Raise :class:`ConfigError` naming each of ``fields`` that is unset."""
-        missing = [_SETTINGS[f].var for f in fields if getattr(self, f) in (None, (), "")]
-        if missing:
-            raise ConfigError(f"{', '.join(missing)} must be set {purpose}")
-
     @property
     def health_url(self) -> str:
         """The address the supervisor calls: host, port and health path."""
@@ -564,8 +558,9 @@ class Config:
         return unquote(self.health_path)
 
     def registration(self) -> dict[str, Any]:
-        """The JSON body a worker sends to ``PUT /register``."""
-        self.require("host", "title", purpose="for a worker to register")
+        """The JSON body a worker sends to ``PUT /register``; raises :class:`ConfigError` naming what is unset."""
+        if missing := [_SETTINGS[f].var for f in ("host", "title") if not getattr(self, f)]:
+            raise ConfigError(f"{', '.join(missing)} must be set for a worker to register")
         health = {"url": self.health_url, "interval": self.health_interval, "timeout": self.health_timeout}
         body: dict[str, Any] = {"name": self.title, "host": self.host, "port": self.port, "version": self.version}
         body |= {"tags": list(self.tags), "description": self.description}
