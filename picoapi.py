@@ -587,11 +587,8 @@ def _unknown_settings(names: Iterable[str]) -> str:
 
 
 def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> None:
-    """Read picoapi 1.x's ``is_master`` keyword and ``API_MASTER`` variable as the mode they mean, warning.
-
-    True is ``mode="supervisor"``, false ``mode="worker"``; given beside a mode that disagrees, a ConfigError
-    names both. Nothing is said when neither is used.
-    """
+    """Read picoapi 1.x's ``is_master`` keyword and ``API_MASTER`` variable as the mode they mean (true is
+    supervisor), warning; given beside a mode that disagrees, a ConfigError names both."""
     spellings = [(keywords, "is_master", "mode", "{}={!r}")] + [(s, "API_MASTER", "API_MODE", "{}={}") for s in sources]
     for given, old, new, spelt in spellings:
         if (raw := given.pop(old, None)) in (None, ""):
