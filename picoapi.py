@@ -298,6 +298,10 @@ def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str
     return _check_text(what, tag, error)
 
 
+def _is_whole(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 12  # not '²', not 5,000 digits
+
+
 def _normal_host(host: str) -> str:
     """``host`` as the registry keeps it: lower case, an IPv6 address without brackets."""
     return host.strip("[]").lower()
@@ -308,10 +312,6 @@ def _normal_host(host: str) -> str:
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
 _ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
-
-
-def _is_whole(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) <= 12  # not '²', not 5,000 digits
 
 
 # One parser per kind of setting. Each takes the variable (for its message), the raw value (a string from the
