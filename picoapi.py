@@ -51,7 +51,6 @@ import ipaddress
 import itertools
 import json
 import logging
-import math
 import operator
 import os
 import random
@@ -85,16 +84,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-from pydantic import (
-    BaseModel,
-    Field,
-    TypeAdapter,
-    ValidationError,
-    ValidationInfo,
-    create_model,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, Field, TypeAdapter, ValidationError, create_model, model_validator
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -227,12 +217,8 @@ class NoWorkerAvailable(PicoAPIError, LookupError):
         #: The tags and version asked for, and each worker tried with why it failed.
         self.tags, self.version, self.tried = list(tags), version, list(tried)
         wanted = f"tags {self.tags}" + (f" and version {version!r}" if version else "")
-        if self.tried:
-            why = "; ".join(f"{wid}: {reason}" for wid, reason in self.tried)
-            message = f"no healthy worker with {wanted} could be reached (tried {why})"
-        else:
-            message = f"no healthy worker with {wanted}"
-        super().__init__(message)
+        why = "; ".join(f"{wid}: {reason}" for wid, reason in self.tried)
+        super().__init__(f"no healthy worker with {wanted}" + (f" could be reached (tried {why})" if why else ""))
 
 
 # -- Helpers -----------------------------------------------------------------
@@ -286,20 +272,40 @@ def _check_text(what: str, text: str, error: type[ValueError] = ValueError) -> s
     return text
 
 
-def _check_health_path(what: str, path: str, error: type[ValueError] = ValueError, origin: str = "") -> str:
-    """``path``, if it is ASCII without query or fragment; else ``error`` naming ``what`` and the fix.
+def _check_health_url(what: str, url: str, error: type[ValueError] = ValueError) -> str:
+    """``url`` (or a path alone), if it is ASCII without query or fragment; else ``error`` naming ``what``, the fix.
 
-    The checker sends it byte for byte. A health check is a path, as API_HEALTH_PATH is: a query there is a
-    mistake, and a fragment never even leaves the client.
+    The checker sends the path byte for byte. A health check is a path, as API_HEALTH_PATH is: a query there is
+    a mistake, and a fragment never even leaves the client.
     """
+    origin = "" if url.startswith("/") else "{0.scheme}://{0.netloc}".format(urlsplit(url))
+    path = url[len(origin) :]
     # RFC 3986's path characters and existing %XX escapes stay as they are; the rest is percent-encoded.
     fixed = quote(path.partition("#")[0].partition("?")[0], safe="/%:@!$&'()*+,;=")
     if fixed != path:
         raise error(
             f"{what} must be an ASCII path without ?query or #fragment; percent-encode it: "
-            f"'{origin}{fixed}', got '{_printable(origin + path)}'"
+            f"'{origin}{fixed}', got '{_printable(url)}'"
         )
-    return path
+    if not url.isascii():  # the host as well: 'K' (U+212A, Kelvin sign) lower-cases to an ASCII 'k'
+        raise error(f"{what} must be ASCII, got '{_printable(url)}'")
+    return url
+
+
+def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str:
+    """``tag``, if it is a valid tag; else ``error`` naming ``what``: 'API_TAGS items', 'each tag'."""
+    if not 1 <= len(tag) <= MAX_TAG or not re.match(r"^[^\s:]+$", tag):
+        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces or ':', got '{_printable(tag)}'")
+    return _check_text(what, tag, error)
+
+
+def _is_whole(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 12  # not '²', not 5,000 digits
+
+
+def _normal_host(host: str) -> str:
+    """``host`` as the registry keeps it: lower case, an IPv6 address without brackets."""
+    return host.strip("[]").lower()
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -417,14 +423,8 @@ class _Cut(requests.Timeout):
 # -- Configuration -----------------------------------------------------------
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
-_TAG_RE = re.compile(r"^[^\s:]+$")
 _ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _is_whole(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) <= 12  # not '²', not 5,000 digits
+_BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
 # One parser per kind of setting. Each takes the variable (for its message), the raw value (a string from the
@@ -433,15 +433,13 @@ def _is_whole(text: str) -> bool:
 
 
 def _parse_seconds(var: str, raw: object, low: float, high: float, off: bool = False) -> float | None:
-    if off and str(raw).strip().lower() in ("", "off", "none", "0"):
+    text = str(raw).strip().lower()
+    if off and text in ("", "off", "none", "0"):
         return None
-    try:
-        value = float(str(raw).strip()) if not isinstance(raw, bool) else math.nan
-    except ValueError:
-        value = math.nan
-    if not low <= value <= high:  # also refuses nan and inf
-        raise ConfigError(f"{var} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
-    return value
+    with contextlib.suppress(ValueError):
+        if not isinstance(raw, bool) and low <= (value := float(text)) <= high:  # also refuses nan and inf
+            return value
+    raise ConfigError(f"{var} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
 
 
 def _parse_count(var: str, raw: object, low: int, high: int) -> int:
@@ -452,12 +450,10 @@ def _parse_count(var: str, raw: object, low: int, high: int) -> int:
 
 
 def _parse_bool(var: str, raw: object) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise ConfigError(f"{var} must be true or false (1/0, yes/no, on/off), got {raw!r}")
+    value = raw if isinstance(raw, bool) else _BOOLS.get(str(raw).strip().lower())
+    if value is None:
+        raise ConfigError(f"{var} must be true or false (1/0, yes/no, on/off), got {raw!r}")
+    return value
 
 
 def _parse_choice(var: str, raw: object, *choices: str) -> str:
@@ -479,14 +475,14 @@ def _parse_host(var: str, raw: object) -> str:
     text = str(raw).strip()
     if not text or len(text) > MAX_HOST or not _HOST_RE.match(text):
         raise ConfigError(f"{var} must be a host name or IP address such as 'localhost' or '10.0.0.5', got {raw!r}")
-    return text.strip("[]").lower()
+    return _normal_host(text)
 
 
 def _parse_path(var: str, raw: object) -> str:
     text = str(raw).strip()
     if not text.startswith("/") or len(text) > 512:
         raise ConfigError(f"{var} must be a path starting with '/', such as '/health', got {raw!r}")
-    return _check_health_path(var, text, ConfigError)
+    return _check_health_url(var, text, ConfigError)
 
 
 def _parse_token(var: str, raw: object) -> str | None:
@@ -548,13 +544,6 @@ def _allowed_host_item(var: str, item: str) -> str:
     return host
 
 
-def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str:
-    """``tag``, if it is a valid tag; else ``error`` naming ``what``: 'API_TAGS items', 'each tag'."""
-    if not 1 <= len(tag) <= MAX_TAG or not _TAG_RE.match(tag):
-        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces or ':', got '{_printable(tag)}'")
-    return _check_text(what, tag, error)
-
-
 def _tag_item(var: str, tag: str) -> str:
     return _check_tag(f"{var} items", tag, ConfigError)
 
@@ -569,94 +558,55 @@ class _Setting(NamedTuple):
     #: An older name of the variable, still read; ``var`` wins when both are set.
     old: str | None = None
 
-    def read(self, raw: object) -> Any:
-        return self.parse(self.var, raw, *self.bounds)
 
-
-def _setting(
-    var: str, parse: Callable[..., Any], *bounds: Any, default: Any = None, help: str, old: str | None = None
-) -> Any:
-    """A :class:`Config` field that is a setting: its variable, its kind's parser and bounds, default, meaning."""
+def _setting(default: Any, help: str, parse: Callable[..., Any], *bounds: Any, var: str = "", old: str = "") -> Any:
+    """A :class:`Config` field that is a setting (a row of its table); ``var`` defaults to API_ and its name."""
     secret = parse is _parse_token  # never in a repr, a log or a traceback
-    return dataclasses.field(
-        default=default, repr=not secret, metadata={"setting": _Setting(var, parse, bounds, help, old)}
-    )
+    row = _Setting(var, parse, bounds, help, old or None)
+    return dataclasses.field(default=default, repr=not secret, metadata={"setting": row})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every setting of a PicoAPI app, parsed and validated: the one table of settings.
 
-    Each field is a setting. Its name is its keyword (``PicoAPI(port=8080)``, ``Config.load({"port": 8080})``);
-    its declaration gives its environment variable, the parser of its kind with its bounds, its default and
-    what it means. Built by :meth:`load` from, in order of precedence: keywords, the process environment, a
-    ``.env`` file, the defaults.
+    Each field is a setting. Its name is its keyword (``PicoAPI(port=8080)``, ``Config.load({"port": 8080})``)
+    and, in capitals after ``API_``, its environment variable; its row gives its default, what it means, and the
+    parser of its kind with that parser's bounds. Built by :meth:`load` from, in order of precedence: keywords,
+    the process environment, a ``.env`` file, the defaults.
     """
 
-    mode: str = _setting("API_MODE", _parse_choice, "worker", "supervisor", default=DEFAULT_MODE, help="its role")
-    host: str | None = _setting("API_HOST", _parse_host, help="the host the supervisor reaches this API at")
-    port: int = _setting("API_PORT", _parse_count, 1, 65535, default=DEFAULT_PORT, help="the port of the API")
-    bind: str | None = _setting("API_BIND", _parse_host, help="the interface the command line binds to")
-    title: str | None = _setting("API_TITLE", _parse_text, MAX_NAME, help="the service's name (FastAPI's title)")
-    description: str = _setting(
-        "API_DESCRIPTION", _parse_text, MAX_DESCRIPTION, True, default=DEFAULT_DESCRIPTION, help="FastAPI's description"
-    )
-    version: str = _setting("API_VERSION", _parse_text, MAX_VERSION, default=DEFAULT_VERSION, help="its version")
+    # keyword: type = _setting(default, meaning, parser, *bounds)
+    mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, "worker", "supervisor")
+    host: str | None = _setting(None, "the host the supervisor reaches this API at", _parse_host)
+    port: int = _setting(DEFAULT_PORT, "the port of the API", _parse_count, 1, 65535)
+    bind: str | None = _setting(None, "the interface the command line binds to", _parse_host)
+    title: str | None = _setting(None, "the service's name (FastAPI's title)", _parse_text, MAX_NAME)
+    description: str = _setting(DEFAULT_DESCRIPTION, "FastAPI's description", _parse_text, MAX_DESCRIPTION, True)
+    version: str = _setting(DEFAULT_VERSION, "its version", _parse_text, MAX_VERSION)
     register_urls: tuple[str, ...] = _setting(
-        "API_REGISTER_PATH", _parse_list, "!", _url_item, default=(), old="API_KEEPER_URL", help="where to register"
+        (), "where to register", _parse_list, "!", _url_item, var="API_REGISTER_PATH", old="API_KEEPER_URL"
     )
-    health_path: str = _setting(
-        "API_HEALTH_PATH", _parse_path, default=DEFAULT_HEALTH_PATH, help="the path the supervisor checks"
-    )
-    health_interval: float = _setting(
-        "API_HEALTH_INTERVAL", _parse_seconds, MIN_INTERVAL, MAX_INTERVAL, default=DEFAULT_HEALTH_INTERVAL, help="gap"
-    )
-    health_timeout: float | None = _setting(
-        "API_HEALTH_TIMEOUT", _parse_seconds, 0.01, MAX_INTERVAL, help="a check's deadline; unset: min(interval, 10)"
-    )
-    tags: tuple[str, ...] = _setting(
-        "API_TAGS", _parse_list, ":", _tag_item, MAX_TAGS, default=(), help="what it does, for discovery"
-    )
-    cors_allow_origins: tuple[str, ...] = _setting(
-        "API_CORS_ALLOW_ORIGINS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed origins"
-    )
-    cors_allow_methods: tuple[str, ...] = _setting(
-        "API_CORS_ALLOW_METHODS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed methods"
-    )
-    cors_allow_headers: tuple[str, ...] = _setting(
-        "API_CORS_ALLOW_HEADERS", _parse_list, "!", default=DEFAULT_CORS, help="CORS allowed headers"
-    )
-    cors_allow_credentials: bool = _setting(
-        "API_CORS_ALLOW_CREDENTIALS", _parse_bool, default=False, help="CORS credentials: needs listed origins"
-    )
-    allowed_hosts: tuple[str, ...] = _setting(
-        "API_ALLOWED_HOSTS", _parse_list, "!", _allowed_host_item, default=(), help="the Host headers served"
-    )
-    register_token: str | None = _setting("API_REGISTER_TOKEN", _parse_token, help="the token registrations carry")
-    register_networks: tuple[IPNetwork, ...] = _setting(
-        "API_REGISTER_NETWORKS", _parse_list, "!", _network_item, default=(), help="claimable networks (NAT)"
-    )
-    register_timeout: float = _setting(
-        "API_REGISTER_TIMEOUT", _parse_seconds, 0.0, 3600.0, default=DEFAULT_REGISTER_TIMEOUT, help="startup's wait"
-    )
-    register_required: bool = _setting(
-        "API_REGISTER_REQUIRED", _parse_bool, default=False, help="fail startup unless registered"
-    )
-    max_workers: int = _setting(
-        "API_MAX_WORKERS", _parse_count, 1, 10_000_000, default=DEFAULT_MAX_WORKERS, help="the registry's cap"
-    )
-    registry_file: str | None = _setting(
-        "API_REGISTRY_FILE", _parse_text, 4096, help="a sqlite file keeping the registrations"
-    )
+    health_path: str = _setting(DEFAULT_HEALTH_PATH, "the path the supervisor checks", _parse_path)
+    health_interval: float = _setting(DEFAULT_HEALTH_INTERVAL, "gap", _parse_seconds, MIN_INTERVAL, MAX_INTERVAL)
+    health_timeout: float | None = _setting(None, "a check's deadline", _parse_seconds, 0.01, MAX_INTERVAL)
+    tags: tuple[str, ...] = _setting((), "what it does, for discovery", _parse_list, ":", _tag_item, MAX_TAGS)
+    cors_allow_origins: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed origins", _parse_list, "!")
+    cors_allow_methods: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed methods", _parse_list, "!")
+    cors_allow_headers: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed headers", _parse_list, "!")
+    cors_allow_credentials: bool = _setting(False, "CORS credentials: needs listed origins", _parse_bool)
+    allowed_hosts: tuple[str, ...] = _setting((), "the Host headers served", _parse_list, "!", _allowed_host_item)
+    register_token: str | None = _setting(None, "the token registrations carry", _parse_token)
+    register_networks: tuple[IPNetwork, ...] = _setting((), "claimable networks (NAT)", _parse_list, "!", _network_item)
+    register_timeout: float = _setting(DEFAULT_REGISTER_TIMEOUT, "startup's wait", _parse_seconds, 0.0, 3600.0)
+    register_required: bool = _setting(False, "fail startup unless registered", _parse_bool)
+    max_workers: int = _setting(DEFAULT_MAX_WORKERS, "the registry's cap", _parse_count, 1, 10_000_000)
+    registry_file: str | None = _setting(None, "a sqlite file keeping the registrations", _parse_text, 4096)
     deregister_after: float | None = _setting(
-        "API_DEREGISTER_AFTER", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True, help="unhealthy, then gone"
+        None, "unhealthy, then gone", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True
     )
-    health_failures: int = _setting(
-        "API_HEALTH_FAILURES", _parse_count, 1, 100, default=DEFAULT_HEALTH_FAILURES, help="failures to be unhealthy"
-    )
-    health_successes: int = _setting(
-        "API_HEALTH_SUCCESSES", _parse_count, 1, 100, default=DEFAULT_HEALTH_SUCCESSES, help="successes to recover"
-    )
+    health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_count, 1, 100)
+    health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_count, 1, 100)
     #: The fields that were set by a keyword, the environment or the .env file.
     configured: frozenset[str] = frozenset()
 
@@ -681,11 +631,11 @@ class Config:
         values: dict[str, Any] = {}
         for name, setting in _SETTINGS.items():
             raw = overrides.get(name)
-            for source in sources if raw is None else ():
-                if (raw := _raw_value(source, setting)) is not None:
-                    break
+            if raw is None:  # each source under the name, then the old name; blank is unset (a blank token, an error)
+                found = (s.get(v) for s, v in itertools.product(sources, (setting.var, setting.old)) if v)
+                raw = next((r for r in found if r and (r.strip() or setting.parse is _parse_token)), None)
             if raw is not None:
-                values[name] = setting.read(raw)
+                values[name] = setting.parse(setting.var, raw, *setting.bounds)
         config = cls(**values, configured=frozenset(values))
         config._check()
         return config
@@ -709,12 +659,6 @@ class Config:
                 f"API_HEALTH_INTERVAL ({self.health_interval:g})"
             )
 
-    def require(self, *fields: str, purpose: str) -> None:
-        """Raise :class:`ConfigError` naming each of ``fields`` that is unset."""
-        missing = [_SETTINGS[f].var for f in fields if getattr(self, f) in (None, (), "")]
-        if missing:
-            raise ConfigError(f"{', '.join(missing)} must be set {purpose}")
-
     @property
     def health_url(self) -> str:
         """The address the supervisor calls: host, port and health path."""
@@ -727,34 +671,21 @@ class Config:
         return unquote(self.health_path)
 
     def registration(self) -> dict[str, Any]:
-        """The JSON body a worker sends to ``PUT /register``."""
-        self.require("host", "title", purpose="for a worker to register")
-        health: dict[str, Any] = {"url": self.health_url, "interval": self.health_interval}
-        if self.health_timeout is not None:
-            health["timeout"] = self.health_timeout
-        return {
-            "name": self.title,
-            "host": self.host,
-            "port": self.port,
-            "version": self.version,
-            "tags": list(self.tags),
-            "description": self.description,
-            "health": health,
-        }
+        """The JSON body a worker sends to ``PUT /register``; raises :class:`ConfigError` naming what is unset."""
+        if missing := [_SETTINGS[f].var for f in ("host", "title") if not getattr(self, f)]:
+            raise ConfigError(f"{', '.join(missing)} must be set for a worker to register")
+        health = {"url": self.health_url, "interval": self.health_interval, "timeout": self.health_timeout}
+        body: dict[str, Any] = {"name": self.title, "host": self.host, "port": self.port, "version": self.version}
+        body |= {"tags": list(self.tags), "description": self.description}
+        return {**body, "health": {k: v for k, v in health.items() if v is not None}}
 
 
 #: keyword -> its row of the table, in declaration order.
-_SETTINGS: dict[str, _Setting] = {f.name: f.metadata["setting"] for f in dataclasses.fields(Config) if f.metadata}
-
-
-def _raw_value(source: Mapping[str, str], setting: _Setting) -> str | None:
-    """The setting's value in ``source`` under its name, else its old name; a blank variable counts as unset
-    (but a blank token is an error, not "no token")."""
-    for var in (setting.var, setting.old):
-        raw = source.get(var) if var else None
-        if raw and (raw.strip() or setting.parse is _parse_token):
-            return raw
-    return None
+_SETTINGS: dict[str, _Setting] = {
+    f.name: f.metadata["setting"]._replace(var=f.metadata["setting"].var or f"API_{f.name.upper()}")
+    for f in dataclasses.fields(Config)
+    if f.metadata
+}
 
 
 def _close_setting(name: str) -> str | None:
@@ -769,11 +700,8 @@ def _unknown_settings(names: Iterable[str]) -> str:
 
 
 def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> None:
-    """Read picoapi 1.x's ``is_master`` keyword and ``API_MASTER`` variable as the mode they mean, warning.
-
-    True is ``mode="supervisor"``, false ``mode="worker"``; given beside a mode that disagrees, a ConfigError
-    names both. Nothing is said when neither is used.
-    """
+    """Read picoapi 1.x's ``is_master`` keyword and ``API_MASTER`` variable as the mode they mean (true is
+    supervisor), warning; given beside a mode that disagrees, a ConfigError names both."""
     spellings = [(keywords, "is_master", "mode", "{}={!r}")] + [(s, "API_MASTER", "API_MODE", "{}={}") for s in sources]
     for given, old, new, spelt in spellings:
         if (raw := given.pop(old, None)) in (None, ""):
@@ -785,26 +713,21 @@ def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> Non
                 f"{old} is the old spelling of {spelt.format(new, mode)}; keep only {new}"
             )
         given[new] = mode
-        _warn_outside(
-            f"{spelt.format(old, raw)} is picoapi 1.x's spelling: write {spelt.format(new, mode)} instead",
-            DeprecationWarning,
-        )
+        _deprecated(f"{spelt.format(old, raw)} is picoapi 1.x's spelling: write {spelt.format(new, mode)} instead")
 
 
-def _warn_outside(message: str, category: type[Warning]) -> None:
-    """Warn at the first caller outside this file: the line the user wrote."""
+def _deprecated(message: str) -> None:
+    """A DeprecationWarning at the first caller outside this file: the line the user wrote."""
     frame, level = sys._getframe(), 1
     while frame.f_back is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
+    warnings.warn(message, DeprecationWarning, stacklevel=level)
 
 
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
-    if path is None:
+    if path is None or (os.fspath(path) == ".env" and not os.path.exists(path)):
         return {}
     if not os.path.exists(path):
-        if os.fspath(path) == ".env":
-            return {}
         raise ConfigError(f"env_file {os.fspath(path)!r} does not exist; pass an existing path or None")
     return {k: v for k, v in dotenv_values(path).items() if v is not None}
 
@@ -814,28 +737,29 @@ def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
 
 def worker_id(host: str, port: int) -> str:
     """The id of the worker at ``host:port``: re-registering keeps it."""
-    host = host.strip("[]").lower()
+    host = _normal_host(host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+#: Text a worker sends: no hidden character (:func:`_check_text`); the error names the field.
+_VISIBLE = AfterValidator(lambda text, info: _check_text(str(info.field_name), text))
+_Text = Annotated[str, _VISIBLE]
+#: A worker's tags: each checked, each kept once.
+_TagList = Annotated[
+    list[str], AfterValidator(lambda tags: list(dict.fromkeys(_check_tag("each tag", t) for t in tags)))
+]
 
 
 class HealthSpec(BaseModel):
     """How the supervisor checks a worker."""
 
-    url: str = Field(max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
+    url: Annotated[str, AfterValidator(functools.partial(_check_health_url, "health.url"))] = Field(
+        max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$"
+    )
     interval: float = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds between checks")
     timeout: float | None = Field(
         default=None, gt=0, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds; default min(interval, 10)"
     )
-
-    @field_validator("url")
-    @classmethod
-    def _ascii_path(cls, url: str) -> str:
-        parts = urlsplit(url)
-        origin = f"{parts.scheme}://{parts.netloc}"
-        _check_health_path("health.url", url[len(origin) :], origin=origin)
-        if not url.isascii():  # the host as well: 'K' (U+212A, Kelvin sign) lower-cases to an ASCII 'k'
-            raise ValueError(f"health.url must be ASCII, got '{_printable(url)}'")
-        return url
 
     @property
     def deadline(self) -> float:
@@ -846,36 +770,21 @@ class HealthSpec(BaseModel):
 class Registration(BaseModel):
     """The body of ``PUT /register``: what a worker says about itself."""
 
-    name: str = Field(min_length=1, max_length=MAX_NAME)
-    host: str = Field(min_length=1, max_length=MAX_HOST, pattern=_HOST_RE.pattern)
+    name: _Text = Field(min_length=1, max_length=MAX_NAME)
+    host: Annotated[str, AfterValidator(_normal_host)] = Field(
+        min_length=1, max_length=MAX_HOST, pattern=_HOST_RE.pattern
+    )
     port: int = Field(ge=1, le=65535)
-    version: str = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION)
-    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
-    description: str = Field(default="", max_length=MAX_DESCRIPTION)
+    version: _Text = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION)
+    tags: _TagList = Field(default_factory=list, max_length=MAX_TAGS)
+    description: _Text = Field(default="", max_length=MAX_DESCRIPTION)
     health: HealthSpec
-    openapi: str | None = Field(
-        default=None, max_length=512, pattern=r"^/[^\s\x00-\x1f\x7f]*$", description="the worker's OpenAPI path"
+    openapi: Annotated[str, Field(max_length=512, pattern=r"^/[^\s\x00-\x1f\x7f]*$"), _VISIBLE] | None = Field(
+        default=None, description="the worker's OpenAPI path"
     )
     instance: str | None = Field(
-        default=None,
-        pattern=_INSTANCE_PATTERN,
-        description="the registering process; its checks must answer as it",
+        default=None, pattern=_INSTANCE_PATTERN, description="the registering process; its checks must answer as it"
     )
-
-    @field_validator("host")
-    @classmethod
-    def _normal_host(cls, host: str) -> str:
-        return host.strip("[]").lower()
-
-    @field_validator("name", "version", "description", "openapi")
-    @classmethod
-    def _visible_text(cls, text: str | None, info: ValidationInfo) -> str | None:
-        return text if text is None else _check_text(str(info.field_name), text)
-
-    @field_validator("tags")
-    @classmethod
-    def _valid_tags(cls, tags: list[str]) -> list[str]:
-        return list(dict.fromkeys(_check_tag("each tag", tag) for tag in tags))
 
     @model_validator(mode="after")
     def _health_is_own(self) -> Registration:
@@ -983,11 +892,7 @@ _SHOWN = {f.name: f.metadata["shown"] or f.name for f in _PUBLIC if f.metadata["
 _fields_of = operator.attrgetter(*(f.name for f in dataclasses.fields(Worker)))
 #: What a registration says about a worker: each field and where a Registration holds it (the address aside: the
 #: supervisor finds it). The same again is a refresh, not a change.
-_GIVEN = {
-    f.name: f.metadata["given"] if f.metadata["given"] is not True else _SHOWN[f.name]
-    for f in _PUBLIC
-    if f.metadata["given"]
-}
+_GIVEN = {f.name: _SHOWN[f.name] if given is True else given for f in _PUBLIC if (given := f.metadata["given"])}
 _CONTENT = (*_GIVEN, "address")
 _content_of, _given_in = operator.attrgetter(*_CONTENT), operator.attrgetter(*_GIVEN.values())
 
