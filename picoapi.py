@@ -51,6 +51,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import operator
 import os
 import random
