@@ -735,7 +735,7 @@ def sched() -> tuple[FakeClock, Registry, InlinePool, HealthChecker]:
     clock = FakeClock()
     registry = Registry(clock=clock, wall=clock)
     pool = InlinePool()
-    return clock, registry, pool, HealthChecker(registry, pool=pool, supervisor_id="sup1")
+    return clock, registry, pool, HealthChecker(registry, submit=pool.submit, supervisor_id="sup1")
 
 
 class TestScheduler:
@@ -811,7 +811,7 @@ class TestScheduler:
         clock = FakeClock()
         registry = Registry(clock=clock, wall=clock, failures=1, successes=2)
         pool = InlinePool()
-        checker = HealthChecker(registry, pool=pool)
+        checker = HealthChecker(registry, submit=pool.submit)
         worker, _ = registry.register(reg(interval=4))
         checker.run_pending()
         pool.outcome[worker.id] = [FAIL, OK, OK]
@@ -842,7 +842,7 @@ class TestScheduler:
         registry = Registry(clock=clock, wall=clock, deregister_after=30)
         pool = InlinePool()
         changes: list[Any] = []
-        checker = HealthChecker(registry, pool=pool, on_change=lambda wid, c: changes.append(c))
+        checker = HealthChecker(registry, submit=pool.submit, on_change=lambda wid, c: changes.append(c))
         worker, _ = registry.register(reg(interval=10))
         checker.run_pending()
         pool.outcome[worker.id] = [FAIL] * 10
@@ -859,12 +859,6 @@ class TestScheduler:
             ("healthy", "unhealthy", False),
             ("unhealthy", "unhealthy", True),
         ]
-
-    def test_bring_forward(self, sched: Any) -> None:
-        clock, registry, pool, checker = sched
-        worker, _ = registry.register(reg(interval=100))
-        registry.bring_forward(worker.id)
-        assert checker.run_pending() == 1
 
     def test_new_worker_is_unknown_checked_at_once_and_given_a_start_up_grace(self, sched: Any) -> None:
         clock, registry, pool, checker = sched
@@ -938,7 +932,7 @@ class TestCheckerThread:
     def test_registration_wakes_the_thread(self) -> None:
         registry = Registry()
         pool = InlinePool()
-        checker = HealthChecker(registry, pool=pool)
+        checker = HealthChecker(registry, submit=pool.submit)
         checker.start()
         try:
             registry.register(reg(interval=0.05))
@@ -1127,27 +1121,26 @@ class TestProbe:
         assert not result.ok and result.error
 
 
-class TestCheckPool:
+class TestCheckSlots:
     def test_limit_queues_checks_in_order(self) -> None:
         with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as port:
-            pool = picoapi._CheckPool(limit=2)
+            checker = HealthChecker(Registry(), limit=2)
             results: list[Any] = []
             finished = threading.Event()
 
             def done(check: Any, result: CheckResult) -> None:
                 results.append((check.worker_id, result.ok))
+                assert checker.in_flight <= 2
                 if len(results) == 20:
                     finished.set()
 
-            pool.start()
+            checks = [picoapi._Check(str(i), f"http://127.0.0.1:{port}/h", "127.0.0.1", 2.0, 0.0) for i in range(20)]
+            checker._queue(checks, {}, done)
+            checker.start()
             try:
-                checks = [
-                    picoapi._Check(str(i), f"http://127.0.0.1:{port}/h", "127.0.0.1", 2.0, 0.0) for i in range(20)
-                ]
-                pool.submit(checks, {}, done)
                 assert finished.wait(10)
             finally:
-                pool.stop()
+                checker.stop()
         assert sorted(results) == sorted((str(i), True) for i in range(20))
 
     def test_stop_with_checks_in_flight(self) -> None:
@@ -1155,13 +1148,13 @@ class TestCheckPool:
         silent = socket.socket()
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
-        pool = picoapi._CheckPool()
-        pool.start()
+        checker = HealthChecker(Registry())
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/h"
-        pool.submit([picoapi._Check(str(i), url, "127.0.0.1", 30.0, 0.0) for i in range(50)], {}, lambda c, r: None)
-        wait_for(lambda: pool._in_flight == 50, 5, "fifty checks in flight")
+        checker._queue([picoapi._Check(str(i), url, "127.0.0.1", 30.0, 0.0) for i in range(50)], {}, lambda c, r: None)
+        checker.start()
+        wait_for(lambda: checker.in_flight == 50, 5, "fifty checks in flight")
         started = time.monotonic()
-        pool.stop()
+        checker.stop()
         assert time.monotonic() - started < 1.0
         silent.close()
         assert threading.active_count() == before
@@ -1179,7 +1172,7 @@ class TestSilentWorkers:
             silent.append(listener)
         with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as good_port:
             registry = Registry()
-            checker = HealthChecker(registry, pool=picoapi._CheckPool(limit=8))
+            checker = HealthChecker(registry, limit=8)
             good, _ = registry.register(reg("127.0.0.1", good_port, interval=0.1))
             checker.start()
             try:
@@ -3463,7 +3456,7 @@ class TestFaultyHealthEndpoints:
                     wait_for(lambda p=port: registry.get(f"127.0.0.1:{p}").status == "unhealthy", 5, name)
                 classified_s = time.monotonic() - started
                 wait_for(lambda: registry.get(f"127.0.0.1:{good}").successes >= 5, 5, "the good worker's checks")
-                assert checker.is_running and checker._pool._thread.is_alive()
+                assert checker.is_running
             finally:
                 checker.stop()
         for name, (_, error) in faults.items():
@@ -3655,7 +3648,7 @@ class TestCheckerInvariant:
         clock = FakeClock()
         registry = Registry(clock=clock, wall=clock, deregister_after=5.0)
         pool = ScriptedPool()
-        checker = HealthChecker(registry, pool=pool)
+        checker = HealthChecker(registry, submit=pool.submit)
         for action, n, value in steps:
             if action == "register":
                 registry.register(reg(port=n, interval=value))
