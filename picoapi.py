@@ -1592,7 +1592,7 @@ class HealthChecker:
         self._drop_connection(probe)
         if not check.address:
             raise ValueError("no address: its host did not resolve when the registry file was loaded")
-        probe.reused, probe.opened, probe.key = False, self._clock(), (check.url, check.address)
+        probe.reused, probe.sent, probe.opened, probe.key = False, 0, self._clock(), (check.url, check.address)
         sock = probe.sock = socket.socket(socket.AF_INET6 if ":" in check.address else socket.AF_INET)
         sock.setblocking(False)
         err = sock.connect_ex((check.address, probe.port))
@@ -1695,7 +1695,7 @@ class HealthChecker:
         size = end + 4 + int(length.group(1)) if length is not None else MAX_HEAD + 1
         if size <= MAX_HEAD and len(head) < size:
             return  # the rest of the body: a kept connection must not hold stale bytes
-        found = _INSTANCE_RE.search(head, 0, end if end >= 0 else MAX_HEAD)
+        found = _INSTANCE_RE.search(head, 0, end + 2 if end >= 0 else MAX_HEAD)  # the last header's CRLF too
         code, latency = int(parts[1]), self._clock() - probe.started
         ok = 200 <= code < 300
         instance = found.group(1).decode() if found else None

@@ -929,6 +929,16 @@ class TestCheckerThread:
         assert settled_thread_count() <= threads  # no growth (others may end meanwhile)
         assert len(os.listdir("/proc/self/fd")) <= files  # no growth (others' garbage may close meanwhile)
 
+    def test_a_supervisor_of_ten_thousand_workers_runs_one_thread(self) -> None:
+        """Its own threads: the checker's, whatever the number of workers (checks are sockets, not threads)."""
+        app, port = PicoAPI(mode="supervisor", env_file=None, max_workers=10_000), free_port()
+        with TestClient(app):
+            assert app.registry is not None
+            for i in range(10_000):  # 10,000 ids at one address where nothing listens: checks fail fast
+                app.registry.register(reg(f"127.0.{i // 250}.{i % 250 + 1}", port, interval=1), address="127.0.0.1")
+            wait_for(lambda: sum(w.failures > 0 for w in app.registry.workers()) > 5000, 30, "checks under way")
+            assert picoapi_threads() == ["picoapi-health"]
+
     def test_registration_wakes_the_thread(self) -> None:
         registry = Registry()
         pool = InlinePool()
@@ -1119,6 +1129,84 @@ class TestProbe:
         with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as port:
             result = picoapi.check_once(f"https://127.0.0.1:{port}/health", 1)
         assert not result.ok and result.error
+
+
+@contextlib.contextmanager
+def keep_alive_server(answers_per_connection: int = 1000) -> Iterator[tuple[int, list[int]]]:
+    """An HTTP/1.1 server that keeps connections open; after ``answers_per_connection`` answers it closes the
+    connection when the next request arrives, unanswered. Yields (port, [connections, answers])."""
+    counts = [0, 0]
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.05)
+    stop = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            for answered in range(answers_per_connection + 1):
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+                if answered == answers_per_connection:
+                    return
+                counts[1] += 1
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-PicoAPI-Instance: p1\r\n\r\nok")
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                counts[0] += 1
+                threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], counts
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+class TestKeepAlive:
+    def test_the_instance_header_is_found_last_in_the_head(self) -> None:
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nX-PicoAPI-Instance: p1\r\n\r\n")) as port:
+            assert probe(port).instance == "p1"
+
+    def test_a_connection_is_kept_and_renewed_every_keep_alive_seconds(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(picoapi, "KEEP_ALIVE", 0.3)
+        with keep_alive_server() as (port, counts):
+            registry = Registry()
+            worker, _ = registry.register(reg("127.0.0.1", port, interval=0.05, instance="p1"))
+            checker = HealthChecker(registry)
+            checker.start()
+            try:
+                wait_for(lambda: registry.get(worker.id).successes >= 30, 10, "thirty good checks")
+            finally:
+                checker.stop()
+            connections, requests_ = counts
+        assert registry.get(worker.id).failures == 0
+        # Kept: far fewer connections than checks. Renewed: one at least per 0.3 s (6 checks at 0.05 s).
+        assert requests_ / 7 <= connections < requests_ / 2
+
+    def test_a_kept_connection_closed_by_the_worker_is_replaced_not_failed(self) -> None:
+        with keep_alive_server(answers_per_connection=1) as (port, counts):
+            registry = Registry()
+            worker, _ = registry.register(reg("127.0.0.1", port, interval=0.05, instance="p1"))
+            checker = HealthChecker(registry)
+            checker.start()
+            try:
+                wait_for(lambda: registry.get(worker.id).successes >= 20, 10, "twenty good checks")
+            finally:
+                checker.stop()
+        entry = registry.get(worker.id)
+        assert entry is not None and entry.failures == 0 and entry.status == "healthy"
+        assert counts[0] >= 20  # each check found its kept connection closed, and made a new one at once
 
 
 class TestCheckSlots:

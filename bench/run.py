@@ -104,6 +104,16 @@ def answered(first_port: int) -> int | None:
         return None
 
 
+def control(first_port: int, command: str) -> dict[str, Any]:
+    """Ask the fake workers' control port: ``reset`` the arrival times, or their ``spacing INTERVAL``."""
+    with socket.create_connection(("127.0.0.1", first_port - 2), timeout=30) as sock:
+        sock.sendall(command.encode() + b"\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return dict(json.loads(data))
+
+
 def proc_stats(pid: int) -> dict[str, float]:
     """CPU seconds, RSS and threads of a process, read from /proc (works while it is starved)."""
     if not os.path.exists(f"/proc/{pid}/status"):
@@ -122,12 +132,16 @@ def observe(
 ) -> dict[str, Any]:
     """Run a checker process; measure it from outside over ``seconds`` after ``warmup``.
 
-    The same for both designs: checks answered (counted by the fake workers), CPU,
-    RSS and threads (from /proc). The process's own report (lateness) is added if
-    it gives one within ``grace`` seconds of the window's end.
+    The same for every design: checks answered and the spacing of each worker's
+    checks (both recorded by the fake workers), CPU, RSS and threads (from /proc).
+    The process's own report (lateness) is added if it gives one within ``grace``
+    seconds of the window's end. ``args`` are a Python script's, or a program's
+    whole command line if the first is not a .py file (Prometheus).
     """
-    proc = subprocess.Popen([PY, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env_without_api())
+    command = [PY, *args] if args[0].endswith(".py") else args
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env_without_api())
     time.sleep(warmup)
+    control(first_port, "reset")
     before, stats0, t0 = answered(first_port) or 0, proc_stats(proc.pid), time.monotonic()
     raw = os.path.join(HERE, ".profile.raw")
     profiler = None
@@ -145,6 +159,7 @@ def observe(
             last, last_t = count, time.monotonic()
         peak_threads, peak_rss = max(peak_threads, now["threads"]), max(peak_rss, now["rss"])
     wall, stats1 = time.monotonic() - t0, proc_stats(proc.pid)
+    spacing = control(first_port, "spacing 1.0")  # every design checks at a 1 s interval here
     profile = None
     if profiler is not None:
         profiler.wait(30)
@@ -158,7 +173,13 @@ def observe(
         "cpu_us_per_check": round((stats1["cpu"] - stats0["cpu"]) / max(1, last - before) * 1e6, 1),
         "rss_mb": round(peak_rss / 2**20, 1),
         "threads": peak_threads,
+        "spacing": spacing,
+        "load": os.getloadavg()[0],
     }
+    if not args[0].endswith(".py"):  # a program that reports nothing: stop it
+        proc.terminate()
+        proc.communicate(timeout=30)
+        return {"outside": outside, "inside": {}}
     try:
         stdout, _ = proc.communicate(timeout=seconds + grace)
         inside = json.loads(stdout.strip().splitlines()[-1])
@@ -169,9 +190,33 @@ def observe(
     return {"outside": outside, "inside": inside, **({"profile": profile} if profile else {})}
 
 
+def prometheus_command(n: int, tmp: str) -> list[str]:
+    """Our own Prometheus (never the system's service): its config and data under ``tmp``, its own port,
+    scraping the ``n`` fake workers every second at their health path, as PicoAPI checks them."""
+    config = os.path.join(tmp, "prometheus.yml")
+    targets = ", ".join(f"'127.0.0.1:{p}'" for p in range(HEALTHY_FIRST, HEALTHY_FIRST + n))
+    with open(config, "w") as out:
+        out.write(
+            "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
+            f"scrape_configs: [{{job_name: fake, metrics_path: /health, static_configs: [{{targets: [{targets}]}}]}}]\n"
+        )
+    return [
+        PROMETHEUS,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={os.path.join(tmp, 'data')}",
+        f"--web.listen-address=127.0.0.1:{free_port()}",
+        "--log.level=error",
+    ]
+
+
+PROMETHEUS = "/usr/bin/prometheus"
+
+
 def capacity(seconds: float, counts: list[int], profile: bool) -> dict[str, Any]:
-    results: dict[str, Any] = {"pico": {}, "naive": {}, "profile": None}
-    for n in counts:  # interleaved: PicoAPI then the naive design at each size
+    results: dict[str, Any] = {"pico": {}, "prometheus": {}, "naive": {}, "profile": None}
+    if not os.path.exists(PROMETHEUS):
+        results["prometheus"] = {"skipped": f"{PROMETHEUS} not found (Debian: apt-get install prometheus)"}
+    for n in counts:  # interleaved: PicoAPI, Prometheus, then the naive design at each size
         # A fresh fake-worker process for every run: neither design inherits the other's backlog.
         fake = [PY, "bench/fake_workers.py", str(HEALTHY_FIRST), str(n)]
         # The processes run a little longer than the outside window, which starts after their warm-up.
@@ -191,6 +236,14 @@ def capacity(seconds: float, counts: list[int], profile: bool) -> dict[str, Any]
             )
             results["pico"][n] = observe(args, HEALTHY_FIRST, seconds, warmup=3, spy=profile and n == 5000)
             results["profile"] = results["pico"][n].pop("profile", None) or results["profile"]
+        if "skipped" not in results["prometheus"]:
+            with process(fake, ready_line="ready"), tempfile.TemporaryDirectory() as tmp:
+                log(f"capacity: Prometheus, {n} workers, {seconds:g}s")
+                results["prometheus"][n] = observe(prometheus_command(n, tmp), HEALTHY_FIRST, seconds, warmup=5)
+        if n == max(counts):  # the best case beside it: every worker registered at once
+            with process(fake, ready_line="ready"):
+                log(f"capacity: PicoAPI, {n} workers registered in one burst, {seconds:g}s")
+                results["burst"] = {n: observe([*args, "--burst"], HEALTHY_FIRST, seconds, warmup=3)}
         with process(fake, ready_line="ready"):
             log(f"capacity: naive design, {n} workers, {seconds:g}s")
             naive = ["bench/naive.py", "--workers", str(n), "--first-port", str(HEALTHY_FIRST)]
@@ -207,11 +260,10 @@ def summarize_profile(raw: str) -> dict[str, Any]:
         for line in samples:
             stack, count = line.rsplit(" ", 1)
             frames = stack.split(";")
-            thread = next((f for f in frames if "_CheckPool._run" in f or "HealthChecker._loop" in f), "")
-            if not thread:
+            if not any("HealthChecker._loop" in f for f in frames):
                 continue  # uvicorn's idle loop and the benchmark's own thread
             total += int(count)
-            by_thread["pool thread" if "_CheckPool" in thread else "scheduler thread"] += int(count)
+            by_thread["checker thread"] += int(count)
             self_time[frames[-1].split(" (")[0]] += int(count)
     os.remove(raw)
     top = [{"function": f, "share": round(n / total, 3)} for f, n in self_time.most_common(12)] if total else []
