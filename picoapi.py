@@ -1722,7 +1722,12 @@ class HealthChecker:
         assert check is not None
         self._in_flight -= 1
         self._untrusted_in_flight -= not check.trusted
-        if keep and probe.opened + KEEP_ALIVE > check.due + check.interval and len(self._kept) < self._limit:
+        # Kept connections and checks in flight together stay within the cap (half the descriptors).
+        if (
+            keep
+            and probe.opened + KEEP_ALIVE > check.due + check.interval
+            and len(self._kept) + self._in_flight < self._limit
+        ):
             probe.state, probe.check = IDLE, None
             self._kept[check.worker_id] = probe
         else:
