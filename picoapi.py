@@ -1360,14 +1360,8 @@ _LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,4})[ \t]*\r\n", re.
 _CLOSE_RE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 #: A probe's states, each naming the handler its next readiness event runs (HealthChecker._on_ready): QUEUED
 #: waits for a slot, IDLE is a kept connection between checks.
-QUEUED, CONNECTING, HANDSHAKING, SENDING, READING, IDLE = (
-    "queued",
-    "connecting",
-    "handshaking",
-    "sending",
-    "reading",
-    "idle",
-)
+QUEUED, CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "queued connecting handshaking sending reading idle".split()
+_Done = Callable[[_Check, CheckResult], None]  # where a check's result goes
 
 
 class HealthChecker:
@@ -1398,7 +1392,7 @@ class HealthChecker:
         supervisor_id: str = "",
         on_change: Callable[[str, StatusChange], None] | None = None,
         limit: int | None = None,
-        submit: Callable[[list[_Check], Mapping[str, str], Callable[[_Check, CheckResult], None]], None] | None = None,
+        submit: Callable[[list[_Check], Mapping[str, str], _Done], None] | None = None,
     ) -> None:
         self.registry = registry
         #: Sent with every check so a worker knows whose check it received.
@@ -1426,7 +1420,7 @@ class HealthChecker:
         self._waiting = (collections.deque[_Probe](), collections.deque[_Probe]())  # trusted, others
         self._in_flight = self._untrusted_in_flight = 0
         self._kept: dict[str, _Probe] = {}  # idle connections by worker id
-        self._report: Callable[[_Check, CheckResult], None] = self._done
+        self._report: _Done = self._done
         self._swept = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -1525,23 +1519,15 @@ class HealthChecker:
     def _close_all(self) -> None:
         if self._selector.get_map() is None:
             return  # closed already
-        for probe in [
-            *(p for _, _, p, _ in self._deadlines),
-            *self._kept.values(),
-            *self._waiting[0],
-            *self._waiting[1],
-        ]:
+        for probe in [*(e[2] for e in self._deadlines), *self._kept.values(), *itertools.chain(*self._waiting)]:
             self._close(probe)
-        self._deadlines.clear()
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
 
     # The sockets ------------------------------------------------------------------
 
-    def _queue(
-        self, checks: list[_Check], headers: Mapping[str, str], done: Callable[[_Check, CheckResult], None]
-    ) -> None:
+    def _queue(self, checks: list[_Check], headers: Mapping[str, str], done: _Done) -> None:
         """Queue ``checks`` for a slot, starting as many as the slots allow; a check that cannot even be built
         (a URL it cannot send, say) fails at once, alone."""
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -1650,11 +1636,9 @@ class HealthChecker:
         assert isinstance(sock, ssl.SSLSocket)
         try:
             sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._selector.modify(sock, selectors.EVENT_READ, probe)
-            return
-        except ssl.SSLWantWriteError:
-            self._selector.modify(sock, selectors.EVENT_WRITE, probe)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as want:
+            reading = isinstance(want, ssl.SSLWantReadError)
+            self._selector.modify(sock, selectors.EVENT_READ if reading else selectors.EVENT_WRITE, probe)
             return
         self._write_ready(probe)
 
@@ -1722,12 +1706,9 @@ class HealthChecker:
         assert check is not None
         self._in_flight -= 1
         self._untrusted_in_flight -= not check.trusted
-        # Kept connections and checks in flight together stay within the cap (half the descriptors).
-        if (
-            keep
-            and probe.opened + KEEP_ALIVE > check.due + check.interval
-            and len(self._kept) + self._in_flight < self._limit
-        ):
+        # Kept while its next check falls within KEEP_ALIVE of its opening; kept connections, like checks in
+        # flight, stay within the cap (half the descriptors each, so all of them together never run out).
+        if keep and probe.opened + KEEP_ALIVE > check.due + check.interval and len(self._kept) < self._limit:
             probe.state, probe.check = IDLE, None
             self._kept[check.worker_id] = probe
         else:
@@ -1752,8 +1733,10 @@ class HealthChecker:
 class _Probe:
     """One check's connection; its :attr:`state` names the handler its next readiness event runs."""
 
-    __slots__ = ("check", "host", "port", "https", "request", "keep", "sock", "key", "opened", "reused", "started")
-    __slots__ += ("sent", "buffer", "state", "idle_for")
+    __slots__ = (
+        *("check", "host", "port", "https", "request", "keep", "sock", "key", "opened", "reused", "started"),
+        *("sent", "buffer", "state", "idle_for"),
+    )
 
     def __init__(self) -> None:
         self.sock: socket.socket | ssl.SSLSocket | None = None
@@ -1816,12 +1799,11 @@ def check_once(
     except ValueError as exc:
         return CheckResult(False, None, None, str(exc))
     results: list[CheckResult] = []
-    checker = HealthChecker(Registry(), limit=1)
+    checker, deadline = HealthChecker(Registry(), limit=1), time.monotonic() + timeout + 1.0
     try:
         checker._queue(
-            [_Check("", url, address, timeout, time.monotonic())], headers or {}, lambda c, r: results.append(r)
+            [_Check("", url, address, timeout, time.monotonic())], headers or {}, lambda _, r: results.append(r)
         )
-        deadline = time.monotonic() + timeout + 1.0
         while not results and time.monotonic() < deadline:
             checker._poll(min(checker._wait() or 0.0, deadline - time.monotonic()))
     finally:
