@@ -1399,7 +1399,9 @@ class HealthChecker:
         self.headers = {SUPERVISOR_HEADER: supervisor_id} if supervisor_id else {}
         self._on_change = on_change
         self._submit = submit or self._queue
-        self._limit = limit or _default_in_flight()
+        half = _descriptors() // 2
+        self._limit = limit or max(16, min(8192, half))  # checks in flight at most
+        self._max_kept = max(16, half)
         self._clock = registry.clock
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -1707,8 +1709,8 @@ class HealthChecker:
         self._in_flight -= 1
         self._untrusted_in_flight -= not check.trusted
         # Kept while its next check falls within KEEP_ALIVE of its opening; kept connections, like checks in
-        # flight, stay within the cap (half the descriptors each, so all of them together never run out).
-        if keep and probe.opened + KEEP_ALIVE > check.due + check.interval and len(self._kept) < self._limit:
+        # flight, have at most half the descriptors, so together they never run out.
+        if keep and probe.opened + KEEP_ALIVE > check.due + check.interval and len(self._kept) < self._max_kept:
             probe.state, probe.check = IDLE, None
             self._kept[check.worker_id] = probe
         else:
@@ -1772,8 +1774,8 @@ def _ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def _default_in_flight() -> int:
-    """Checks in flight at most: half the descriptors, after raising the soft limit to the hard one."""
+def _descriptors() -> int:
+    """The soft limit of open files, after raising it to the hard one (a supervisor needs many)."""
     try:
         import resource
 
@@ -1782,9 +1784,9 @@ def _default_in_flight() -> int:
         if soft != resource.RLIM_INFINITY and soft < wanted:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
+        return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
     except (ImportError, ValueError, OSError):
-        soft = 1024
-    return max(16, min(8192, soft // 2))
+        return 1024
 
 
 def check_once(

@@ -1174,6 +1174,21 @@ def keep_alive_server(answers_per_connection: int = 1000) -> Iterator[tuple[int,
 
 
 class TestKeepAlive:
+    @staticmethod
+    def checked(port: int, good_checks: int) -> picoapi.Worker:
+        """A worker at ``port`` checked every 50 ms until it had ``good_checks`` good checks in a row."""
+        registry = Registry()
+        worker, _ = registry.register(reg("127.0.0.1", port, interval=0.05, instance="p1"))
+        checker = HealthChecker(registry)
+        checker.start()
+        try:
+            wait_for(lambda: registry.get(worker.id).successes >= good_checks, 10, f"{good_checks} good checks")
+        finally:
+            checker.stop()
+        entry = registry.get(worker.id)
+        assert entry is not None
+        return entry
+
     def test_the_instance_header_is_found_last_in_the_head(self) -> None:
         with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nX-PicoAPI-Instance: p1\r\n\r\n")) as port:
             assert probe(port).instance == "p1"
@@ -1181,31 +1196,16 @@ class TestKeepAlive:
     def test_a_connection_is_kept_and_renewed_every_keep_alive_seconds(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(picoapi, "KEEP_ALIVE", 0.3)
         with keep_alive_server() as (port, counts):
-            registry = Registry()
-            worker, _ = registry.register(reg("127.0.0.1", port, interval=0.05, instance="p1"))
-            checker = HealthChecker(registry)
-            checker.start()
-            try:
-                wait_for(lambda: registry.get(worker.id).successes >= 30, 10, "thirty good checks")
-            finally:
-                checker.stop()
-            connections, requests_ = counts
-        assert registry.get(worker.id).failures == 0
+            entry = self.checked(port, 30)
+            connections, answers = counts
+        assert entry.failures == 0
         # Kept: far fewer connections than checks. Renewed: one at least per 0.3 s (6 checks at 0.05 s).
-        assert requests_ / 7 <= connections < requests_ / 2
+        assert answers / 7 <= connections <= answers / 2
 
     def test_a_kept_connection_closed_by_the_worker_is_replaced_not_failed(self) -> None:
         with keep_alive_server(answers_per_connection=1) as (port, counts):
-            registry = Registry()
-            worker, _ = registry.register(reg("127.0.0.1", port, interval=0.05, instance="p1"))
-            checker = HealthChecker(registry)
-            checker.start()
-            try:
-                wait_for(lambda: registry.get(worker.id).successes >= 20, 10, "twenty good checks")
-            finally:
-                checker.stop()
-        entry = registry.get(worker.id)
-        assert entry is not None and entry.failures == 0 and entry.status == "healthy"
+            entry = self.checked(port, 20)
+        assert entry.failures == 0 and entry.status == "healthy"
         assert counts[0] >= 20  # each check found its kept connection closed, and made a new one at once
 
 
