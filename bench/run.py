@@ -155,6 +155,12 @@ def control(first_port: int, command: str) -> dict[str, Any]:
     }
 
 
+def procs_running() -> int:
+    """Threads running or waiting for a core right now, on the whole machine (/proc/stat), ours included."""
+    with open("/proc/stat") as stat:
+        return next(int(line.split()[1]) for line in stat if line.startswith("procs_running"))
+
+
 def proc_stats(pid: int) -> dict[str, float]:
     """CPU seconds, RSS and threads of a process, read from /proc (works while it is starved)."""
     if not os.path.exists(f"/proc/{pid}/status"):
@@ -212,8 +218,10 @@ def _observe(
             [*command, "-f", "raw", "-o", raw], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
     per_second, last, last_t, peak_threads, peak_rss = [], before, t0, stats0["threads"], stats0["rss"]
+    runnable = []
     while time.monotonic() - t0 < seconds:
         time.sleep(1.0)
+        runnable.append(procs_running())
         count, now = answered(first_port), proc_stats(proc.pid)
         if count is not None:  # a missed reading: the next one covers the time since the last
             per_second.append(round((count - last) / (time.monotonic() - last_t)))
@@ -241,6 +249,7 @@ def _observe(
         "spacing": spacing,
         "fake_workers_cpu_share": round((fake1 - fake0) / wall, 3),
         "load": round(os.getloadavg()[0], 2),
+        "runnable": round(statistics.mean(runnable), 1),
     }
     if not args[0].endswith(".py"):  # a program that reports nothing: stop it
         proc.terminate()
@@ -282,18 +291,11 @@ def capacity(seconds: float, counts: list[int], profile: bool) -> dict[str, Any]
     results: dict[str, Any] = {"pico": {}, "prometheus": {}, "naive": {}, "profile": None}
     if not os.path.exists(PROMETHEUS):
         results["prometheus"] = {"skipped": f"{PROMETHEUS} not found (Debian: apt-get install prometheus)"}
-    for n in counts:  # interleaved: PicoAPI, Prometheus, then the naive design at each size
-        # A fresh fake-worker process for every run: neither design inherits the other's backlog.
-        # The processes run a little longer than the outside window, which starts after their warm-up.
-        args = [
-            "bench/capacity.py",
-            "--workers",
-            str(n),
-            "--first-port",
-            str(HEALTHY_FIRST),
-            "--seconds",
-            str(seconds + 1.5),
-        ]
+    for n in counts:  # interleaved: PicoAPI then Prometheus at each size; the naive design after them all
+        # Fresh fake workers for every run: no contender inherits another's backlog. The processes run a
+        # little longer than the outside window, which starts after their warm-up.
+        args = ["bench/capacity.py", "--workers", str(n), "--first-port", str(HEALTHY_FIRST)]
+        args += ["--seconds", str(seconds + 1.5)]
         with fake_workers(HEALTHY_FIRST, n):
             log(
                 f"capacity: PicoAPI, {n} workers, {seconds:g}s"
@@ -309,6 +311,7 @@ def capacity(seconds: float, counts: list[int], profile: bool) -> dict[str, Any]
             with fake_workers(HEALTHY_FIRST, n):
                 log(f"capacity: PicoAPI, {n} workers registered in one burst, {seconds:g}s")
                 results["burst"] = {n: observe([*args, "--burst"], HEALTHY_FIRST, seconds, warmup=3)}
+    for n in counts:  # last: its thousands of threads leave the machine busy for a while after it
         with fake_workers(HEALTHY_FIRST, n):
             log(f"capacity: naive design, {n} workers, {seconds:g}s")
             naive = ["bench/naive.py", "--workers", str(n), "--first-port", str(HEALTHY_FIRST)]
@@ -634,7 +637,7 @@ def _md_capacity(r: dict[str, Any]) -> str:
     lines = [
         "| workers | design | checks completed/s (due) | answered/s, counted by the fake workers "
         "| spacing from outside: deviation p50 / p99 / max ms, checks missed | lateness p50 / p99 / max ms "
-        "| CPU µs per check | CPU cores | fake workers' cores | RSS MB | threads | load |",
+        "| CPU µs per check | CPU cores | fake workers' cores | RSS MB | threads | runnable (load) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cap = r["capacity"]
@@ -644,9 +647,9 @@ def _md_capacity(r: dict[str, Any]) -> str:
         for side in sides:
             out, inside = cap[side][n]["outside"], cap[side][n]["inside"]
             late = inside.get("lateness")
-            late_text = _ms3(late) if late else "not reported" + (" (starved)" if side == "naive" else "")
+            late_text = _ms3(late) if late else "not reported (starved)" if side == "naive" else "-"
             done = inside.get("completed_per_s")
-            done_text = f"{done:,}" if done is not None else "not reported"
+            done_text = f"{done:,}" if done is not None else "not reported" if side == "naive" else "-"
             if "completed_per_s_min" in inside:
                 done_text += f" (each second {inside['completed_per_s_min']:,}-{inside['completed_per_s_max']:,})"
             gap = out.get("spacing", {})
@@ -654,7 +657,8 @@ def _md_capacity(r: dict[str, Any]) -> str:
             lines.append(
                 f"| {int(n):,} | {names[side]} | {done_text} of {int(n):,} | {out['answered_per_s']:,} | {gap_text} "
                 f"| {late_text} | {out['cpu_us_per_check']:,} | {out['cpu_share']} "
-                f"| {out.get('fake_workers_cpu_share', '?')} | {out['rss_mb']} | {out['threads']:,} | {out.get('load')} |"
+                f"| {out.get('fake_workers_cpu_share', '?')} | {out['rss_mb']} | {out['threads']:,} "
+                f"| {out.get('runnable')} ({out.get('load')}) |"
             )
         p = cap["pico"][n]["outside"]
         for other in ("prometheus", "naive"):
@@ -809,7 +813,8 @@ def targets(r: dict[str, Any]) -> list[str]:
         f"- 10,000 workers at 1 s, every due check lands and each worker's spacing within 20 ms of the interval at "
         f"p99, measured by the fake workers: {verdict(gap10['missed'] == 0 and gap10['deviation']['p99_ms'] <= 20)} "
         f"({gap10['missed']:,} checks missed of {gap10['checks']:,}; deviation p50 {gap10['deviation']['p50_ms']} ms, "
-        f"p99 {gap10['deviation']['p99_ms']} ms; load {cap10['outside'].get('load')}).",
+        f"p99 {gap10['deviation']['p99_ms']} ms; {cap10['outside'].get('runnable')} threads runnable on average, "
+        f"load {cap10['outside'].get('load')}).",
     ]
     prom = r["capacity"].get("prometheus", {}).get("10000")
     if prom:
@@ -898,7 +903,7 @@ def limits(r: dict[str, Any]) -> dict[str, Any]:
         "p10_cores": pico["10000"]["outside"]["cpu_share"],
         "p10_cpu": pico["10000"]["outside"]["cpu_us_per_check"],
         "p10_fake": pico["10000"]["outside"].get("fake_workers_cpu_share", "?"),
-        "p10_load": pico["10000"]["outside"].get("load", "?"),
+        "p10_load": f"{pico['10000']['outside'].get('runnable')} threads runnable on average",
         "prom_cpu": prom.get("cpu_us_per_check", "not measured"),
         "n1_done": naive["1000"]["inside"].get("completed_per_s", "?"),
         "n1_p50": round(naive["1000"]["inside"].get("lateness", {}).get("p50_ms", float("nan")) / 1000, 1),
