@@ -1367,22 +1367,13 @@ _Done = Callable[[_Check, CheckResult], None]  # where a check's result goes
 class HealthChecker:
     """One daemon thread that schedules every worker's check and makes it.
 
-    The registry's heap says what is due: the thread pops it (:meth:`run_pending`),
-    starts each check on a non-blocking socket, and waits in one ``select`` until
-    the earlier of the next due check and the next check's deadline. A registration
-    that moves the next check earlier, and :meth:`stop`, wake it through a socket
-    pair. Every result lands in :meth:`Registry.record`. Tests pass ``submit`` to
-    script the results and drive :meth:`run_pending` with a fake clock.
-
-    A silent worker costs a socket, not a thread. Each check has a total deadline
-    covering connect, TLS, send and the answer's head; only the status line and
-    headers are read (4 KiB at most: the code and the answering process);
-    redirects are never followed. At most ``limit`` checks are in flight, and
-    workers whose last check failed (or who were never checked) get at most half of
-    the slots, so silent workers cannot starve healthy ones; more wait their turn.
-    A plain-HTTP worker checked more often than :data:`KEEP_ALIVE` keeps its
-    connection between checks, as Prometheus does, and is connected afresh at
-    least every :data:`KEEP_ALIVE` seconds.
+    The registry's heap says what is due: the thread pops it (:meth:`run_pending`), starts each check on a
+    non-blocking socket, and waits in one ``select`` until the earlier of the next due check and the next
+    check's deadline. A registration that moves the next check earlier, and :meth:`stop`, wake it through a
+    socket pair. Every result lands in :meth:`Registry.record`. Tests pass ``submit`` to script the results
+    and drive :meth:`run_pending` with a fake clock. At most ``limit`` checks are in flight; workers whose last
+    check failed (or who were never checked) get at most half of them, so silent workers cannot starve the
+    others. A plain-HTTP worker checked more often than :data:`KEEP_ALIVE` keeps its connection between checks.
     """
 
     def __init__(
