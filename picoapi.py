@@ -1600,9 +1600,7 @@ class HealthChecker:
         while deadlines and deadlines[0][0] <= now:
             _, _, probe, check = heapq.heappop(deadlines)
             if probe.check is check:
-                self._finish(
-                    probe, CheckResult(False, None, now - probe.started, f"no answer within {check.timeout:g}s")
-                )
+                self._finish(probe, None, f"no answer within {check.timeout:g}s")
         if now - self._swept > KEEP_ALIVE:  # kept connections too old to use again (deregistered workers')
             self._swept = now
             for probe in [p for p in self._kept.values() if now - p.opened > KEEP_ALIVE]:
@@ -1673,12 +1671,9 @@ class HealthChecker:
         if size <= MAX_HEAD and len(head) < size:
             return  # the rest of the body: a kept connection must not hold stale bytes
         found = _INSTANCE_RE.search(head, 0, end + 2 if end >= 0 else MAX_HEAD)  # the last header's CRLF too
-        code, latency = int(parts[1]), self._clock() - probe.started
-        ok = 200 <= code < 300
+        code = int(parts[1])
         instance = found.group(1).decode() if found else None
-        self._finish(
-            probe, CheckResult(ok, code, latency, "" if ok else f"HTTP {code}", instance=instance), size <= MAX_HEAD
-        )
+        self._finish(probe, code, "" if 200 <= code < 300 else f"HTTP {code}", instance, keep=size <= MAX_HEAD)
 
     def _fail(self, probe: _Probe, exc: BaseException) -> None:
         if probe.reused and not probe.buffer and isinstance(exc, OSError) and probe.check is not None:
@@ -1689,24 +1684,34 @@ class HealthChecker:
                 exc = again
         # Out of descriptors, buffers or local ports is the supervisor's trouble, not the worker's.
         if isinstance(exc, OSError) and exc.errno in _OWN_TROUBLE:
-            text, own = f"supervisor could not check: {exc.strerror}", True
+            self._finish(probe, None, f"supervisor could not check: {exc.strerror}", own=True)
         else:
-            text, own = f"{type(exc).__name__}: {exc}", False
-        self._finish(probe, CheckResult(False, None, self._clock() - probe.started, _printable(text), own))
+            self._finish(probe, None, _printable(f"{type(exc).__name__}: {exc}"))
 
-    def _finish(self, probe: _Probe, result: CheckResult, keep: bool = False) -> None:
+    def _finish(
+        self,
+        probe: _Probe,
+        code: int | None,
+        error: str,
+        instance: str | None = None,
+        *,
+        own: bool = False,
+        keep: bool = False,
+    ) -> None:
+        """Report the probe's check (``error`` "" if good; ``own``: the supervisor's trouble) and close its
+        connection, or keep it (``keep``: it may be) while its next check falls within KEEP_ALIVE of its opening.
+        Kept connections, like checks in flight, have at most half the descriptors."""
         check = probe.check
         assert check is not None
         self._in_flight -= 1
         self._untrusted_in_flight -= not check.trusted
-        # Kept while its next check falls within KEEP_ALIVE of its opening; kept connections, like checks in
-        # flight, have at most half the descriptors, so together they never run out.
         if keep and probe.opened + KEEP_ALIVE > check.due + check.interval and len(self._kept) < self._max_kept:
             probe.state, probe.check = IDLE, None
             self._kept[check.worker_id] = probe
         else:
             self._close(probe)
-        self._report(check, result._replace(late=probe.started - check.due))
+        latency, late = self._clock() - probe.started, probe.started - check.due
+        self._report(check, CheckResult(not error, code, latency, error, own, instance, late))
 
     def _drop_connection(self, probe: _Probe) -> None:
         if probe.sock is not None:
