@@ -223,7 +223,17 @@ def _observe(
     raw = os.path.join(HERE, ".profile.raw")
     profiler = None
     if spy and shutil.which("py-spy"):  # the checker's profile, taken during this same window
-        command = ["py-spy", "record", "-p", str(proc.pid), "-d", str(int(min(10, seconds))), "-r", "200"]
+        command = [
+            "py-spy",
+            "record",
+            "--nonblocking",
+            "-p",
+            str(proc.pid),
+            "-d",
+            str(int(min(10, seconds))),
+            "-r",
+            "200",
+        ]
         profiler = subprocess.Popen(
             [*command, "-f", "raw", "-o", raw], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
