@@ -1428,7 +1428,7 @@ class HealthChecker:
 
     @property
     def in_flight(self) -> int:
-        """Checks started and not finished yet."""
+        """Checks started and not finished yet (read-only)."""
         return self._in_flight
 
     @property
@@ -1497,17 +1497,14 @@ class HealthChecker:
             self._wake_w.send(b"\0")
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop the thread, abandoning the checks in flight; every socket is closed."""
-        self._stopping = True
+        """Stop the thread within ``timeout``, abandoning the checks in flight; every socket is closed."""
+        self._stopping, self.registry.wake = True, lambda: None
         self._wake()
-        self.registry.wake = lambda: None
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                return  # it closes its sockets itself when it ends
-            self._thread = None
-        else:
+        if self._thread is None:
             self._close_all()
+        else:  # the thread closes its sockets as it ends
+            self._thread.join(timeout)
+            self._thread = self._thread if self._thread.is_alive() else None
 
     def _close_all(self) -> None:
         if self._selector.get_map() is None:

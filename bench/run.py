@@ -1,14 +1,19 @@
-"""PicoAPI's benchmarks, in one command (about 5 minutes on 2 cores):
+"""PicoAPI's benchmarks, in one command (on 2 cores):
 
-    python bench/run.py            # everything; writes bench/results.json and bench/RESULTS.md
-    python bench/run.py --quick    # shorter runs, to try the benchmark itself (about 1.5 minutes)
+    python bench/run.py            # everything (about 9 minutes); writes bench/results.json and bench/RESULTS.md
+    python bench/run.py --quick    # shorter runs, to try the benchmark itself (about 4.5 minutes)
 
 Measures, and compares side by side in the same run (interleaved), never against
-a target: health-check capacity against the naive design, silent workers,
-registration throughput against a bare FastAPI app, queries, detection of killed
-workers, memory, start-up. Needs Debian's wrk (apt-get install wrk) for the
-registration load, and py-spy (pip install py-spy) for the checker profile
-(skipped, and said so, without it). All traffic stays on 127.0.0.1.
+a target: health-check capacity (workers registered spread over the interval, and
+in one burst) against Prometheus and the naive design, with each worker's check
+spacing measured from outside by the fake workers; silent workers; registration
+throughput against a bare FastAPI app (registering workers that answer, and
+addresses where nothing does); queries, detection of killed workers, memory,
+start-up. Needs Debian's wrk (apt-get install wrk) for the registration load;
+uses Debian's prometheus (/usr/bin/prometheus, our own instance, config and data
+under a temporary directory) and py-spy (pip install py-spy) for the checker's
+profile if they are there (skipped, and said so, if not). All traffic stays on
+127.0.0.1.
 """
 
 from __future__ import annotations
