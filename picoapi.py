@@ -1358,9 +1358,9 @@ _OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.E
 _INSTANCE_RE = re.compile(rb"\r\nx-picoapi-instance:[ \t]*([A-Za-z0-9_-]{1,64})[ \t]*\r\n", re.IGNORECASE)
 _LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,4})[ \t]*\r\n", re.IGNORECASE)
 _CLOSE_RE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
-#: A probe's states, each naming the handler its next readiness event runs (HealthChecker._on_ready): QUEUED
-#: waits for a slot, IDLE is a kept connection between checks.
-QUEUED, CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "queued connecting handshaking sending reading idle".split()
+#: A probe's states, each naming the handler its next readiness event runs (HealthChecker._on_ready); IDLE is a
+#: kept connection between checks (an event there means it was closed, or speaks unasked: it is closed).
+CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "connecting handshaking sending reading idle".split()
 _Done = Callable[[_Check, CheckResult], None]  # where a check's result goes
 
 
@@ -1400,7 +1400,6 @@ class HealthChecker:
             end.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._on_ready: dict[str, Callable[[_Probe], None]] = {
-            QUEUED: self._drop_connection,  # a kept connection that speaks unasked was closed or is garbage
             CONNECTING: self._connected,
             HANDSHAKING: self._handshaking,
             SENDING: self._write_ready,
@@ -1410,10 +1409,11 @@ class HealthChecker:
         # Only the checker's thread touches these (and run_pending's caller before start()).
         self._deadlines: list[tuple[float, int, _Probe, _Check]] = []
         self._seq = itertools.count()
-        self._waiting = (collections.deque[_Probe](), collections.deque[_Probe]())  # trusted, others
+        self._waiting = (collections.deque[_Check](), collections.deque[_Check]())  # trusted, others
         self._in_flight = self._untrusted_in_flight = 0
         self._kept: dict[str, _Probe] = {}  # idle connections by worker id
         self._report: _Done = self._done
+        self._extra = ""  # the header lines every check sends
         self._swept = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -1509,7 +1509,7 @@ class HealthChecker:
     def _close_all(self) -> None:
         if self._selector.get_map() is None:
             return  # closed already
-        for probe in [*(e[2] for e in self._deadlines), *self._kept.values(), *itertools.chain(*self._waiting)]:
+        for probe in [*(e[2] for e in self._deadlines), *self._kept.values()]:
             self._close(probe)
         self._selector.close()
         self._wake_r.close()
@@ -1518,20 +1518,11 @@ class HealthChecker:
     # The sockets ------------------------------------------------------------------
 
     def _queue(self, checks: list[_Check], headers: Mapping[str, str], done: _Done) -> None:
-        """Queue ``checks`` for a slot, starting as many as the slots allow; a check that cannot even be built
-        (a URL it cannot send, say) fails at once, alone."""
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        """Queue ``checks`` for a slot, starting as many as the slots allow; ``done`` gets each result."""
+        self._extra, self._report = "".join(f"{k}: {v}\r\n" for k, v in headers.items()), done
         trusted, others = self._waiting
-        self._report = done
         for check in checks:
-            probe = self._kept.pop(check.worker_id, None) or _Probe()
-            try:
-                probe.begin(check, extra)
-            except Exception as exc:
-                self._close(probe)
-                done(check, CheckResult(False, None, None, f"cannot check {check.url!r}: {type(exc).__name__}"))
-                continue
-            (trusted if check.trusted else others).append(probe)
+            (trusted if check.trusted else others).append(check)
         self._fill()
 
     def _fill(self) -> None:
@@ -1544,9 +1535,19 @@ class HealthChecker:
             else:
                 break
 
-    def _begin(self, probe: _Probe) -> None:
-        check = probe.check
-        assert check is not None
+    def _begin(self, check: _Check) -> None:
+        """Start ``check``: on the worker's kept connection if it is fresh, else a new one. A check that cannot
+        even be built (a URL it cannot send, say) fails at once, alone."""
+        probe = self._kept.pop(check.worker_id, None) or _Probe()
+        probe.keep = 0 < check.interval < KEEP_ALIVE
+        try:
+            probe.host, probe.port, probe.https, probe.request = _target(check.url, self._extra, probe.keep)
+        except Exception as exc:
+            self._close(probe)
+            self._report(check, CheckResult(False, None, None, f"cannot check {check.url!r}: {type(exc).__name__}"))
+            return
+        probe.keep = probe.keep and not probe.https
+        probe.check, probe.idle_for, probe.sent, probe.buffer, probe.reused = check, check.worker_id, 0, b"", False
         self._in_flight += 1
         self._untrusted_in_flight += not check.trusted
         probe.started = now = self._clock()  # the deadline counts from here, not from the queue
@@ -1732,20 +1733,24 @@ class _Probe:
         *("check", "host", "port", "https", "request", "keep", "sock", "key", "opened", "reused", "started"),
         *("sent", "buffer", "state", "idle_for"),
     )
+    host: str
+    port: int
+    https: bool
+    request: bytes
+    #: The answer may leave the connection open for the worker's next check.
+    keep: bool
+    #: This check runs on a kept connection: one found closed before answering is replaced, not failed.
+    reused: bool
+    started: float
+    sent: int
+    buffer: bytes
+    idle_for: str
 
     def __init__(self) -> None:
         self.sock: socket.socket | ssl.SSLSocket | None = None
         self.check: _Check | None = None
-        self.state, self.opened = QUEUED, 0.0
+        self.state, self.opened = SENDING, 0.0
         self.key: tuple[str, str] = ("", "")
-
-    def begin(self, check: _Check, extra_headers: str) -> None:
-        """Take ``check`` (on this connection if it is kept and fits, else a new one: see HealthChecker._begin)."""
-        self.keep = 0 < check.interval < KEEP_ALIVE
-        self.host, self.port, self.https, self.request = _target(check.url, extra_headers, self.keep)
-        self.keep = self.keep and not self.https
-        self.check, self.idle_for, self.state = check, check.worker_id, QUEUED
-        self.started, self.sent, self.buffer, self.reused = 0.0, 0, b"", False
 
 
 @functools.lru_cache(maxsize=65_536)
