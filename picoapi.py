@@ -1350,8 +1350,8 @@ class _Store:
 #: The most of a check's answer that is read: its status line and headers (and, to keep its connection, its body).
 MAX_HEAD = 4096
 #: A check's connection is used again only for checks that start within this many seconds of its opening: every
-#: worker is connected afresh at least this often, so one that stops accepting connections is still found (see
-#: README, Reliability). Under uvicorn's idle timeout (5 s), so a kept connection is rarely found closed.
+#: worker is connected afresh at least this often, so one that stops accepting connections is still found (README,
+#: "Connections"). Only intervals under it keep one: under uvicorn's idle timeout (5 s), so rarely found closed.
 KEEP_ALIVE = 5.0
 #: errno values that mean the supervisor ran out of something: the check is postponed.
 _OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
