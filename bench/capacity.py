@@ -36,10 +36,13 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--silent", type=int, default=0, help="the last N workers never answer")
     parser.add_argument("--burst", action="store_true", help="register every worker at once, not spread")
+    parser.add_argument("--keep-alive", type=float, help="picoapi.KEEP_ALIVE for this run (0: a connection a check)")
     parser.add_argument("--pid-file", help="write this process's pid here once checks run (for a profiler)")
     parser.add_argument("--registry-file", help="persist the registry here (API_REGISTRY_FILE)")
     args = parser.parse_args()
     raise_nofile()
+    if args.keep_alive is not None:
+        picoapi.KEEP_ALIVE = args.keep_alive
     logging.getLogger("picoapi").setLevel(logging.ERROR)  # a line per status change would be noise here
     app = picoapi.PicoAPI(mode="supervisor", env_file=None, max_workers=args.workers, registry_file=args.registry_file)
     registry = app.registry

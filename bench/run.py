@@ -343,6 +343,7 @@ def capacity(seconds: float, counts: list[int], profile: bool) -> dict[str, Any]
             log(f"capacity: naive design, {n} workers, {seconds:g}s")
             naive = ["bench/naive.py", "--workers", str(n), "--first-port", str(HEALTHY_FIRST)]
             results["naive"][n] = observe([*naive, "--seconds", str(seconds + 1.5)], HEALTHY_FIRST, seconds, warmup=2)
+    time.sleep(10)  # the naive design's thousands of threads leave the machine busy: the next section waits
     return results
 
 
@@ -556,6 +557,23 @@ def persistence(seconds: float = 10) -> dict[str, Any]:
     return result
 
 
+# -- Keep-alive (the scheduling issue): the checker at 10,000 workers with kept connections and without -------
+
+
+def keepalive(seconds: float = 10, n: int = 10_000) -> dict[str, Any]:
+    log(f"keep-alive: {n} workers with KEEP_ALIVE 5 s and 0 (a connection a check), interleaved")
+    runs: dict[str, list[dict[str, Any]]] = {"kept": [], "fresh": []}
+    for mode in ["kept", "fresh", "fresh", "kept"]:  # interleaved
+        args = ["bench/capacity.py", "--workers", str(n), "--first-port", str(HEALTHY_FIRST)]
+        args += ["--seconds", str(seconds + 1.5), "--keep-alive", "5" if mode == "kept" else "0"]
+        with fake_workers(HEALTHY_FIRST, n):
+            out = observe(args, HEALTHY_FIRST, seconds, warmup=3)["outside"]
+        runs[mode].append({k: out.get(k) for k in ("answered_per_s", "cpu_us_per_check", "fake_workers_cpu_share")})
+        runs[mode][-1]["spacing_p99_ms"] = out["spacing"].get("deviation", {}).get("p99_ms")
+        runs[mode][-1]["runnable"] = out.get("runnable")
+    return runs
+
+
 # -- 7: memory, 8: start-up ---------------------------------------------------------------------
 
 
@@ -650,6 +668,7 @@ def markdown(r: dict[str, Any]) -> str:
         ("memory", _md_memory),
         ("startup", _md_startup),
         ("persistence", _md_persistence),
+        ("keepalive", _md_keepalive),
         ("profile", _md_profile),
     ):
         try:
@@ -808,6 +827,24 @@ def _md_persistence(r: dict[str, Any]) -> str:
     )
 
 
+def _md_keepalive(r: dict[str, Any]) -> str:
+    runs = r["keepalive"]
+    rows = [
+        [
+            mode,
+            x["answered_per_s"],
+            x["cpu_us_per_check"],
+            x["fake_workers_cpu_share"],
+            x["spacing_p99_ms"],
+            x["runnable"],
+        ]
+        for mode in ("kept", "fresh")
+        for x in runs[mode]
+    ]
+    headers = ["10,000 workers at 1 s: connections", "answered/s", "CPU µs per check", "fake workers' cores"]
+    return _md_table([*headers, "spacing p99 ms", "runnable"], rows)
+
+
 def _md_profile(r: dict[str, Any]) -> str:
     lines: list[str] = []
     prof = r["capacity"].get("profile")
@@ -879,9 +916,11 @@ Produced by `{command}` on {date}, {elapsed} s in all. Raw figures: `bench/resul
 Machine: {cores} cores ({cpu}), Python {python}, {platform}; {packages}.
 
 Every comparison ran both sides in this same run, one after the other at each size
-(interleaved), and the machine is shared (other test runs: the load average over the
-window is in the table), so single figures carry noise: the registration runs are
-repeated (median and range), capacity is read once per second (range over the window).
+(interleaved), and the machine is shared (other test runs: the threads runnable over
+each window, and the 1-minute load, are in the table), so single figures carry noise:
+the registration runs are repeated (median and range), capacity is read once per second
+(range over the window); a section measured again separately is named at the end of
+"What limits it".
 All traffic stayed on 127.0.0.1.
 
 How capacity is measured: simulated workers are asyncio processes
@@ -1014,9 +1053,10 @@ def main() -> None:
         "memory": memory,
         "startup": startup,
         "persistence": persistence,  # the supervisor issue's figure: only with --only persistence
+        "keepalive": keepalive,  # the scheduling issue's figure: only with --only keepalive
     }
     if not args.only:
-        del sections["persistence"]
+        del sections["persistence"], sections["keepalive"]
     if args.only:  # one section again, into the figures of the last full run
         with open(args.out) as saved:
             results = json.load(saved)
