@@ -935,13 +935,14 @@ class CheckResult(NamedTuple):
 
     ok: bool
     status_code: int | None = None
+    #: Seconds from the check's start to its answer's headers.
     latency: float | None = None
     error: str = ""
     #: The supervisor itself could not check (out of descriptors, say): not the worker's failure.
     postponed: bool = False
     #: The worker process that answered (its ``X-PicoAPI-Instance`` header), if it said.
     instance: str | None = None
-    #: Seconds the check started after it was due.
+    #: Seconds the check started after it was due (beside ``latency``, which follows it).
     late: float = 0.0
 
 
@@ -953,6 +954,16 @@ class StatusChange(NamedTuple):
     removed: bool
 
 
+class Verdict(NamedTuple):
+    """The status rules' answer for one check (see :func:`next_status`)."""
+
+    status: str
+    #: Unhealthy for longer than ``deregister_after``: the worker goes.
+    removed: bool
+    #: Check again this soon (a change waiting for confirmation), or None: at the interval.
+    recheck: float | None
+
+
 class _Check(NamedTuple):
     """A due check, popped from the heap: everything the probe needs."""
 
@@ -961,8 +972,10 @@ class _Check(NamedTuple):
     address: str
     timeout: float
     due: float
-    #: Its last check succeeded: it may use every slot, others only half (see _CheckPool).
+    #: Its last check succeeded: it may use every slot, others only half (see HealthChecker).
     trusted: bool = False
+    #: Its next check is due this long after this one (whether its connection is worth keeping).
+    interval: float = 0.0
 
 
 class Registry:
@@ -988,13 +1001,13 @@ class Registry:
         #: The monotonic clock every due time is measured on.
         self.clock = clock
         self._wall = wall
-        # One lock guards _workers, _by_tag and _heap; _wakeup is built on it and
-        # is notified whenever the heap's head moves earlier. Never do I/O under it.
+        #: Called, outside the lock, when the next check moved earlier (the checker sets it to wake its thread).
+        self.wake: Callable[[], None] = lambda: None
+        # One lock guards _workers, _by_tag and _heap. Never do I/O under it.
         # The heap's invariant: every registered worker has exactly one live entry, its
         # next check, from registration to removal, whatever a check or its result does
         # (pop_due schedules the next check before handing out the due one).
         self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
         self._workers: dict[str, Worker] = {}
         self._by_tag: dict[str, set[str]] = {}
         self._heap: list[tuple[float, int, str]] = []
@@ -1021,31 +1034,33 @@ class Registry:
         content = _content(reg, address)
         with self._lock:
             entry = self._workers.get(wid)
+            created = entry is None
             if entry is not None and _content_of(entry) == content:
                 if reg.instance and reg.instance not in entry.instances:  # the oldest are dropped
                     entry.instances = (*entry.instances, reg.instance)[-MAX_INSTANCES:]
-                if entry.status != HEALTHY:  # restarted, say: check it now, not an interval later
-                    self._schedule(entry, self.clock())
-                return entry.copy(), False
-            created = entry is None
-            if entry is None:
-                if len(self._workers) >= self.max_workers:
-                    raise RegistryFull(
-                        f"the registry is full ({self.max_workers} workers, API_MAX_WORKERS); "
-                        "deregister workers or raise API_MAX_WORKERS"
-                    )
-                entry = Worker(wid, **dict(zip(_CONTENT, content, strict=True)))
-                self._workers[wid] = entry
-            self._index(entry, remove=True)
-            for field, value in zip(_CONTENT, content, strict=True):
-                setattr(entry, field, value)
-            entry.instances = (reg.instance,) if reg.instance else ()
-            entry.status, entry.failures, entry.successes, entry.suspect = UNKNOWN, 0, 0, False
-            entry.registered_at, entry._registered, entry._unhealthy_since = self._wall(), self.clock(), None
-            self._index(entry)
-            self._schedule(entry, self.clock())
-            self.metrics.registrations += 1
-            return entry.copy(), created
+                # Restarted while not healthy, say: checked now, not an interval later.
+                moved = entry.status != HEALTHY and self._schedule(entry, self.clock())
+            else:
+                if entry is None:
+                    if len(self._workers) >= self.max_workers:
+                        raise RegistryFull(
+                            f"the registry is full ({self.max_workers} workers, API_MAX_WORKERS); "
+                            "deregister workers or raise API_MAX_WORKERS"
+                        )
+                    entry = self._workers[wid] = Worker(wid, **dict(zip(_CONTENT, content, strict=True)))
+                self._index(entry, remove=True)
+                for field, value in zip(_CONTENT, content, strict=True):
+                    setattr(entry, field, value)
+                entry.instances = (reg.instance,) if reg.instance else ()
+                entry.status, entry.failures, entry.successes, entry.suspect = UNKNOWN, 0, 0, False
+                entry.registered_at, entry._registered, entry._unhealthy_since = self._wall(), self.clock(), None
+                self._index(entry)
+                moved = self._schedule(entry, self.clock())
+                self.metrics.registrations += 1
+            copy = entry.copy()
+        if moved:
+            self.wake()
+        return copy, created
 
     def forget_instance(self, wid: str, instance: str) -> tuple[str, ...]:
         """Drop a process from ``wid``'s instances (it is stopping); returns those left."""
@@ -1059,13 +1074,18 @@ class Registry:
     def deregister(self, wid: str) -> bool:
         """Remove a worker; its pending check is dropped lazily. False if unknown."""
         with self._lock:
-            entry = self._workers.pop(wid, None)
-            self.metrics.deregistrations += entry is not None
+            entry = self._workers.get(wid)
             if entry is not None:
-                self._index(entry, remove=True)
-                self._went_stale(entry)
-                self._compact()
+                self._remove(entry)
             return entry is not None
+
+    def _remove(self, entry: Worker) -> None:
+        del self._workers[entry.id]
+        self.metrics.deregistrations += 1  # by a DELETE or after API_DEREGISTER_AFTER
+        self._index(entry, remove=True)
+        if entry._heap_seq is not None:
+            self._stale += 1
+        self._compact()
 
     def _index(self, entry: Worker, *, remove: bool = False) -> None:
         for tag in entry.tags:
@@ -1095,12 +1115,7 @@ class Registry:
     ) -> list[Worker]:
         """Copies of the workers that have every tag in ``tags`` and match the filters, by id."""
         with self._lock:
-            if tags:
-                sets = sorted((self._by_tag.get(tag, set()) for tag in set(tags)), key=len)
-                ids: Iterable[str] = sets[0].intersection(*sets[1:]) if sets[0] else ()
-                found = [self._workers[i] for i in ids]
-            else:
-                found = list(self._workers.values())
+            found = [self._workers[i] for i in self._tagged(tags)] if tags else list(self._workers.values())
             # Only a C-level tuple per worker under the lock: big queries barely hold it.
             rows = [
                 _fields_of(w)
@@ -1112,6 +1127,11 @@ class Registry:
         rows.sort(key=lambda row: row[0])
         return [Worker(*row) for row in rows]
 
+    def _tagged(self, tags: Iterable[str]) -> Iterable[str]:
+        """The ids of the workers that have every tag (lock held)."""
+        sets = sorted((self._by_tag.get(tag, set()) for tag in set(tags)), key=len)
+        return sets[0].intersection(*sets[1:]) if sets[0] else ()
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._workers)
@@ -1120,12 +1140,39 @@ class Registry:
         with self._lock:
             return wid in self._workers
 
-    # The check schedule ---------------------------------------------------------
+    def pick(self, tags: Sequence[str], version: str | None = None, exclude: Iterable[str] = ()) -> Worker:
+        """A copy of a healthy worker with every tag, taking turns (round-robin) per query.
 
-    def _went_stale(self, entry: Worker) -> None:
-        """Count the entry's heap entry, if it has one, as stale from now on (lock held)."""
-        if entry._heap_seq is not None:
-            self._stale += 1
+        Skips suspects and ``exclude``. Raises :class:`NoWorkerAvailable`.
+        """
+        key = (frozenset(tags), version)
+        skip = set(exclude)
+        with self._lock:
+            candidates = sorted(
+                wid
+                for wid in (self._tagged(tags) if tags else self._workers)
+                if wid not in skip and (w := self._workers[wid]).is_ready and (version is None or w.version == version)
+            )
+            if not candidates:
+                raise NoWorkerAvailable(list(tags), version)
+            turn = self._turns.get(key, 0)
+            self._turns[key] = turn + 1
+            if len(self._turns) > 10_000:  # bounded: an odd query shape cannot grow it forever
+                self._turns.clear()
+            return self._workers[candidates[turn % len(candidates)]].copy()
+
+    def mark_suspect(self, wid: str) -> None:
+        """Passive health checking: skip ``wid`` in pick() and check it at once."""
+        with self._lock:
+            entry = self._workers.get(wid)
+            if entry is None:
+                return
+            entry.suspect = True
+            moved = self._schedule(entry, self.clock())
+        if moved:
+            self.wake()
+
+    # The check schedule ---------------------------------------------------------
 
     def _compact(self) -> None:
         """Rebuild the heap from live entries once most of it is stale (lock held).
@@ -1140,32 +1187,32 @@ class Registry:
             heapq.heapify(self._heap)
             self._stale = 0
 
-    def _schedule(self, entry: Worker, due: float) -> None:
-        """Push the entry's next check (lock held); the older heap entry goes stale."""
-        self._went_stale(entry)
+    def _schedule(self, entry: Worker, due: float) -> bool:
+        """Push the entry's next check (lock held); the older heap entry goes stale.
+
+        Returns whether it is now the earliest check (the checker's wait must shorten).
+        """
+        if entry._heap_seq is not None:
+            self._stale += 1
         seq = next(self._seq)
         entry._heap_seq, entry._due = seq, due
-        wake = not self._heap or due < self._heap[0][0]
+        earliest = not self._heap or due < self._heap[0][0]
         heapq.heappush(self._heap, (due, seq, entry.id))
         self._compact()
-        if wake:
-            self._wakeup.notify()
+        return earliest
 
     def next_due(self) -> float | None:
         """The due time of the earliest live check, or None."""
         with self._lock:
-            self._drop_stale()
-            return self._heap[0][0] if self._heap else None
-
-    def _drop_stale(self) -> None:
-        heap, workers = self._heap, self._workers
-        while heap:
-            _, seq, wid = heap[0]
-            entry = workers.get(wid)
-            if entry is not None and entry._heap_seq == seq:
-                return
-            heapq.heappop(heap)
-            self._stale -= 1
+            heap, workers = self._heap, self._workers
+            while heap:
+                _, seq, wid = heap[0]
+                entry = workers.get(wid)
+                if entry is not None and entry._heap_seq == seq:
+                    return heap[0][0]
+                heapq.heappop(heap)
+                self._stale -= 1
+            return None
 
     def pop_due(self, now: float) -> list[_Check]:
         """Take every check due at ``now``, scheduling each worker's next one at once.
@@ -1190,57 +1237,16 @@ class Registry:
                     continue
                 entry._busy_until = now + entry.timeout + 1.0  # a lost result frees it after this
                 trusted = entry.failures == 0 and entry.last_success is not None
-                due.append(_Check(wid, entry.health_url, entry.address, entry.timeout, when, trusted))
+                check = _Check(wid, entry.health_url, entry.address, entry.timeout, when, trusted, entry.interval)
+                due.append(check)
         return due
 
-    def pick(self, tags: Sequence[str], version: str | None = None, exclude: Iterable[str] = ()) -> Worker:
-        """A copy of a healthy worker with every tag, taking turns (round-robin) per query.
-
-        Skips suspects and ``exclude``. Raises :class:`NoWorkerAvailable`.
-        """
-        key = (frozenset(tags), version)
-        skip = set(exclude)
-        with self._lock:
-            if tags:
-                sets = sorted((self._by_tag.get(tag, set()) for tag in key[0]), key=len)
-                ids: Iterable[str] = sets[0].intersection(*sets[1:])
-            else:
-                ids = self._workers
-            candidates = sorted(
-                wid
-                for wid in ids
-                if wid not in skip and (w := self._workers[wid]).is_ready and (version is None or w.version == version)
-            )
-            if not candidates:
-                raise NoWorkerAvailable(list(tags), version)
-            turn = self._turns.get(key, 0)
-            self._turns[key] = turn + 1
-            if len(self._turns) > 10_000:  # bounded: an odd query shape cannot grow it forever
-                self._turns.clear()
-            return self._workers[candidates[turn % len(candidates)]].copy()
-
-    def mark_suspect(self, wid: str) -> None:
-        """Passive health checking: skip ``wid`` in pick() and check it at once."""
-        with self._lock:
-            entry = self._workers.get(wid)
-            if entry is None:
-                return
-            entry.suspect = True
-            self._schedule(entry, self.clock())
-
-    def bring_forward(self, wid: str) -> None:
-        """Check ``wid`` now instead of at its next due time."""
-        with self._lock:
-            entry = self._workers.get(wid)
-            if entry is not None:
-                self._schedule(entry, self.clock())
-
     def record(self, wid: str, result: CheckResult) -> StatusChange | None:
-        """Apply a check's result; bring the next check forward if it needs confirming.
+        """Apply a check's result: every result of every check lands here, and only here.
 
         Returns a :class:`StatusChange` when the status changed or the worker was
-        removed for staying unhealthy past ``deregister_after``, else None. A
-        postponed check (the supervisor's own trouble) changes nothing but its time.
+        removed (the rules are :func:`next_status`), else None. A postponed check (the
+        supervisor's own trouble) changes nothing but its time.
         """
         with self._lock:
             entry = self._workers.get(wid)
@@ -1254,70 +1260,51 @@ class Registry:
             if result.ok and entry.instances and result.instance not in entry.instances:
                 result = result._replace(ok=False, error=f"answered by a process that did not register {wid}")
             self.metrics.checked(result)
-            entry.last_check = self._wall()
-            entry.last_status_code, entry.last_latency = result.status_code, result.latency
-            entry.last_error = result.error[:MAX_ERROR]
-            entry.suspect = False
+            entry.last_check, entry.last_status_code, entry.last_latency = (
+                self._wall(),
+                result.status_code,
+                result.latency,
+            )
+            entry.last_error, entry.suspect = result.error[:MAX_ERROR], False
             if result.ok:
-                entry.successes, entry.failures = entry.successes + 1, 0
-                entry.last_success = entry.last_check
+                entry.successes, entry.failures, entry.last_success = entry.successes + 1, 0, entry.last_check
             else:
                 entry.failures, entry.successes = entry.failures + 1, 0
-            starting = old == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
-            entry.status = next_status(old, result.ok, entry.failures, entry.successes, self, starting)
-            if entry.status != old:
-                entry._unhealthy_since = now if entry.status == UNHEALTHY else None
-            if (
-                self.deregister_after is not None
-                and entry._unhealthy_since is not None
-                and now - entry._unhealthy_since >= self.deregister_after
-            ):
-                del self._workers[wid]
-                self._index(entry, remove=True)
-                self._went_stale(entry)
-                return StatusChange(old, entry.status, True)
-            # A status change waiting for confirmation is re-checked quickly rather
-            # than a whole interval later (see confirm_delay).
-            pending = (result.ok and entry.status != HEALTHY) or (not result.ok and entry.status != UNHEALTHY)
-            # A new worker whose server is not up yet is re-checked at the confirm delay, doubling: a crowd
-            # of registrations that never answer costs a few checks each, not one per delay.
-            delay = confirm_delay(entry.interval) * (
-                2 ** min(entry.failures - 1, 16) if starting and not result.ok else 1
+            verdict = next_status(entry, result.ok, now, self)
+            if verdict.status != old:
+                entry.status, entry._unhealthy_since = verdict.status, now if verdict.status == UNHEALTHY else None
+            if verdict.removed:
+                self._remove(entry)
+            elif verdict.recheck is not None and now + verdict.recheck < entry._due:
+                self._schedule(entry, now + verdict.recheck)
+            return (
+                StatusChange(old, verdict.status, verdict.removed) if verdict.status != old or verdict.removed else None
             )
-            if pending and now + delay < entry._due:
-                self._schedule(entry, now + delay)
-            return StatusChange(old, entry.status, False) if entry.status != old else None
-
-    def wait_until_due(self, is_stopping: Callable[[], bool]) -> None:
-        """Block until the earliest check is due, the heap's head moves, or :meth:`wake`.
-
-        Reads the head and waits under one lock, so no notification is lost.
-        """
-        with self._wakeup:
-            if is_stopping():
-                return
-            self._drop_stale()
-            timeout = self._heap[0][0] - self.clock() if self._heap else None
-            if timeout is None or timeout > 0:
-                self._wakeup.wait(timeout)
-
-    def wake(self) -> None:
-        """Wake the waiting checker thread (used by ``stop()``)."""
-        with self._wakeup:
-            self._wakeup.notify_all()
 
 
-def next_status(status: str, ok: bool, failures: int, successes: int, need: Registry, starting: bool) -> str:
-    """A worker's status after a check, from the consecutive counts that include it.
+def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict:
+    """The status rules: a worker's status after a check, from the consecutive counts that include it.
 
     ``unknown`` turns ``healthy`` on its first good check; ``healthy`` or ``unknown``
-    turn ``unhealthy`` after ``need.failures`` failures in a row (``unknown`` only
-    once it is past its start-up grace); ``unhealthy`` turns ``healthy`` after
-    ``need.successes`` good checks in a row.
+    turn ``unhealthy`` after ``rules.failures`` failures in a row (``unknown`` only
+    once past its start-up grace); ``unhealthy`` turns ``healthy`` after
+    ``rules.successes`` good checks in a row, and is removed once it has been
+    unhealthy for ``rules.deregister_after``. A change waiting for confirmation is
+    re-checked at the confirm delay rather than a whole interval later; a new worker
+    whose server is not up yet at the confirm delay, doubling, so a crowd of
+    registrations that never answer costs a few checks each.
     """
+    status = entry.status
+    starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
     if ok:
-        return UNHEALTHY if status == UNHEALTHY and successes < need.successes else HEALTHY
-    return UNHEALTHY if failures >= need.failures and not starting else status
+        new = UNHEALTHY if status == UNHEALTHY and entry.successes < rules.successes else HEALTHY
+    else:
+        new = UNHEALTHY if entry.failures >= rules.failures and not starting else status
+    since = entry._unhealthy_since if new == status else now if new == UNHEALTHY else None
+    removed = rules.deregister_after is not None and since is not None and now - since >= rules.deregister_after
+    pending = new != (HEALTHY if ok else UNHEALTHY)
+    backoff = 2 ** min(entry.failures - 1, 16) if starting and not ok else 1
+    return Verdict(new, removed, confirm_delay(entry.interval) * backoff if pending else None)
 
 
 def confirm_delay(interval: float) -> float:
@@ -1431,339 +1418,33 @@ class _Store:
 
 # -- Health checker ------------------------------------------------------------
 
-
-@functools.lru_cache(maxsize=65_536)
-def _target(url: str, extra_headers: str) -> tuple[str, int, bool, bytes]:
-    """(host, port, https, request bytes) for a health URL; cached, as URLs rarely change."""
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n"
-        f"{extra_headers}Connection: close\r\n\r\n"
-    )
-    return parts.hostname or "", parts.port or (443 if https else 80), https, request.encode("ascii")
-
-
-_CONNECTING, _HANDSHAKE, _SENDING, _READING = range(4)
-
-
-class _Probe:
-    """One check in flight: a non-blocking socket moved along by the pool's selector."""
-
-    __slots__ = (
-        "check",
-        "report",
-        "host",
-        "port",
-        "https",
-        "request",
-        "sock",
-        "started",
-        "buffer",
-        "state",
-        "finished",
-    )
-
-    def __init__(self, check: _Check, extra_headers: str, report: Callable[[_Check, CheckResult], None]) -> None:
-        self.check, self.report = check, report
-        self.host, self.port, self.https, self.request = _target(check.url, extra_headers)
-        self.sock: socket.socket | ssl.SSLSocket | None = None
-        self.started = 0.0  # set when it leaves the queue (_CheckPool._begin)
-        self.buffer = b""
-        self.state = _CONNECTING
-        self.finished = False
-
-
-class _CheckPool:
-    """Runs checks concurrently on one thread: non-blocking sockets and one selector.
-
-    A silent worker costs a socket, not a thread, so it never delays another check.
-    Each check has a total deadline covering connect, TLS, send and the answer's
-    head; only the status line and headers are read (4 KiB at most, never the
-    body: the code and the answering process); redirects are never followed; the
-    connection is fresh each time (as Consul does), so a half-dead keep-alive
-    connection never hides a dead worker. At most ``limit`` checks are in flight,
-    and checks of workers whose last check failed get at most half of them, so
-    silent workers cannot starve healthy ones; more wait their turn in order.
-    """
-
-    def __init__(self, limit: int | None = None) -> None:
-        self._limit = limit or _default_in_flight()
-        # _lock guards _incoming, the only state other threads touch.
-        self._lock = threading.Lock()
-        self._incoming: collections.deque[_Probe] = collections.deque()
-        self._thread: threading.Thread | None = None
-        self._wake_w: socket.socket | None = None  # checks submitted before start() wait for it
-        self._stopping = False
-
-    def start(self) -> None:
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._deadlines: list[tuple[float, int, _Probe]] = []
-        self._seq = itertools.count()
-        # Checks waiting for a slot: of workers whose last check succeeded, and of the others.
-        self._waiting = (collections.deque[_Probe](), collections.deque[_Probe]())
-        self._in_flight = self._untrusted_in_flight = 0
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="picoapi-checks", daemon=True)
-        self._thread.start()
-
-    def submit(
-        self, checks: list[_Check], headers: Mapping[str, str], done: Callable[[_Check, CheckResult], None]
-    ) -> None:
-        """Start ``checks`` (from any thread); ``done`` runs on the pool's thread.
-
-        A check that cannot even be built is reported failed at once, here.
-        """
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        probes = []
-        for check in checks:
-            try:
-                probes.append(_Probe(check, extra, done))
-            except Exception as exc:
-                done(check, CheckResult(False, None, None, f"cannot check {check.url!r}: {type(exc).__name__}"))
-        with self._lock:
-            self._incoming.extend(probes)
-        self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(AttributeError, OSError):  # not started, or the pipe is full: awake already
-            self._wake_w.send(b"\0")  # type: ignore[union-attr]
-
-    def _run(self) -> None:
-        select, deadlines = self._selector.select, self._deadlines
-        while not self._stopping:
-            try:
-                timeout = max(0.0, deadlines[0][0] - time.monotonic()) if deadlines else None
-                for key, mask in select(timeout):
-                    if key.data is None:
-                        self._drain_wake()
-                    else:
-                        self._step(key.data, mask)
-                self._take_incoming()
-                now = time.monotonic()
-                while deadlines and deadlines[0][0] <= now:
-                    probe = heapq.heappop(deadlines)[2]
-                    if not probe.finished:
-                        timeout_text = f"no answer within {probe.check.timeout:g}s"
-                        self._finish(probe, CheckResult(False, None, now - probe.started, timeout_text))
-            except Exception:  # never let the pool's thread die; each probe's own errors are caught below
-                logger.exception("health check pool step failed")
-        for _, _, probe in self._deadlines:
-            if not probe.finished:
-                self._finish(probe, CheckResult(False, None, None, "supervisor stopping"), report=False)
-
-    def _drain_wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            while self._wake_r.recv(4096):
-                pass
-
-    def _take_incoming(self) -> None:
-        with self._lock:
-            batch, self._incoming = self._incoming, collections.deque()
-        trusted, others = self._waiting
-        for probe in batch:
-            (trusted if probe.check.trusted else others).append(probe)
-        while self._in_flight < self._limit:
-            if trusted:
-                self._begin(trusted.popleft())
-            elif others and self._untrusted_in_flight < max(1, self._limit // 2):
-                self._begin(others.popleft())
-            else:
-                break
-
-    def _begin(self, probe: _Probe) -> None:
-        self._in_flight += 1
-        self._untrusted_in_flight += not probe.check.trusted
-        probe.started = time.monotonic()  # the deadline counts from here, not from the queue
-        heapq.heappush(self._deadlines, (probe.started + probe.check.timeout, next(self._seq), probe))
-        address = probe.check.address
-        try:
-            if not address:
-                raise ValueError("no address: its host did not resolve when the registry file was loaded")
-            sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
-            probe.sock = sock
-            sock.setblocking(False)
-            err = sock.connect_ex((address, probe.port))
-        except Exception as exc:
-            self._fail(probe, exc)
-            return
-        if err in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            self._selector.register(sock, selectors.EVENT_WRITE, probe)
-        else:
-            self._fail(probe, OSError(err, os.strerror(err)))
-
-    def _step(self, probe: _Probe, mask: int) -> None:
-        """Move ``probe`` on after a readiness event; anything that goes wrong fails this check alone."""
-        sock = probe.sock
-        assert sock is not None
-        try:
-            if probe.state == _CONNECTING:
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise ConnectionRefusedError(err, os.strerror(err))
-                if probe.https:
-                    self._selector.unregister(sock)
-                    sock = probe.sock = _ssl_context().wrap_socket(
-                        sock, server_hostname=probe.host, do_handshake_on_connect=False
-                    )
-                    self._selector.register(sock, selectors.EVENT_WRITE, probe)
-                    probe.state = _HANDSHAKE
-                else:
-                    probe.state = _SENDING
-            if probe.state == _HANDSHAKE:
-                assert isinstance(sock, ssl.SSLSocket)
-                try:
-                    sock.do_handshake()
-                except ssl.SSLWantReadError:
-                    self._selector.modify(sock, selectors.EVENT_READ, probe)
-                    return
-                except ssl.SSLWantWriteError:
-                    self._selector.modify(sock, selectors.EVENT_WRITE, probe)
-                    return
-                probe.state = _SENDING
-            if probe.state == _SENDING:
-                sent = sock.send(probe.request)
-                probe.request = probe.request[sent:]
-                if not probe.request:
-                    probe.state = _READING
-                    self._selector.modify(sock, selectors.EVENT_READ, probe)
-                return
-            self._read(probe, sock)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-            return  # not ready after all: wait for the next event
-        except Exception as exc:
-            self._fail(probe, exc)
-
-    def _read(self, probe: _Probe, sock: socket.socket) -> None:
-        """Read the status line and the headers (up to 4 KiB; the body never): the code and the instance."""
-        data = sock.recv(4096)
-        if not data:
-            raise ConnectionError("connection closed before an answer")
-        head = probe.buffer = probe.buffer + data
-        line_end = head.find(b"\r\n")
-        if line_end < 0:
-            if len(head) > 512:
-                raise ValueError("no HTTP status line in the first 512 bytes")
-            return
-        parts = head[:line_end].split(None, 2)
-        if not (len(parts) >= 2 and parts[0].startswith(b"HTTP/") and _is_code(parts[1])):
-            raise ValueError("not an HTTP response")  # what it said is not echoed: no banner grabbing
-        end = head.find(b"\r\n\r\n")
-        if end < 0 and len(head) <= MAX_HEAD:
-            return  # more to come
-        found = _INSTANCE_RE.search(head, 0, end if end >= 0 else MAX_HEAD)
-        code, latency = int(parts[1]), time.monotonic() - probe.started
-        ok = 200 <= code < 300
-        instance = found.group(1).decode() if found else None
-        self._finish(probe, CheckResult(ok, code, latency, "" if ok else f"HTTP {code}", instance=instance))
-
-    def _fail(self, probe: _Probe, exc: BaseException) -> None:
-        # Out of descriptors, buffers or local ports is the supervisor's trouble, not the worker's.
-        if isinstance(exc, OSError) and exc.errno in _OWN_TROUBLE:
-            text, own = f"supervisor could not check: {exc.strerror}", True
-        else:
-            text, own = f"{type(exc).__name__}: {exc}", False
-        self._finish(probe, CheckResult(False, None, time.monotonic() - probe.started, _printable(text), own))
-
-    def _finish(self, probe: _Probe, result: CheckResult, *, report: bool = True) -> None:
-        probe.finished = True
-        self._in_flight -= 1
-        self._untrusted_in_flight -= not probe.check.trusted
-        if probe.sock is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(probe.sock)
-            probe.sock.close()
-            probe.sock = None
-        if report:
-            probe.report(probe.check, result)
-
-    def stop(self, timeout: float = 1.0) -> None:
-        """Abandon the checks in flight, close every socket and join the thread."""
-        if self._thread is None:
-            return
-        self._stopping = True
-        self._wake()
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self._selector.close()
-            self._wake_r.close()
-            self._wake_w.close()  # type: ignore[union-attr]
-        self._wake_w = None
-        self._thread = None
-
-
-def _is_code(text: bytes) -> bool:
-    return len(text) == 3 and text.isdigit()
-
-
-_INSTANCE_RE = re.compile(rb"\r\nx-picoapi-instance:[ \t]*([A-Za-z0-9_-]{1,64})[ \t]*\r\n", re.IGNORECASE)
-#: The most of a check's answer that is read: its status line and headers.
+#: The most of a check's answer that is read: its status line and headers (and, to keep its connection, its body).
 MAX_HEAD = 4096
-
+#: A check's connection is used again only for checks that start within this many seconds of its opening: every
+#: worker is connected afresh at least this often, so one that stops accepting connections is still found (README,
+#: "Connections"). Only intervals under it keep one: under uvicorn's idle timeout (5 s), so rarely found closed.
+KEEP_ALIVE = 5.0
 #: errno values that mean the supervisor ran out of something: the check is postponed.
 _OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-
-
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for every https check, made on first use."""
-    return ssl.create_default_context()
-
-
-def _default_in_flight() -> int:
-    """Checks in flight at most: half the descriptors, after raising the soft limit to the hard one."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
-        if soft != resource.RLIM_INFINITY and soft < wanted:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-    except (ImportError, ValueError, OSError):
-        soft = 1024
-    return max(16, min(8192, soft // 2))
-
-
-def check_once(
-    url: str, timeout: float = DEFAULT_HEALTH_TIMEOUT, headers: Mapping[str, str] | None = None, address: str = ""
-) -> CheckResult:
-    """Run one health check of ``url`` (at ``address``, else its host resolved) as the supervisor would.
-
-    Blocks at most ``timeout`` (plus a little).
-    """
-    pool, finished = _CheckPool(limit=1), threading.Event()
-    results: list[CheckResult] = []
-
-    def done(check: _Check, result: CheckResult) -> None:
-        results.append(result)
-        finished.set()
-
-    try:
-        address = address or _resolve(urlsplit(url).hostname or "")
-    except ValueError as exc:
-        return CheckResult(False, None, None, str(exc))
-    pool.start()
-    try:
-        pool.submit([_Check("", url, address, timeout, 0.0)], headers or {}, done)
-        finished.wait(timeout + 1.0)
-    finally:
-        pool.stop()
-    return results[0] if results else CheckResult(False, None, None, "the check did not finish")
+_INSTANCE_RE = re.compile(rb"\r\nx-picoapi-instance:[ \t]*([A-Za-z0-9_-]{1,64})[ \t]*\r\n", re.IGNORECASE)
+_LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,4})[ \t]*\r\n", re.IGNORECASE)
+_CLOSE_RE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
+#: A probe's states, each naming the handler its next readiness event runs (HealthChecker._on_ready); IDLE is a
+#: kept connection between checks (an event there means it was closed, or speaks unasked: it is closed).
+CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "connecting handshaking sending reading idle".split()
+_Done = Callable[[_Check, CheckResult], None]  # where a check's result goes
 
 
 class HealthChecker:
-    """One daemon thread that fires every worker's check when it is due.
+    """One daemon thread that schedules every worker's check and makes it.
 
-    The thread is :meth:`run_pending` plus a wait on the registry's Condition, so
-    a registration, a deregistration or :meth:`stop` wakes it at once. The checks
-    run on ``pool`` (by default one thread with a selector, :class:`_CheckPool`);
-    results go back to the registry, which reschedules.
+    The registry's heap says what is due: the thread pops it (:meth:`run_pending`), starts each check on a
+    non-blocking socket, and waits in one ``select`` until the earlier of the next due check and the next
+    check's deadline. A registration that moves the next check earlier, and :meth:`stop`, wake it through a
+    socket pair. Every result lands in :meth:`Registry.record`. Tests pass ``submit`` to script the results
+    and drive :meth:`run_pending` with a fake clock. At most ``limit`` checks are in flight; workers whose last
+    check failed (or who were never checked) get at most half of them, so silent workers cannot starve the
+    others. A plain-HTTP worker checked more often than :data:`KEEP_ALIVE` keeps its connection between checks.
     """
 
     def __init__(
@@ -1771,14 +1452,40 @@ class HealthChecker:
         registry: Registry,
         *,
         supervisor_id: str = "",
-        pool: Any = None,
         on_change: Callable[[str, StatusChange], None] | None = None,
+        limit: int | None = None,
+        submit: Callable[[list[_Check], Mapping[str, str], _Done], None] | None = None,
     ) -> None:
         self.registry = registry
         #: Sent with every check so a worker knows whose check it received.
         self.headers = {SUPERVISOR_HEADER: supervisor_id} if supervisor_id else {}
-        self._pool = pool if pool is not None else _CheckPool()
         self._on_change = on_change
+        self._submit = submit or self._queue
+        half = _descriptors() // 2
+        self._limit = limit or max(16, min(8192, half))  # checks in flight at most
+        self._max_kept = max(16, half)
+        self._clock = registry.clock
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._on_ready: dict[str, Callable[[_Probe], None]] = {
+            CONNECTING: self._connected,
+            HANDSHAKING: self._handshaking,
+            SENDING: self._write_ready,
+            READING: self._read_ready,
+            IDLE: self._close,
+        }
+        # Only the checker's thread touches these (and run_pending's caller before start()).
+        self._deadlines: list[tuple[float, int, _Probe, _Check]] = []
+        self._seq = itertools.count()
+        self._waiting = (collections.deque[_Check](), collections.deque[_Check]())  # trusted, others
+        self._in_flight = self._untrusted_in_flight = 0
+        self._kept: dict[str, _Probe] = {}  # idle connections by worker id
+        self._report: _Done = self._done
+        self._extra = ""  # the header lines every check sends
+        self._swept = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
         #: Checks fired, and the sum of their lateness (fire time minus due time) in seconds.
@@ -1788,15 +1495,27 @@ class HealthChecker:
         self.postponed = 0
         #: Why the last check could not be made, until one can be again; else "". /health shows it.
         self.trouble = ""
+        registry.wake = self._wake
+
+    @property
+    def in_flight(self) -> int:
+        """Checks started and not finished yet (read-only)."""
+        return self._in_flight
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # The schedule ----------------------------------------------------------------
 
     def run_pending(self) -> int:
-        """Fire every check that is due now; returns how many."""
-        checks = self.registry.pop_due(self.registry.clock())
+        """Start every check that is due now; returns how many."""
+        checks = self.registry.pop_due(self._clock())
         if checks:
-            now = self.registry.clock()
+            now = self._clock()
             self.fired += len(checks)
             self.lateness += sum(now - c.due for c in checks)
-            self._pool.submit(checks, self.headers, self._done)
+            self._submit(checks, self.headers, self._done)
         return len(checks)
 
     def _done(self, check: _Check, result: CheckResult) -> None:
@@ -1818,41 +1537,349 @@ class HealthChecker:
                     logger.info("worker %s is %s (was %s)", check.worker_id, change.new, change.old)
                 if self._on_change is not None:
                     self._on_change(check.worker_id, change)
-        except Exception:  # recording must never kill the pool's thread
+        except Exception:  # recording must never kill the checker's thread
             logger.exception("recording the check of %s failed", check.worker_id)
 
     def start(self) -> None:
-        """Start the pool and the scheduler thread."""
-        if self._thread is not None:
-            return
-        self._stopping = False
-        if hasattr(self._pool, "start"):
-            self._pool.start()
-        self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
-        self._thread.start()
+        """Start the thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
+            self._thread.start()
 
     def _loop(self) -> None:
         while not self._stopping:
             try:
                 self.run_pending()
+                self._poll(self._wait())
             except Exception:  # never let one bad step kill the checker
                 logger.exception("health checker step failed")
-            self.registry.wait_until_due(lambda: self._stopping)
+        self._close_all()
+
+    def _wait(self) -> float | None:
+        """Seconds until the next due check or check deadline, whichever is first (None: neither)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2].check is not deadlines[0][3]:
+            heapq.heappop(deadlines)  # that check finished: its deadline is moot
+        times = [t for t in (self.registry.next_due(), deadlines[0][0] if deadlines else None) if t is not None]
+        return max(0.0, min(times) - self._clock()) if times else None
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # closed, or the pipe is full: awake already
+            self._wake_w.send(b"\0")
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop the thread and the pool, joining both within ``timeout`` seconds in all."""
-        deadline = time.monotonic() + timeout
-        self._stopping = True
-        self.registry.wake()
-        if self._thread is not None:
-            self._thread.join(timeout / 2)
-            self._thread = None
-        if hasattr(self._pool, "stop"):
-            self._pool.stop(max(0.0, deadline - time.monotonic()))
+        """Stop the thread within ``timeout``, abandoning the checks in flight; every socket is closed."""
+        self._stopping, self.registry.wake = True, lambda: None
+        self._wake()
+        if self._thread is None:
+            self._close_all()
+        else:  # the thread closes its sockets as it ends
+            self._thread.join(timeout)
+            self._thread = self._thread if self._thread.is_alive() else None
 
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def _close_all(self) -> None:
+        if self._selector.get_map() is None:
+            return  # closed already
+        for probe in [*(e[2] for e in self._deadlines), *self._kept.values()]:
+            self._close(probe)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # The sockets ------------------------------------------------------------------
+
+    def _queue(self, checks: list[_Check], headers: Mapping[str, str], done: _Done) -> None:
+        """Queue ``checks`` for a slot, starting as many as the slots allow; ``done`` gets each result."""
+        self._extra, self._report = "".join(f"{k}: {v}\r\n" for k, v in headers.items()), done
+        trusted, others = self._waiting
+        for check in checks:
+            (trusted if check.trusted else others).append(check)
+        self._fill()
+
+    def _fill(self) -> None:
+        trusted, others = self._waiting
+        while self._in_flight < self._limit:
+            if trusted:
+                self._begin(trusted.popleft())
+            elif others and self._untrusted_in_flight < max(1, self._limit // 2):
+                self._begin(others.popleft())
+            else:
+                break
+
+    def _begin(self, check: _Check) -> None:
+        """Start ``check``: on the worker's kept connection if it is fresh, else a new one. A check that cannot
+        even be built (a URL it cannot send, say) fails at once, alone."""
+        probe = self._kept.pop(check.worker_id, None) or _Probe()
+        probe.keep = 0 < check.interval < KEEP_ALIVE
+        try:
+            probe.host, probe.port, probe.https, probe.request = _target(check.url, self._extra, probe.keep)
+        except Exception as exc:
+            self._close(probe)
+            self._report(check, CheckResult(False, None, None, f"cannot check {check.url!r}: {type(exc).__name__}"))
+            return
+        probe.keep = probe.keep and not probe.https
+        probe.check, probe.idle_for, probe.sent, probe.buffer, probe.reused = check, check.worker_id, 0, b"", False
+        self._in_flight += 1
+        self._untrusted_in_flight += not check.trusted
+        probe.started = now = self._clock()  # the deadline counts from here, not from the queue
+        probe.state = SENDING
+        heapq.heappush(self._deadlines, (now + check.timeout, next(self._seq), probe, check))
+        try:
+            if probe.sock is not None and now - probe.opened < KEEP_ALIVE and probe.key == (check.url, check.address):
+                probe.reused = True
+                self._write_ready(probe)  # an idle connection can take the request at once
+                return
+            self._connect(probe)
+        except Exception as exc:
+            self._fail(probe, exc)
+
+    def _connect(self, probe: _Probe) -> None:
+        """A new connection for ``probe``'s check, to the address verified at registration."""
+        check = probe.check
+        assert check is not None
+        self._drop_connection(probe)
+        if not check.address:
+            raise ValueError("no address: its host did not resolve when the registry file was loaded")
+        probe.reused, probe.sent, probe.opened, probe.key = False, 0, self._clock(), (check.url, check.address)
+        sock = probe.sock = socket.socket(socket.AF_INET6 if ":" in check.address else socket.AF_INET)
+        sock.setblocking(False)
+        err = sock.connect_ex((check.address, probe.port))
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            raise OSError(err, os.strerror(err))
+        probe.state = CONNECTING
+        self._selector.register(sock, selectors.EVENT_WRITE, probe)
+
+    def _poll(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` for readiness, run each ready probe's handler, then expire deadlines."""
+        on_ready = self._on_ready
+        for key, _ in self._selector.select(timeout):
+            probe = key.data
+            if probe is None:
+                with contextlib.suppress(OSError):
+                    while self._wake_r.recv(4096):
+                        pass
+                continue
+            try:
+                on_ready[probe.state](probe)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                pass  # not ready after all: wait for the next event
+            except Exception as exc:
+                self._fail(probe, exc)
+        now, deadlines = self._clock(), self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, probe, check = heapq.heappop(deadlines)
+            if probe.check is check:
+                self._finish(probe, None, f"no answer within {check.timeout:g}s")
+        if now - self._swept > KEEP_ALIVE:  # kept connections too old to use again (deregistered workers')
+            self._swept = now
+            for probe in [p for p in self._kept.values() if now - p.opened > KEEP_ALIVE]:
+                self._close(probe)
+        self._fill()
+
+    def _connected(self, probe: _Probe) -> None:
+        sock = probe.sock
+        assert sock is not None and probe.check is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise ConnectionRefusedError(err, os.strerror(err))
+        if not probe.https:
+            self._write_ready(probe)
+            return
+        self._selector.unregister(sock)
+        probe.sock = _ssl_context().wrap_socket(sock, server_hostname=probe.host, do_handshake_on_connect=False)
+        probe.state = HANDSHAKING
+        self._selector.register(probe.sock, selectors.EVENT_WRITE, probe)
+        self._handshaking(probe)
+
+    def _handshaking(self, probe: _Probe) -> None:
+        sock = probe.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as want:
+            reading = isinstance(want, ssl.SSLWantReadError)
+            self._selector.modify(sock, selectors.EVENT_READ if reading else selectors.EVENT_WRITE, probe)
+            return
+        self._write_ready(probe)
+
+    def _write_ready(self, probe: _Probe) -> None:
+        sock = probe.sock
+        assert sock is not None
+        probe.state = SENDING
+        sent = sock.send(probe.request[probe.sent :])
+        probe.sent += sent
+        if probe.sent < len(probe.request):
+            self._selector.modify(sock, selectors.EVENT_WRITE, probe)
+            return
+        probe.state = READING
+        self._selector.modify(sock, selectors.EVENT_READ, probe)
+
+    def _read_ready(self, probe: _Probe) -> None:
+        """Read the status line and the headers (up to 4 KiB; the body only to keep a small answer's connection)."""
+        sock, check = probe.sock, probe.check
+        assert sock is not None and check is not None
+        data = sock.recv(MAX_HEAD)
+        if not data:
+            raise ConnectionError("connection closed before an answer")
+        head = probe.buffer = probe.buffer + data
+        line_end = head.find(b"\r\n")
+        if line_end < 0:
+            if len(head) > 512:
+                raise ValueError("no HTTP status line in the first 512 bytes")
+            return
+        parts = head[:line_end].split(None, 2)
+        if not (len(parts) >= 2 and parts[0].startswith(b"HTTP/") and len(parts[1]) == 3 and parts[1].isdigit()):
+            raise ValueError("not an HTTP response")  # what it said is not echoed: no banner grabbing
+        end = head.find(b"\r\n\r\n")
+        if end < 0 and len(head) <= MAX_HEAD:
+            return  # more to come
+        # The connection is kept only after an HTTP/1.1 answer that does not close, with a small body read whole.
+        keep = end >= 0 and probe.keep and parts[0] == b"HTTP/1.1" and not _CLOSE_RE.search(head, 0, end + 2)
+        length = _LENGTH_RE.search(head, 0, end + 2) if keep else None
+        size = end + 4 + int(length.group(1)) if length is not None else MAX_HEAD + 1
+        if size <= MAX_HEAD and len(head) < size:
+            return  # the rest of the body: a kept connection must not hold stale bytes
+        found = _INSTANCE_RE.search(head, 0, end + 2 if end >= 0 else MAX_HEAD)  # the last header's CRLF too
+        code = int(parts[1])
+        instance = found.group(1).decode() if found else None
+        self._finish(probe, code, "" if 200 <= code < 300 else f"HTTP {code}", instance, keep=size <= MAX_HEAD)
+
+    def _fail(self, probe: _Probe, exc: BaseException) -> None:
+        if probe.reused and not probe.buffer and isinstance(exc, OSError) and probe.check is not None:
+            try:  # a kept connection closed or reset before answering: a new one at once, not a failure
+                self._connect(probe)
+                return
+            except Exception as again:
+                exc = again
+        # Out of descriptors, buffers or local ports is the supervisor's trouble, not the worker's.
+        if isinstance(exc, OSError) and exc.errno in _OWN_TROUBLE:
+            self._finish(probe, None, f"supervisor could not check: {exc.strerror}", own=True)
+        else:
+            self._finish(probe, None, _printable(f"{type(exc).__name__}: {exc}"))
+
+    def _finish(
+        self,
+        probe: _Probe,
+        code: int | None,
+        error: str,
+        instance: str | None = None,
+        *,
+        own: bool = False,
+        keep: bool = False,
+    ) -> None:
+        """Report the probe's check (``error`` "" if good; ``own``: the supervisor's trouble) and close its
+        connection, or keep it (``keep``: it may be) while its next check falls within KEEP_ALIVE of its opening.
+        Kept connections, like checks in flight, have at most half the descriptors."""
+        check = probe.check
+        assert check is not None
+        self._in_flight -= 1
+        self._untrusted_in_flight -= not check.trusted
+        if keep and probe.opened + KEEP_ALIVE > check.due + check.interval and len(self._kept) < self._max_kept:
+            probe.state, probe.check = IDLE, None
+            self._kept[check.worker_id] = probe
+        else:
+            self._close(probe)
+        latency, late = self._clock() - probe.started, probe.started - check.due
+        self._report(check, CheckResult(not error, code, latency, error, own, instance, late))
+
+    def _drop_connection(self, probe: _Probe) -> None:
+        if probe.sock is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(probe.sock)
+            probe.sock.close()
+            probe.sock = None
+
+    def _close(self, probe: _Probe) -> None:
+        """Close the probe's connection and forget its check (a kept connection: forget it too)."""
+        self._drop_connection(probe)
+        if probe.state == IDLE:
+            self._kept.pop(probe.idle_for, None)
+        probe.check = None
+
+
+class _Probe:
+    """One check's connection; its :attr:`state` names the handler its next readiness event runs."""
+
+    __slots__ = (
+        *("check", "host", "port", "https", "request", "keep", "sock", "key", "opened", "reused", "started"),
+        *("sent", "buffer", "state", "idle_for"),
+    )
+    host: str
+    port: int
+    https: bool
+    request: bytes
+    #: The answer may leave the connection open for the worker's next check.
+    keep: bool
+    #: This check runs on a kept connection: one found closed before answering is replaced, not failed.
+    reused: bool
+    started: float
+    sent: int
+    buffer: bytes
+    idle_for: str
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | ssl.SSLSocket | None = None
+        self.check: _Check | None = None
+        self.state, self.opened = SENDING, 0.0
+        self.key: tuple[str, str] = ("", "")
+
+
+@functools.lru_cache(maxsize=65_536)
+def _target(url: str, extra_headers: str, keep: bool) -> tuple[str, int, bool, bytes]:
+    """(host, port, https, request bytes) for a health URL; cached, as URLs rarely change."""
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n"
+        f"{extra_headers}Connection: {'keep-alive' if keep and not https else 'close'}\r\n\r\n"
+    )
+    return parts.hostname or "", parts.port or (443 if https else 80), https, request.encode("ascii")
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context for every https check, made on first use: certificates verified with the system store."""
+    return ssl.create_default_context()
+
+
+def _descriptors() -> int:
+    """The soft limit of open files, after raising it to the hard one (a supervisor needs many)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
+    except (ImportError, ValueError, OSError):
+        return 1024
+
+
+def check_once(
+    url: str, timeout: float = DEFAULT_HEALTH_TIMEOUT, headers: Mapping[str, str] | None = None, address: str = ""
+) -> CheckResult:
+    """Run one health check of ``url`` (at ``address``, else its host resolved) as the supervisor would.
+
+    Blocks at most ``timeout`` (plus a little), on the caller's thread.
+    """
+    try:
+        address = address or _resolve(urlsplit(url).hostname or "")
+    except ValueError as exc:
+        return CheckResult(False, None, None, str(exc))
+    results: list[CheckResult] = []
+    checker, deadline = HealthChecker(Registry(), limit=1), time.monotonic() + timeout + 1.0
+    try:
+        checker._queue(
+            [_Check("", url, address, timeout, time.monotonic())], headers or {}, lambda _, r: results.append(r)
+        )
+        while not results and time.monotonic() < deadline:
+            checker._poll(min(checker._wait() or 0.0, deadline - time.monotonic()))
+    finally:
+        checker.stop()
+    return results[0] if results else CheckResult(False, None, None, "the check did not finish")
 
 
 # -- Worker side ---------------------------------------------------------------
@@ -2391,10 +2418,10 @@ def _exposition(registry: Registry, checker: HealthChecker | None) -> str:
     sizes = collections.Counter(tag for w in workers for tag in w.tags)
     top = sorted(sizes, key=lambda tag: (-sizes[tag], tag))[:METRICS_MAX_TAGS]
     tagged: _Samples = [("", {"tag": tag, "status": s}, by_tag[tag, s]) for tag in top for s in STATUSES]
-    postponed = getattr(checker, "postponed", 0)
+    postponed, in_flight = (checker.postponed, checker.in_flight) if checker else (0, 0)
     results = {"ok": metrics.checks[True], "failed": metrics.checks[False], "postponed": postponed}
     checks: _Samples = [("", {"result": result}, n) for result, n in results.items()]
-    trouble = int(bool(getattr(checker, "trouble", "")))
+    trouble = int(bool(checker and checker.trouble))
 
     def histogram(hist: _Histogram) -> _Samples:
         counts = list(hist.counts)  # one snapshot: the +Inf bucket and the count agree
@@ -2410,9 +2437,14 @@ def _exposition(registry: Registry, checker: HealthChecker | None) -> str:
         ("checks_total", "counter", "Health checks by result (postponed: the supervisor could not check).", checks),
         ("check_latency_seconds", "histogram", "Seconds a check took, connect to answer.", histogram(metrics.latency)),
         ("check_lateness_seconds", "histogram", "Seconds a check began after it was due.", histogram(metrics.lateness)),
-        ("checks_in_flight", "gauge", "Health checks under way.", getattr(checker, "in_flight", 0)),
+        ("checks_in_flight", "gauge", "Health checks under way.", in_flight),
         ("registrations_total", "counter", "Registrations that created or changed an entry.", metrics.registrations),
-        ("deregistrations_total", "counter", "Workers removed by a DELETE.", metrics.deregistrations),
+        (
+            "deregistrations_total",
+            "counter",
+            "Workers removed (DELETE, API_DEREGISTER_AFTER).",
+            metrics.deregistrations,
+        ),
         ("checker_trouble", "gauge", "1 while the supervisor cannot make checks.", trouble),
     ]
     for name, kind, text, samples in families:

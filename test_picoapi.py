@@ -815,7 +815,7 @@ def sched() -> tuple[FakeClock, Registry, InlinePool, HealthChecker]:
     clock = FakeClock()
     registry = Registry(clock=clock, wall=clock)
     pool = InlinePool()
-    return clock, registry, pool, HealthChecker(registry, pool=pool, supervisor_id="sup1")
+    return clock, registry, pool, HealthChecker(registry, submit=pool.submit, supervisor_id="sup1")
 
 
 class TestScheduler:
@@ -891,7 +891,7 @@ class TestScheduler:
         clock = FakeClock()
         registry = Registry(clock=clock, wall=clock, failures=1, successes=2)
         pool = InlinePool()
-        checker = HealthChecker(registry, pool=pool)
+        checker = HealthChecker(registry, submit=pool.submit)
         worker, _ = registry.register(reg(interval=4))
         checker.run_pending()
         pool.outcome[worker.id] = [FAIL, OK, OK]
@@ -922,7 +922,7 @@ class TestScheduler:
         registry = Registry(clock=clock, wall=clock, deregister_after=30)
         pool = InlinePool()
         changes: list[Any] = []
-        checker = HealthChecker(registry, pool=pool, on_change=lambda wid, c: changes.append(c))
+        checker = HealthChecker(registry, submit=pool.submit, on_change=lambda wid, c: changes.append(c))
         worker, _ = registry.register(reg(interval=10))
         checker.run_pending()
         pool.outcome[worker.id] = [FAIL] * 10
@@ -939,12 +939,6 @@ class TestScheduler:
             ("healthy", "unhealthy", False),
             ("unhealthy", "unhealthy", True),
         ]
-
-    def test_bring_forward(self, sched: Any) -> None:
-        clock, registry, pool, checker = sched
-        worker, _ = registry.register(reg(interval=100))
-        registry.bring_forward(worker.id)
-        assert checker.run_pending() == 1
 
     def test_new_worker_is_unknown_checked_at_once_and_given_a_start_up_grace(self, sched: Any) -> None:
         clock, registry, pool, checker = sched
@@ -1015,10 +1009,20 @@ class TestCheckerThread:
         assert settled_thread_count() <= threads  # no growth (others may end meanwhile)
         assert len(os.listdir("/proc/self/fd")) <= files  # no growth (others' garbage may close meanwhile)
 
+    def test_a_supervisor_of_ten_thousand_workers_runs_one_thread(self) -> None:
+        """Its own threads: the checker's, whatever the number of workers (checks are sockets, not threads)."""
+        app, port = PicoAPI(mode="supervisor", env_file=None, max_workers=10_000), free_port()
+        with TestClient(app):
+            assert app.registry is not None
+            for i in range(10_000):  # 10,000 ids at one address where nothing listens: checks fail fast
+                app.registry.register(reg(f"127.0.{i // 250}.{i % 250 + 1}", port, interval=1), address="127.0.0.1")
+            wait_for(lambda: sum(w.failures > 0 for w in app.registry.workers()) > 5000, 30, "checks under way")
+            assert picoapi_threads() == ["picoapi-health"]
+
     def test_registration_wakes_the_thread(self) -> None:
         registry = Registry()
         pool = InlinePool()
-        checker = HealthChecker(registry, pool=pool)
+        checker = HealthChecker(registry, submit=pool.submit)
         checker.start()
         try:
             registry.register(reg(interval=0.05))
@@ -1207,27 +1211,104 @@ class TestProbe:
         assert not result.ok and result.error
 
 
-class TestCheckPool:
+@contextlib.contextmanager
+def keep_alive_server(answers_per_connection: int = 1000) -> Iterator[tuple[int, list[int]]]:
+    """An HTTP/1.1 server that keeps connections open; after ``answers_per_connection`` answers it closes the
+    connection when the next request arrives, unanswered. Yields (port, [connections, answers])."""
+    counts = [0, 0]
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.05)
+    stop = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            for answered in range(answers_per_connection + 1):
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+                if answered == answers_per_connection:
+                    return
+                counts[1] += 1
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-PicoAPI-Instance: p1\r\n\r\nok")
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                counts[0] += 1
+                threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], counts
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+class TestKeepAlive:
+    @staticmethod
+    def checked(port: int, good_checks: int) -> picoapi.Worker:
+        """A worker at ``port`` checked every 50 ms until it had ``good_checks`` good checks in a row."""
+        registry = Registry()
+        worker, _ = registry.register(reg("127.0.0.1", port, interval=0.05, instance="p1"))
+        checker = HealthChecker(registry)
+        checker.start()
+        try:
+            wait_for(lambda: registry.get(worker.id).successes >= good_checks, 10, f"{good_checks} good checks")
+        finally:
+            checker.stop()
+        entry = registry.get(worker.id)
+        assert entry is not None
+        return entry
+
+    def test_the_instance_header_is_found_last_in_the_head(self) -> None:
+        with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nX-PicoAPI-Instance: p1\r\n\r\n")) as port:
+            assert probe(port).instance == "p1"
+
+    def test_a_connection_is_kept_and_renewed_every_keep_alive_seconds(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(picoapi, "KEEP_ALIVE", 0.3)
+        with keep_alive_server() as (port, counts):
+            entry = self.checked(port, 30)
+            connections, answers = counts
+        assert entry.failures == 0
+        # Kept: far fewer connections than checks. Renewed: one at least per 0.3 s (6 checks at 0.05 s).
+        assert answers / 7 <= connections <= answers / 2
+
+    def test_a_kept_connection_closed_by_the_worker_is_replaced_not_failed(self) -> None:
+        with keep_alive_server(answers_per_connection=1) as (port, counts):
+            entry = self.checked(port, 20)
+        assert entry.failures == 0 and entry.status == "healthy"
+        assert counts[0] >= 20  # each check found its kept connection closed, and made a new one at once
+
+
+class TestCheckSlots:
     def test_limit_queues_checks_in_order(self) -> None:
         with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as port:
-            pool = picoapi._CheckPool(limit=2)
+            checker = HealthChecker(Registry(), limit=2)
             results: list[Any] = []
             finished = threading.Event()
 
             def done(check: Any, result: CheckResult) -> None:
                 results.append((check.worker_id, result.ok))
+                assert checker.in_flight <= 2
                 if len(results) == 20:
                     finished.set()
 
-            pool.start()
+            checks = [picoapi._Check(str(i), f"http://127.0.0.1:{port}/h", "127.0.0.1", 2.0, 0.0) for i in range(20)]
+            checker._queue(checks, {}, done)
+            checker.start()
             try:
-                checks = [
-                    picoapi._Check(str(i), f"http://127.0.0.1:{port}/h", "127.0.0.1", 2.0, 0.0) for i in range(20)
-                ]
-                pool.submit(checks, {}, done)
                 assert finished.wait(10)
             finally:
-                pool.stop()
+                checker.stop()
         assert sorted(results) == sorted((str(i), True) for i in range(20))
 
     def test_stop_with_checks_in_flight(self) -> None:
@@ -1235,13 +1316,13 @@ class TestCheckPool:
         silent = socket.socket()
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
-        pool = picoapi._CheckPool()
-        pool.start()
+        checker = HealthChecker(Registry())
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/h"
-        pool.submit([picoapi._Check(str(i), url, "127.0.0.1", 30.0, 0.0) for i in range(50)], {}, lambda c, r: None)
-        wait_for(lambda: pool._in_flight == 50, 5, "fifty checks in flight")
+        checker._queue([picoapi._Check(str(i), url, "127.0.0.1", 30.0, 0.0) for i in range(50)], {}, lambda c, r: None)
+        checker.start()
+        wait_for(lambda: checker.in_flight == 50, 5, "fifty checks in flight")
         started = time.monotonic()
-        pool.stop()
+        checker.stop()
         assert time.monotonic() - started < 1.0
         silent.close()
         assert threading.active_count() == before
@@ -1259,7 +1340,7 @@ class TestSilentWorkers:
             silent.append(listener)
         with raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n")) as good_port:
             registry = Registry()
-            checker = HealthChecker(registry, pool=picoapi._CheckPool(limit=8))
+            checker = HealthChecker(registry, limit=8)
             good, _ = registry.register(reg("127.0.0.1", good_port, interval=0.1))
             checker.start()
             try:
@@ -3455,7 +3536,7 @@ class TestMetrics:
 
     def test_postponed_checks_and_trouble_are_the_supervisors_own_errors(self) -> None:
         registry, pool = Registry(clock=FakeClock()), InlinePool()
-        checker = HealthChecker(registry, pool=pool)
+        checker = HealthChecker(registry, submit=pool.submit)
         registry.register(reg("127.0.0.1", 1), address="127.0.0.1")
         pool.outcome["127.0.0.1:1"] = CheckResult(False, None, None, "supervisor could not check: EMFILE", True)
         checker.run_pending()
@@ -4235,7 +4316,7 @@ class TestFaultyHealthEndpoints:
                     wait_for(lambda p=port: registry.get(f"127.0.0.1:{p}").status == "unhealthy", 5, name)
                 classified_s = time.monotonic() - started
                 wait_for(lambda: registry.get(f"127.0.0.1:{good}").successes >= 5, 5, "the good worker's checks")
-                assert checker.is_running and checker._pool._thread.is_alive()
+                assert checker.is_running
             finally:
                 checker.stop()
         for name, (_, error) in faults.items():
@@ -4427,7 +4508,7 @@ class TestCheckerInvariant:
         clock = FakeClock()
         registry = Registry(clock=clock, wall=clock, deregister_after=5.0)
         pool = ScriptedPool()
-        checker = HealthChecker(registry, pool=pool)
+        checker = HealthChecker(registry, submit=pool.submit)
         for action, n, value in steps:
             if action == "register":
                 registry.register(reg(port=n, interval=value))

@@ -3,7 +3,8 @@
     python bench/capacity.py --workers 5000 --first-port 20000 --seconds 20 [--silent 500]
 
 Registers the fake workers straight into ``app.registry`` (the checker is what is
-measured here, not registration), runs for ``--seconds`` after a warm-up interval,
+measured here, not registration), spread evenly over one interval as workers that start
+at different moments are (``--burst``: all at once, so their checks fall due together), runs for ``--seconds`` after a warm-up interval,
 and prints one JSON line. Lateness is fire time minus due time, taken where the
 checker pops due checks.
 """
@@ -34,10 +35,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--silent", type=int, default=0, help="the last N workers never answer")
+    parser.add_argument("--burst", action="store_true", help="register every worker at once, not spread")
+    parser.add_argument("--keep-alive", type=float, help="picoapi.KEEP_ALIVE for this run (0: a connection a check)")
     parser.add_argument("--pid-file", help="write this process's pid here once checks run (for a profiler)")
     parser.add_argument("--registry-file", help="persist the registry here (API_REGISTRY_FILE)")
     args = parser.parse_args()
     raise_nofile()
+    if args.keep_alive is not None:
+        picoapi.KEEP_ALIVE = args.keep_alive
     logging.getLogger("picoapi").setLevel(logging.ERROR)  # a line per status change would be noise here
     app = picoapi.PicoAPI(mode="supervisor", env_file=None, max_workers=args.workers, registry_file=args.registry_file)
     registry = app.registry
@@ -73,7 +78,10 @@ def main() -> None:
         while not server.started:
             time.sleep(0.01)
         rss0, threads0 = rss_bytes(), threads()
+        started = time.monotonic()
         for i in range(args.workers):
+            if not args.burst and i % 20 == 0:  # the i-th worker registers i/n of an interval in
+                time.sleep(max(0.0, started + i / args.workers * args.interval - time.monotonic()))
             p = args.first_port + i
             health = {"url": f"http://127.0.0.1:{p}/health", "interval": args.interval}
             reg = picoapi.Registration.model_validate({"name": "w", "host": "127.0.0.1", "port": p, "health": health})
@@ -113,6 +121,7 @@ def main() -> None:
             rss_mb=round(rss_bytes() / 2**20, 1),
             rss_per_worker_bytes=round((rss_bytes() - rss0) / args.workers),
             threads=peak_threads,
+            picoapi_threads=sorted(t.name for t in threading.enumerate() if t.name.startswith("picoapi")),
             threads_before=threads0,
             silent_marked=len([w for w in silent_ids if w in marked]),
             silent_marked_after_s=round(

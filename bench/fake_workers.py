@@ -1,35 +1,56 @@
 """Fake workers for the benchmarks: one asyncio process answering health checks on many ports.
 
-    python bench/fake_workers.py FIRST_PORT COUNT [--silent N]
+    python bench/fake_workers.py FIRST_PORT COUNT [--silent N] [--control PORT]
 
-Ports FIRST_PORT .. FIRST_PORT+COUNT-1 answer ``200`` at once; the last N of them
-(``--silent``) accept connections and never answer. Port FIRST_PORT-1 answers any
-connection with the number of checks answered so far (for an outside count of the
-checks a supervisor completes). Prints "ready" when listening.
+Ports FIRST_PORT .. FIRST_PORT+COUNT-1 answer ``200`` at once, keeping the connection
+open unless the request says ``Connection: close`` (as a uvicorn worker does); the last N
+of them (``--silent``) accept connections and never answer. The answer is an empty body,
+which is also a valid Prometheus scrape. Port ``--control`` (FIRST_PORT-1 by default)
+answers any connection with the number of checks answered so far (for an outside count of
+the checks a supervisor completes). The port below it takes one line: ``reset`` forgets the
+arrival times recorded so far; ``spacing INTERVAL`` answers, as JSON, how far each port's
+consecutive checks lay from INTERVAL (measured here, outside the checker). A listening
+socket and a kept connection make 2 descriptors a port: bench/run.py runs one process per
+5,000 ports. Prints "ready" when listening.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import resource
 import sys
+import time
 
-ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: 0\r\n\r\n"
+CLOSING = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
 
 ANSWERED = [0]
+ARRIVALS: dict[int, list[float]] = {}
 
 
 class Answer(asyncio.Protocol):
+    def __init__(self, port: int) -> None:
+        self.arrivals = ARRIVALS.setdefault(port, [])
+        self.buffer = b""
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if b"\r\n\r\n" in data:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            request, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            self.arrivals.append(time.monotonic())
             ANSWERED[0] += 1
-            self.transport.write(ANSWER)  # type: ignore[attr-defined]
-            self.transport.close()
+            closing = b"connection: close" in request.lower()
+            self.transport.write(CLOSING if closing else ANSWER)  # type: ignore[attr-defined]
+            if closing:
+                self.transport.close()
+                return
 
 
 class Count(asyncio.Protocol):
@@ -38,22 +59,67 @@ class Count(asyncio.Protocol):
         transport.close()
 
 
+class Control(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport, self.buffer = transport, b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\n" not in self.buffer:
+            return
+        command = self.buffer.split(b"\n", 1)[0].decode().split()
+        if command[0] == "reset":
+            for arrivals in ARRIVALS.values():
+                arrivals.clear()
+            answer = {"ok": True}
+        else:
+            answer = spacing(float(command[1]))
+        self.transport.write(json.dumps(answer).encode())  # type: ignore[attr-defined]
+        self.transport.close()
+
+
+def spacing(interval: float) -> dict[str, object]:
+    """Each port's gaps between consecutive checks against ``interval``: every deviation (ms) and missed checks."""
+    deviations: list[float] = []
+    missed = checks = 0
+    for arrivals in ARRIVALS.values():
+        checks += len(arrivals)
+        for before, after in zip(arrivals, arrivals[1:]):
+            gap = after - before
+            deviations.append(abs(gap - interval))
+            missed += max(0, round(gap / interval) - 1)
+    return {
+        "ports": sum(1 for a in ARRIVALS.values() if a),
+        "checks": checks,
+        "missed": missed,
+        "deviations_ms": [round(d * 1000, 2) for d in deviations],
+    }
+
+
 class Silent(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         pass
 
 
 def raise_nofile() -> None:
+    """A listening socket and a kept connection per port need 2 descriptors a port: past the hard limit if allowed."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 65536), max(hard, 65536)))
+    except (ValueError, OSError):  # not allowed to raise the hard limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(first: int, count: int, silent: int) -> None:
+async def serve(first: int, count: int, silent: int, control: int) -> None:
     loop = asyncio.get_running_loop()
-    await loop.create_server(Count, "127.0.0.1", first - 1, reuse_address=True)
+    await loop.create_server(Count, "127.0.0.1", control, reuse_address=True)
+    await loop.create_server(Control, "127.0.0.1", control - 1, reuse_address=True)
     for port in range(first, first + count):
-        protocol = Silent if port >= first + count - silent else Answer
-        await loop.create_server(protocol, "127.0.0.1", port, backlog=1024, reuse_address=True)
+        if port >= first + count - silent:
+            await loop.create_server(Silent, "127.0.0.1", port, backlog=1024, reuse_address=True)
+        else:
+            factory = lambda port=port: Answer(port)  # noqa: E731
+            await loop.create_server(factory, "127.0.0.1", port, backlog=1024, reuse_address=True)
     print("ready", flush=True)
     await asyncio.Event().wait()
 
@@ -63,10 +129,11 @@ def main() -> None:
     parser.add_argument("first", type=int)
     parser.add_argument("count", type=int)
     parser.add_argument("--silent", type=int, default=0)
+    parser.add_argument("--control", type=int, help="the count port, the spacing port below it (FIRST_PORT-1)")
     args = parser.parse_args()
     raise_nofile()
     try:
-        asyncio.run(serve(args.first, args.count, args.silent))
+        asyncio.run(serve(args.first, args.count, args.silent, args.control or args.first - 1))
     except KeyboardInterrupt:
         sys.exit(0)
 
