@@ -1953,6 +1953,8 @@ class HealthChecker:
 
 # -- Worker side ---------------------------------------------------------------
 
+_NOT_A_SUPERVISOR = "is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
+
 
 @dataclasses.dataclass
 class _Supervisor:
@@ -2071,22 +2073,19 @@ class Registrar:
                 sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
             logger.info("registered with %s as %s (instance %s)", sup.url, self._id, self.body.get("instance"))
             return None
+        why = f"HTTP {status}: {_detail(content)}"
         if 200 <= status < 300:
-            sup.error = (
-                f"answered {status} but not with this worker's entry: "
-                "is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
-            )
+            why = f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}"
         elif 300 <= status < 400:  # following one would turn the PUT into a GET somewhere else
-            sup.error = self._safe(
+            why = (
                 f"HTTP {status} redirect to {resp.headers.get('Location')}, not followed: "
                 "set API_REGISTER_PATH to the supervisor's own /register URL"
             )
-        else:
-            sup.error = self._safe(f"HTTP {status}: {_detail(content)}")
-            if status >= 500 or status in (408, 429):
-                return _retry_after(resp.headers.get("Retry-After")) or 0.0
-            if status == 409:
-                raise _Served(f"{self._id} is served by another live instance; {sup.url} refused this one: {sup.error}")
+        sup.error = self._safe(why)
+        if status >= 500 or status in (408, 429):
+            return _retry_after(resp.headers.get("Retry-After")) or 0.0
+        if status == 409:
+            raise _Served(f"{self._id} is served by another live instance; {sup.url} refused this one: {sup.error}")
         raise _Refused(f"refused the registration: {sup.error}")
 
     def _safe(self, text: str) -> str:
@@ -3678,10 +3677,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     started, interval = time.monotonic(), args.interval
     procs: dict[str, subprocess.Popen[bytes]] = {}
     ports = {name: _free_port() for name in ("supervisor", *_DEMO_WORKERS)}
-    url, env = (
-        f"http://127.0.0.1:{ports['supervisor']}",
-        {k: v for k, v in os.environ.items() if not k.startswith("API_")},
-    )
+    url = f"http://127.0.0.1:{ports['supervisor']}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}  # each side reads its own file
 
     def say(text: str) -> float:
         print(f"[{time.monotonic() - started:5.1f}s] {text}", flush=True)
@@ -3689,11 +3686,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     def start(name: str) -> None:
         """``picoapi supervisor|worker --env-file NAME.env``: each side with its own settings, as a user starts it."""
-        path, command, settings = (
-            os.path.join(workdir, name),
-            ["supervisor"],
-            f"API_BIND=127.0.0.1\nAPI_PORT={ports[name]}\n",
-        )
+        path, command = os.path.join(workdir, name), ["supervisor"]
+        settings = f"API_BIND=127.0.0.1\nAPI_PORT={ports[name]}\n"
         if name in _DEMO_WORKERS:
             command = ["worker", "picoapi:demo_worker"]
             settings += f"API_HOST=127.0.0.1\nAPI_TITLE={name}\nAPI_TAGS={_DEMO_WORKERS[name][0]}\n"
