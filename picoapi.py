@@ -3575,7 +3575,8 @@ def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[
 
 
 def _workers(n: int, status: str = "") -> str:
-    return f"{n} {status}{' ' if status else ''}worker{'' if n == 1 else 's'}"
+    """'1 worker', '2 healthy workers'."""
+    return " ".join(filter(None, (str(n), status, "worker" if n == 1 else "workers")))
 
 
 def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
