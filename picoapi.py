@@ -314,9 +314,7 @@ def _causes(exc: BaseException) -> list[BaseException]:
     chain = [exc]
     while len(chain) < 10:
         last = chain[-1]
-        inner = getattr(last, "reason", None) or last.__cause__ or last.__context__
-        if inner is None and last.args and isinstance(last.args[0], BaseException):
-            inner = last.args[0]
+        inner = getattr(last, "reason", None) or last.__cause__ or last.__context__ or (last.args or [None])[0]
         if not isinstance(inner, BaseException) or inner in chain:
             break
         chain.append(inner)
@@ -324,9 +322,9 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'."""
+    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was."""
     root = _causes(exc)[-1]
-    return f"{type(root).__name__}: {root}"
+    return str(exc) if isinstance(exc, _Cut) else f"{type(root).__name__}: {root}"
 
 
 def _json(content: bytes) -> Any:
@@ -337,9 +335,13 @@ def _json(content: bytes) -> Any:
         return None
 
 
+class _Cut(requests.Timeout):
+    """A request cut at its deadline or by stop(); the message says which."""
+
+
 class _CutConnection(urllib3.connection.HTTPConnection):
-    """Hands ``on_socket`` a duplicate of its socket: shutdown() acts on the socket, not the
-    descriptor, so another thread can cut the connection with it, even once TLS wrapped the original."""
+    """Hands ``on_socket`` a duplicate of its socket: shutdown() acts on the socket, not the descriptor, so
+    another thread can cut the connection with it, even once TLS wrapped the original."""
 
     def __init__(self, *args: Any, on_socket: Callable[[socket.socket], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -356,8 +358,8 @@ class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
 
 
 class _Cuttable(requests.adapters.HTTPAdapter):
-    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each
-    read, not the answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
+    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each read, not
+    the answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
 
     def __init__(self) -> None:
         super().__init__(max_retries=0)
@@ -397,7 +399,7 @@ def _bounded_request(
 ) -> tuple[requests.Response, bytes | None]:
     """One request through ``adapter``, no redirects, cut after ``timeout`` seconds in all (connect to last
     byte); returns the answer and its body, None when over ``limit`` bytes (the rest is never read). Raises
-    requests' errors; ``adapter.is_cut`` tells a deadline from another failure."""
+    requests' errors, :class:`_Cut` when cut (``adapter.is_cut`` then says so too)."""
     timer = threading.Timer(timeout, adapter.cut)
     timer.name, timer.daemon = "picoapi-deadline", True
     timer.start()
@@ -412,13 +414,13 @@ def _bounded_request(
                     if len(content) > limit:
                         return resp, None
                 return resp, content
+    except requests.RequestException as exc:
+        if adapter.is_cut:
+            raise _Cut(f"timed out: no complete answer within {timeout:g}s") from exc
+        raise
     finally:
         timer.cancel()
         timer.join()
-
-
-class _Cut(requests.Timeout):
-    """A request cut at its deadline or by stop(); the message says which."""
 
 
 # -- Configuration -----------------------------------------------------------
@@ -1884,7 +1886,6 @@ def check_once(
 
 # -- Worker side ---------------------------------------------------------------
 
-_RETRY_STATUS = {408, 429}
 _NOT_A_SUPERVISOR = "is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
 
 
@@ -1918,12 +1919,10 @@ class _Served(_Refused):
 class Registrar:
     """Registers a worker with its supervisors and keeps it registered.
 
-    :meth:`register_all` blocks (``timeout`` in all, connect to last byte) with retry and
-    backoff; :meth:`start` runs one daemon thread that retries the supervisors still
-    missing and re-registers with any whose checks stopped and that no longer check us
-    (they forgot us), and checks once that this worker answers where it registered;
-    :meth:`deregister_all` leaves every supervisor within ``DEREGISTER_TIMEOUT``.
-    Every round asks all the supervisors at once (:meth:`_each`): one that hangs holds up no other.
+    :meth:`register_all` blocks (``timeout`` in all) with retry and backoff; :meth:`start` runs a daemon thread
+    that retries the supervisors still missing and registers again with any that stopped checking and no longer
+    knows us, and checks once that this worker answers where it registered; :meth:`deregister_all` leaves them
+    within ``DEREGISTER_TIMEOUT``. Each round asks them all at once (:meth:`_each`): one that hangs holds up none.
     """
 
     def __init__(
@@ -1969,22 +1968,19 @@ class Registrar:
     def _send(
         self, url: str, timeout: float, method: str = "GET", **sent: Any
     ) -> tuple[requests.Response, bytes | None]:
-        """One request (the token only where passed in ``sent``), no redirects, cut after ``timeout`` seconds in all
-        or by :meth:`stop`, which only a DELETE may follow; returns the answer and its body, None if over MAX_BODY
-        bytes (never read). Raises requests' errors."""
-        adapter = _Cuttable()
+        """:func:`_bounded_request` with MAX_BODY (the token only where passed in ``sent``), cut by :meth:`stop`
+        too, after which only a DELETE is sent."""
+        adapter, stoppable = _Cuttable(), method != "DELETE"
         with self._lock:
-            if self._stop.is_set() and method != "DELETE":
+            if self._stop.is_set() and stoppable:
                 raise _Cut("not sent: the registrar is stopping")
             self._in_flight.add(adapter)
         try:
             return _bounded_request(adapter, method, url, timeout, MAX_BODY, **sent)
-        except requests.RequestException as exc:
-            if not adapter.is_cut:
-                raise
-            cut_by_stop = self._stop.is_set() and method != "DELETE"
-            why = "cut by stop()" if cut_by_stop else f"timed out: no complete answer within {timeout:g}s"
-            raise _Cut(why) from exc
+        except _Cut as exc:
+            if self._stop.is_set() and stoppable:
+                raise _Cut("cut by stop()") from exc
+            raise
         finally:
             with self._idle:
                 self._in_flight.discard(adapter)
@@ -1998,7 +1994,7 @@ class Registrar:
         try:
             resp, content = self._send(sup.url, max(0.05, timeout), "PUT", json=self.body, headers=self._headers)
         except requests.RequestException as exc:
-            sup.error = self._safe(str(exc) if isinstance(exc, _Cut) else _root_cause(exc))
+            sup.error = self._safe(_root_cause(exc))
             return 0.0
         status = resp.status_code
         if content is None:
@@ -2010,19 +2006,19 @@ class Registrar:
                 sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
             logger.info("registered with %s as %s (instance %s)", sup.url, self._id, self.body.get("instance"))
             return None
+        why = f"HTTP {status}: {_detail(content)}"
         if 200 <= status < 300:
-            sup.error = f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}"
+            why = f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}"
         elif 300 <= status < 400:  # following one would turn the PUT into a GET somewhere else
-            sup.error = self._safe(
+            why = (
                 f"HTTP {status} redirect to {resp.headers.get('Location')}, not followed: "
                 "set API_REGISTER_PATH to the supervisor's own /register URL"
             )
-        else:
-            sup.error = self._safe(f"HTTP {status}: {_detail(content)}")
-            if status >= 500 or status in _RETRY_STATUS:
-                return _retry_after(resp.headers.get("Retry-After")) or 0.0
-            if status == 409:
-                raise _Served(f"{self._id} is served by another live instance; {sup.url} refused this one: {sup.error}")
+        sup.error = self._safe(why)
+        if status >= 500 or status in (408, 429):
+            return _retry_after(resp.headers.get("Retry-After")) or 0.0
+        if status == 409:
+            raise _Served(f"{self._id} is served by another live instance; {sup.url} refused this one: {sup.error}")
         raise _Refused(f"refused the registration: {sup.error}")
 
     def _safe(self, text: str) -> str:
@@ -2030,11 +2026,8 @@ class Registrar:
         return _printable(text.replace(self._token, "***") if self._token else text)
 
     def _retry_later(self, sup: _Supervisor, asked: float, *, refused: bool = False) -> float:
-        """Set ``sup``'s next attempt after a failed one; returns the delay.
-
-        The delay is the larger of what the supervisor asked (Retry-After) and the
-        backoff; a refusal (4xx) is retried only at the backoff's cap.
-        """
+        """Set ``sup``'s next attempt after a failed one, at the larger of what it asked (Retry-After) and the
+        backoff, which a refusal puts at its cap; returns the delay."""
         if refused:
             sup.attempts = max(sup.attempts, _ATTEMPTS_AT_CAP)
         delay = max(asked, self.backoff(sup.attempts))
@@ -2060,9 +2053,9 @@ class Registrar:
     def register_all(self) -> None:
         """Register with every supervisor at once, blocking at most ``timeout`` seconds.
 
-        Raises :class:`RegistrationError` when a supervisor answers that another live
-        process serves this host:port (409), or when ``required`` and any supervisor is
-        still missing; otherwise logs a warning and leaves it to :meth:`start`.
+        Raises :class:`RegistrationError` when a supervisor answers that another live process serves this
+        host:port (409), or when ``required`` and any supervisor is still missing; otherwise logs a warning and
+        leaves it to :meth:`start`.
         """
         deadline = self._clock() + self.timeout
         errors: dict[str, str] = {}
@@ -2166,7 +2159,7 @@ class Registrar:
             resp, content = self._send(url, min(self.body["health"]["interval"], DEFAULT_HEALTH_TIMEOUT))
             found = _who_else(resp, content, self.body)
         except Exception as exc:  # requests' errors, or any other: the timer's thread never dies of it
-            found = f"nothing answers there ({self._safe(str(exc) if isinstance(exc, _Cut) else _root_cause(exc))})"
+            found = f"nothing answers there ({self._safe(_root_cause(exc))})"
         if found and not self._stop.is_set():  # shutting down cuts the check: nothing to report
             logger.error(
                 "registered %s but %s: the server binds another port or address; pass --port %s to uvicorn "
@@ -3365,12 +3358,14 @@ def _json_response(content: Any, status_code: int = 200, headers: Mapping[str, s
 # -- Command line --------------------------------------------------------------
 
 
-def _load_app(args: argparse.Namespace) -> PicoAPI:
-    """The app ``picoapi supervisor|worker`` serves: ``args.app`` (``module:attribute``, an app or an app factory,
-    from the working directory), else a bare supervisor. --env-file, --port and --bind go into this process's
-    environment first (the environment still wins over the file), so the app reads them as it is built: the port
-    it registers is the port served."""
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``picoapi supervisor|worker``: serve ``args.app`` (``module:attribute``, an app or an app factory, from the
+    working directory), else a bare supervisor. --env-file, --port and --bind go into this process's environment
+    first (the environment still wins over the file), so the app reads them as it is built: the port it registers
+    is the port served."""
     import importlib
+
+    import uvicorn  # only the command line needs it
 
     if args.env_file:
         if not os.path.isfile(args.env_file):
@@ -3380,64 +3375,40 @@ def _load_app(args: argparse.Namespace) -> PicoAPI:
     for var, value in (("API_PORT", args.port), ("API_BIND", args.bind)):
         if value:
             os.environ[var] = str(value)
-    if not args.app:
+    if args.app:
+        module_name, _, attr = args.app.partition(":")
+        sys.path.insert(0, os.getcwd())
+        try:
+            app = getattr(importlib.import_module(module_name), attr or "app")
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"cannot load the app {args.app!r} (expected module:attribute): {exc}") from exc
+        if callable(app) and not isinstance(app, FastAPI):
+            app = app()  # an app factory
+        if not isinstance(app, PicoAPI):
+            raise ConfigError(f"{args.app!r} is a {type(app).__name__}, not a PicoAPI app")
+        if app.mode != args.command:
+            raise ConfigError(f"{args.app!r} is a {app.mode}; run it with 'picoapi {app.mode}'")
+    else:
         app = PicoAPI(mode="supervisor")
         if "title" not in app.config.configured:
             app.title = "PicoAPI supervisor"
-        return app
-    module_name, _, attr = args.app.partition(":")
-    sys.path.insert(0, os.getcwd())
-    try:
-        app = getattr(importlib.import_module(module_name), attr or "app")
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load the app {args.app!r} (expected module:attribute): {exc}") from exc
-    if callable(app) and not isinstance(app, FastAPI):
-        app = app()  # an app factory
-    if not isinstance(app, PicoAPI):
-        raise ConfigError(f"{args.app!r} is a {type(app).__name__}, not a PicoAPI app")
-    if app.mode != args.command:
-        raise ConfigError(f"{args.app!r} is a {app.mode}; run it with 'picoapi {app.mode}'")
-    return app
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn  # only the command line needs it
-
-    app = _load_app(args)
     if not app.config.bind:
         raise ConfigError("API_BIND must be set to serve (e.g. 127.0.0.1 or 0.0.0.0), or pass --bind")
     uvicorn.run(app, host=app.config.bind, port=app.config.port, log_level="info")
     return 0
 
 
-def _supervisor_url(url: str | None) -> str:
-    """A supervisor's base URL from ``url`` (its base or /register URL), else from API_REGISTER_PATH."""
-    urls = [url] if url else Config.load().register_urls
-    if not urls:
-        raise ConfigError(
-            "no supervisor to ask: pass its URL (e.g. picoapi status http://127.0.0.1:8100) or set API_REGISTER_PATH"
-        )
-    return _base_url(urls[0])
-
-
-@functools.cache
-def _status_page() -> TypeAdapter[list[WorkerOut]]:
-    """A page of GET /services, read by the model the route declares (built on first use, not at import)."""
-    return TypeAdapter(list[WorkerOut])
-
-
 def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
-    """The supervisor's entries page after page, at most STATUS_MAX_PAGES: (entries, whether that is all).
-
-    Raises :class:`PicoAPIError`, one line, if it cannot be reached or is not a PicoAPI supervisor.
-    """
-    where, entries, after = url + SERVICES_ROUTE, list[dict[str, Any]](), None
+    """The supervisor's entries page after page, at most STATUS_MAX_PAGES: (entries, whether that is all), each
+    page read by the model the route declares. Raises :class:`PicoAPIError`, one line, if it cannot be reached
+    or is not a PicoAPI supervisor."""
+    where, entries, pages = url + SERVICES_ROUTE, list[dict[str, Any]](), TypeAdapter(list[WorkerOut])
 
     def not_one(why: str) -> PicoAPIError:
         return PicoAPIError(f"{where} {why}: not a PicoAPI supervisor (pass its base URL or its /register URL)")
 
     for _ in range(STATUS_MAX_PAGES):
-        query: dict[str, Any] = {"tag": list(tags), "limit": SERVICES_PAGE, "after": after}
+        query = {"tag": list(tags), "limit": SERVICES_PAGE, "after": entries[-1]["id"] if entries else None}
         try:
             resp = requests.get(where, params=query, timeout=timeout)
         except requests.RequestException as exc:
@@ -3447,25 +3418,25 @@ def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[
             raise not_one(said) if resp.status_code in (404, 405) else PicoAPIError(f"{where} {said}")
         try:
             page = resp.json()
-            ids = [entry.id for entry in _status_page().validate_python(page, strict=True)]
+            ids = [entry.id for entry in pages.validate_python(page, strict=True)]
         except requests.JSONDecodeError:
             raise not_one("did not answer JSON") from None
         except ValidationError as exc:
             error = exc.errors()[0]
             where_in = "entry " + ".".join(map(str, error["loc"])) if error["loc"] else "the answer"
             raise not_one(_printable(f"sent a malformed page ({where_in}: {error['msg']})")) from None
-        ids = [entries[-1]["id"], *ids] if entries else ids
+        ids = [entry["id"] for entry in entries[-1:]] + ids
         if ids != sorted(set(ids)):  # strictly rising ids: the pages cannot repeat or loop
             raise not_one("sent entries out of id order")
         entries += page
         if not page or "next" not in resp.links:
             return entries, True
-        after = entries[-1]["id"]
     return entries, False
 
 
-def _workers(n: int) -> str:
-    return f"{n} worker{'' if n == 1 else 's'}"
+def _workers(n: int, status: str = "") -> str:
+    """'1 worker', '2 healthy workers'."""
+    return " ".join(filter(None, (str(n), status, "worker" if n == 1 else "workers")))
 
 
 def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
@@ -3496,7 +3467,7 @@ def _wait_for(
         alive()
         if time.monotonic() > deadline:
             tagged = f" tagged {' and '.join(tags)}" if tags else ""
-            raise PicoAPIError(f"timed out waiting for {count} {status} worker{'' if count == 1 else 's'}{tagged}{why}")
+            raise PicoAPIError(f"timed out waiting for {_workers(count, status)}{tagged}{why}")
         time.sleep(0.05)
         try:
             found, why = [e for e in _services(url, tags, min(timeout, 5.0))[0] if e["status"] == status], ""
@@ -3506,10 +3477,15 @@ def _wait_for(
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    url = _supervisor_url(args.url)
+    urls = [args.url] if args.url else Config.load().register_urls
+    if not urls:
+        raise ConfigError(
+            "no supervisor to ask: pass its URL (e.g. picoapi status http://127.0.0.1:8100) or set API_REGISTER_PATH"
+        )
+    url, tags = _base_url(urls[0]), args.tag or []
     if args.wait:
-        _wait_for(url, args.tag or [], args.wait, args.timeout)
-    entries, complete = _services(url, args.tag or [], args.timeout)
+        _wait_for(url, tags, args.wait, args.timeout)
+    entries, complete = _services(url, tags, args.timeout)
     if args.json:
         print(json.dumps(entries, indent=2))  # ensure_ascii: every control character escaped
     else:
@@ -3561,18 +3537,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     started, interval = time.monotonic(), args.interval
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    url, ports = f"http://127.0.0.1:{_free_port()}", {name: _free_port() for name in _DEMO_WORKERS}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+    ports = {name: _free_port() for name in ("supervisor", *_DEMO_WORKERS)}
+    url = f"http://127.0.0.1:{ports['supervisor']}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}  # each side reads its own file
 
     def say(text: str) -> float:
         print(f"[{time.monotonic() - started:5.1f}s] {text}", flush=True)
         return time.monotonic()
 
-    def start(name: str, command: list[str], settings: str) -> None:
-        """``picoapi COMMAND --env-file NAME.env``: each side with its settings, as a user starts it."""
-        path = os.path.join(workdir, name)
+    def start(name: str) -> None:
+        """``picoapi supervisor|worker --env-file NAME.env``: each side with its own settings, as a user starts it."""
+        path, command = os.path.join(workdir, name), ["supervisor"]
+        settings = f"API_BIND=127.0.0.1\nAPI_PORT={ports[name]}\n"
+        if name in _DEMO_WORKERS:
+            command = ["worker", "picoapi:demo_worker"]
+            settings += f"API_HOST=127.0.0.1\nAPI_TITLE={name}\nAPI_TAGS={_DEMO_WORKERS[name][0]}\n"
+            settings += f"API_REGISTER_PATH={url}{REGISTER_ROUTE}\nAPI_HEALTH_INTERVAL={interval}\n"
         with open(path + ".env", "w") as env_file:
-            env_file.write(f"API_BIND=127.0.0.1\n{settings}")
+            env_file.write(settings)
         with open(path + ".log", "ab") as log:
             procs[name] = subprocess.Popen(
                 # This very file, by its path: its folder comes first on the child's sys.path, so a copy
@@ -3585,11 +3567,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
 
-    def start_worker(name: str) -> None:
-        settings = f"API_HOST=127.0.0.1\nAPI_PORT={ports[name]}\nAPI_TITLE={name}\nAPI_TAGS={_DEMO_WORKERS[name][0]}\n"
-        settings += f"API_REGISTER_PATH={url}{REGISTER_ROUTE}\nAPI_HEALTH_INTERVAL={interval}\n"
-        start(name, ["worker", "picoapi:demo_worker"], settings)
-
     def alive() -> None:
         for name, proc in procs.items():
             if proc.poll() is not None:
@@ -3600,9 +3577,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="picoapi-demo-") as workdir:
             try:
                 say(f"supervisor starting: dashboard {url}{DASHBOARD_ROUTE} (open it now), API docs {url}/docs")
-                start("supervisor", ["supervisor"], f"API_PORT={urlsplit(url).port}\n")
-                for name in _DEMO_WORKERS:
-                    start_worker(name)
+                for name in ports:
+                    start(name)
                 for entry in _wait_for(url, ["text"], len(_DEMO_WORKERS), 30, alive=alive):
                     tags = ",".join(entry["tags"])
                     say(f"registered: {entry['name']:<8} {entry['id']:<16} tags={tags:<14} {entry['status']}")
@@ -3625,7 +3601,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 say(f"supervisor marked 'reverse' unhealthy after {took:.2f}s (interval {interval:g}s)")
                 time.sleep(args.pace * 1.5)
                 since = say("restarting worker 'reverse'")
-                start_worker("reverse")
+                start("reverse")
                 _wait_for(url, ["reverse"], 1, 20, alive=alive)
                 say(f"'reverse' is healthy again after {time.monotonic() - since:.2f}s")
                 time.sleep(args.pace)
@@ -3642,11 +3618,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 for proc in procs.values():
                     proc.terminate()
                 for proc in procs.values():
-                    try:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(5)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                    proc.kill()  # no signal once it has ended
+                    proc.wait()
     except KeyboardInterrupt:
         say("interrupted: stopped everything")
         return 130
