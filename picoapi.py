@@ -1469,6 +1469,7 @@ class HealthChecker:
         self._clock = registry.clock
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._woken = False  # a byte is in the pipe, unread: the thread is up, or about to be (no second send)
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -1566,6 +1567,9 @@ class HealthChecker:
         return max(0.0, min(times) - self._clock()) if times else None
 
     def _wake(self) -> None:
+        if self._woken:  # a burst of registrations wakes the thread once, not once each
+            return
+        self._woken = True
         with contextlib.suppress(OSError):  # closed, or the pipe is full: awake already
             self._wake_w.send(b"\0")
 
@@ -1657,6 +1661,7 @@ class HealthChecker:
         for key, _ in self._selector.select(timeout):
             probe = key.data
             if probe is None:
+                self._woken = False  # before reading: a wake from now on sends again
                 with contextlib.suppress(OSError):
                     while self._wake_r.recv(4096):
                         pass

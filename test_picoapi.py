@@ -1030,6 +1030,22 @@ class TestCheckerThread:
         finally:
             checker.stop()
 
+    def test_a_burst_of_wakes_is_one_byte_and_the_next_registration_still_wakes(self) -> None:
+        registry, pool = Registry(), InlinePool()
+        checker = HealthChecker(registry, submit=pool.submit)
+        for _ in range(100):
+            registry.wake()
+        assert checker._wake_r.recv(4096) == b"\0"  # one byte for the whole burst
+        checker._woken = False  # as the thread does before it reads
+        checker.start()
+        try:
+            registry.register(reg("127.0.0.1", 1, interval=100))
+            wait_for(lambda: len(pool.fired) == 1, 5, "the first worker's check")
+            registry.register(reg("127.0.0.1", 2, interval=100))  # the thread sleeps ~100 s: only a wake helps
+            wait_for(lambda: len(pool.fired) == 2, 5, "the second worker's check, at once")
+        finally:
+            checker.stop()
+
 
 # -- The probe against real sockets ----------------------------------------------------
 
