@@ -1040,8 +1040,11 @@ class Registry:
             if entry is not None and _content_of(entry) == content:
                 if reg.instance and reg.instance not in entry.instances:  # the oldest are dropped
                     entry.instances = (*entry.instances, reg.instance)[-MAX_INSTANCES:]
-                # Restarted while not healthy, say: checked now, not an interval later.
-                moved = entry.status != HEALTHY and self._schedule(entry, self.clock())
+                # Restarted while not healthy, say: checked now, not an interval later (unless a check is under way
+                # or due already: a flood of refreshes makes no flood of checks).
+                now = self.clock()
+                idle = entry._busy_until <= now < entry._due
+                moved = entry.status != HEALTHY and idle and self._schedule(entry, now)
             else:
                 if entry is None:
                     if len(self._workers) >= self.max_workers:

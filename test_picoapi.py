@@ -748,6 +748,16 @@ class TestRegistry:
         assert len(registry) == 1
         assert registry.workers("a") == [] and [w.id for w in registry.workers("b")] == [worker.id]
 
+    def test_a_flood_of_refreshes_while_a_check_is_under_way_schedules_nothing_more(self) -> None:
+        clock = FakeClock()
+        registry = Registry(clock=clock, wall=clock)
+        registry.register(reg())
+        assert len(registry.pop_due(clock())) == 1  # under way; its next check is scheduled
+        scheduled = len(registry._heap)
+        for _ in range(100):
+            registry.register(reg())  # not healthy yet, refreshed again and again
+        assert len(registry._heap) == scheduled and registry.pop_due(clock()) == []
+
     def test_a_check_answered_by_another_process_fails(self) -> None:
         registry = Registry()
         worker, _ = registry.register(reg(instance="p1"))
