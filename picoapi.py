@@ -46,6 +46,7 @@ import gc
 import hashlib
 import heapq
 import hmac
+import http.client
 import inspect
 import ipaddress
 import itertools
@@ -322,15 +323,20 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was."""
+    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was.
+    A protocol error's words (BadStatusLine: 'SSH-2.0-...') are what the far end sent: its kind is all it says."""
     root = _causes(exc)[-1]
-    return str(exc) if isinstance(exc, _Cut) else f"{type(root).__name__}: {root}"
+    if isinstance(exc, _Cut):
+        return str(exc)
+    quotes = isinstance(root, http.client.HTTPException) and not isinstance(root, OSError)  # not RemoteDisconnected
+    return f"{type(root).__name__}: a malformed HTTP answer" if quotes else f"{type(root).__name__}: {root}"
 
 
 def _json(content: bytes) -> Any:
-    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep."""
+    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep, 5,000-digit numbers,
+    NaN (which Python reads, but no JSON parser does)."""
     try:
-        return json.loads(content)
+        return json.loads(content, parse_constant=int)  # int('NaN'), int('Infinity'): ValueError
     except (ValueError, RecursionError):
         return None
 
@@ -3398,10 +3404,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The most ``picoapi status`` reads of one page: a page of SERVICES_PAGE entries is at most ~6 MB.
+STATUS_MAX_BYTES = 8 * 2**20
+
+
 def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
     """The supervisor's entries page after page, at most STATUS_MAX_PAGES: (entries, whether that is all), each
-    page read by the model the route declares. Raises :class:`PicoAPIError`, one line, if it cannot be reached
-    or is not a PicoAPI supervisor."""
+    page read by the model the route declares, each request within ``timeout`` s in all, redirects not followed.
+    Raises :class:`PicoAPIError`, one line, if it cannot be reached or is not a PicoAPI supervisor."""
     where, entries, pages = url + SERVICES_ROUTE, list[dict[str, Any]](), TypeAdapter(list[WorkerOut])
 
     def not_one(why: str) -> PicoAPIError:
@@ -3410,17 +3420,18 @@ def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[
     for _ in range(STATUS_MAX_PAGES):
         query = {"tag": list(tags), "limit": SERVICES_PAGE, "after": entries[-1]["id"] if entries else None}
         try:
-            resp = requests.get(where, params=query, timeout=timeout)
+            resp, content = _bounded_request(_Cuttable(), "GET", where, timeout, STATUS_MAX_BYTES, params=query)
         except requests.RequestException as exc:
             raise PicoAPIError(f"cannot reach the supervisor at {url}: {_printable(_root_cause(exc))}") from None
         if resp.status_code != 200:
             said = f"answered HTTP {resp.status_code}"
             raise not_one(said) if resp.status_code in (404, 405) else PicoAPIError(f"{where} {said}")
+        if content is None:
+            raise not_one(f"sent a page over {STATUS_MAX_BYTES // 2**20} MB")
+        if (page := _json(content)) is None:
+            raise not_one("did not answer JSON")
         try:
-            page = resp.json()
             ids = [entry.id for entry in pages.validate_python(page, strict=True)]
-        except requests.JSONDecodeError:
-            raise not_one("did not answer JSON") from None
         except ValidationError as exc:
             error = exc.errors()[0]
             where_in = "entry " + ".".join(map(str, error["loc"])) if error["loc"] else "the answer"
@@ -3470,7 +3481,8 @@ def _wait_for(
             raise PicoAPIError(f"timed out waiting for {_workers(count, status)}{tagged}{why}")
         time.sleep(0.05)
         try:
-            found, why = [e for e in _services(url, tags, min(timeout, 5.0))[0] if e["status"] == status], ""
+            left = min(5.0, max(0.05, deadline - time.monotonic()))
+            found, why = [e for e in _services(url, tags, left)[0] if e["status"] == status], ""
         except PicoAPIError as exc:  # not up yet, say: it may come
             why = f" (last: {exc})"
     return found
@@ -3482,6 +3494,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise ConfigError(
             "no supervisor to ask: pass its URL (e.g. picoapi status http://127.0.0.1:8100) or set API_REGISTER_PATH"
         )
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 86400):
+        raise ConfigError(f"--timeout must be a number of seconds above 0 and at most 86400, got {args.timeout}")
+    if urlsplit(urls[0]).scheme not in ("http", "https"):
+        fix = "http://" + (urls[0].partition("://")[2] or urls[0])
+        raise ConfigError(f"the supervisor's URL must begin with http:// or https://: pass {fix!r}, got {urls[0]!r}")
     url, tags = _base_url(urls[0]), args.tag or []
     if args.wait:
         _wait_for(url, tags, args.wait, args.timeout)
@@ -3676,7 +3693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stat.add_argument("--tag", action="append", help="only workers with this tag (repeat: all must match)")
     stat.add_argument("--json", action="store_true", help="print the entries as JSON")
     stat.add_argument("--wait", type=int, metavar="N", help="first wait until N workers are healthy (for scripts)")
-    stat.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the supervisor (default 5)")
+    stat.add_argument("--timeout", type=float, default=5.0, help="seconds for each answer and for --wait (default 5)")
     demo = command(
         "demo",
         "run a live demo on 127.0.0.1",

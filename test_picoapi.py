@@ -3768,6 +3768,9 @@ class TestStatusCommand:
             ),
             ([SERVICE_ENTRY, SERVICE_ENTRY], "entries out of id order"),
             (b"<html>", "did not answer JSON"),
+            (b"[" * 200_000, "did not answer JSON"),  # RecursionError
+            (b'[{"port": ' + b"1" * 5000 + b"}]", "did not answer JSON"),  # ValueError: int max str digits
+            ([{**SERVICE_ENTRY, "last_latency": float("nan")}], "did not answer JSON"),  # --json would print NaN
         ],
     )
     def test_malformed_answer_is_one_line_and_exit_1(self, capsys: Any, answer: Any, why: str) -> None:
@@ -3790,6 +3793,75 @@ class TestStatusCommand:
         with fake_supervisor(lambda query: ([SERVICE_ENTRY], {"Link": f'<{SERVICES}>; rel="next"'})) as url:
             assert picoapi.main(["status", url]) == 1  # the same page again: out of id order, not a loop
         assert "entries out of id order" in capsys.readouterr().err
+
+    @pytest.mark.parametrize("wait", [[], ["--wait", "1"]])
+    def test_timeout_bounds_each_answer_in_all(self, capsys: Any, wait: list[str]) -> None:
+        """A supervisor sending a byte every 0.1 s never lets a read time out: --timeout bounds the whole answer."""
+
+        def trickling(request: bytes, conn: socket.socket) -> None:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n[")
+            for _ in range(300):  # 30 s
+                conn.sendall(b" ")
+                time.sleep(0.1)
+
+        with raw_supervisor(trickling) as url:
+            started = time.monotonic()
+            assert picoapi.main(["status", url, "--timeout", "1", *wait]) == 1
+            assert time.monotonic() - started < 10  # a deadline, not a hang
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "timed out" in err
+
+    def test_an_answer_is_read_up_to_a_bound(self, capsys: Any) -> None:
+        sent = [0]
+
+        def endless(request: bytes, conn: socket.socket) -> None:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200000000\r\n\r\n[")
+            while sent[0] < 200_000_000:
+                conn.sendall(b" " * 65536)
+                sent[0] += 65536
+
+        with raw_supervisor(endless) as url:
+            assert picoapi.main(["status", url]) == 1
+        assert sent[0] < 32_000_000, f"read {sent[0] / 1e6:.0f} MB of the answer"
+        assert "sent a page over 8 MB: not a PicoAPI supervisor" in capsys.readouterr().err
+
+    def test_an_error_says_what_failed_never_what_the_far_end_sent(self, capsys: Any) -> None:
+        def banner(request: bytes, conn: socket.socket) -> None:
+            conn.sendall(b"SSH-2.0-OpenSSH_9.6p1 SECRET-BANNER\r\n")
+
+        with raw_supervisor(banner) as url:
+            assert picoapi.main(["status", url, "--timeout", "2"]) == 1
+        err = capsys.readouterr().err
+        assert err.endswith(": BadStatusLine: a malformed HTTP answer\n") and "SSH" not in err, err
+
+    def test_a_redirect_is_not_followed(self, capsys: Any) -> None:
+        """Else the supervisor's URL could send the command anywhere, its answer printed as that registry."""
+        asked: list[bytes] = []
+        with raw_supervisor(lambda request, conn: asked.append(request)) as elsewhere:
+
+            def redirect(request: bytes, conn: socket.socket) -> None:
+                where = picoapi._base_url(elsewhere) + "/services"
+                conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: {where}\r\nContent-Length: 0\r\n\r\n".encode())
+
+            with raw_supervisor(redirect) as url:
+                assert picoapi.main(["status", url, "--timeout", "2"]) == 1
+        assert asked == [] and "answered HTTP 302" in capsys.readouterr().err
+
+    @pytest.mark.parametrize(
+        ("url", "fix"),
+        [("127.0.0.1:8100", "http://127.0.0.1:8100"), ("ftp://keeper:8100/register", "http://keeper:8100/register")],
+    )
+    def test_a_url_without_http_says_what_to_pass(self, capsys: Any, url: str, fix: str) -> None:
+        assert picoapi.main(["status", url, "--timeout", "1"]) == 2
+        assert capsys.readouterr().err == (
+            f"picoapi: the supervisor's URL must begin with http:// or https://: pass '{fix}', got '{url}'\n"
+        )
+
+    @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e300"])
+    def test_a_bad_timeout_is_one_line_and_exit_2(self, capsys: Any, value: str) -> None:
+        assert picoapi.main(["status", "http://127.0.0.1:9", "--timeout", value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("picoapi: --timeout must be a number of seconds above 0") and len(err.splitlines()) == 1
 
     @pytest.mark.parametrize("command", ["supervisor", "worker", "status", "demo"])
     def test_every_command_has_help_with_an_example(self, command: str) -> None:
