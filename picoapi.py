@@ -48,6 +48,7 @@ import heapq
 import hmac
 import http.client
 import inspect
+import io
 import ipaddress
 import itertools
 import json
@@ -733,12 +734,28 @@ def _deprecated(message: str) -> None:
     warnings.warn(message, DeprecationWarning, stacklevel=level)
 
 
+#: The file ``picoapi supervisor|worker --env-file`` gives, read instead of ./.env while the app is built.
+_env_file_instead: str | None = None
+
+
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
+    if path is not None and os.fspath(path) == ".env" and _env_file_instead:
+        path = _env_file_instead
     if path is None or (os.fspath(path) == ".env" and not os.path.exists(path)):
         return {}
     if not os.path.exists(path):
         raise ConfigError(f"env_file {os.fspath(path)!r} does not exist; pass an existing path or None")
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+        if "\0" in text:
+            raise ValueError("a NUL byte")
+    except (OSError, ValueError) as exc:
+        why = "not UTF-8" if isinstance(exc, UnicodeError) else getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            f"cannot read the settings file {os.fspath(path)!r} ({why}); save it as UTF-8 text of VAR=value lines"
+        ) from None
+    return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
 
 # -- Models ------------------------------------------------------------------
@@ -3364,24 +3381,28 @@ def _json_response(content: Any, status_code: int = 200, headers: Mapping[str, s
 # -- Command line --------------------------------------------------------------
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    """``picoapi supervisor|worker``: serve ``args.app`` (``module:attribute``, an app or an app factory, from the
-    working directory), else a bare supervisor. --env-file, --port and --bind go into this process's environment
-    first (the environment still wins over the file), so the app reads them as it is built: the port it registers
-    is the port served."""
+def _load_app(args: argparse.Namespace) -> PicoAPI:
+    """The app ``picoapi supervisor|worker`` serves: ``args.app`` (``module:attribute``, an app or an app factory,
+    from the working directory), else a bare supervisor. --port and --bind go into this process's environment
+    first, so the app reads them as it is built (the port it registers is the port served); --env-file is read
+    instead of ./.env, as ``PicoAPI(env_file=...)`` does, the environment winning over it."""
     import importlib
 
-    import uvicorn  # only the command line needs it
-
-    if args.env_file:
-        if not os.path.isfile(args.env_file):
-            raise ConfigError(f"--env-file {args.env_file!r} does not exist; pass the path of an existing file")
-        for var, value in _read_env_file(args.env_file).items():
-            os.environ.setdefault(var, value)
+    global _env_file_instead
+    if args.env_file and not os.path.exists(args.env_file):
+        raise ConfigError(f"--env-file {args.env_file!r} does not exist; pass the path of an existing file")
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be from 1 to 65535, got {args.port}")
     for var, value in (("API_PORT", args.port), ("API_BIND", args.bind)):
-        if value:
+        if value is not None:
             os.environ[var] = str(value)
-    if args.app:
+    _env_file_instead = args.env_file
+    try:
+        if not args.app:
+            app = PicoAPI(mode="supervisor")
+            if "title" not in app.config.configured:
+                app.title = "PicoAPI supervisor"
+            return app
         module_name, _, attr = args.app.partition(":")
         sys.path.insert(0, os.getcwd())
         try:
@@ -3390,14 +3411,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot load the app {args.app!r} (expected module:attribute): {exc}") from exc
         if callable(app) and not isinstance(app, FastAPI):
             app = app()  # an app factory
-        if not isinstance(app, PicoAPI):
-            raise ConfigError(f"{args.app!r} is a {type(app).__name__}, not a PicoAPI app")
-        if app.mode != args.command:
-            raise ConfigError(f"{args.app!r} is a {app.mode}; run it with 'picoapi {app.mode}'")
-    else:
-        app = PicoAPI(mode="supervisor")
-        if "title" not in app.config.configured:
-            app.title = "PicoAPI supervisor"
+    finally:
+        _env_file_instead = None
+    if not isinstance(app, PicoAPI):
+        raise ConfigError(f"{args.app!r} is a {type(app).__name__}, not a PicoAPI app")
+    if app.mode != args.command:
+        raise ConfigError(f"{args.app!r} is a {app.mode}; run it with 'picoapi {app.mode}'")
+    return app
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn  # only the command line needs it
+
+    app = _load_app(args)
     if not app.config.bind:
         raise ConfigError("API_BIND must be set to serve (e.g. 127.0.0.1 or 0.0.0.0), or pass --bind")
     uvicorn.run(app, host=app.config.bind, port=app.config.port, log_level="info")
@@ -3525,7 +3551,9 @@ _DEMO_WORKERS = {
 def demo_worker() -> PicoAPI:
     """The demo's worker app (a factory: ``picoapi worker picoapi:demo_worker``)."""
     app = PicoAPI()
-    _, transform = _DEMO_WORKERS[app.config.title or "upper"]
+    if (title := app.config.title or "upper") not in _DEMO_WORKERS:
+        raise ConfigError(f"API_TITLE must name one of the demo's workers ({', '.join(_DEMO_WORKERS)}), got {title!r}")
+    _, transform = _DEMO_WORKERS[title]
 
     @app.get("/work")
     def work(text: str) -> dict[str, str]:
@@ -3680,7 +3708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.add_argument("--bind", help="interface to bind (API_BIND)")
         server.add_argument("--port", type=int, help="port (API_PORT)")
         server.add_argument(
-            "--env-file", help="this server's own settings file; it wins over ./.env, the environment over both"
+            "--env-file", help="this server's own settings file, read instead of ./.env; the environment wins over it"
         )
     stat = command(
         "status",

@@ -6,6 +6,7 @@ processes on 127.0.0.1 and stop them in a ``finally``.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import dataclasses
@@ -34,6 +35,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from typing import Any
+from unittest import mock
 
 import pytest
 import requests
@@ -2989,6 +2991,15 @@ class TestEndToEnd:
             silent.close()
 
 
+def load_app(command: str = "supervisor", env_file: str | None = "supervisor.env", **args: Any) -> PicoAPI:
+    """The app ``picoapi COMMAND --env-file ENV_FILE`` would serve; this process's environment left as it was."""
+    ns = argparse.Namespace(
+        **{"command": command, "app": None, "env_file": env_file, "port": None, "bind": None, **args}
+    )
+    with mock.patch.dict(os.environ):
+        return picoapi._load_app(ns)
+
+
 class TestCommandLine:
     def test_help_and_version(self) -> None:
         out = subprocess.run([sys.executable, "-m", "picoapi", "--help"], capture_output=True, text=True, cwd=HERE)
@@ -3018,6 +3029,53 @@ class TestCommandLine:
         assert missing.returncode == 2 and missing.stderr == (
             "picoapi: --env-file 'nowhere.env' does not exist; pass the path of an existing file\n"
         )
+
+    def test_an_env_file_is_the_sides_settings_instead_of_dotenv(self) -> None:
+        """As PicoAPI(env_file=...): from the worker's folder, nothing of its ./.env reaches the supervisor."""
+        with open(".env", "w") as dotenv:
+            dotenv.write("API_TITLE=resizer\nAPI_TAGS=resize\nAPI_HEALTH_PATH=/hc\n")
+        with open("supervisor.env", "w") as own:
+            own.write("API_BIND=127.0.0.1\nAPI_PORT=8100\n")
+        app = load_app()
+        assert (app.title, app.config.health_path, app.config.tags) == ("PicoAPI supervisor", "/health", ())
+        assert (app.config.bind, app.config.port) == ("127.0.0.1", 8100)
+
+    def test_an_env_file_wins_over_a_blank_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An exported but empty variable counts as unset, as for ./.env: the file's value holds."""
+        with open("supervisor.env", "w") as own:
+            own.write("API_TITLE=from-env-file\nAPI_BIND=127.0.0.1\n")
+        monkeypatch.setenv("API_TITLE", "")
+        assert load_app().title == "from-env-file"
+
+    @pytest.mark.parametrize(
+        "content", [b"API_TITLE=caf\xe9\n", b"API_TITLE=ok\nAPI_TAGS=a\x00b\n", None], ids=["latin-1", "nul", "dir"]
+    )
+    def test_an_unreadable_env_file_is_one_line_naming_it(self, capsys: Any, content: bytes | None) -> None:
+        if content is None:
+            os.mkdir("supervisor.env")
+        else:
+            with open("supervisor.env", "wb") as own:
+                own.write(content)
+        with pytest.raises(ConfigError, match="^cannot read the settings file 'supervisor.env' .*save it as UTF-8"):
+            PicoAPI(env_file="supervisor.env")
+        with mock.patch.dict(os.environ), mock.patch("uvicorn.run") as run:
+            assert picoapi.main(["supervisor", "--env-file", "supervisor.env", "--bind", "127.0.0.1"]) == 2
+        err = capsys.readouterr().err
+        assert not run.called and "'supervisor.env'" in err and len(err.splitlines()) == 1
+
+    def test_the_demo_worker_with_another_title_is_one_line(self, capsys: Any) -> None:
+        with mock.patch.dict(os.environ, {"API_HOST": "127.0.0.1", "API_TITLE": "resizer"}), mock.patch("uvicorn.run"):
+            assert picoapi.main(["worker", "picoapi:demo_worker", "--bind", "127.0.0.1", "--port", "8001"]) == 2
+        assert capsys.readouterr().err == (
+            "picoapi: API_TITLE must name one of the demo's workers (upper, reverse, count), got 'resizer'\n"
+        )
+
+    @pytest.mark.parametrize("port", [0, 65536])
+    def test_a_bad_port_is_refused_not_ignored(self, port: int) -> None:
+        with open("supervisor.env", "w") as own:
+            own.write("API_BIND=127.0.0.1\nAPI_PORT=8100\n")
+        with pytest.raises(ConfigError, match=f"^--port must be from 1 to 65535, got {port}$"):
+            load_app(port=port)
 
     def test_the_examples_in_help_run_as_written(self, tmp_path: Any) -> None:
         """``picoapi`` on the PATH, as after ``. .venv/bin/activate``; the examples use ports 8100 and 8001."""
