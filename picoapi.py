@@ -3617,7 +3617,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             if proc.poll() is not None:
                 raise PicoAPIError(f"the demo's {name} process exited (the end of its log is above)")
 
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+    # SIGTERM and SIGHUP (its terminal closed) stop it as Ctrl-C does: its directory goes too.
+    stops = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {stop: signal.signal(stop, signal.default_int_handler) for stop in stops}
     try:
         with tempfile.TemporaryDirectory(prefix="picoapi-demo-") as workdir:
             try:
@@ -3671,7 +3673,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         say("interrupted: stopped everything")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
     say("done: no process left behind")
     return 0
 

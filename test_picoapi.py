@@ -3161,7 +3161,7 @@ class TestDemo:
                 pass
         assert os.listdir(temp) == []  # its directory of settings and logs is gone
 
-    @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+    @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])  # SIGHUP: its terminal closed
     def test_an_interrupted_demo_leaves_nothing_either(self, tmp_path: Any, stop: signal.Signals) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
         env["TMPDIR"] = str(tmp_path)
