@@ -46,7 +46,9 @@ import gc
 import hashlib
 import heapq
 import hmac
+import http.client
 import inspect
+import io
 import ipaddress
 import itertools
 import json
@@ -322,15 +324,20 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was."""
+    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was.
+    A protocol error's words (BadStatusLine: 'SSH-2.0-...') are what the far end sent: its kind is all it says."""
     root = _causes(exc)[-1]
-    return str(exc) if isinstance(exc, _Cut) else f"{type(root).__name__}: {root}"
+    if isinstance(exc, _Cut):
+        return str(exc)
+    quotes = isinstance(root, http.client.HTTPException) and not isinstance(root, OSError)  # not RemoteDisconnected
+    return f"{type(root).__name__}: a malformed HTTP answer" if quotes else f"{type(root).__name__}: {root}"
 
 
 def _json(content: bytes) -> Any:
-    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep."""
+    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep, 5,000-digit numbers,
+    NaN (which Python reads, but no JSON parser does)."""
     try:
-        return json.loads(content)
+        return json.loads(content, parse_constant=int)  # int('NaN'), int('Infinity'): ValueError
     except (ValueError, RecursionError):
         return None
 
@@ -727,12 +734,28 @@ def _deprecated(message: str) -> None:
     warnings.warn(message, DeprecationWarning, stacklevel=level)
 
 
+#: The file ``picoapi supervisor|worker --env-file`` gives, read instead of ./.env while the app is built.
+_env_file_instead: str | None = None
+
+
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
+    if path is not None and os.fspath(path) == ".env" and _env_file_instead:
+        path = _env_file_instead
     if path is None or (os.fspath(path) == ".env" and not os.path.exists(path)):
         return {}
     if not os.path.exists(path):
         raise ConfigError(f"env_file {os.fspath(path)!r} does not exist; pass an existing path or None")
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+        if "\0" in text:
+            raise ValueError("a NUL byte")
+    except (OSError, ValueError) as exc:
+        why = "not UTF-8" if isinstance(exc, UnicodeError) else getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            f"cannot read the settings file {os.fspath(path)!r} ({why}); save it as UTF-8 text of VAR=value lines"
+        ) from None
+    return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
 
 # -- Models ------------------------------------------------------------------
@@ -3366,24 +3389,28 @@ def _json_response(content: Any, status_code: int = 200, headers: Mapping[str, s
 # -- Command line --------------------------------------------------------------
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    """``picoapi supervisor|worker``: serve ``args.app`` (``module:attribute``, an app or an app factory, from the
-    working directory), else a bare supervisor. --env-file, --port and --bind go into this process's environment
-    first (the environment still wins over the file), so the app reads them as it is built: the port it registers
-    is the port served."""
+def _load_app(args: argparse.Namespace) -> PicoAPI:
+    """The app ``picoapi supervisor|worker`` serves: ``args.app`` (``module:attribute``, an app or an app factory,
+    from the working directory), else a bare supervisor. --port and --bind go into this process's environment
+    first, so the app reads them as it is built (the port it registers is the port served); --env-file is read
+    instead of ./.env, as ``PicoAPI(env_file=...)`` does, the environment winning over it."""
     import importlib
 
-    import uvicorn  # only the command line needs it
-
-    if args.env_file:
-        if not os.path.isfile(args.env_file):
-            raise ConfigError(f"--env-file {args.env_file!r} does not exist; pass the path of an existing file")
-        for var, value in _read_env_file(args.env_file).items():
-            os.environ.setdefault(var, value)
+    global _env_file_instead
+    if args.env_file and not os.path.exists(args.env_file):
+        raise ConfigError(f"--env-file {args.env_file!r} does not exist; pass the path of an existing file")
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be from 1 to 65535, got {args.port}")
     for var, value in (("API_PORT", args.port), ("API_BIND", args.bind)):
-        if value:
+        if value is not None:
             os.environ[var] = str(value)
-    if args.app:
+    _env_file_instead = args.env_file
+    try:
+        if not args.app:
+            app = PicoAPI(mode="supervisor")
+            if "title" not in app.config.configured:
+                app.title = "PicoAPI supervisor"
+            return app
         module_name, _, attr = args.app.partition(":")
         sys.path.insert(0, os.getcwd())
         try:
@@ -3392,24 +3419,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot load the app {args.app!r} (expected module:attribute): {exc}") from exc
         if callable(app) and not isinstance(app, FastAPI):
             app = app()  # an app factory
-        if not isinstance(app, PicoAPI):
-            raise ConfigError(f"{args.app!r} is a {type(app).__name__}, not a PicoAPI app")
-        if app.mode != args.command:
-            raise ConfigError(f"{args.app!r} is a {app.mode}; run it with 'picoapi {app.mode}'")
-    else:
-        app = PicoAPI(mode="supervisor")
-        if "title" not in app.config.configured:
-            app.title = "PicoAPI supervisor"
+    finally:
+        _env_file_instead = None
+    if not isinstance(app, PicoAPI):
+        raise ConfigError(f"{args.app!r} is a {type(app).__name__}, not a PicoAPI app")
+    if app.mode != args.command:
+        raise ConfigError(f"{args.app!r} is a {app.mode}; run it with 'picoapi {app.mode}'")
+    return app
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn  # only the command line needs it
+
+    app = _load_app(args)
     if not app.config.bind:
         raise ConfigError("API_BIND must be set to serve (e.g. 127.0.0.1 or 0.0.0.0), or pass --bind")
     uvicorn.run(app, host=app.config.bind, port=app.config.port, log_level="info")
     return 0
 
 
+#: The most ``picoapi status`` reads of one page: a page of SERVICES_PAGE entries is at most ~6 MB.
+STATUS_MAX_BYTES = 8 * 2**20
+
+
 def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
     """The supervisor's entries page after page, at most STATUS_MAX_PAGES: (entries, whether that is all), each
-    page read by the model the route declares. Raises :class:`PicoAPIError`, one line, if it cannot be reached
-    or is not a PicoAPI supervisor."""
+    page read by the model the route declares, each request within ``timeout`` s in all, redirects not followed.
+    Raises :class:`PicoAPIError`, one line, if it cannot be reached or is not a PicoAPI supervisor."""
     where, entries, pages = url + SERVICES_ROUTE, list[dict[str, Any]](), TypeAdapter(list[WorkerOut])
 
     def not_one(why: str) -> PicoAPIError:
@@ -3418,17 +3454,18 @@ def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[
     for _ in range(STATUS_MAX_PAGES):
         query = {"tag": list(tags), "limit": SERVICES_PAGE, "after": entries[-1]["id"] if entries else None}
         try:
-            resp = requests.get(where, params=query, timeout=timeout)
+            resp, content = _bounded_request(_Cuttable(), "GET", where, timeout, STATUS_MAX_BYTES, params=query)
         except requests.RequestException as exc:
             raise PicoAPIError(f"cannot reach the supervisor at {url}: {_printable(_root_cause(exc))}") from None
         if resp.status_code != 200:
             said = f"answered HTTP {resp.status_code}"
             raise not_one(said) if resp.status_code in (404, 405) else PicoAPIError(f"{where} {said}")
+        if content is None:
+            raise not_one(f"sent a page over {STATUS_MAX_BYTES // 2**20} MB")
+        if (page := _json(content)) is None:
+            raise not_one("did not answer JSON")
         try:
-            page = resp.json()
             ids = [entry.id for entry in pages.validate_python(page, strict=True)]
-        except requests.JSONDecodeError:
-            raise not_one("did not answer JSON") from None
         except ValidationError as exc:
             error = exc.errors()[0]
             where_in = "entry " + ".".join(map(str, error["loc"])) if error["loc"] else "the answer"
@@ -3478,7 +3515,8 @@ def _wait_for(
             raise PicoAPIError(f"timed out waiting for {_workers(count, status)}{tagged}{why}")
         time.sleep(0.05)
         try:
-            found, why = [e for e in _services(url, tags, min(timeout, 5.0))[0] if e["status"] == status], ""
+            left = min(5.0, max(0.05, deadline - time.monotonic()))
+            found, why = [e for e in _services(url, tags, left)[0] if e["status"] == status], ""
         except PicoAPIError as exc:  # not up yet, say: it may come
             why = f" (last: {exc})"
     return found
@@ -3490,6 +3528,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise ConfigError(
             "no supervisor to ask: pass its URL (e.g. picoapi status http://127.0.0.1:8100) or set API_REGISTER_PATH"
         )
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 86400):
+        raise ConfigError(f"--timeout must be a number of seconds above 0 and at most 86400, got {args.timeout}")
+    if urlsplit(urls[0]).scheme not in ("http", "https"):
+        fix = "http://" + (urls[0].partition("://")[2] or urls[0])
+        raise ConfigError(f"the supervisor's URL must begin with http:// or https://: pass {fix!r}, got {urls[0]!r}")
     url, tags = _base_url(urls[0]), args.tag or []
     if args.wait:
         _wait_for(url, tags, args.wait, args.timeout)
@@ -3516,7 +3559,9 @@ _DEMO_WORKERS = {
 def demo_worker() -> PicoAPI:
     """The demo's worker app (a factory: ``picoapi worker picoapi:demo_worker``)."""
     app = PicoAPI()
-    _, transform = _DEMO_WORKERS[app.config.title or "upper"]
+    if (title := app.config.title or "upper") not in _DEMO_WORKERS:
+        raise ConfigError(f"API_TITLE must name one of the demo's workers ({', '.join(_DEMO_WORKERS)}), got {title!r}")
+    _, transform = _DEMO_WORKERS[title]
 
     @app.get("/work")
     def work(text: str) -> dict[str, str]:
@@ -3580,7 +3625,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             if proc.poll() is not None:
                 raise PicoAPIError(f"the demo's {name} process exited (the end of its log is above)")
 
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+    # SIGTERM and SIGHUP (its terminal closed) stop it as Ctrl-C does: its directory goes too.
+    stops = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {stop: signal.signal(stop, signal.default_int_handler) for stop in stops}
     try:
         with tempfile.TemporaryDirectory(prefix="picoapi-demo-") as workdir:
             try:
@@ -3634,7 +3681,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         say("interrupted: stopped everything")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
     say("done: no process left behind")
     return 0
 
@@ -3671,7 +3719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.add_argument("--bind", help="interface to bind (API_BIND)")
         server.add_argument("--port", type=int, help="port (API_PORT)")
         server.add_argument(
-            "--env-file", help="this server's own settings file; it wins over ./.env, the environment over both"
+            "--env-file", help="this server's own settings file, read instead of ./.env; the environment wins over it"
         )
     stat = command(
         "status",
@@ -3684,7 +3732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stat.add_argument("--tag", action="append", help="only workers with this tag (repeat: all must match)")
     stat.add_argument("--json", action="store_true", help="print the entries as JSON")
     stat.add_argument("--wait", type=int, metavar="N", help="first wait until N workers are healthy (for scripts)")
-    stat.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the supervisor (default 5)")
+    stat.add_argument("--timeout", type=float, default=5.0, help="seconds for each answer and for --wait (default 5)")
     demo = command(
         "demo",
         "run a live demo on 127.0.0.1",

@@ -6,6 +6,7 @@ processes on 127.0.0.1 and stop them in a ``finally``.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import dataclasses
@@ -34,6 +35,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from typing import Any
+from unittest import mock
 
 import pytest
 import requests
@@ -3015,6 +3017,15 @@ class TestEndToEnd:
             silent.close()
 
 
+def load_app(command: str = "supervisor", env_file: str | None = "supervisor.env", **args: Any) -> PicoAPI:
+    """The app ``picoapi COMMAND --env-file ENV_FILE`` would serve; this process's environment left as it was."""
+    ns = argparse.Namespace(
+        **{"command": command, "app": None, "env_file": env_file, "port": None, "bind": None, **args}
+    )
+    with mock.patch.dict(os.environ):
+        return picoapi._load_app(ns)
+
+
 class TestCommandLine:
     def test_help_and_version(self) -> None:
         out = subprocess.run([sys.executable, "-m", "picoapi", "--help"], capture_output=True, text=True, cwd=HERE)
@@ -3044,6 +3055,53 @@ class TestCommandLine:
         assert missing.returncode == 2 and missing.stderr == (
             "picoapi: --env-file 'nowhere.env' does not exist; pass the path of an existing file\n"
         )
+
+    def test_an_env_file_is_the_sides_settings_instead_of_dotenv(self) -> None:
+        """As PicoAPI(env_file=...): from the worker's folder, nothing of its ./.env reaches the supervisor."""
+        with open(".env", "w") as dotenv:
+            dotenv.write("API_TITLE=resizer\nAPI_TAGS=resize\nAPI_HEALTH_PATH=/hc\n")
+        with open("supervisor.env", "w") as own:
+            own.write("API_BIND=127.0.0.1\nAPI_PORT=8100\n")
+        app = load_app()
+        assert (app.title, app.config.health_path, app.config.tags) == ("PicoAPI supervisor", "/health", ())
+        assert (app.config.bind, app.config.port) == ("127.0.0.1", 8100)
+
+    def test_an_env_file_wins_over_a_blank_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An exported but empty variable counts as unset, as for ./.env: the file's value holds."""
+        with open("supervisor.env", "w") as own:
+            own.write("API_TITLE=from-env-file\nAPI_BIND=127.0.0.1\n")
+        monkeypatch.setenv("API_TITLE", "")
+        assert load_app().title == "from-env-file"
+
+    @pytest.mark.parametrize(
+        "content", [b"API_TITLE=caf\xe9\n", b"API_TITLE=ok\nAPI_TAGS=a\x00b\n", None], ids=["latin-1", "nul", "dir"]
+    )
+    def test_an_unreadable_env_file_is_one_line_naming_it(self, capsys: Any, content: bytes | None) -> None:
+        if content is None:
+            os.mkdir("supervisor.env")
+        else:
+            with open("supervisor.env", "wb") as own:
+                own.write(content)
+        with pytest.raises(ConfigError, match="^cannot read the settings file 'supervisor.env' .*save it as UTF-8"):
+            PicoAPI(env_file="supervisor.env")
+        with mock.patch.dict(os.environ), mock.patch("uvicorn.run") as run:
+            assert picoapi.main(["supervisor", "--env-file", "supervisor.env", "--bind", "127.0.0.1"]) == 2
+        err = capsys.readouterr().err
+        assert not run.called and "'supervisor.env'" in err and len(err.splitlines()) == 1
+
+    def test_the_demo_worker_with_another_title_is_one_line(self, capsys: Any) -> None:
+        with mock.patch.dict(os.environ, {"API_HOST": "127.0.0.1", "API_TITLE": "resizer"}), mock.patch("uvicorn.run"):
+            assert picoapi.main(["worker", "picoapi:demo_worker", "--bind", "127.0.0.1", "--port", "8001"]) == 2
+        assert capsys.readouterr().err == (
+            "picoapi: API_TITLE must name one of the demo's workers (upper, reverse, count), got 'resizer'\n"
+        )
+
+    @pytest.mark.parametrize("port", [0, 65536])
+    def test_a_bad_port_is_refused_not_ignored(self, port: int) -> None:
+        with open("supervisor.env", "w") as own:
+            own.write("API_BIND=127.0.0.1\nAPI_PORT=8100\n")
+        with pytest.raises(ConfigError, match=f"^--port must be from 1 to 65535, got {port}$"):
+            load_app(port=port)
 
     def test_the_examples_in_help_run_as_written(self, tmp_path: Any) -> None:
         """``picoapi`` on the PATH, as after ``. .venv/bin/activate``; the examples use ports 8100 and 8001."""
@@ -3129,7 +3187,7 @@ class TestDemo:
                 pass
         assert os.listdir(temp) == []  # its directory of settings and logs is gone
 
-    @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+    @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])  # SIGHUP: its terminal closed
     def test_an_interrupted_demo_leaves_nothing_either(self, tmp_path: Any, stop: signal.Signals) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
         env["TMPDIR"] = str(tmp_path)
@@ -3794,6 +3852,9 @@ class TestStatusCommand:
             ),
             ([SERVICE_ENTRY, SERVICE_ENTRY], "entries out of id order"),
             (b"<html>", "did not answer JSON"),
+            (b"[" * 200_000, "did not answer JSON"),  # RecursionError
+            (b'[{"port": ' + b"1" * 5000 + b"}]", "did not answer JSON"),  # ValueError: int max str digits
+            ([{**SERVICE_ENTRY, "last_latency": float("nan")}], "did not answer JSON"),  # --json would print NaN
         ],
     )
     def test_malformed_answer_is_one_line_and_exit_1(self, capsys: Any, answer: Any, why: str) -> None:
@@ -3816,6 +3877,75 @@ class TestStatusCommand:
         with fake_supervisor(lambda query: ([SERVICE_ENTRY], {"Link": f'<{SERVICES}>; rel="next"'})) as url:
             assert picoapi.main(["status", url]) == 1  # the same page again: out of id order, not a loop
         assert "entries out of id order" in capsys.readouterr().err
+
+    @pytest.mark.parametrize("wait", [[], ["--wait", "1"]])
+    def test_timeout_bounds_each_answer_in_all(self, capsys: Any, wait: list[str]) -> None:
+        """A supervisor sending a byte every 0.1 s never lets a read time out: --timeout bounds the whole answer."""
+
+        def trickling(request: bytes, conn: socket.socket) -> None:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n[")
+            for _ in range(300):  # 30 s
+                conn.sendall(b" ")
+                time.sleep(0.1)
+
+        with raw_supervisor(trickling) as url:
+            started = time.monotonic()
+            assert picoapi.main(["status", url, "--timeout", "1", *wait]) == 1
+            assert time.monotonic() - started < 10  # a deadline, not a hang
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "timed out" in err
+
+    def test_an_answer_is_read_up_to_a_bound(self, capsys: Any) -> None:
+        sent = [0]
+
+        def endless(request: bytes, conn: socket.socket) -> None:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200000000\r\n\r\n[")
+            while sent[0] < 200_000_000:
+                conn.sendall(b" " * 65536)
+                sent[0] += 65536
+
+        with raw_supervisor(endless) as url:
+            assert picoapi.main(["status", url]) == 1
+        assert sent[0] < 32_000_000, f"read {sent[0] / 1e6:.0f} MB of the answer"
+        assert "sent a page over 8 MB: not a PicoAPI supervisor" in capsys.readouterr().err
+
+    def test_an_error_says_what_failed_never_what_the_far_end_sent(self, capsys: Any) -> None:
+        def banner(request: bytes, conn: socket.socket) -> None:
+            conn.sendall(b"SSH-2.0-OpenSSH_9.6p1 SECRET-BANNER\r\n")
+
+        with raw_supervisor(banner) as url:
+            assert picoapi.main(["status", url, "--timeout", "2"]) == 1
+        err = capsys.readouterr().err
+        assert err.endswith(": BadStatusLine: a malformed HTTP answer\n") and "SSH" not in err, err
+
+    def test_a_redirect_is_not_followed(self, capsys: Any) -> None:
+        """Else the supervisor's URL could send the command anywhere, its answer printed as that registry."""
+        asked: list[bytes] = []
+        with raw_supervisor(lambda request, conn: asked.append(request)) as elsewhere:
+
+            def redirect(request: bytes, conn: socket.socket) -> None:
+                where = picoapi._base_url(elsewhere) + "/services"
+                conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: {where}\r\nContent-Length: 0\r\n\r\n".encode())
+
+            with raw_supervisor(redirect) as url:
+                assert picoapi.main(["status", url, "--timeout", "2"]) == 1
+        assert asked == [] and "answered HTTP 302" in capsys.readouterr().err
+
+    @pytest.mark.parametrize(
+        ("url", "fix"),
+        [("127.0.0.1:8100", "http://127.0.0.1:8100"), ("ftp://keeper:8100/register", "http://keeper:8100/register")],
+    )
+    def test_a_url_without_http_says_what_to_pass(self, capsys: Any, url: str, fix: str) -> None:
+        assert picoapi.main(["status", url, "--timeout", "1"]) == 2
+        assert capsys.readouterr().err == (
+            f"picoapi: the supervisor's URL must begin with http:// or https://: pass '{fix}', got '{url}'\n"
+        )
+
+    @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e300"])
+    def test_a_bad_timeout_is_one_line_and_exit_2(self, capsys: Any, value: str) -> None:
+        assert picoapi.main(["status", "http://127.0.0.1:9", "--timeout", value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("picoapi: --timeout must be a number of seconds above 0") and len(err.splitlines()) == 1
 
     @pytest.mark.parametrize("command", ["supervisor", "worker", "status", "demo"])
     def test_every_command_has_help_with_an_example(self, command: str) -> None:
