@@ -2584,7 +2584,7 @@ def _dashboard_page() -> tuple[str, str]:
 
 def _operator_router(app: PicoAPI) -> APIRouter:
     """The supervisor's routes for operators: the dashboard, GET /metrics and Prometheus' service discovery."""
-    router, registry = APIRouter(tags=["picoapi"]), app.registry
+    router, registry = APIRouter(tags=["picoapi"], dependency_overrides_provider=app), app.registry
     assert registry is not None
 
     @router.get(DASHBOARD_ROUTE, include_in_schema=False)
@@ -2702,8 +2702,10 @@ class PicoAPI(FastAPI):
             deregister_after=config.deregister_after,
         )
         self._supervisor = _SupervisorRoutes(self, self.registry)
-        self.include_router(self._supervisor.router())
-        self.include_router(_operator_router(self))
+        for router in (self._supervisor.router(), _operator_router(self)):
+            # Its routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's
+            # route on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
+            self.router.routes.extend(router.routes)
         self.add_middleware(_BodyLimit, path=REGISTER_ROUTE, limit=MAX_BODY)
         self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
         if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
@@ -2728,7 +2730,13 @@ class PicoAPI(FastAPI):
         # swallow the health endpoint; but a user's route on the very same path (their
         # own /health, say) is moved ahead of PicoAPI's and wins.
         routes = self.router.routes
-        theirs = {getattr(r, "path", None) for r in routes if not any(r is o for o in self._own_routes)}
+        theirs = set()
+        for r in [r for r in routes if not any(r is o for o in self._own_routes)]:
+            included = getattr(r, "effective_route_contexts", list)()  # an include_router entry (FastAPI 0.165)
+            theirs |= {
+                getattr(r, "path", None),
+                *(c.path or getattr(c.starlette_route, "path", None) for c in included),
+            }
         for route in [r for r in self._own_routes if getattr(r, "path", None) in theirs and r in routes]:
             routes.remove(route)
             routes.append(route)
@@ -3072,7 +3080,7 @@ class _SupervisorRoutes:
 
     def router(self) -> APIRouter:
         """The routes and the answers each may give; with API_REGISTER_TOKEN set, those that write need it."""
-        token, routes = self.config.register_token, APIRouter(tags=["picoapi"])
+        token, routes = self.config.register_token, APIRouter(tags=["picoapi"], dependency_overrides_provider=self.app)
 
         def add(method: str, path: str, endpoint: Callable[..., Any], answers: dict[int, str], **options: Any) -> None:
             if method != "GET" and token:  # no token: no dependency to resolve per request

@@ -1604,6 +1604,23 @@ class TestSupervisorRoutes:
         assert params["limit"]["default"] == params["limit"]["maximum"] == 1000 and params["limit"]["minimum"] == 1
         assert "after" in params and "Link" in services["responses"]["200"]["headers"]
 
+    @pytest.mark.parametrize("included", [False, True], ids=["app", "router"])
+    @pytest.mark.parametrize("path", ["/services", "/metrics", "/dashboard", "/prometheus/targets"])
+    def test_a_users_own_route_on_a_supervisor_path_wins(self, path: str, included: bool) -> None:
+        """Moved ahead of PicoAPI's by path (a GET /metrics of prometheus-fastapi-instrumentator's, say): PicoAPI's
+        routes are entries of the app's own router, not one included entry without a path (FastAPI 0.165)."""
+        app = PicoAPI(mode="supervisor", env_file=None)
+        router = APIRouter() if included else app.router
+
+        @router.get(path)
+        def mine() -> dict[str, bool]:
+            return {"mine": True}
+
+        if included:
+            app.include_router(router)
+        assert TestClient(app).get(path).json() == {"mine": True}
+        assert TestClient(app).get("/services/nope:1").status_code == 404  # the rest still PicoAPI's
+
     def test_every_route_sends_what_its_schema_declares(self) -> None:
         """Bodies are serialised from the registry, not validated on the way out: the OpenAPI schema checks them."""
         import jsonschema_rs
