@@ -3563,6 +3563,57 @@ class TestMetrics:
         assert found["picoapi_checker_trouble"] == {("picoapi_checker_trouble", ()): 1}
         assert found["picoapi_checks_in_flight"] == {("picoapi_checks_in_flight", ()): 0}
 
+    def test_a_check_under_way_shows_in_flight(self) -> None:
+        accepted, release = threading.Event(), threading.Event()
+
+        def silent(conn: socket.socket) -> None:  # takes the request, never answers: the check stays in flight
+            accepted.set()
+            release.wait(10)
+
+        with raw_server(silent) as port:
+            registry = Registry()
+            registry.register(reg("127.0.0.1", port, interval=5, health={"timeout": 5}), address="127.0.0.1")
+            checker = HealthChecker(registry)
+            checker.start()
+            try:
+                assert accepted.wait(10), "the check never connected"
+                found = metric_families(picoapi._exposition(registry, checker))
+            finally:
+                release.set()
+                checker.stop()
+        assert found["picoapi_checks_in_flight"] == {("picoapi_checks_in_flight", ()): 1}
+
+    def test_a_check_begun_late_shows_in_the_lateness_histogram(self) -> None:
+        """By the checker itself, not a CheckResult built by hand: this one begins 2 s after it was due."""
+        offset = [0.0]
+        with raw_server(lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")) as port:
+            registry = Registry(clock=lambda: time.monotonic() + offset[0])
+            registry.register(reg("127.0.0.1", port, interval=60), address="127.0.0.1")  # due now
+            offset[0] = 2.0  # the checker wakes 2 s after the check was due
+            checker = HealthChecker(registry)
+            checker.start()
+            try:
+                wait_for(lambda: registry.metrics.checks != [0, 0], 10, "the check's result")
+                found = metric_families(picoapi._exposition(registry, checker))
+            finally:
+                checker.stop()
+        late = found["picoapi_check_lateness_seconds"]
+        assert late[("picoapi_check_lateness_seconds_count", ())] == 1
+        assert late[("picoapi_check_lateness_seconds_sum", ())] >= 1.9
+
+    def test_removals_after_deregister_after_are_counted(self) -> None:
+        """Else an operator cannot tell a worker removed for staying unhealthy from a DELETE that never came."""
+        clock = FakeClock()
+        registry = Registry(deregister_after=10, clock=clock)
+        registry.register(reg("127.0.0.1", 9001), address="127.0.0.1")
+        for result in (OK, FAIL, FAIL):  # unhealthy
+            registry.record("127.0.0.1:9001", result)
+        clock.advance(11)
+        change = registry.record("127.0.0.1:9001", FAIL)
+        assert change is not None and change.removed and len(registry) == 0
+        found = metric_families(picoapi._exposition(registry, None))
+        assert found["picoapi_deregistrations"] == {("picoapi_deregistrations_total", ()): 1}
+
     def test_tag_series_are_bounded_and_label_values_escaped(self) -> None:
         registry = Registry(max_workers=200)
         hostile = 'a"b\\c'
