@@ -295,8 +295,8 @@ def _check_health_url(what: str, url: str, error: type[ValueError] = ValueError)
 
 def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str:
     """``tag``, if it is a valid tag; else ``error`` naming ``what``: 'API_TAGS items', 'each tag'."""
-    if not 1 <= len(tag) <= MAX_TAG or not re.match(r"^[^\s:]+$", tag):
-        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces or ':', got '{_printable(tag)}'")
+    if not 1 <= len(tag) <= MAX_TAG or not re.match(r"^[^\s:,]+$", tag):  # ',' joins tags in Prometheus' labels
+        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces, ':' or ',', got '{_printable(tag)}'")
     return _check_text(what, tag, error)
 
 

@@ -286,7 +286,7 @@ class TestConfig:
             (
                 "API_TAGS",
                 "ok:has space",
-                "API_TAGS items must be 1 to 64 characters without spaces or ':', got 'has space'",
+                "API_TAGS items must be 1 to 64 characters without spaces, ':' or ',', got 'has space'",
             ),
             ("API_REGISTER_REQUIRED", "maybe", "API_REGISTER_REQUIRED must be true or false"),
             ("API_CORS_ALLOW_CREDENTIALS", "2", "API_CORS_ALLOW_CREDENTIALS must be true or false"),
@@ -3654,6 +3654,16 @@ class TestServiceDiscovery:
         assert client.get("/prometheus/targets?tag=nothing").json() == []
         assert "tag must be" in field_error(client.get("/prometheus/targets", params={"tag": "a:b"}))
         assert "/prometheus/targets" in app.openapi()["paths"]
+
+    def test_a_tag_with_a_comma_cannot_pose_as_another_tag(self) -> None:
+        """__meta_picoapi_tags is ',resize,png,': a tag 'x,resize' would match a relabel regex '.*,resize,.*' as if
+        the worker were tagged resize. ',' is refused wherever tags are checked, naming the tag and the rule."""
+        client = TestClient(PicoAPI(mode="supervisor", env_file=None))
+        error = field_error(client.put("/register", json={**body(), "tags": ["x,resize"]}))
+        assert "body.tags: Value error, each tag must be 1 to 64 characters without spaces, ':' or ','" in error
+        assert "got 'x,resize'" in error
+        with pytest.raises(ConfigError, match="API_TAGS items must be .* without spaces, ':' or ',', got 'x,resize'"):
+            Config.load(environ={"API_TAGS": "png:x,resize"}, env_file=None)
 
 
 def picoapi_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
