@@ -173,7 +173,8 @@ BACKOFF_CAP = 30.0
 _ATTEMPTS_AT_CAP = 6  # BACKOFF_BASE * 2**6 > BACKOFF_CAP
 #: Deregistration on shutdown never holds shutdown longer than this.
 DEREGISTER_TIMEOUT = 2.0
-#: Host names a supervisor resolves at once for registrations; more are answered 503.
+#: Host names a supervisor resolves at once for registrations, and its checks of a live process before a change
+#: (PUT or DELETE /register) at once; more are answered 503.
 MAX_RESOLVING = 4
 #: Seconds a registration waits for a busy registry file before answering 503.
 STORE_TIMEOUT = 1.0
@@ -3261,7 +3262,8 @@ class _SupervisorRoutes:
         """Check ``entry`` now (at most 2 s): did one of ``instances`` (its own, by default) answer?"""
         headers = self.app.checker.headers if self.app.checker is not None else {}
         timeout = min(entry.timeout, 0.75)  # within the worker's own wait for its DELETE
-        result = await run_in_threadpool(check_once, entry.health_url, timeout, headers, entry.address)
+        args = (check_once, entry.health_url, timeout, headers, entry.address)
+        result = await self.on_thread("registrations are being checked against a live process", MAX_RESOLVING, *args)
         return result.ok and result.instance in (instances or entry.instances)
 
     async def write(self, change: Callable[..., Any], *args: Any) -> Any:

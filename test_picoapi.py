@@ -1621,6 +1621,43 @@ class TestSupervisorRoutes:
         assert TestClient(app).get(path).json() == {"mine": True}
         assert TestClient(app).get("/services/nope:1").status_code == 404  # the rest still PicoAPI's
 
+    def test_checks_of_a_live_process_pass_the_threads_gate(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A change to an entry a live process serves is checked on a thread first: at most MAX_RESOLVING at once,
+        the rest 503 at once, so a flood of conflicting PUTs cannot hold the threads every sync route shares."""
+        release, lock, running, most = threading.Event(), threading.Lock(), [0], [0]
+
+        def slow_check(*args: Any) -> CheckResult:  # the live process does not answer in time
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            release.wait(10)
+            with lock:
+                running[0] -= 1
+            return CheckResult(False, None, 0.75, "timed out")
+
+        monkeypatch.setattr(picoapi, "check_once", slow_check)
+        app = PicoAPI(mode="supervisor", env_file=None)
+        kind = "registrations are being checked against a live process"
+        with TestClient(app) as client:
+            assert client.put("/register", json=body(instance="first")).status_code == 201
+            answers: list[int] = []
+
+            def put(i: int) -> None:
+                answers.append(client.put("/register", json=body(name=f"other{i}", instance=f"i{i}")).status_code)
+
+            threads = [threading.Thread(target=put, args=(i,)) for i in range(picoapi.MAX_RESOLVING)]
+            for thread in threads:
+                thread.start()
+            try:
+                wait_for(lambda: app._supervisor.busy[kind] == picoapi.MAX_RESOLVING, 5, "the gate full")
+                refused = client.put("/register", json=body(name="extra", instance="extra"))
+                assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+            finally:
+                release.set()
+                for thread in threads:
+                    thread.join(10)
+        assert most[0] == picoapi.MAX_RESOLVING and answers == [200] * picoapi.MAX_RESOLVING  # not served: replaced
+
     def test_every_route_sends_what_its_schema_declares(self) -> None:
         """Bodies are serialised from the registry, not validated on the way out: the OpenAPI schema checks them."""
         import jsonschema_rs
