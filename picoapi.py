@@ -3146,12 +3146,13 @@ class _SupervisorRoutes:
         """
         entry = self.known(worker_id)
         peer = _ip(request.client.host if request.client else None)
-        trusted = self.config.register_token or peer == _ip(entry.address)  # the token's holder, or the worker
-        if not trusted and not any(peer in net for net in self.config.register_networks):
+        # The token's holder, or the worker (no peer: a unix socket, 'uvicorn --uds', is neither).
+        trusted = self.config.register_token or (peer is not None and peer == _ip(entry.address))
+        if not trusted and (peer is None or not any(peer in net for net in self.config.register_networks)):
             raise HTTPException(
                 403,
                 f"{worker_id} may only be deregistered from its own address {entry.address}, not from "
-                f"{_printable(peer)}; with API_REGISTER_TOKEN set, its holder may remove it from anywhere",
+                f"{peer or 'an unknown address'}; with API_REGISTER_TOKEN set, its holder may remove it from anywhere",
             )
         if instance is not None and entry.instances:
             if instance not in entry.instances:

@@ -1658,6 +1658,20 @@ class TestSupervisorRoutes:
                     thread.join(10)
         assert most[0] == picoapi.MAX_RESOLVING and answers == [200] * picoapi.MAX_RESOLVING  # not served: replaced
 
+    @pytest.mark.parametrize("networks", ["", "10.0.0.0/8"])
+    def test_a_delete_with_no_client_address_is_refused(self, networks: str) -> None:
+        """Under 'uvicorn --uds' a request has no client address: neither the worker nor in a listed network (and
+        an entry loaded without an address is not its own either)."""
+        app = PicoAPI(mode="supervisor", env_file=None, register_networks=networks)
+        assert app.registry is not None
+        app.registry.register(reg("127.0.0.1", 9001), address="127.0.0.1")
+        app.registry.register(reg("127.0.0.1", 9002), address="")  # as loaded from a file when it did not resolve
+        client = TestClient(app, client=None, raise_server_exceptions=False)
+        for wid in ("127.0.0.1:9001", "127.0.0.1:9002"):
+            refused = client.delete(f"/register/{wid}")
+            assert refused.status_code == 403 and "not from an unknown address" in refused.json()["detail"]
+        assert len(app.registry) == 2
+
     def test_every_route_sends_what_its_schema_declares(self) -> None:
         """Bodies are serialised from the registry, not validated on the way out: the OpenAPI schema checks them."""
         import jsonschema_rs
