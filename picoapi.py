@@ -611,7 +611,8 @@ class Config:
     )
     health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_count, 1, 100)
     health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_count, 1, 100)
-    #: The fields that were set by a keyword, the environment or the .env file.
+    #: The fields that were set by a keyword, the environment or the .env file (not by FastAPI's own title=,
+    #: description= or version= keywords to PicoAPI).
     configured: frozenset[str] = frozenset()
 
     @classmethod
@@ -693,9 +694,11 @@ _SETTINGS: dict[str, _Setting] = {
 
 
 def _close_setting(name: str) -> str | None:
-    """The setting ``name`` looks like a misspelling of (``prot``, ``API_PORT``, ``healthInterval``), or None."""
-    found = difflib.get_close_matches(name.lower().removeprefix("api_"), _SETTINGS, 1, 0.75)
-    return found[0] if found else None
+    """The setting ``name`` looks like a misspelling of (``prot``, ``API_PORT``, ``healthInterval``, ``register_path``
+    after its variable), or None."""
+    names = {k: k for k in _SETTINGS} | {v.lower()[4:]: k for k, s in _SETTINGS.items() for v in (s.var, s.old) if v}
+    found = difflib.get_close_matches(name.lower().removeprefix("api_"), names, 1, 0.75)
+    return names[found[0]] if found else None
 
 
 def _unknown_settings(names: Iterable[str]) -> str:
@@ -721,11 +724,18 @@ def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> Non
 
 
 def _deprecated(message: str) -> None:
-    """A DeprecationWarning at the first caller outside this file: the line the user wrote."""
+    """A DeprecationWarning at the first caller outside this file: the line the user wrote; and, once, a WARNING
+    log line (Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator sees nothing)."""
     frame, level = sys._getframe(), 1
     while frame.f_back is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
     warnings.warn(message, DeprecationWarning, stacklevel=level)
+    _log_once(message)
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.warning("%s", message)
 
 
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
@@ -2731,9 +2741,9 @@ class PicoAPI(FastAPI):
         # swallow the health endpoint; but a user's route on the very same path (their
         # own /health, say) is moved ahead of PicoAPI's and wins.
         routes = self.router.routes
-        theirs = set()
+        theirs: set[str | None] = set()
         for r in [r for r in routes if not any(r is o for o in self._own_routes)]:
-            included = getattr(r, "effective_route_contexts", list)()  # an include_router entry (FastAPI 0.165)
+            included: list[Any] = getattr(r, "effective_route_contexts", list)()  # include_router's (FastAPI 0.165)
             theirs |= {
                 getattr(r, "path", None),
                 *(c.path or getattr(c.starlette_route, "path", None) for c in included),
@@ -2780,8 +2790,9 @@ class PicoAPI(FastAPI):
                 await run_in_threadpool(self.registrar.deregister_all)
                 raise
             self.registrar.start()
-        else:
-            logger.warning("%s", _why_not_registering(config))
+        else:  # a warning only if something shows it was meant to register: a plain app starts quietly
+            level = logging.WARNING if config.configured & _MEANT_TO_REGISTER else logging.INFO
+            logger.log(level, "%s", _why_not_registering(config))
 
     async def _stop(self) -> None:
         if self.registrar is not None:
@@ -2967,6 +2978,10 @@ class PicoAPI(FastAPI):
 
 #: The settings that are FastAPI options too: PicoAPI(title=...) sets both.
 _FASTAPI_SETTINGS = frozenset({"title", "description", "version"})
+#: The settings that show a worker was meant to register (FastAPI's title= keyword alone does not).
+_MEANT_TO_REGISTER = frozenset(
+    {"tags", "host", "title", "register_required", "health_path", "health_interval", "health_timeout"}
+)
 _FASTAPI_OPTIONS = frozenset(inspect.signature(FastAPI.__init__).parameters) - {"self", "extra"}
 
 
@@ -2974,15 +2989,26 @@ def _split_keywords(
     options: dict[str, Any], config: Config | None, env_file: str | os.PathLike[str] | None, is_master: bool | None
 ) -> tuple[Config, dict[str, Any]]:
     """PicoAPI's keywords split: the settings into its :class:`Config`, the rest to FastAPI (with the title,
-    description and version the configuration sets, unless given). A misspelt setting is a ConfigError."""
+    description and version the configuration sets, unless given). A misspelt setting is a ConfigError.
+
+    FastAPI's title, description and version keywords are FastAPI's first: they go into the configuration too,
+    checked as registration fields only by an app that registers (they are what it sends)."""
     settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
     if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
         raise ConfigError(_unknown_settings(misspelt))
     if config is None:
+        config = Config.load({**settings, "is_master": is_master}, env_file=env_file)
         shared = {k: options[k] for k in _FASTAPI_SETTINGS if options.get(k)}  # PicoAPI(title=...) sets both
-        config = Config.load({**settings, **shared, "is_master": is_master}, env_file=env_file)
+        for name, raw in shared.items():
+            try:
+                shared[name] = _SETTINGS[name].parse(_SETTINGS[name].var, raw, *_SETTINGS[name].bounds)
+            except ConfigError:
+                if config.mode == "worker" and config.register_urls:
+                    raise
+        config = dataclasses.replace(config, **shared)
     elif settings or is_master is not None:
-        raise ConfigError(f"give settings in config= or as keywords, not both: got config= and {sorted(settings)}")
+        given = sorted(settings) + ["is_master"] * (is_master is not None)
+        raise ConfigError(f"give settings in config= or as keywords, not both: got config= and {given}")
     return config, {**{k: getattr(config, k) for k in _FASTAPI_SETTINGS & config.configured}, **options}
 
 

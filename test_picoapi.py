@@ -437,6 +437,20 @@ class TestConfig:
     def test_config_and_setting_keywords_are_not_mixed(self) -> None:
         with pytest.raises(ConfigError, match=r"not both: got config= and \['port'\]"):
             PicoAPI(config=Config.load(env_file=None), port=1)
+        with pytest.raises(ConfigError, match=r"not both: got config= and \['is_master'\]"):
+            PicoAPI(config=Config.load(env_file=None), is_master=True)
+
+    def test_each_keyword_follows_the_readmes_rule(self) -> None:
+        """README: a keyword is 'the lower-case name without API_', with one exception it names."""
+        with open(os.path.join(HERE, "README.md")) as readme:
+            assert "one\nexception: `API_REGISTER_PATH`'s keyword is `register_urls`" in readme.read()
+        odd = {k: s.var for k, s in picoapi._SETTINGS.items() if s.var != f"API_{k.upper()}"}
+        assert odd == {"register_urls": "API_REGISTER_PATH"}
+        url = "http://127.0.0.1:8100/register"
+        assert PicoAPI(env_file=None, register_urls=url, host="127.0.0.1", title="t").config.register_urls == (url,)
+        for wrong in ("register_path", "keeper_url"):  # its variable's name, or the old one, leads to it
+            with pytest.raises(ConfigError, match=rf"unknown setting '{wrong}' \(did you mean 'register_urls'\?\)"):
+                PicoAPI(env_file=None, **{wrong: url})
 
     @pytest.mark.parametrize("name", list(picoapi._SETTINGS))
     def test_every_setting_is_a_field_a_keyword_and_a_variable(self, name: str) -> None:
@@ -500,6 +514,22 @@ class TestOneXSpellings:
             PicoAPI()
         with pytest.raises(ConfigError, match="API_MASTER must be true or false"):
             Config.load(environ={"API_MASTER": "boss"}, env_file=None)
+
+    def test_api_master_is_told_where_apps_run(self, tmp_path: Any) -> None:
+        """API_MASTER is an operator's setting: under uvicorn (which imports app.py) Python's default filters hide
+        its DeprecationWarning, so the same words are logged as a WARNING too."""
+        (tmp_path / "app.py").write_text("from picoapi import PicoAPI\napp = PicoAPI()\n")
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("API_", "PYTHONWARN"))}
+        out = subprocess.run(
+            [sys.executable, "-c", "import app; assert app.app.mode == 'supervisor'"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**clean, "PYTHONPATH": HERE, "API_MASTER": "true"},
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stderr == "API_MASTER=true is picoapi 1.x's spelling: write API_MODE=supervisor instead\n"
 
     @pytest.mark.parametrize("mode", ["worker", "supervisor"])
     def test_nothing_warns_without_them(self, mode: str) -> None:
@@ -610,6 +640,42 @@ class TestDropIn:
             assert (app.title, app.config.title, app.version) == ("mine", "mine", "1.2.0")
         finally:
             del os.environ["API_TITLE"], os.environ["API_VERSION"]
+
+    @pytest.mark.parametrize(
+        "options",
+        [
+            {"description": "Made by the \U0001f469\u200d\U0001f4bb team"},  # an emoji ZWJ sequence (U+200D)
+            {"title": "An API whose title is long " * 5},  # 135 characters
+            {"version": "1.0.0+build." + "0123456789abcdef" * 4},  # a 76-character build version
+            {"title": "Caf\u00e9\u00ad API"},  # a soft hyphen (U+00AD)
+        ],
+    )
+    def test_what_fastapi_accepts_a_plain_picoapi_accepts(self, options: dict[str, str]) -> None:
+        """title, description and version are FastAPI's keywords first: checked as registration fields only by an
+        app that registers, as the settings are."""
+        FastAPI(**options)  # type: ignore[arg-type]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            app = PicoAPI(env_file=None, **options)
+        assert {k: getattr(app, k) for k in options} == options
+        var = f"API_{next(iter(options)).upper()}"
+        registering = {"register_urls": "http://127.0.0.1:8100/register", "host": "127.0.0.1", "title": "t"}
+        with pytest.raises(ConfigError, match=rf"^{var} must be 1 to \d+ printable characters|^{var} must not"):
+            PicoAPI(env_file=None, **{**registering, **options})
+
+    def test_a_plain_app_with_nothing_configured_starts_quietly(self, caplog: pytest.LogCaptureFixture) -> None:
+        """SPEC: a library object built with nothing configured still works as a plain FastAPI app: FastAPI's own
+        suite run against PicoAPI prints nothing. A worker that looks meant to register warns."""
+        caplog.set_level(logging.INFO, logger="picoapi")
+        with TestClient(PicoAPI(env_file=None, title="mine")) as client:
+            assert client.get("/health").status_code == 200
+        said = [(r.levelno, r.getMessage()[:35]) for r in caplog.records]
+        assert said == [(logging.INFO, "not registering with a supervisor: ")]
+        for meant in ({"tags": ["resize"]}, {"host": "127.0.0.1"}, {"health_interval": 5}):
+            caplog.clear()
+            with TestClient(PicoAPI(env_file=None, **meant)):
+                pass
+            assert [(r.levelno, r.getMessage()[:35]) for r in caplog.records] == [(logging.WARNING, said[0][1])]
 
     def test_both_modes_construct(self) -> None:
         assert PicoAPI().mode == "worker" and PicoAPI().registry is None
