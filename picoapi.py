@@ -175,7 +175,8 @@ BACKOFF_CAP = 30.0
 _ATTEMPTS_AT_CAP = 6  # BACKOFF_BASE * 2**6 > BACKOFF_CAP
 #: Deregistration on shutdown never holds shutdown longer than this.
 DEREGISTER_TIMEOUT = 2.0
-#: Host names a supervisor resolves at once for registrations; more are answered 503.
+#: Host names a supervisor resolves at once for registrations, and its checks of a live process before a change
+#: (PUT or DELETE /register) at once; more are answered 503.
 MAX_RESOLVING = 4
 #: Seconds a registration waits for a busy registry file before answering 503.
 STORE_TIMEOUT = 1.0
@@ -297,8 +298,8 @@ def _check_health_url(what: str, url: str, error: type[ValueError] = ValueError)
 
 def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str:
     """``tag``, if it is a valid tag; else ``error`` naming ``what``: 'API_TAGS items', 'each tag'."""
-    if not 1 <= len(tag) <= MAX_TAG or not re.match(r"^[^\s:]+$", tag):
-        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces or ':', got '{_printable(tag)}'")
+    if not 1 <= len(tag) <= MAX_TAG or not re.match(r"^[^\s:,]+$", tag):  # ',' joins tags in Prometheus' labels
+        raise error(f"{what} must be 1 to {MAX_TAG} characters without spaces, ':' or ',', got '{_printable(tag)}'")
     return _check_text(what, tag, error)
 
 
@@ -617,7 +618,8 @@ class Config:
     )
     health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_count, 1, 100)
     health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_count, 1, 100)
-    #: The fields that were set by a keyword, the environment or the .env file.
+    #: The fields that were set by a keyword, the environment or the .env file (not by FastAPI's own title=,
+    #: description= or version= keywords to PicoAPI).
     configured: frozenset[str] = frozenset()
 
     @classmethod
@@ -699,9 +701,11 @@ _SETTINGS: dict[str, _Setting] = {
 
 
 def _close_setting(name: str) -> str | None:
-    """The setting ``name`` looks like a misspelling of (``prot``, ``API_PORT``, ``healthInterval``), or None."""
-    found = difflib.get_close_matches(name.lower().removeprefix("api_"), _SETTINGS, 1, 0.75)
-    return found[0] if found else None
+    """The setting ``name`` looks like a misspelling of (``prot``, ``API_PORT``, ``healthInterval``, ``register_path``
+    after its variable), or None."""
+    names = {k: k for k in _SETTINGS} | {v.lower()[4:]: k for k, s in _SETTINGS.items() for v in (s.var, s.old) if v}
+    found = difflib.get_close_matches(name.lower().removeprefix("api_"), names, 1, 0.75)
+    return names[found[0]] if found else None
 
 
 def _unknown_settings(names: Iterable[str]) -> str:
@@ -727,11 +731,18 @@ def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> Non
 
 
 def _deprecated(message: str) -> None:
-    """A DeprecationWarning at the first caller outside this file: the line the user wrote."""
+    """A DeprecationWarning at the first caller outside this file: the line the user wrote; and, once, a WARNING
+    log line (Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator sees nothing)."""
     frame, level = sys._getframe(), 1
     while frame.f_back is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
     warnings.warn(message, DeprecationWarning, stacklevel=level)
+    _log_once(message)
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.warning("%s", message)
 
 
 #: The file ``picoapi supervisor|worker --env-file`` gives, read instead of ./.env while the app is built.
@@ -2615,7 +2626,7 @@ def _dashboard_page() -> tuple[str, str]:
 
 def _operator_router(app: PicoAPI) -> APIRouter:
     """The supervisor's routes for operators: the dashboard, GET /metrics and Prometheus' service discovery."""
-    router, registry = APIRouter(tags=["picoapi"]), app.registry
+    router, registry = APIRouter(tags=["picoapi"], dependency_overrides_provider=app), app.registry
     assert registry is not None
 
     @router.get(DASHBOARD_ROUTE, include_in_schema=False)
@@ -2733,8 +2744,10 @@ class PicoAPI(FastAPI):
             deregister_after=config.deregister_after,
         )
         self._supervisor = _SupervisorRoutes(self, self.registry)
-        self.include_router(self._supervisor.router())
-        self.include_router(_operator_router(self))
+        for router in (self._supervisor.router(), _operator_router(self)):
+            # Its routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's
+            # route on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
+            self.router.routes.extend(router.routes)
         self.add_middleware(_BodyLimit, path=REGISTER_ROUTE, limit=MAX_BODY)
         self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
         if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
@@ -2759,7 +2772,13 @@ class PicoAPI(FastAPI):
         # swallow the health endpoint; but a user's route on the very same path (their
         # own /health, say) is moved ahead of PicoAPI's and wins.
         routes = self.router.routes
-        theirs = {getattr(r, "path", None) for r in routes if not any(r is o for o in self._own_routes)}
+        theirs: set[str | None] = set()
+        for r in [r for r in routes if not any(r is o for o in self._own_routes)]:
+            included: list[Any] = getattr(r, "effective_route_contexts", list)()  # include_router's (FastAPI 0.165)
+            theirs |= {
+                getattr(r, "path", None),
+                *(c.path or getattr(c.starlette_route, "path", None) for c in included),
+            }
         for route in [r for r in self._own_routes if getattr(r, "path", None) in theirs and r in routes]:
             routes.remove(route)
             routes.append(route)
@@ -2802,8 +2821,9 @@ class PicoAPI(FastAPI):
                 await run_in_threadpool(self.registrar.deregister_all)
                 raise
             self.registrar.start()
-        else:
-            logger.warning("%s", _why_not_registering(config))
+        else:  # a warning only if something shows it was meant to register: a plain app starts quietly
+            level = logging.WARNING if config.configured & _MEANT_TO_REGISTER else logging.INFO
+            logger.log(level, "%s", _why_not_registering(config))
 
     async def _stop(self) -> None:
         if self.registrar is not None:
@@ -2989,6 +3009,10 @@ class PicoAPI(FastAPI):
 
 #: The settings that are FastAPI options too: PicoAPI(title=...) sets both.
 _FASTAPI_SETTINGS = frozenset({"title", "description", "version"})
+#: The settings that show a worker was meant to register (FastAPI's title= keyword alone does not).
+_MEANT_TO_REGISTER = frozenset(
+    {"tags", "host", "title", "register_required", "health_path", "health_interval", "health_timeout"}
+)
 _FASTAPI_OPTIONS = frozenset(inspect.signature(FastAPI.__init__).parameters) - {"self", "extra"}
 
 
@@ -2996,15 +3020,26 @@ def _split_keywords(
     options: dict[str, Any], config: Config | None, env_file: str | os.PathLike[str] | None, is_master: bool | None
 ) -> tuple[Config, dict[str, Any]]:
     """PicoAPI's keywords split: the settings into its :class:`Config`, the rest to FastAPI (with the title,
-    description and version the configuration sets, unless given). A misspelt setting is a ConfigError."""
+    description and version the configuration sets, unless given). A misspelt setting is a ConfigError.
+
+    FastAPI's title, description and version keywords are FastAPI's first: they go into the configuration too,
+    checked as registration fields only by an app that registers (they are what it sends)."""
     settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
     if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
         raise ConfigError(_unknown_settings(misspelt))
     if config is None:
+        config = Config.load({**settings, "is_master": is_master}, env_file=env_file)
         shared = {k: options[k] for k in _FASTAPI_SETTINGS if options.get(k)}  # PicoAPI(title=...) sets both
-        config = Config.load({**settings, **shared, "is_master": is_master}, env_file=env_file)
+        for name, raw in shared.items():
+            try:
+                shared[name] = _SETTINGS[name].parse(_SETTINGS[name].var, raw, *_SETTINGS[name].bounds)
+            except ConfigError:
+                if config.mode == "worker" and config.register_urls:
+                    raise
+        config = dataclasses.replace(config, **shared)
     elif settings or is_master is not None:
-        raise ConfigError(f"give settings in config= or as keywords, not both: got config= and {sorted(settings)}")
+        given = sorted(settings) + ["is_master"] * (is_master is not None)
+        raise ConfigError(f"give settings in config= or as keywords, not both: got config= and {given}")
     return config, {**{k: getattr(config, k) for k in _FASTAPI_SETTINGS & config.configured}, **options}
 
 
@@ -3103,7 +3138,7 @@ class _SupervisorRoutes:
 
     def router(self) -> APIRouter:
         """The routes and the answers each may give; with API_REGISTER_TOKEN set, those that write need it."""
-        token, routes = self.config.register_token, APIRouter(tags=["picoapi"])
+        token, routes = self.config.register_token, APIRouter(tags=["picoapi"], dependency_overrides_provider=self.app)
 
         def add(method: str, path: str, endpoint: Callable[..., Any], answers: dict[int, str], **options: Any) -> None:
             if method != "GET" and token:  # no token: no dependency to resolve per request
@@ -3168,12 +3203,13 @@ class _SupervisorRoutes:
         """
         entry = self.known(worker_id)
         peer = _ip(request.client.host if request.client else None)
-        trusted = self.config.register_token or peer == _ip(entry.address)  # the token's holder, or the worker
-        if not trusted and not any(peer in net for net in self.config.register_networks):
+        # The token's holder, or the worker (no peer: a unix socket, 'uvicorn --uds', is neither).
+        trusted = self.config.register_token or (peer is not None and peer == _ip(entry.address))
+        if not trusted and (peer is None or not any(peer in net for net in self.config.register_networks)):
             raise HTTPException(
                 403,
                 f"{worker_id} may only be deregistered from its own address {entry.address}, not from "
-                f"{_printable(peer)}; with API_REGISTER_TOKEN set, its holder may remove it from anywhere",
+                f"{peer or 'an unknown address'}; with API_REGISTER_TOKEN set, its holder may remove it from anywhere",
             )
         if instance is not None and entry.instances:
             if instance not in entry.instances:
@@ -3284,7 +3320,8 @@ class _SupervisorRoutes:
         """Check ``entry`` now (at most 2 s): did one of ``instances`` (its own, by default) answer?"""
         headers = self.app.checker.headers if self.app.checker is not None else {}
         timeout = min(entry.timeout, 0.75)  # within the worker's own wait for its DELETE
-        result = await run_in_threadpool(check_once, entry.health_url, timeout, headers, entry.address)
+        args = (check_once, entry.health_url, timeout, headers, entry.address)
+        result = await self.on_thread("registrations are being checked against a live process", MAX_RESOLVING, *args)
         return result.ok and result.instance in (instances or entry.instances)
 
     async def write(self, change: Callable[..., Any], *args: Any) -> Any:

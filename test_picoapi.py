@@ -288,7 +288,7 @@ class TestConfig:
             (
                 "API_TAGS",
                 "ok:has space",
-                "API_TAGS items must be 1 to 64 characters without spaces or ':', got 'has space'",
+                "API_TAGS items must be 1 to 64 characters without spaces, ':' or ',', got 'has space'",
             ),
             ("API_REGISTER_REQUIRED", "maybe", "API_REGISTER_REQUIRED must be true or false"),
             ("API_CORS_ALLOW_CREDENTIALS", "2", "API_CORS_ALLOW_CREDENTIALS must be true or false"),
@@ -439,6 +439,20 @@ class TestConfig:
     def test_config_and_setting_keywords_are_not_mixed(self) -> None:
         with pytest.raises(ConfigError, match=r"not both: got config= and \['port'\]"):
             PicoAPI(config=Config.load(env_file=None), port=1)
+        with pytest.raises(ConfigError, match=r"not both: got config= and \['is_master'\]"):
+            PicoAPI(config=Config.load(env_file=None), is_master=True)
+
+    def test_each_keyword_follows_the_readmes_rule(self) -> None:
+        """README: a keyword is 'the lower-case name without API_', with one exception it names."""
+        with open(os.path.join(HERE, "README.md")) as readme:
+            assert "one\nexception: `API_REGISTER_PATH`'s keyword is `register_urls`" in readme.read()
+        odd = {k: s.var for k, s in picoapi._SETTINGS.items() if s.var != f"API_{k.upper()}"}
+        assert odd == {"register_urls": "API_REGISTER_PATH"}
+        url = "http://127.0.0.1:8100/register"
+        assert PicoAPI(env_file=None, register_urls=url, host="127.0.0.1", title="t").config.register_urls == (url,)
+        for wrong in ("register_path", "keeper_url"):  # its variable's name, or the old one, leads to it
+            with pytest.raises(ConfigError, match=rf"unknown setting '{wrong}' \(did you mean 'register_urls'\?\)"):
+                PicoAPI(env_file=None, **{wrong: url})
 
     @pytest.mark.parametrize("name", list(picoapi._SETTINGS))
     def test_every_setting_is_a_field_a_keyword_and_a_variable(self, name: str) -> None:
@@ -502,6 +516,22 @@ class TestOneXSpellings:
             PicoAPI()
         with pytest.raises(ConfigError, match="API_MASTER must be true or false"):
             Config.load(environ={"API_MASTER": "boss"}, env_file=None)
+
+    def test_api_master_is_told_where_apps_run(self, tmp_path: Any) -> None:
+        """API_MASTER is an operator's setting: under uvicorn (which imports app.py) Python's default filters hide
+        its DeprecationWarning, so the same words are logged as a WARNING too."""
+        (tmp_path / "app.py").write_text("from picoapi import PicoAPI\napp = PicoAPI()\n")
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("API_", "PYTHONWARN"))}
+        out = subprocess.run(
+            [sys.executable, "-c", "import app; assert app.app.mode == 'supervisor'"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**clean, "PYTHONPATH": HERE, "API_MASTER": "true"},
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stderr == "API_MASTER=true is picoapi 1.x's spelling: write API_MODE=supervisor instead\n"
 
     @pytest.mark.parametrize("mode", ["worker", "supervisor"])
     def test_nothing_warns_without_them(self, mode: str) -> None:
@@ -612,6 +642,42 @@ class TestDropIn:
             assert (app.title, app.config.title, app.version) == ("mine", "mine", "1.2.0")
         finally:
             del os.environ["API_TITLE"], os.environ["API_VERSION"]
+
+    @pytest.mark.parametrize(
+        "options",
+        [
+            {"description": "Made by the \U0001f469\u200d\U0001f4bb team"},  # an emoji ZWJ sequence (U+200D)
+            {"title": "An API whose title is long " * 5},  # 135 characters
+            {"version": "1.0.0+build." + "0123456789abcdef" * 4},  # a 76-character build version
+            {"title": "Caf\u00e9\u00ad API"},  # a soft hyphen (U+00AD)
+        ],
+    )
+    def test_what_fastapi_accepts_a_plain_picoapi_accepts(self, options: dict[str, str]) -> None:
+        """title, description and version are FastAPI's keywords first: checked as registration fields only by an
+        app that registers, as the settings are."""
+        FastAPI(**options)  # type: ignore[arg-type]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            app = PicoAPI(env_file=None, **options)
+        assert {k: getattr(app, k) for k in options} == options
+        var = f"API_{next(iter(options)).upper()}"
+        registering = {"register_urls": "http://127.0.0.1:8100/register", "host": "127.0.0.1", "title": "t"}
+        with pytest.raises(ConfigError, match=rf"^{var} must be 1 to \d+ printable characters|^{var} must not"):
+            PicoAPI(env_file=None, **{**registering, **options})
+
+    def test_a_plain_app_with_nothing_configured_starts_quietly(self, caplog: pytest.LogCaptureFixture) -> None:
+        """SPEC: a library object built with nothing configured still works as a plain FastAPI app: FastAPI's own
+        suite run against PicoAPI prints nothing. A worker that looks meant to register warns."""
+        caplog.set_level(logging.INFO, logger="picoapi")
+        with TestClient(PicoAPI(env_file=None, title="mine")) as client:
+            assert client.get("/health").status_code == 200
+        said = [(r.levelno, r.getMessage()[:35]) for r in caplog.records]
+        assert said == [(logging.INFO, "not registering with a supervisor: ")]
+        for meant in ({"tags": ["resize"]}, {"host": "127.0.0.1"}, {"health_interval": 5}):
+            caplog.clear()
+            with TestClient(PicoAPI(env_file=None, **meant)):
+                pass
+            assert [(r.levelno, r.getMessage()[:35]) for r in caplog.records] == [(logging.WARNING, said[0][1])]
 
     def test_both_modes_construct(self) -> None:
         assert PicoAPI().mode == "worker" and PicoAPI().registry is None
@@ -1631,6 +1697,74 @@ class TestSupervisorRoutes:
         params = {p["name"]: p["schema"] for p in services["parameters"]}
         assert params["limit"]["default"] == params["limit"]["maximum"] == 1000 and params["limit"]["minimum"] == 1
         assert "after" in params and "Link" in services["responses"]["200"]["headers"]
+
+    @pytest.mark.parametrize("included", [False, True], ids=["app", "router"])
+    @pytest.mark.parametrize("path", ["/services", "/metrics", "/dashboard", "/prometheus/targets"])
+    def test_a_users_own_route_on_a_supervisor_path_wins(self, path: str, included: bool) -> None:
+        """Moved ahead of PicoAPI's by path (a GET /metrics of prometheus-fastapi-instrumentator's, say): PicoAPI's
+        routes are entries of the app's own router, not one included entry without a path (FastAPI 0.165)."""
+        app = PicoAPI(mode="supervisor", env_file=None)
+        router = APIRouter() if included else app.router
+
+        @router.get(path)
+        def mine() -> dict[str, bool]:
+            return {"mine": True}
+
+        if included:
+            app.include_router(router)
+        assert TestClient(app).get(path).json() == {"mine": True}
+        assert TestClient(app).get("/services/nope:1").status_code == 404  # the rest still PicoAPI's
+
+    def test_checks_of_a_live_process_pass_the_threads_gate(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A change to an entry a live process serves is checked on a thread first: at most MAX_RESOLVING at once,
+        the rest 503 at once, so a flood of conflicting PUTs cannot hold the threads every sync route shares."""
+        release, lock, running, most = threading.Event(), threading.Lock(), [0], [0]
+
+        def slow_check(*args: Any) -> CheckResult:  # the live process does not answer in time
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            release.wait(10)
+            with lock:
+                running[0] -= 1
+            return CheckResult(False, None, 0.75, "timed out")
+
+        monkeypatch.setattr(picoapi, "check_once", slow_check)
+        app = PicoAPI(mode="supervisor", env_file=None)
+        kind = "registrations are being checked against a live process"
+        with TestClient(app) as client:
+            assert client.put("/register", json=body(instance="first")).status_code == 201
+            answers: list[int] = []
+
+            def put(i: int) -> None:
+                answers.append(client.put("/register", json=body(name=f"other{i}", instance=f"i{i}")).status_code)
+
+            threads = [threading.Thread(target=put, args=(i,)) for i in range(picoapi.MAX_RESOLVING)]
+            for thread in threads:
+                thread.start()
+            try:
+                wait_for(lambda: app._supervisor.busy[kind] == picoapi.MAX_RESOLVING, 5, "the gate full")
+                refused = client.put("/register", json=body(name="extra", instance="extra"))
+                assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+            finally:
+                release.set()
+                for thread in threads:
+                    thread.join(10)
+        assert most[0] == picoapi.MAX_RESOLVING and answers == [200] * picoapi.MAX_RESOLVING  # not served: replaced
+
+    @pytest.mark.parametrize("networks", ["", "10.0.0.0/8"])
+    def test_a_delete_with_no_client_address_is_refused(self, networks: str) -> None:
+        """Under 'uvicorn --uds' a request has no client address: neither the worker nor in a listed network (and
+        an entry loaded without an address is not its own either)."""
+        app = PicoAPI(mode="supervisor", env_file=None, register_networks=networks)
+        assert app.registry is not None
+        app.registry.register(reg("127.0.0.1", 9001), address="127.0.0.1")
+        app.registry.register(reg("127.0.0.1", 9002), address="")  # as loaded from a file when it did not resolve
+        client = TestClient(app, client=None, raise_server_exceptions=False)
+        for wid in ("127.0.0.1:9001", "127.0.0.1:9002"):
+            refused = client.delete(f"/register/{wid}")
+            assert refused.status_code == 403 and "not from an unknown address" in refused.json()["detail"]
+        assert len(app.registry) == 2
 
     def test_every_route_sends_what_its_schema_declares(self) -> None:
         """Bodies are serialised from the registry, not validated on the way out: the OpenAPI schema checks them."""
@@ -3630,6 +3764,57 @@ class TestMetrics:
         assert found["picoapi_checker_trouble"] == {("picoapi_checker_trouble", ()): 1}
         assert found["picoapi_checks_in_flight"] == {("picoapi_checks_in_flight", ()): 0}
 
+    def test_a_check_under_way_shows_in_flight(self) -> None:
+        accepted, release = threading.Event(), threading.Event()
+
+        def silent(conn: socket.socket) -> None:  # takes the request, never answers: the check stays in flight
+            accepted.set()
+            release.wait(10)
+
+        with raw_server(silent) as port:
+            registry = Registry()
+            registry.register(reg("127.0.0.1", port, interval=5, health={"timeout": 5}), address="127.0.0.1")
+            checker = HealthChecker(registry)
+            checker.start()
+            try:
+                assert accepted.wait(10), "the check never connected"
+                found = metric_families(picoapi._exposition(registry, checker))
+            finally:
+                release.set()
+                checker.stop()
+        assert found["picoapi_checks_in_flight"] == {("picoapi_checks_in_flight", ()): 1}
+
+    def test_a_check_begun_late_shows_in_the_lateness_histogram(self) -> None:
+        """By the checker itself, not a CheckResult built by hand: this one begins 2 s after it was due."""
+        offset = [0.0]
+        with raw_server(lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")) as port:
+            registry = Registry(clock=lambda: time.monotonic() + offset[0])
+            registry.register(reg("127.0.0.1", port, interval=60), address="127.0.0.1")  # due now
+            offset[0] = 2.0  # the checker wakes 2 s after the check was due
+            checker = HealthChecker(registry)
+            checker.start()
+            try:
+                wait_for(lambda: registry.metrics.checks != [0, 0], 10, "the check's result")
+                found = metric_families(picoapi._exposition(registry, checker))
+            finally:
+                checker.stop()
+        late = found["picoapi_check_lateness_seconds"]
+        assert late[("picoapi_check_lateness_seconds_count", ())] == 1
+        assert late[("picoapi_check_lateness_seconds_sum", ())] >= 1.9
+
+    def test_removals_after_deregister_after_are_counted(self) -> None:
+        """Else an operator cannot tell a worker removed for staying unhealthy from a DELETE that never came."""
+        clock = FakeClock()
+        registry = Registry(deregister_after=10, clock=clock)
+        registry.register(reg("127.0.0.1", 9001), address="127.0.0.1")
+        for result in (OK, FAIL, FAIL):  # unhealthy
+            registry.record("127.0.0.1:9001", result)
+        clock.advance(11)
+        change = registry.record("127.0.0.1:9001", FAIL)
+        assert change is not None and change.removed and len(registry) == 0
+        found = metric_families(picoapi._exposition(registry, None))
+        assert found["picoapi_deregistrations"] == {("picoapi_deregistrations_total", ()): 1}
+
     def test_tag_series_are_bounded_and_label_values_escaped(self) -> None:
         registry = Registry(max_workers=200)
         hostile = 'a"b\\c'
@@ -3670,6 +3855,16 @@ class TestServiceDiscovery:
         assert client.get("/prometheus/targets?tag=nothing").json() == []
         assert "tag must be" in field_error(client.get("/prometheus/targets", params={"tag": "a:b"}))
         assert "/prometheus/targets" in app.openapi()["paths"]
+
+    def test_a_tag_with_a_comma_cannot_pose_as_another_tag(self) -> None:
+        """__meta_picoapi_tags is ',resize,png,': a tag 'x,resize' would match a relabel regex '.*,resize,.*' as if
+        the worker were tagged resize. ',' is refused wherever tags are checked, naming the tag and the rule."""
+        client = TestClient(PicoAPI(mode="supervisor", env_file=None))
+        error = field_error(client.put("/register", json={**body(), "tags": ["x,resize"]}))
+        assert "body.tags: Value error, each tag must be 1 to 64 characters without spaces, ':' or ','" in error
+        assert "got 'x,resize'" in error
+        with pytest.raises(ConfigError, match="API_TAGS items must be .* without spaces, ':' or ',', got 'x,resize'"):
+            Config.load(environ={"API_TAGS": "png:x,resize"}, env_file=None)
 
 
 def picoapi_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
