@@ -671,6 +671,9 @@ def markdown(r: dict[str, Any]) -> str:
         ("keepalive", _md_keepalive),
         ("profile", _md_profile),
     ):
+        if name not in r and name in ("persistence", "keepalive"):  # measured only when asked for
+            parts.append(f"{name}: measured only with `python bench/run.py --only {name}`; not in this run.")
+            continue
         try:
             parts.append(part(r))
         except (KeyError, TypeError, ValueError) as exc:
