@@ -86,7 +86,8 @@ def main() -> None:
             health = {"url": f"http://127.0.0.1:{p}/health", "interval": args.interval}
             reg = picoapi.Registration.model_validate({"name": "w", "host": "127.0.0.1", "port": p, "health": health})
             if args.registry_file:
-                app._register_stored(reg)  # as PUT /register does: the row is written too
+                with app._store.lock:  # as PUT /register does: the row is written too
+                    app._supervisor.add(reg, "127.0.0.1")
             else:
                 registry.register(reg)
         registered = time.monotonic()
