@@ -742,6 +742,7 @@ def _deprecated(message: str) -> None:
 
 @functools.cache
 def _log_once(message: str) -> None:
+    _log_like_uvicorn()  # logged while the app is built: under uvicorn, in its format already
     logger.warning("%s", message)
 
 
@@ -988,6 +989,8 @@ class StatusChange(NamedTuple):
     old: str
     new: str
     removed: bool
+    #: The check's error as recorded (an answer from another process fails with its own words).
+    error: str = ""
 
 
 class Verdict(NamedTuple):
@@ -1317,7 +1320,9 @@ class Registry:
             elif verdict.recheck is not None and now + verdict.recheck < entry._due:
                 self._schedule(entry, now + verdict.recheck)
             return (
-                StatusChange(old, verdict.status, verdict.removed) if verdict.status != old or verdict.removed else None
+                StatusChange(old, verdict.status, verdict.removed, entry.last_error)
+                if verdict.status != old or verdict.removed
+                else None
             )
 
 
@@ -1572,7 +1577,7 @@ class HealthChecker:
                 if change.removed:
                     logger.warning("worker %s removed: unhealthy for longer than API_DEREGISTER_AFTER", check.worker_id)
                 elif change.new == UNHEALTHY:
-                    logger.warning("worker %s is unhealthy: %s", check.worker_id, result.error)
+                    logger.warning("worker %s is unhealthy: %s", check.worker_id, change.error)
                 else:
                     logger.info("worker %s is %s (was %s)", check.worker_id, change.new, change.old)
                 if self._on_change is not None:
@@ -1698,10 +1703,12 @@ class HealthChecker:
         for key, _ in self._selector.select(timeout):
             probe = key.data
             if probe is None:
-                self._woken = False  # before reading: a wake from now on sends again
                 with contextlib.suppress(OSError):
                     while self._wake_r.recv(4096):
                         pass
+                # After reading, or a wake sent meanwhile would be read here and the next one never sent; a wake
+                # skipped meanwhile is not lost: the loop reads the heap before it waits again.
+                self._woken = False
                 continue
             try:
                 on_ready[probe.state](probe)
@@ -2918,10 +2925,7 @@ class PicoAPI(FastAPI):
             try:
                 return self._send(worker, method, path, timeout, kwargs)
             except requests.RequestException as exc:
-                never_connected = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
-                unsent = isinstance(exc, requests.ConnectionError) and any(
-                    isinstance(e, never_connected) for e in _causes(exc)
-                )
+                unsent = isinstance(exc, requests.ConnectionError) and _is_connect_error(exc)
                 if not (unsent or retry_sent):
                     raise
                 registry.mark_suspect(worker.id)

@@ -826,6 +826,19 @@ class TestRegistry:
             registry.register(reg())  # not healthy yet, refreshed again and again
         assert len(registry._heap) == scheduled and registry.pop_due(clock()) == []
 
+    def test_the_unhealthy_line_says_another_process_answered(self, caplog: pytest.LogCaptureFixture) -> None:
+        clock = FakeClock()
+        registry, pool = Registry(clock=clock, wall=clock), InlinePool()
+        checker = HealthChecker(registry, submit=pool.submit)
+        worker, _ = registry.register(reg(instance="p1"))
+        pool.outcome[worker.id] = [OK._replace(instance="p1"), *[OK._replace(instance="intruder")] * 3]
+        with caplog.at_level(logging.INFO, logger="picoapi"):
+            for _ in range(4):
+                checker.run_pending()
+                clock.advance(10)
+        lines = [r.getMessage() for r in caplog.records if "is unhealthy" in r.getMessage()]
+        assert lines == [f"worker {worker.id} is unhealthy: answered by a process that did not register {worker.id}"]
+
     def test_a_check_answered_by_another_process_fails(self) -> None:
         registry = Registry()
         worker, _ = registry.register(reg(instance="p1"))
@@ -1106,6 +1119,28 @@ class TestCheckerThread:
             registry.register(reg(interval=0.05))
             wait_for(lambda: len(pool.fired) >= 3, 5, "three checks")
         finally:
+            checker.stop()
+
+    def test_a_wake_while_the_thread_reads_the_pipe_leaves_the_next_wake_working(self) -> None:
+        registry = Registry()
+        checker = HealthChecker(registry, submit=InlinePool().submit)
+        pipe, woke = checker._wake_r, []
+
+        class Racing:  # a registration wakes the thread between its select and its read of the pipe
+            def recv(self, size: int) -> bytes:
+                if not woke:
+                    woke.append(registry.wake())
+                return pipe.recv(size)
+
+        checker._wake_r = Racing()  # type: ignore[assignment]
+        try:
+            registry.wake()
+            checker._poll(0)
+            assert woke and checker._selector.select(0) == []  # all read
+            registry.wake()  # a later registration: the thread must hear of it
+            assert checker._selector.select(0) != []
+        finally:
+            checker._wake_r = pipe
             checker.stop()
 
     def test_a_burst_of_wakes_is_one_byte_and_the_next_registration_still_wakes(self) -> None:
