@@ -2340,7 +2340,7 @@ def _detail(content: bytes) -> str:
     return str(detail)
 
 
-# -- Responses and the dashboard -----------------------------------------------
+# -- Responses: the workers' OpenAPI documents, error answers, tables ------------
 
 
 def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
