@@ -1026,9 +1026,9 @@ class TestScheduler:
             checker.run_pending()
         assert worker.id not in registry
         assert changes == [
-            ("unknown", "healthy", False),
-            ("healthy", "unhealthy", False),
-            ("unhealthy", "unhealthy", True),
+            ("unknown", "healthy", False, ""),
+            ("healthy", "unhealthy", False, "refused"),
+            ("unhealthy", "unhealthy", True, "refused"),
         ]
 
     def test_new_worker_is_unknown_checked_at_once_and_given_a_start_up_grace(self, sched: Any) -> None:
