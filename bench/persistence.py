@@ -35,11 +35,11 @@ def main() -> None:
             regs = [registration(i) for i in range(size)]
             store = picoapi._Store(os.path.join(tmp, f"r{size}.db"))
             for reg in regs:
-                store.save(picoapi.worker_id(reg.host, reg.port), reg)
+                store.save(picoapi.worker_id(reg.host, reg.port), reg, reg.host)
             sqlite_times = []
             for reg in regs[:200]:
                 started = time.perf_counter()
-                store.save(picoapi.worker_id(reg.host, reg.port), reg)
+                store.save(picoapi.worker_id(reg.host, reg.port), reg, reg.host)
                 sqlite_times.append(time.perf_counter() - started)
             store.close()
             path = os.path.join(tmp, f"r{size}.json")
