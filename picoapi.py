@@ -71,6 +71,7 @@ import typing
 import unicodedata
 import uuid
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, NamedTuple, TypeGuard
@@ -172,7 +173,7 @@ STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN)
 #: Backoff of the worker's registration attempts: base * 2**attempt, capped, jittered.
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
-_ATTEMPTS_AT_CAP = 6  # BACKOFF_BASE * 2**6 > BACKOFF_CAP
+_ATTEMPTS_AT_CAP = math.ceil(math.log2(BACKOFF_CAP / BACKOFF_BASE))
 #: Deregistration on shutdown never holds shutdown longer than this.
 DEREGISTER_TIMEOUT = 2.0
 #: Host names a supervisor resolves at once for registrations, and its checks of a live process before a change
@@ -235,6 +236,11 @@ def _printable(text: object, limit: int = MAX_ERROR) -> str:
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _bracketed(host: str) -> str:
+    """``host`` as a URL or a Host header writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -327,9 +333,9 @@ def _causes(exc: BaseException) -> list[BaseException]:
 def _root_cause(exc: BaseException) -> str:
     """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was.
     A protocol error's words (BadStatusLine: 'SSH-2.0-...') are what the far end sent: its kind is all it says."""
-    root = _causes(exc)[-1]
     if isinstance(exc, _Cut):
         return str(exc)
+    root = _causes(exc)[-1]
     quotes = isinstance(root, http.client.HTTPException) and not isinstance(root, OSError)  # not RemoteDisconnected
     return f"{type(root).__name__}: a malformed HTTP answer" if quotes else f"{type(root).__name__}: {root}"
 
@@ -407,7 +413,7 @@ def _bounded_request(
 ) -> tuple[requests.Response, bytes | None]:
     """One request through ``adapter``, no redirects, cut after ``timeout`` seconds in all (connect to last
     byte); returns the answer and its body, None when over ``limit`` bytes (the rest is never read). Raises
-    requests' errors, :class:`_Cut` when cut (``adapter.is_cut`` then says so too)."""
+    requests' errors, :class:`_Cut` when cut."""
     timer = threading.Timer(timeout, adapter.cut)
     timer.name, timer.daemon = "picoapi-deadline", True
     timer.start()
@@ -658,7 +664,7 @@ class Config:
                 "API_CORS_ALLOW_CREDENTIALS=true needs explicit origins, got "
                 "API_CORS_ALLOW_ORIGINS='*'; list the origins, '!'-delimited"
             )
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host or ""
+        host = _bracketed(self.host or "")
         listed = any(host == h or (h[0] == "*" and host.endswith(h[1:])) for h in self.allowed_hosts)
         if host and self.allowed_hosts and not listed:
             raise ConfigError(
@@ -674,8 +680,7 @@ class Config:
     @property
     def health_url(self) -> str:
         """The address the supervisor calls: host, port and health path."""
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"http://{host}:{self.port}{self.health_path}"
+        return f"http://{_bracketed(self.host or '')}:{self.port}{self.health_path}"
 
     @property
     def health_route(self) -> str:
@@ -775,8 +780,7 @@ def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
 
 def worker_id(host: str, port: int) -> str:
     """The id of the worker at ``host:port``: re-registering keeps it."""
-    host = _normal_host(host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{_bracketed(_normal_host(host))}:{port}"
 
 
 #: Text a worker sends: no hidden character (:func:`_check_text`); the error names the field.
@@ -910,9 +914,8 @@ class Worker:
         name is kept: the certificate is checked against it."""
         if not self.address or self.url.startswith("https:"):
             return self.url + path, kwargs
-        host = f"[{self.address}]" if ":" in self.address else self.address
         headers = {"Host": self.id, **(kwargs.get("headers") or {})}
-        return f"http://{host}:{self.port}{path}", {**kwargs, "headers": headers}
+        return f"http://{_bracketed(self.address)}:{self.port}{path}", {**kwargs, "headers": headers}
 
     @property
     def is_ready(self) -> bool:
@@ -953,8 +956,9 @@ def _out(w: Worker) -> dict[str, Any]:
 def _shown_fields() -> dict[str, Any]:
     """WorkerOut's fields, from Worker's: a tuple is shown as a list, the health check as a :class:`HealthSpec`."""
     fields: dict[str, Any] = {}
+    hints = typing.get_type_hints(Worker)
     for key, name in _TOP.items():
-        hint = Status if key == "status" else typing.get_type_hints(Worker)[name]
+        hint = Status if key == "status" else hints[name]
         hint = types.GenericAlias(list, typing.get_args(hint)[:1]) if typing.get_origin(hint) is tuple else hint
         fields[key] = (hint, Field(description=Worker.__dataclass_fields__[name].metadata["doc"] or None))
     return {**fields, "health": (HealthSpec, ...)}
@@ -1335,7 +1339,7 @@ def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict
     ``rules.successes`` good checks in a row, and is removed once it has been
     unhealthy for ``rules.deregister_after``. A change waiting for confirmation is
     re-checked at the confirm delay rather than a whole interval later; a new worker
-    whose server is not up yet at the confirm delay, doubling, so a crowd of
+    whose server is not up yet is re-checked at the confirm delay, doubling each time, so a crowd of
     registrations that never answer costs a few checks each.
     """
     status = entry.status
@@ -1409,9 +1413,8 @@ class _Store:
             "CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL, "
             "address TEXT NOT NULL DEFAULT '', instances TEXT NOT NULL DEFAULT '')"
         )
-        for column in ("address", "instances") if tables else ():  # a file from an older version
-            if column not in columns:
-                db.execute(f"ALTER TABLE workers ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+        for column in sorted({"address", "instances"} - columns) if columns else ():  # from an older version
+            db.execute(f"ALTER TABLE workers ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (self.FORMAT,))
         db.execute("COMMIT")
@@ -1419,7 +1422,9 @@ class _Store:
     def load(self) -> list[tuple[Registration, str, list[str]]]:
         """Every stored registration with the address it was verified at (or "") and its processes."""
         regs = []
-        for wid, body, address, instances in self._db.execute("SELECT * FROM workers").fetchall():
+        for wid, body, address, instances in self._db.execute(
+            "SELECT id, body, address, instances FROM workers"
+        ).fetchall():
             try:
                 regs.append((Registration.model_validate_json(body), str(address), str(instances).split()))
             except ValueError as exc:
@@ -1596,8 +1601,9 @@ class HealthChecker:
             try:
                 self.run_pending()
                 self._poll(self._wait())
-            except Exception:  # never let one bad step kill the checker
+            except Exception:  # never let one bad step kill the checker, nor a repeating one spin it
                 logger.exception("health checker step failed")
+                time.sleep(0.1)
         self._close_all()
 
     def _wait(self) -> float | None:
@@ -1894,8 +1900,9 @@ def _ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+@functools.cache
 def _descriptors() -> int:
-    """The soft limit of open files, after raising it to the hard one (a supervisor needs many)."""
+    """The soft limit of open files, after raising it to the hard one (a supervisor needs many); once a process."""
     try:
         import resource
 
@@ -2176,6 +2183,8 @@ class Registrar:
                     with self._lock:
                         sup.last_seen = self._clock()
                     return
+                if self._stop.is_set():  # the question was cut by stop(): nothing was learnt
+                    return
                 logger.warning("%s no longer knows this worker process; registering again", sup.url)
                 with self._lock:
                     sup.worker_id, self._stranger = None, False
@@ -2256,9 +2265,7 @@ class Registrar:
                 if resp.status_code >= 300 and resp.status_code not in (404, 409):  # 409: another process's now
                     logger.warning("deregistering from %s: HTTP %s", sup.url, resp.status_code)
             except requests.RequestException as exc:
-                logger.warning(
-                    "deregistering from %s failed: %s", sup.url, exc if isinstance(exc, _Cut) else type(exc).__name__
-                )
+                logger.warning("deregistering from %s failed: %s", sup.url, self._safe(_root_cause(exc)))
             sup.worker_id = None
 
         self._each(one, deadline, "picoapi-deregister")
@@ -2349,12 +2356,11 @@ def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[s
     502 unless it is a JSON object with an ``openapi`` field, in OPENAPI_MAX_BYTES. A 502 says what
     went wrong in its own words, never in the far end's bytes: a registered address may be anything's.
     """
-    adapter, timeout = _Cuttable(), OPENAPI_TIMEOUT
     try:
-        resp, body = _bounded_request(adapter, "GET", url, timeout, OPENAPI_MAX_BYTES, headers=headers)
+        resp, body = _bounded_request(_Cuttable(), "GET", url, OPENAPI_TIMEOUT, OPENAPI_MAX_BYTES, headers=headers)
+    except _Cut:
+        raise HTTPException(502, f"the worker sent no complete OpenAPI document within {OPENAPI_TIMEOUT:g}s") from None
     except requests.RequestException as exc:
-        if adapter.is_cut:
-            raise HTTPException(502, f"the worker sent no complete OpenAPI document within {timeout:g}s") from None
         raise HTTPException(502, f"the worker could not be reached ({type(_causes(exc)[-1]).__name__})") from None
     if resp.status_code != 200:
         raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
@@ -2719,7 +2725,9 @@ class PicoAPI(FastAPI):
         self._store: _Store | None = None
         # Connection reuse for call() and broadcast(): one requests.Session per thread.
         self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        # Each thread's session, to close at stop; weakly held: a thread that ends (anyio retires idle ones) frees
+        # its session and its pooled sockets.
+        self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
         self._sessions_lock = threading.Lock()  # guards _sessions
         self._broadcaster: concurrent.futures.ThreadPoolExecutor | None = None
         if config.mode == "worker" and config.register_urls:
@@ -2846,7 +2854,7 @@ class PicoAPI(FastAPI):
             self._broadcaster.shutdown(wait=False, cancel_futures=True)
             self._broadcaster = None
         with self._sessions_lock:
-            sessions, self._sessions = self._sessions, []
+            sessions, self._sessions = list(self._sessions), weakref.WeakSet()
         for session in sessions:
             session.close()
         self._local = threading.local()
@@ -2856,8 +2864,8 @@ class PicoAPI(FastAPI):
         if self.config.registry_file:
             self._store = _Store(self.config.registry_file, self.registry.__contains__)
             self.supervisor_id = self._store.identity()
-            loaded = self._store.load()
-            for reg, address, instances in loaded:
+            before = len(self.registry)
+            for reg, address, instances in self._store.load():
                 if worker_id(reg.host, reg.port) not in self.registry:
                     try:
                         address = address or _resolve(reg.host)  # a file from before addresses were kept
@@ -2871,7 +2879,7 @@ class PicoAPI(FastAPI):
                     except RegistryFull:
                         logger.warning("registry file holds more than API_MAX_WORKERS workers; rest skipped")
                         break
-            logger.info("loaded %d workers from %s", len(loaded), self.config.registry_file)
+            logger.info("loaded %d workers from %s", len(self.registry) - before, self.config.registry_file)
         self.checker = HealthChecker(self.registry, supervisor_id=self.supervisor_id, on_change=self._changed)
         # Full garbage collections walk every object the imports made and paused the
         # checker 20-45 ms at 5,000-10,000 workers (bench/); frozen, they are skipped.
@@ -2975,7 +2983,7 @@ class PicoAPI(FastAPI):
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             with self._sessions_lock:
-                self._sessions.append(session)
+                self._sessions.add(session)
         url, options = worker._request(path, {"allow_redirects": False, **kwargs})
         return session.request(method, url, timeout=timeout, **options)
 
@@ -3630,6 +3638,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
     started, interval = time.monotonic(), args.interval
+    if not MIN_INTERVAL <= interval <= MAX_INTERVAL or not 0 <= args.pace <= 3600:  # NaN fails both
+        raise ConfigError(
+            f"--interval must be {MIN_INTERVAL:g} to {MAX_INTERVAL:g} seconds and --pace 0 to 3600, "
+            f"got --interval {interval!r} --pace {args.pace!r}"
+        )
     procs: dict[str, subprocess.Popen[bytes]] = {}
     ports = {name: _free_port() for name in ("supervisor", *_DEMO_WORKERS)}
     url = f"http://127.0.0.1:{ports['supervisor']}"

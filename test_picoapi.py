@@ -1149,7 +1149,7 @@ class TestCheckerThread:
         for _ in range(100):
             registry.wake()
         assert checker._wake_r.recv(4096) == b"\0"  # one byte for the whole burst
-        checker._woken = False  # as the thread does before it reads
+        checker._woken = False  # as the thread does once it has read
         checker.start()
         try:
             registry.register(reg("127.0.0.1", 1, interval=100))
@@ -3319,6 +3319,14 @@ class TestCommandLine:
 
 
 class TestDemo:
+    @pytest.mark.parametrize("flags", [["--pace", "nan"], ["--pace", "-1"], ["--interval", "0"], ["--interval", "inf"]])
+    def test_bad_pace_or_interval_is_one_line_before_anything_starts(
+        self, flags: list[str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert picoapi.main(["demo", *flags]) == 2
+        err = capsys.readouterr().err
+        assert "--interval must be 0.05 to 86400 seconds and --pace 0 to 3600" in err and len(err.splitlines()) == 1
+
     def test_demo_runs_end_to_end_vendored_and_leaves_nothing(self, tmp_path: Any) -> None:
         """picoapi.py copied into a project, in a venv that has its dependencies but no picoapi installed."""
         project, temp = tmp_path / "project", tmp_path / "tmp"
