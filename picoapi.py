@@ -1945,40 +1945,30 @@ def check_once(
 _NOT_A_SUPERVISOR = "is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Supervisor:
     """What a worker knows about one supervisor it registers with."""
 
     url: str
     worker_id: str | None = None
-    #: The supervisor's own id, from its answer; its checks carry the same.
-    identity: str | None = None
-    #: Monotonic time of the last registration or check from it.
-    last_seen: float = 0.0
+    identity: str | None = None  # the supervisor's own id, from its answer: its checks carry the same
+    last_seen: float = 0.0  # monotonic time of the last registration or check from it
     attempts: int = 0
     next_attempt: float = 0.0
     error: str = ""
+    refusal: int = 0  # the status of its last answer if retrying will not fix it (409: another process serves us)
 
     @property
     def is_registered(self) -> bool:
         return self.worker_id is not None
 
 
-class _Refused(Exception):
-    """A supervisor answered what retrying will not fix (4xx, a redirect, not our entry)."""
-
-
-class _Served(_Refused):
-    """409: another live process serves this host:port. Startup fails: a second copy never serves beside it."""
-
-
 class Registrar:
     """Registers a worker with its supervisors and keeps it registered.
 
-    :meth:`register_all` blocks (``timeout`` in all) with retry and backoff; :meth:`start` runs a daemon thread
-    that retries the supervisors still missing and registers again with any that stopped checking and no longer
-    knows us, and checks once that this worker answers where it registered; :meth:`deregister_all` leaves them
-    within ``DEREGISTER_TIMEOUT``. Each round asks them all at once (:meth:`_each`): one that hangs holds up none.
+    :meth:`register_all` blocks with retry and backoff; :meth:`start` runs a daemon thread that retries those
+    still missing and registers again with any that stopped checking us and no longer knows us, and checks once
+    that this worker answers where it registered. Every round asks them all at once: one that hangs holds up none.
     """
 
     def __init__(
@@ -1996,12 +1986,9 @@ class Registrar:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.supervisors = [_Supervisor(url) for url in urls]
-        self.body = dict(body)
-        self.timeout = timeout
-        self.required = required
-        interval = float(body["health"]["interval"])
-        #: No check from a supervisor for this long means it forgot us: register again.
-        self.watchdog_after = watchdog_after or DEFAULT_WATCHDOG_INTERVALS * interval
+        self.body, self.timeout, self.required = dict(body), timeout, required
+        #: No check from a supervisor for this long: ask it whether it still checks us.
+        self.watchdog_after = watchdog_after or DEFAULT_WATCHDOG_INTERVALS * float(body["health"]["interval"])
         self._id = worker_id(body["host"], body["port"])
         self._token = _parse_token("token", token or "")
         self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
@@ -2014,147 +2001,118 @@ class Registrar:
         self._self_check: threading.Timer | None = None
         self._stranger = False  # a check came from a supervisor whose identity is none of ours
 
-    # One request -------------------------------------------------------------------
-
     def backoff(self, attempt: int) -> float:
         """Seconds before attempt ``attempt + 1``: exponential, capped, half jittered."""
-        delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
-        return delay * (0.5 + 0.5 * self._rand())
+        return min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * (0.5 + 0.5 * self._rand())
 
     def _send(
         self, url: str, timeout: float, method: str = "GET", **sent: Any
     ) -> tuple[requests.Response, bytes | None]:
-        """:func:`_bounded_request` with MAX_BODY (the token only where passed in ``sent``), cut by :meth:`stop`
-        too, after which only a DELETE is sent."""
-        adapter, stoppable = _Cuttable(), method != "DELETE"
+        """:func:`_bounded_request` with MAX_BODY, cut by :meth:`stop` too, after which only a DELETE is sent."""
+        adapter = _Cuttable()
         with self._lock:
-            if self._stop.is_set() and stoppable:
+            if self._stop.is_set() and method != "DELETE":
                 raise _Cut("not sent: the registrar is stopping")
             self._in_flight.add(adapter)
         try:
             return _bounded_request(adapter, method, url, timeout, MAX_BODY, **sent)
-        except _Cut as exc:
-            if self._stop.is_set() and stoppable:
-                raise _Cut("cut by stop()") from exc
-            raise
         finally:
             with self._idle:
                 self._in_flight.discard(adapter)
                 self._idle.notify_all()
 
-    def _attempt(self, sup: _Supervisor, timeout: float) -> float | None:
-        """PUT once; None on success, else the delay the supervisor asked for (or 0).
-
-        Raises :class:`_Refused` on an answer that retrying will not fix.
-        """
+    def _attempt(self, sup: _Supervisor, timeout: float) -> float:
+        """PUT once under the one retry policy: inf once registered, else the seconds until the next attempt,
+        the larger of the supervisor's Retry-After and the backoff (at its cap after a refusal)."""
         try:
             resp, content = self._send(sup.url, max(0.05, timeout), "PUT", json=self.body, headers=self._headers)
         except requests.RequestException as exc:
-            sup.error = self._safe(_root_cause(exc))
-            return 0.0
+            return self._retry_later(sup, _root_cause(exc))
         status = resp.status_code
         if content is None:
-            sup.error = f"answered {status} with over {MAX_BODY} bytes: too large for a supervisor's answer"
-            return 0.0
+            return self._retry_later(sup, f"answered {status} with over {MAX_BODY} bytes: too large for a supervisor")
         if 200 <= status < 300 and _is_own_entry(_json(content), self.body):
             with self._lock:
                 sup.worker_id, sup.identity = self._id, resp.headers.get(SUPERVISOR_HEADER)
                 sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
             logger.info("registered with %s as %s (instance %s)", sup.url, self._id, self.body.get("instance"))
-            return None
-        why = f"HTTP {status}: {_detail(content)}"
-        if 200 <= status < 300:
-            why = f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}"
-        elif 300 <= status < 400:  # following one would turn the PUT into a GET somewhere else
-            why = (
-                f"HTTP {status} redirect to {resp.headers.get('Location')}, not followed: "
-                "set API_REGISTER_PATH to the supervisor's own /register URL"
-            )
-        sup.error = self._safe(why)
+            return math.inf
+        why = {  # a redirect followed would turn the PUT into a GET somewhere else
+            2: f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}",
+            3: f"HTTP {status} redirect to {resp.headers.get('Location')}, not followed: "
+            "set API_REGISTER_PATH to the supervisor's own /register URL",
+        }.get(status // 100) or f"HTTP {status}: {_detail(content)}"
         if status >= 500 or status in (408, 429):
-            return _retry_after(resp.headers.get("Retry-After")) or 0.0
-        if status == 409:
-            raise _Served(f"{self._id} is served by another live instance; {sup.url} refused this one: {sup.error}")
-        raise _Refused(f"refused the registration: {sup.error}")
+            return self._retry_later(sup, why, _retry_after(resp.headers.get("Retry-After")) or 0.0)
+        delay = self._retry_later(sup, why, BACKOFF_CAP, refusal=status)
+        served = f"{self._id} is served by another live instance; {sup.url} refused this one"
+        sup.error = f"{served if status == 409 else 'refused the registration'}: {sup.error}"
+        return delay
+
+    def _retry_later(self, sup: _Supervisor, why: str, asked: float = 0.0, refusal: int = 0) -> float:
+        """Record a failed attempt and set the next; from a refusal on, the backoff is at its cap."""
+        sup.attempts = max(sup.attempts, _ATTEMPTS_AT_CAP) if refusal else sup.attempts
+        delay = max(asked, self.backoff(sup.attempts))
+        sup.error, sup.refusal = self._safe(why), refusal
+        sup.attempts, sup.next_attempt = sup.attempts + 1, self._clock() + delay
+        return delay
 
     def _safe(self, text: str) -> str:
         """``text`` from the far end or an error, fit for a log: no token, nothing unprintable."""
         return _printable(text.replace(self._token, "***") if self._token else text)
 
-    def _retry_later(self, sup: _Supervisor, asked: float, *, refused: bool = False) -> float:
-        """Set ``sup``'s next attempt after a failed one, at the larger of what it asked (Retry-After) and the
-        backoff, which a refusal puts at its cap; returns the delay."""
-        if refused:
-            sup.attempts = max(sup.attempts, _ATTEMPTS_AT_CAP)
-        delay = max(asked, self.backoff(sup.attempts))
-        sup.attempts += 1
-        sup.next_attempt = self._clock() + delay
-        return delay
-
     def _each(
-        self, job: Callable[[_Supervisor], Any], deadline: float, name: str, only: Sequence[_Supervisor] = ()
+        self, name: str, job: Callable[[_Supervisor], Any], deadline: float, sups: Sequence[_Supervisor]
     ) -> list[_Supervisor]:
-        """Run ``job`` for every supervisor (or ``only`` these) at once, each in a daemon thread; returns, by
-        ``deadline``, those whose job is still running (a hung DNS lookup, say: no cut reaches it)."""
-        sups = list(only or self.supervisors)
-        threads = [threading.Thread(target=job, args=(s,), name=name, daemon=True) for s in sups]
-        for thread in threads:
+        """Run ``job`` for each supervisor at once, each in a daemon thread; returns, by ``deadline``, those whose
+        job is still running (a hung DNS lookup, say: no cut reaches it)."""
+        threads = {sup: threading.Thread(target=job, args=(sup,), name=name, daemon=True) for sup in sups}
+        for thread in threads.values():
             thread.start()
-        for thread in threads:
+        for thread in threads.values():
             thread.join(max(0.0, deadline - self._clock()))
-        return [sup for sup, thread in zip(sups, threads, strict=True) if thread.is_alive()]
-
-    # The whole lifecycle ----------------------------------------------------------
+        return [sup for sup, thread in threads.items() if thread.is_alive()]
 
     def register_all(self) -> None:
-        """Register with every supervisor at once, blocking at most ``timeout`` seconds.
-
-        Raises :class:`RegistrationError` when a supervisor answers that another live process serves this
-        host:port (409), or when ``required`` and any supervisor is still missing; otherwise logs a warning and
-        leaves it to :meth:`start`.
-        """
+        """Register with every supervisor at once, blocking at most ``timeout`` seconds. Raises
+        :class:`RegistrationError` on a 409 (another live process serves this host:port), or when ``required`` and
+        any supervisor is still missing; else logs a warning and leaves it to :meth:`start`."""
         deadline = self._clock() + self.timeout
-        errors: dict[str, str] = {}
-        served: list[str] = []
 
         def one(sup: _Supervisor) -> None:
-            try:
-                while (asked := self._attempt(sup, min(10.0, deadline - self._clock()))) is not None:
-                    delay = self._retry_later(sup, asked)
-                    if sup.next_attempt >= deadline:
-                        errors[sup.url] = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
-                        return
-                    self._sleep(delay)
-            except _Refused as exc:
-                errors[sup.url] = str(exc)
-                if isinstance(exc, _Served):
-                    served.append(str(exc))
-                self._retry_later(sup, BACKOFF_CAP, refused=True)
+            while (delay := self._attempt(sup, min(10.0, deadline - self._clock()))) < math.inf and not sup.refusal:
+                if self._clock() + delay >= deadline:
+                    sup.error = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
+                    return
+                self._sleep(delay)
 
-        for sup in self._each(one, deadline + 0.25, "picoapi-register"):  # the deadline's cut takes a moment
-            errors.setdefault(sup.url, f"no answer within {self.timeout:g}s")
-        if served:  # whatever API_REGISTER_REQUIRED says
+        hung = self._each(
+            "picoapi-register", one, deadline + 0.25, self.supervisors
+        )  # the deadline's cut takes a moment
+        missing = [sup for sup in self.supervisors if not sup.is_registered]
+        errors = {s.url: f"no answer within {self.timeout:g}s" if s in hung else s.error for s in missing}
+        if served := [s.error for s in missing if s.refusal == 409 and s not in hung]:  # whatever required says
             raise RegistrationError("; ".join(served))
+        text = "; ".join(f"{url}: {error}" for url, error in errors.items())
+        if errors and self.required:
+            raise RegistrationError(f"registration failed (API_REGISTER_REQUIRED is on): {text}")
         if errors:
-            text = "; ".join(f"{url}: {err}" for url, err in list(errors.items()))  # late threads may still add
-            if self.required:
-                raise RegistrationError(f"registration failed (API_REGISTER_REQUIRED is on): {text}")
             logger.warning("registration incomplete, retrying in the background: %s", text)
 
     def note_check(self, identity: str | None) -> None:
-        """A request reached the health path, ``identity`` in its supervisor header (or None). It counts as a
-        check only for the supervisor that gave that identity in its registration answer: a probe never does."""
-        now = self._clock()
+        """A request reached the health path, ``identity`` in its supervisor header (or None); it counts only for
+        the supervisor whose registration answer gave that identity: a probe never does."""
         with self._lock:
             heard = [sup for sup in self.supervisors if identity and sup.identity == identity]
             for sup in heard:
-                sup.last_seen = now
-            # A supervisor it did not register with checks it: one restarted, to which a sibling process registered
-            # the entry again; the next silent one is then not asked but registered with again, knowing this process.
+                sup.last_seen = self._clock()
+            # One we did not register with checks us: it restarted, and a sibling process registered the entry
+            # again. This process is then unknown there: it registers again with the next silent one, not asks.
             self._stranger = self._stranger or bool(identity and not heard)
 
     def _still_checks(self, sup: _Supervisor) -> bool:
-        """Whether ``sup`` still holds this worker's entry and checked it lately (a GET, bounded as a PUT is)."""
+        """Whether ``sup`` still holds our entry and checked it lately (a GET, bounded as a PUT is); if so, it
+        counts as heard from."""
         url = f"{_base_url(sup.url)}{SERVICES_ROUTE}/{quote(self._id, safe='')}"
         try:
             resp, content = self._send(url, min(10.0, self.watchdog_after))
@@ -2164,9 +2122,12 @@ class Registrar:
         if not _is_own_entry(entry, self.body) or any(entry.get(k) != self.body.get(k) for k in ("name", "version")):
             return False
         # By its own clock (no skew between hosts); a Date is whole seconds, so a check may look up to 1 s fresher.
-        said = _http_date(resp.headers.get("Date"))
-        last = entry.get("last_check")
-        return isinstance(last, (int, float)) and (self._wall() if said is None else said) - last <= self.watchdog_after
+        now, last = _http_date(resp.headers.get("Date")) or self._wall(), entry.get("last_check")
+        if isinstance(last, (int, float)) and now - last <= self.watchdog_after:
+            with self._lock:
+                sup.last_seen = self._clock()
+            return True
+        return False
 
     def step(self) -> float:
         """One round of the background thread, the supervisors due asked at once; returns the seconds until the next."""
@@ -2179,25 +2140,17 @@ class Registrar:
 
         def one(sup: _Supervisor) -> None:
             if sup.is_registered:  # silent; its checks may reach a sibling process (uvicorn --workers): ask
-                if not self._stranger and self._still_checks(sup):
-                    with self._lock:
-                        sup.last_seen = self._clock()
-                    return
-                if self._stop.is_set():  # the question was cut by stop(): nothing was learnt
-                    return
+                if (not self._stranger and self._still_checks(sup)) or self._stop.is_set():
+                    return  # it checks us; or stop() cut the question: nothing was learnt
                 logger.warning("%s no longer knows this worker process; registering again", sup.url)
                 with self._lock:
                     sup.worker_id, self._stranger = None, False
-            try:
-                asked = self._attempt(sup, 10.0)
-                waits.append(math.inf if asked is None else self._retry_later(sup, asked))
-            except _Refused as exc:
-                logger.error("%s %s", sup.url, exc)
-                waits.append(self._retry_later(sup, BACKOFF_CAP, refused=True))
+            waits.append(self._attempt(sup, 10.0))
+            if sup.refusal:
+                logger.error("%s %s", sup.url, sup.error)
 
-        due = silent + [sup for sup in missing if now >= sup.next_attempt]
-        if due:  # a question and a PUT, each bounded to 10 s
-            self._each(one, now + 20.5, "picoapi-registrar-round", due)
+        if due := silent + [sup for sup in missing if now >= sup.next_attempt]:  # a question and a PUT, 10 s each
+            self._each("picoapi-registrar-round", one, now + 20.5, due)
         return max(0.01, min(waits))
 
     def start(self) -> None:
@@ -2212,20 +2165,17 @@ class Registrar:
     def check_self(self) -> None:
         """GET the health URL this worker registered; log an ERROR with the fix unless it, or a sibling
         process, answers there (the server binds another port than the one registered, say)."""
-        url = self.body["health"]["url"]
         try:
-            resp, content = self._send(url, min(self.body["health"]["interval"], DEFAULT_HEALTH_TIMEOUT))
-            found = _who_else(resp, content, self.body)
+            health = self.body["health"]
+            found = _who_else(*self._send(health["url"], min(health["interval"], DEFAULT_HEALTH_TIMEOUT)), self.body)
         except Exception as exc:  # requests' errors, or any other: the timer's thread never dies of it
             found = f"nothing answers there ({self._safe(_root_cause(exc))})"
         if found and not self._stop.is_set():  # shutting down cuts the check: nothing to report
-            logger.error(
-                "registered %s but %s: the server binds another port or address; pass --port %s to uvicorn "
-                "(picoapi worker binds API_PORT itself), or set API_PORT and API_HOST to where it listens",
-                self._id,
-                found,
-                self.body["port"],
+            fix = (
+                f"pass --port {self.body['port']} to uvicorn (picoapi worker binds API_PORT itself), "
+                "or set API_PORT and API_HOST to where it listens"
             )
+            logger.error("registered %s but %s: the server binds another port or address; %s", self._id, found, fix)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -2237,8 +2187,8 @@ class Registrar:
             self._stop.wait(wait)
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop the thread and cut any request in flight; waits (``timeout`` at most) until
-        none is, so that no PUT of ours can land after the DELETE that follows."""
+        """Stop the thread and cut any request in flight; waits (``timeout`` at most) until none is, so that no
+        PUT of ours can land after the DELETE that follows."""
         with self._idle:
             self._stop.set()
             for adapter in self._in_flight:
@@ -2251,24 +2201,24 @@ class Registrar:
             self._thread = None
 
     def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
-        """DELETE this worker at every supervisor at once (even where not registered: a PUT cut while
-        awaiting its answer may have landed); returns within ``timeout``."""
+        """DELETE this worker at every supervisor at once, naming this process (an entry a sibling still serves
+        stays), even where not registered (a PUT cut awaiting its answer may have landed); within ``timeout``."""
         deadline = self._clock() + timeout * 0.75
         self.stop(timeout / 4)
-        # Naming this process: an entry that a sibling process still serves stays.
         params = {"instance": self.body["instance"]} if self.body.get("instance") else None
 
         def one(sup: _Supervisor) -> None:
             url = f"{sup.url.rstrip('/')}/{quote(self._id, safe='')}"
             try:  # bounded in total, as a PUT is: a trickling supervisor cannot keep a thread
-                resp, _ = self._send(url, timeout / 2, "DELETE", params=params, headers=self._headers)
-                if resp.status_code >= 300 and resp.status_code not in (404, 409):  # 409: another process's now
-                    logger.warning("deregistering from %s: HTTP %s", sup.url, resp.status_code)
+                status = self._send(url, timeout / 2, "DELETE", params=params, headers=self._headers)[0].status_code
+                why = f"HTTP {status}" if status >= 300 and status not in (404, 409) else ""  # 409: another's now
             except requests.RequestException as exc:
-                logger.warning("deregistering from %s failed: %s", sup.url, self._safe(_root_cause(exc)))
+                why = self._safe(_root_cause(exc))
+            if why:
+                logger.warning("deregistering from %s failed: %s", sup.url, why)
             sup.worker_id = None
 
-        self._each(one, deadline, "picoapi-deregister")
+        self._each("picoapi-deregister", one, deadline, self.supervisors)
 
 
 def _why_not_registering(config: Config) -> str:
@@ -2281,13 +2231,12 @@ def _why_not_registering(config: Config) -> str:
 
 
 def _log_like_uvicorn() -> None:
-    """Show PicoAPI's log lines as uvicorn shows its own (its handler and format, its level), when uvicorn
-    serves and nobody configured logging for PicoAPI or the root logger: those are the user's, never touched."""
+    """Show PicoAPI's log lines as uvicorn shows its own (its handler, its level), when uvicorn serves and
+    nobody configured logging for PicoAPI or the root logger: those are the user's, never touched."""
     server = logging.getLogger("uvicorn")
-    if logger.handlers or logger.level or logging.getLogger().handlers or not server.handlers:
-        return
-    logger.addHandler(server.handlers[0])
-    logger.setLevel(logging.getLogger("uvicorn.error").getEffectiveLevel())
+    if not (logger.handlers or logger.level or logging.getLogger().handlers) and server.handlers:
+        logger.addHandler(server.handlers[0])
+        logger.setLevel(logging.getLogger("uvicorn.error").getEffectiveLevel())
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -2313,18 +2262,16 @@ def _base_url(register_url: str) -> str:
 
 
 def _who_else(answer: requests.Response, content: bytes | None, body: Mapping[str, Any]) -> str | None:
-    """Who answered a worker's GET of its own health URL, if neither it nor a sibling (same name and version,
-    any process) did; None if they did, or if a PicoAPI app whose health route is its own did (no name said)."""
+    """Who answered a worker's GET of its own health URL; None if it did, or a sibling (same name and version,
+    any process), or a PicoAPI app whose health route is its own (it names no service: it may be a sibling)."""
     said = _json(content or b"")
     said = said if isinstance(said, dict) else {}
     if body.get("instance") and answer.headers.get(INSTANCE_HEADER) == body["instance"]:
-        return None  # itself
-    if "name" in said:
-        if (said["name"], said.get("version")) == (body["name"], body.get("version")):
-            return None  # a sibling
+        return None
+    if "name" in said and (said["name"], said.get("version")) != (body["name"], body.get("version")):
         return f"another service ('{_printable(said['name'])} {_printable(said.get('version'))}') answers there"
-    if INSTANCE_HEADER in answer.headers:
-        return None  # a PicoAPI app whose health route is its own: it may be a sibling, nothing tells
+    if "name" in said or INSTANCE_HEADER in answer.headers:
+        return None
     return f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
 
 

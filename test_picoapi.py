@@ -2620,7 +2620,7 @@ class TestRegistrarHostile:
         r = Registrar((SUP, SUP2), worker_config().registration(), timeout=0.5)
         attempt = r._attempt
 
-        def hang_on_the_first(sup: Any, timeout: float) -> float | None:  # where no cut reaches: a slow DNS lookup
+        def hang_on_the_first(sup: Any, timeout: float) -> float:  # where no cut reaches: a slow DNS lookup
             return 0.0 if sup.url == SUP and release.wait(5) else attempt(sup, timeout)
 
         r._attempt = hang_on_the_first  # type: ignore[method-assign]
