@@ -1942,15 +1942,13 @@ def check_once(
 
 # -- Worker side ---------------------------------------------------------------
 
-_NOT_A_SUPERVISOR = "is API_REGISTER_PATH a PicoAPI supervisor's /register URL?"
-
 
 @dataclasses.dataclass(eq=False)
 class _Supervisor:
     """What a worker knows about one supervisor it registers with."""
 
     url: str
-    worker_id: str | None = None
+    is_registered: bool = False
     identity: str | None = None  # the supervisor's own id, from its answer: its checks carry the same
     last_seen: float = 0.0  # monotonic time of the last registration or check from it
     attempts: int = 0
@@ -1958,18 +1956,11 @@ class _Supervisor:
     error: str = ""
     refusal: int = 0  # the status of its last answer if retrying will not fix it (409: another process serves us)
 
-    @property
-    def is_registered(self) -> bool:
-        return self.worker_id is not None
-
 
 class Registrar:
-    """Registers a worker with its supervisors and keeps it registered.
-
-    :meth:`register_all` blocks with retry and backoff; :meth:`start` runs a daemon thread that retries those
-    still missing and registers again with any that stopped checking us and no longer knows us, and checks once
-    that this worker answers where it registered. Every round asks them all at once: one that hangs holds up none.
-    """
+    """Registers a worker with its supervisors, all at once (one that hangs holds up none), and keeps it
+    registered: :meth:`start`'s thread retries, asks a silent supervisor whether it still checks us, and checks
+    once that this worker answers where it registered."""
 
     def __init__(
         self,
@@ -1989,12 +1980,10 @@ class Registrar:
         self.body, self.timeout, self.required = dict(body), timeout, required
         #: No check from a supervisor for this long: ask it whether it still checks us.
         self.watchdog_after = watchdog_after or DEFAULT_WATCHDOG_INTERVALS * float(body["health"]["interval"])
-        self._id = worker_id(body["host"], body["port"])
-        self._token = _parse_token("token", token or "")
+        self._id, self._token = worker_id(body["host"], body["port"]), _parse_token("token", token or "")
         self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         self._clock, self._sleep, self._rand, self._wall = clock, sleep, rand, wall
-        self._lock = threading.Lock()  # guards the _Supervisor fields and _in_flight across threads
-        self._idle = threading.Condition(self._lock)  # notified when _in_flight empties
+        self._lock = threading.Condition()  # guards the _Supervisor fields and _in_flight; notified as it empties
         self._in_flight: set[_Cuttable] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -2005,9 +1994,7 @@ class Registrar:
         """Seconds before attempt ``attempt + 1``: exponential, capped, half jittered."""
         return min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * (0.5 + 0.5 * self._rand())
 
-    def _send(
-        self, url: str, timeout: float, method: str = "GET", **sent: Any
-    ) -> tuple[requests.Response, bytes | None]:
+    def _send(self, method: str, url: str, timeout: float, **sent: Any) -> tuple[requests.Response, bytes | None]:
         """:func:`_bounded_request` with MAX_BODY, cut by :meth:`stop` too, after which only a DELETE is sent."""
         adapter = _Cuttable()
         with self._lock:
@@ -2017,28 +2004,31 @@ class Registrar:
         try:
             return _bounded_request(adapter, method, url, timeout, MAX_BODY, **sent)
         finally:
-            with self._idle:
+            with self._lock:
                 self._in_flight.discard(adapter)
-                self._idle.notify_all()
+                self._lock.notify_all()
 
     def _attempt(self, sup: _Supervisor, timeout: float) -> float:
         """PUT once under the one retry policy: inf once registered, else the seconds until the next attempt,
         the larger of the supervisor's Retry-After and the backoff (at its cap after a refusal)."""
         try:
-            resp, content = self._send(sup.url, max(0.05, timeout), "PUT", json=self.body, headers=self._headers)
+            resp, content = self._send("PUT", sup.url, max(0.05, timeout), json=self.body, headers=self._headers)
         except requests.RequestException as exc:
             return self._retry_later(sup, _root_cause(exc))
         status = resp.status_code
         if content is None:
-            return self._retry_later(sup, f"answered {status} with over {MAX_BODY} bytes: too large for a supervisor")
+            return self._retry_later(
+                sup, f"answered {status} with over {MAX_BODY} bytes: too large for a supervisor's answer"
+            )
         if 200 <= status < 300 and _is_own_entry(_json(content), self.body):
             with self._lock:
-                sup.worker_id, sup.identity = self._id, resp.headers.get(SUPERVISOR_HEADER)
+                sup.is_registered, sup.identity = True, resp.headers.get(SUPERVISOR_HEADER)
                 sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
             logger.info("registered with %s as %s (instance %s)", sup.url, self._id, self.body.get("instance"))
             return math.inf
         why = {  # a redirect followed would turn the PUT into a GET somewhere else
-            2: f"answered {status} but not with this worker's entry: {_NOT_A_SUPERVISOR}",
+            2: f"answered {status} but not with this worker's entry: is API_REGISTER_PATH "
+            "a PicoAPI supervisor's /register URL?",
             3: f"HTTP {status} redirect to {resp.headers.get('Location')}, not followed: "
             "set API_REGISTER_PATH to the supervisor's own /register URL",
         }.get(status // 100) or f"HTTP {status}: {_detail(content)}"
@@ -2050,33 +2040,30 @@ class Registrar:
         return delay
 
     def _retry_later(self, sup: _Supervisor, why: str, asked: float = 0.0, refusal: int = 0) -> float:
-        """Record a failed attempt and set the next; from a refusal on, the backoff is at its cap."""
-        sup.attempts = max(sup.attempts, _ATTEMPTS_AT_CAP) if refusal else sup.attempts
-        delay = max(asked, self.backoff(sup.attempts))
+        """Record why an attempt failed and set the next; from a refusal on, the backoff is at its cap."""
+        attempts = max(sup.attempts, _ATTEMPTS_AT_CAP) if refusal else sup.attempts
+        delay = max(asked, self.backoff(attempts))
         sup.error, sup.refusal = self._safe(why), refusal
-        sup.attempts, sup.next_attempt = sup.attempts + 1, self._clock() + delay
+        sup.attempts, sup.next_attempt = attempts + 1, self._clock() + delay
         return delay
 
     def _safe(self, text: str) -> str:
         """``text`` from the far end or an error, fit for a log: no token, nothing unprintable."""
         return _printable(text.replace(self._token, "***") if self._token else text)
 
-    def _each(
-        self, name: str, job: Callable[[_Supervisor], Any], deadline: float, sups: Sequence[_Supervisor]
-    ) -> list[_Supervisor]:
-        """Run ``job`` for each supervisor at once, each in a daemon thread; returns, by ``deadline``, those whose
-        job is still running (a hung DNS lookup, say: no cut reaches it)."""
+    def _each(self, name: str, job: Callable[[_Supervisor], Any], end: float, sups: list) -> list[_Supervisor]:
+        """Run ``job`` for each of ``sups`` at once, each in a daemon thread; returns, at ``end``, those whose
+        job still runs (a hung DNS lookup, say: no cut reaches it)."""
         threads = {sup: threading.Thread(target=job, args=(sup,), name=name, daemon=True) for sup in sups}
         for thread in threads.values():
             thread.start()
         for thread in threads.values():
-            thread.join(max(0.0, deadline - self._clock()))
+            thread.join(max(0.0, end - self._clock()))
         return [sup for sup, thread in threads.items() if thread.is_alive()]
 
     def register_all(self) -> None:
-        """Register with every supervisor at once, blocking at most ``timeout`` seconds. Raises
-        :class:`RegistrationError` on a 409 (another live process serves this host:port), or when ``required`` and
-        any supervisor is still missing; else logs a warning and leaves it to :meth:`start`."""
+        """Register with every supervisor at once, within ``timeout``. Raises :class:`RegistrationError` on a 409
+        (another live process serves this host:port), or if ``required`` and any is still missing; else warns."""
         deadline = self._clock() + self.timeout
 
         def one(sup: _Supervisor) -> None:
@@ -2086,9 +2073,7 @@ class Registrar:
                     return
                 self._sleep(delay)
 
-        hung = self._each(
-            "picoapi-register", one, deadline + 0.25, self.supervisors
-        )  # the deadline's cut takes a moment
+        hung = self._each("picoapi-register", one, deadline + 0.25, self.supervisors)  # a cut takes a moment
         missing = [sup for sup in self.supervisors if not sup.is_registered]
         errors = {s.url: f"no answer within {self.timeout:g}s" if s in hung else s.error for s in missing}
         if served := [s.error for s in missing if s.refusal == 409 and s not in hung]:  # whatever required says
@@ -2100,34 +2085,32 @@ class Registrar:
             logger.warning("registration incomplete, retrying in the background: %s", text)
 
     def note_check(self, identity: str | None) -> None:
-        """A request reached the health path, ``identity`` in its supervisor header (or None); it counts only for
-        the supervisor whose registration answer gave that identity: a probe never does."""
+        """A request reached the health path, ``identity`` in its supervisor header (or None): a check of the
+        supervisor whose registration answer gave that identity (a probe's never counts), else of a stranger."""
         with self._lock:
             heard = [sup for sup in self.supervisors if identity and sup.identity == identity]
             for sup in heard:
                 sup.last_seen = self._clock()
-            # One we did not register with checks us: it restarted, and a sibling process registered the entry
-            # again. This process is then unknown there: it registers again with the next silent one, not asks.
             self._stranger = self._stranger or bool(identity and not heard)
 
     def _still_checks(self, sup: _Supervisor) -> bool:
-        """Whether ``sup`` still holds our entry and checked it lately (a GET, bounded as a PUT is); if so, it
-        counts as heard from."""
+        """Whether ``sup`` still holds our entry and checked it lately (then it counts as heard from); a GET,
+        bounded as a PUT is."""
         url = f"{_base_url(sup.url)}{SERVICES_ROUTE}/{quote(self._id, safe='')}"
         try:
-            resp, content = self._send(url, min(10.0, self.watchdog_after))
+            resp, content = self._send("GET", url, min(10.0, self.watchdog_after))
         except requests.RequestException:
             return False
         entry = _json(content or b"") if resp.status_code == 200 else None
         if not _is_own_entry(entry, self.body) or any(entry.get(k) != self.body.get(k) for k in ("name", "version")):
             return False
         # By its own clock (no skew between hosts); a Date is whole seconds, so a check may look up to 1 s fresher.
-        now, last = _http_date(resp.headers.get("Date")) or self._wall(), entry.get("last_check")
-        if isinstance(last, (int, float)) and now - last <= self.watchdog_after:
-            with self._lock:
-                sup.last_seen = self._clock()
-            return True
-        return False
+        said, last = _http_date(resp.headers.get("Date")), entry.get("last_check")
+        if not isinstance(last, (int, float)) or (self._wall() if said is None else said) - last > self.watchdog_after:
+            return False
+        with self._lock:
+            sup.last_seen = self._clock()
+        return True
 
     def step(self) -> float:
         """One round of the background thread, the supervisors due asked at once; returns the seconds until the next."""
@@ -2139,12 +2122,14 @@ class Registrar:
         waits += [sup.next_attempt - now for sup in missing if now < sup.next_attempt]
 
         def one(sup: _Supervisor) -> None:
-            if sup.is_registered:  # silent; its checks may reach a sibling process (uvicorn --workers): ask
+            # A silent one's checks may reach a sibling process (uvicorn --workers): ask it; but once a stranger
+            # checks us (one restarted, a sibling registered there again), this process is unknown: register.
+            if sup.is_registered:
                 if (not self._stranger and self._still_checks(sup)) or self._stop.is_set():
                     return  # it checks us; or stop() cut the question: nothing was learnt
                 logger.warning("%s no longer knows this worker process; registering again", sup.url)
                 with self._lock:
-                    sup.worker_id, self._stranger = None, False
+                    sup.is_registered, self._stranger = False, False
             waits.append(self._attempt(sup, 10.0))
             if sup.refusal:
                 logger.error("%s %s", sup.url, sup.error)
@@ -2157,9 +2142,9 @@ class Registrar:
         """Start the background thread (retries and watchdog), and the self-check's timer."""
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="picoapi-registrar", daemon=True)
-        self._thread.start()
         self._self_check = threading.Timer(min(SELF_CHECK_AFTER, self.body["health"]["interval"]), self.check_self)
         self._self_check.name, self._self_check.daemon = "picoapi-self-check", True
+        self._thread.start()
         self._self_check.start()
 
     def check_self(self) -> None:
@@ -2167,7 +2152,9 @@ class Registrar:
         process, answers there (the server binds another port than the one registered, say)."""
         try:
             health = self.body["health"]
-            found = _who_else(*self._send(health["url"], min(health["interval"], DEFAULT_HEALTH_TIMEOUT)), self.body)
+            found = _who_else(
+                *self._send("GET", health["url"], min(health["interval"], DEFAULT_HEALTH_TIMEOUT)), self.body
+            )
         except Exception as exc:  # requests' errors, or any other: the timer's thread never dies of it
             found = f"nothing answers there ({self._safe(_root_cause(exc))})"
         if found and not self._stop.is_set():  # shutting down cuts the check: nothing to report
@@ -2189,16 +2176,15 @@ class Registrar:
     def stop(self, timeout: float = 1.0) -> None:
         """Stop the thread and cut any request in flight; waits (``timeout`` at most) until none is, so that no
         PUT of ours can land after the DELETE that follows."""
-        with self._idle:
+        with self._lock:
             self._stop.set()
             for adapter in self._in_flight:
                 adapter.cut()
-            self._idle.wait_for(lambda: not self._in_flight, timeout)
+            self._lock.wait_for(lambda: not self._in_flight, timeout)
         if self._self_check is not None:
             self._self_check.cancel()  # never joined: a check under way was cut above
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
 
     def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
         """DELETE this worker at every supervisor at once, naming this process (an entry a sibling still serves
@@ -2210,13 +2196,13 @@ class Registrar:
         def one(sup: _Supervisor) -> None:
             url = f"{sup.url.rstrip('/')}/{quote(self._id, safe='')}"
             try:  # bounded in total, as a PUT is: a trickling supervisor cannot keep a thread
-                status = self._send(url, timeout / 2, "DELETE", params=params, headers=self._headers)[0].status_code
+                status = self._send("DELETE", url, timeout / 2, params=params, headers=self._headers)[0].status_code
                 why = f"HTTP {status}" if status >= 300 and status not in (404, 409) else ""  # 409: another's now
             except requests.RequestException as exc:
                 why = self._safe(_root_cause(exc))
             if why:
                 logger.warning("deregistering from %s failed: %s", sup.url, why)
-            sup.worker_id = None
+            sup.is_registered = False
 
         self._each("picoapi-deregister", one, deadline, self.supervisors)
 
@@ -2286,11 +2272,8 @@ def _detail(content: bytes) -> str:
     answer, text = _json(content), content.decode("utf-8", "replace")
     detail = answer.get("detail", text) if isinstance(answer, dict) else text
     if isinstance(detail, list):  # FastAPI's 422: name each field that failed
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}"
-            for e in detail
-            if isinstance(e, dict) and isinstance(e.get("loc", []), list)
-        )
+        fields = [e for e in detail if isinstance(e, dict) and isinstance(e.get("loc", []), list)]
+        detail = "; ".join(f"{'.'.join(map(str, e.get('loc', [])[1:]))}: {e.get('msg')}" for e in fields)
     return str(detail)
 
 
@@ -2298,11 +2281,8 @@ def _detail(content: bytes) -> str:
 
 
 def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """GET a worker's OpenAPI document, blocking at most OPENAPI_TIMEOUT in all, no redirects.
-
-    502 unless it is a JSON object with an ``openapi`` field, in OPENAPI_MAX_BYTES. A 502 says what
-    went wrong in its own words, never in the far end's bytes: a registered address may be anything's.
-    """
+    """GET a worker's OpenAPI document (a JSON object with an ``openapi`` field) within OPENAPI_TIMEOUT and
+    OPENAPI_MAX_BYTES, no redirects; else a 502 in its own words: a registered address may be anything's."""
     try:
         resp, body = _bounded_request(_Cuttable(), "GET", url, OPENAPI_TIMEOUT, OPENAPI_MAX_BYTES, headers=headers)
     except _Cut:
@@ -2313,10 +2293,9 @@ def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[s
         raise HTTPException(502, f"the worker answered HTTP {resp.status_code} for {url}")
     if body is None:
         raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
-    document = _json(body)
-    if not isinstance(document, dict) or not isinstance(document.get("openapi"), str):
+    if not isinstance(document := _json(body), dict) or not isinstance(document.get("openapi"), str):
         raise HTTPException(
-            502, "the worker's answer is not an OpenAPI document: a JSON object with an 'openapi' field"
+            502, ("the worker's answer is not an OpenAPI document: a JSON object with an 'openapi' field")
         )
     return document
 

@@ -2251,7 +2251,7 @@ class TestRegistrar:
         r = registrar(FakeClock())
         r.register_all()
         assert json.loads(responses.calls[0].request.body)["name"] == "orders"
-        assert r.supervisors[0].worker_id == "127.0.0.1:9001" and r.supervisors[0].identity == "sup1"
+        assert r.supervisors[0].is_registered and r._id == "127.0.0.1:9001" and r.supervisors[0].identity == "sup1"
 
     def test_backoff_growth_and_cap(self) -> None:
         r = registrar(FakeClock())
