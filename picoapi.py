@@ -2017,13 +2017,11 @@ class Registrar:
             return self._retry_later(sup, _root_cause(exc))
         status = resp.status_code
         if content is None:
-            return self._retry_later(
-                sup, f"answered {status} with over {MAX_BODY} bytes: too large for a supervisor's answer"
-            )
+            return self._retry_later(sup, f"HTTP {status}, over {MAX_BODY} bytes: too large for a supervisor's answer")
         if 200 <= status < 300 and _is_own_entry(_json(content), self.body):
             with self._lock:
                 sup.is_registered, sup.identity = True, resp.headers.get(SUPERVISOR_HEADER)
-                sup.last_seen, sup.attempts, sup.error = self._clock(), 0, ""
+                sup.last_seen, sup.attempts, sup.error, sup.refusal = self._clock(), 0, "", 0
             logger.info("registered with %s as %s (instance %s)", sup.url, self._id, self.body.get("instance"))
             return math.inf
         why = {  # a redirect followed would turn the PUT into a GET somewhere else
@@ -2051,7 +2049,7 @@ class Registrar:
         """``text`` from the far end or an error, fit for a log: no token, nothing unprintable."""
         return _printable(text.replace(self._token, "***") if self._token else text)
 
-    def _each(self, name: str, job: Callable[[_Supervisor], Any], end: float, sups: list) -> list[_Supervisor]:
+    def _each(self, name: str, job: Callable[..., Any], end: float, sups: list[_Supervisor]) -> list[_Supervisor]:
         """Run ``job`` for each of ``sups`` at once, each in a daemon thread; returns, at ``end``, those whose
         job still runs (a hung DNS lookup, say: no cut reaches it)."""
         threads = {sup: threading.Thread(target=job, args=(sup,), name=name, daemon=True) for sup in sups}
@@ -2150,11 +2148,9 @@ class Registrar:
     def check_self(self) -> None:
         """GET the health URL this worker registered; log an ERROR with the fix unless it, or a sibling
         process, answers there (the server binds another port than the one registered, say)."""
+        url, interval = self.body["health"]["url"], self.body["health"]["interval"]
         try:
-            health = self.body["health"]
-            found = _who_else(
-                *self._send("GET", health["url"], min(health["interval"], DEFAULT_HEALTH_TIMEOUT)), self.body
-            )
+            found = _who_else(*self._send("GET", url, min(interval, DEFAULT_HEALTH_TIMEOUT)), self.body)
         except Exception as exc:  # requests' errors, or any other: the timer's thread never dies of it
             found = f"nothing answers there ({self._safe(_root_cause(exc))})"
         if found and not self._stop.is_set():  # shutting down cuts the check: nothing to report
