@@ -2193,11 +2193,10 @@ class Registrar:
             url = f"{sup.url.rstrip('/')}/{quote(self._id, safe='')}"
             try:  # bounded in total, as a PUT is: a trickling supervisor cannot keep a thread
                 status = self._send("DELETE", url, timeout / 2, params=params, headers=self._headers)[0].status_code
-                why = f"HTTP {status}" if status >= 300 and status not in (404, 409) else ""  # 409: another's now
+                if status >= 300 and status not in (404, 409):  # 409: another process's now
+                    logger.warning("deregistering from %s: HTTP %s", sup.url, status)
             except requests.RequestException as exc:
-                why = self._safe(_root_cause(exc))
-            if why:
-                logger.warning("deregistering from %s failed: %s", sup.url, why)
+                logger.warning("deregistering from %s failed: %s", sup.url, self._safe(_root_cause(exc)))
             sup.is_registered = False
 
         self._each("picoapi-deregister", one, deadline, self.supervisors)
