@@ -1486,12 +1486,11 @@ _Done = Callable[[_Check, CheckResult], None]  # where a check's result goes
 class HealthChecker:
     """One daemon thread that schedules every worker's check and makes it.
 
-    It pops the due checks from the registry's heap (:meth:`run_pending`), starts each on a non-blocking socket,
-    and waits in one ``select`` until the earlier of the next due check and the next deadline; a registration that
-    moves the next check earlier, and :meth:`stop`, wake it through a socket pair. Every result lands in
-    :meth:`Registry.record` (tests script them with ``submit``). Of the ``limit`` checks in flight, workers whose
-    last check failed (or who were never checked) get half, so silent workers cannot starve the others. A
-    plain-HTTP worker checked more often than :data:`KEEP_ALIVE` keeps its connection between checks.
+    It starts the checks the registry's heap says are due (:meth:`run_pending`) on non-blocking sockets and waits
+    in one ``select`` for the next due check or deadline; registrations and :meth:`stop` wake it through a socket
+    pair. Results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to be good
+    get half the ``limit`` checks in flight, so silent ones cannot starve the others. Plain-HTTP workers checked
+    more often than :data:`KEEP_ALIVE` keep their connection between checks.
     """
 
     def __init__(
@@ -1510,6 +1509,7 @@ class HealthChecker:
         self._submit = submit or self._queue
         half = _descriptors() // 2
         self._limit = limit or max(16, min(8192, half))  # checks in flight at most
+        self._half = max(1, self._limit // 2)  # of them for workers not known to be good
         self._max_kept = max(16, half)
         self._clock = registry.clock
         self._selector = selectors.DefaultSelector()
@@ -1547,8 +1547,7 @@ class HealthChecker:
     def run_pending(self) -> int:
         """Start every check that is due now; returns how many."""
         now = self._clock()
-        checks = self.registry.pop_due(now)
-        if checks:
+        if checks := self.registry.pop_due(now):
             self.fired += len(checks)
             self.lateness += sum(now - c.due for c in checks)
             self._submit(checks, self.headers, self._done)
@@ -1576,7 +1575,6 @@ class HealthChecker:
             logger.exception("recording the check of %s failed", check.worker_id)
 
     def start(self) -> None:
-        """Start the thread."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
             self._thread.start()
@@ -1619,8 +1617,6 @@ class HealthChecker:
         self._wake_r.close()
         self._wake_w.close()
 
-    # The sockets: each check a _Probe, moved by readiness events from state to state -------------------
-
     def _queue(self, checks: list[_Check], headers: Mapping[str, str], done: _Done) -> None:
         """Queue ``checks`` for a slot, starting as many as the slots allow; ``done`` gets each result."""
         self._extra, self._report = "".join(f"{k}: {v}\r\n" for k, v in headers.items()), done
@@ -1631,13 +1627,8 @@ class HealthChecker:
 
     def _fill(self) -> None:
         trusted, others = self._waiting
-        while self.in_flight < self._limit:
-            if trusted:
-                self._begin(trusted.popleft())
-            elif others and self._untrusted_in_flight < max(1, self._limit // 2):
-                self._begin(others.popleft())
-            else:
-                break
+        while self.in_flight < self._limit and (trusted or (others and self._untrusted_in_flight < self._half)):
+            self._begin(trusted.popleft() if trusted else others.popleft())
 
     def _begin(self, check: _Check) -> None:
         """Start ``check`` on the worker's kept connection if it is fresh, else on a new one."""
@@ -1691,7 +1682,11 @@ class HealthChecker:
                 continue
             try:
                 on_ready[probe.state](probe)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+            except ssl.SSLWantReadError:  # TLS must read first (its handshake, say), whatever the state
+                self._selector.modify(key.fd, selectors.EVENT_READ, probe)
+            except ssl.SSLWantWriteError:
+                self._selector.modify(key.fd, selectors.EVENT_WRITE, probe)
+            except (BlockingIOError, InterruptedError):
                 pass  # not ready after all: wait for the next event
             except Exception as exc:
                 self._fail(probe, exc)
@@ -1707,7 +1702,7 @@ class HealthChecker:
         self._fill()
 
     def _connected(self, probe: _Probe) -> None:
-        """An https check's connection is up: its TLS handshake begins (on the same descriptor, so registered)."""
+        """An https check's connection is up: TLS takes it over (same descriptor, same registration)."""
         assert probe.sock is not None
         if err := probe.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             raise OSError(err, os.strerror(err))
@@ -1717,12 +1712,7 @@ class HealthChecker:
 
     def _handshaking(self, probe: _Probe) -> None:
         assert isinstance(probe.sock, ssl.SSLSocket)
-        try:
-            probe.sock.do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as want:
-            reading = isinstance(want, ssl.SSLWantReadError)
-            self._selector.modify(probe.sock, selectors.EVENT_READ if reading else selectors.EVENT_WRITE, probe)
-            return
+        probe.sock.do_handshake()  # what it wants meanwhile, to read or to write, _poll waits for
         self._write_ready(probe)
 
     def _write_ready(self, probe: _Probe) -> None:
