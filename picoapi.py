@@ -1469,8 +1469,8 @@ class _Store:
 
 #: The most of a check's answer that is read: its status line and headers (and, to keep its connection, its body).
 MAX_HEAD = 4096
-#: A kept connection serves only checks starting within this many seconds of its opening, so every worker is
-#: connected afresh at least this often (README, "Connections"); under uvicorn's idle timeout (5 s).
+#: A kept connection serves checks starting within this many seconds of its opening: a fresh one at least this often
+#: (README, "Connections"). Only intervals under it keep one, so idle gaps stay under uvicorn's idle timeout (5 s).
 KEEP_ALIVE = 5.0
 #: errno values that mean the supervisor ran out of something: the check is postponed.
 _OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
@@ -1481,6 +1481,8 @@ _CLOSE_RE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 #: first send tells a failed connect), https CONNECTING. IDLE: kept between checks; an event there closes it.
 CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "_connected", "_handshaking", "_write_ready", "_read_ready", "_close"
 _Done = Callable[[_Check, CheckResult], None]  # where a check's result goes
+#: One TLS context for every https check, made on first use: certificates verified with the system store.
+_ssl_context = functools.cache(ssl.create_default_context)
 
 
 class HealthChecker:
@@ -1662,8 +1664,7 @@ class HealthChecker:
             raise ValueError("no address: its host did not resolve when the registry file was loaded")
         sock = probe.sock = socket.socket(socket.AF_INET6 if ":" in check.address else socket.AF_INET)
         sock.setblocking(False)
-        err = sock.connect_ex((check.address, probe.port))
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+        if (err := sock.connect_ex((check.address, probe.port))) not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             raise OSError(err, os.strerror(err))
         probe.state = CONNECTING if probe.https else SENDING
         self._selector.register(sock, selectors.EVENT_WRITE, probe)
@@ -1820,24 +1821,13 @@ def _target(url: str, extra_headers: str, keep: bool) -> tuple[str, int, bool, b
     """(host, port, https, request bytes, keep-alive) for a health URL; cached, as URLs rarely change."""
     parts = urlsplit(url)
     https = parts.scheme == "https"
+    keep = keep and not https
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n"
-        f"{extra_headers}Connection: {'keep-alive' if keep and not https else 'close'}\r\n\r\n"
+        f"{extra_headers}Connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
     )
-    return (
-        parts.hostname or "",
-        parts.port or (443 if https else 80),
-        https,
-        request.encode("ascii"),
-        keep and not https,
-    )
-
-
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for every https check, made on first use: certificates verified with the system store."""
-    return ssl.create_default_context()
+    return parts.hostname or "", parts.port or (443 if https else 80), https, request.encode("ascii"), keep
 
 
 @functools.cache
@@ -1866,10 +1856,9 @@ def check_once(
         return CheckResult(False, None, None, str(exc))
     results: list[CheckResult] = []
     checker = HealthChecker(Registry(), limit=1)
+    check = _Check("", url, address, timeout, checker._clock())
     try:
-        checker._queue(
-            [_Check("", url, address, timeout, checker._clock())], headers or {}, lambda _, r: results.append(r)
-        )
+        checker._queue([check], headers or {}, lambda _, r: results.append(r))
         while not results:  # the check's own deadline ends it
             checker._poll(checker._wait())
     finally:
