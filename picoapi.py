@@ -1698,8 +1698,8 @@ class HealthChecker:
                 self._finish(probe, None, f"no answer within {check.timeout:g}s")
         if now - self._swept > KEEP_ALIVE:  # kept connections too old to use again (deregistered workers')
             self._swept = now
-            for probe in [p for p in self._kept.values() if now - p.opened > KEEP_ALIVE]:
-                self._close(probe)
+            for wid in [wid for wid, p in self._kept.items() if now - p.opened > KEEP_ALIVE]:
+                self._close(self._kept.pop(wid))
         self._fill()
 
     def _connected(self, probe: _Probe) -> None:
@@ -1776,7 +1776,7 @@ class HealthChecker:
         probe.check = None
         fresh = probe.opened + KEEP_ALIVE > check.due + check.interval
         if code is not None and probe.keep and fresh and len(self._kept) < self._max_kept:  # half the descriptors
-            probe.state, probe.idle_for = IDLE, check.worker_id
+            probe.state = IDLE
             self._kept[check.worker_id] = probe
         else:
             self._close(probe)
@@ -1784,9 +1784,7 @@ class HealthChecker:
         self._report(check, CheckResult(not error, code, latency, error, own, instance, late))
 
     def _close(self, probe: _Probe) -> None:
-        """Close the probe's connection (a kept one: forget it too)."""
-        if probe.state == IDLE:
-            self._kept.pop(probe.idle_for, None)
+        """Close the probe's connection (a kept one stays in ``_kept``, closed, until its worker's next check)."""
         if probe.sock is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(probe.sock)
@@ -1813,7 +1811,6 @@ class _Probe:
     started: float = 0.0
     sent: int = 0
     buffer: bytes = b""
-    idle_for: str = ""  # the worker whose kept connection it is
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -1832,15 +1829,14 @@ def _target(url: str, extra_headers: str, keep: bool) -> tuple[str, int, bool, b
 
 @functools.cache
 def _descriptors() -> int:
-    """The soft limit of open files, raised to the hard one (a supervisor needs many, 2**20 at most); once a process."""
+    """The limit of open files, set to the hard one (a supervisor needs many; 2**20 at most); once a process."""
     try:
         import resource
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        soft, wanted = (1 << 20 if n == resource.RLIM_INFINITY else min(n, 1 << 20) for n in (soft, hard))
-        if soft < wanted:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        return max(soft, wanted)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return wanted
     except (ImportError, ValueError, OSError):
         return 1024
 
