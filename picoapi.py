@@ -1491,8 +1491,8 @@ class HealthChecker:
     It starts the checks the registry's heap says are due (:meth:`run_pending`) on non-blocking sockets and waits
     in one ``select`` for the next due check or deadline; registrations and :meth:`stop` wake it through a socket
     pair. Results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to be good
-    get half the ``limit`` checks in flight, so silent ones cannot starve the others. Plain-HTTP workers checked
-    more often than :data:`KEEP_ALIVE` keep their connection between checks.
+    get half the ``limit`` checks in flight (silent ones cannot starve the others). Plain-HTTP workers checked more
+    often than :data:`KEEP_ALIVE` keep their connection between checks.
     """
 
     def __init__(
@@ -1585,17 +1585,11 @@ class HealthChecker:
         while not self._stopping:
             try:
                 self.run_pending()
-                self._poll(self._wait())
+                self._poll()
             except Exception:  # never let one bad step kill the checker, nor a repeating one spin it
                 logger.exception("health checker step failed")
                 time.sleep(0.1)
         self._close_all()
-
-    def _wait(self) -> float | None:
-        """Seconds until the next due check or check deadline, whichever is first (None: neither)."""
-        deadline = self._deadlines[0][0] if self._deadlines else None
-        times = [t for t in (self.registry.next_due(), deadline) if t is not None]
-        return max(0.0, min(times) - self._clock()) if times else None
 
     def _wake(self) -> None:
         if not self._woken:  # a burst of registrations wakes the thread once, not once each
@@ -1669,10 +1663,12 @@ class HealthChecker:
         probe.state = CONNECTING if probe.https else SENDING
         self._selector.register(sock, selectors.EVENT_WRITE, probe)
 
-    def _poll(self, timeout: float | None) -> None:
-        """Wait up to ``timeout`` for readiness, run each ready probe's handler, then expire deadlines."""
+    def _poll(self) -> None:
+        """Wait for the next due check or deadline, running each ready probe's handler; then expire deadlines."""
+        deadline = self._deadlines[0][0] if self._deadlines else None
+        times = [t for t in (self.registry.next_due(), deadline) if t is not None]
         on_ready = self._on_ready
-        for key, _ in self._selector.select(timeout):
+        for key, _ in self._selector.select(max(0.0, min(times) - self._clock()) if times else None):
             probe = key.data
             if probe is None:
                 with contextlib.suppress(OSError):
@@ -1767,8 +1763,8 @@ class HealthChecker:
     def _finish(
         self, probe: _Probe, code: int | None, error: str, instance: str | None = None, own: bool = False
     ) -> None:
-        """Report the probe's check (``error`` "" if good; ``own``: the supervisor's trouble). An answer that
-        allows it (``probe.keep``) leaves the connection kept while fresh for the worker's next check."""
+        """Report the probe's check (``error`` "" if good; ``own``: the supervisor's trouble); keep its connection
+        if the answer allows it (``probe.keep``) and it is still fresh for the worker's next check."""
         check = probe.check
         assert check is not None
         self.in_flight -= 1
@@ -1803,8 +1799,7 @@ class _Probe:
     port: int = 0
     https: bool = False
     request: bytes = b""
-    #: The answer may leave the connection open for the worker's next check.
-    keep: bool = False
+    keep: bool = False  # the answer may leave the connection open for the worker's next check
     key: tuple[str, str] = ("", "")  # the (url, address) the connection was opened for
     #: Opened before this check started: a kept connection, replaced (not failed) if found closed before answering.
     opened: float = 0.0
@@ -1856,7 +1851,7 @@ def check_once(
     try:
         checker._queue([check], headers or {}, lambda _, r: results.append(r))
         while not results:  # the check's own deadline ends it
-            checker._poll(checker._wait())
+            checker._poll()
     finally:
         checker.stop()
     return results[0]
