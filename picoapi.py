@@ -1526,9 +1526,9 @@ class HealthChecker:
         self._seq = itertools.count()
         self._waiting = (collections.deque[_Check](), collections.deque[_Check]())  # trusted, others
         self._untrusted_in_flight = 0
-        self._kept: dict[str, _Probe] = {}  # idle connections by worker id
-        self._report: _Done = self._done  # where results go, and below the header lines every check sends:
-        self._extra = ""  # _queue sets both
+        self._kept: dict[str, _Probe] = {}  # idle connections by worker id (closed ones until its next check)
+        self._report: _Done = self._done  # _queue sets it: where results go
+        self._extra = ""  # _queue sets it: the header lines every check sends
         self._swept = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -1801,7 +1801,7 @@ class _Probe:
     request: bytes = b""
     keep: bool = False  # the answer may leave the connection open for the worker's next check
     key: tuple[str, str] = ("", "")  # the (url, address) the connection was opened for
-    #: Opened before this check started: a kept connection, replaced (not failed) if found closed before answering.
+    #: When its connection opened: before ``started``, it was kept, and is replaced (not failed) if found closed.
     opened: float = 0.0
     started: float = 0.0
     sent: int = 0
