@@ -1469,31 +1469,30 @@ class _Store:
 
 #: The most of a check's answer that is read: its status line and headers (and, to keep its connection, its body).
 MAX_HEAD = 4096
-#: A check's connection is used again only for checks that start within this many seconds of its opening: every
-#: worker is connected afresh at least this often, so one that stops accepting connections is still found (README,
-#: "Connections"). Only intervals under it keep one: under uvicorn's idle timeout (5 s), so rarely found closed.
+#: A kept connection serves checks starting within this many seconds of its opening: a fresh one at least this often
+#: (README, "Connections"). Only intervals under it keep one, so idle gaps stay under uvicorn's idle timeout (5 s).
 KEEP_ALIVE = 5.0
 #: errno values that mean the supervisor ran out of something: the check is postponed.
 _OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 _INSTANCE_RE = re.compile(rb"\r\nx-picoapi-instance:[ \t]*([A-Za-z0-9_-]{1,64})[ \t]*\r\n", re.IGNORECASE)
 _LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,4})[ \t]*\r\n", re.IGNORECASE)
 _CLOSE_RE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
-#: A probe's states, each naming the handler its next readiness event runs (HealthChecker._on_ready); IDLE is a
-#: kept connection between checks (an event there means it was closed, or speaks unasked: it is closed).
-CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "connecting handshaking sending reading idle".split()
+#: A probe's states, each the name of the handler its next readiness event runs. Plain HTTP starts SENDING (the
+#: first send tells a failed connect), https CONNECTING. IDLE: kept between checks; an event there closes it.
+CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "_connected", "_handshaking", "_write_ready", "_read_ready", "_close"
 _Done = Callable[[_Check, CheckResult], None]  # where a check's result goes
+#: One TLS context for every https check, made on first use: certificates verified with the system store.
+_ssl_context = functools.cache(ssl.create_default_context)
 
 
 class HealthChecker:
     """One daemon thread that schedules every worker's check and makes it.
 
-    The registry's heap says what is due: the thread pops it (:meth:`run_pending`), starts each check on a
-    non-blocking socket, and waits in one ``select`` until the earlier of the next due check and the next
-    check's deadline. A registration that moves the next check earlier, and :meth:`stop`, wake it through a
-    socket pair. Every result lands in :meth:`Registry.record`. Tests pass ``submit`` to script the results
-    and drive :meth:`run_pending` with a fake clock. At most ``limit`` checks are in flight; workers whose last
-    check failed (or who were never checked) get at most half of them, so silent workers cannot starve the
-    others. A plain-HTTP worker checked more often than :data:`KEEP_ALIVE` keeps its connection between checks.
+    It starts the checks the registry's heap says are due (:meth:`run_pending`) on non-blocking sockets and waits
+    in one ``select`` for the next due check or deadline; registrations and :meth:`stop` wake it through a socket
+    pair. Results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to be good
+    get half the ``limit`` checks in flight (silent ones cannot starve the others). Plain-HTTP workers checked more
+    often than :data:`KEEP_ALIVE` keep their connection between checks.
     """
 
     def __init__(
@@ -1508,39 +1507,35 @@ class HealthChecker:
         self.registry = registry
         #: Sent with every check so a worker knows whose check it received.
         self.headers = {SUPERVISOR_HEADER: supervisor_id} if supervisor_id else {}
-        self._on_change = on_change
+        self._on_change = on_change or (lambda wid, change: None)
         self._submit = submit or self._queue
         half = _descriptors() // 2
         self._limit = limit or max(16, min(8192, half))  # checks in flight at most
+        self._half = max(1, self._limit // 2)  # of them for workers not known to be good
         self._max_kept = max(16, half)
         self._clock = registry.clock
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._woken = False  # a byte is in the pipe, unread: the thread is up, or about to be (no second send)
-        for end in (self._wake_r, self._wake_w):
-            end.setblocking(False)
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._on_ready: dict[str, Callable[[_Probe], None]] = {
-            CONNECTING: self._connected,
-            HANDSHAKING: self._handshaking,
-            SENDING: self._write_ready,
-            READING: self._read_ready,
-            IDLE: self._close,
-        }
+        self._on_ready = {state: getattr(self, state) for state in (CONNECTING, HANDSHAKING, SENDING, READING, IDLE)}
         # Only the checker's thread touches these (and run_pending's caller before start()).
         self._deadlines: list[tuple[float, int, _Probe, _Check]] = []
         self._seq = itertools.count()
         self._waiting = (collections.deque[_Check](), collections.deque[_Check]())  # trusted, others
-        self._in_flight = self._untrusted_in_flight = 0
-        self._kept: dict[str, _Probe] = {}  # idle connections by worker id
-        self._report: _Done = self._done
-        self._extra = ""  # the header lines every check sends
+        self._untrusted_in_flight = 0
+        self._kept: dict[str, _Probe] = {}  # idle connections by worker id (closed ones until its next check)
+        self._report: _Done = self._done  # _queue sets it: where results go
+        self._extra = ""  # _queue sets it: the header lines every check sends
         self._swept = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        #: Checks started and not finished yet.
+        self.in_flight = 0
         #: Checks fired, and the sum of their lateness (fire time minus due time) in seconds.
-        self.fired = 0
-        self.lateness = 0.0
+        self.fired, self.lateness = 0, 0.0
         #: Checks postponed because the supervisor itself could not check (out of descriptors, say).
         self.postponed = 0
         #: Why the last check could not be made, until one can be again; else "". /health shows it.
@@ -1548,21 +1543,13 @@ class HealthChecker:
         registry.wake = self._wake
 
     @property
-    def in_flight(self) -> int:
-        """Checks started and not finished yet (read-only)."""
-        return self._in_flight
-
-    @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    # The schedule ----------------------------------------------------------------
-
     def run_pending(self) -> int:
         """Start every check that is due now; returns how many."""
-        checks = self.registry.pop_due(self._clock())
-        if checks:
-            now = self._clock()
+        now = self._clock()
+        if checks := self.registry.pop_due(now):
             self.fired += len(checks)
             self.lateness += sum(now - c.due for c in checks)
             self._submit(checks, self.headers, self._done)
@@ -1577,21 +1564,19 @@ class HealthChecker:
             elif self.trouble:
                 logger.warning("checks can be made again")
             self.trouble = result.error if result.postponed else ""
-            change = self.registry.record(check.worker_id, result)
+            wid, change = check.worker_id, self.registry.record(check.worker_id, result)
             if change is not None:
                 if change.removed:
-                    logger.warning("worker %s removed: unhealthy for longer than API_DEREGISTER_AFTER", check.worker_id)
+                    logger.warning("worker %s removed: unhealthy for longer than API_DEREGISTER_AFTER", wid)
                 elif change.new == UNHEALTHY:
-                    logger.warning("worker %s is unhealthy: %s", check.worker_id, change.error)
+                    logger.warning("worker %s is unhealthy: %s", wid, change.error)
                 else:
-                    logger.info("worker %s is %s (was %s)", check.worker_id, change.new, change.old)
-                if self._on_change is not None:
-                    self._on_change(check.worker_id, change)
+                    logger.info("worker %s is %s (was %s)", wid, change.new, change.old)
+                self._on_change(wid, change)
         except Exception:  # recording must never kill the checker's thread
             logger.exception("recording the check of %s failed", check.worker_id)
 
     def start(self) -> None:
-        """Start the thread."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
             self._thread.start()
@@ -1600,47 +1585,33 @@ class HealthChecker:
         while not self._stopping:
             try:
                 self.run_pending()
-                self._poll(self._wait())
+                self._poll()
             except Exception:  # never let one bad step kill the checker, nor a repeating one spin it
                 logger.exception("health checker step failed")
                 time.sleep(0.1)
         self._close_all()
 
-    def _wait(self) -> float | None:
-        """Seconds until the next due check or check deadline, whichever is first (None: neither)."""
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][2].check is not deadlines[0][3]:
-            heapq.heappop(deadlines)  # that check finished: its deadline is moot
-        times = [t for t in (self.registry.next_due(), deadlines[0][0] if deadlines else None) if t is not None]
-        return max(0.0, min(times) - self._clock()) if times else None
-
     def _wake(self) -> None:
-        if self._woken:  # a burst of registrations wakes the thread once, not once each
-            return
-        self._woken = True
-        with contextlib.suppress(OSError):  # closed, or the pipe is full: awake already
-            self._wake_w.send(b"\0")
+        if not self._woken:  # a burst of registrations wakes the thread once, not once each
+            self._woken = True
+            with contextlib.suppress(OSError):  # closed, or the pipe is full: awake already
+                self._wake_w.send(b"\0")
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop the thread within ``timeout``, abandoning the checks in flight; every socket is closed."""
         self._stopping, self.registry.wake = True, lambda: None
         self._wake()
-        if self._thread is None:
+        if self._thread is not None:
+            self._thread.join(timeout)  # the thread closes its sockets as it ends
+        else:
             self._close_all()
-        else:  # the thread closes its sockets as it ends
-            self._thread.join(timeout)
-            self._thread = self._thread if self._thread.is_alive() else None
 
     def _close_all(self) -> None:
-        if self._selector.get_map() is None:
-            return  # closed already
-        for probe in [*(e[2] for e in self._deadlines), *self._kept.values()]:
+        for probe in [*(entry[2] for entry in self._deadlines), *self._kept.values()]:
             self._close(probe)
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
-
-    # The sockets ------------------------------------------------------------------
 
     def _queue(self, checks: list[_Check], headers: Mapping[str, str], done: _Done) -> None:
         """Queue ``checks`` for a slot, starting as many as the slots allow; ``done`` gets each result."""
@@ -1652,38 +1623,28 @@ class HealthChecker:
 
     def _fill(self) -> None:
         trusted, others = self._waiting
-        while self._in_flight < self._limit:
-            if trusted:
-                self._begin(trusted.popleft())
-            elif others and self._untrusted_in_flight < max(1, self._limit // 2):
-                self._begin(others.popleft())
-            else:
-                break
+        while self.in_flight < self._limit and (trusted or (others and self._untrusted_in_flight < self._half)):
+            self._begin(trusted.popleft() if trusted else others.popleft())
 
     def _begin(self, check: _Check) -> None:
-        """Start ``check``: on the worker's kept connection if it is fresh, else a new one. A check that cannot
-        even be built (a URL it cannot send, say) fails at once, alone."""
-        probe = self._kept.pop(check.worker_id, None) or _Probe()
-        probe.keep = 0 < check.interval < KEEP_ALIVE
+        """Start ``check`` on the worker's kept connection if it is fresh, else on a new one."""
         try:
-            probe.host, probe.port, probe.https, probe.request = _target(check.url, self._extra, probe.keep)
-        except Exception as exc:
-            self._close(probe)
+            target = _target(check.url, self._extra, 0 < check.interval < KEEP_ALIVE)
+        except Exception as exc:  # a URL it cannot send, say: this check fails at once, alone
             self._report(check, CheckResult(False, None, None, f"cannot check {check.url!r}: {type(exc).__name__}"))
             return
-        probe.keep = probe.keep and not probe.https
-        probe.check, probe.idle_for, probe.sent, probe.buffer, probe.reused = check, check.worker_id, 0, b"", False
-        self._in_flight += 1
+        probe = self._kept.pop(check.worker_id, None) or _Probe()
+        probe.host, probe.port, probe.https, probe.request, probe.keep = target
+        probe.check, probe.sent, probe.buffer = check, 0, b""
+        self.in_flight += 1
         self._untrusted_in_flight += not check.trusted
         probe.started = now = self._clock()  # the deadline counts from here, not from the queue
-        probe.state = SENDING
         heapq.heappush(self._deadlines, (now + check.timeout, next(self._seq), probe, check))
         try:
             if probe.sock is not None and now - probe.opened < KEEP_ALIVE and probe.key == (check.url, check.address):
-                probe.reused = True
-                self._write_ready(probe)  # an idle connection can take the request at once
-                return
-            self._connect(probe)
+                self._write_ready(probe)  # reused: opened before this check started
+            else:
+                self._connect(probe)
         except Exception as exc:
             self._fail(probe, exc)
 
@@ -1691,91 +1652,78 @@ class HealthChecker:
         """A new connection for ``probe``'s check, to the address verified at registration."""
         check = probe.check
         assert check is not None
-        self._drop_connection(probe)
+        self._close(probe)
+        probe.sent, probe.opened, probe.key = 0, probe.started, (check.url, check.address)  # not reused
         if not check.address:
             raise ValueError("no address: its host did not resolve when the registry file was loaded")
-        probe.reused, probe.sent, probe.opened, probe.key = False, 0, self._clock(), (check.url, check.address)
         sock = probe.sock = socket.socket(socket.AF_INET6 if ":" in check.address else socket.AF_INET)
         sock.setblocking(False)
-        err = sock.connect_ex((check.address, probe.port))
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+        if (err := sock.connect_ex((check.address, probe.port))) not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             raise OSError(err, os.strerror(err))
-        probe.state = CONNECTING
+        probe.state = CONNECTING if probe.https else SENDING
         self._selector.register(sock, selectors.EVENT_WRITE, probe)
 
-    def _poll(self, timeout: float | None) -> None:
-        """Wait up to ``timeout`` for readiness, run each ready probe's handler, then expire deadlines."""
+    def _poll(self) -> None:
+        """Wait for the next due check or deadline, running each ready probe's handler; then expire deadlines."""
+        deadline = self._deadlines[0][0] if self._deadlines else None
+        times = [t for t in (self.registry.next_due(), deadline) if t is not None]
         on_ready = self._on_ready
-        for key, _ in self._selector.select(timeout):
+        for key, _ in self._selector.select(max(0.0, min(times) - self._clock()) if times else None):
             probe = key.data
             if probe is None:
                 with contextlib.suppress(OSError):
-                    while self._wake_r.recv(4096):
-                        pass
+                    self._wake_r.recv(4096)  # anything left wakes the next select
                 # After reading, or a wake sent meanwhile would be read here and the next one never sent; a wake
                 # skipped meanwhile is not lost: the loop reads the heap before it waits again.
                 self._woken = False
                 continue
             try:
                 on_ready[probe.state](probe)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+            except ssl.SSLWantReadError:  # TLS must read first (its handshake, say), whatever the state
+                self._selector.modify(key.fd, selectors.EVENT_READ, probe)
+            except ssl.SSLWantWriteError:
+                self._selector.modify(key.fd, selectors.EVENT_WRITE, probe)
+            except (BlockingIOError, InterruptedError):
                 pass  # not ready after all: wait for the next event
             except Exception as exc:
                 self._fail(probe, exc)
         now, deadlines = self._clock(), self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, _, probe, check = heapq.heappop(deadlines)
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][2].check is not deadlines[0][3]):
+            _, _, probe, check = heapq.heappop(deadlines)  # expired, or moot: that check finished
             if probe.check is check:
                 self._finish(probe, None, f"no answer within {check.timeout:g}s")
         if now - self._swept > KEEP_ALIVE:  # kept connections too old to use again (deregistered workers')
             self._swept = now
-            for probe in [p for p in self._kept.values() if now - p.opened > KEEP_ALIVE]:
-                self._close(probe)
+            for wid in [wid for wid, p in self._kept.items() if now - p.opened > KEEP_ALIVE]:
+                self._close(self._kept.pop(wid))
         self._fill()
 
     def _connected(self, probe: _Probe) -> None:
-        sock = probe.sock
-        assert sock is not None and probe.check is not None
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise ConnectionRefusedError(err, os.strerror(err))
-        if not probe.https:
-            self._write_ready(probe)
-            return
-        self._selector.unregister(sock)
-        probe.sock = _ssl_context().wrap_socket(sock, server_hostname=probe.host, do_handshake_on_connect=False)
+        """An https check's connection is up: TLS takes it over (same descriptor, same registration)."""
+        assert probe.sock is not None
+        if err := probe.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            raise OSError(err, os.strerror(err))
+        probe.sock = _ssl_context().wrap_socket(probe.sock, server_hostname=probe.host, do_handshake_on_connect=False)
         probe.state = HANDSHAKING
-        self._selector.register(probe.sock, selectors.EVENT_WRITE, probe)
         self._handshaking(probe)
 
     def _handshaking(self, probe: _Probe) -> None:
-        sock = probe.sock
-        assert isinstance(sock, ssl.SSLSocket)
-        try:
-            sock.do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as want:
-            reading = isinstance(want, ssl.SSLWantReadError)
-            self._selector.modify(sock, selectors.EVENT_READ if reading else selectors.EVENT_WRITE, probe)
-            return
+        assert isinstance(probe.sock, ssl.SSLSocket)
+        probe.sock.do_handshake()  # what it wants meanwhile, to read or to write, _poll waits for
         self._write_ready(probe)
 
     def _write_ready(self, probe: _Probe) -> None:
         sock = probe.sock
         assert sock is not None
-        probe.state = SENDING
-        sent = sock.send(probe.request[probe.sent :])
-        probe.sent += sent
-        if probe.sent < len(probe.request):
-            self._selector.modify(sock, selectors.EVENT_WRITE, probe)
-            return
-        probe.state = READING
-        self._selector.modify(sock, selectors.EVENT_READ, probe)
+        probe.sent += sock.send(probe.request[probe.sent :])
+        sent = probe.sent == len(probe.request)
+        probe.state = READING if sent else SENDING
+        self._selector.modify(sock, selectors.EVENT_READ if sent else selectors.EVENT_WRITE, probe)
 
     def _read_ready(self, probe: _Probe) -> None:
         """Read the status line and the headers (up to 4 KiB; the body only to keep a small answer's connection)."""
-        sock, check = probe.sock, probe.check
-        assert sock is not None and check is not None
-        data = sock.recv(MAX_HEAD)
+        assert probe.sock is not None
+        data = probe.sock.recv(MAX_HEAD)
         if not data:
             raise ConnectionError("connection closed before an answer")
         head = probe.buffer = probe.buffer + data
@@ -1798,120 +1746,92 @@ class HealthChecker:
             return  # the rest of the body: a kept connection must not hold stale bytes
         found = _INSTANCE_RE.search(head, 0, end + 2 if end >= 0 else MAX_HEAD)  # the last header's CRLF too
         code = int(parts[1])
-        instance = found.group(1).decode() if found else None
-        self._finish(probe, code, "" if 200 <= code < 300 else f"HTTP {code}", instance, keep=size <= MAX_HEAD)
+        probe.keep = size <= MAX_HEAD
+        self._finish(probe, code, "" if 200 <= code < 300 else f"HTTP {code}", found and found.group(1).decode())
 
     def _fail(self, probe: _Probe, exc: BaseException) -> None:
-        if probe.reused and not probe.buffer and isinstance(exc, OSError) and probe.check is not None:
+        if probe.opened < probe.started and not probe.buffer and isinstance(exc, OSError):
             try:  # a kept connection closed or reset before answering: a new one at once, not a failure
-                self._connect(probe)
-                return
+                return self._connect(probe)
             except Exception as again:
                 exc = again
-        # Out of descriptors, buffers or local ports is the supervisor's trouble, not the worker's.
-        if isinstance(exc, OSError) and exc.errno in _OWN_TROUBLE:
+        if isinstance(exc, OSError) and exc.errno in _OWN_TROUBLE:  # out of descriptors, say: not the worker's fault
             self._finish(probe, None, f"supervisor could not check: {exc.strerror}", own=True)
         else:
             self._finish(probe, None, _printable(f"{type(exc).__name__}: {exc}"))
 
     def _finish(
-        self,
-        probe: _Probe,
-        code: int | None,
-        error: str,
-        instance: str | None = None,
-        *,
-        own: bool = False,
-        keep: bool = False,
+        self, probe: _Probe, code: int | None, error: str, instance: str | None = None, own: bool = False
     ) -> None:
-        """Report the probe's check (``error`` "" if good; ``own``: the supervisor's trouble) and close its
-        connection, or keep it (``keep``: it may be) while its next check falls within KEEP_ALIVE of its opening.
-        Kept connections, like checks in flight, have at most half the descriptors."""
+        """Report the probe's check (``error`` "" if good; ``own``: the supervisor's trouble); keep its connection
+        if the answer allows it (``probe.keep``) and it is still fresh for the worker's next check."""
         check = probe.check
         assert check is not None
-        self._in_flight -= 1
+        self.in_flight -= 1
         self._untrusted_in_flight -= not check.trusted
-        if keep and probe.opened + KEEP_ALIVE > check.due + check.interval and len(self._kept) < self._max_kept:
-            probe.state, probe.check = IDLE, None
+        probe.check = None
+        fresh = probe.opened + KEEP_ALIVE > check.due + check.interval
+        if code is not None and probe.keep and fresh and len(self._kept) < self._max_kept:  # half the descriptors
+            probe.state = IDLE
             self._kept[check.worker_id] = probe
         else:
             self._close(probe)
         latency, late = self._clock() - probe.started, probe.started - check.due
         self._report(check, CheckResult(not error, code, latency, error, own, instance, late))
 
-    def _drop_connection(self, probe: _Probe) -> None:
+    def _close(self, probe: _Probe) -> None:
+        """Close the probe's connection (a kept one stays in ``_kept``, closed, until its worker's next check)."""
         if probe.sock is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(probe.sock)
             probe.sock.close()
             probe.sock = None
 
-    def _close(self, probe: _Probe) -> None:
-        """Close the probe's connection and forget its check (a kept connection: forget it too)."""
-        self._drop_connection(probe)
-        if probe.state == IDLE:
-            self._kept.pop(probe.idle_for, None)
-        probe.check = None
 
-
+@dataclasses.dataclass(slots=True, eq=False)  # eq=False: compared by identity, as the selector does on modify()
 class _Probe:
     """One check's connection; its :attr:`state` names the handler its next readiness event runs."""
 
-    __slots__ = (
-        *("check", "host", "port", "https", "request", "keep", "sock", "key", "opened", "reused", "started"),
-        *("sent", "buffer", "state", "idle_for"),
-    )
-    host: str
-    port: int
-    https: bool
-    request: bytes
-    #: The answer may leave the connection open for the worker's next check.
-    keep: bool
-    #: This check runs on a kept connection: one found closed before answering is replaced, not failed.
-    reused: bool
-    started: float
-    sent: int
-    buffer: bytes
-    idle_for: str
-
-    def __init__(self) -> None:
-        self.sock: socket.socket | ssl.SSLSocket | None = None
-        self.check: _Check | None = None
-        self.state, self.opened = SENDING, 0.0
-        self.key: tuple[str, str] = ("", "")
+    check: _Check | None = None
+    sock: socket.socket | ssl.SSLSocket | None = None
+    state: str = SENDING
+    host: str = ""
+    port: int = 0
+    https: bool = False
+    request: bytes = b""
+    keep: bool = False  # the answer may leave the connection open for the worker's next check
+    key: tuple[str, str] = ("", "")  # the (url, address) the connection was opened for
+    #: When its connection opened: before ``started``, it was kept, and is replaced (not failed) if found closed.
+    opened: float = 0.0
+    started: float = 0.0
+    sent: int = 0
+    buffer: bytes = b""
 
 
 @functools.lru_cache(maxsize=65_536)
-def _target(url: str, extra_headers: str, keep: bool) -> tuple[str, int, bool, bytes]:
-    """(host, port, https, request bytes) for a health URL; cached, as URLs rarely change."""
+def _target(url: str, extra_headers: str, keep: bool) -> tuple[str, int, bool, bytes, bool]:
+    """(host, port, https, request bytes, keep-alive) for a health URL; cached, as URLs rarely change."""
     parts = urlsplit(url)
     https = parts.scheme == "https"
+    keep = keep and not https
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n"
-        f"{extra_headers}Connection: {'keep-alive' if keep and not https else 'close'}\r\n\r\n"
+        f"{extra_headers}Connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
     )
-    return parts.hostname or "", parts.port or (443 if https else 80), https, request.encode("ascii")
-
-
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for every https check, made on first use: certificates verified with the system store."""
-    return ssl.create_default_context()
+    return parts.hostname or "", parts.port or (443 if https else 80), https, request.encode("ascii"), keep
 
 
 @functools.cache
 def _descriptors() -> int:
-    """The soft limit of open files, after raising it to the hard one (a supervisor needs many); once a process."""
+    """The limit of open files, set to the hard one (a supervisor needs many; 2**20 at most); once a process."""
     try:
         import resource
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
-        if soft != resource.RLIM_INFINITY and soft < wanted:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return wanted
     except (ImportError, ValueError, OSError):
         return 1024
 
@@ -1919,25 +1839,22 @@ def _descriptors() -> int:
 def check_once(
     url: str, timeout: float = DEFAULT_HEALTH_TIMEOUT, headers: Mapping[str, str] | None = None, address: str = ""
 ) -> CheckResult:
-    """Run one health check of ``url`` (at ``address``, else its host resolved) as the supervisor would.
-
-    Blocks at most ``timeout`` (plus a little), on the caller's thread.
-    """
+    """Run one health check of ``url`` (at ``address``, else its host resolved) as the supervisor would, on the
+    caller's thread; blocks at most ``timeout`` (plus a little)."""
     try:
         address = address or _resolve(urlsplit(url).hostname or "")
     except ValueError as exc:
         return CheckResult(False, None, None, str(exc))
     results: list[CheckResult] = []
-    checker, deadline = HealthChecker(Registry(), limit=1), time.monotonic() + timeout + 1.0
+    checker = HealthChecker(Registry(), limit=1)
+    check = _Check("", url, address, timeout, checker._clock())
     try:
-        checker._queue(
-            [_Check("", url, address, timeout, time.monotonic())], headers or {}, lambda _, r: results.append(r)
-        )
-        while not results and time.monotonic() < deadline:
-            checker._poll(min(checker._wait() or 0.0, deadline - time.monotonic()))
+        checker._queue([check], headers or {}, lambda _, r: results.append(r))
+        while not results:  # the check's own deadline ends it
+            checker._poll()
     finally:
         checker.stop()
-    return results[0] if results else CheckResult(False, None, None, "the check did not finish")
+    return results[0]
 
 
 # -- Worker side ---------------------------------------------------------------

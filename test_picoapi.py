@@ -1135,7 +1135,7 @@ class TestCheckerThread:
         checker._wake_r = Racing()  # type: ignore[assignment]
         try:
             registry.wake()
-            checker._poll(0)
+            checker._poll()  # the wake byte is in the pipe: it returns at once
             assert woke and checker._selector.select(0) == []  # all read
             registry.wake()  # a later registration: the thread must hear of it
             assert checker._selector.select(0) != []
