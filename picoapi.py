@@ -2513,7 +2513,6 @@ _Tags = Annotated[list[str], Depends(_tag_filter)]
 #: The dashboard's one script. Every few seconds it fetches the page anew and swaps in its #live part: the form, a
 #: filter half typed in it and the focus stay. The form and the links change the view (and the address) likewise.
 _DASHBOARD_SCRIPT = """
-"use strict";
 const $ = (id) => document.getElementById(id);
 let timer = 0, asked = 0;
 async function update() {
@@ -2607,9 +2606,8 @@ def _operator_router(app: PicoAPI) -> APIRouter:
     @router.get(METRICS_ROUTE, response_class=PlainTextResponse, operation_id="picoapi_metrics")
     def metrics() -> PlainTextResponse:
         """The supervisor's metrics in the Prometheus text exposition format."""
-        return PlainTextResponse(
-            _exposition(registry, app.checker), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        exposition = _exposition(registry, app.checker)
+        return PlainTextResponse(exposition, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @router.get(TARGETS_ROUTE, response_model=list[TargetGroup], operation_id="picoapi_prometheus_targets")
     def prometheus_targets(tags: _Tags) -> Response:
@@ -2630,10 +2628,9 @@ def _operator_router(app: PicoAPI) -> APIRouter:
 class PicoAPI(FastAPI):
     """A FastAPI app that is a worker (registers itself) or a supervisor (keeps the registry).
 
-    Keywords that name a setting of :class:`Config` (``mode``, ``host``, ``port``, ``tags``...) win over
-    the environment and the ``.env`` file; ``config=`` gives them all at once instead. Every other
-    keyword goes to FastAPI untouched; one that looks like a misspelt setting is a :class:`ConfigError`.
-    ``is_master`` is picoapi 1.x's spelling of ``mode`` (deprecated).
+    Keywords naming a setting of :class:`Config` (``mode``, ``host``, ``port``, ``tags``...) win over the environment
+    and the ``.env`` file; ``config=`` gives them all at once instead. Other keywords go to FastAPI untouched; one that
+    looks like a misspelt setting is a :class:`ConfigError`. ``is_master`` is 1.x's ``mode`` (deprecated).
     """
 
     def __init__(
@@ -2666,33 +2663,28 @@ class PicoAPI(FastAPI):
         self._broadcaster: concurrent.futures.ThreadPoolExecutor | None = None
         first_own = len(self.router.routes)
         if config.mode == "supervisor":
-            self._become_supervisor()
+            self.registry = Registry(
+                max_workers=config.max_workers,
+                failures=config.health_failures,
+                successes=config.health_successes,
+                deregister_after=config.deregister_after,
+            )
+            self._supervisor = _SupervisorRoutes(self, self.registry)
+            for router in (self._supervisor.router(), _operator_router(self)):
+                # Its routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's
+                # route on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
+                self.router.routes.extend(router.routes)
+            self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
+            if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
+                self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
         health: dict[str, Any] = {"include_in_schema": False, "tags": ["picoapi"], "operation_id": "picoapi_health"}
         self.add_api_route(config.health_route, self._health_endpoint, **health)
-        cors = {f"allow_{k}": list(getattr(config, f"cors_allow_{k}")) for k in ("origins", "methods", "headers")}
-        guarded = REGISTER_ROUTE if config.mode == "supervisor" else None
-        self.add_middleware(_CORS, **cors, allow_credentials=config.cors_allow_credentials, guarded=guarded)
+        cors = {f"allow_{k}": getattr(config, f"cors_allow_{k}") for k in "origins methods headers credentials".split()}
+        self.add_middleware(_CORS, **cors, guarded=REGISTER_ROUTE if config.mode == "supervisor" else None)
         if config.allowed_hosts:  # unset: no middleware, every host served at no cost
             self.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts), www_redirect=False)
         self.router.lifespan_context = functools.partial(self._lifespan, self.router.lifespan_context)
         self._own_routes = self.router.routes[first_own:]
-
-    def _become_supervisor(self) -> None:
-        config = self.config
-        self.registry = Registry(
-            max_workers=config.max_workers,
-            failures=config.health_failures,
-            successes=config.health_successes,
-            deregister_after=config.deregister_after,
-        )
-        self._supervisor = _SupervisorRoutes(self, self.registry)
-        for router in (self._supervisor.router(), _operator_router(self)):
-            # Its routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's
-            # route on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
-            self.router.routes.extend(router.routes)
-        self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
-        if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
-            self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
 
     @property
     def mode(self) -> str:
@@ -2790,9 +2782,7 @@ class PicoAPI(FastAPI):
                     break
             logger.info("loaded %d workers from %s", len(registry) - before, file)
         self.checker = HealthChecker(registry, supervisor_id=self.supervisor_id, on_change=self._changed)
-        # Full garbage collections walk every object the imports made and paused the
-        # checker 20-45 ms at 5,000-10,000 workers (bench/); frozen, they are skipped.
-        gc.freeze()
+        gc.freeze()  # else full collections walk every import's objects: 20-45 ms pauses at 5,000-10,000 workers
         self.checker.start()
 
     def _changed(self, wid: str, change: StatusChange) -> None:
@@ -2807,8 +2797,8 @@ class PicoAPI(FastAPI):
         return self.registry
 
     def pick(self, *tags: str, version: str | None = None) -> Worker:
-        """A healthy worker with every tag, taking turns among them (round-robin, thread-safe); raises
-        :class:`NoWorkerAvailable` (a 503 when raised in a route)."""
+        """A healthy worker with every tag, in turns (round-robin, thread-safe); else :class:`NoWorkerAvailable`
+        (a 503 when raised in a route)."""
         return self._need_registry().pick(tags, version)
 
     def call(
@@ -2892,7 +2882,6 @@ class PicoAPI(FastAPI):
     def health_check(self, func: Callable[[], Any] | None = None, *, name: str | None = None) -> Any:
         """Decorator: add a check (async, or sync to run on a thread) to the health endpoint, which answers 503
         naming it while it returns something falsy or raises."""
-
         if func is None:  # as @app.health_check(name=...)
             return functools.partial(self.health_check, name=name)
         self._health_checks[name or str(getattr(func, "__name__", repr(func)))] = func
@@ -2925,9 +2914,9 @@ _FASTAPI_OPTIONS = frozenset(inspect.signature(FastAPI.__init__).parameters) - {
 def _split_keywords(
     options: dict[str, Any], config: Config | None, env_file: str | os.PathLike[str] | None, is_master: bool | None
 ) -> tuple[Config, dict[str, Any]]:
-    """PicoAPI's keywords split: the settings into its :class:`Config` (a misspelt one is a ConfigError), the rest
-    to FastAPI, with the title, description and version the configuration sets unless given. FastAPI's own title,
-    description and version go into the configuration too, checked only by an app that registers (it sends them)."""
+    """PicoAPI's keywords split: the settings into its :class:`Config` (a misspelt one is a ConfigError), the rest to
+    FastAPI, with the title, description and version configured unless given. FastAPI's own title, description and
+    version go into the configuration too, checked only by an app that registers (it sends them)."""
     settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
     if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
         raise ConfigError(_unknown_settings(misspelt))
@@ -2961,10 +2950,9 @@ def _adding_header(send: Send, header: tuple[bytes, bytes]) -> Send:
 class _CORS(CORSMiddleware):
     """Starlette's CORS middleware, with a fast path, and a guard on ``guarded`` (the supervisor's /register).
 
-    Requests without an Origin header (every call between services) only need ``Vary: Origin`` on the answer,
-    appended to the raw headers; browsers' take Starlette's own path. The guard refuses a body over MAX_BODY with
-    413, by its length or as it arrives; and, as browsers send Origin with every write, a write or its preflight
-    from an origin not listed by name with 403: '*' lets any page read the registry, but none change it.
+    Requests without an Origin header (every call between services) only need ``Vary: Origin``, appended to the raw
+    headers. The guard refuses a body over MAX_BODY (413, by its length or as it arrives) and, as browsers send Origin
+    with every write, a write or its preflight from an origin not listed by name (403): '*' reads, but never writes.
     """
 
     def __init__(self, app: ASGIApp, /, *, guarded: str | None = None, **options: Any) -> None:
@@ -2984,8 +2972,7 @@ class _CORS(CORSMiddleware):
         await super().__call__(scope, receive, send)
 
     def _refusal(self, headers: Headers, method: str) -> Response | None:
-        """403 for a write (or its preflight) from an origin not listed by name; 413 for a body too long by its
-        length; else None."""
+        """403 for a write (or its preflight) from an origin not listed by name, 413 for a body too long, or None."""
         if method == "OPTIONS":
             method = headers.get("access-control-request-method", method)
         origin = headers.get("origin")
