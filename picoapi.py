@@ -2670,10 +2670,9 @@ class PicoAPI(FastAPI):
                 deregister_after=config.deregister_after,
             )
             self._supervisor = _SupervisorRoutes(self, self.registry)
-            for router in (self._supervisor.router(), _operator_router(self)):
-                # Its routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's
-                # route on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
-                self.router.routes.extend(router.routes)
+            # Their routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's route
+            # on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
+            self.router.routes += [*self._supervisor.router().routes, *_operator_router(self).routes]
             self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
             if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
                 self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
