@@ -2264,36 +2264,27 @@ METRICS_MAX_TAGS = 50
 METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class _Histogram:
-    """Counts per bucket (not cumulative; the last is +Inf) and the sum: an observation is two adds."""
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(METRICS_BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(METRICS_BUCKETS, value)] += 1
-        self.sum += value
-
-
 class _Metrics:
-    """The registry's counters for GET /metrics, updated under its lock; the rest is read when scraped."""
+    """The registry's counters for GET /metrics, updated under its lock; the rest is read when scraped. A histogram
+    is its counts per bucket (not cumulative; the last is +Inf), then its sum: an observation is two adds."""
 
     def __init__(self) -> None:
         self.checks = [0, 0]  # failed, succeeded
         self.registrations = self.deregistrations = 0
-        self.latency, self.lateness = _Histogram(), _Histogram()
+        self.latency: list[float] = [0] * (len(METRICS_BUCKETS) + 1) + [0.0]
+        self.lateness = list(self.latency)
 
     def checked(self, result: CheckResult) -> None:
         self.checks[result.ok] += 1
-        if result.latency is not None:
-            self.latency.observe(result.latency)
-        self.lateness.observe(result.late)
+        for histogram, value in (self.latency, result.latency), (self.lateness, result.late):
+            if value is not None:
+                histogram[bisect.bisect_left(METRICS_BUCKETS, value)] += 1
+                histogram[-1] += value
 
 
 #: Label values escaped as the exposition format asks.
 _LABEL_ESCAPES = str.maketrans({"\\": r"\\", '"': r"\"", "\n": r"\n"})
-_Samples = list[tuple[str, dict[str, str], float]]
+_Samples = list[tuple[str, dict[str, str], float]]  # a family's samples: (suffix of its name, labels, value)
 
 
 def _exposition(registry: Registry, checker: HealthChecker | None) -> str:
@@ -2304,16 +2295,15 @@ def _exposition(registry: Registry, checker: HealthChecker | None) -> str:
     sizes = collections.Counter(tag for w in workers for tag in w.tags)
     top = sorted(sizes, key=lambda tag: (-sizes[tag], tag))[:METRICS_MAX_TAGS]
     tagged: _Samples = [("", {"tag": tag, "status": s}, by_tag[tag, s]) for tag in top for s in STATUSES]
-    postponed, in_flight = (checker.postponed, checker.in_flight) if checker else (0, 0)
+    postponed, in_flight, trouble = (checker.postponed, checker.in_flight, checker.trouble) if checker else (0, 0, "")
     results = {"ok": metrics.checks[True], "failed": metrics.checks[False], "postponed": postponed}
     checks: _Samples = [("", {"result": result}, n) for result, n in results.items()]
-    trouble = int(bool(checker and checker.trouble))
 
-    def histogram(hist: _Histogram) -> _Samples:
-        counts = list(hist.counts)  # one snapshot: the +Inf bucket and the count agree
+    def histogram(data: list[float]) -> _Samples:
+        *counts, total = data  # one snapshot: the +Inf bucket and the count agree
         bounds = [f"{bound:g}" for bound in METRICS_BUCKETS] + ["+Inf"]
         buckets = [("_bucket", {"le": le}, n) for le, n in zip(bounds, itertools.accumulate(counts), strict=True)]
-        return [*buckets, ("_sum", {}, hist.sum), ("_count", {}, sum(counts))]
+        return [*buckets, ("_sum", {}, total), ("_count", {}, sum(counts))]
 
     families: list[tuple[str, str, str, _Samples | float]] = [
         ("workers", "gauge", "Registered workers by status.", [("", {"status": s}, statuses[s]) for s in STATUSES]),
@@ -2325,13 +2315,8 @@ def _exposition(registry: Registry, checker: HealthChecker | None) -> str:
         ("check_lateness_seconds", "histogram", "Seconds a check began after it was due.", histogram(metrics.lateness)),
         ("checks_in_flight", "gauge", "Health checks under way.", in_flight),
         ("registrations_total", "counter", "Registrations that created or changed an entry.", metrics.registrations),
-        (
-            "deregistrations_total",
-            "counter",
-            "Workers removed (DELETE, API_DEREGISTER_AFTER).",
-            metrics.deregistrations,
-        ),
-        ("checker_trouble", "gauge", "1 while the supervisor cannot make checks.", trouble),
+        ("deregistrations_total", "counter", "Workers removed: DELETE, API_DEREGISTER_AFTER.", metrics.deregistrations),
+        ("checker_trouble", "gauge", "1 while the supervisor cannot make checks.", int(bool(trouble))),
     ]
     for name, kind, text, samples in families:
         lines += (f"# HELP picoapi_{name} {text}", f"# TYPE picoapi_{name} {kind}")
@@ -2363,116 +2348,85 @@ def _tag_filter(
 
 _Tags = Annotated[list[str], Depends(_tag_filter)]
 
-
-def _dashboard_row(w: Worker, now: float, wall: float) -> dict[str, Any]:
-    shown = "id name version tags status suspect failures last_error last_check last_latency".split()
-    since = None if w._unhealthy_since is None else wall - (now - w._unhealthy_since)  # monotonic to Unix time
-    return {**{k: getattr(w, k) for k in shown}, "unhealthy_since": since}
-
-
-_DASHBOARD = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>PicoAPI</title>
-<style>
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; }
-h1 { font-size: 1.3rem; margin: 0 0 .5rem; }
-table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #eee; white-space: nowrap; }
-th { position: sticky; top: 0; background: #f6f6f6; }
-td.tags, td.error { white-space: normal; }
-.num { text-align: right; font-variant-numeric: tabular-nums; }
-.status::before { content: ""; display: inline-block; width: .7em; height: .7em; border-radius: 50%;
-  margin-right: .4em; background: currentColor; }
-.healthy { color: #137333; } .unhealthy { color: #c5221f; } .unknown { color: #80868b; }
-#counts a { margin-right: 1rem; font-weight: 600; text-decoration: none; }
-form { margin: .8rem 0; }
-footer { color: #666; margin-top: 1rem; } footer a { margin-left: .5rem; }
-</style></head><body>
-<h1 id="title">PicoAPI</h1>
-<p class="unhealthy" id="trouble" role="alert" hidden></p><p class="unhealthy" id="error" role="alert" hidden></p>
-<p id="counts"></p>
-<form id="filter"><label>tags <input id="tag" name="tag" autocomplete="off" placeholder="e.g. resize png"></label>
-<button type="submit">filter</button> <button type="button" id="all">show all</button></form>
-<table id="workers"><thead><tr><th>name</th><th>id</th><th>version</th><th>tags</th><th>status</th><th>last error</th>
-<th>unhealthy since</th><th>last check</th><th class="num">latency</th><th class="num">failures</th></tr></thead>
-<tbody id="rows"></tbody></table>
-<footer><span id="shown">loading</span>; updated every REFRESH s.<span id="pages"></span></footer>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id), query = new URLSearchParams(location.search);
-const view = {tag: query.getAll("tag").join(" "), status: query.get("status") || "", page: +query.get("page") || 1};
+#: The dashboard's one script. Every few seconds it fetches the page anew and swaps in its #live part: the form, a
+#: filter half typed in it and the focus stay. The form and the links change the view (and the address) likewise.
+_DASHBOARD_SCRIPT = """
+const $ = (id) => document.getElementById(id);
 let timer = 0, asked = 0;
-const el = (tag, props) => Object.assign(document.createElement(tag), props);  // text goes in as text, never markup
-const cell = (textContent, className = "") => el("td", {textContent, className});
-const ago = (t, now) => t == null ? "-" : Math.max(0, now - t).toFixed(1) + "s ago";
-function params(change) {
-  const v = {...view, ...change}, p = new URLSearchParams();
-  for (const t of v.tag.split(/[\\s,]+/)) if (t) p.append("tag", t);
-  if (v.status) p.set("status", v.status);
-  if (v.page > 1) p.set("page", v.page);
-  return p;
-}
-function go(change) { Object.assign(view, change); update(); }
-function link(textContent, change, count) {  // a count (data-count) or a page link; either keeps the view live
-  const a = el("a", {textContent, href: "?" + params(change), className: count || ""});
-  if (count) a.dataset.count = count;
-  a.onclick = (e) => { e.preventDefault(); go(change); };
-  return a;
-}
-function row(w, now) {
-  const tr = el("tr", {className: "worker"}), since = w.unhealthy_since;
-  Object.assign(tr.dataset, {id: w.id, status: w.status});
-  tr.append(cell(w.name), cell(w.id), cell(w.version), cell(w.tags.join(" "), "tags"),
-    cell(w.status + (w.suspect ? " (suspect)" : ""), "status " + w.status), cell(w.last_error, "error"),
-    cell(since == null ? "-" : new Date(since * 1000).toLocaleTimeString() + " (" + ago(since, now) + ")", "since"),
-    cell(ago(w.last_check, now)), cell(w.last_latency == null ? "-" : (w.last_latency * 1e3).toFixed(1) + " ms", "num"),
-    cell(String(w.failures), "num"));
-  return tr;
-}
-function render(d) {
-  document.title = d.title + " - PicoAPI"; $("title").textContent = d.title;
-  $("trouble").textContent = "Checks postponed: " + d.trouble; $("trouble").hidden = !d.trouble;
-  $("counts").replaceChildren(...Object.entries(d.counts).map(([s, n]) => link(n + " " + s, {status: s, page: 1}, s)));
-  $("rows").replaceChildren(...d.workers.map((w) => row(w, d.now)));
-  if (!d.workers.length) $("rows").insertRow().append(cell("no worker"));
-  const first = (d.page - 1) * d.page_size, last = first + d.workers.length;
-  $("shown").textContent = (last > first ? first + 1 + "-" + last : "none") + " of " + d.matched + " workers shown, "
-    + d.total + " in all" + (view.status ? " (" + view.status + ")" : "");
-  $("pages").replaceChildren(...(d.page > 1 ? [link("previous page", {page: d.page - 1})] : []),
-    ...(last < d.matched ? [link("next page", {page: d.page + 1})] : []));
-}
 async function update() {
   clearTimeout(timer);
-  const mine = ++asked, p = params({});
-  history.replaceState(null, "", location.pathname + (String(p) ? "?" + p : ""));  // a reload keeps the view
+  const mine = ++asked;  // the latest update wins, whichever answer comes first
   try {
-    const answer = await fetch(location.pathname + "/summary?" + p, {cache: "no-store"}), d = await answer.json();
+    const answer = await fetch(location.href, {cache: "no-store"}), page = await answer.text();
     if (mine !== asked) return;
-    if (!answer.ok) throw new Error([].concat(d.detail).map((e) => e.msg || e).join("; "));
-    render(d);
+    if (!answer.ok) throw new Error([].concat(JSON.parse(page).detail).map((e) => e.msg || e).join("; "));
+    $("live").replaceWith(new DOMParser().parseFromString(page, "text/html").getElementById("live"));
     $("error").hidden = true;
   } catch (e) {
     if (mine !== asked) return;
-    $("error").textContent = "Not updated: " + e.message; $("error").hidden = false;
+    $("error").textContent = "Not updated: " + e.message;
+    $("error").hidden = false;
   }
   timer = setTimeout(update, REFRESH000);
 }
-$("filter").onsubmit = (e) => { e.preventDefault(); go({tag: $("tag").value, page: 1}); };
-$("all").onclick = () => { $("tag").value = ""; go({tag: "", status: "", page: 1}); };
-$("tag").value = view.tag;
-update();
-</script></body></html>
+function go(url) { history.replaceState(null, "", url); update(); }
+$("filter").onsubmit = (e) => { e.preventDefault(); go("?" + new URLSearchParams(new FormData(e.target))); };
+document.onclick = (e) => { if (e.target.closest("#live a")) { e.preventDefault(); go(e.target.closest("a").href); } };
+timer = setTimeout(update, REFRESH000);
+""".replace("REFRESH", str(DASHBOARD_REFRESH))
+_DASHBOARD_DIGEST = base64.b64encode(hashlib.sha256(_DASHBOARD_SCRIPT.encode()).digest()).decode()
+#: Lets the dashboard run its own script and nothing else, and fetch from the supervisor only.
+_DASHBOARD_POLICY = (
+    "default-src 'none'; connect-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'self'; "
+    f"frame-ancestors 'none'; script-src 'sha256-{_DASHBOARD_DIGEST}'"
+)
+_DASHBOARD_STYLE = """body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; } a { margin-right: 1rem; }
+table { border-collapse: collapse; } th, td { text-align: left; padding: .2rem .6rem; border-bottom: 1px solid #eee; }
+th { position: sticky; top: 0; background: #eee; } [data-count=healthy] { color: #137333; }
+[data-status=unhealthy], [data-count=unhealthy], .trouble { color: #c5221f; }"""
+_HTML_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})
+
+
+def _dashboard(app: PicoAPI, tags: list[str], status: str | None, page: int) -> str:
+    """The dashboard: counts over the workers with ``tags``, then a page of them, trouble first. Every value is
+    escaped: whatever a worker sent shows as text, never as markup."""
+    registry, trouble = app.registry, app.checker and app.checker.trouble
+    assert registry is not None
+    tagged, now, wall, first = registry.workers(*tags), registry.clock(), registry._wall(), (page - 1) * DASHBOARD_PAGE
+    counts, order = collections.Counter(w.status for w in tagged), {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}
+    matched = [w for w in tagged if status in (None, w.status)]
+    matched.sort(key=lambda w: (order[w.status], not (w.failures or w.suspect), w.name, w.id))  # trouble in sight
+    shown = matched[first : first + DASHBOARD_PAGE]
+
+    def text(value: object) -> str:
+        return str(value).translate(_HTML_ESCAPES)
+
+    def link(label: str, attributes: str = "", **view: Any) -> str:  # to another view of the same tags
+        query = {"tag": " ".join(tags), "status": status, "page": page} | view
+        href = "&".join(f"{k}={quote(str(v))}" for k, v in query.items() if v)
+        return f'<a href="?{text(href)}"{attributes}>{text(label)}</a>'
+
+    def row(w: Worker) -> str:
+        since = None if w._unhealthy_since is None else wall - (now - w._unhealthy_since)  # monotonic to Unix time
+        when = "-" if since is None else f"{time.strftime('%X', time.localtime(since))} ({_ago(since, wall)})"
+        cells = [w.name, w.id, w.version, " ".join(w.tags), w.status + " (suspect)" * w.suspect, w.last_error, when]
+        tds = "".join(f"<td>{text(cell)}" for cell in [*cells, _ago(w.last_check, wall), _ms(w.last_latency)])
+        return f'<tr class="worker" data-id="{text(w.id)}" data-status="{w.status}">{tds}<td>{w.failures}</tr>\n'
+
+    title, rows = text(app.title), "".join(map(row, shown)) or "<tr><td>no worker</tr>"
+    alert = f'<p class="trouble" role="alert">Checks postponed: {text(trouble)}</p>' if trouble else ""
+    shown_text = f"{first + 1}-{first + len(shown)}" if shown else "none"
+    shown_text += f" of {len(matched)} workers shown, {len(registry)} in all" + (f" ({status})" if status else "")
+    pages = link("previous page", page=page - 1) if page > 1 else ""
+    pages += link("next page", page=page + 1) if first + len(shown) < len(matched) else ""
+    return f"""<!doctype html><html lang="en"><meta charset="utf-8"><title>{title} - PicoAPI</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_DASHBOARD_STYLE}</style><h1>{title}</h1>
+<form id="filter"><label>tags <input id="tag" name="tag" value="{text(" ".join(tags))}"></label> <button>filter</button>
+</form><p class="trouble" id="error" role="alert" hidden></p><div id="live">{alert}
+<p>{"".join(link(f"{counts[s]} {s}", f' data-count="{s}"', status=s, page=None) for s in STATUSES)}</p><table>
+<tr><th>name<th>id<th>version<th>tags<th>status<th>last error<th>unhealthy since<th>last check<th>latency<th>failures
+{rows}</table><p>{shown_text}; updated every {DASHBOARD_REFRESH} s. {pages}</div><script>{_DASHBOARD_SCRIPT}</script>
 """
-
-
-@functools.cache
-def _dashboard_page() -> tuple[str, str]:
-    """The dashboard (static: its script fetches the data) and a Content-Security-Policy that runs only it."""
-    page = _DASHBOARD.replace("REFRESH", str(DASHBOARD_REFRESH))
-    script = page.split("<script>")[1].split("</script>")[0]
-    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-    policy = f"default-src 'none'; connect-src 'self'; style-src 'unsafe-inline'; script-src 'sha256-{digest}'"
-    return page, policy + "; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 
 
 def _operator_router(app: PicoAPI) -> APIRouter:
@@ -2481,29 +2435,11 @@ def _operator_router(app: PicoAPI) -> APIRouter:
     assert registry is not None
 
     @router.get(DASHBOARD_ROUTE, include_in_schema=False)
-    async def dashboard() -> HTMLResponse:
-        page, policy = _dashboard_page()
-        return HTMLResponse(page, headers={"Content-Security-Policy": policy, "Cache-Control": "no-store"})
-
-    @router.get(DASHBOARD_ROUTE + "/summary", include_in_schema=False)
-    def dashboard_summary(  # like every sync route, on a thread: never holding up the event loop
+    def dashboard(  # like every sync route, on a thread: never holding up the event loop
         tags: _Tags, status: Status | None = None, page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
-    ) -> Response:
-        """What the dashboard shows: counts over the workers with ``tags``, and a page of them, trouble first."""
-        tagged = registry.workers(*tags)
-        counts = collections.Counter(w.status for w in tagged)
-        matched = [w for w in tagged if status is None or w.status == status]
-        order = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # trouble first: it stays visible with many workers
-        matched.sort(key=lambda w: (order[w.status], not (w.failures or w.suspect), w.name, w.id))
-        first, now, wall = (page - 1) * DASHBOARD_PAGE, registry.clock(), registry._wall()
-        summary = {
-            "title": app.title,
-            "trouble": app.checker.trouble if app.checker is not None else "",
-            **{"now": wall, "page": page, "page_size": DASHBOARD_PAGE, "total": len(registry), "matched": len(matched)},
-            "counts": {s: counts[s] for s in STATUSES},
-            "workers": [_dashboard_row(w, now, wall) for w in matched[first : first + DASHBOARD_PAGE]],
-        }
-        return _json_response(summary, headers={"Cache-Control": "no-store"})
+    ) -> HTMLResponse:
+        headers = {"Content-Security-Policy": _DASHBOARD_POLICY, "Cache-Control": "no-store"}
+        return HTMLResponse(_dashboard(app, tags, status, page), headers=headers)
 
     @router.get(METRICS_ROUTE, response_class=PlainTextResponse, operation_id="picoapi_metrics")
     def metrics() -> PlainTextResponse:
@@ -2527,16 +2463,12 @@ def _operator_router(app: PicoAPI) -> APIRouter:
 # -- The PicoAPI class ---------------------------------------------------------
 
 
-HealthCheckFunc = Callable[[], Any]
-
-
 class PicoAPI(FastAPI):
     """A FastAPI app that is a worker (registers itself) or a supervisor (keeps the registry).
 
-    Keywords that name a setting of :class:`Config` (``mode``, ``host``, ``port``, ``tags``...) win over
-    the environment and the ``.env`` file; ``config=`` gives them all at once instead. Every other
-    keyword goes to FastAPI untouched; one that looks like a misspelt setting is a :class:`ConfigError`.
-    ``is_master`` is picoapi 1.x's spelling of ``mode`` (deprecated).
+    Keywords naming a setting of :class:`Config` (``mode``, ``host``, ``port``, ``tags``...) win over the environment
+    and the ``.env`` file; ``config=`` gives them all at once instead. Other keywords go to FastAPI untouched; one that
+    looks like a misspelt setting is a :class:`ConfigError`. ``is_master`` is 1.x's ``mode`` (deprecated).
     """
 
     def __init__(
@@ -2548,10 +2480,11 @@ class PicoAPI(FastAPI):
         **options: Any,
     ) -> None:
         config, options = _split_keywords(options, config, env_file, is_master)
+        if config.mode == "worker" and config.register_urls:
+            config.registration()  # raises ConfigError now if host or title is missing
+        super().__init__(**options)
         #: The validated settings of this app.
         self.config = config
-        super().__init__(**options)
-        self._health_checks: dict[str, HealthCheckFunc] = {}
         #: The worker's registrar (a worker with API_REGISTER_PATH set), else None.
         self.registrar: Registrar | None = None
         #: The supervisor's registry and checker (supervisor mode), else None.
@@ -2561,50 +2494,34 @@ class PicoAPI(FastAPI):
         #: This process's id, renewed at every startup; it registers with it, and its health answers say it.
         self.instance = uuid.uuid4().hex[:12]
         self._store: _Store | None = None
-        # Connection reuse for call() and broadcast(): one requests.Session per thread.
-        self._local = threading.local()
-        # Each thread's session, to close at stop; weakly held: a thread that ends (anyio retires idle ones) frees
-        # its session and its pooled sockets.
-        self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
+        self._health_checks: dict[str, Callable[[], Any]] = {}
+        # call() and broadcast() reuse connections: a session per thread, closed at stop or when its thread ends.
+        self._sessions: weakref.WeakKeyDictionary[threading.Thread, requests.Session] = weakref.WeakKeyDictionary()
         self._sessions_lock = threading.Lock()  # guards _sessions
         self._broadcaster: concurrent.futures.ThreadPoolExecutor | None = None
-        if config.mode == "worker" and config.register_urls:
-            config.registration()  # raises ConfigError now if host or title is missing
         first_own = len(self.router.routes)
         if config.mode == "supervisor":
-            self._become_supervisor()
-        self.add_api_route(
-            config.health_route,
-            self._health_endpoint,
-            include_in_schema=False,
-            tags=["picoapi"],
-            operation_id="picoapi_health",
-        )
-        cors = {f"allow_{k}": list(getattr(config, f"cors_allow_{k}")) for k in ("origins", "methods", "headers")}
-        guarded = REGISTER_ROUTE if config.mode == "supervisor" else None
-        self.add_middleware(_CORS, **cors, allow_credentials=config.cors_allow_credentials, guarded=guarded)
+            self.registry = Registry(
+                max_workers=config.max_workers,
+                failures=config.health_failures,
+                successes=config.health_successes,
+                deregister_after=config.deregister_after,
+            )
+            self._supervisor = _SupervisorRoutes(self, self.registry)
+            # Their routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's route
+            # on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
+            self.router.routes += [*self._supervisor.router().routes, *_operator_router(self).routes]
+            self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
+            if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
+                self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
+        health: dict[str, Any] = {"include_in_schema": False, "tags": ["picoapi"], "operation_id": "picoapi_health"}
+        self.add_api_route(config.health_route, self._health_endpoint, **health)
+        cors = {f"allow_{k}": getattr(config, f"cors_allow_{k}") for k in "origins methods headers credentials".split()}
+        self.add_middleware(_CORS, **cors, guarded=REGISTER_ROUTE if config.mode == "supervisor" else None)
         if config.allowed_hosts:  # unset: no middleware, every host served at no cost
             self.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts), www_redirect=False)
-        self.router.lifespan_context = self._wrap_lifespan(self.router.lifespan_context)
+        self.router.lifespan_context = functools.partial(self._lifespan, self.router.lifespan_context)
         self._own_routes = self.router.routes[first_own:]
-
-    def _become_supervisor(self) -> None:
-        config = self.config
-        self.registry = Registry(
-            max_workers=config.max_workers,
-            failures=config.health_failures,
-            successes=config.health_successes,
-            deregister_after=config.deregister_after,
-        )
-        self._supervisor = _SupervisorRoutes(self, self.registry)
-        for router in (self._supervisor.router(), _operator_router(self)):
-            # Its routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's
-            # route on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
-            self.router.routes.extend(router.routes)
-        self.add_middleware(_BodyLimit, path=REGISTER_ROUTE, limit=MAX_BODY)
-        self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
-        if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
-            self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
 
     @property
     def mode(self) -> str:
@@ -2621,35 +2538,24 @@ class PicoAPI(FastAPI):
         await super().__call__(scope, receive, _adding_header(send, (_INSTANCE_HEADER_KEY, self.instance.encode())))
 
     def build_middleware_stack(self) -> ASGIApp:
-        # Routes match in order and PicoAPI's come first, so a user's catch-all cannot
-        # swallow the health endpoint; but a user's route on the very same path (their
-        # own /health, say) is moved ahead of PicoAPI's and wins.
-        routes = self.router.routes
-        theirs: set[str | None] = set()
-        for r in [r for r in routes if not any(r is o for o in self._own_routes)]:
-            included: list[Any] = getattr(r, "effective_route_contexts", list)()  # include_router's (FastAPI 0.165)
-            theirs |= {
-                getattr(r, "path", None),
-                *(c.path or getattr(c.starlette_route, "path", None) for c in included),
-            }
-        for route in [r for r in self._own_routes if getattr(r, "path", None) in theirs and r in routes]:
-            routes.remove(route)
-            routes.append(route)
+        # PicoAPI's routes come first, so a user's catch-all cannot swallow the health endpoint; but a user's route
+        # on the very same path (their own /health, say), also through include_router, is moved ahead and wins.
+        own, theirs = {id(r) for r in self._own_routes}, set[str | None]()
+        for r in [r for r in self.router.routes if id(r) not in own]:
+            inner: list[Any] = getattr(r, "effective_route_contexts", list)()  # include_router's entry (FastAPI 0.165)
+            theirs |= {getattr(r, "path", None), *(c.path or getattr(c.starlette_route, "path", None) for c in inner)}
+        self.router.routes.sort(key=lambda r: id(r) in own and getattr(r, "path", None) in theirs)  # stable: to the end
         return super().build_middleware_stack()
 
-    # Lifespan ------------------------------------------------------------------
-
-    def _wrap_lifespan(self, inner: Any) -> Callable[[Any], Any]:
-        @asynccontextmanager
-        async def lifespan(app: Any) -> AsyncIterator[Any]:
-            async with inner(app) as state:
-                await self._start()
-                try:
-                    yield state
-                finally:
-                    await self._stop()
-
-        return lifespan
+    @asynccontextmanager
+    async def _lifespan(self, inner: Callable[[Any], Any], app: Any) -> AsyncIterator[Any]:
+        """The app's own lifespan ``inner``, with PicoAPI started inside it and stopped before it ends."""
+        async with inner(app) as state:
+            await self._start()
+            try:
+                yield state
+            finally:
+                await self._stop()
 
     async def _start(self) -> None:
         config = self.config
@@ -2659,8 +2565,7 @@ class PicoAPI(FastAPI):
             await run_in_threadpool(self._start_supervisor)
         elif config.register_urls:
             body = {**config.registration(), "instance": self.instance}
-            if self.openapi_url:
-                body["openapi"] = self.openapi_url
+            body |= {"openapi": self.openapi_url} if self.openapi_url else {}
             self.registrar = Registrar(
                 config.register_urls,
                 body,
@@ -2681,47 +2586,40 @@ class PicoAPI(FastAPI):
     async def _stop(self) -> None:
         if self.registrar is not None:
             await run_in_threadpool(self.registrar.deregister_all)
-            self.registrar = None
         if self.checker is not None:
             await run_in_threadpool(self.checker.stop)
-            self.checker = None
         if self._store is not None:
             self._store.close()
-            self._store = None
         if self._broadcaster is not None:
             self._broadcaster.shutdown(wait=False, cancel_futures=True)
-            self._broadcaster = None
+        self.registrar = self.checker = self._store = self._broadcaster = None
         with self._sessions_lock:
-            sessions, self._sessions = list(self._sessions), weakref.WeakSet()
-        for session in sessions:
-            session.close()
-        self._local = threading.local()
+            for session in self._sessions.values():
+                session.close()
+            self._sessions.clear()
 
     def _start_supervisor(self) -> None:
-        assert self.registry is not None
-        if self.config.registry_file:
-            self._store = _Store(self.config.registry_file, self.registry.__contains__)
-            self.supervisor_id = self._store.identity()
-            before = len(self.registry)
+        registry, file = self.registry, self.config.registry_file
+        assert registry is not None
+        if file:
+            self._store = _Store(file, registry.__contains__)
+            self.supervisor_id, before = self._store.identity(), len(registry)
             for reg, address, instances in self._store.load():
-                if worker_id(reg.host, reg.port) not in self.registry:
-                    try:
-                        address = address or _resolve(reg.host)  # a file from before addresses were kept
-                        for instance in instances or [reg.instance or ""]:  # the same registration from each process
-                            self.registry.register(
-                                reg.model_copy(update={"instance": instance or None}), address=address
-                            )
-                    except ValueError as exc:  # its checks fail, saying why, until it registers again
-                        logger.warning("loaded worker %s: %s", worker_id(reg.host, reg.port), exc)
-                        self.registry.register(reg, address="")
-                    except RegistryFull:
-                        logger.warning("registry file holds more than API_MAX_WORKERS workers; rest skipped")
-                        break
-            logger.info("loaded %d workers from %s", len(self.registry) - before, self.config.registry_file)
-        self.checker = HealthChecker(self.registry, supervisor_id=self.supervisor_id, on_change=self._changed)
-        # Full garbage collections walk every object the imports made and paused the
-        # checker 20-45 ms at 5,000-10,000 workers (bench/); frozen, they are skipped.
-        gc.freeze()
+                if (wid := worker_id(reg.host, reg.port)) in registry:
+                    continue
+                try:
+                    address = address or _resolve(reg.host)  # a file from before addresses were kept
+                    for instance in instances or [reg.instance or ""]:  # the same registration from each process
+                        registry.register(reg.model_copy(update={"instance": instance or None}), address=address)
+                except ValueError as exc:  # its checks fail, saying why, until it registers again
+                    logger.warning("loaded worker %s: %s", wid, exc)
+                    registry.register(reg, address="")
+                except RegistryFull:
+                    logger.warning("registry file holds more than API_MAX_WORKERS workers; rest skipped")
+                    break
+            logger.info("loaded %d workers from %s", len(registry) - before, file)
+        self.checker = HealthChecker(registry, supervisor_id=self.supervisor_id, on_change=self._changed)
+        gc.freeze()  # else full collections walk every import's objects: 20-45 ms pauses at 5,000-10,000 workers
         self.checker.start()
 
     def _changed(self, wid: str, change: StatusChange) -> None:
@@ -2736,8 +2634,8 @@ class PicoAPI(FastAPI):
         return self.registry
 
     def pick(self, *tags: str, version: str | None = None) -> Worker:
-        """A healthy worker with every tag, taking turns among them (round-robin, thread-safe); raises
-        :class:`NoWorkerAvailable` (a 503 when raised in a route)."""
+        """A healthy worker with every tag, in turns (round-robin, thread-safe); else :class:`NoWorkerAvailable`
+        (a 503 when raised in a route)."""
         return self._need_registry().pick(tags, version)
 
     def call(
@@ -2753,13 +2651,10 @@ class PicoAPI(FastAPI):
     ) -> requests.Response:
         """Send a request to a healthy worker with ``tags``; returns its response, whatever its status.
 
-        A worker that cannot be connected to (nothing was sent) is marked suspect,
-        checked at once, and the next worker is tried, until all were. A request that
-        may have reached a worker is not sent again unless ``retry_sent=True`` (for
-        idempotent requests). Raises :class:`NoWorkerAvailable` listing every worker
-        tried and why. ``kwargs`` go to ``requests``; connections are reused. A redirect
-        is returned, not followed (it would take the request, body and all, to another
-        host), unless ``allow_redirects=True``.
+        A worker that could not be connected to (nothing was sent) is marked suspect, checked at once, and the next
+        one tried; a request that may have reached a worker is sent again only with ``retry_sent=True`` (for
+        idempotent ones). Raises :class:`NoWorkerAvailable` naming each worker tried and why. ``kwargs`` go to
+        ``requests``; connections are reused; a redirect is returned, not followed, unless ``allow_redirects=True``.
         """
         registry, wanted = self._need_registry(), [tags] if isinstance(tags, str) else list(tags)
         tried: list[tuple[str, str]] = []
@@ -2771,8 +2666,7 @@ class PicoAPI(FastAPI):
             try:
                 return self._send(worker, method, path, timeout, kwargs)
             except requests.RequestException as exc:
-                unsent = isinstance(exc, requests.ConnectionError) and _is_connect_error(exc)
-                if not (unsent or retry_sent):
+                if not (retry_sent or isinstance(exc, requests.ConnectionError) and _is_connect_error(exc)):
                     raise
                 registry.mark_suspect(worker.id)
                 tried.append((worker.id, _root_cause(exc)[:MAX_ERROR]))
@@ -2788,12 +2682,9 @@ class PicoAPI(FastAPI):
         timeout: float = DEFAULT_CALL_TIMEOUT,
         **kwargs: Any,
     ) -> dict[str, requests.Response | Exception]:
-        """Send the same request to every healthy worker with ``tags``, concurrently.
-
-        Returns ``{worker id: response or exception}``; returns within about ``timeout``
-        seconds, a worker still busy then gets a ``TimeoutError``. Redirects are returned,
-        not followed, unless ``allow_redirects=True``.
-        """
+        """Send the same request to every healthy worker with ``tags``, concurrently; returns ``{worker id: response
+        or exception}`` within about ``timeout`` seconds (a worker still busy then gets a ``TimeoutError``).
+        Redirects are returned, not followed, unless ``allow_redirects=True``."""
         registry, wanted = self._need_registry(), [tags] if isinstance(tags, str) else list(tags)
         workers = [w for w in registry.workers(*wanted, status=HEALTHY, version=version) if w.is_ready]
         if self._broadcaster is None:
@@ -2812,33 +2703,26 @@ class PicoAPI(FastAPI):
         return results
 
     def _send(self, worker: Worker, method: str, path: str, timeout: Any, kwargs: dict[str, Any]) -> requests.Response:
-        """``method path`` to ``worker`` on this thread's own session (connections are reused; _stop closes them
-        all), not following a redirect unless ``allow_redirects=True``."""
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(pool_connections=64, pool_maxsize=64)
+        """``method path`` to ``worker`` on this thread's session, not following a redirect unless asked to."""
+        thread = threading.current_thread()
+        if (session := self._sessions.get(thread)) is None:
+            session, adapter = requests.Session(), requests.adapters.HTTPAdapter(pool_connections=64, pool_maxsize=64)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             with self._sessions_lock:
-                self._sessions.add(session)
+                self._sessions[thread] = session
         url, options = worker._request(path, {"allow_redirects": False, **kwargs})
         return session.request(method, url, timeout=timeout, **options)
 
     # Health --------------------------------------------------------------------
 
-    def health_check(self, func: HealthCheckFunc | None = None, *, name: str | None = None) -> Any:
-        """Decorator: add a check (sync or async) to the health endpoint.
-
-        The check passes when it returns a truthy value; falsy or an exception
-        makes the endpoint answer 503 naming it. Sync checks run in a thread.
-        """
-
-        def add(f: HealthCheckFunc) -> HealthCheckFunc:
-            self._health_checks[name or str(getattr(f, "__name__", repr(f)))] = f
-            return f
-
-        return add(func) if func is not None else add
+    def health_check(self, func: Callable[[], Any] | None = None, *, name: str | None = None) -> Any:
+        """Decorator: add a check (async, or sync to run on a thread) to the health endpoint, which answers 503
+        naming it while it returns something falsy or raises."""
+        if func is None:  # as @app.health_check(name=...)
+            return functools.partial(self.health_check, name=name)
+        self._health_checks[name or str(getattr(func, "__name__", repr(func)))] = func
+        return func
 
     async def _health_endpoint(self) -> JSONResponse:
         failing: dict[str, str] = {}
@@ -2852,28 +2736,24 @@ class PicoAPI(FastAPI):
         if self.checker is not None and self.checker.trouble:  # a supervisor that cannot check says so
             failing["picoapi-checker"] = self.checker.trouble
         # As registered (FastAPI's default version is not API_VERSION's): a sibling's check_self knows them.
-        name, version = self.config.title or self.title, self.config.version
-        body = {"status": UNHEALTHY if failing else HEALTHY, "name": name, "version": version}
-        return JSONResponse(body | ({"failing": failing} if failing else {}), status_code=503 if failing else 200)
+        body: dict[str, Any] = {"status": UNHEALTHY if failing else HEALTHY, "name": self.config.title or self.title}
+        body |= {"version": self.config.version, **({"failing": failing} if failing else {})}
+        return JSONResponse(body, status_code=503 if failing else 200)
 
 
 #: The settings that are FastAPI options too: PicoAPI(title=...) sets both.
 _FASTAPI_SETTINGS = frozenset({"title", "description", "version"})
 #: The settings that show a worker was meant to register (FastAPI's title= keyword alone does not).
-_MEANT_TO_REGISTER = frozenset(
-    {"tags", "host", "title", "register_required", "health_path", "health_interval", "health_timeout"}
-)
+_MEANT_TO_REGISTER = frozenset("tags host title register_required health_path health_interval health_timeout".split())
 _FASTAPI_OPTIONS = frozenset(inspect.signature(FastAPI.__init__).parameters) - {"self", "extra"}
 
 
 def _split_keywords(
     options: dict[str, Any], config: Config | None, env_file: str | os.PathLike[str] | None, is_master: bool | None
 ) -> tuple[Config, dict[str, Any]]:
-    """PicoAPI's keywords split: the settings into its :class:`Config`, the rest to FastAPI (with the title,
-    description and version the configuration sets, unless given). A misspelt setting is a ConfigError.
-
-    FastAPI's title, description and version keywords are FastAPI's first: they go into the configuration too,
-    checked as registration fields only by an app that registers (they are what it sends)."""
+    """PicoAPI's keywords split: the settings into its :class:`Config` (a misspelt one is a ConfigError), the rest to
+    FastAPI, with the title, description and version configured unless given. FastAPI's own title, description and
+    version go into the configuration too, checked only by an app that registers (it sends them)."""
     settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
     if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
         raise ConfigError(_unknown_settings(misspelt))
@@ -2904,39 +2784,12 @@ def _adding_header(send: Send, header: tuple[bytes, bytes]) -> Send:
     return sending
 
 
-class _BodyLimit:
-    """Refuses request bodies over ``limit`` bytes on ``path`` with 413, by their length or as they arrive."""
-
-    def __init__(self, app: ASGIApp, path: str, limit: int) -> None:
-        self.app, self.path, self.limit = app, path, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
-            return await self.app(scope, receive, send)
-        too_long = f"request body over {self.limit} bytes"
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
-        if not length.isdigit() or int(length) > self.limit:
-            return await JSONResponse({"detail": too_long}, status_code=413)(scope, receive, send)
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise HTTPException(413, too_long)
-            return message
-
-        await self.app(scope, counted, send)
-
-
 class _CORS(CORSMiddleware):
-    """Starlette's CORS middleware, with a fast path and a guard.
+    """Starlette's CORS middleware, with a fast path, and a guard on ``guarded`` (the supervisor's /register).
 
-    Requests without an Origin header (every call between services) only need ``Vary: Origin`` on the answer,
-    appended to the raw headers; browsers' take Starlette's own path. Browsers send Origin with every write:
-    under ``guarded`` (the supervisor's /register) a write or its preflight from an origin not listed by name
-    gets 403, so '*' lets any page read the registry but none change it.
+    Requests without an Origin header (every call between services) only need ``Vary: Origin``, appended to the raw
+    headers. The guard refuses a body over MAX_BODY (413, by its length or as it arrives) and, as browsers send Origin
+    with every write, a write or its preflight from an origin not listed by name (403): '*' reads, but never writes.
     """
 
     def __init__(self, app: ASGIApp, /, *, guarded: str | None = None, **options: Any) -> None:
@@ -2946,29 +2799,43 @@ class _CORS(CORSMiddleware):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path", ""))  # as the router sees it, behind a proxy too
+        if self.guarded and f"{path}/".startswith(f"{self.guarded}/"):
+            if refusal := self._refusal(Headers(scope=scope), scope["method"]):
+                return await refusal(scope, receive, send)
+            receive = _limited(receive)
         if not any(k == b"origin" for k, _ in scope["headers"]):
             return await self.app(scope, receive, _adding_header(send, (b"vary", b"Origin")))
-        if self.guarded and (refusal := self._foreign_write(scope, self.guarded)):
-            return await refusal(scope, receive, send)
         await super().__call__(scope, receive, send)
 
-    def _foreign_write(self, scope: Scope, guarded: str) -> Response | None:
-        """The 403 for a write (or its preflight) under ``guarded`` from an origin not listed by name, else None."""
-        path = scope["path"].removeprefix(scope.get("root_path", ""))  # as the router sees it, behind a proxy too
-        if path != guarded and not path.startswith(guarded + "/"):
-            return None
-        headers, method = Headers(scope=scope), scope["method"]
+    def _refusal(self, headers: Headers, method: str) -> Response | None:
+        """403 for a write (or its preflight) from an origin not listed by name, 413 for a body too long, or None."""
         if method == "OPTIONS":
             method = headers.get("access-control-request-method", method)
-        origin = headers["origin"]
-        if method in ("GET", "HEAD") or (origin != "*" and origin in self.allow_origins):
-            return None
-        detail = (
-            f"{_printable(method, 16)} {guarded} from origin '{_printable(origin)}' refused: browser pages may change "
-            "the registry only from origins listed by name in API_CORS_ALLOW_ORIGINS ('*' does not count); list it "
-            "there, '!'-delimited, to allow it"
-        )
-        return JSONResponse({"detail": detail}, status_code=403)
+        origin = headers.get("origin")
+        if origin is not None and method not in ("GET", "HEAD") and (origin == "*" or origin not in self.allow_origins):
+            fix = "list it by name in API_CORS_ALLOW_ORIGINS ('!'-delimited; '*' does not count) to let its pages write"
+            detail = f"{_printable(method, 16)} {self.guarded} from origin '{_printable(origin)}' refused: {fix}"
+            return JSONResponse({"detail": detail}, status_code=403)
+        length = headers.get("content-length", "0")
+        if not _is_whole(length) or int(length) > MAX_BODY:
+            return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
+        return None
+
+
+def _limited(receive: Receive) -> Receive:
+    """``receive``, raising a 413 once the body passes MAX_BODY bytes."""
+    seen = 0
+
+    async def counted() -> Message:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > MAX_BODY:
+            raise HTTPException(413, f"request body over {MAX_BODY} bytes")
+        return message
+
+    return counted
 
 
 # -- The supervisor's routes -----------------------------------------------------

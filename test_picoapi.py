@@ -3604,6 +3604,7 @@ class Rows(HTMLParser):
 
     def __init__(self, page: str) -> None:
         super().__init__()
+        self.page = page
         self.rows: dict[str, dict[str, Any]] = {}
         self.counts: dict[str, str] = {}
         self._row: dict[str, Any] | None = None
@@ -3619,14 +3620,14 @@ class Rows(HTMLParser):
         elif tag == "td" and self._row is not None:
             self._row["cells"].append("")
             self._in_cell = True
-        elif tag == "span" and found.get("data-count"):
+        elif tag == "a" and found.get("data-count"):
             self._count = found["data-count"]
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "tr":
             self._row = None
         self._in_cell = self._in_cell and tag != "td"
-        self._count = None if tag == "span" else self._count
+        self._count = None if tag == "a" else self._count
 
     def handle_data(self, data: str) -> None:
         if self._row is not None and self._in_cell:
@@ -3635,22 +3636,29 @@ class Rows(HTMLParser):
             self.counts[self._count] = data
 
 
-def summary(client: TestClient, query: str = "") -> dict[str, Any]:
-    response = client.get("/dashboard/summary" + query)
+def dashboard(client: TestClient, query: str = "") -> Rows:
+    response = client.get("/dashboard" + query)
     assert response.status_code == 200, response.text
-    return dict(response.json())
+    return Rows(response.text)
 
 
 class TestDashboard:
-    def test_page_is_static_escapes_by_construction_and_runs_only_its_script(self) -> None:
+    def test_page_escapes_everything_and_runs_only_its_script(self) -> None:
         app = PicoAPI(mode="supervisor", title="<b>jobs</b>")
-        app.registry.register(reg("127.0.0.1", 1, name="<script>alert(1)</script>"))  # type: ignore[union-attr]
-        response = TestClient(app).get("/dashboard")
+        app.registry.register(reg("127.0.0.1", 1, name="<script>alert(1)</script>", tags=["a&b", "'\"x"]))  # type: ignore[union-attr]
+        response = TestClient(app).get("/dashboard?tag=a%26b")
         page = response.text
         assert response.headers["content-type"].startswith("text/html")
-        assert "alert(1)" not in page and "<b>jobs" not in page  # no data in the page: its script fetches it
-        assert "innerHTML" not in page and "textContent" in page  # data goes in as text, never as markup
-        assert '"Checks postponed: " + d.trouble' in page  # the supervisor's own trouble, said first
+        assert "<script>alert(1)" not in page and "<b>jobs" not in page and page.count("<script>") == 1
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;b&gt;jobs&lt;/b&gt;" in page  # as text
+        assert 'value="a&amp;b"' in page and "&#39;&quot;x" in page  # attribute values escaped too
+        assert Rows(page).rows["127.0.0.1:1"]["cells"][:4] == [
+            "<script>alert(1)</script>",
+            "127.0.0.1:1",
+            "1.2.0",
+            "a&b '\"x",
+        ]
+        assert "innerHTML" not in page and "textContent" in page  # the script puts text in as text, never as markup
         assert 'http-equiv="refresh"' not in page and "setTimeout(update, 2000)" in page  # updates, never reloads
         assert "http://" not in page and "https://" not in page and "src=" not in page  # no external asset
         script = page.split("<script>")[1].split("</script>")[0]
@@ -3676,14 +3684,16 @@ class TestDashboard:
         clock.advance(30)
         wall.advance(30)
         registry.record("127.0.0.1:2", FAIL)
-        data = summary(TestClient(app))
-        assert data["title"] == "jobs" and data["now"] == 1_800_000_035.0 and data["trouble"] == ""
-        assert data["counts"] == {"healthy": 1, "unhealthy": 1, "unknown": 0} and data["total"] == 2
-        troubled, fine = data["workers"]  # trouble first
-        assert troubled["id"] == "127.0.0.1:2" and troubled["status"] == "unhealthy" and troubled["failures"] == 3
-        assert troubled["last_error"] == "refused" and troubled["unhealthy_since"] == 1_800_000_005.0
-        assert fine["name"] == "<script>alert(1)</script>" and fine["tags"] == ["a", "<b>"]  # as data, for textContent
-        assert fine["unhealthy_since"] is None and fine["last_error"] == ""
+        data = dashboard(TestClient(app))
+        assert "<h1>jobs</h1>" in data.page and "Checks postponed" not in data.page
+        assert data.counts == {"healthy": "1 healthy", "unhealthy": "1 unhealthy", "unknown": "0 unknown"}
+        assert "1-2 of 2 workers shown, 2 in all" in data.page
+        (troubled_id, troubled), (_, fine) = data.rows.items()  # trouble first
+        assert troubled_id == "127.0.0.1:2" and troubled["status"] == "unhealthy" and troubled["cells"][9] == "3"
+        since = time.strftime("%X", time.localtime(1_800_000_005.0))  # the wall time it became unhealthy
+        assert troubled["cells"][5] == "refused" and troubled["cells"][6] == f"{since} (30.0s ago)"
+        assert fine["cells"][0] == "<script>alert(1)</script>" and fine["cells"][3] == "a <b>"  # text, not markup
+        assert fine["cells"][5:7] == ["", "-"]
 
     def test_counts_follow_the_tag_filter_and_bad_tags_are_refused(self) -> None:
         app = supervisor_with(1, tags=("resize", "png"))
@@ -3696,12 +3706,13 @@ class TestDashboard:
             ("", ["127.0.0.1:2", "127.0.0.1:1"], {"healthy": 1, "unhealthy": 0, "unknown": 1}),
             ("?tag=ocr&status=healthy", [], {"healthy": 0, "unhealthy": 0, "unknown": 1}),
         ]:
-            data = summary(client, query)
-            assert ([w["id"] for w in data["workers"]], data["counts"], data["total"]) == (ids, counts, 2), query
+            data = dashboard(client, query)
+            shown = {status: f"{n} {status}" for status, n in counts.items()}
+            assert (list(data.rows), data.counts, "2 in all" in data.page) == (ids, shown, True), query
         for bad in ["a:b", "x" * 65, "\x1b[31m"]:
-            assert "tag must" in field_error(client.get("/dashboard/summary", params={"tag": bad}))
-        assert "at most 32 times" in field_error(client.get("/dashboard/summary?tag=" + "+".join("t" * 33)))
-        assert client.get("/dashboard/summary?status=bad").status_code == 422
+            assert "tag must" in field_error(client.get("/dashboard", params={"tag": bad}))
+        assert "at most 32 times" in field_error(client.get("/dashboard?tag=" + "+".join("t" * 33)))
+        assert client.get("/dashboard?status=bad").status_code == 422
 
     def test_ten_thousand_workers_in_pages_trouble_first(self) -> None:
         app = PicoAPI(mode="supervisor")
@@ -3716,20 +3727,23 @@ class TestDashboard:
             registry.record(wid, FAIL)
             registry.record(wid, FAIL)
         client = TestClient(app)  # no lifespan, so no checker: the statuses stay as recorded here
-        assert "position: sticky" in client.get("/dashboard").text
-        first = client.get("/dashboard/summary")
-        assert len(first.content) < 150_000  # a page, never every worker
-        data = first.json()
-        assert data["counts"] == {"healthy": 9997, "unhealthy": 3, "unknown": 0} and data["matched"] == 10_000
-        assert len(data["workers"]) == data["page_size"] == 200
-        assert [w["id"] for w in data["workers"][:3]] == troubled  # trouble first, on the first page
-        assert len(summary(client, "?page=50")["workers"]) == 200 and summary(client, "?page=51")["workers"] == []
-        seen, page = [], 1  # the filter is kept from page to page
-        while rows := summary(client, f"?tag=resize&page={page}")["workers"]:
-            seen += [w["id"] for w in rows]
+        first = client.get("/dashboard")
+        assert len(first.content) < 150_000 and "position: sticky" in first.text  # a page, never every worker
+        data = Rows(first.text)
+        assert data.counts == {"healthy": "9997 healthy", "unhealthy": "3 unhealthy", "unknown": "0 unknown"}
+        assert len(data.rows) == 200 and "1-200 of 10000 workers shown, 10000 in all" in data.page
+        assert list(data.rows)[:3] == troubled  # trouble first, on the first page
+        assert '<a href="?page=2">next page</a>' in data.page and "previous page" not in data.page
+        assert len(dashboard(client, "?page=50").rows) == 200 and dashboard(client, "?page=51").rows == {}
+        seen, page, links = list[str](), 1, ""  # the filter is kept from page to page
+        while rows := (found := dashboard(client, f"?tag=resize&page={page}")).rows:
+            seen += rows
+            links += found.page
             page += 1
         assert sorted(seen) == sorted(f"127.0.0.1:{port}" for port in range(10, 10_001, 10)) and page == 6
-        assert [w["id"] for w in summary(client, "?status=unhealthy")["workers"]] == troubled
+        assert '<a href="?tag=resize&amp;page=5">next page</a>' in links
+        assert '<a href="?tag=resize&amp;page=4">previous page</a>' in links
+        assert list(dashboard(client, "?status=unhealthy").rows) == troubled
 
 
 def metric_families(text: str) -> dict[str, Any]:
@@ -3755,7 +3769,7 @@ class TestMetrics:
         registry.record("127.0.0.1:9002", CheckResult(True, 200, 0.03, late=0.0))
         registry.record("127.0.0.1:9001", CheckResult(False, None, 0.7, "refused", late=3.0))
         registry.record("127.0.0.1:9001", CheckResult(False, None, 20.0, "timed out"))  # unhealthy now
-        assert summary(client)["counts"]["unhealthy"] == 1
+        assert dashboard(client).counts["unhealthy"] == "1 unhealthy"
         registry.record("127.0.0.1:9001", CheckResult(True, 200, 0.004))  # recovered
         assert client.delete("/register/127.0.0.1:9002").status_code == 204
         response = client.get("/metrics")
@@ -4991,8 +5005,9 @@ class TestOwnTrouble:
                     flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))
                 health = wait_for(lambda: (a := get("/health"))[0] == 503 and a[1], 10, "the supervisor's own trouble")
                 assert "Too many open files" in health["failing"]["picoapi-checker"]
-                trouble = get("/dashboard/summary")[1]["trouble"]  # the page shows "Checks postponed: <trouble>"
-                assert trouble == "supervisor could not check: Too many open files"
+                conn.request("GET", "/dashboard")
+                page = conn.getresponse().read().decode()  # says the supervisor's own trouble first
+                assert "Checks postponed: supervisor could not check: Too many open files" in page
                 for _ in range(10):  # a second of checks that cannot be made
                     assert get(f"/services/{wid}")[1]["status"] == "healthy"
                     time.sleep(0.1)
