@@ -830,21 +830,19 @@ class Registration(BaseModel):
 
     @model_validator(mode="after")
     def _health_is_own(self) -> Registration:
-        parts = urlsplit(self.health.url)
+        health, parts = self.health, urlsplit(self.health.url)
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            raise ValueError(f"health.url has a bad port: {self.health.url!r}") from None
+            raise ValueError(f"health.url has a bad port: {health.url!r}") from None
         if (parts.hostname or "").lower() != self.host or port != self.port:
-            raise ValueError(
-                f"health.url must point at the registrant's own host and port "
-                f"({self.host}:{self.port}), got {self.health.url!r}"
-            )
+            own = f"{self.host}:{self.port}"
+            raise ValueError(f"health.url must point at the registrant's own host and port ({own}), got {health.url!r}")
         if parts.username or parts.password:
             raise ValueError("health.url must not carry credentials")
-        if self.health.timeout is not None and self.health.timeout > self.health.interval:
+        if health.timeout is not None and health.timeout > health.interval:
             raise ValueError(
-                f"health.timeout ({self.health.timeout:g}) must not exceed health.interval ({self.health.interval:g})"
+                f"health.timeout ({health.timeout:g}) must not exceed health.interval ({health.interval:g})"
             )
         return self
 
@@ -856,8 +854,8 @@ Status = Literal["healthy", "unhealthy", "unknown"]
 def _field(
     doc: str = "", *, default: Any = dataclasses.MISSING, shown: str | None = "", given: bool | str = False
 ) -> Any:
-    """A public :class:`Worker` field: :class:`WorkerOut` shows it at ``shown`` (its own name by default, None:
-    not at all); if ``given``, a :class:`Registration` sets it, read at that same path (or the one given)."""
+    """A public :class:`Worker` field: :class:`WorkerOut` shows it at ``shown`` (its own name by default, None: not
+    at all); if ``given``, a :class:`Registration` sets it, read at that same path (or the one given)."""
     return dataclasses.field(default=default, metadata={"doc": doc, "shown": shown, "given": given})
 
 
@@ -865,8 +863,8 @@ def _field(
 class Worker:
     """One registered worker. The registry hands out copies; mutate freely.
 
-    The one declaration of a worker's fields: :class:`WorkerOut` (the HTTP API's view), :func:`_out` (its
-    bodies), what a registration sets (:data:`_CONTENT`) and the copies all derive from it.
+    The one declaration of a worker's fields: :class:`WorkerOut`, :func:`_out` (the HTTP API's view and bodies),
+    what a registration sets (:data:`_CONTENT`) and the copies all derive from it.
     """
 
     id: str = _field("host:port, or [IPv6]:port")
@@ -926,26 +924,23 @@ class Worker:
         return Worker(*_fields_of(self))
 
 
-#: Worker attribute -> the path WorkerOut shows it at ("health.url": "url" under "health"), for each shown.
-_PUBLIC = [f for f in dataclasses.fields(Worker) if f.metadata]
-_SHOWN = {f.name: f.metadata["shown"] or f.name for f in _PUBLIC if f.metadata["shown"] is not None}
-#: All of a Worker's fields as a tuple, in order (a fast snapshot for copies).
-_fields_of = operator.attrgetter(*(f.name for f in dataclasses.fields(Worker)))
-#: What a registration says about a worker: each field and where a Registration holds it (the address aside: the
-#: supervisor finds it). The same again is a refresh, not a change.
-_GIVEN = {f.name: _SHOWN[f.name] if given is True else given for f in _PUBLIC if (given := f.metadata["given"])}
+_FIELDS = dataclasses.fields(Worker)
+_fields_of = operator.attrgetter(*(f.name for f in _FIELDS))  # every field, in order: a fast snapshot for copies
+#: Where WorkerOut shows each Worker attribute it shows ("health.url": ``url`` under ``health``).
+_SHOWN = {f.name: f.metadata["shown"] or f.name for f in _FIELDS if f.metadata.get("shown", None) is not None}
+#: What a registration says about a worker: each field, where a Registration holds it, and the address the supervisor
+#: found. The same again is a refresh, not a change.
+_GIVEN = {f.name: _SHOWN[f.name] if given is True else given for f in _FIELDS if (given := f.metadata.get("given"))}
 _CONTENT = (*_GIVEN, "address")
 _content_of, _given_in = operator.attrgetter(*_CONTENT), operator.attrgetter(*_GIVEN.values())
+_TOP = {path: name for name, path in _SHOWN.items() if "." not in path}
+_HEALTH = {path.removeprefix("health."): name for name, path in _SHOWN.items() if "." in path}
+_top_of, _health_of = operator.attrgetter(*_TOP.values()), operator.attrgetter(*_HEALTH.values())
 
 
 def _content(reg: Registration, address: str) -> tuple[Any, ...]:
     """The :data:`_CONTENT` of the entry that ``reg``, from ``address``, makes."""
     return (*(tuple(v) if isinstance(v, list) else v for v in _given_in(reg)), address)
-
-
-_TOP = {path: name for name, path in _SHOWN.items() if "." not in path}
-_HEALTH = {path.removeprefix("health."): name for name, path in _SHOWN.items() if path.startswith("health.")}
-_top_of, _health_of = operator.attrgetter(*_TOP.values()), operator.attrgetter(*_HEALTH.values())
 
 
 def _out(w: Worker) -> dict[str, Any]:
@@ -954,11 +949,11 @@ def _out(w: Worker) -> dict[str, Any]:
 
 
 def _shown_fields() -> dict[str, Any]:
-    """WorkerOut's fields, from Worker's: a tuple is shown as a list, the health check as a :class:`HealthSpec`."""
+    """WorkerOut's fields, from Worker's: the status as :data:`Status`, a tuple as a list, the check as a HealthSpec."""
     fields: dict[str, Any] = {}
-    hints = typing.get_type_hints(Worker)
+    hints = {**typing.get_type_hints(Worker), "status": Status}
     for key, name in _TOP.items():
-        hint = Status if key == "status" else hints[name]
+        hint = hints[name]
         hint = types.GenericAlias(list, typing.get_args(hint)[:1]) if typing.get_origin(hint) is tuple else hint
         fields[key] = (hint, Field(description=Worker.__dataclass_fields__[name].metadata["doc"] or None))
     return {**fields, "health": (HealthSpec, ...)}
@@ -976,15 +971,11 @@ class CheckResult(NamedTuple):
 
     ok: bool
     status_code: int | None = None
-    #: Seconds from the check's start to its answer's headers.
-    latency: float | None = None
+    latency: float | None = None  #: seconds from the check's start to its answer's headers
     error: str = ""
-    #: The supervisor itself could not check (out of descriptors, say): not the worker's failure.
-    postponed: bool = False
-    #: The worker process that answered (its ``X-PicoAPI-Instance`` header), if it said.
-    instance: str | None = None
-    #: Seconds the check started after it was due (beside ``latency``, which follows it).
-    late: float = 0.0
+    postponed: bool = False  #: the supervisor itself could not check (out of descriptors, say): not the worker's fault
+    instance: str | None = None  #: the worker process that answered (its ``X-PicoAPI-Instance`` header), if it said
+    late: float = 0.0  #: seconds the check started after it was due (``latency`` follows it)
 
 
 class StatusChange(NamedTuple):
@@ -993,18 +984,15 @@ class StatusChange(NamedTuple):
     old: str
     new: str
     removed: bool
-    #: The check's error as recorded (an answer from another process fails with its own words).
-    error: str = ""
+    error: str = ""  #: the check's error as recorded (an answer from another process fails with its own words)
 
 
 class Verdict(NamedTuple):
     """The status rules' answer for one check (see :func:`next_status`)."""
 
     status: str
-    #: Unhealthy for longer than ``deregister_after``: the worker goes.
-    removed: bool
-    #: Check again this soon (a change waiting for confirmation), or None: at the interval.
-    recheck: float | None
+    removed: bool  #: unhealthy for longer than ``deregister_after``: the worker goes
+    recheck: float | None  #: check again this soon (a change waiting for confirmation), or None: at the interval
 
 
 class _Check(NamedTuple):
@@ -1015,17 +1003,12 @@ class _Check(NamedTuple):
     address: str
     timeout: float
     due: float
-    #: Its last check succeeded: it may use every slot, others only half (see HealthChecker).
-    trusted: bool = False
-    #: Its next check is due this long after this one (whether its connection is worth keeping).
-    interval: float = 0.0
+    trusted: bool = False  # its last check succeeded: it may use every slot, others only half (see HealthChecker)
+    interval: float = 0.0  # the time to its next check (is its connection worth keeping?)
 
 
 class Registry:
-    """The supervisor's workers, their tag index and their check schedule.
-
-    Thread-safe: every method takes the one lock. Readers get copies.
-    """
+    """The supervisor's workers, their tag index and their check schedule. Thread-safe; readers get copies."""
 
     def __init__(
         self,
@@ -1037,71 +1020,58 @@ class Registry:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.max_workers = max_workers
-        self.failures = failures
-        self.successes = successes
-        self.deregister_after = deregister_after
-        #: The monotonic clock every due time is measured on.
-        self.clock = clock
-        self._wall = wall
+        self.max_workers, self.failures, self.successes = max_workers, failures, successes
+        self.deregister_after, self._wall = deregister_after, wall
+        self.clock = clock  #: the monotonic clock every due time is measured on
         #: Called, outside the lock, when the next check moved earlier (the checker sets it to wake its thread).
         self.wake: Callable[[], None] = lambda: None
-        # One lock guards _workers, _by_tag and _heap. Never do I/O under it.
-        # The heap's invariant: every registered worker has exactly one live entry, its
-        # next check, from registration to removal, whatever a check or its result does
-        # (pop_due schedules the next check before handing out the due one).
+        # One lock guards every attribute below. Never do I/O under it. The heap's invariant: every registered worker
+        # has exactly one live entry, its next check, from registration to removal, whatever a check or its result
+        # does (pop_due schedules the next check before handing out the due one).
         self._lock = threading.Lock()
         self._workers: dict[str, Worker] = {}
-        self._by_tag: dict[str, set[str]] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = itertools.count()
-        self._turns: dict[tuple[frozenset[str], str | None], int] = {}
-        self._stale = 0  # heap entries left behind by lazy cancellation
-        self.metrics = _Metrics()  # GET /metrics' counters, updated under _lock
+        self._by_tag: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
+        self._heap: list[tuple[float, int, str]] = []  # (due, a tie-breaker, worker id); live: the worker's _heap_seq
+        self._seq, self._stale = itertools.count(), 0  # _stale: entries left behind by lazy cancellation
+        self._turns: dict[tuple[frozenset[str], str | None], int] = {}  # pick()'s round-robin, per query
+        self.metrics = _Metrics()  # GET /metrics' counters
 
     # Registration ------------------------------------------------------------
 
     def register(self, reg: Registration, *, address: str | None = None) -> tuple[Worker, bool]:
         """Create, refresh or replace the entry for ``reg``; returns (a copy, created).
 
-        A new or changed entry is ``unknown`` and checked at once: nothing is handed
-        out before a good check. The same registration again (a worker's refresh, or
-        a sibling process serving the same port) changes nothing but adds its
-        instance. ``address`` is what the host resolved to (resolved here, blocking,
-        if not given). Raises :class:`RegistryFull` when a new worker would pass the
-        cap, ``ValueError`` naming the host when it does not resolve.
+        A new or changed entry is ``unknown`` and checked at once: nothing is handed out before a good check. The
+        same registration again (a refresh, or a sibling process serving the same port) only adds its instance.
+        ``address`` is what the host resolved to (resolved here, blocking, if not given). Raises
+        :class:`RegistryFull` past the cap, ``ValueError`` naming a host that does not resolve.
         """
         wid = worker_id(reg.host, reg.port)
-        if address is None:
-            address = _resolve(reg.host)
-        content = _content(reg, address)
+        content = _content(reg, _resolve(reg.host) if address is None else address)
         with self._lock:
-            entry = self._workers.get(wid)
+            now, entry = self.clock(), self._workers.get(wid)
+            if entry is None and len(self._workers) >= self.max_workers:
+                full = f"the registry is full ({self.max_workers} workers, API_MAX_WORKERS)"
+                raise RegistryFull(f"{full}; deregister workers or raise API_MAX_WORKERS")
             created = entry is None
             if entry is not None and _content_of(entry) == content:
                 if reg.instance and reg.instance not in entry.instances:  # the oldest are dropped
                     entry.instances = (*entry.instances, reg.instance)[-MAX_INSTANCES:]
                 # Restarted while not healthy, say: checked now, not an interval later (unless a check is under way
                 # or due already: a flood of refreshes makes no flood of checks).
-                now = self.clock()
                 idle = entry._busy_until <= now < entry._due
                 moved = entry.status != HEALTHY and idle and self._schedule(entry, now)
             else:
                 if entry is None:
-                    if len(self._workers) >= self.max_workers:
-                        raise RegistryFull(
-                            f"the registry is full ({self.max_workers} workers, API_MAX_WORKERS); "
-                            "deregister workers or raise API_MAX_WORKERS"
-                        )
                     entry = self._workers[wid] = Worker(wid, **dict(zip(_CONTENT, content, strict=True)))
                 self._index(entry, remove=True)
                 for field, value in zip(_CONTENT, content, strict=True):
                     setattr(entry, field, value)
                 entry.instances = (reg.instance,) if reg.instance else ()
                 entry.status, entry.failures, entry.successes, entry.suspect = UNKNOWN, 0, 0, False
-                entry.registered_at, entry._registered, entry._unhealthy_since = self._wall(), self.clock(), None
+                entry.registered_at, entry._registered, entry._unhealthy_since = self._wall(), now, None
                 self._index(entry)
-                moved = self._schedule(entry, self.clock())
+                moved = self._schedule(entry, now)
                 self.metrics.registrations += 1
             copy = entry.copy()
         if moved:
@@ -1129,20 +1099,15 @@ class Registry:
         del self._workers[entry.id]
         self.metrics.deregistrations += 1  # by a DELETE or after API_DEREGISTER_AFTER
         self._index(entry, remove=True)
-        if entry._heap_seq is not None:
-            self._stale += 1
+        self._stale += 1  # its one live heap entry
         self._compact()
 
     def _index(self, entry: Worker, *, remove: bool = False) -> None:
         for tag in entry.tags:
-            if remove:
-                ids = self._by_tag.get(tag)
-                if ids is not None:
-                    ids.discard(entry.id)
-                    if not ids:
-                        del self._by_tag[tag]
-            else:
-                self._by_tag.setdefault(tag, set()).add(entry.id)
+            ids = self._by_tag[tag]
+            (ids.discard if remove else ids.add)(entry.id)
+            if not ids:
+                del self._by_tag[tag]
 
     # Queries -------------------------------------------------------------------
 
@@ -1153,15 +1118,11 @@ class Registry:
             return entry.copy() if entry is not None else None
 
     def workers(
-        self,
-        *tags: str,
-        status: str | None = None,
-        name: str | None = None,
-        version: str | None = None,
+        self, *tags: str, status: str | None = None, name: str | None = None, version: str | None = None
     ) -> list[Worker]:
         """Copies of the workers that have every tag in ``tags`` and match the filters, by id."""
         with self._lock:
-            found = [self._workers[i] for i in self._tagged(tags)] if tags else list(self._workers.values())
+            found = [self._workers[i] for i in self._tagged(tags)] if tags else self._workers.values()
             # Only a C-level tuple per worker under the lock: big queries barely hold it.
             rows = [
                 _fields_of(w)
@@ -1174,9 +1135,10 @@ class Registry:
         return [Worker(*row) for row in rows]
 
     def _tagged(self, tags: Iterable[str]) -> Iterable[str]:
-        """The ids of the workers that have every tag (lock held)."""
-        sets = sorted((self._by_tag.get(tag, set()) for tag in set(tags)), key=len)
-        return sets[0].intersection(*sets[1:]) if sets[0] else ()
+        """The ids of the workers that have every tag, all if none (lock held)."""
+        if not tags:
+            return self._workers
+        return set.intersection(*sorted((self._by_tag.get(tag, set()) for tag in set(tags)), key=len))
 
     def __len__(self) -> int:
         with self._lock:
@@ -1187,25 +1149,23 @@ class Registry:
             return wid in self._workers
 
     def pick(self, tags: Sequence[str], version: str | None = None, exclude: Iterable[str] = ()) -> Worker:
-        """A copy of a healthy worker with every tag, taking turns (round-robin) per query.
+        """A copy of a ready worker with every tag, but none of ``exclude``, taking turns (round-robin) per query.
 
-        Skips suspects and ``exclude``. Raises :class:`NoWorkerAvailable`.
+        Raises :class:`NoWorkerAvailable`.
         """
-        key = (frozenset(tags), version)
-        skip = set(exclude)
+        skip, key = set(exclude), (frozenset(tags), version)
         with self._lock:
-            candidates = sorted(
+            ready = sorted(
                 wid
-                for wid in (self._tagged(tags) if tags else self._workers)
+                for wid in self._tagged(tags)
                 if wid not in skip and (w := self._workers[wid]).is_ready and (version is None or w.version == version)
             )
-            if not candidates:
+            if not ready:
                 raise NoWorkerAvailable(list(tags), version)
-            turn = self._turns.get(key, 0)
-            self._turns[key] = turn + 1
-            if len(self._turns) > 10_000:  # bounded: an odd query shape cannot grow it forever
+            if len(self._turns) >= 10_000:  # bounded: an odd query shape cannot grow it forever
                 self._turns.clear()
-            return self._workers[candidates[turn % len(candidates)]].copy()
+            turn = self._turns[key] = self._turns.get(key, -1) + 1
+            return self._workers[ready[turn % len(ready)]].copy()
 
     def mark_suspect(self, wid: str) -> None:
         """Passive health checking: skip ``wid`` in pick() and check it at once."""
@@ -1220,79 +1180,70 @@ class Registry:
 
     # The check schedule ---------------------------------------------------------
 
-    def _compact(self) -> None:
-        """Rebuild the heap from live entries once most of it is stale (lock held).
+    def _live(self, item: tuple[float, int, str]) -> Worker | None:
+        """The worker whose next check heap ``item`` is, or None: a stale item (lock held)."""
+        entry = self._workers.get(item[2])
+        return entry if entry is not None and entry._heap_seq == item[1] else None
 
-        Lazy cancellation keeps deregistration O(1); this keeps churn (workers coming
-        and going far faster than their interval) from growing the heap.
-        """
+    def _compact(self) -> None:
+        """Rebuild the heap once most of it is stale (lock held): lazy cancellation keeps removal O(1), this keeps
+        churn (workers coming and going far faster than their interval) from growing the heap."""
         if self._stale > 64 and self._stale * 2 > len(self._heap):
-            workers = self._workers
-            # In place: pop_due holds a reference to the list while it schedules.
-            self._heap[:] = [e for e in self._heap if (w := workers.get(e[2])) is not None and w._heap_seq == e[1]]
+            self._heap[:] = filter(self._live, self._heap)  # in place: pop_due holds the list while it schedules
             heapq.heapify(self._heap)
             self._stale = 0
 
     def _schedule(self, entry: Worker, due: float) -> bool:
-        """Push the entry's next check (lock held); the older heap entry goes stale.
-
-        Returns whether it is now the earliest check (the checker's wait must shorten).
-        """
+        """Push the entry's next check, its older one going stale (lock held); True if it is now the earliest."""
         if entry._heap_seq is not None:
             self._stale += 1
-        seq = next(self._seq)
-        entry._heap_seq, entry._due = seq, due
+        entry._heap_seq, entry._due = next(self._seq), due
         earliest = not self._heap or due < self._heap[0][0]
-        heapq.heappush(self._heap, (due, seq, entry.id))
+        heapq.heappush(self._heap, (due, entry._heap_seq, entry.id))
         self._compact()
         return earliest
 
     def next_due(self) -> float | None:
         """The due time of the earliest live check, or None."""
         with self._lock:
-            heap, workers = self._heap, self._workers
-            while heap:
-                _, seq, wid = heap[0]
-                entry = workers.get(wid)
-                if entry is not None and entry._heap_seq == seq:
-                    return heap[0][0]
-                heapq.heappop(heap)
+            while self._heap and not self._live(self._heap[0]):
+                heapq.heappop(self._heap)
                 self._stale -= 1
-            return None
+            return self._heap[0][0] if self._heap else None
 
     def pop_due(self, now: float) -> list[_Check]:
         """Take every check due at ``now``, scheduling each worker's next one at once.
 
-        The next check is one interval after this one's due time (the phase is kept),
-        whatever becomes of this one; :meth:`record` only ever brings it forward. A
-        worker whose previous check is still in flight is not checked twice at once.
+        The next check is one interval after this one's due time (the phase is kept), whatever becomes of this
+        one: :meth:`record` only ever brings it forward. A worker whose previous check is still in flight is not
+        checked twice at once.
         """
         due: list[_Check] = []
         with self._lock:
-            heap, workers = self._heap, self._workers
+            heap = self._heap
             while heap and heap[0][0] <= now:
-                when, seq, wid = heapq.heappop(heap)
-                entry = workers.get(wid)
-                if entry is None or entry._heap_seq != seq:
+                item = heapq.heappop(heap)
+                entry = self._live(item)
+                if entry is None:  # cancelled or moved: lazy cancellation
                     self._stale -= 1
-                    continue  # cancelled or moved: lazy cancellation
-                entry._heap_seq = None
-                following = when + entry.interval
+                    continue
+                entry._heap_seq, following = None, item[0] + entry.interval
                 self._schedule(entry, following if following > now else now + entry.interval)
                 if now < entry._busy_until:
                     continue
                 entry._busy_until = now + entry.timeout + 1.0  # a lost result frees it after this
                 trusted = entry.failures == 0 and entry.last_success is not None
-                check = _Check(wid, entry.health_url, entry.address, entry.timeout, when, trusted, entry.interval)
-                due.append(check)
+                due.append(
+                    _Check(entry.id, entry.health_url, entry.address, entry.timeout, item[0], trusted, entry.interval)
+                )
         return due
 
     def record(self, wid: str, result: CheckResult) -> StatusChange | None:
         """Apply a check's result: every result of every check lands here, and only here.
 
-        Returns a :class:`StatusChange` when the status changed or the worker was
-        removed (the rules are :func:`next_status`), else None. A postponed check (the
-        supervisor's own trouble) changes nothing but its time.
+        Returns a :class:`StatusChange` when the status changed or the worker was removed (the rules are
+        :func:`next_status`), else None. A postponed check (the supervisor's own trouble) changes nothing but its
+        time.
         """
         with self._lock:
             entry = self._workers.get(wid)
@@ -1306,12 +1257,8 @@ class Registry:
             if result.ok and entry.instances and result.instance not in entry.instances:
                 result = result._replace(ok=False, error=f"answered by a process that did not register {wid}")
             self.metrics.checked(result)
-            entry.last_check, entry.last_status_code, entry.last_latency = (
-                self._wall(),
-                result.status_code,
-                result.latency,
-            )
-            entry.last_error, entry.suspect = result.error[:MAX_ERROR], False
+            entry.last_check, entry.last_error, entry.suspect = self._wall(), result.error[:MAX_ERROR], False
+            entry.last_status_code, entry.last_latency = result.status_code, result.latency
             if result.ok:
                 entry.successes, entry.failures, entry.last_success = entry.successes + 1, 0, entry.last_check
             else:
@@ -1323,24 +1270,19 @@ class Registry:
                 self._remove(entry)
             elif verdict.recheck is not None and now + verdict.recheck < entry._due:
                 self._schedule(entry, now + verdict.recheck)
-            return (
-                StatusChange(old, verdict.status, verdict.removed, entry.last_error)
-                if verdict.status != old or verdict.removed
-                else None
-            )
+            if verdict.status == old and not verdict.removed:
+                return None
+            return StatusChange(old, verdict.status, verdict.removed, entry.last_error)
 
 
 def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict:
     """The status rules: a worker's status after a check, from the consecutive counts that include it.
 
-    ``unknown`` turns ``healthy`` on its first good check; ``healthy`` or ``unknown``
-    turn ``unhealthy`` after ``rules.failures`` failures in a row (``unknown`` only
-    once past its start-up grace); ``unhealthy`` turns ``healthy`` after
-    ``rules.successes`` good checks in a row, and is removed once it has been
-    unhealthy for ``rules.deregister_after``. A change waiting for confirmation is
-    re-checked at the confirm delay rather than a whole interval later; a new worker
-    whose server is not up yet is re-checked at the confirm delay, doubling each time, so a crowd of
-    registrations that never answer costs a few checks each.
+    ``unknown`` turns ``healthy`` on its first good check; ``healthy`` or ``unknown`` turn ``unhealthy`` after
+    ``rules.failures`` failures in a row (``unknown`` only past its start-up grace); ``unhealthy`` turns ``healthy``
+    after ``rules.successes`` good checks in a row, and is removed once unhealthy for ``rules.deregister_after``.
+    A change waiting for confirmation is re-checked at the confirm delay; a new worker not up yet too, the delay
+    doubling each time, so a crowd of registrations that never answer costs a few checks each.
     """
     status = entry.status
     starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
@@ -1366,11 +1308,10 @@ def confirm_delay(interval: float) -> float:
 class _Store:
     """The registrations on disk (sqlite3, WAL): one row written per PUT or DELETE.
 
-    Only registrations are stored, never check results, and nothing is written
-    from the check thread: a worker the checker removes is queued by :meth:`forget`
-    and deleted by the next write, or at :meth:`close`. The supervisor holds the
-    file exclusively while it runs, so a second one on the same file refuses to
-    start. Thread-safe through :attr:`lock`, taken before the registry's.
+    Only registrations are stored, never check results, and nothing is written from the check thread: a worker
+    the checker removes is queued by :meth:`forget` and deleted by the next write, or at :meth:`close`. The
+    supervisor holds the file exclusively while it runs, so a second one on the same file refuses to start.
+    Thread-safe through :attr:`lock`, taken before the registry's.
     """
 
     FORMAT = "picoapi-registry-1"
@@ -1378,23 +1319,20 @@ class _Store:
     def __init__(self, path: str, is_registered: Callable[[str], bool] = lambda wid: False) -> None:
         self.path, self._is_registered = path, is_registered
         self._gone: collections.deque[str] = collections.deque()  # appended by the check thread, no lock needed
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"API_REGISTRY_FILE {path!r} cannot be used as a registry file: {exc}") from exc
-        try:
-            self._open()
-        except (sqlite3.Error, ConfigError) as exc:
-            self._db.close()
-            if isinstance(exc, ConfigError):
-                raise
-            if "locked" in str(exc):
-                raise ConfigError(
-                    f"API_REGISTRY_FILE {path!r} is in use by another supervisor; give each supervisor its own file"
-                ) from exc
-            raise ConfigError(f"API_REGISTRY_FILE {path!r} cannot be used as a registry file: {exc}") from exc
         #: Serialises a registry change with its row, so the disk never goes back in time.
         self.lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
+            try:
+                self._open()
+            except BaseException:
+                self._db.close()
+                raise
+        except sqlite3.Error as exc:
+            why = f"cannot be used as a registry file: {exc}"
+            if "locked" in str(exc):
+                why = "is in use by another supervisor; give each supervisor its own file"
+            raise ConfigError(f"API_REGISTRY_FILE {path!r} {why}") from exc
 
     def _open(self) -> None:
         db = self._db
@@ -1404,27 +1342,24 @@ class _Store:
         db.execute("BEGIN IMMEDIATE")
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         columns = {row[1] for row in db.execute("PRAGMA table_info(workers)")}
-        if tables - {"workers", "meta"} or columns - {"id", "body", "address", "instances"}:
+        if tables - {"workers", "meta"} or columns not in (set(), {"id", "body", "address", "instances"}):
             raise ConfigError(
-                f"API_REGISTRY_FILE {self.path!r} is not a PicoAPI registry file (it has other tables or "
-                "columns); name a new file"
+                f"API_REGISTRY_FILE {self.path!r} is not a PicoAPI registry file (it has other tables or columns); "
+                "name a new file"
             )
         db.execute(
-            "CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL, "
-            "address TEXT NOT NULL DEFAULT '', instances TEXT NOT NULL DEFAULT '')"
+            "CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL, address TEXT NOT NULL, "
+            "instances TEXT NOT NULL)"
         )
-        for column in sorted({"address", "instances"} - columns) if columns else ():  # from an older version
-            db.execute(f"ALTER TABLE workers ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (self.FORMAT,))
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (uuid.uuid4().hex[:12],))
         db.execute("COMMIT")
 
     def load(self) -> list[tuple[Registration, str, list[str]]]:
         """Every stored registration with the address it was verified at (or "") and its processes."""
         regs = []
-        for wid, body, address, instances in self._db.execute(
-            "SELECT id, body, address, instances FROM workers"
-        ).fetchall():
+        for wid, body, address, instances in self._db.execute("SELECT id, body, address, instances FROM workers"):
             try:
                 regs.append((Registration.model_validate_json(body), str(address), str(instances).split()))
             except ValueError as exc:
@@ -1452,12 +1387,7 @@ class _Store:
 
     def identity(self) -> str:
         """The supervisor's id, kept across restarts so workers recognise its checks."""
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()
-        if row:
-            return str(row[0])
-        new = uuid.uuid4().hex[:12]
-        self._db.execute("INSERT INTO meta VALUES ('id', ?)", (new,))
-        return new
+        return str(self._db.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()[0])
 
     def close(self) -> None:
         with self.lock, contextlib.suppress(sqlite3.Error):
