@@ -1032,7 +1032,7 @@ class Registry:
         self._workers: dict[str, Worker] = {}
         self._by_tag: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
         self._heap: list[tuple[float, int, str]] = []  # (due, a tie-breaker, worker id); live: the worker's _heap_seq
-        self._seq, self._stale = itertools.count(), 0  # _stale: entries left behind by lazy cancellation
+        self._seq = itertools.count()
         self._turns: dict[tuple[frozenset[str], str | None], int] = {}  # pick()'s round-robin, per query
         self.metrics = _Metrics()  # GET /metrics' counters
 
@@ -1099,7 +1099,6 @@ class Registry:
         del self._workers[entry.id]
         self.metrics.deregistrations += 1  # by a DELETE or after API_DEREGISTER_AFTER
         self._index(entry, remove=True)
-        self._stale += 1  # its one live heap entry
         self._compact()
 
     def _index(self, entry: Worker, *, remove: bool = False) -> None:
@@ -1188,15 +1187,13 @@ class Registry:
     def _compact(self) -> None:
         """Rebuild the heap once most of it is stale (lock held): lazy cancellation keeps removal O(1), this keeps
         churn (workers coming and going far faster than their interval) from growing the heap."""
-        if self._stale > 64 and self._stale * 2 > len(self._heap):
+        stale = len(self._heap) - len(self._workers)  # by the invariant
+        if stale > 64 and stale * 2 > len(self._heap):
             self._heap[:] = filter(self._live, self._heap)  # in place: pop_due holds the list while it schedules
             heapq.heapify(self._heap)
-            self._stale = 0
 
     def _schedule(self, entry: Worker, due: float) -> bool:
         """Push the entry's next check, its older one going stale (lock held); True if it is now the earliest."""
-        if entry._heap_seq is not None:
-            self._stale += 1
         entry._heap_seq, entry._due = next(self._seq), due
         earliest = not self._heap or due < self._heap[0][0]
         heapq.heappush(self._heap, (due, entry._heap_seq, entry.id))
@@ -1208,34 +1205,27 @@ class Registry:
         with self._lock:
             while self._heap and not self._live(self._heap[0]):
                 heapq.heappop(self._heap)
-                self._stale -= 1
             return self._heap[0][0] if self._heap else None
 
     def pop_due(self, now: float) -> list[_Check]:
-        """Take every check due at ``now``, scheduling each worker's next one at once.
-
-        The next check is one interval after this one's due time (the phase is kept), whatever becomes of this
-        one: :meth:`record` only ever brings it forward. A worker whose previous check is still in flight is not
-        checked twice at once.
-        """
+        """Take every check due at ``now``, scheduling each worker's next one at once: one interval after this one's
+        due time (the phase is kept), whatever becomes of this one (:meth:`record` only ever brings it forward).
+        A worker whose previous check is still in flight is not checked twice at once."""
         due: list[_Check] = []
         with self._lock:
             heap = self._heap
             while heap and heap[0][0] <= now:
-                item = heapq.heappop(heap)
-                entry = self._live(item)
-                if entry is None:  # cancelled or moved: lazy cancellation
-                    self._stale -= 1
-                    continue
-                entry._heap_seq, following = None, item[0] + entry.interval
+                when, _, _ = item = heapq.heappop(heap)
+                if (entry := self._live(item)) is None:
+                    continue  # cancelled or moved: lazy cancellation
+                following = when + entry.interval
                 self._schedule(entry, following if following > now else now + entry.interval)
-                if now < entry._busy_until:
-                    continue
-                entry._busy_until = now + entry.timeout + 1.0  # a lost result frees it after this
-                trusted = entry.failures == 0 and entry.last_success is not None
-                due.append(
-                    _Check(entry.id, entry.health_url, entry.address, entry.timeout, item[0], trusted, entry.interval)
-                )
+                if entry._busy_until <= now:
+                    entry._busy_until = now + entry.timeout + 1.0  # a lost result frees it after this
+                    trusted = entry.failures == 0 and entry.last_success is not None
+                    due.append(
+                        _Check(entry.id, entry.health_url, entry.address, entry.timeout, when, trusted, entry.interval)
+                    )
         return due
 
     def record(self, wid: str, result: CheckResult) -> StatusChange | None:
