@@ -861,11 +861,8 @@ def _field(
 
 @dataclasses.dataclass(slots=True)
 class Worker:
-    """One registered worker. The registry hands out copies; mutate freely.
-
-    The one declaration of a worker's fields: :class:`WorkerOut`, :func:`_out` (the HTTP API's view and bodies),
-    what a registration sets (:data:`_CONTENT`) and the copies all derive from it.
-    """
+    """One registered worker; the registry hands out copies. The one declaration of a worker's fields:
+    :class:`WorkerOut`, :func:`_out`, what a registration sets (:data:`_CONTENT`) and the copies derive from it."""
 
     id: str = _field("host:port, or [IPv6]:port")
     name: str = _field(given=True)
@@ -878,12 +875,8 @@ class Worker:
     interval: float = _field(shown="health.interval", given=True)
     timeout: float = _field("the check's total deadline in seconds", shown="health.timeout", given="health.deadline")
     openapi: str | None = _field("its OpenAPI path, if it sent one", default=None, given=True)
-    address: str = _field(
-        "what the host resolved to at registration: checks connect here, never resolving again", default=""
-    )
-    instances: tuple[str, ...] = _field(
-        "the processes that registered it (several serve one port under uvicorn --workers)", default=(), shown=None
-    )
+    address: str = _field("what the host resolved to when it registered: checks connect here", default="")
+    instances: tuple[str, ...] = _field("the processes that registered it (uvicorn --workers)", default=(), shown=None)
     status: str = _field("healthy, unhealthy or unknown", default=HEALTHY)
     suspect: bool = _field("a call to it failed to connect: pick() skips it until its next check", default=False)
     registered_at: float = _field("Unix seconds, as every time below", default=0.0)
@@ -895,7 +888,7 @@ class Worker:
     last_latency: float | None = _field("seconds", default=None)
     last_error: str = _field(default="")
     # The scheduler's bookkeeping (monotonic times); not part of the public view.
-    _heap_seq: int | None = dataclasses.field(default=None, repr=False)
+    _heap_seq: int | None = dataclasses.field(default=None, repr=False)  # its live heap entry's
     _due: float = dataclasses.field(default=0.0, repr=False)
     _busy_until: float = dataclasses.field(default=0.0, repr=False)  # a check of it is in flight until then
     _registered: float = dataclasses.field(default=0.0, repr=False)
@@ -907,9 +900,8 @@ class Worker:
         return f"{urlsplit(self.health_url).scheme}://{self.id}"
 
     def _request(self, path: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """(URL, requests keywords) for ``path`` on this worker: at the address verified when it registered,
-        so its name is not resolved again (no DNS rebinding), under its own name in ``Host``. Over https the
-        name is kept: the certificate is checked against it."""
+        """(URL, requests keywords) for ``path`` on this worker, at the address verified when it registered (no DNS
+        rebinding) under its own name in ``Host``; over https at its name, which the certificate must match."""
         if not self.address or self.url.startswith("https:"):
             return self.url + path, kwargs
         headers = {"Host": self.id, **(kwargs.get("headers") or {})}
@@ -928,14 +920,13 @@ _FIELDS = dataclasses.fields(Worker)
 _fields_of = operator.attrgetter(*(f.name for f in _FIELDS))  # every field, in order: a fast snapshot for copies
 #: Where WorkerOut shows each Worker attribute it shows ("health.url": ``url`` under ``health``).
 _SHOWN = {f.name: f.metadata["shown"] or f.name for f in _FIELDS if f.metadata.get("shown", None) is not None}
-#: What a registration says about a worker: each field, where a Registration holds it, and the address the supervisor
-#: found. The same again is a refresh, not a change.
-_GIVEN = {f.name: _SHOWN[f.name] if given is True else given for f in _FIELDS if (given := f.metadata.get("given"))}
-_CONTENT = (*_GIVEN, "address")
-_content_of, _given_in = operator.attrgetter(*_CONTENT), operator.attrgetter(*_GIVEN.values())
 _TOP = {path: name for name, path in _SHOWN.items() if "." not in path}
 _HEALTH = {path.removeprefix("health."): name for name, path in _SHOWN.items() if "." in path}
 _top_of, _health_of = operator.attrgetter(*_TOP.values()), operator.attrgetter(*_HEALTH.values())
+#: What a registration says: each field it sets, where a Registration holds it; the same again is a refresh.
+_GIVEN = {f.name: _SHOWN[f.name] if given is True else given for f in _FIELDS if (given := f.metadata.get("given"))}
+_CONTENT = (*_GIVEN, "address")  # and the address the supervisor verified
+_content_of, _given_in = operator.attrgetter(*_CONTENT), operator.attrgetter(*_GIVEN.values())
 
 
 def _content(reg: Registration, address: str) -> tuple[Any, ...]:
@@ -1031,18 +1022,16 @@ class Registry:
         self._lock = threading.Lock()
         self._workers: dict[str, Worker] = {}
         self._by_tag: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
-        self._heap: list[tuple[float, int, str]] = []  # (due, a tie-breaker, worker id); live: the worker's _heap_seq
+        self._heap: list[tuple[float, int, str]] = []  # (due, tie-breaker, worker id); live: the worker's _heap_seq
         self._seq = itertools.count()
         self._turns: dict[tuple[frozenset[str], str | None], int] = {}  # pick()'s round-robin, per query
         self.metrics = _Metrics()  # GET /metrics' counters
-
-    # Registration ------------------------------------------------------------
 
     def register(self, reg: Registration, *, address: str | None = None) -> tuple[Worker, bool]:
         """Create, refresh or replace the entry for ``reg``; returns (a copy, created).
 
         A new or changed entry is ``unknown`` and checked at once: nothing is handed out before a good check. The
-        same registration again (a refresh, or a sibling process serving the same port) only adds its instance.
+        same registration again (a refresh, or a sibling process on the same port) only adds its instance.
         ``address`` is what the host resolved to (resolved here, blocking, if not given). Raises
         :class:`RegistryFull` past the cap, ``ValueError`` naming a host that does not resolve.
         """
@@ -1059,8 +1048,7 @@ class Registry:
                     entry.instances = (*entry.instances, reg.instance)[-MAX_INSTANCES:]
                 # Restarted while not healthy, say: checked now, not an interval later (unless a check is under way
                 # or due already: a flood of refreshes makes no flood of checks).
-                idle = entry._busy_until <= now < entry._due
-                moved = entry.status != HEALTHY and idle and self._schedule(entry, now)
+                moved = entry.status != HEALTHY and entry._busy_until <= now < entry._due and self._schedule(entry, now)
             else:
                 if entry is None:
                     entry = self._workers[wid] = Worker(wid, **dict(zip(_CONTENT, content, strict=True)))
@@ -1096,10 +1084,9 @@ class Registry:
             return entry is not None
 
     def _remove(self, entry: Worker) -> None:
-        del self._workers[entry.id]
-        self.metrics.deregistrations += 1  # by a DELETE or after API_DEREGISTER_AFTER
+        del self._workers[entry.id]  # its heap entry goes stale: lazy cancellation
         self._index(entry, remove=True)
-        self._compact()
+        self.metrics.deregistrations += 1  # by a DELETE or after API_DEREGISTER_AFTER
 
     def _index(self, entry: Worker, *, remove: bool = False) -> None:
         for tag in entry.tags:
@@ -1116,29 +1103,6 @@ class Registry:
             entry = self._workers.get(wid)
             return entry.copy() if entry is not None else None
 
-    def workers(
-        self, *tags: str, status: str | None = None, name: str | None = None, version: str | None = None
-    ) -> list[Worker]:
-        """Copies of the workers that have every tag in ``tags`` and match the filters, by id."""
-        with self._lock:
-            found = [self._workers[i] for i in self._tagged(tags)] if tags else self._workers.values()
-            # Only a C-level tuple per worker under the lock: big queries barely hold it.
-            rows = [
-                _fields_of(w)
-                for w in found
-                if (status is None or w.status == status)
-                and (name is None or w.name == name)
-                and (version is None or w.version == version)
-            ]
-        rows.sort(key=lambda row: row[0])
-        return [Worker(*row) for row in rows]
-
-    def _tagged(self, tags: Iterable[str]) -> Iterable[str]:
-        """The ids of the workers that have every tag, all if none (lock held)."""
-        if not tags:
-            return self._workers
-        return set.intersection(*sorted((self._by_tag.get(tag, set()) for tag in set(tags)), key=len))
-
     def __len__(self) -> int:
         with self._lock:
             return len(self._workers)
@@ -1147,17 +1111,23 @@ class Registry:
         with self._lock:
             return wid in self._workers
 
+    def workers(
+        self, *tags: str, status: str | None = None, name: str | None = None, version: str | None = None
+    ) -> list[Worker]:
+        """Copies of the workers that have every tag in ``tags`` and match the filters, by id."""
+        with self._lock:  # only a C-level tuple per worker under it: big queries barely hold it
+            rows = sorted(map(_fields_of, self._matching(tags, status, name, version)))
+        return [Worker(*row) for row in rows]
+
     def pick(self, tags: Sequence[str], version: str | None = None, exclude: Iterable[str] = ()) -> Worker:
-        """A copy of a ready worker with every tag, but none of ``exclude``, taking turns (round-robin) per query.
+        """A copy of a ready worker with every tag, none of ``exclude``, taking turns (round-robin) per query.
 
         Raises :class:`NoWorkerAvailable`.
         """
         skip, key = set(exclude), (frozenset(tags), version)
         with self._lock:
             ready = sorted(
-                wid
-                for wid in self._tagged(tags)
-                if wid not in skip and (w := self._workers[wid]).is_ready and (version is None or w.version == version)
+                w.id for w in self._matching(tags, HEALTHY, None, version) if w.is_ready and w.id not in skip
             )
             if not ready:
                 raise NoWorkerAvailable(list(tags), version)
@@ -1166,14 +1136,25 @@ class Registry:
             turn = self._turns[key] = self._turns.get(key, -1) + 1
             return self._workers[ready[turn % len(ready)]].copy()
 
+    def _matching(self, tags: Sequence[str], status: str | None, name: str | None, version: str | None) -> list[Worker]:
+        """The workers with every tag and the given status, name and version (None: any); lock held."""
+        if tags:  # the smallest set first: the intersection walks it
+            ids = set.intersection(*sorted((self._by_tag.get(tag, set()) for tag in set(tags)), key=len))
+        return [
+            w
+            for w in (map(self._workers.__getitem__, ids) if tags else self._workers.values())
+            if (status is None or w.status == status)
+            and (name is None or w.name == name)
+            and (version is None or w.version == version)
+        ]
+
     def mark_suspect(self, wid: str) -> None:
         """Passive health checking: skip ``wid`` in pick() and check it at once."""
         with self._lock:
             entry = self._workers.get(wid)
-            if entry is None:
-                return
-            entry.suspect = True
-            moved = self._schedule(entry, self.clock())
+            if entry is not None:
+                entry.suspect = True
+            moved = entry is not None and self._schedule(entry, self.clock())
         if moved:
             self.wake()
 
@@ -1184,20 +1165,19 @@ class Registry:
         entry = self._workers.get(item[2])
         return entry if entry is not None and entry._heap_seq == item[1] else None
 
-    def _compact(self) -> None:
-        """Rebuild the heap once most of it is stale (lock held): lazy cancellation keeps removal O(1), this keeps
-        churn (workers coming and going far faster than their interval) from growing the heap."""
+    def _schedule(self, entry: Worker, due: float) -> bool:
+        """Push the entry's next check, its older one going stale (lock held); True if it is now the earliest.
+
+        Stale entries are skipped when popped, and the heap rebuilt once most of it is stale, so churn (workers
+        coming and going faster than their interval) cannot grow it.
+        """
+        entry._heap_seq, entry._due = next(self._seq), due
+        earliest = not self._heap or due < self._heap[0][0]
+        heapq.heappush(self._heap, (due, entry._heap_seq, entry.id))
         stale = len(self._heap) - len(self._workers)  # by the invariant
         if stale > 64 and stale * 2 > len(self._heap):
             self._heap[:] = filter(self._live, self._heap)  # in place: pop_due holds the list while it schedules
             heapq.heapify(self._heap)
-
-    def _schedule(self, entry: Worker, due: float) -> bool:
-        """Push the entry's next check, its older one going stale (lock held); True if it is now the earliest."""
-        entry._heap_seq, entry._due = next(self._seq), due
-        earliest = not self._heap or due < self._heap[0][0]
-        heapq.heappush(self._heap, (due, entry._heap_seq, entry.id))
-        self._compact()
         return earliest
 
     def next_due(self) -> float | None:
@@ -1217,7 +1197,7 @@ class Registry:
             while heap and heap[0][0] <= now:
                 when, _, _ = item = heapq.heappop(heap)
                 if (entry := self._live(item)) is None:
-                    continue  # cancelled or moved: lazy cancellation
+                    continue
                 following = when + entry.interval
                 self._schedule(entry, following if following > now else now + entry.interval)
                 if entry._busy_until <= now:
@@ -1229,12 +1209,9 @@ class Registry:
         return due
 
     def record(self, wid: str, result: CheckResult) -> StatusChange | None:
-        """Apply a check's result: every result of every check lands here, and only here.
-
-        Returns a :class:`StatusChange` when the status changed or the worker was removed (the rules are
-        :func:`next_status`), else None. A postponed check (the supervisor's own trouble) changes nothing but its
-        time.
-        """
+        """Apply a check's result: every result of every check lands here, and only here. Returns a
+        :class:`StatusChange` if the status changed or the worker was removed (:func:`next_status` decides), else
+        None. A postponed check (the supervisor's own trouble) changes nothing but its time."""
         with self._lock:
             entry = self._workers.get(wid)
             if entry is None:
@@ -1298,23 +1275,21 @@ def confirm_delay(interval: float) -> float:
 class _Store:
     """The registrations on disk (sqlite3, WAL): one row written per PUT or DELETE.
 
-    Only registrations are stored, never check results, and nothing is written from the check thread: a worker
-    the checker removes is queued by :meth:`forget` and deleted by the next write, or at :meth:`close`. The
-    supervisor holds the file exclusively while it runs, so a second one on the same file refuses to start.
-    Thread-safe through :attr:`lock`, taken before the registry's.
+    Never check results, and nothing from the check thread: a worker the checker removes is queued by
+    :meth:`forget` and deleted by the next write, or at :meth:`close`. The file is held exclusively while the
+    supervisor runs: a second one on it refuses to start. Thread-safe through :attr:`lock`, taken before the
+    registry's.
     """
 
-    FORMAT = "picoapi-registry-1"
-
     def __init__(self, path: str, is_registered: Callable[[str], bool] = lambda wid: False) -> None:
-        self.path, self._is_registered = path, is_registered
+        self._is_registered = is_registered
         self._gone: collections.deque[str] = collections.deque()  # appended by the check thread, no lock needed
         #: Serialises a registry change with its row, so the disk never goes back in time.
         self.lock = threading.Lock()
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
             try:
-                self._open()
+                self._open(path)
             except BaseException:
                 self._db.close()
                 raise
@@ -1324,17 +1299,16 @@ class _Store:
                 why = "is in use by another supervisor; give each supervisor its own file"
             raise ConfigError(f"API_REGISTRY_FILE {path!r} {why}") from exc
 
-    def _open(self) -> None:
+    def _open(self, path: str) -> None:
         db = self._db
-        db.execute("PRAGMA locking_mode=EXCLUSIVE")  # held from the first write until close()
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        for pragma in ("locking_mode=EXCLUSIVE", "journal_mode=WAL", "synchronous=NORMAL"):  # locked until close()
+            db.execute(f"PRAGMA {pragma}")
         db.execute("BEGIN IMMEDIATE")
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         columns = {row[1] for row in db.execute("PRAGMA table_info(workers)")}
         if tables - {"workers", "meta"} or columns not in (set(), {"id", "body", "address", "instances"}):
             raise ConfigError(
-                f"API_REGISTRY_FILE {self.path!r} is not a PicoAPI registry file (it has other tables or columns); "
+                f"API_REGISTRY_FILE {path!r} is not a PicoAPI registry file (it has other tables or columns); "
                 "name a new file"
             )
         db.execute(
@@ -1342,8 +1316,8 @@ class _Store:
             "instances TEXT NOT NULL)"
         )
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (self.FORMAT,))
-        db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (uuid.uuid4().hex[:12],))
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('format', 'picoapi-registry-1')")
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (uuid.uuid4().hex[:12],))  # see identity()
         db.execute("COMMIT")
 
     def load(self) -> list[tuple[Registration, str, list[str]]]:
