@@ -851,9 +851,7 @@ class Registration(BaseModel):
 Status = Literal["healthy", "unhealthy", "unknown"]
 
 
-def _field(
-    doc: str = "", *, default: Any = dataclasses.MISSING, shown: str | None = "", given: bool | str = False
-) -> Any:
+def _field(doc: str = "", default: Any = dataclasses.MISSING, shown: str | None = "", given: bool | str = False) -> Any:
     """A public :class:`Worker` field: :class:`WorkerOut` shows it at ``shown`` (its own name by default, None: not
     at all); if ``given``, a :class:`Registration` sets it, read at that same path (or the one given)."""
     return dataclasses.field(default=default, metadata={"doc": doc, "shown": shown, "given": given})
@@ -1028,13 +1026,9 @@ class Registry:
         self.metrics = _Metrics()  # GET /metrics' counters
 
     def register(self, reg: Registration, *, address: str | None = None) -> tuple[Worker, bool]:
-        """Create, refresh or replace the entry for ``reg``; returns (a copy, created).
-
-        A new or changed entry is ``unknown`` and checked at once: nothing is handed out before a good check. The
-        same registration again (a refresh, or a sibling process on the same port) only adds its instance.
-        ``address`` is what the host resolved to (resolved here, blocking, if not given). Raises
-        :class:`RegistryFull` past the cap, ``ValueError`` naming a host that does not resolve.
-        """
+        """Create, refresh or replace the entry for ``reg`` from ``address`` (resolved here if not given); returns
+        (a copy, created). A new or changed entry is ``unknown`` and checked at once; the same registration again
+        (a refresh, or a sibling process) adds its instance. Raises :class:`RegistryFull`, or ValueError (host)."""
         wid = worker_id(reg.host, reg.port)
         content = _content(reg, _resolve(reg.host) if address is None else address)
         with self._lock:
@@ -1095,13 +1089,10 @@ class Registry:
             if not ids:
                 del self._by_tag[tag]
 
-    # Queries -------------------------------------------------------------------
-
     def get(self, wid: str) -> Worker | None:
         """A copy of the worker ``wid``, or None."""
         with self._lock:
-            entry = self._workers.get(wid)
-            return entry.copy() if entry is not None else None
+            return None if (entry := self._workers.get(wid)) is None else entry.copy()
 
     def __len__(self) -> int:
         with self._lock:
@@ -1120,10 +1111,7 @@ class Registry:
         return [Worker(*row) for row in rows]
 
     def pick(self, tags: Sequence[str], version: str | None = None, exclude: Iterable[str] = ()) -> Worker:
-        """A copy of a ready worker with every tag, none of ``exclude``, taking turns (round-robin) per query.
-
-        Raises :class:`NoWorkerAvailable`.
-        """
+        """A copy of a ready worker with every tag, not in ``exclude``, taking turns per query; or NoWorkerAvailable."""
         skip, key = set(exclude), (frozenset(tags), version)
         with self._lock:
             ready = sorted(
@@ -1158,19 +1146,14 @@ class Registry:
         if moved:
             self.wake()
 
-    # The check schedule ---------------------------------------------------------
-
     def _live(self, item: tuple[float, int, str]) -> Worker | None:
         """The worker whose next check heap ``item`` is, or None: a stale item (lock held)."""
         entry = self._workers.get(item[2])
         return entry if entry is not None and entry._heap_seq == item[1] else None
 
     def _schedule(self, entry: Worker, due: float) -> bool:
-        """Push the entry's next check, its older one going stale (lock held); True if it is now the earliest.
-
-        Stale entries are skipped when popped, and the heap rebuilt once most of it is stale, so churn (workers
-        coming and going faster than their interval) cannot grow it.
-        """
+        """Push the entry's next check, its older one going stale (lock held); True if it is now the earliest. Once
+        most of the heap is stale it is rebuilt, so churn (workers coming and going fast) cannot grow it."""
         entry._heap_seq, entry._due = next(self._seq), due
         earliest = not self._heap or due < self._heap[0][0]
         heapq.heappush(self._heap, (due, entry._heap_seq, entry.id))
@@ -1245,11 +1228,10 @@ class Registry:
 def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict:
     """The status rules: a worker's status after a check, from the consecutive counts that include it.
 
-    ``unknown`` turns ``healthy`` on its first good check; ``healthy`` or ``unknown`` turn ``unhealthy`` after
-    ``rules.failures`` failures in a row (``unknown`` only past its start-up grace); ``unhealthy`` turns ``healthy``
-    after ``rules.successes`` good checks in a row, and is removed once unhealthy for ``rules.deregister_after``.
-    A change waiting for confirmation is re-checked at the confirm delay; a new worker not up yet too, the delay
-    doubling each time, so a crowd of registrations that never answer costs a few checks each.
+    ``unknown`` turns ``healthy`` on a good check; ``healthy`` or ``unknown`` (past its start-up grace) turn
+    ``unhealthy`` after ``rules.failures`` failures in a row, ``unhealthy`` turns ``healthy`` after ``rules.successes``
+    good checks, and goes once unhealthy for ``rules.deregister_after``. A change waiting for confirmation is checked
+    again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd).
     """
     status = entry.status
     starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
@@ -1273,13 +1255,9 @@ def confirm_delay(interval: float) -> float:
 
 
 class _Store:
-    """The registrations on disk (sqlite3, WAL): one row written per PUT or DELETE.
-
-    Never check results, and nothing from the check thread: a worker the checker removes is queued by
-    :meth:`forget` and deleted by the next write, or at :meth:`close`. The file is held exclusively while the
-    supervisor runs: a second one on it refuses to start. Thread-safe through :attr:`lock`, taken before the
-    registry's.
-    """
+    """The registrations on disk (sqlite3, WAL): one row per PUT or DELETE, never a check result, never written
+    from the check thread (:meth:`forget` queues a removal for the next write). Held exclusively: a second
+    supervisor on the file refuses to start. Thread-safe through :attr:`lock`, taken before the registry's."""
 
     def __init__(self, path: str, is_registered: Callable[[str], bool] = lambda wid: False) -> None:
         self._is_registered = is_registered
