@@ -830,20 +830,19 @@ class Registration(BaseModel):
 
     @model_validator(mode="after")
     def _health_is_own(self) -> Registration:
-        health, parts = self.health, urlsplit(self.health.url)
+        url, timeout, interval = self.health.url, self.health.timeout, self.health.interval
+        parts = urlsplit(url)
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            raise ValueError(f"health.url has a bad port: {health.url!r}") from None
+            raise ValueError(f"health.url has a bad port: {url!r}") from None
         if (parts.hostname or "").lower() != self.host or port != self.port:
             own = f"{self.host}:{self.port}"
-            raise ValueError(f"health.url must point at the registrant's own host and port ({own}), got {health.url!r}")
+            raise ValueError(f"health.url must point at the registrant's own host and port ({own}), got {url!r}")
         if parts.username or parts.password:
             raise ValueError("health.url must not carry credentials")
-        if health.timeout is not None and health.timeout > health.interval:
-            raise ValueError(
-                f"health.timeout ({health.timeout:g}) must not exceed health.interval ({health.interval:g})"
-            )
+        if timeout is not None and timeout > interval:
+            raise ValueError(f"health.timeout ({timeout:g}) must not exceed health.interval ({interval:g})")
         return self
 
 
@@ -1114,9 +1113,7 @@ class Registry:
         """A copy of a ready worker with every tag, not in ``exclude``, taking turns per query; or NoWorkerAvailable."""
         skip, key = set(exclude), (frozenset(tags), version)
         with self._lock:
-            ready = sorted(
-                w.id for w in self._matching(tags, HEALTHY, None, version) if w.is_ready and w.id not in skip
-            )
+            ready = sorted(w.id for w in self._matching(tags, None, None, version) if w.is_ready and w.id not in skip)
             if not ready:
                 raise NoWorkerAvailable(list(tags), version)
             if len(self._turns) >= 10_000:  # bounded: an odd query shape cannot grow it forever
@@ -1179,16 +1176,14 @@ class Registry:
             heap = self._heap
             while heap and heap[0][0] <= now:
                 when, _, _ = item = heapq.heappop(heap)
-                if (entry := self._live(item)) is None:
-                    continue
-                following = when + entry.interval
-                self._schedule(entry, following if following > now else now + entry.interval)
-                if entry._busy_until <= now:
-                    entry._busy_until = now + entry.timeout + 1.0  # a lost result frees it after this
-                    trusted = entry.failures == 0 and entry.last_success is not None
-                    due.append(
-                        _Check(entry.id, entry.health_url, entry.address, entry.timeout, when, trusted, entry.interval)
-                    )
+                if (w := self._live(item)) is None:
+                    continue  # cancelled or moved: lazy cancellation
+                following = when + w.interval
+                self._schedule(w, following if following > now else now + w.interval)
+                if w._busy_until <= now:
+                    w._busy_until = now + w.timeout + 1.0  # a lost result frees it after this
+                    trusted = w.failures == 0 and w.last_success is not None
+                    due.append(_Check(w.id, w.health_url, w.address, w.timeout, when, trusted, w.interval))
         return due
 
     def record(self, wid: str, result: CheckResult) -> StatusChange | None:
