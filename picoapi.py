@@ -790,6 +790,8 @@ _Text = Annotated[str, _VISIBLE]
 _TagList = Annotated[
     list[str], AfterValidator(lambda tags: list(dict.fromkeys(_check_tag("each tag", t) for t in tags)))
 ]
+#: A worker's status, as the HTTP API declares it.
+Status = Literal["healthy", "unhealthy", "unknown"]
 
 
 class HealthSpec(BaseModel):
@@ -844,10 +846,6 @@ class Registration(BaseModel):
         if timeout is not None and timeout > interval:
             raise ValueError(f"health.timeout ({timeout:g}) must not exceed health.interval ({interval:g})")
         return self
-
-
-#: A worker's status, as the HTTP API declares it.
-Status = Literal["healthy", "unhealthy", "unknown"]
 
 
 def _field(doc: str = "", default: Any = dataclasses.MISSING, shown: str | None = "", given: bool | str = False) -> Any:
@@ -1062,8 +1060,7 @@ class Registry:
     def forget_instance(self, wid: str, instance: str) -> tuple[str, ...]:
         """Drop a process from ``wid``'s instances (it is stopping); returns those left."""
         with self._lock:
-            entry = self._workers.get(wid)
-            if entry is None:
+            if (entry := self._workers.get(wid)) is None:
                 return ()
             entry.instances = tuple(i for i in entry.instances if i != instance)
             return entry.instances
@@ -1071,8 +1068,7 @@ class Registry:
     def deregister(self, wid: str) -> bool:
         """Remove a worker; its pending check is dropped lazily. False if unknown."""
         with self._lock:
-            entry = self._workers.get(wid)
-            if entry is not None:
+            if (entry := self._workers.get(wid)) is not None:
                 self._remove(entry)
             return entry is not None
 
@@ -1136,10 +1132,10 @@ class Registry:
     def mark_suspect(self, wid: str) -> None:
         """Passive health checking: skip ``wid`` in pick() and check it at once."""
         with self._lock:
-            entry = self._workers.get(wid)
-            if entry is not None:
-                entry.suspect = True
-            moved = entry is not None and self._schedule(entry, self.clock())
+            if (entry := self._workers.get(wid)) is None:
+                return
+            entry.suspect = True
+            moved = self._schedule(entry, self.clock())
         if moved:
             self.wake()
 
@@ -1191,8 +1187,7 @@ class Registry:
         :class:`StatusChange` if the status changed or the worker was removed (:func:`next_status` decides), else
         None. A postponed check (the supervisor's own trouble) changes nothing but its time."""
         with self._lock:
-            entry = self._workers.get(wid)
-            if entry is None:
+            if (entry := self._workers.get(wid)) is None:
                 return None  # deregistered while the check ran
             now, old = self.clock(), entry.status
             entry._busy_until = 0.0
@@ -1208,16 +1203,14 @@ class Registry:
                 entry.successes, entry.failures, entry.last_success = entry.successes + 1, 0, entry.last_check
             else:
                 entry.failures, entry.successes = entry.failures + 1, 0
-            verdict = next_status(entry, result.ok, now, self)
-            if verdict.status != old:
-                entry.status, entry._unhealthy_since = verdict.status, now if verdict.status == UNHEALTHY else None
-            if verdict.removed:
+            new, removed, recheck = next_status(entry, result.ok, now, self)
+            if new != old:
+                entry.status, entry._unhealthy_since = new, now if new == UNHEALTHY else None
+            if removed:
                 self._remove(entry)
-            elif verdict.recheck is not None and now + verdict.recheck < entry._due:
-                self._schedule(entry, now + verdict.recheck)
-            if verdict.status == old and not verdict.removed:
-                return None
-            return StatusChange(old, verdict.status, verdict.removed, entry.last_error)
+            elif recheck is not None and now + recheck < entry._due:
+                self._schedule(entry, now + recheck)
+            return StatusChange(old, new, removed, entry.last_error) if new != old or removed else None
 
 
 def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict:
