@@ -1011,9 +1011,9 @@ class Registry:
         self.clock = clock  #: the monotonic clock every due time is measured on
         #: Called, outside the lock, when the next check moved earlier (the checker sets it to wake its thread).
         self.wake: Callable[[], None] = lambda: None
-        # One lock guards every attribute below. Never do I/O under it. The heap's invariant: every registered worker
-        # has exactly one live entry, its next check, from registration to removal, whatever a check or its result
-        # does (pop_due schedules the next check before handing out the due one).
+        # One lock guards every attribute below; never do I/O under it. The heap's invariant: every registered worker
+        # has exactly one live entry, its next check, whatever a check or its result does (from registration to
+        # removal: pop_due schedules the next check before handing out the due one).
         self._lock = threading.Lock()
         self._workers: dict[str, Worker] = {}
         self._by_tag: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
@@ -1219,8 +1219,7 @@ def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict
     ``unknown`` turns ``healthy`` on a good check; ``healthy`` or ``unknown`` (past its start-up grace) turn
     ``unhealthy`` after ``rules.failures`` failures in a row, ``unhealthy`` turns ``healthy`` after ``rules.successes``
     good checks, and goes once unhealthy for ``rules.deregister_after``. A change waiting for confirmation is checked
-    again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd).
-    """
+    again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd)."""
     status = entry.status
     starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
     if ok:
@@ -1250,8 +1249,7 @@ class _Store:
     def __init__(self, path: str, is_registered: Callable[[str], bool] = lambda wid: False) -> None:
         self._is_registered = is_registered
         self._gone: collections.deque[str] = collections.deque()  # appended by the check thread, no lock needed
-        #: Serialises a registry change with its row, so the disk never goes back in time.
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  #: serialises a registry change with its row: the disk never goes back in time
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
             try:
