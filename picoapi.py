@@ -1023,9 +1023,9 @@ class Registry:
         self.metrics = _Metrics()  # GET /metrics' counters
 
     def register(self, reg: Registration, *, address: str | None = None) -> tuple[Worker, bool]:
-        """Create, refresh or replace the entry for ``reg`` from ``address`` (resolved here if not given); returns
-        (a copy, created). A new or changed entry is ``unknown`` and checked at once; the same registration again
-        (a refresh, or a sibling process) adds its instance. Raises :class:`RegistryFull`, or ValueError (host)."""
+        """Create, refresh or replace the entry for ``reg`` from ``address`` (resolved here if None); returns (a copy,
+        created). A new or changed entry is ``unknown``, checked at once; the same again (a refresh, a sibling process)
+        adds its instance. Raises :class:`RegistryFull` past the cap, ValueError if the host does not resolve."""
         wid = worker_id(reg.host, reg.port)
         content = _content(reg, _resolve(reg.host) if address is None else address)
         with self._lock:
