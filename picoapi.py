@@ -1119,14 +1119,12 @@ class Registry:
 
     def _matching(self, tags: Sequence[str], status: str | None, name: str | None, version: str | None) -> list[Worker]:
         """The workers with every tag and the given status, name and version (None: any); lock held."""
+        found: Iterable[Worker] = self._workers.values()
         if tags:  # the smallest set first: the intersection walks it
             ids = set.intersection(*sorted((self._by_tag.get(tag, set()) for tag in set(tags)), key=len))
+            found = map(self._workers.__getitem__, ids)
         return [
-            w
-            for w in (map(self._workers.__getitem__, ids) if tags else self._workers.values())
-            if (status is None or w.status == status)
-            and (name is None or w.name == name)
-            and (version is None or w.version == version)
+            w for w in found if status in (None, w.status) and name in (None, w.name) and version in (None, w.version)
         ]
 
     def mark_suspect(self, wid: str) -> None:
