@@ -790,6 +790,8 @@ _Text = Annotated[str, _VISIBLE]
 _TagList = Annotated[
     list[str], AfterValidator(lambda tags: list(dict.fromkeys(_check_tag("each tag", t) for t in tags)))
 ]
+#: A worker's status, as the HTTP API declares it.
+Status = Literal["healthy", "unhealthy", "unknown"]
 
 
 class HealthSpec(BaseModel):
@@ -830,44 +832,32 @@ class Registration(BaseModel):
 
     @model_validator(mode="after")
     def _health_is_own(self) -> Registration:
-        parts = urlsplit(self.health.url)
+        url, timeout, interval = self.health.url, self.health.timeout, self.health.interval
+        parts = urlsplit(url)
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            raise ValueError(f"health.url has a bad port: {self.health.url!r}") from None
+            raise ValueError(f"health.url has a bad port: {url!r}") from None
         if (parts.hostname or "").lower() != self.host or port != self.port:
-            raise ValueError(
-                f"health.url must point at the registrant's own host and port "
-                f"({self.host}:{self.port}), got {self.health.url!r}"
-            )
+            own = f"{self.host}:{self.port}"
+            raise ValueError(f"health.url must point at the registrant's own host and port ({own}), got {url!r}")
         if parts.username or parts.password:
             raise ValueError("health.url must not carry credentials")
-        if self.health.timeout is not None and self.health.timeout > self.health.interval:
-            raise ValueError(
-                f"health.timeout ({self.health.timeout:g}) must not exceed health.interval ({self.health.interval:g})"
-            )
+        if timeout is not None and timeout > interval:
+            raise ValueError(f"health.timeout ({timeout:g}) must not exceed health.interval ({interval:g})")
         return self
 
 
-#: A worker's status, as the HTTP API declares it.
-Status = Literal["healthy", "unhealthy", "unknown"]
-
-
-def _field(
-    doc: str = "", *, default: Any = dataclasses.MISSING, shown: str | None = "", given: bool | str = False
-) -> Any:
-    """A public :class:`Worker` field: :class:`WorkerOut` shows it at ``shown`` (its own name by default, None:
-    not at all); if ``given``, a :class:`Registration` sets it, read at that same path (or the one given)."""
+def _field(doc: str = "", default: Any = dataclasses.MISSING, shown: str | None = "", given: bool | str = False) -> Any:
+    """A public :class:`Worker` field: :class:`WorkerOut` shows it at ``shown`` (its own name by default, None: not
+    at all); if ``given``, a :class:`Registration` sets it, read at that same path (or the one given)."""
     return dataclasses.field(default=default, metadata={"doc": doc, "shown": shown, "given": given})
 
 
 @dataclasses.dataclass(slots=True)
 class Worker:
-    """One registered worker. The registry hands out copies; mutate freely.
-
-    The one declaration of a worker's fields: :class:`WorkerOut` (the HTTP API's view), :func:`_out` (its
-    bodies), what a registration sets (:data:`_CONTENT`) and the copies all derive from it.
-    """
+    """One registered worker; the registry hands out copies. The one declaration of a worker's fields:
+    :class:`WorkerOut`, :func:`_out`, what a registration sets (:data:`_CONTENT`) and the copies derive from it."""
 
     id: str = _field("host:port, or [IPv6]:port")
     name: str = _field(given=True)
@@ -880,12 +870,8 @@ class Worker:
     interval: float = _field(shown="health.interval", given=True)
     timeout: float = _field("the check's total deadline in seconds", shown="health.timeout", given="health.deadline")
     openapi: str | None = _field("its OpenAPI path, if it sent one", default=None, given=True)
-    address: str = _field(
-        "what the host resolved to at registration: checks connect here, never resolving again", default=""
-    )
-    instances: tuple[str, ...] = _field(
-        "the processes that registered it (several serve one port under uvicorn --workers)", default=(), shown=None
-    )
+    address: str = _field("what the host resolved to when it registered: checks connect here", default="")
+    instances: tuple[str, ...] = _field("the processes that registered it (uvicorn --workers)", default=(), shown=None)
     status: str = _field("healthy, unhealthy or unknown", default=HEALTHY)
     suspect: bool = _field("a call to it failed to connect: pick() skips it until its next check", default=False)
     registered_at: float = _field("Unix seconds, as every time below", default=0.0)
@@ -897,7 +883,7 @@ class Worker:
     last_latency: float | None = _field("seconds", default=None)
     last_error: str = _field(default="")
     # The scheduler's bookkeeping (monotonic times); not part of the public view.
-    _heap_seq: int | None = dataclasses.field(default=None, repr=False)
+    _heap_seq: int | None = dataclasses.field(default=None, repr=False)  # its live heap entry's
     _due: float = dataclasses.field(default=0.0, repr=False)
     _busy_until: float = dataclasses.field(default=0.0, repr=False)  # a check of it is in flight until then
     _registered: float = dataclasses.field(default=0.0, repr=False)
@@ -909,9 +895,8 @@ class Worker:
         return f"{urlsplit(self.health_url).scheme}://{self.id}"
 
     def _request(self, path: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """(URL, requests keywords) for ``path`` on this worker: at the address verified when it registered,
-        so its name is not resolved again (no DNS rebinding), under its own name in ``Host``. Over https the
-        name is kept: the certificate is checked against it."""
+        """(URL, requests keywords) for ``path`` on this worker, at the address verified when it registered (no DNS
+        rebinding) under its own name in ``Host``; over https at its name, which the certificate must match."""
         if not self.address or self.url.startswith("https:"):
             return self.url + path, kwargs
         headers = {"Host": self.id, **(kwargs.get("headers") or {})}
@@ -926,15 +911,16 @@ class Worker:
         return Worker(*_fields_of(self))
 
 
-#: Worker attribute -> the path WorkerOut shows it at ("health.url": "url" under "health"), for each shown.
-_PUBLIC = [f for f in dataclasses.fields(Worker) if f.metadata]
-_SHOWN = {f.name: f.metadata["shown"] or f.name for f in _PUBLIC if f.metadata["shown"] is not None}
-#: All of a Worker's fields as a tuple, in order (a fast snapshot for copies).
-_fields_of = operator.attrgetter(*(f.name for f in dataclasses.fields(Worker)))
-#: What a registration says about a worker: each field and where a Registration holds it (the address aside: the
-#: supervisor finds it). The same again is a refresh, not a change.
-_GIVEN = {f.name: _SHOWN[f.name] if given is True else given for f in _PUBLIC if (given := f.metadata["given"])}
-_CONTENT = (*_GIVEN, "address")
+_FIELDS = dataclasses.fields(Worker)
+_fields_of = operator.attrgetter(*(f.name for f in _FIELDS))  # every field, in order: a fast snapshot for copies
+#: Where WorkerOut shows each Worker attribute it shows ("health.url": ``url`` under ``health``).
+_SHOWN = {f.name: f.metadata["shown"] or f.name for f in _FIELDS if f.metadata.get("shown", None) is not None}
+_TOP = {path: name for name, path in _SHOWN.items() if "." not in path}
+_HEALTH = {path.removeprefix("health."): name for name, path in _SHOWN.items() if "." in path}
+_top_of, _health_of = operator.attrgetter(*_TOP.values()), operator.attrgetter(*_HEALTH.values())
+#: What a registration says: each field it sets, where a Registration holds it; the same again is a refresh.
+_GIVEN = {f.name: _SHOWN[f.name] if given is True else given for f in _FIELDS if (given := f.metadata.get("given"))}
+_CONTENT = (*_GIVEN, "address")  # and the address the supervisor verified
 _content_of, _given_in = operator.attrgetter(*_CONTENT), operator.attrgetter(*_GIVEN.values())
 
 
@@ -943,22 +929,17 @@ def _content(reg: Registration, address: str) -> tuple[Any, ...]:
     return (*(tuple(v) if isinstance(v, list) else v for v in _given_in(reg)), address)
 
 
-_TOP = {path: name for name, path in _SHOWN.items() if "." not in path}
-_HEALTH = {path.removeprefix("health."): name for name, path in _SHOWN.items() if path.startswith("health.")}
-_top_of, _health_of = operator.attrgetter(*_TOP.values()), operator.attrgetter(*_HEALTH.values())
-
-
 def _out(w: Worker) -> dict[str, Any]:
     """``w`` as the HTTP API shows it (a :class:`WorkerOut`), without validating again what the registry made."""
     return {**dict(zip(_TOP, _top_of(w), strict=True)), "health": dict(zip(_HEALTH, _health_of(w), strict=True))}
 
 
 def _shown_fields() -> dict[str, Any]:
-    """WorkerOut's fields, from Worker's: a tuple is shown as a list, the health check as a :class:`HealthSpec`."""
+    """WorkerOut's fields, from Worker's: the status as :data:`Status`, a tuple as a list, the check as a HealthSpec."""
     fields: dict[str, Any] = {}
-    hints = typing.get_type_hints(Worker)
+    hints = {**typing.get_type_hints(Worker), "status": Status}
     for key, name in _TOP.items():
-        hint = Status if key == "status" else hints[name]
+        hint = hints[name]
         hint = types.GenericAlias(list, typing.get_args(hint)[:1]) if typing.get_origin(hint) is tuple else hint
         fields[key] = (hint, Field(description=Worker.__dataclass_fields__[name].metadata["doc"] or None))
     return {**fields, "health": (HealthSpec, ...)}
@@ -976,15 +957,11 @@ class CheckResult(NamedTuple):
 
     ok: bool
     status_code: int | None = None
-    #: Seconds from the check's start to its answer's headers.
-    latency: float | None = None
+    latency: float | None = None  #: seconds from the check's start to its answer's headers
     error: str = ""
-    #: The supervisor itself could not check (out of descriptors, say): not the worker's failure.
-    postponed: bool = False
-    #: The worker process that answered (its ``X-PicoAPI-Instance`` header), if it said.
-    instance: str | None = None
-    #: Seconds the check started after it was due (beside ``latency``, which follows it).
-    late: float = 0.0
+    postponed: bool = False  #: the supervisor itself could not check (out of descriptors, say): not the worker's fault
+    instance: str | None = None  #: the worker process that answered (its ``X-PicoAPI-Instance`` header), if it said
+    late: float = 0.0  #: seconds the check started after it was due (``latency`` follows it)
 
 
 class StatusChange(NamedTuple):
@@ -993,18 +970,15 @@ class StatusChange(NamedTuple):
     old: str
     new: str
     removed: bool
-    #: The check's error as recorded (an answer from another process fails with its own words).
-    error: str = ""
+    error: str = ""  #: the check's error as recorded (an answer from another process fails with its own words)
 
 
 class Verdict(NamedTuple):
     """The status rules' answer for one check (see :func:`next_status`)."""
 
     status: str
-    #: Unhealthy for longer than ``deregister_after``: the worker goes.
-    removed: bool
-    #: Check again this soon (a change waiting for confirmation), or None: at the interval.
-    recheck: float | None
+    removed: bool  #: unhealthy for longer than ``deregister_after``: the worker goes
+    recheck: float | None  #: check again this soon (a change waiting for confirmation), or None: at the interval
 
 
 class _Check(NamedTuple):
@@ -1015,17 +989,12 @@ class _Check(NamedTuple):
     address: str
     timeout: float
     due: float
-    #: Its last check succeeded: it may use every slot, others only half (see HealthChecker).
-    trusted: bool = False
-    #: Its next check is due this long after this one (whether its connection is worth keeping).
-    interval: float = 0.0
+    trusted: bool = False  # its last check succeeded: it may use every slot, others only half (see HealthChecker)
+    interval: float = 0.0  # the time to its next check (is its connection worth keeping?)
 
 
 class Registry:
-    """The supervisor's workers, their tag index and their check schedule.
-
-    Thread-safe: every method takes the one lock. Readers get copies.
-    """
+    """The supervisor's workers, their tag index and their check schedule. Thread-safe; readers get copies."""
 
     def __init__(
         self,
@@ -1037,71 +1006,51 @@ class Registry:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.max_workers = max_workers
-        self.failures = failures
-        self.successes = successes
-        self.deregister_after = deregister_after
-        #: The monotonic clock every due time is measured on.
-        self.clock = clock
-        self._wall = wall
+        self.max_workers, self.failures, self.successes = max_workers, failures, successes
+        self.deregister_after, self._wall = deregister_after, wall
+        self.clock = clock  #: the monotonic clock every due time is measured on
         #: Called, outside the lock, when the next check moved earlier (the checker sets it to wake its thread).
         self.wake: Callable[[], None] = lambda: None
-        # One lock guards _workers, _by_tag and _heap. Never do I/O under it.
-        # The heap's invariant: every registered worker has exactly one live entry, its
-        # next check, from registration to removal, whatever a check or its result does
-        # (pop_due schedules the next check before handing out the due one).
+        # One lock guards every attribute below; never do I/O under it. The heap's invariant: every registered worker
+        # has exactly one live entry, its next check, whatever a check or its result does (from registration to
+        # removal: pop_due schedules the next check before handing out the due one).
         self._lock = threading.Lock()
         self._workers: dict[str, Worker] = {}
-        self._by_tag: dict[str, set[str]] = {}
-        self._heap: list[tuple[float, int, str]] = []
+        self._by_tag: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
+        self._heap: list[tuple[float, int, str]] = []  # (due, tie-breaker, worker id); live: the worker's _heap_seq
         self._seq = itertools.count()
-        self._turns: dict[tuple[frozenset[str], str | None], int] = {}
-        self._stale = 0  # heap entries left behind by lazy cancellation
-        self.metrics = _Metrics()  # GET /metrics' counters, updated under _lock
-
-    # Registration ------------------------------------------------------------
+        self._turns: dict[tuple[frozenset[str], str | None], int] = {}  # pick()'s round-robin, per query
+        self.metrics = _Metrics()  # GET /metrics' counters
 
     def register(self, reg: Registration, *, address: str | None = None) -> tuple[Worker, bool]:
-        """Create, refresh or replace the entry for ``reg``; returns (a copy, created).
-
-        A new or changed entry is ``unknown`` and checked at once: nothing is handed
-        out before a good check. The same registration again (a worker's refresh, or
-        a sibling process serving the same port) changes nothing but adds its
-        instance. ``address`` is what the host resolved to (resolved here, blocking,
-        if not given). Raises :class:`RegistryFull` when a new worker would pass the
-        cap, ``ValueError`` naming the host when it does not resolve.
-        """
+        """Create, refresh or replace the entry for ``reg`` from ``address`` (resolved here if None); returns (a copy,
+        created). A new or changed entry is ``unknown``, checked at once; the same again (a refresh, a sibling process)
+        adds its instance. Raises :class:`RegistryFull` past the cap, ValueError if the host does not resolve."""
         wid = worker_id(reg.host, reg.port)
-        if address is None:
-            address = _resolve(reg.host)
-        content = _content(reg, address)
+        content = _content(reg, _resolve(reg.host) if address is None else address)
         with self._lock:
-            entry = self._workers.get(wid)
+            now, entry = self.clock(), self._workers.get(wid)
+            if entry is None and len(self._workers) >= self.max_workers:
+                full = f"the registry is full ({self.max_workers} workers, API_MAX_WORKERS)"
+                raise RegistryFull(f"{full}; deregister workers or raise API_MAX_WORKERS")
             created = entry is None
             if entry is not None and _content_of(entry) == content:
                 if reg.instance and reg.instance not in entry.instances:  # the oldest are dropped
                     entry.instances = (*entry.instances, reg.instance)[-MAX_INSTANCES:]
                 # Restarted while not healthy, say: checked now, not an interval later (unless a check is under way
                 # or due already: a flood of refreshes makes no flood of checks).
-                now = self.clock()
-                idle = entry._busy_until <= now < entry._due
-                moved = entry.status != HEALTHY and idle and self._schedule(entry, now)
+                moved = entry.status != HEALTHY and entry._busy_until <= now < entry._due and self._schedule(entry, now)
             else:
                 if entry is None:
-                    if len(self._workers) >= self.max_workers:
-                        raise RegistryFull(
-                            f"the registry is full ({self.max_workers} workers, API_MAX_WORKERS); "
-                            "deregister workers or raise API_MAX_WORKERS"
-                        )
                     entry = self._workers[wid] = Worker(wid, **dict(zip(_CONTENT, content, strict=True)))
                 self._index(entry, remove=True)
                 for field, value in zip(_CONTENT, content, strict=True):
                     setattr(entry, field, value)
                 entry.instances = (reg.instance,) if reg.instance else ()
                 entry.status, entry.failures, entry.successes, entry.suspect = UNKNOWN, 0, 0, False
-                entry.registered_at, entry._registered, entry._unhealthy_since = self._wall(), self.clock(), None
+                entry.registered_at, entry._registered, entry._unhealthy_since = self._wall(), now, None
                 self._index(entry)
-                moved = self._schedule(entry, self.clock())
+                moved = self._schedule(entry, now)
                 self.metrics.registrations += 1
             copy = entry.copy()
         if moved:
@@ -1111,8 +1060,7 @@ class Registry:
     def forget_instance(self, wid: str, instance: str) -> tuple[str, ...]:
         """Drop a process from ``wid``'s instances (it is stopping); returns those left."""
         with self._lock:
-            entry = self._workers.get(wid)
-            if entry is None:
+            if (entry := self._workers.get(wid)) is None:
                 return ()
             entry.instances = tuple(i for i in entry.instances if i != instance)
             return entry.instances
@@ -1120,63 +1068,26 @@ class Registry:
     def deregister(self, wid: str) -> bool:
         """Remove a worker; its pending check is dropped lazily. False if unknown."""
         with self._lock:
-            entry = self._workers.get(wid)
-            if entry is not None:
+            if (entry := self._workers.get(wid)) is not None:
                 self._remove(entry)
             return entry is not None
 
     def _remove(self, entry: Worker) -> None:
-        del self._workers[entry.id]
-        self.metrics.deregistrations += 1  # by a DELETE or after API_DEREGISTER_AFTER
+        del self._workers[entry.id]  # its heap entry goes stale: lazy cancellation
         self._index(entry, remove=True)
-        if entry._heap_seq is not None:
-            self._stale += 1
-        self._compact()
+        self.metrics.deregistrations += 1  # by a DELETE or after API_DEREGISTER_AFTER
 
     def _index(self, entry: Worker, *, remove: bool = False) -> None:
         for tag in entry.tags:
-            if remove:
-                ids = self._by_tag.get(tag)
-                if ids is not None:
-                    ids.discard(entry.id)
-                    if not ids:
-                        del self._by_tag[tag]
-            else:
-                self._by_tag.setdefault(tag, set()).add(entry.id)
-
-    # Queries -------------------------------------------------------------------
+            ids = self._by_tag[tag]
+            (ids.discard if remove else ids.add)(entry.id)
+            if not ids:
+                del self._by_tag[tag]
 
     def get(self, wid: str) -> Worker | None:
         """A copy of the worker ``wid``, or None."""
         with self._lock:
-            entry = self._workers.get(wid)
-            return entry.copy() if entry is not None else None
-
-    def workers(
-        self,
-        *tags: str,
-        status: str | None = None,
-        name: str | None = None,
-        version: str | None = None,
-    ) -> list[Worker]:
-        """Copies of the workers that have every tag in ``tags`` and match the filters, by id."""
-        with self._lock:
-            found = [self._workers[i] for i in self._tagged(tags)] if tags else list(self._workers.values())
-            # Only a C-level tuple per worker under the lock: big queries barely hold it.
-            rows = [
-                _fields_of(w)
-                for w in found
-                if (status is None or w.status == status)
-                and (name is None or w.name == name)
-                and (version is None or w.version == version)
-            ]
-        rows.sort(key=lambda row: row[0])
-        return [Worker(*row) for row in rows]
-
-    def _tagged(self, tags: Iterable[str]) -> Iterable[str]:
-        """The ids of the workers that have every tag (lock held)."""
-        sets = sorted((self._by_tag.get(tag, set()) for tag in set(tags)), key=len)
-        return sets[0].intersection(*sets[1:]) if sets[0] else ()
+            return None if (entry := self._workers.get(wid)) is None else entry.copy()
 
     def __len__(self) -> int:
         with self._lock:
@@ -1186,117 +1097,95 @@ class Registry:
         with self._lock:
             return wid in self._workers
 
-    def pick(self, tags: Sequence[str], version: str | None = None, exclude: Iterable[str] = ()) -> Worker:
-        """A copy of a healthy worker with every tag, taking turns (round-robin) per query.
+    def workers(
+        self, *tags: str, status: str | None = None, name: str | None = None, version: str | None = None
+    ) -> list[Worker]:
+        """Copies of the workers that have every tag in ``tags`` and match the filters, by id."""
+        with self._lock:  # only a C-level tuple per worker under it: big queries barely hold it
+            rows = sorted(map(_fields_of, self._matching(tags, status, name, version)))
+        return [Worker(*row) for row in rows]
 
-        Skips suspects and ``exclude``. Raises :class:`NoWorkerAvailable`.
-        """
-        key = (frozenset(tags), version)
-        skip = set(exclude)
+    def pick(self, tags: Sequence[str], version: str | None = None, exclude: Iterable[str] = ()) -> Worker:
+        """A copy of a ready worker with every tag, not in ``exclude``, taking turns per query; or NoWorkerAvailable."""
+        skip, key = set(exclude), (frozenset(tags), version)
         with self._lock:
-            candidates = sorted(
-                wid
-                for wid in (self._tagged(tags) if tags else self._workers)
-                if wid not in skip and (w := self._workers[wid]).is_ready and (version is None or w.version == version)
-            )
-            if not candidates:
+            ready = sorted(w.id for w in self._matching(tags, None, None, version) if w.is_ready and w.id not in skip)
+            if not ready:
                 raise NoWorkerAvailable(list(tags), version)
-            turn = self._turns.get(key, 0)
-            self._turns[key] = turn + 1
-            if len(self._turns) > 10_000:  # bounded: an odd query shape cannot grow it forever
+            if len(self._turns) >= 10_000:  # bounded: an odd query shape cannot grow it forever
                 self._turns.clear()
-            return self._workers[candidates[turn % len(candidates)]].copy()
+            turn = self._turns[key] = self._turns.get(key, -1) + 1
+            return self._workers[ready[turn % len(ready)]].copy()
+
+    def _matching(self, tags: Sequence[str], status: str | None, name: str | None, version: str | None) -> list[Worker]:
+        """The workers with every tag and the given status, name and version (None: any); lock held."""
+        found: Iterable[Worker] = self._workers.values()
+        if tags:  # the smallest set first: the intersection walks it
+            ids = set.intersection(*sorted((self._by_tag.get(tag, set()) for tag in set(tags)), key=len))
+            found = map(self._workers.__getitem__, ids)
+        return [
+            w for w in found if status in (None, w.status) and name in (None, w.name) and version in (None, w.version)
+        ]
 
     def mark_suspect(self, wid: str) -> None:
         """Passive health checking: skip ``wid`` in pick() and check it at once."""
         with self._lock:
-            entry = self._workers.get(wid)
-            if entry is None:
+            if (entry := self._workers.get(wid)) is None:
                 return
             entry.suspect = True
             moved = self._schedule(entry, self.clock())
         if moved:
             self.wake()
 
-    # The check schedule ---------------------------------------------------------
-
-    def _compact(self) -> None:
-        """Rebuild the heap from live entries once most of it is stale (lock held).
-
-        Lazy cancellation keeps deregistration O(1); this keeps churn (workers coming
-        and going far faster than their interval) from growing the heap.
-        """
-        if self._stale > 64 and self._stale * 2 > len(self._heap):
-            workers = self._workers
-            # In place: pop_due holds a reference to the list while it schedules.
-            self._heap[:] = [e for e in self._heap if (w := workers.get(e[2])) is not None and w._heap_seq == e[1]]
-            heapq.heapify(self._heap)
-            self._stale = 0
+    def _live(self, item: tuple[float, int, str]) -> Worker | None:
+        """The worker whose next check heap ``item`` is, or None: a stale item (lock held)."""
+        entry = self._workers.get(item[2])
+        return entry if entry is not None and entry._heap_seq == item[1] else None
 
     def _schedule(self, entry: Worker, due: float) -> bool:
-        """Push the entry's next check (lock held); the older heap entry goes stale.
-
-        Returns whether it is now the earliest check (the checker's wait must shorten).
-        """
-        if entry._heap_seq is not None:
-            self._stale += 1
-        seq = next(self._seq)
-        entry._heap_seq, entry._due = seq, due
+        """Push the entry's next check, its older one going stale (lock held); True if it is now the earliest. Once
+        most of the heap is stale it is rebuilt, so churn (workers coming and going fast) cannot grow it."""
+        entry._heap_seq, entry._due = next(self._seq), due
         earliest = not self._heap or due < self._heap[0][0]
-        heapq.heappush(self._heap, (due, seq, entry.id))
-        self._compact()
+        heapq.heappush(self._heap, (due, entry._heap_seq, entry.id))
+        stale = len(self._heap) - len(self._workers)  # by the invariant
+        if stale > 64 and stale * 2 > len(self._heap):
+            self._heap[:] = filter(self._live, self._heap)  # in place: pop_due holds the list while it schedules
+            heapq.heapify(self._heap)
         return earliest
 
     def next_due(self) -> float | None:
         """The due time of the earliest live check, or None."""
         with self._lock:
-            heap, workers = self._heap, self._workers
-            while heap:
-                _, seq, wid = heap[0]
-                entry = workers.get(wid)
-                if entry is not None and entry._heap_seq == seq:
-                    return heap[0][0]
-                heapq.heappop(heap)
-                self._stale -= 1
-            return None
+            while self._heap and not self._live(self._heap[0]):
+                heapq.heappop(self._heap)
+            return self._heap[0][0] if self._heap else None
 
     def pop_due(self, now: float) -> list[_Check]:
-        """Take every check due at ``now``, scheduling each worker's next one at once.
-
-        The next check is one interval after this one's due time (the phase is kept),
-        whatever becomes of this one; :meth:`record` only ever brings it forward. A
-        worker whose previous check is still in flight is not checked twice at once.
-        """
+        """Take every check due at ``now``, scheduling each worker's next one at once: one interval after this one's
+        due time (the phase is kept), whatever becomes of this one (:meth:`record` only ever brings it forward).
+        A worker whose previous check is still in flight is not checked twice at once."""
         due: list[_Check] = []
         with self._lock:
-            heap, workers = self._heap, self._workers
+            heap = self._heap
             while heap and heap[0][0] <= now:
-                when, seq, wid = heapq.heappop(heap)
-                entry = workers.get(wid)
-                if entry is None or entry._heap_seq != seq:
-                    self._stale -= 1
+                when, _, _ = item = heapq.heappop(heap)
+                if (w := self._live(item)) is None:
                     continue  # cancelled or moved: lazy cancellation
-                entry._heap_seq = None
-                following = when + entry.interval
-                self._schedule(entry, following if following > now else now + entry.interval)
-                if now < entry._busy_until:
-                    continue
-                entry._busy_until = now + entry.timeout + 1.0  # a lost result frees it after this
-                trusted = entry.failures == 0 and entry.last_success is not None
-                check = _Check(wid, entry.health_url, entry.address, entry.timeout, when, trusted, entry.interval)
-                due.append(check)
+                following = when + w.interval
+                self._schedule(w, following if following > now else now + w.interval)
+                if w._busy_until <= now:
+                    w._busy_until = now + w.timeout + 1.0  # a lost result frees it after this
+                    trusted = w.failures == 0 and w.last_success is not None
+                    due.append(_Check(w.id, w.health_url, w.address, w.timeout, when, trusted, w.interval))
         return due
 
     def record(self, wid: str, result: CheckResult) -> StatusChange | None:
-        """Apply a check's result: every result of every check lands here, and only here.
-
-        Returns a :class:`StatusChange` when the status changed or the worker was
-        removed (the rules are :func:`next_status`), else None. A postponed check (the
-        supervisor's own trouble) changes nothing but its time.
-        """
+        """Apply a check's result: every result of every check lands here, and only here. Returns a
+        :class:`StatusChange` if the status changed or the worker was removed (:func:`next_status` decides), else
+        None. A postponed check (the supervisor's own trouble) changes nothing but its time."""
         with self._lock:
-            entry = self._workers.get(wid)
-            if entry is None:
+            if (entry := self._workers.get(wid)) is None:
                 return None  # deregistered while the check ran
             now, old = self.clock(), entry.status
             entry._busy_until = 0.0
@@ -1306,42 +1195,29 @@ class Registry:
             if result.ok and entry.instances and result.instance not in entry.instances:
                 result = result._replace(ok=False, error=f"answered by a process that did not register {wid}")
             self.metrics.checked(result)
-            entry.last_check, entry.last_status_code, entry.last_latency = (
-                self._wall(),
-                result.status_code,
-                result.latency,
-            )
-            entry.last_error, entry.suspect = result.error[:MAX_ERROR], False
+            entry.last_check, entry.last_error, entry.suspect = self._wall(), result.error[:MAX_ERROR], False
+            entry.last_status_code, entry.last_latency = result.status_code, result.latency
             if result.ok:
                 entry.successes, entry.failures, entry.last_success = entry.successes + 1, 0, entry.last_check
             else:
                 entry.failures, entry.successes = entry.failures + 1, 0
-            verdict = next_status(entry, result.ok, now, self)
-            if verdict.status != old:
-                entry.status, entry._unhealthy_since = verdict.status, now if verdict.status == UNHEALTHY else None
-            if verdict.removed:
+            new, removed, recheck = next_status(entry, result.ok, now, self)
+            if new != old:
+                entry.status, entry._unhealthy_since = new, now if new == UNHEALTHY else None
+            if removed:
                 self._remove(entry)
-            elif verdict.recheck is not None and now + verdict.recheck < entry._due:
-                self._schedule(entry, now + verdict.recheck)
-            return (
-                StatusChange(old, verdict.status, verdict.removed, entry.last_error)
-                if verdict.status != old or verdict.removed
-                else None
-            )
+            elif recheck is not None and now + recheck < entry._due:
+                self._schedule(entry, now + recheck)
+            return StatusChange(old, new, removed, entry.last_error) if new != old or removed else None
 
 
 def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict:
     """The status rules: a worker's status after a check, from the consecutive counts that include it.
 
-    ``unknown`` turns ``healthy`` on its first good check; ``healthy`` or ``unknown``
-    turn ``unhealthy`` after ``rules.failures`` failures in a row (``unknown`` only
-    once past its start-up grace); ``unhealthy`` turns ``healthy`` after
-    ``rules.successes`` good checks in a row, and is removed once it has been
-    unhealthy for ``rules.deregister_after``. A change waiting for confirmation is
-    re-checked at the confirm delay rather than a whole interval later; a new worker
-    whose server is not up yet is re-checked at the confirm delay, doubling each time, so a crowd of
-    registrations that never answer costs a few checks each.
-    """
+    ``unknown`` turns ``healthy`` on a good check; ``healthy`` or ``unknown`` (past its start-up grace) turn
+    ``unhealthy`` after ``rules.failures`` failures in a row, ``unhealthy`` turns ``healthy`` after ``rules.successes``
+    good checks, and goes once unhealthy for ``rules.deregister_after``. A change waiting for confirmation is checked
+    again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd)."""
     status = entry.status
     starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
     if ok:
@@ -1364,67 +1240,52 @@ def confirm_delay(interval: float) -> float:
 
 
 class _Store:
-    """The registrations on disk (sqlite3, WAL): one row written per PUT or DELETE.
-
-    Only registrations are stored, never check results, and nothing is written
-    from the check thread: a worker the checker removes is queued by :meth:`forget`
-    and deleted by the next write, or at :meth:`close`. The supervisor holds the
-    file exclusively while it runs, so a second one on the same file refuses to
-    start. Thread-safe through :attr:`lock`, taken before the registry's.
-    """
-
-    FORMAT = "picoapi-registry-1"
+    """The registrations on disk (sqlite3, WAL): one row per PUT or DELETE, never a check result, never written
+    from the check thread (:meth:`forget` queues a removal for the next write). Held exclusively: a second
+    supervisor on the file refuses to start. Thread-safe through :attr:`lock`, taken before the registry's."""
 
     def __init__(self, path: str, is_registered: Callable[[str], bool] = lambda wid: False) -> None:
-        self.path, self._is_registered = path, is_registered
+        self._is_registered = is_registered
         self._gone: collections.deque[str] = collections.deque()  # appended by the check thread, no lock needed
+        self.lock = threading.Lock()  #: serialises a registry change with its row: the disk never goes back in time
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"API_REGISTRY_FILE {path!r} cannot be used as a registry file: {exc}") from exc
-        try:
-            self._open()
-        except (sqlite3.Error, ConfigError) as exc:
-            self._db.close()
-            if isinstance(exc, ConfigError):
+            try:
+                self._open(path)
+            except BaseException:
+                self._db.close()
                 raise
+        except sqlite3.Error as exc:
+            why = f"cannot be used as a registry file: {exc}"
             if "locked" in str(exc):
-                raise ConfigError(
-                    f"API_REGISTRY_FILE {path!r} is in use by another supervisor; give each supervisor its own file"
-                ) from exc
-            raise ConfigError(f"API_REGISTRY_FILE {path!r} cannot be used as a registry file: {exc}") from exc
-        #: Serialises a registry change with its row, so the disk never goes back in time.
-        self.lock = threading.Lock()
+                why = "is in use by another supervisor; give each supervisor its own file"
+            raise ConfigError(f"API_REGISTRY_FILE {path!r} {why}") from exc
 
-    def _open(self) -> None:
+    def _open(self, path: str) -> None:
         db = self._db
-        db.execute("PRAGMA locking_mode=EXCLUSIVE")  # held from the first write until close()
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        for pragma in ("locking_mode=EXCLUSIVE", "journal_mode=WAL", "synchronous=NORMAL"):  # locked until close()
+            db.execute(f"PRAGMA {pragma}")
         db.execute("BEGIN IMMEDIATE")
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         columns = {row[1] for row in db.execute("PRAGMA table_info(workers)")}
-        if tables - {"workers", "meta"} or columns - {"id", "body", "address", "instances"}:
+        if tables - {"workers", "meta"} or columns not in (set(), {"id", "body", "address", "instances"}):
             raise ConfigError(
-                f"API_REGISTRY_FILE {self.path!r} is not a PicoAPI registry file (it has other tables or "
-                "columns); name a new file"
+                f"API_REGISTRY_FILE {path!r} is not a PicoAPI registry file (it has other tables or columns); "
+                "name a new file"
             )
         db.execute(
-            "CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL, "
-            "address TEXT NOT NULL DEFAULT '', instances TEXT NOT NULL DEFAULT '')"
+            "CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL, address TEXT NOT NULL, "
+            "instances TEXT NOT NULL)"
         )
-        for column in sorted({"address", "instances"} - columns) if columns else ():  # from an older version
-            db.execute(f"ALTER TABLE workers ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (self.FORMAT,))
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('format', 'picoapi-registry-1')")
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (uuid.uuid4().hex[:12],))  # see identity()
         db.execute("COMMIT")
 
     def load(self) -> list[tuple[Registration, str, list[str]]]:
         """Every stored registration with the address it was verified at (or "") and its processes."""
         regs = []
-        for wid, body, address, instances in self._db.execute(
-            "SELECT id, body, address, instances FROM workers"
-        ).fetchall():
+        for wid, body, address, instances in self._db.execute("SELECT id, body, address, instances FROM workers"):
             try:
                 regs.append((Registration.model_validate_json(body), str(address), str(instances).split()))
             except ValueError as exc:
@@ -1452,12 +1313,7 @@ class _Store:
 
     def identity(self) -> str:
         """The supervisor's id, kept across restarts so workers recognise its checks."""
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()
-        if row:
-            return str(row[0])
-        new = uuid.uuid4().hex[:12]
-        self._db.execute("INSERT INTO meta VALUES ('id', ?)", (new,))
-        return new
+        return str(self._db.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()[0])
 
     def close(self) -> None:
         with self.lock, contextlib.suppress(sqlite3.Error):
