@@ -3138,10 +3138,8 @@ class _CORS(CORSMiddleware):
 
 class _SupervisorRoutes:
     """The supervisor's HTTP API as an APIRouter: workers register and deregister, anyone reads the registry.
-
-    Bodies are built by :func:`_out`, from the declaration of the :class:`WorkerOut` each route declares, and sent
-    as they are: serialised once, never validated again (a test checks them against the schema).
-    """
+    Bodies are built by :func:`_out` from the declaration of the :class:`WorkerOut` each route declares, and sent
+    as they are: serialised once, never validated again (a test checks them against the schema)."""
 
     def __init__(self, app: PicoAPI, registry: Registry) -> None:
         self.app, self.registry, self.config = app, registry, app.config
@@ -3153,16 +3151,12 @@ class _SupervisorRoutes:
         token, routes = self.config.register_token, APIRouter(tags=["picoapi"], dependency_overrides_provider=self.app)
 
         def add(method: str, path: str, endpoint: Callable[..., Any], answers: dict[int, Any], **options: Any) -> None:
-            """``answers``: by status code, a description or an OpenAPI response."""
             if method != "GET" and token:  # no token: no dependency to resolve per request
                 options["dependencies"] = [Depends(self.require_token)]
                 answers = {401: "no bearer token", 403: "wrong token", **answers}
-            options["responses"] = {
-                code: {"description": a} if isinstance(a, str) else a for code, a in answers.items()
-            }
-            routes.add_api_route(
-                path, endpoint, methods=[method], operation_id=f"picoapi_{endpoint.__name__}", **options
-            )
+            options["responses"] = {c: {"description": a} if isinstance(a, str) else a for c, a in answers.items()}
+            options["operation_id"] = f"picoapi_{endpoint.__name__}"
+            routes.add_api_route(path, endpoint, methods=[method], **options)
 
         registering = {
             201: {"model": WorkerOut, "description": "registered"},
@@ -3186,8 +3180,6 @@ class _SupervisorRoutes:
         add("GET", SERVICES_ROUTE + "/{worker_id}/openapi", self.service_openapi, not_found | fetching)
         return routes
 
-    # The routes ----------------------------------------------------------------------
-
     async def register(self, reg: Registration, request: Request) -> Response:
         """Register a worker (only an address it registers from), or refresh or replace its entry."""
         claim = (reg.host, request.client.host if request.client else None, self.config.register_networks)
@@ -3201,10 +3193,8 @@ class _SupervisorRoutes:
             worker, created = await self.write(self.add, reg, address)
         except ValueError as exc:  # the host does not resolve, or is not spelled canonically
             raise HTTPException(422, [{"loc": ["body", "host"], "msg": str(exc), "type": "value_error"}]) from None
-        except PermissionError as exc:
-            raise HTTPException(403, str(exc)) from None
-        except RegistryFull as exc:
-            raise HTTPException(503, str(exc)) from None
+        except (PermissionError, RegistryFull) as exc:  # a claim refused, or no room
+            raise HTTPException(403 if isinstance(exc, PermissionError) else 503, str(exc)) from None
         if created:
             logger.info("registered %s (%s)", worker.id, worker.name)
         return _json_response(_out(worker), 201 if created else 200, {SUPERVISOR_HEADER: self.app.supervisor_id})
@@ -3222,11 +3212,9 @@ class _SupervisorRoutes:
         # The token's holder, or the worker (no peer: a unix socket, 'uvicorn --uds', is neither).
         trusted = self.config.register_token or (peer is not None and peer == _ip(entry.address))
         if not trusted and (peer is None or not any(peer in net for net in self.config.register_networks)):
-            raise HTTPException(
-                403,
-                f"{worker_id} may only be deregistered from its own address {entry.address}, not from "
-                f"{peer or 'an unknown address'}; with API_REGISTER_TOKEN set, its holder may remove it from anywhere",
-            )
+            where = f"its own address {entry.address}, not from {peer or 'an unknown address'}"
+            fix = "with API_REGISTER_TOKEN set, its holder may remove it from anywhere"
+            raise HTTPException(403, f"{worker_id} may only be deregistered from {where}; {fix}")
         if instance is not None and entry.instances:
             if instance not in entry.instances:
                 raise HTTPException(409, f"{worker_id} was registered by another process; it stays")
@@ -3269,21 +3257,15 @@ class _SupervisorRoutes:
         if not worker.is_ready:
             why = f"status {worker.status}, {worker.failures} failed checks in a row"
             why += ", a call could not connect" if worker.suspect else ""
-            raise HTTPException(
-                409, f"worker {worker_id!r} is not healthy ({why}); nothing is fetched until a check passes"
-            )
+            raise HTTPException(409, f"{worker_id} is not healthy ({why}); nothing is fetched until a check passes")
         url, options = worker._request(worker.openapi or "/openapi.json", {})
         fetching = "OpenAPI documents are being fetched"
         return await self.on_thread(fetching, OPENAPI_MAX_FETCHES, _fetch_openapi, url, options.get("headers"))
 
-    # What they share -------------------------------------------------------------------
-
     async def require_token(self, request: Request) -> None:
         token, header = self.config.register_token or "", request.headers.get("authorization", "")
         if not header:
-            raise HTTPException(
-                401, "missing 'Authorization: Bearer <token>' header", headers={"WWW-Authenticate": "Bearer"}
-            )
+            raise HTTPException(401, "missing 'Authorization: Bearer <token>' header", {"WWW-Authenticate": "Bearer"})
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(403, "wrong token")
@@ -3312,11 +3294,8 @@ class _SupervisorRoutes:
         if entry is None or not entry.instances or reg.instance in entry.instances:
             return
         if _content_of(entry) != _content(reg, address) and await self.answered_by_own(entry):
-            raise HTTPException(
-                409,
-                f"{entry.id} is served by another live instance ({entry.name} {entry.version}); "
-                "stop it first, or serve this one on another port",
-            )
+            served = f"{entry.id} is served by another live instance ({entry.name} {entry.version})"
+            raise HTTPException(409, f"{served}; stop it first, or serve this one on another port")
 
     async def answered_by_own(self, entry: Worker, instances: Sequence[str] = ()) -> bool:
         """Check ``entry`` now (at most 2 s): did one of ``instances`` (its own, by default) answer?"""
@@ -3420,10 +3399,9 @@ def _json_response(content: Any, status_code: int = 200, headers: Mapping[str, s
 
 
 def _load_app(args: argparse.Namespace) -> PicoAPI:
-    """The app ``picoapi supervisor|worker`` serves: ``args.app`` (``module:attribute`` from the working directory,
-    an app or a factory), else a bare supervisor; built with --port and --bind in the environment (the port it
-    registers is the port served), and --env-file read instead of ./.env, as ``PicoAPI(env_file=...)`` does."""
-    import importlib
+    """The app ``picoapi supervisor|worker`` serves: ``args.app`` (an app or a factory, from the working directory)
+    or a bare supervisor, built with --port and --bind in the environment and --env-file instead of ./.env."""
+    import pkgutil
 
     global _env_file_instead
     if args.env_file and not os.path.exists(args.env_file):
@@ -3440,11 +3418,10 @@ def _load_app(args: argparse.Namespace) -> PicoAPI:
             if "title" not in app.config.configured:
                 app.title = "PicoAPI supervisor"
             return app
-        module_name, _, attr = args.app.partition(":")
         sys.path.insert(0, os.getcwd())
         try:
-            app = getattr(importlib.import_module(module_name), attr or "app")
-        except (ImportError, AttributeError) as exc:
+            app = pkgutil.resolve_name(args.app if ":" in args.app else args.app + ":app")
+        except (ImportError, AttributeError, ValueError) as exc:
             raise ConfigError(f"cannot load the app {args.app!r} (expected module:attribute): {exc}") from exc
         if callable(app) and not isinstance(app, FastAPI):
             app = app()  # an app factory
@@ -3472,9 +3449,8 @@ STATUS_MAX_BYTES = 8 * 2**20
 
 
 def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
-    """The supervisor's entries, page after page up to STATUS_MAX_PAGES: (entries, whether that is all). Each page
-    is read by the route's own model, strictly, within ``timeout`` s in all, redirects not followed; raises
-    :class:`PicoAPIError`, one line, if it cannot be reached or is not a PicoAPI supervisor."""
+    """The supervisor's entries and whether that is all (at most STATUS_MAX_PAGES pages, each read strictly by the
+    route's model within ``timeout`` s, no redirect); :class:`PicoAPIError` if it is not a PicoAPI supervisor."""
     where, entries, pages = url + SERVICES_ROUTE, list[dict[str, Any]](), TypeAdapter(list[WorkerOut])
 
     def not_one(why: str) -> PicoAPIError:
@@ -3617,10 +3593,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"got --interval {interval!r} --pace {pace!r}"
         )
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    ports = {}
-    for name in ("supervisor", *_DEMO_WORKERS):
-        with socket.socket() as sock:  # a free port
-            ports[name] = sock.bind(("127.0.0.1", 0)) or int(sock.getsockname()[1])
+    ports: dict[str, int] = {}
+    for name in ("supervisor", *_DEMO_WORKERS):  # free ports
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports[name] = int(sock.getsockname()[1])
     url = f"http://127.0.0.1:{ports['supervisor']}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}  # each side reads its own file
 
@@ -3745,11 +3722,8 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, str, str]] 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``picoapi`` command; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="picoapi",
-        description="FastAPI with service registration and health checking.",
-        epilog="example: picoapi demo",
-    )
+    about = "FastAPI with service registration and health checking."
+    parser = argparse.ArgumentParser(prog="picoapi", description=about, epilog="example: picoapi demo")
     parser.add_argument("--version", action="version", version=f"picoapi {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     sup, wrk, stat, demo = (
@@ -3761,9 +3735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for server in (sup, wrk):
         server.add_argument("--bind", help="interface to bind (API_BIND)")
         server.add_argument("--port", type=int, help="port (API_PORT)")
-        server.add_argument(
-            "--env-file", help="this server's own settings file, read instead of ./.env; the environment wins over it"
-        )
+        server.add_argument("--env-file", help="its own settings file, read instead of ./.env; the environment wins")
     stat.add_argument("url", nargs="?", help="the supervisor's base or /register URL, e.g. http://127.0.0.1:8100")
     stat.add_argument("--tag", action="append", help="only workers with this tag (repeat: all must match)")
     stat.add_argument("--json", action="store_true", help="print the entries as JSON")
@@ -3783,8 +3755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m picoapi` runs this file as __main__: the importable module's main keeps one PicoAPI class for the
-    # user's app and the command line.
+    # `python -m picoapi` runs this file as __main__: the importable module keeps one PicoAPI class for all.
     from picoapi import main as _main
 
     sys.exit(_main())
