@@ -3319,9 +3319,8 @@ class _SupervisorRoutes:
             return await run_in_threadpool(locked)
         except sqlite3.Error as exc:
             logger.warning("the registry file could not be written: %s", exc)
-            raise HTTPException(
-                503, f"the registry file is busy or cannot be written ({exc}); try again", {"Retry-After": "1"}
-            ) from None
+            busy = f"the registry file is busy or cannot be written ({exc}); try again"
+            raise HTTPException(503, busy, {"Retry-After": "1"}) from None
 
     def add(self, reg: Registration, address: str) -> tuple[Worker, bool]:
         """Register ``reg`` from ``address``, its row first (see :meth:`write`); returns (a copy, created)."""
@@ -3363,9 +3362,7 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
         try:
             found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
-            raise ValueError(
-                f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an address"
-            ) from exc
+            raise ValueError(f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an IP") from exc
         addresses = list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
     listed = [a for a in addresses if any(a in net for net in networks)]
     for a in addresses:
@@ -3401,7 +3398,7 @@ def _json_response(content: Any, status_code: int = 200, headers: Mapping[str, s
 def _load_app(args: argparse.Namespace) -> PicoAPI:
     """The app ``picoapi supervisor|worker`` serves: ``args.app`` (an app or a factory, from the working directory)
     or a bare supervisor, built with --port and --bind in the environment and --env-file instead of ./.env."""
-    import pkgutil
+    import importlib
 
     global _env_file_instead
     if args.env_file and not os.path.exists(args.env_file):
@@ -3418,10 +3415,11 @@ def _load_app(args: argparse.Namespace) -> PicoAPI:
             if "title" not in app.config.configured:
                 app.title = "PicoAPI supervisor"
             return app
+        module_name, _, attr = args.app.partition(":")
         sys.path.insert(0, os.getcwd())
         try:
-            app = pkgutil.resolve_name(args.app if ":" in args.app else args.app + ":app")
-        except (ImportError, AttributeError, ValueError) as exc:
+            app = getattr(importlib.import_module(module_name), attr or "app")
+        except (ImportError, AttributeError) as exc:
             raise ConfigError(f"cannot load the app {args.app!r} (expected module:attribute): {exc}") from exc
         if callable(app) and not isinstance(app, FastAPI):
             app = app()  # an app factory
