@@ -3489,15 +3489,11 @@ def _workers(n: int, status: str = "") -> str:
 def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
     """The entries as a table and a summary; every cell escaped, for it came from the far end."""
     now, cell = time.time(), functools.partial(_printable, limit=MAX_DESCRIPTION)
-    rows = [
-        (
-            *map(cell, (e["id"], e["name"], e["version"], ",".join(e["tags"]))),
-            cell(e["status"] + ("*" if e.get("suspect") else "")),
-            _ago(e.get("last_check"), now),
-            _ms(None if e.get("failures") else e.get("last_latency")),  # a failed check's time says nothing
-        )
-        for e in entries
-    ]
+    rows = []
+    for e in entries:
+        shown = (e["id"], e["name"], e["version"], ",".join(e["tags"]), e["status"] + ("*" if e.get("suspect") else ""))
+        latency = None if e.get("failures") else e.get("last_latency")  # a failed check's time says nothing
+        rows.append((*map(cell, shown), _ago(e.get("last_check"), now), _ms(latency)))
     print(_table(rows, ("ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST CHECK", "LATENCY")))
     counts = collections.Counter(cell(e["status"]) for e in entries)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
