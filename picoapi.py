@@ -2699,10 +2699,8 @@ def _limited(receive: Receive) -> Receive:
 
 class _SupervisorRoutes:
     """The supervisor's HTTP API as an APIRouter: workers register and deregister, anyone reads the registry.
-
-    Bodies are built by :func:`_out`, from the same declaration as the :class:`WorkerOut` each route declares,
-    and sent as they are: serialised once, never validated again (a test checks them against the schema).
-    """
+    Bodies are built by :func:`_out` from the declaration of the :class:`WorkerOut` each route declares, and sent
+    as they are: serialised once, never validated again (a test checks them against the schema)."""
 
     def __init__(self, app: PicoAPI, registry: Registry) -> None:
         self.app, self.registry, self.config = app, registry, app.config
@@ -2713,30 +2711,27 @@ class _SupervisorRoutes:
         """The routes and the answers each may give; with API_REGISTER_TOKEN set, those that write need it."""
         token, routes = self.config.register_token, APIRouter(tags=["picoapi"], dependency_overrides_provider=self.app)
 
-        def add(method: str, path: str, endpoint: Callable[..., Any], answers: dict[int, str], **options: Any) -> None:
+        def add(method: str, path: str, endpoint: Callable[..., Any], answers: dict[int, Any], **options: Any) -> None:
             if method != "GET" and token:  # no token: no dependency to resolve per request
                 options["dependencies"] = [Depends(self.require_token)]
                 answers = {401: "no bearer token", 403: "wrong token", **answers}
-            responses = options.setdefault("responses", {})
-            for code, text in answers.items():
-                responses.setdefault(code, {})["description"] = text
+            options["responses"] = {c: {"description": a} if isinstance(a, str) else a for c, a in answers.items()}
             options["operation_id"] = f"picoapi_{endpoint.__name__}"
             routes.add_api_route(path, endpoint, methods=[method], **options)
 
         registering = {
-            201: "registered",
+            201: {"model": WorkerOut, "description": "registered"},
             400: "the body is not JSON",
             413: f"the body is over {MAX_BODY} bytes",
             422: "a field is invalid, or the host does not resolve",
             503: "the registry is full (API_MAX_WORKERS), or busy: see Retry-After",
         }
-        created = {201: {"model": WorkerOut}}
-        add("PUT", REGISTER_ROUTE, self.register, registering, response_model=WorkerOut, responses=created)
+        add("PUT", REGISTER_ROUTE, self.register, registering, response_model=WorkerOut)
         not_found, busy = {404: "no worker with that id"}, {503: "the registry file is busy: see Retry-After"}
         add("DELETE", REGISTER_ROUTE + "/{worker_id}", self.deregister, not_found | busy, status_code=204)
         next_link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
         paged = {200: {"headers": {"Link": next_link}}}
-        add("GET", SERVICES_ROUTE, self.services, {}, response_model=list[WorkerOut], responses=paged)
+        add("GET", SERVICES_ROUTE, self.services, paged, response_model=list[WorkerOut])
         add("GET", SERVICES_ROUTE + "/{worker_id}", self.service, not_found, response_model=WorkerOut)
         fetching = {
             409: "the worker is not healthy: nothing is asked of it",
@@ -2746,20 +2741,21 @@ class _SupervisorRoutes:
         add("GET", SERVICES_ROUTE + "/{worker_id}/openapi", self.service_openapi, not_found | fetching)
         return routes
 
-    # The routes ----------------------------------------------------------------------
-
     async def register(self, reg: Registration, request: Request) -> Response:
         """Register a worker (only an address it registers from), or refresh or replace its entry."""
+        claim = (reg.host, request.client.host if request.client else None, self.config.register_networks)
         try:
-            address = await self.claimed_address(reg.host, request.client.host if request.client else None)
+            if _ip(reg.host) is None:  # a name: resolved on a thread, at most MAX_RESOLVING at once
+                resolving = "host names are being resolved"
+                address = await self.on_thread(resolving, MAX_RESOLVING, _claimed_address, *claim)
+            else:
+                address = _claimed_address(*claim)
             await self.refuse_if_served(reg, address)
             worker, created = await self.write(self.add, reg, address)
         except ValueError as exc:  # the host does not resolve, or is not spelled canonically
             raise HTTPException(422, [{"loc": ["body", "host"], "msg": str(exc), "type": "value_error"}]) from None
-        except PermissionError as exc:
-            raise HTTPException(403, str(exc)) from None
-        except RegistryFull as exc:
-            raise HTTPException(503, str(exc)) from None
+        except (PermissionError, RegistryFull) as exc:  # a claim refused, or no room
+            raise HTTPException(403 if isinstance(exc, PermissionError) else 503, str(exc)) from None
         if created:
             logger.info("registered %s (%s)", worker.id, worker.name)
         return _json_response(_out(worker), 201 if created else 200, {SUPERVISOR_HEADER: self.app.supervisor_id})
@@ -2770,20 +2766,16 @@ class _SupervisorRoutes:
         request: Request,
         instance: Annotated[str | None, Query(pattern=_INSTANCE_PATTERN, description="the stopping process")] = None,
     ) -> Response:
-        """Remove a worker: from its own address (or with the token); naming its process, only its own entry.
-
-        An entry that another process of the worker still serves (uvicorn --workers) stays.
-        """
+        """Remove a worker: from its own address (or with the token); naming its process, only its own entry,
+        and not while another process of the worker still serves it (uvicorn --workers)."""
         entry = self.known(worker_id)
         peer = _ip(request.client.host if request.client else None)
         # The token's holder, or the worker (no peer: a unix socket, 'uvicorn --uds', is neither).
         trusted = self.config.register_token or (peer is not None and peer == _ip(entry.address))
         if not trusted and (peer is None or not any(peer in net for net in self.config.register_networks)):
-            raise HTTPException(
-                403,
-                f"{worker_id} may only be deregistered from its own address {entry.address}, not from "
-                f"{peer or 'an unknown address'}; with API_REGISTER_TOKEN set, its holder may remove it from anywhere",
-            )
+            where = f"its own address {entry.address}, not from {peer or 'an unknown address'}"
+            fix = "with API_REGISTER_TOKEN set, its holder may remove it from anywhere"
+            raise HTTPException(403, f"{worker_id} may only be deregistered from {where}; {fix}")
         if instance is not None and entry.instances:
             if instance not in entry.instances:
                 raise HTTPException(409, f"{worker_id} was registered by another process; it stays")
@@ -2809,8 +2801,7 @@ class _SupervisorRoutes:
         """The registered workers, filtered, by id, a page at a time: the Link header leads to the next."""
         workers = self.registry.workers(*tag, status=status, name=name, version=version)
         start = 0 if after is None else bisect.bisect_right(workers, after, key=operator.attrgetter("id"))
-        page = workers[start : start + limit]
-        headers = {}
+        page, headers = workers[start : start + limit], {}
         if start + limit < len(workers):
             # A path, not a URL: the Host header the caller sent is not echoed back.
             following = request.url.include_query_params(after=page[-1].id, limit=limit)
@@ -2827,23 +2818,15 @@ class _SupervisorRoutes:
         if not worker.is_ready:
             why = f"status {worker.status}, {worker.failures} failed checks in a row"
             why += ", a call could not connect" if worker.suspect else ""
-            raise HTTPException(
-                409, f"worker {worker_id!r} is not healthy ({why}); nothing is fetched until a check passes"
-            )
+            raise HTTPException(409, f"{worker_id} is not healthy ({why}); nothing is fetched until a check passes")
         url, options = worker._request(worker.openapi or "/openapi.json", {})
-        headers = options.get("headers")
-        return await self.on_thread(
-            "OpenAPI documents are being fetched", OPENAPI_MAX_FETCHES, _fetch_openapi, url, headers
-        )
-
-    # What they share -------------------------------------------------------------------
+        fetching = "OpenAPI documents are being fetched"
+        return await self.on_thread(fetching, OPENAPI_MAX_FETCHES, _fetch_openapi, url, options.get("headers"))
 
     async def require_token(self, request: Request) -> None:
         token, header = self.config.register_token or "", request.headers.get("authorization", "")
         if not header:
-            raise HTTPException(
-                401, "missing 'Authorization: Bearer <token>' header", headers={"WWW-Authenticate": "Bearer"}
-            )
+            raise HTTPException(401, "missing 'Authorization: Bearer <token>' header", {"WWW-Authenticate": "Bearer"})
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(403, "wrong token")
@@ -2854,20 +2837,9 @@ class _SupervisorRoutes:
             raise _unknown(wid)
         return worker
 
-    async def claimed_address(self, host: str, peer: str | None) -> str:
-        """The address a registration from ``peer`` may claim for ``host`` (see :func:`_claimed_address`);
-        names are resolved on a thread, at most MAX_RESOLVING at once."""
-        networks = self.config.register_networks
-        if _ip(host) is not None:
-            return _claimed_address(host, peer, networks)
-        return await self.on_thread(
-            "host names are being resolved", MAX_RESOLVING, _claimed_address, host, peer, networks
-        )
-
     async def on_thread(self, kind: str, limit: int, func: Callable[..., Any], *args: Any) -> Any:
-        """``func(*args)`` on a thread of the pool that sync routes share, at most ``limit`` of a ``kind`` at once,
-        so slow DNS or slow workers hold only a few of them; past that 503 at once. Only the event loop counts
-        them: no lock."""
+        """``func(*args)`` on the threads sync routes share, at most ``limit`` of a ``kind`` at once (slow DNS or
+        slow workers hold only a few), past that 503 at once. Counted on the event loop alone: no lock."""
         if self.busy[kind] >= limit:
             raise HTTPException(503, f"too many {kind}; try again", {"Retry-After": "1"})
         self.busy[kind] += 1
@@ -2877,17 +2849,14 @@ class _SupervisorRoutes:
             self.busy[kind] -= 1
 
     async def refuse_if_served(self, reg: Registration, address: str) -> None:
-        """409 when ``reg`` would change an entry that another live process still serves: a second copy started
-        by mistake on a taken port must not evict the live one; the same registration (a sibling) is welcome."""
+        """409 when ``reg`` would change an entry another live process still serves: a second copy started by
+        mistake on a taken port must not evict the live one; the same registration (a sibling) is welcome."""
         entry = self.registry.get(worker_id(reg.host, reg.port))
         if entry is None or not entry.instances or reg.instance in entry.instances:
             return
         if _content_of(entry) != _content(reg, address) and await self.answered_by_own(entry):
-            raise HTTPException(
-                409,
-                f"{entry.id} is served by another live instance ({entry.name} {entry.version}); "
-                "stop it first, or serve this one on another port",
-            )
+            served = f"{entry.id} is served by another live instance ({entry.name} {entry.version})"
+            raise HTTPException(409, f"{served}; stop it first, or serve this one on another port")
 
     async def answered_by_own(self, entry: Worker, instances: Sequence[str] = ()) -> bool:
         """Check ``entry`` now (at most 2 s): did one of ``instances`` (its own, by default) answer?"""
@@ -2898,10 +2867,9 @@ class _SupervisorRoutes:
         return result.ok and result.instance in (instances or entry.instances)
 
     async def write(self, change: Callable[..., Any], *args: Any) -> Any:
-        """``change(*args)``: at once without a registry file; with one, on a thread under the file's lock
-        (a busy file is 503, and leaves the registry as it was: the disk is written first)."""
-        store = self.app._store
-        if store is None:
+        """``change(*args)``: at once without a registry file; with one, on a thread under the file's lock (a busy
+        file is 503, and leaves the registry as it was: the disk is written first)."""
+        if (store := self.app._store) is None:
             return change(*args)
 
         def locked() -> Any:
@@ -2912,14 +2880,12 @@ class _SupervisorRoutes:
             return await run_in_threadpool(locked)
         except sqlite3.Error as exc:
             logger.warning("the registry file could not be written: %s", exc)
-            raise HTTPException(
-                503, f"the registry file is busy or cannot be written ({exc}); try again", {"Retry-After": "1"}
-            ) from None
+            busy = f"the registry file is busy or cannot be written ({exc}); try again"
+            raise HTTPException(503, busy, {"Retry-After": "1"}) from None
 
     def add(self, reg: Registration, address: str) -> tuple[Worker, bool]:
-        """Register ``reg`` from ``address`` (see :meth:`write`); returns (a copy, created)."""
-        store = self.app._store
-        if store is None:
+        """Register ``reg`` from ``address``, its row first (see :meth:`write`); returns (a copy, created)."""
+        if (store := self.app._store) is None:
             return self.registry.register(reg, address=address)
         wid = worker_id(reg.host, reg.port)
         known = wid in self.registry
@@ -2935,22 +2901,16 @@ class _SupervisorRoutes:
         return worker, created
 
     def remove(self, wid: str) -> bool:
-        """Deregister ``wid`` (see :meth:`write`); False if it is not registered."""
-        if self.app._store is not None:
-            if wid not in self.registry:
-                return False
+        """Deregister ``wid``, its row first (see :meth:`write`); False if it is not registered."""
+        if self.app._store is not None and wid in self.registry:
             self.app._store.delete(wid)
         return self.registry.deregister(wid)
 
 
 def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] = ()) -> str:
-    """The address a registration from ``peer`` may claim for ``host``: its checks go there (blocking: DNS).
-
-    The host must be ``peer``'s own address or a name resolving to it, or resolve into
-    ``networks``; an unspecified, link-local, multicast or broadcast address only if a
-    listed network holds it. Raises ValueError for a host that does not resolve or is
-    not spelled canonically (one address, one id), PermissionError for a claim refused.
-    """
+    """The address a registration from ``peer`` may claim for ``host``, where its checks go (blocking: DNS): the
+    peer's own, or in ``networks``; a special address only in those. Raises ValueError for a host that does not
+    resolve or is not spelled canonically (one address, one id), PermissionError for a claim refused."""
     ip = _ip(host)
     if ip is None:
         with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
@@ -2963,9 +2923,7 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
         try:
             found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
-            raise ValueError(
-                f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an address"
-            ) from exc
+            raise ValueError(f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an IP") from exc
         addresses = list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
     listed = [a for a in addresses if any(a in net for net in networks)]
     for a in addresses:
@@ -2979,11 +2937,10 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
         return str(peer_ip)
     if listed:
         return str(listed[0])
-    shown = ", ".join(map(str, addresses))
     raise PermissionError(
-        f"host {host!r} resolves to {shown}, but the registration came from {_printable(peer)}: a worker may "
-        "only register an address it is reachable at; register from that host, or list its network in "
-        "API_REGISTER_NETWORKS (NAT, proxies, containers)"
+        f"host {host!r} resolves to {', '.join(map(str, addresses))}, but the registration came from "
+        f"{_printable(peer)}: a worker may only register an address it is reachable at; register from that host, "
+        "or list its network in API_REGISTER_NETWORKS (NAT, proxies, containers)"
     )
 
 
@@ -3000,10 +2957,8 @@ def _json_response(content: Any, status_code: int = 200, headers: Mapping[str, s
 
 
 def _load_app(args: argparse.Namespace) -> PicoAPI:
-    """The app ``picoapi supervisor|worker`` serves: ``args.app`` (``module:attribute``, an app or an app factory,
-    from the working directory), else a bare supervisor. --port and --bind go into this process's environment
-    first, so the app reads them as it is built (the port it registers is the port served); --env-file is read
-    instead of ./.env, as ``PicoAPI(env_file=...)`` does, the environment winning over it."""
+    """The app ``picoapi supervisor|worker`` serves: ``args.app`` (an app or a factory, from the working directory)
+    or a bare supervisor, built with --port and --bind in the environment and --env-file instead of ./.env."""
     import importlib
 
     global _env_file_instead
@@ -3053,9 +3008,8 @@ STATUS_MAX_BYTES = 8 * 2**20
 
 
 def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
-    """The supervisor's entries page after page, at most STATUS_MAX_PAGES: (entries, whether that is all), each
-    page read by the model the route declares, each request within ``timeout`` s in all, redirects not followed.
-    Raises :class:`PicoAPIError`, one line, if it cannot be reached or is not a PicoAPI supervisor."""
+    """The supervisor's entries and whether that is all (at most STATUS_MAX_PAGES pages, each read strictly by the
+    route's model within ``timeout`` s, no redirect); :class:`PicoAPIError` if it is not a PicoAPI supervisor."""
     where, entries, pages = url + SERVICES_ROUTE, list[dict[str, Any]](), TypeAdapter(list[WorkerOut])
 
     def not_one(why: str) -> PicoAPIError:
@@ -3075,12 +3029,11 @@ def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[
         if (page := _json(content)) is None:
             raise not_one("did not answer JSON")
         try:
-            ids = [entry.id for entry in pages.validate_python(page, strict=True)]
+            ids = [e["id"] for e in entries[-1:]] + [e.id for e in pages.validate_python(page, strict=True)]
         except ValidationError as exc:
             error = exc.errors()[0]
             where_in = "entry " + ".".join(map(str, error["loc"])) if error["loc"] else "the answer"
             raise not_one(_printable(f"sent a malformed page ({where_in}: {error['msg']})")) from None
-        ids = [entry["id"] for entry in entries[-1:]] + ids
         if ids != sorted(set(ids)):  # strictly rising ids: the pages cannot repeat or loop
             raise not_one("sent entries out of id order")
         entries += page
@@ -3097,15 +3050,11 @@ def _workers(n: int, status: str = "") -> str:
 def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
     """The entries as a table and a summary; every cell escaped, for it came from the far end."""
     now, cell = time.time(), functools.partial(_printable, limit=MAX_DESCRIPTION)
-    rows = [
-        (
-            *map(cell, (e["id"], e["name"], e["version"], ",".join(e["tags"]))),
-            cell(e["status"] + ("*" if e.get("suspect") else "")),
-            _ago(e.get("last_check"), now),
-            _ms(None if e.get("failures") else e.get("last_latency")),  # a failed check's time says nothing
-        )
-        for e in entries
-    ]
+    rows = []
+    for e in entries:
+        shown = (e["id"], e["name"], e["version"], ",".join(e["tags"]), e["status"] + ("*" if e.get("suspect") else ""))
+        latency = None if e.get("failures") else e.get("last_latency")  # a failed check's time says nothing
+        rows.append((*map(cell, shown), _ago(e.get("last_check"), now), _ms(latency)))
     print(_table(rows, ("ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST CHECK", "LATENCY")))
     counts = collections.Counter(cell(e["status"]) for e in entries)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
@@ -3158,11 +3107,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 # The demo: a supervisor and three workers on 127.0.0.1, started as a user would start them.
 
-#: The demo's workers: title, tags and what their /work endpoint does to a text.
-_DEMO_WORKERS = {
-    "upper": ("text:upper", str.upper),
-    "reverse": ("text:reverse", lambda text: text[::-1]),
-    "count": ("text:count", lambda text: str(len(text.split()))),
+#: The demo's workers, by title (tagged 'text' and their title): what their /work does to a text, and its task.
+_DEMO_WORKERS: dict[str, tuple[Callable[[str], str], str]] = {
+    "upper": (str.upper, "hello picoapi"),
+    "reverse": (lambda text: text[::-1], "stressed"),
+    "count": (lambda text: str(len(text.split())), "a b c d"),
 }
 
 
@@ -3171,19 +3120,13 @@ def demo_worker() -> PicoAPI:
     app = PicoAPI()
     if (title := app.config.title or "upper") not in _DEMO_WORKERS:
         raise ConfigError(f"API_TITLE must name one of the demo's workers ({', '.join(_DEMO_WORKERS)}), got {title!r}")
-    _, transform = _DEMO_WORKERS[title]
+    transform = _DEMO_WORKERS[title][0]
 
     @app.get("/work")
     def work(text: str) -> dict[str, str]:
         return {"worker": app.title, "result": transform(text)}
 
     return app
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _die_with_parent() -> None:
@@ -3198,14 +3141,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import subprocess
     import tempfile
 
-    started, interval = time.monotonic(), args.interval
-    if not MIN_INTERVAL <= interval <= MAX_INTERVAL or not 0 <= args.pace <= 3600:  # NaN fails both
+    started, interval, pace = time.monotonic(), args.interval, args.pace
+    if not MIN_INTERVAL <= interval <= MAX_INTERVAL or not 0 <= pace <= 3600:  # NaN fails both
         raise ConfigError(
             f"--interval must be {MIN_INTERVAL:g} to {MAX_INTERVAL:g} seconds and --pace 0 to 3600, "
-            f"got --interval {interval!r} --pace {args.pace!r}"
+            f"got --interval {interval!r} --pace {pace!r}"
         )
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    ports = {name: _free_port() for name in ("supervisor", *_DEMO_WORKERS)}
+    ports: dict[str, int] = {}
+    for name in ("supervisor", *_DEMO_WORKERS):  # free ports
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports[name] = int(sock.getsockname()[1])
     url = f"http://127.0.0.1:{ports['supervisor']}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}  # each side reads its own file
 
@@ -3219,21 +3166,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         settings = f"API_BIND=127.0.0.1\nAPI_PORT={ports[name]}\n"
         if name in _DEMO_WORKERS:
             command = ["worker", "picoapi:demo_worker"]
-            settings += f"API_HOST=127.0.0.1\nAPI_TITLE={name}\nAPI_TAGS={_DEMO_WORKERS[name][0]}\n"
-            settings += f"API_REGISTER_PATH={url}{REGISTER_ROUTE}\nAPI_HEALTH_INTERVAL={interval}\n"
+            settings += f"API_HOST=127.0.0.1\nAPI_TITLE={name}\nAPI_TAGS=text:{name}\nAPI_HEALTH_INTERVAL={interval}\n"
+            settings += f"API_REGISTER_PATH={url}{REGISTER_ROUTE}\n"
         with open(path + ".env", "w") as env_file:
             env_file.write(settings)
+        # This very file, by its path: its folder comes first on the child's sys.path, so a copy vendored into a
+        # project is the picoapi the child imports, installed or not.
+        argv = [sys.executable, os.path.abspath(__file__), *command, "--env-file", path + ".env"]
+        preexec = _die_with_parent if sys.platform == "linux" else None
         with open(path + ".log", "ab") as log:
-            procs[name] = subprocess.Popen(
-                # This very file, by its path: its folder comes first on the child's sys.path, so a copy
-                # vendored into a project is the picoapi the child imports, installed or not.
-                [sys.executable, os.path.abspath(__file__), *command, "--env-file", path + ".env"],
-                env=env,
-                cwd=workdir,
-                stdout=log,
-                stderr=log,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            )
+            procs[name] = subprocess.Popen(argv, env=env, cwd=workdir, stdout=log, stderr=log, preexec_fn=preexec)
 
     def alive() -> None:
         for name, proc in procs.items():
@@ -3249,11 +3191,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 say(f"supervisor starting: dashboard {url}{DASHBOARD_ROUTE} (open it now), API docs {url}/docs")
                 for name in ports:
                     start(name)
-                for entry in _wait_for(url, ["text"], len(_DEMO_WORKERS), 30, alive=alive):
-                    tags = ",".join(entry["tags"])
-                    say(f"registered: {entry['name']:<8} {entry['id']:<16} tags={tags:<14} {entry['status']}")
-                time.sleep(args.pace)  # time to look at the dashboard between steps
-                for tag, text in (("upper", "hello picoapi"), ("reverse", "stressed"), ("count", "a b c d")):
+                for e in _wait_for(url, ["text"], len(_DEMO_WORKERS), 30, alive=alive):
+                    say(f"registered: {e['name']:<8} {e['id']:<16} tags={','.join(e['tags']):<14} {e['status']}")
+                time.sleep(pace)  # time to look at the dashboard between steps
+                for tag, (_, text) in _DEMO_WORKERS.items():
                     # A check may just have failed on a busy machine: one good check brings a worker back.
                     worker = _wait_for(url, ["text", tag], 1, 2 + 10 * interval, alive=alive)[0]
                     try:
@@ -3262,19 +3203,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     except (requests.RequestException, ValueError, LookupError, TypeError) as exc:
                         raise PicoAPIError(f"the demo's {tag!r} worker did not answer: {_root_cause(exc)}") from None
                     say(f"task tag={tag:<8} {text!r:<16} -> {worker['name']:<8} answered {result!r}")
-                time.sleep(args.pace)
+                time.sleep(pace)
                 since = say("killing worker 'reverse' (SIGKILL)")
                 (killed := procs.pop("reverse")).kill()
                 killed.wait()
                 _wait_for(url, ["reverse"], 1, 15, UNHEALTHY, alive)
                 took = time.monotonic() - since
                 say(f"supervisor marked 'reverse' unhealthy after {took:.2f}s (interval {interval:g}s)")
-                time.sleep(args.pace * 1.5)
+                time.sleep(pace * 1.5)
                 since = say("restarting worker 'reverse'")
                 start("reverse")
                 _wait_for(url, ["reverse"], 1, 20, alive=alive)
                 say(f"'reverse' is healthy again after {time.monotonic() - since:.2f}s")
-                time.sleep(args.pace)
+                time.sleep(pace)
                 say(f"the registry now (same as 'picoapi status {url}'):")
                 _print_status(_services(url, (), 5.0)[0])
                 say("stopping everything")
@@ -3302,76 +3243,74 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``picoapi`` command; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="picoapi",
-        description="FastAPI with service registration and health checking.",
-        epilog="example: picoapi demo",
-    )
-    parser.add_argument("--version", action="version", version=f"picoapi {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def command(name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=summary, description=description, epilog=f"example: {example}")
-
-    sup = command(
-        "supervisor",
+#: The commands: handler, summary, description and an example for its --help that runs as written.
+_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, str, str]] = {
+    "supervisor": (
+        _cmd_serve,
         "run a supervisor",
         "Run a supervisor with uvicorn on API_BIND:API_PORT: a bare one, or your own app.",
         "picoapi supervisor --bind 127.0.0.1 --port 8100",
-    )
-    sup.add_argument("app", nargs="?", help="a supervisor app of your own, as module:attribute (default: a bare one)")
-    wrk = command(
-        "worker",
+    ),
+    "worker": (
+        _cmd_serve,
         "run a worker app",
         "Run a worker app (module:attribute) on API_BIND:API_PORT, registering that port.",
         "API_HOST=127.0.0.1 API_TITLE=upper API_TAGS=text:upper API_REGISTER_PATH=http://127.0.0.1:8100/register "
         "picoapi worker picoapi:demo_worker --bind 127.0.0.1 --port 8001",
-    )
-    wrk.add_argument("app", help="the app to run, as module:attribute (an app or an app factory)")
-    for server in (sup, wrk):
-        server.add_argument("--bind", help="interface to bind (API_BIND)")
-        server.add_argument("--port", type=int, help="port (API_PORT)")
-        server.add_argument(
-            "--env-file", help="this server's own settings file, read instead of ./.env; the environment wins over it"
-        )
-    stat = command(
-        "status",
+    ),
+    "status": (
+        _cmd_status,
         "print a supervisor's registry",
         "Print the registry of a running supervisor as a table (or JSON). URL defaults to API_REGISTER_PATH's "
         "supervisor. Exits 1 if it cannot be reached or is not a PicoAPI supervisor.",
         "picoapi status http://127.0.0.1:8100/register --tag text",
+    ),
+    "demo": (
+        _cmd_demo,
+        "run a live demo on 127.0.0.1",
+        "Start a supervisor and three workers on 127.0.0.1, dispatch tasks by tag, kill a worker and watch the "
+        "supervisor detect it, restart it and watch it come back. Stops by itself.",
+        "picoapi demo --interval 0.5 --pace 0",
+    ),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``picoapi`` command; returns the exit code."""
+    about = "FastAPI with service registration and health checking."
+    parser = argparse.ArgumentParser(prog="picoapi", description=about, epilog="example: picoapi demo")
+    parser.add_argument("--version", action="version", version=f"picoapi {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sup, wrk, stat, demo = (
+        commands.add_parser(name, help=summary, description=about, epilog=f"example: {example}")
+        for name, (_, summary, about, example) in _COMMANDS.items()
     )
+    sup.add_argument("app", nargs="?", help="a supervisor app of your own, as module:attribute (default: a bare one)")
+    wrk.add_argument("app", help="the app to run, as module:attribute (an app or an app factory)")
+    for server in (sup, wrk):
+        server.add_argument("--bind", help="interface to bind (API_BIND)")
+        server.add_argument("--port", type=int, help="port (API_PORT)")
+        server.add_argument("--env-file", help="its own settings file, read instead of ./.env; the environment wins")
     stat.add_argument("url", nargs="?", help="the supervisor's base or /register URL, e.g. http://127.0.0.1:8100")
     stat.add_argument("--tag", action="append", help="only workers with this tag (repeat: all must match)")
     stat.add_argument("--json", action="store_true", help="print the entries as JSON")
     stat.add_argument("--wait", type=int, metavar="N", help="first wait until N workers are healthy (for scripts)")
     stat.add_argument("--timeout", type=float, default=5.0, help="seconds for each answer and for --wait (default 5)")
-    demo = command(
-        "demo",
-        "run a live demo on 127.0.0.1",
-        "Start a supervisor and three workers on 127.0.0.1, dispatch tasks by tag, kill a worker and watch the "
-        "supervisor detect it, restart it and watch it come back. Stops by itself.",
-        "picoapi demo --interval 0.5 --pace 0",
-    )
     demo.add_argument("--interval", type=float, default=0.5, help="health-check interval in seconds (default 0.5)")
     demo.add_argument("--pace", type=float, default=2.0, help="seconds to pause between steps (default 2)")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"supervisor": _cmd_serve, "worker": _cmd_serve, "status": _cmd_status, "demo": _cmd_demo}
     try:
-        return int(handlers[args.command](args))
+        return _COMMANDS[args.command][0](args)
     except PicoAPIError as exc:  # one line: 2 for bad configuration, 1 for anything else
         print(f"picoapi: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
 
 
 if __name__ == "__main__":
-    # `python -m picoapi` runs this file as __main__; use the importable module
-    # instead, so the user's app and the command line share one PicoAPI class.
+    # `python -m picoapi` runs this file as __main__: the importable module keeps one PicoAPI class for all.
     from picoapi import main as _main
 
     sys.exit(_main())
