@@ -1,9 +1,7 @@
 """PicoAPI: FastAPI with service registration and health checking built in.
 
-One class, two modes: workers register themselves with a supervisor, and the
-supervisor health-checks them and knows which healthy worker can do what.
-
-A worker (``API_HOST``, ``API_TITLE`` and ``API_REGISTER_PATH`` set)::
+One class, two modes: workers register themselves with a supervisor, and the supervisor health-checks them and
+knows which healthy worker can do what. A worker (``API_HOST``, ``API_TITLE`` and ``API_REGISTER_PATH`` set)::
 
     from picoapi import PicoAPI
 
@@ -13,19 +11,15 @@ A worker (``API_HOST``, ``API_TITLE`` and ``API_REGISTER_PATH`` set)::
     def resize(width: int) -> dict:
         return {"width": width}
 
-A supervisor::
+A supervisor (``PUT /register``, ``GET /services``, health checks)::
 
-    from picoapi import PicoAPI
-
-    app = PicoAPI(mode="supervisor")  # PUT /register, GET /services, health checks
+    app = PicoAPI(mode="supervisor")
 
     @app.get("/healthy-resizers")
     def healthy_resizers() -> list:
         return [w.id for w in app.registry.workers("resize", status="healthy")]
 
-Run either with ``uvicorn module:app`` or ``picoapi worker module:app`` /
-``picoapi supervisor``.
-
+Run either with ``uvicorn module:app`` or ``picoapi worker module:app`` / ``picoapi supervisor``.
 Dependencies: fastapi, uvicorn, requests, python-dotenv. Licence: MIT.
 """
 
@@ -94,25 +88,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = [
-    "PicoAPI",
-    "Config",
-    "Registration",
-    "HealthSpec",
-    "Worker",
-    "Registry",
-    "HealthChecker",
-    "CheckResult",
-    "Registrar",
-    "PicoAPIError",
-    "ConfigError",
-    "RegistrationError",
-    "RegistryFull",
-    "NoWorkerAvailable",
-    "check_once",
-    "worker_id",
-    "main",
-]
+__all__ = ["PicoAPI", "Config", "Registration", "HealthSpec", "Worker", "Registry", "HealthChecker", "CheckResult"]
+__all__ += ["Registrar", "PicoAPIError", "ConfigError", "RegistrationError", "RegistryFull", "NoWorkerAvailable"]
+__all__ += ["check_once", "worker_id", "main"]
 
 __version__ = "2.0.0"
 
@@ -239,12 +217,10 @@ def _check_text(what: str, text: str, error: type[ValueError] = ValueError) -> s
 
 
 def _check_health_url(what: str, url: str, error: type[ValueError] = ValueError) -> str:
-    """``url`` (or a path alone), if ASCII without query or fragment (a health check is a path, sent byte for byte);
-    else ``error`` naming ``what`` and the fix."""
+    """``url`` (or a path alone), if ASCII without query or fragment: a health check is a path, sent byte for byte."""
     origin = "" if url.startswith("/") else "{0.scheme}://{0.netloc}".format(urlsplit(url))
     path = url[len(origin) :]
-    # RFC 3986's path characters and existing %XX escapes stay as they are; the rest is percent-encoded.
-    fixed = quote(re.split("[?#]", path)[0], safe="/%:@!$&'()*+,;=")
+    fixed = quote(re.split("[?#]", path)[0], safe="/%:@!$&'()*+,;=")  # RFC 3986's path characters and %XX stay
     if fixed != path:
         raise error(
             f"{what} must be an ASCII path without ?query or #fragment; percent-encode it: "
@@ -301,8 +277,7 @@ class _Cut(requests.Timeout):
 
 
 class _CutConnection(urllib3.connection.HTTPConnection):
-    """Hands its adapter a duplicate of its socket: shutdown() acts on the socket, whichever descriptor names it,
-    so another thread can cut the connection with it, even once TLS wrapped the original."""
+    """Hands its adapter a duplicate of its socket, which another thread can shut down even once TLS wrapped it."""
 
     def __init__(self, *args: Any, cuttable: _Cuttable, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -319,13 +294,12 @@ class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
 
 
 class _Cuttable(requests.adapters.HTTPAdapter):
-    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each read, not
-    the answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
+    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each read, not the
+    answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
 
     def __init__(self) -> None:
-        super().__init__(max_retries=0)
-        # No lock: cut() sets is_cut before it reads _socks, _opened() appends before it reads is_cut.
-        self._socks: list[socket.socket] = []
+        super().__init__()  # no retries
+        self._socks: list[socket.socket] = []  # no lock: cut() sets is_cut first, _opened() appends first
         self.is_cut = False
 
     def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
@@ -367,8 +341,7 @@ def _bounded_request(
             with session.request(method, url, timeout=timeout, allow_redirects=False, stream=True, **kwargs) as resp:
                 content = b""
                 for chunk in resp.iter_content(64 * 1024):
-                    content += chunk
-                    if len(content) > limit:
+                    if len(content := content + chunk) > limit:
                         return resp, None
                 return resp, content
     except requests.RequestException as exc:
@@ -385,10 +358,6 @@ def _bounded_request(
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
 _ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
-
-
-# One parser per kind of setting: it takes the variable, the raw value (an environment string or any keyword) and
-# the bounds its row declares; bad input is a ConfigError naming the variable, the value and the way out.
 
 
 def _parse_seconds(var: str, raw: object, low: float, high: float, off: bool = False) -> float | None:
@@ -463,16 +432,11 @@ def _parse_list(var: str, raw: object, sep: str, item: Callable[..., Any] | None
 
 
 def _url_item(var: str, url: str) -> str:
-    try:
+    with contextlib.suppress(ValueError):  # urlsplit() and .port raise on a malformed IPv6 address or port
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise ConfigError(f"{var} has a malformed URL {url!r}: {exc}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable():
-        raise ConfigError(
-            f"{var} must be an http:// or https:// URL such as 'http://keeper:8100/register', got {url!r}"
-        )
-    return url
+        if parts.scheme in ("http", "https") and parts.hostname and url.isprintable() and parts.port != 0:
+            return url
+    raise ConfigError(f"{var} must be an http:// or https:// URL such as 'http://keeper:8100/register', got {url!r}")
 
 
 def _network_item(var: str, text: str) -> IPNetwork:
@@ -487,8 +451,7 @@ def _allowed_host_item(var: str, item: str) -> str:
     host = f"[{item.lower()}]" if ":" in item and _ip(item) is not None else item.lower()
     if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and _ip(host[1:-1]) is None):
         raise ConfigError(
-            f"{var} must list host names or IP addresses without scheme or port, such as 'keeper!127.0.0.1' "
-            f"('*.example.com' for subdomains, '*' for any), got {item!r}"
+            f"{var} must list hosts without scheme or port, such as 'keeper!10.0.0.5!*.example.com', got {item!r}"
         )
     return host
 
@@ -498,7 +461,9 @@ def _tag_item(var: str, tag: str) -> str:
 
 
 class _Setting(NamedTuple):
-    """A row of the settings table (see :class:`Config`); ``old`` is an older name of ``var``, still read."""
+    """A row of the settings table (see :class:`Config`); ``old`` is an older name of ``var``, still read.
+    ``parse(var, raw, *bounds)`` takes an environment string or any keyword; bad input is a ConfigError naming the
+    variable, the value and the way out."""
 
     var: str
     parse: Callable[..., Any]
@@ -548,8 +513,7 @@ class Config:
     deregister_after: float | None = _setting(None, "then gone", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True)
     health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_count, 1, 100)
     health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_count, 1, 100)
-    #: The fields set by a keyword, the environment or the .env file (not by FastAPI's title=, description= or
-    #: version= keywords to PicoAPI).
+    #: The fields set by a keyword, the environment or the .env file (not by FastAPI's title= and the like).
     configured: frozenset[str] = frozenset()
 
     @classmethod
@@ -623,8 +587,7 @@ _SETTINGS: dict[str, _Setting] = {
 
 
 def _close_setting(name: str) -> str | None:
-    """The setting ``name`` looks like a misspelling of (``prot``, ``API_PORT``, ``healthInterval``, ``register_path``
-    after its variable), or None."""
+    """The setting ``name`` misspells (``prot``, ``API_PORT``, ``healthInterval``, ``register_path``), or None."""
     names = {k: k for k in _SETTINGS} | {v.lower()[4:]: k for k, s in _SETTINGS.items() for v in (s.var, s.old) if v}
     found = difflib.get_close_matches(name.lower().removeprefix("api_"), names, 1, 0.75)
     return names[found[0]] if found else None
@@ -643,16 +606,15 @@ def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> Non
         if (raw := given.pop(old, None)) in (None, ""):
             continue
         mode = "supervisor" if _parse_bool(old, raw) else "worker"
+        was, now = spelt.format(old, raw), spelt.format(new, mode)
         if str(given.get(new) or mode).strip().lower() != mode:
             raise ConfigError(
-                f"{spelt.format(old, raw)} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: "
-                f"{old} is the old spelling of {spelt.format(new, mode)}; keep only {new}"
+                f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: "
+                f"{old} is the old spelling of {now}; keep only {new}"
             )
         given[new] = mode
-        message = f"{spelt.format(old, raw)} is picoapi 1.x's spelling: write {spelt.format(new, mode)} instead"
-        frame, level = sys._getframe(), 1
-        while frame.f_back is not None and frame.f_code.co_filename == __file__:
-            frame, level = frame.f_back, level + 1
+        message = f"{was} is picoapi 1.x's spelling: write {now} instead"
+        level = next((i for i, frame in enumerate(inspect.stack(0), 1) if frame.filename != __file__), 1)
         warnings.warn(message, DeprecationWarning, stacklevel=level)
         _log_once(message)
 
