@@ -285,7 +285,9 @@ class _CutConnection(urllib3.connection.HTTPConnection):
 
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
-        self._cuttable._opened(sock.dup())
+        self._cuttable.socks.append(sock.dup())
+        if self._cuttable.is_cut:  # opened after the cut: it must carry no request
+            self._cuttable.cut()
         return sock
 
 
@@ -299,7 +301,7 @@ class _Cuttable(requests.adapters.HTTPAdapter):
 
     def __init__(self) -> None:
         super().__init__()  # no retries
-        self._socks: list[socket.socket] = []  # no lock: cut() sets is_cut first, _opened() appends first
+        self.socks: list[socket.socket] = []  # no lock: cut() sets is_cut first, a connection appends first
         self.is_cut = False
 
     def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
@@ -309,20 +311,15 @@ class _Cuttable(requests.adapters.HTTPAdapter):
             pool.conn_kw["cuttable"] = self
         return pool
 
-    def _opened(self, sock: socket.socket) -> None:
-        self._socks.append(sock)
-        if self.is_cut:  # opened after the cut: it must carry no request
-            self.cut()
-
     def cut(self) -> None:
         self.is_cut = True
-        for sock in self._socks:
+        for sock in self.socks:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         super().close()
-        for sock in self._socks:
+        for sock in self.socks:
             sock.close()
 
 
@@ -356,7 +353,6 @@ def _bounded_request(
 # -- Configuration -----------------------------------------------------------
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
-_ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
@@ -449,7 +445,9 @@ def _network_item(var: str, text: str) -> IPNetwork:
 def _allowed_host_item(var: str, item: str) -> str:
     # As Starlette's TrustedHostMiddleware compares the Host header's host: lower case, IPv6 in brackets.
     host = f"[{item.lower()}]" if ":" in item and _ip(item) is not None else item.lower()
-    if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and _ip(host[1:-1]) is None):
+    if not re.fullmatch(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]", host) or (
+        host[0] == "[" and _ip(host[1:-1]) is None
+    ):
         raise ConfigError(
             f"{var} must list hosts without scheme or port, such as 'keeper!10.0.0.5!*.example.com', got {item!r}"
         )
@@ -461,9 +459,8 @@ def _tag_item(var: str, tag: str) -> str:
 
 
 class _Setting(NamedTuple):
-    """A row of the settings table (see :class:`Config`); ``old`` is an older name of ``var``, still read.
-    ``parse(var, raw, *bounds)`` takes an environment string or any keyword; bad input is a ConfigError naming the
-    variable, the value and the way out."""
+    """A row of the settings table (see :class:`Config`); ``old``, an older name of ``var``, is still read. ``parse(var,
+    raw, *bounds)`` takes a string or any keyword; bad input is a ConfigError naming the variable, value and fix."""
 
     var: str
     parse: Callable[..., Any]
@@ -510,7 +507,7 @@ class Config:
     register_required: bool = _setting(False, "fail startup unless registered", _parse_bool)
     max_workers: int = _setting(DEFAULT_MAX_WORKERS, "the registry's cap", _parse_count, 1, 10_000_000)
     registry_file: str | None = _setting(None, "a sqlite file keeping the registrations", _parse_text, 4096)
-    deregister_after: float | None = _setting(None, "then gone", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True)
+    deregister_after: float | None = _setting(None, "gone after", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True)
     health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_count, 1, 100)
     health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_count, 1, 100)
     #: The fields set by a keyword, the environment or the .env file (not by FastAPI's title= and the like).
@@ -637,9 +634,8 @@ def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
         return {}
     try:
         with open(path, encoding="utf-8") as file:
-            text = file.read()
-        if "\0" in text:
-            raise ValueError("a NUL byte")
+            if "\0" in (text := file.read()):
+                raise ValueError("a NUL byte")
     except FileNotFoundError:
         raise ConfigError(f"env_file {str(path)!r} does not exist; pass an existing path or None") from None
     except (OSError, ValueError) as exc:
