@@ -301,7 +301,8 @@ class _Cuttable(requests.adapters.HTTPAdapter):
 
     def __init__(self) -> None:
         super().__init__()  # no retries
-        self.socks: list[socket.socket] = []  # no lock: cut() sets is_cut first, a connection appends first
+        self._lock = threading.Lock()  # cut() never shuts a descriptor close() freed (and another socket reused)
+        self.socks: list[socket.socket] = []  # a connection appends, then reads is_cut; cut() sets it, then reads
         self.is_cut = False
 
     def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
@@ -312,15 +313,17 @@ class _Cuttable(requests.adapters.HTTPAdapter):
         return pool
 
     def cut(self) -> None:
-        self.is_cut = True
-        for sock in self.socks:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            self.is_cut = True
+            for sock in self.socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         super().close()
-        for sock in self.socks:
-            sock.close()
+        with self._lock:
+            for sock in self.socks:
+                sock.close()
 
 
 def _bounded_request(
