@@ -452,7 +452,7 @@ def _allowed_host_item(var: str, item: str) -> str:
         host[0] == "[" and _ip(host[1:-1]) is None
     ):
         raise ConfigError(
-            f"{var} must list hosts without scheme or port, such as 'keeper!10.0.0.5!*.example.com', got {item!r}"
+            f"{var} must list hosts without scheme or port ('keeper!10.0.0.5!*.example.com'), got {item!r}"
         )
     return host
 
@@ -543,20 +543,13 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.cors_allow_credentials and "*" in self.cors_allow_origins:
-            raise ConfigError(
-                "API_CORS_ALLOW_CREDENTIALS=true needs explicit origins, got API_CORS_ALLOW_ORIGINS='*'; list them"
-            )
+            raise ConfigError("API_CORS_ALLOW_CREDENTIALS=true needs explicit origins, got API_CORS_ALLOW_ORIGINS='*'")
         host = _bracketed(self.host or "")
         listed = any(host == h or (h[0] == "*" and host.endswith(h[1:])) for h in self.allowed_hosts)
         if host and self.allowed_hosts and not listed:
-            raise ConfigError(
-                f"API_ALLOWED_HOSTS must list API_HOST ('{self.host}'), the Host of health checks and calls; add it"
-            )
-        if (self.health_timeout or 0) > self.health_interval:
-            raise ConfigError(
-                f"API_HEALTH_TIMEOUT ({self.health_timeout:g}) must not exceed "
-                f"API_HEALTH_INTERVAL ({self.health_interval:g})"
-            )
+            raise ConfigError(f"API_ALLOWED_HOSTS must list API_HOST ('{self.host}'), the Host health checks send")
+        if (timeout := self.health_timeout or 0) > (interval := self.health_interval):
+            raise ConfigError(f"API_HEALTH_TIMEOUT ({timeout:g}) must not exceed API_HEALTH_INTERVAL ({interval:g})")
 
     @property
     def health_url(self) -> str:
@@ -643,9 +636,7 @@ def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
         raise ConfigError(f"env_file {str(path)!r} does not exist; pass an existing path or None") from None
     except (OSError, ValueError) as exc:
         why = "not UTF-8" if isinstance(exc, UnicodeError) else getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(
-            f"cannot read the settings file {str(path)!r} ({why}); save it as UTF-8 VAR=value lines"
-        ) from None
+        raise ConfigError(f"cannot read the settings file {str(path)!r} ({why}); save it as UTF-8 text") from None
     return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
 
