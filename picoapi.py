@@ -356,6 +356,7 @@ def _bounded_request(
 # -- Configuration -----------------------------------------------------------
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
+_ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
@@ -448,12 +449,8 @@ def _network_item(var: str, text: str) -> IPNetwork:
 def _allowed_host_item(var: str, item: str) -> str:
     # As Starlette's TrustedHostMiddleware compares the Host header's host: lower case, IPv6 in brackets.
     host = f"[{item.lower()}]" if ":" in item and _ip(item) is not None else item.lower()
-    if not re.fullmatch(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]", host) or (
-        host[0] == "[" and _ip(host[1:-1]) is None
-    ):
-        raise ConfigError(
-            f"{var} must list hosts without scheme or port ('keeper!10.0.0.5!*.example.com'), got {item!r}"
-        )
+    if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and _ip(host[1:-1]) is None):
+        raise ConfigError(f"{var} must list hosts without scheme or port ('keeper!10.0.0.5!*.internal'), got {item!r}")
     return host
 
 
