@@ -168,8 +168,7 @@ class NoWorkerAvailable(PicoAPIError, LookupError):
 # -- Helpers -----------------------------------------------------------------
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-#: What no text may hold: controls (ESC, CSI, OSC...), formats (bidi overrides, zero-width), surrogates, line or
-#: paragraph separators. They rewrite terminals, break lines in logs, and let 'resizer\u200b' pass for 'resizer'.
+#: Never in text: controls, formats (bidi, zero-width), surrogates, line separators (they rewrite terminals, spoof names).
 _HIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
@@ -296,8 +295,7 @@ class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
 
 
 class _Cuttable(requests.adapters.HTTPAdapter):
-    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each read, not the
-    answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
+    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds a read, not an answer."""
 
     def __init__(self) -> None:
         super().__init__()  # no retries
@@ -477,9 +475,8 @@ def _setting(default: Any, help: str, parse: Callable[..., Any], *bounds: Any, v
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting of a PicoAPI app, parsed and validated: the one table of settings. A field's name is its
-    keyword (``PicoAPI(port=8080)``) and, in capitals after ``API_``, its variable; its row gives its default, meaning,
-    parser and bounds. :meth:`load` reads, by precedence: keywords, the environment, a ``.env`` file, the defaults."""
+    """Every setting of a PicoAPI app, parsed and validated. A field's name is its keyword (``port=8080``) and, as
+    ``API_PORT``, its variable. :meth:`load` reads, by precedence: keywords, the environment, ``.env``, the defaults."""
 
     # keyword: type = _setting(default, meaning, parser, *bounds)
     mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, "worker", "supervisor")
