@@ -168,7 +168,7 @@ class NoWorkerAvailable(PicoAPIError, LookupError):
 # -- Helpers -----------------------------------------------------------------
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-#: Never in text: controls, formats (bidi, zero-width), surrogates, line separators (they rewrite terminals, spoof names).
+#: Never in text: controls, formats (bidi, zero-width), surrogates, line breaks: they rewrite terminals, spoof names.
 _HIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
