@@ -1,9 +1,7 @@
 """PicoAPI: FastAPI with service registration and health checking built in.
 
-One class, two modes: workers register themselves with a supervisor, and the
-supervisor health-checks them and knows which healthy worker can do what.
-
-A worker (``API_HOST``, ``API_TITLE`` and ``API_REGISTER_PATH`` set)::
+One class, two modes: workers register themselves with a supervisor, and the supervisor health-checks them and
+knows which healthy worker can do what. A worker (``API_HOST``, ``API_TITLE`` and ``API_REGISTER_PATH`` set)::
 
     from picoapi import PicoAPI
 
@@ -13,19 +11,15 @@ A worker (``API_HOST``, ``API_TITLE`` and ``API_REGISTER_PATH`` set)::
     def resize(width: int) -> dict:
         return {"width": width}
 
-A supervisor::
+A supervisor (``PUT /register``, ``GET /services``, health checks)::
 
-    from picoapi import PicoAPI
-
-    app = PicoAPI(mode="supervisor")  # PUT /register, GET /services, health checks
+    app = PicoAPI(mode="supervisor")
 
     @app.get("/healthy-resizers")
     def healthy_resizers() -> list:
         return [w.id for w in app.registry.workers("resize", status="healthy")]
 
-Run either with ``uvicorn module:app`` or ``picoapi worker module:app`` /
-``picoapi supervisor``.
-
+Run either with ``uvicorn module:app`` or ``picoapi worker module:app`` / ``picoapi supervisor``.
 Dependencies: fastapi, uvicorn, requests, python-dotenv. Licence: MIT.
 """
 
@@ -94,102 +88,50 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = [
-    "PicoAPI",
-    "Config",
-    "Registration",
-    "HealthSpec",
-    "Worker",
-    "Registry",
-    "HealthChecker",
-    "CheckResult",
-    "Registrar",
-    "PicoAPIError",
-    "ConfigError",
-    "RegistrationError",
-    "RegistryFull",
-    "NoWorkerAvailable",
-    "check_once",
-    "worker_id",
-    "main",
-]
+__all__ = ["PicoAPI", "Config", "Registration", "HealthSpec", "Worker", "Registry", "HealthChecker", "CheckResult"]
+__all__ += ["Registrar", "PicoAPIError", "ConfigError", "RegistrationError", "RegistryFull", "NoWorkerAvailable"]
+__all__ += ["check_once", "worker_id", "main"]
 
 __version__ = "2.0.0"
 
 # -- Defaults ----------------------------------------------------------------
 
-DEFAULT_PORT = 8888
-DEFAULT_DESCRIPTION = "a brief description"
-DEFAULT_VERSION = "0.0.1"
-DEFAULT_HEALTH_PATH = "/health"
-DEFAULT_HEALTH_INTERVAL = 300.0
-#: The supervisor's check deadline when a worker names none: min(interval, this).
-DEFAULT_HEALTH_TIMEOUT = 10.0
-DEFAULT_CORS = ("*",)
-DEFAULT_REGISTER_TIMEOUT = 30.0
-DEFAULT_MAX_WORKERS = 10_000
-DEFAULT_HEALTH_FAILURES = 2
-DEFAULT_HEALTH_SUCCESSES = 1
-#: A worker that heard no check from a supervisor for this many intervals asks it whether it still checks it.
-DEFAULT_WATCHDOG_INTERVALS = 3
-#: A worker GETs its own registered health URL this long after startup (at most one interval).
-SELF_CHECK_AFTER = 2.0
-DEFAULT_MODE = "worker"
+DEFAULT_MODE, DEFAULT_PORT = "worker", 8888
+DEFAULT_DESCRIPTION, DEFAULT_VERSION = "a brief description", "0.0.1"
+DEFAULT_HEALTH_PATH, DEFAULT_HEALTH_INTERVAL = "/health", 300.0
+DEFAULT_HEALTH_TIMEOUT = 10.0  #: a check's deadline when the worker names none: min(interval, this)
+DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_SUCCESSES = 2, 1
+DEFAULT_CORS, DEFAULT_REGISTER_TIMEOUT, DEFAULT_MAX_WORKERS = ("*",), 30.0, 10_000
+DEFAULT_WATCHDOG_INTERVALS = 3  #: intervals without a check before a worker asks the supervisor if it still checks
+SELF_CHECK_AFTER = 2.0  #: a worker GETs its own registered health URL this long after startup (at most an interval)
 
-MIN_INTERVAL = 0.05
-MAX_INTERVAL = 86_400.0
-MAX_NAME = 128
-MAX_VERSION = 64
-MAX_TAG = 64
-MAX_TAGS = 32
-MAX_DESCRIPTION = 1024
-MAX_HOST = 253
-MAX_URL = 2048
-MAX_ERROR = 200
-MAX_BODY = 64 * 1024
+MIN_INTERVAL, MAX_INTERVAL = 0.05, 86_400.0
+MAX_NAME, MAX_VERSION, MAX_TAG, MAX_TAGS, MAX_DESCRIPTION, MAX_HOST, MAX_URL = 128, 64, 64, 32, 1024, 253, 2048
+MAX_ERROR, MAX_BODY = 200, 64 * 1024
 _INSTANCE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-#: Processes remembered per entry (siblings serving one port, restarts); the oldest are forgotten.
-MAX_INSTANCES = 16
-#: A new worker's checks may fail this long (at most one interval) before it is unhealthy: its server is starting.
-STARTUP_GRACE = 10.0
+MAX_INSTANCES = 16  #: processes remembered per entry (siblings on one port, restarts); the oldest are forgotten
+STARTUP_GRACE = 10.0  #: a new worker's checks may fail this long (at most an interval): its server is starting
 
-REGISTER_ROUTE = "/register"
-SERVICES_ROUTE = "/services"
-#: GET /services' default and largest ``limit``: every entry of a registry of up to 1,000 workers in one answer,
-#: as before paging, and never more than ~6 MB (1,000 entries with every field at its longest).
-SERVICES_PAGE = 1000
-DASHBOARD_ROUTE = "/dashboard"
+REGISTER_ROUTE, SERVICES_ROUTE, DASHBOARD_ROUTE = "/register", "/services", "/dashboard"
+SERVICES_PAGE = 1000  #: GET /services' default and largest ``limit``: a registry of 1,000 in one answer, ~6 MB at most
 #: Seconds between two updates of the dashboard (it never reloads), and the rows a page shows at most (~45 KB).
-DASHBOARD_REFRESH = 2
-DASHBOARD_PAGE = 200
-SUPERVISOR_HEADER = "X-PicoAPI-Supervisor"
-_SUPERVISOR_HEADER_KEY = SUPERVISOR_HEADER.lower().encode()  # as it appears in an ASGI scope
-#: Names the worker process that answered a health check (the supervisor counts only those that registered).
-INSTANCE_HEADER = "X-PicoAPI-Instance"
-_INSTANCE_HEADER_KEY = INSTANCE_HEADER.lower().encode()
+DASHBOARD_REFRESH, DASHBOARD_PAGE = 2, 200
+#: INSTANCE_HEADER names the worker process that answered a health check (only those that registered count).
+SUPERVISOR_HEADER, INSTANCE_HEADER = "X-PicoAPI-Supervisor", "X-PicoAPI-Instance"
+_SUPERVISOR_HEADER_KEY, _INSTANCE_HEADER_KEY = SUPERVISOR_HEADER.lower().encode(), INSTANCE_HEADER.lower().encode()
 HEALTHY, UNHEALTHY, UNKNOWN = "healthy", "unhealthy", "unknown"
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN)
 
-#: Backoff of the worker's registration attempts: base * 2**attempt, capped, jittered.
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
+BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  #: registration attempts wait base * 2**attempt, capped, jittered
 _ATTEMPTS_AT_CAP = math.ceil(math.log2(BACKOFF_CAP / BACKOFF_BASE))
-#: Deregistration on shutdown never holds shutdown longer than this.
-DEREGISTER_TIMEOUT = 2.0
-#: Host names a supervisor resolves at once for registrations, and its checks of a live process before a change
-#: (PUT or DELETE /register) at once; more are answered 503.
+DEREGISTER_TIMEOUT = 2.0  #: the longest deregistration holds shutdown
+#: Host names resolved at once for registrations, and checks of a live process before a PUT or DELETE at once (503).
 MAX_RESOLVING = 4
-#: Seconds a registration waits for a busy registry file before answering 503.
-STORE_TIMEOUT = 1.0
-#: Seconds app.call() and app.broadcast() wait for a worker unless told otherwise.
-DEFAULT_CALL_TIMEOUT = 10.0
-#: GET /services/{id}/openapi: seconds it waits for the worker in all, the most the worker may send, and the
-#: documents fetched at once (more are answered 503).
-OPENAPI_TIMEOUT = 5.0
-OPENAPI_MAX_BYTES = 1024 * 1024
-OPENAPI_MAX_FETCHES = 4
-#: ``picoapi status`` reads at most this many pages of GET /services (100,000 workers), whatever it is told.
-STATUS_MAX_PAGES = 100
+STORE_TIMEOUT = 1.0  #: seconds a registration waits for a busy registry file before answering 503
+DEFAULT_CALL_TIMEOUT = 10.0  #: seconds app.call() and app.broadcast() wait for a worker unless told otherwise
+#: GET /services/{id}/openapi: seconds it waits in all, bytes the worker may send, documents fetched at once (503).
+OPENAPI_TIMEOUT, OPENAPI_MAX_BYTES, OPENAPI_MAX_FETCHES = 5.0, 1024 * 1024, 4
+STATUS_MAX_PAGES = 100  #: GET /services pages ``picoapi status`` reads at most, whatever it is told (100,000 workers)
 
 logger = logging.getLogger("picoapi")
 
@@ -213,10 +155,7 @@ class RegistryFull(PicoAPIError, OverflowError):
 
 
 class NoWorkerAvailable(PicoAPIError, LookupError):
-    """No healthy worker has the tags, or none of those tried answered.
-
-    Raised inside a route, it becomes a 503 naming the tags (unless you handle it).
-    """
+    """No healthy worker has the tags, or none of those tried answered; raised in a route, a 503 naming the tags."""
 
     def __init__(self, tags: Sequence[str], version: str | None = None, tried: Sequence[tuple[str, str]] = ()) -> None:
         #: The tags and version asked for, and each worker tried with why it failed.
@@ -228,6 +167,10 @@ class NoWorkerAvailable(PicoAPIError, LookupError):
 
 # -- Helpers -----------------------------------------------------------------
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: Never in text: controls, formats (bidi, zero-width), surrogates, line breaks: they rewrite terminals, spoof names.
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
 
 def _printable(text: object, limit: int = MAX_ERROR) -> str:
     """``text`` cut to ``limit`` characters, anything unprintable escaped: safe for a terminal or a log."""
@@ -235,63 +178,48 @@ def _printable(text: object, limit: int = MAX_ERROR) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
 def _bracketed(host: str) -> str:
     """``host`` as a URL or a Host header writes it: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host else host
 
 
+def _normal_host(host: str) -> str:
+    """``host`` as the registry keeps it: lower case, an IPv6 address without brackets."""
+    return host.strip("[]").lower()
+
+
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """``text`` as an IP address (an IPv4-mapped IPv6 address as IPv4), or None."""
-    try:
+    with contextlib.suppress(ValueError):
         ip = ipaddress.ip_address(text or "")
-    except ValueError:
-        return None
-    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+        return getattr(ip, "ipv4_mapped", None) or ip
+    return None
 
 
 def _resolve(host: str) -> str:
     """The IP address ``host`` names (blocking); raises ValueError naming the host."""
-    if _ip(host) is not None:
-        return host
     try:
-        return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+        return host if _ip(host) else str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
     except (OSError, UnicodeError) as exc:
-        raise ValueError(
-            f"host {host!r} does not resolve ({_printable(exc)}); register an IP address or fix DNS"
-        ) from exc
-
-
-#: What no text field may hold: controls (C0 and C1: ESC, CSI, OSC...), formats (bidi overrides, zero-width
-#: characters), surrogates and line or paragraph separators. They rewrite terminals, reorder or break lines
-#: in logs and tables, and let 'resizer\u200b' register beside 'resizer' looking the same.
-_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+        raise ValueError(f"host {host!r} does not resolve ({_printable(exc)}); use an IP address or fix DNS") from exc
 
 
 def _check_text(what: str, text: str, error: type[ValueError] = ValueError) -> str:
-    """``text``, if it holds no character of the :data:`_HIDDEN` categories; else ``error`` naming ``what``."""
-    if not text.isprintable():  # False for every hidden category: most text is done here, in C
-        for i, char in enumerate(text):
-            if unicodedata.category(char) in _HIDDEN:
-                raise error(
-                    f"{what} must not contain control, format or line-separator characters; remove the "
-                    f"U+{ord(char):04X} at index {i}, got '{_printable(text)}'"
-                )
+    """``text``, if it holds no :data:`_HIDDEN` character (most text passes isprintable(), in C); else ``error``."""
+    hidden = [] if text.isprintable() else [i for i, c in enumerate(text) if unicodedata.category(c) in _HIDDEN]
+    if hidden:
+        raise error(
+            f"{what} must not contain control, format or line-separator characters; remove the "
+            f"U+{ord(text[hidden[0]]):04X} at index {hidden[0]}, got '{_printable(text)}'"
+        )
     return text
 
 
 def _check_health_url(what: str, url: str, error: type[ValueError] = ValueError) -> str:
-    """``url`` (or a path alone), if it is ASCII without query or fragment; else ``error`` naming ``what``, the fix.
-
-    The checker sends the path byte for byte. A health check is a path, as API_HEALTH_PATH is: a query there is
-    a mistake, and a fragment never even leaves the client.
-    """
+    """``url`` (or a path alone), if ASCII without query or fragment: a health check is a path, sent byte for byte."""
     origin = "" if url.startswith("/") else "{0.scheme}://{0.netloc}".format(urlsplit(url))
     path = url[len(origin) :]
-    # RFC 3986's path characters and existing %XX escapes stay as they are; the rest is percent-encoded.
-    fixed = quote(path.partition("#")[0].partition("?")[0], safe="/%:@!$&'()*+,;=")
+    fixed = quote(re.split("[?#]", path)[0], safe="/%:@!$&'()*+,;=")  # RFC 3986's path characters and %XX stay
     if fixed != path:
         raise error(
             f"{what} must be an ASCII path without ?query or #fragment; percent-encode it: "
@@ -311,11 +239,6 @@ def _check_tag(what: str, tag: str, error: type[ValueError] = ValueError) -> str
 
 def _is_whole(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 12  # not '²', not 5,000 digits
-
-
-def _normal_host(host: str) -> str:
-    """``host`` as the registry keeps it: lower case, an IPv6 address without brackets."""
-    return host.strip("[]").lower()
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -341,8 +264,7 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def _json(content: bytes) -> Any:
-    """The JSON in ``content``, or None: a far end may send anything, nested 60,000 deep, 5,000-digit numbers,
-    NaN (which Python reads, but no JSON parser does)."""
+    """The JSON in ``content``, or None: a far end may send anything (60,000 deep, 5,000-digit numbers, NaN)."""
     try:
         return json.loads(content, parse_constant=int)  # int('NaN'), int('Infinity'): ValueError
     except (ValueError, RecursionError):
@@ -354,16 +276,17 @@ class _Cut(requests.Timeout):
 
 
 class _CutConnection(urllib3.connection.HTTPConnection):
-    """Hands ``on_socket`` a duplicate of its socket: shutdown() acts on the socket, not the descriptor, so
-    another thread can cut the connection with it, even once TLS wrapped the original."""
+    """Hands its adapter a duplicate of its socket, which another thread can shut down even once TLS wrapped it."""
 
-    def __init__(self, *args: Any, on_socket: Callable[[socket.socket], None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, cuttable: _Cuttable, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._on_socket = on_socket
+        self._cuttable = cuttable
 
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
-        self._on_socket(sock.dup())
+        self._cuttable.socks.append(sock.dup())
+        if self._cuttable.is_cut:  # opened after the cut: it must carry no request
+            self._cuttable.cut()
         return sock
 
 
@@ -372,48 +295,40 @@ class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
 
 
 class _Cuttable(requests.adapters.HTTPAdapter):
-    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds each read, not
-    the answer, and a supervisor trickling a byte every 0.1 s held a startup 40 s past 2 s."""
+    """An adapter whose connections another thread can :meth:`cut`: requests' timeout bounds a read, not an answer."""
 
     def __init__(self) -> None:
-        super().__init__(max_retries=0)
-        self._lock = threading.Lock()  # guards _socks and is_cut
-        self._socks: list[socket.socket] = []
+        super().__init__()  # no retries
+        self._lock = threading.Lock()  # cut() never shuts a descriptor close() freed (and another socket reused)
+        self.socks: list[socket.socket] = []  # a connection appends, then reads is_cut; cut() sets it, then reads
         self.is_cut = False
 
     def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
         pool = super().get_connection_with_tls_context(*args, **kwargs)
         if isinstance(pool, urllib3.HTTPConnectionPool):  # always; narrows the type
             pool.ConnectionCls = _CutTLSConnection if isinstance(pool, urllib3.HTTPSConnectionPool) else _CutConnection
-            pool.conn_kw["on_socket"] = self._opened
+            pool.conn_kw["cuttable"] = self
         return pool
-
-    def _opened(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._socks.append(sock)
-        if self.is_cut:  # opened after the cut: it must carry no request
-            self.cut()
 
     def cut(self) -> None:
         with self._lock:
             self.is_cut = True
-            for sock in self._socks:
+            for sock in self.socks:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         super().close()
         with self._lock:
-            for sock in self._socks:
+            for sock in self.socks:
                 sock.close()
 
 
 def _bounded_request(
     adapter: _Cuttable, method: str, url: str, timeout: float, limit: int, **kwargs: Any
 ) -> tuple[requests.Response, bytes | None]:
-    """One request through ``adapter``, no redirects, cut after ``timeout`` seconds in all (connect to last
-    byte); returns the answer and its body, None when over ``limit`` bytes (the rest is never read). Raises
-    requests' errors, :class:`_Cut` when cut."""
+    """One request, no redirects, cut after ``timeout`` seconds in all; returns the answer and its body, None when
+    over ``limit`` bytes (the rest is never read). Raises requests' errors, :class:`_Cut` when cut."""
     timer = threading.Timer(timeout, adapter.cut)
     timer.name, timer.daemon = "picoapi-deadline", True
     timer.start()
@@ -424,8 +339,7 @@ def _bounded_request(
             with session.request(method, url, timeout=timeout, allow_redirects=False, stream=True, **kwargs) as resp:
                 content = b""
                 for chunk in resp.iter_content(64 * 1024):
-                    content += chunk
-                    if len(content) > limit:
+                    if len(content := content + chunk) > limit:
                         return resp, None
                 return resp, content
     except requests.RequestException as exc:
@@ -442,11 +356,6 @@ def _bounded_request(
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
 _ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
-
-
-# One parser per kind of setting. Each takes the variable (for its message), the raw value (a string from the
-# environment, or whatever a keyword was given) and the bounds its setting declares; bad input is a ConfigError
-# naming the variable, the value and the way out.
 
 
 def _parse_seconds(var: str, raw: object, low: float, high: float, off: bool = False) -> float | None:
@@ -474,8 +383,7 @@ def _parse_bool(var: str, raw: object) -> bool:
 
 
 def _parse_choice(var: str, raw: object, *choices: str) -> str:
-    text = str(raw).strip().lower()
-    if text not in choices:
+    if (text := str(raw).strip().lower()) not in choices:
         raise ConfigError(f"{var} must be {' or '.join(map(repr, choices))}, got {raw!r}")
     return text
 
@@ -489,35 +397,29 @@ def _parse_text(var: str, raw: object, limit: int, one_line: bool = False) -> st
 
 
 def _parse_host(var: str, raw: object) -> str:
-    text = str(raw).strip()
-    if not text or len(text) > MAX_HOST or not _HOST_RE.match(text):
+    if len(text := str(raw).strip()) > MAX_HOST or not _HOST_RE.match(text):
         raise ConfigError(f"{var} must be a host name or IP address such as 'localhost' or '10.0.0.5', got {raw!r}")
     return _normal_host(text)
 
 
 def _parse_path(var: str, raw: object) -> str:
-    text = str(raw).strip()
-    if not text.startswith("/") or len(text) > 512:
+    if not (text := str(raw).strip()).startswith("/") or len(text) > 512:
         raise ConfigError(f"{var} must be a path starting with '/', such as '/health', got {raw!r}")
     return _check_health_url(var, text, ConfigError)
 
 
 def _parse_token(var: str, raw: object) -> str | None:
-    # Never echo the value: it is a secret. A blank one would silently turn authentication off.
+    # Never echo the value: it is a secret. Empty is unset; a blank one would silently turn authentication off.
     text = raw if isinstance(raw, str) else " "
-    if text == "":
-        return None  # unset, as an empty variable is
-    if len(text) > 4096 or not (text.isascii() and text.isprintable()) or text != text.strip():
+    if text and (len(text) > 4096 or not (text.isascii() and text.isprintable()) or text != text.strip()):
         raise ConfigError(
             f"{var} must be 1 to 4096 printable ASCII characters with no whitespace around them (a file from "
             "`kubectl create secret --from-file` keeps its final newline: strip it); the value is not shown"
         )
-    return text
+    return text or None
 
 
-def _parse_list(
-    var: str, raw: object, sep: str, item: Callable[[str, str], Any] | None = None, most: int = 0
-) -> tuple[Any, ...]:
+def _parse_list(var: str, raw: object, sep: str, item: Callable[..., Any] | None = None, most: int = 0) -> tuple:
     """A ``sep``-delimited string or a list; each item checked by ``item(var, text)``, at most ``most`` of them."""
     if not isinstance(raw, (str, list, tuple, set, frozenset)):
         raise ConfigError(f"{var} must be a {sep!r}-delimited string or a list of strings, got {raw!r}")
@@ -528,36 +430,25 @@ def _parse_list(
 
 
 def _url_item(var: str, url: str) -> str:
-    try:
+    with contextlib.suppress(ValueError):  # urlsplit() and .port raise on a malformed IPv6 address or port
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise ConfigError(f"{var} has a malformed URL {url!r}: {exc}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable():
-        raise ConfigError(
-            f"{var} must be an http:// or https:// URL such as "
-            f"'http://keeper:8100/register' ('!' between several), got {url!r}"
-        )
-    return url
+        if parts.scheme in ("http", "https") and parts.hostname and url.isprintable() and parts.port != 0:
+            return url
+    raise ConfigError(f"{var} must be an http:// or https:// URL such as 'http://keeper:8100/register', got {url!r}")
 
 
 def _network_item(var: str, text: str) -> IPNetwork:
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise ConfigError(
-            f"{var} must list networks such as '10.0.0.0/8' or 'fd00::/8' ('!' between several), got {text!r}"
-        ) from None
+        raise ConfigError(f"{var} must list networks such as '10.0.0.0/8!fd00::/8', got {text!r}") from None
 
 
 def _allowed_host_item(var: str, item: str) -> str:
     # As Starlette's TrustedHostMiddleware compares the Host header's host: lower case, IPv6 in brackets.
     host = f"[{item.lower()}]" if ":" in item and _ip(item) is not None else item.lower()
     if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and _ip(host[1:-1]) is None):
-        raise ConfigError(
-            f"{var} must list host names or IP addresses without scheme or port, '!'-delimited, such as "
-            f"'keeper!keeper.internal!127.0.0.1' ('*.example.com' for subdomains, '*' for any), got {item!r}"
-        )
+        raise ConfigError(f"{var} must list hosts without scheme or port ('keeper!10.0.0.5!*.internal'), got {item!r}")
     return host
 
 
@@ -566,32 +457,26 @@ def _tag_item(var: str, tag: str) -> str:
 
 
 class _Setting(NamedTuple):
-    """One row of the settings table (see :class:`Config`)."""
+    """A row of the settings table (see :class:`Config`); ``old``, an older name of ``var``, is still read. ``parse(var,
+    raw, *bounds)`` takes a string or any keyword; bad input is a ConfigError naming the variable, value and fix."""
 
     var: str
     parse: Callable[..., Any]
     bounds: tuple[Any, ...]
     help: str
-    #: An older name of the variable, still read; ``var`` wins when both are set.
     old: str | None = None
 
 
 def _setting(default: Any, help: str, parse: Callable[..., Any], *bounds: Any, var: str = "", old: str = "") -> Any:
     """A :class:`Config` field that is a setting (a row of its table); ``var`` defaults to API_ and its name."""
-    secret = parse is _parse_token  # never in a repr, a log or a traceback
     row = _Setting(var, parse, bounds, help, old or None)
-    return dataclasses.field(default=default, repr=not secret, metadata={"setting": row})
+    return dataclasses.field(default=default, repr=parse is not _parse_token, metadata={"setting": row})  # a secret
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting of a PicoAPI app, parsed and validated: the one table of settings.
-
-    Each field is a setting. Its name is its keyword (``PicoAPI(port=8080)``, ``Config.load({"port": 8080})``)
-    and, in capitals after ``API_``, its environment variable; its row gives its default, what it means, and the
-    parser of its kind with that parser's bounds. Built by :meth:`load` from, in order of precedence: keywords,
-    the process environment, a ``.env`` file, the defaults.
-    """
+    """Every setting of a PicoAPI app, parsed and validated. A field's name is its keyword (``port=8080``) and, as
+    ``API_PORT``, its variable. :meth:`load` reads, by precedence: keywords, the environment, ``.env``, the defaults."""
 
     # keyword: type = _setting(default, meaning, parser, *bounds)
     mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, "worker", "supervisor")
@@ -619,13 +504,10 @@ class Config:
     register_required: bool = _setting(False, "fail startup unless registered", _parse_bool)
     max_workers: int = _setting(DEFAULT_MAX_WORKERS, "the registry's cap", _parse_count, 1, 10_000_000)
     registry_file: str | None = _setting(None, "a sqlite file keeping the registrations", _parse_text, 4096)
-    deregister_after: float | None = _setting(
-        None, "unhealthy, then gone", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True
-    )
+    deregister_after: float | None = _setting(None, "gone after", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True)
     health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_count, 1, 100)
     health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_count, 1, 100)
-    #: The fields that were set by a keyword, the environment or the .env file (not by FastAPI's own title=,
-    #: description= or version= keywords to PicoAPI).
+    #: The fields set by a keyword, the environment or the .env file (not by FastAPI's title= and the like).
     configured: frozenset[str] = frozenset()
 
     @classmethod
@@ -636,11 +518,8 @@ class Config:
         environ: Mapping[str, str] | None = None,
         env_file: str | os.PathLike[str] | None = ".env",
     ) -> Config:
-        """Read and validate the configuration; raises :class:`ConfigError`.
-
-        ``env_file`` is read without touching ``os.environ``; the default
-        ``.env`` may be absent, a path given explicitly must exist.
-        """
+        """Read and validate the configuration; raises :class:`ConfigError`. ``env_file`` is read without touching
+        ``os.environ``; the default ``.env`` may be absent, a path given explicitly must exist."""
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         sources = [dict(os.environ if environ is None else environ), _read_env_file(env_file)]
         _from_1x(overrides, sources)
@@ -654,28 +533,17 @@ class Config:
                 raw = next((r for r in found if r and (r.strip() or setting.parse is _parse_token)), None)
             if raw is not None:
                 values[name] = setting.parse(setting.var, raw, *setting.bounds)
-        config = cls(**values, configured=frozenset(values))
-        config._check()
-        return config
+        return cls(**values, configured=frozenset(values))
 
-    def _check(self) -> None:
+    def __post_init__(self) -> None:
         if self.cors_allow_credentials and "*" in self.cors_allow_origins:
-            raise ConfigError(
-                "API_CORS_ALLOW_CREDENTIALS=true needs explicit origins, got "
-                "API_CORS_ALLOW_ORIGINS='*'; list the origins, '!'-delimited"
-            )
+            raise ConfigError("API_CORS_ALLOW_CREDENTIALS=true needs explicit origins, got API_CORS_ALLOW_ORIGINS='*'")
         host = _bracketed(self.host or "")
         listed = any(host == h or (h[0] == "*" and host.endswith(h[1:])) for h in self.allowed_hosts)
         if host and self.allowed_hosts and not listed:
-            raise ConfigError(
-                f"API_ALLOWED_HOSTS must list API_HOST ('{self.host}'): the supervisor's health checks and calls use "
-                "it as their Host, and other hosts get 400; add it, '!'-delimited"
-            )
-        if self.health_timeout is not None and self.health_timeout > self.health_interval:
-            raise ConfigError(
-                f"API_HEALTH_TIMEOUT ({self.health_timeout:g}) must not exceed "
-                f"API_HEALTH_INTERVAL ({self.health_interval:g})"
-            )
+            raise ConfigError(f"API_ALLOWED_HOSTS must list API_HOST ('{self.host}'), the Host health checks send")
+        if (timeout := self.health_timeout or 0) > (interval := self.health_interval):
+            raise ConfigError(f"API_HEALTH_TIMEOUT ({timeout:g}) must not exceed API_HEALTH_INTERVAL ({interval:g})")
 
     @property
     def health_url(self) -> str:
@@ -706,8 +574,7 @@ _SETTINGS: dict[str, _Setting] = {
 
 
 def _close_setting(name: str) -> str | None:
-    """The setting ``name`` looks like a misspelling of (``prot``, ``API_PORT``, ``healthInterval``, ``register_path``
-    after its variable), or None."""
+    """The setting ``name`` misspells (``prot``, ``API_PORT``, ``healthInterval``, ``register_path``), or None."""
     names = {k: k for k in _SETTINGS} | {v.lower()[4:]: k for k, s in _SETTINGS.items() for v in (s.var, s.old) if v}
     found = difflib.get_close_matches(name.lower().removeprefix("api_"), names, 1, 0.75)
     return names[found[0]] if found else None
@@ -720,33 +587,28 @@ def _unknown_settings(names: Iterable[str]) -> str:
 
 def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> None:
     """Read picoapi 1.x's ``is_master`` keyword and ``API_MASTER`` variable as the mode they mean (true is
-    supervisor), warning; given beside a mode that disagrees, a ConfigError names both."""
+    supervisor), warning at the user's line; given beside a mode that disagrees, a ConfigError names both."""
     spellings = [(keywords, "is_master", "mode", "{}={!r}")] + [(s, "API_MASTER", "API_MODE", "{}={}") for s in sources]
     for given, old, new, spelt in spellings:
         if (raw := given.pop(old, None)) in (None, ""):
             continue
         mode = "supervisor" if _parse_bool(old, raw) else "worker"
+        was, now = spelt.format(old, raw), spelt.format(new, mode)
         if str(given.get(new) or mode).strip().lower() != mode:
             raise ConfigError(
-                f"{spelt.format(old, raw)} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: "
-                f"{old} is the old spelling of {spelt.format(new, mode)}; keep only {new}"
+                f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: "
+                f"{old} is the old spelling of {now}; keep only {new}"
             )
         given[new] = mode
-        _deprecated(f"{spelt.format(old, raw)} is picoapi 1.x's spelling: write {spelt.format(new, mode)} instead")
-
-
-def _deprecated(message: str) -> None:
-    """A DeprecationWarning at the first caller outside this file: the line the user wrote; and, once, a WARNING
-    log line (Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator sees nothing)."""
-    frame, level = sys._getframe(), 1
-    while frame.f_back is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, DeprecationWarning, stacklevel=level)
-    _log_once(message)
+        message = f"{was} is picoapi 1.x's spelling: write {now} instead"
+        level = next((i for i, frame in enumerate(inspect.stack(0), 1) if frame.filename != __file__), 1)
+        warnings.warn(message, DeprecationWarning, stacklevel=level)
+        _log_once(message)
 
 
 @functools.cache
 def _log_once(message: str) -> None:
+    """Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator would see nothing."""
     _log_like_uvicorn()  # logged while the app is built: under uvicorn, in its format already
     logger.warning("%s", message)
 
@@ -756,22 +618,19 @@ _env_file_instead: str | None = None
 
 
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
-    if path is not None and os.fspath(path) == ".env" and _env_file_instead:
-        path = _env_file_instead
-    if path is None or (os.fspath(path) == ".env" and not os.path.exists(path)):
+    if path is not None and os.fspath(path) == ".env":  # the default, which may be absent
+        path = _env_file_instead or (".env" if os.path.exists(".env") else None)
+    if path is None:
         return {}
-    if not os.path.exists(path):
-        raise ConfigError(f"env_file {os.fspath(path)!r} does not exist; pass an existing path or None")
     try:
         with open(path, encoding="utf-8") as file:
-            text = file.read()
-        if "\0" in text:
-            raise ValueError("a NUL byte")
+            if "\0" in (text := file.read()):
+                raise ValueError("a NUL byte")
+    except FileNotFoundError:
+        raise ConfigError(f"env_file {str(path)!r} does not exist; pass an existing path or None") from None
     except (OSError, ValueError) as exc:
         why = "not UTF-8" if isinstance(exc, UnicodeError) else getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(
-            f"cannot read the settings file {os.fspath(path)!r} ({why}); save it as UTF-8 text of VAR=value lines"
-        ) from None
+        raise ConfigError(f"cannot read the settings file {str(path)!r} ({why}); save it as UTF-8 text") from None
     return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
 

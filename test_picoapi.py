@@ -275,8 +275,18 @@ class TestConfig:
             ),
             ("API_REGISTER_PATH", "keeper:8100/register", "API_REGISTER_PATH must be an http:// or https:// URL"),
             ("API_KEEPER_URL", "ftp://keeper/register", "API_REGISTER_PATH must be an http:// or https:// URL"),
-            ("API_REGISTER_PATH", "http://keeper:99999/register", "API_REGISTER_PATH has a malformed URL"),
-            ("API_REGISTER_PATH", "http://[::1/register", "API_REGISTER_PATH has a malformed URL"),
+            (
+                "API_REGISTER_PATH",
+                "http://keeper:99999/register",
+                "API_REGISTER_PATH must be an http:// or https:// URL such as 'http://keeper:8100/register', "
+                "got 'http://keeper:99999/register'",
+            ),
+            (
+                "API_REGISTER_PATH",
+                "http://[::1/register",
+                "API_REGISTER_PATH must be an http:// or https:// URL such as 'http://keeper:8100/register', "
+                "got 'http://[::1/register'",
+            ),
             ("API_MODE", "boss", "API_MODE must be 'worker' or 'supervisor', got 'boss'"),
             ("API_HOST", "my host", "API_HOST must be a host name or IP address"),
             ("API_BIND", "a/b", "API_BIND must be a host name or IP address"),
