@@ -2816,8 +2816,7 @@ def _json_response(content: Any, status_code: int = 200, headers: Mapping[str, s
 
 
 def _load_app(args: argparse.Namespace) -> PicoAPI:
-    """The app ``picoapi supervisor|worker`` serves: ``args.app`` (an app or a factory, from the working directory)
-    or a bare supervisor, built with --port and --bind in the environment and --env-file instead of ./.env."""
+    """The app ``picoapi supervisor|worker`` serves: ``args.app`` (an app or an app factory) or a bare supervisor."""
     import importlib
 
     global _env_file_instead
@@ -2825,15 +2824,12 @@ def _load_app(args: argparse.Namespace) -> PicoAPI:
         raise ConfigError(f"--env-file {args.env_file!r} does not exist; pass the path of an existing file")
     if args.port is not None and not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be from 1 to 65535, got {args.port}")
-    for var, value in (("API_PORT", args.port), ("API_BIND", args.bind)):
-        if value is not None:
-            os.environ[var] = str(value)
+    os.environ.update({k: str(v) for k, v in {"API_PORT": args.port, "API_BIND": args.bind}.items() if v is not None})
     _env_file_instead = args.env_file
     try:
         if not args.app:
             app = PicoAPI(mode="supervisor")
-            if "title" not in app.config.configured:
-                app.title = "PicoAPI supervisor"
+            app.title = app.config.title or "PicoAPI supervisor"  # not FastAPI's default, "FastAPI"
             return app
         module_name, _, attr = args.app.partition(":")
         sys.path.insert(0, os.getcwd())
@@ -2862,13 +2858,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The most ``picoapi status`` reads of one page: a page of SERVICES_PAGE entries is at most ~6 MB.
-STATUS_MAX_BYTES = 8 * 2**20
+STATUS_MAX_BYTES = 8 * 2**20  #: the most ``picoapi status`` reads of one page (SERVICES_PAGE entries: ~6 MB)
 
 
 def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
-    """The supervisor's entries and whether that is all (at most STATUS_MAX_PAGES pages, each read strictly by the
-    route's model within ``timeout`` s, no redirect); :class:`PicoAPIError` if it is not a PicoAPI supervisor."""
+    """The supervisor's entries and whether that is all (each page read within ``timeout`` s), or PicoAPIError."""
     where, entries, pages = url + SERVICES_ROUTE, list[dict[str, Any]](), TypeAdapter(list[WorkerOut])
 
     def not_one(why: str) -> PicoAPIError:
@@ -2923,35 +2917,33 @@ def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
 def _wait_for(
     url: str, tags: Sequence[str], count: int, timeout: float, status: str = HEALTHY, alive: Callable[[], Any] = list
 ) -> list[dict[str, Any]]:
-    """Wait until ``count`` workers with ``tags`` have ``status`` at ``url`` (up yet or not), asking every 0.05 s;
-    returns them. ``alive`` raises when they can no longer come; raises :class:`PicoAPIError` after ``timeout`` s."""
+    """Wait up to ``timeout`` s for ``count`` workers with ``tags`` in ``status``; returns them, else PicoAPIError."""
     deadline, found, why = time.monotonic() + timeout, list[dict[str, Any]](), ""
     while len(found) < count:
-        alive()
+        alive()  # raises when they can no longer come
         if time.monotonic() > deadline:
             tagged = f" tagged {' and '.join(tags)}" if tags else ""
             raise PicoAPIError(f"timed out waiting for {_workers(count, status)}{tagged}{why}")
         time.sleep(0.05)
-        try:
+        try:  # the supervisor may not be up yet
             left = min(5.0, max(0.05, deadline - time.monotonic()))
             found, why = [e for e in _services(url, tags, left)[0] if e["status"] == status], ""
-        except PicoAPIError as exc:  # not up yet, say: it may come
+        except PicoAPIError as exc:
             why = f" (last: {exc})"
     return found
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    urls = [args.url] if args.url else Config.load().register_urls
-    if not urls:
+    if not (url := args.url or next(iter(Config.load().register_urls), "")):
         raise ConfigError(
             "no supervisor to ask: pass its URL (e.g. picoapi status http://127.0.0.1:8100) or set API_REGISTER_PATH"
         )
-    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 86400):
+    if not 0 < args.timeout <= 86400:  # NaN fails too
         raise ConfigError(f"--timeout must be a number of seconds above 0 and at most 86400, got {args.timeout}")
-    if urlsplit(urls[0]).scheme not in ("http", "https"):
-        fix = "http://" + (urls[0].partition("://")[2] or urls[0])
-        raise ConfigError(f"the supervisor's URL must begin with http:// or https://: pass {fix!r}, got {urls[0]!r}")
-    url, tags = _base_url(urls[0]), args.tag or []
+    if urlsplit(url).scheme not in ("http", "https"):
+        fix = "http://" + (url.partition("://")[2] or url)
+        raise ConfigError(f"the supervisor's URL must begin with http:// or https://: pass {fix!r}, got {url!r}")
+    url, tags = _base_url(url), args.tag or []
     if args.wait:
         _wait_for(url, tags, args.wait, args.timeout)
     entries, complete = _services(url, tags, args.timeout)
@@ -2964,171 +2956,35 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-# The demo: a supervisor and three workers on 127.0.0.1, started as a user would start them.
-
-#: The demo's workers, by title (tagged 'text' and their title): what their /work does to a text, and its task.
-_DEMO_WORKERS: dict[str, tuple[Callable[[str], str], str]] = {
-    "upper": (str.upper, "hello picoapi"),
-    "reverse": (lambda text: text[::-1], "stressed"),
-    "count": (lambda text: str(len(text.split())), "a b c d"),
-}
-
-
-def demo_worker() -> PicoAPI:
-    """The demo's worker app (a factory: ``picoapi worker picoapi:demo_worker``)."""
-    app = PicoAPI()
-    if (title := app.config.title or "upper") not in _DEMO_WORKERS:
-        raise ConfigError(f"API_TITLE must name one of the demo's workers ({', '.join(_DEMO_WORKERS)}), got {title!r}")
-    transform = _DEMO_WORKERS[title][0]
-
-    @app.get("/work")
-    def work(text: str) -> dict[str, str]:
-        return {"worker": app.title, "result": transform(text)}
-
-    return app
-
-
-def _die_with_parent() -> None:
-    """Runs in each demo child: on Linux, the kernel kills it when the demo dies."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import subprocess
-    import tempfile
-
-    started, interval, pace = time.monotonic(), args.interval, args.pace
-    if not MIN_INTERVAL <= interval <= MAX_INTERVAL or not 0 <= pace <= 3600:  # NaN fails both
-        raise ConfigError(
-            f"--interval must be {MIN_INTERVAL:g} to {MAX_INTERVAL:g} seconds and --pace 0 to 3600, "
-            f"got --interval {interval!r} --pace {pace!r}"
-        )
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    ports: dict[str, int] = {}
-    for name in ("supervisor", *_DEMO_WORKERS):  # free ports
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports[name] = int(sock.getsockname()[1])
-    url = f"http://127.0.0.1:{ports['supervisor']}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}  # each side reads its own file
-
-    def say(text: str) -> float:
-        print(f"[{time.monotonic() - started:5.1f}s] {text}", flush=True)
-        return time.monotonic()
-
-    def start(name: str) -> None:
-        """``picoapi supervisor|worker --env-file NAME.env``: each side with its own settings, as a user starts it."""
-        path, command = os.path.join(workdir, name), ["supervisor"]
-        settings = f"API_BIND=127.0.0.1\nAPI_PORT={ports[name]}\n"
-        if name in _DEMO_WORKERS:
-            command = ["worker", "picoapi:demo_worker"]
-            settings += f"API_HOST=127.0.0.1\nAPI_TITLE={name}\nAPI_TAGS=text:{name}\nAPI_HEALTH_INTERVAL={interval}\n"
-            settings += f"API_REGISTER_PATH={url}{REGISTER_ROUTE}\n"
-        with open(path + ".env", "w") as env_file:
-            env_file.write(settings)
-        # This very file, by its path: its folder comes first on the child's sys.path, so a copy vendored into a
-        # project is the picoapi the child imports, installed or not.
-        argv = [sys.executable, os.path.abspath(__file__), *command, "--env-file", path + ".env"]
-        preexec = _die_with_parent if sys.platform == "linux" else None
-        with open(path + ".log", "ab") as log:
-            procs[name] = subprocess.Popen(argv, env=env, cwd=workdir, stdout=log, stderr=log, preexec_fn=preexec)
-
-    def alive() -> None:
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                raise PicoAPIError(f"the demo's {name} process exited (the end of its log is above)")
-
-    # SIGTERM and SIGHUP (its terminal closed) stop it as Ctrl-C does: its directory goes too.
-    stops = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    previous = {stop: signal.signal(stop, signal.default_int_handler) for stop in stops}
     try:
-        with tempfile.TemporaryDirectory(prefix="picoapi-demo-") as workdir:
-            try:
-                say(f"supervisor starting: dashboard {url}{DASHBOARD_ROUTE} (open it now), API docs {url}/docs")
-                for name in ports:
-                    start(name)
-                for e in _wait_for(url, ["text"], len(_DEMO_WORKERS), 30, alive=alive):
-                    say(f"registered: {e['name']:<8} {e['id']:<16} tags={','.join(e['tags']):<14} {e['status']}")
-                time.sleep(pace)  # time to look at the dashboard between steps
-                for tag, (_, text) in _DEMO_WORKERS.items():
-                    # A check may just have failed on a busy machine: one good check brings a worker back.
-                    worker = _wait_for(url, ["text", tag], 1, 2 + 10 * interval, alive=alive)[0]
-                    try:
-                        answer = requests.get(f"http://{worker['id']}/work", params={"text": text}, timeout=2)
-                        result = answer.json()["result"]
-                    except (requests.RequestException, ValueError, LookupError, TypeError) as exc:
-                        raise PicoAPIError(f"the demo's {tag!r} worker did not answer: {_root_cause(exc)}") from None
-                    say(f"task tag={tag:<8} {text!r:<16} -> {worker['name']:<8} answered {result!r}")
-                time.sleep(pace)
-                since = say("killing worker 'reverse' (SIGKILL)")
-                (killed := procs.pop("reverse")).kill()
-                killed.wait()
-                _wait_for(url, ["reverse"], 1, 15, UNHEALTHY, alive)
-                took = time.monotonic() - since
-                say(f"supervisor marked 'reverse' unhealthy after {took:.2f}s (interval {interval:g}s)")
-                time.sleep(pace * 1.5)
-                since = say("restarting worker 'reverse'")
-                start("reverse")
-                _wait_for(url, ["reverse"], 1, 20, alive=alive)
-                say(f"'reverse' is healthy again after {time.monotonic() - since:.2f}s")
-                time.sleep(pace)
-                say(f"the registry now (same as 'picoapi status {url}'):")
-                _print_status(_services(url, (), 5.0)[0])
-                say("stopping everything")
-            except PicoAPIError:  # the logs go with the directory: show how each process ended
-                for name in sorted(procs):
-                    with open(os.path.join(workdir, name + ".log"), errors="replace") as log:
-                        tail = log.readlines()[-5:]
-                    sys.stdout.writelines(f"[{name}] {_printable(line.rstrip())}\n" for line in tail)
-                raise
-            finally:  # SIGTERM, and the workers deregister; SIGKILL to any still there 5 s later
-                for proc in procs.values():
-                    proc.terminate()
-                for proc in procs.values():
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(5)
-                    proc.kill()  # no signal once it has ended
-                    proc.wait()
-    except KeyboardInterrupt:
-        say("interrupted: stopped everything")
-        return 130
-    finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
-    say("done: no process left behind")
-    return 0
+        import picoapi_demo  # the package's second file: the demo and its worker app
+    except ModuleNotFoundError:  # picoapi.py vendored alone
+        raise ConfigError("the demo is in picoapi_demo.py: pip install picoapi, or copy it beside picoapi.py") from None
+    return picoapi_demo.run(args)
 
 
-#: The commands: handler, summary, description and an example for its --help that runs as written.
-_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, str, str]] = {
+#: The commands: handler, description (its first sentence is the summary) and an example that runs as written.
+_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, str]] = {
     "supervisor": (
         _cmd_serve,
-        "run a supervisor",
-        "Run a supervisor with uvicorn on API_BIND:API_PORT: a bare one, or your own app.",
+        "Run a supervisor: a bare one, or your own app. It serves on API_BIND:API_PORT with uvicorn.",
         "picoapi supervisor --bind 127.0.0.1 --port 8100",
     ),
     "worker": (
         _cmd_serve,
-        "run a worker app",
-        "Run a worker app (module:attribute) on API_BIND:API_PORT, registering that port.",
+        "Run a worker app. It serves on API_BIND:API_PORT with uvicorn and registers that port.",
         "API_HOST=127.0.0.1 API_TITLE=upper API_TAGS=text:upper API_REGISTER_PATH=http://127.0.0.1:8100/register "
-        "picoapi worker picoapi:demo_worker --bind 127.0.0.1 --port 8001",
+        "picoapi worker picoapi_demo:worker --bind 127.0.0.1 --port 8001",
     ),
     "status": (
         _cmd_status,
-        "print a supervisor's registry",
-        "Print the registry of a running supervisor as a table (or JSON). URL defaults to API_REGISTER_PATH's "
-        "supervisor. Exits 1 if it cannot be reached or is not a PicoAPI supervisor.",
+        "Print a supervisor's registry. Exits 1 if it cannot be reached or is not a PicoAPI supervisor.",
         "picoapi status http://127.0.0.1:8100/register --tag text",
     ),
     "demo": (
         _cmd_demo,
-        "run a live demo on 127.0.0.1",
-        "Start a supervisor and three workers on 127.0.0.1, dispatch tasks by tag, kill a worker and watch the "
-        "supervisor detect it, restart it and watch it come back. Stops by itself.",
+        "Run a live demo on 127.0.0.1. A supervisor and three workers start; one is killed, detected and revived.",
         "picoapi demo --interval 0.5 --pace 0",
     ),
 }
@@ -3140,25 +2996,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="picoapi", description=about, epilog="example: picoapi demo")
     parser.add_argument("--version", action="version", version=f"picoapi {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sup, wrk, stat, demo = (
-        commands.add_parser(name, help=summary, description=about, epilog=f"example: {example}")
-        for name, (_, summary, about, example) in _COMMANDS.items()
-    )
+    for name, (_, text, example) in _COMMANDS.items():  # the first sentence of the description is the summary
+        commands.add_parser(name, help=text.split(". ")[0].rstrip("."), description=text, epilog=f"example: {example}")
+    sup, wrk, stat, demo = commands.choices.values()
     sup.add_argument("app", nargs="?", help="a supervisor app of your own, as module:attribute (default: a bare one)")
     wrk.add_argument("app", help="the app to run, as module:attribute (an app or an app factory)")
     for server in (sup, wrk):
         server.add_argument("--bind", help="interface to bind (API_BIND)")
         server.add_argument("--port", type=int, help="port (API_PORT)")
         server.add_argument("--env-file", help="its own settings file, read instead of ./.env; the environment wins")
-    stat.add_argument("url", nargs="?", help="the supervisor's base or /register URL, e.g. http://127.0.0.1:8100")
+    stat.add_argument("url", nargs="?", help="the supervisor's base or /register URL (default: API_REGISTER_PATH's)")
     stat.add_argument("--tag", action="append", help="only workers with this tag (repeat: all must match)")
-    stat.add_argument("--json", action="store_true", help="print the entries as JSON")
+    stat.add_argument("--json", action="store_true", help="print the entries as JSON, not as a table")
     stat.add_argument("--wait", type=int, metavar="N", help="first wait until N workers are healthy (for scripts)")
     stat.add_argument("--timeout", type=float, default=5.0, help="seconds for each answer and for --wait (default 5)")
     demo.add_argument("--interval", type=float, default=0.5, help="health-check interval in seconds (default 0.5)")
     demo.add_argument("--pace", type=float, default=2.0, help="seconds to pause between steps (default 2)")
-    args = parser.parse_args(argv)
-    if args.command is None:
+    if (args := parser.parse_args(argv)).command is None:
         parser.print_help()
         return 0
     try:
@@ -3170,6 +3024,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # `python -m picoapi` runs this file as __main__: the importable module keeps one PicoAPI class for all.
-    from picoapi import main as _main
-
-    sys.exit(_main())
+    sys.exit(__import__("picoapi").main())

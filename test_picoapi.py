@@ -3270,7 +3270,7 @@ class TestCommandLine:
 
     def test_the_demo_worker_with_another_title_is_one_line(self, capsys: Any) -> None:
         with mock.patch.dict(os.environ, {"API_HOST": "127.0.0.1", "API_TITLE": "resizer"}), mock.patch("uvicorn.run"):
-            assert picoapi.main(["worker", "picoapi:demo_worker", "--bind", "127.0.0.1", "--port", "8001"]) == 2
+            assert picoapi.main(["worker", "picoapi_demo:worker", "--bind", "127.0.0.1", "--port", "8001"]) == 2
         assert capsys.readouterr().err == (
             "picoapi: API_TITLE must name one of the demo's workers (upper, reverse, count), got 'resizer'\n"
         )
@@ -3338,7 +3338,7 @@ class TestDemo:
         assert "--interval must be 0.05 to 86400 seconds and --pace 0 to 3600" in err and len(err.splitlines()) == 1
 
     def test_demo_runs_end_to_end_vendored_and_leaves_nothing(self, tmp_path: Any) -> None:
-        """picoapi.py copied into a project, in a venv that has its dependencies but no picoapi installed."""
+        """picoapi.py and picoapi_demo.py copied into a project, in a venv with the dependencies but no picoapi."""
         project, temp = tmp_path / "project", tmp_path / "tmp"
         project.mkdir()
         temp.mkdir()
@@ -3353,6 +3353,11 @@ class TestDemo:
         env["TMPDIR"] = str(temp)
         unvendored = subprocess.run([python, "-c", "import fastapi, picoapi"], cwd=temp, env=env, capture_output=True)
         assert b"No module named 'picoapi'" in unvendored.stderr  # only the copy provides it
+        alone = subprocess.run([python, "-m", "picoapi", "demo"], capture_output=True, text=True, cwd=project, env=env)
+        assert alone.returncode == 2 and alone.stderr == (
+            "picoapi: the demo is in picoapi_demo.py: pip install picoapi, or copy it beside picoapi.py\n"
+        )
+        shutil.copy(os.path.join(HERE, "picoapi_demo.py"), project)
         out = subprocess.run(
             [python, "-m", "picoapi", "demo", "--interval", "0.3", "--pace", "0"],
             capture_output=True,
@@ -3594,13 +3599,15 @@ class TestPackaging:
         name = f"picoapi-{picoapi.__version__}"
         with tarfile.open(tmp_path / f"{name}.tar.gz") as sdist:
             held = {member.removeprefix(f"{name}/") for member in sdist.getnames()}
-        wanted = {"LICENSE", "README.md", ".env.example", "picoapi.py", "test_picoapi.py", "conftest.py"}
+        modules = {"picoapi.py", "picoapi_demo.py"}  # the module and its demo: in the sdist and in the wheel
+        wanted = {"LICENSE", "README.md", ".env.example", "test_picoapi.py", "conftest.py", *modules}
         examples = {f"examples/{f}" for f in os.listdir(os.path.join(HERE, "examples")) if f != "__pycache__"}
         assert wanted | examples <= held
         with zipfile.ZipFile(tmp_path / f"{name}-py3-none-any.whl") as wheel:
             metadata = wheel.read(f"{name}.dist-info/METADATA").decode()
             scripts = wheel.read(f"{name}.dist-info/entry_points.txt").decode()
             assert f"{name}.dist-info/licenses/LICENSE" in wheel.namelist()
+            assert modules <= set(wheel.namelist())
         assert picoapi.__version__ == "2.0.0" and "\nVersion: 2.0.0\n" in metadata
         assert "\nLicense-Expression: MIT\n" in metadata and "License ::" not in metadata
         assert "picoapi = picoapi:main" in scripts

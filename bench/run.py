@@ -493,7 +493,7 @@ def detection(kills: int, interval: float = 1.0) -> dict[str, Any]:
                 }
                 workers.append(
                     subprocess.Popen(
-                        [*picoapi_cmd, "worker", "picoapi:demo_worker"],
+                        [*picoapi_cmd, "worker", "picoapi_demo:worker"],
                         env=env,
                         cwd=ROOT,
                         stdout=subprocess.DEVNULL,
@@ -613,7 +613,7 @@ def startup(repeats: int = 5) -> dict[str, Any]:
             }
             started = time.perf_counter()
             worker = subprocess.Popen(
-                [PY, "-m", "picoapi", "worker", "picoapi:demo_worker"],
+                [PY, "-m", "picoapi", "worker", "picoapi_demo:worker"],
                 env=env,
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
