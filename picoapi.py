@@ -2814,6 +2814,8 @@ def _json_response(content: Any, status_code: int = 200, headers: Mapping[str, s
 
 # -- Command line --------------------------------------------------------------
 
+STATUS_MAX_BYTES = 8 * 2**20  #: the most ``picoapi status`` reads of one page (SERVICES_PAGE entries: ~6 MB)
+
 
 def _load_app(args: argparse.Namespace) -> PicoAPI:
     """The app ``picoapi supervisor|worker`` serves: ``args.app`` (an app or an app factory) or a bare supervisor."""
@@ -2856,9 +2858,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("API_BIND must be set to serve (e.g. 127.0.0.1 or 0.0.0.0), or pass --bind")
     uvicorn.run(app, host=app.config.bind, port=app.config.port, log_level="info")
     return 0
-
-
-STATUS_MAX_BYTES = 8 * 2**20  #: the most ``picoapi status`` reads of one page (SERVICES_PAGE entries: ~6 MB)
 
 
 def _services(url: str, tags: Sequence[str], timeout: float) -> tuple[list[dict[str, Any]], bool]:
