@@ -1590,9 +1590,8 @@ class _Supervisor:
 
 
 class Registrar:
-    """Registers a worker with its supervisors, all at once (one that hangs holds up none), and keeps it
-    registered: :meth:`start`'s thread retries, asks a silent supervisor whether it still checks us, and checks
-    once that this worker answers where it registered."""
+    """Registers a worker with its supervisors at once (one that hangs holds up none); :meth:`start`'s thread
+    retries, asks a silent supervisor whether it still checks us, and checks once that we answer where registered."""
 
     def __init__(
         self,
@@ -1619,7 +1618,6 @@ class Registrar:
         self._in_flight: set[_Cuttable] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._self_check: threading.Timer | None = None
         self._stranger = False  # a check came from a supervisor whose identity is none of ours
 
     def backoff(self, attempt: int) -> float:
@@ -1641,8 +1639,7 @@ class Registrar:
                 self._lock.notify_all()
 
     def _attempt(self, sup: _Supervisor, timeout: float) -> float:
-        """PUT once under the one retry policy: inf once registered, else the seconds until the next attempt,
-        the larger of the supervisor's Retry-After and the backoff (at its cap after a refusal)."""
+        """PUT once under the one retry policy; returns inf once registered, else :meth:`_retry_later`'s delay."""
         try:
             resp, content = self._send("PUT", sup.url, max(0.05, timeout), json=self.body, headers=self._headers)
         except requests.RequestException as exc:
@@ -1664,16 +1661,16 @@ class Registrar:
         }.get(status // 100) or f"HTTP {status}: {_detail(content)}"
         if status >= 500 or status in (408, 429):
             return self._retry_later(sup, why, _retry_after(resp.headers.get("Retry-After")) or 0.0)
-        delay = self._retry_later(sup, why, BACKOFF_CAP, refusal=status)
-        served = f"{self._id} is served by another live instance; {sup.url} refused this one"
-        sup.error = f"{served if status == 409 else 'refused the registration'}: {sup.error}"
-        return delay
+        return self._retry_later(sup, why, BACKOFF_CAP, refusal=status)
 
     def _retry_later(self, sup: _Supervisor, why: str, asked: float = 0.0, refusal: int = 0) -> float:
-        """Record why an attempt failed and set the next; from a refusal on, the backoff is at its cap."""
+        """Record why an attempt failed; the next waits the larger of ``asked`` (a Retry-After) and the backoff,
+        at its cap from a refusal on."""
         attempts = max(sup.attempts, _ATTEMPTS_AT_CAP) if refusal else sup.attempts
         delay = max(asked, self.backoff(attempts))
-        sup.error, sup.refusal = self._safe(why), refusal
+        served = f"{self._id} is served by another live instance; {sup.url} refused this one"
+        refused = f"{served if refusal == 409 else 'refused the registration'}: " if refusal else ""
+        sup.error, sup.refusal = refused + self._safe(why), refusal
         sup.attempts, sup.next_attempt = attempts + 1, self._clock() + delay
         return delay
 
@@ -1682,8 +1679,8 @@ class Registrar:
         return _printable(text.replace(self._token, "***") if self._token else text)
 
     def _each(self, name: str, job: Callable[..., Any], end: float, sups: list[_Supervisor]) -> list[_Supervisor]:
-        """Run ``job`` for each of ``sups`` at once, each in a daemon thread; returns, at ``end``, those whose
-        job still runs (a hung DNS lookup, say: no cut reaches it)."""
+        """Run ``job`` for each of ``sups`` in daemon threads; returns, at ``end``, those still running (a hung DNS
+        lookup, say: no cut reaches it)."""
         threads = {sup: threading.Thread(target=job, args=(sup,), name=name, daemon=True) for sup in sups}
         for thread in threads.values():
             thread.start()
@@ -1705,18 +1702,16 @@ class Registrar:
 
         hung = self._each("picoapi-register", one, deadline + 0.25, self.supervisors)  # a cut takes a moment
         missing = [sup for sup in self.supervisors if not sup.is_registered]
-        errors = {s.url: f"no answer within {self.timeout:g}s" if s in hung else s.error for s in missing}
         if served := [s.error for s in missing if s.refusal == 409 and s not in hung]:  # whatever required says
             raise RegistrationError("; ".join(served))
-        text = "; ".join(f"{url}: {error}" for url, error in errors.items())
-        if errors and self.required:
+        text = "; ".join(f"{s.url}: {f'no answer within {self.timeout:g}s' if s in hung else s.error}" for s in missing)
+        if missing and self.required:
             raise RegistrationError(f"registration failed (API_REGISTER_REQUIRED is on): {text}")
-        if errors:
+        if missing:
             logger.warning("registration incomplete, retrying in the background: %s", text)
 
     def note_check(self, identity: str | None) -> None:
-        """A request reached the health path, ``identity`` in its supervisor header (or None): a check of the
-        supervisor whose registration answer gave that identity (a probe's never counts), else of a stranger."""
+        """A health request came, ``identity`` in its supervisor header: a check of ours, a stranger's, or a probe's."""
         with self._lock:
             heard = [sup for sup in self.supervisors if identity and sup.identity == identity]
             for sup in heard:
@@ -1724,18 +1719,16 @@ class Registrar:
             self._stranger = self._stranger or bool(identity and not heard)
 
     def _still_checks(self, sup: _Supervisor) -> bool:
-        """Whether ``sup`` still holds our entry and checked it lately (then it counts as heard from); a GET,
-        bounded as a PUT is."""
+        """Whether ``sup`` still holds our entry and checked it lately (then it counts as heard from)."""
         url = f"{_base_url(sup.url)}{SERVICES_ROUTE}/{quote(self._id, safe='')}"
         try:
             resp, content = self._send("GET", url, min(10.0, self.watchdog_after))
         except requests.RequestException:
             return False
         entry = _json(content or b"") if resp.status_code == 200 else None
-        if not _is_own_entry(entry, self.body) or any(entry.get(k) != self.body.get(k) for k in ("name", "version")):
-            return False
+        last = entry.get("last_check") if _is_own_entry(entry, self.body, "name", "version") else None
         # By its own clock (no skew between hosts); a Date is whole seconds, so a check may look up to 1 s fresher.
-        said, last = _http_date(resp.headers.get("Date")), entry.get("last_check")
+        said = _http_date(resp.headers.get("Date"))
         if not isinstance(last, (int, float)) or (self._wall() if said is None else said) - last > self.watchdog_after:
             return False
         with self._lock:
@@ -1745,11 +1738,9 @@ class Registrar:
     def step(self) -> float:
         """One round of the background thread, the supervisors due asked at once; returns the seconds until the next."""
         now = self._clock()
-        waits = [max(0.05, min(self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0))]
         with self._lock:
             silent = [s for s in self.supervisors if s.is_registered and now - s.last_seen > self.watchdog_after]
-            missing = [s for s in self.supervisors if not s.is_registered]
-        waits += [sup.next_attempt - now for sup in missing if now < sup.next_attempt]
+            due = silent + [s for s in self.supervisors if not s.is_registered and now >= s.next_attempt]
 
         def one(sup: _Supervisor) -> None:
             # A silent one's checks may reach a sibling process (uvicorn --workers): ask it; but once a stranger
@@ -1760,26 +1751,26 @@ class Registrar:
                 logger.warning("%s no longer knows this worker process; registering again", sup.url)
                 with self._lock:
                     sup.is_registered, self._stranger = False, False
-            waits.append(self._attempt(sup, 10.0))
+            self._attempt(sup, 10.0)
             if sup.refusal:
                 logger.error("%s %s", sup.url, sup.error)
 
-        if due := silent + [sup for sup in missing if now >= sup.next_attempt]:  # a question and a PUT, 10 s each
-            self._each("picoapi-registrar-round", one, now + 20.5, due)
-        return max(0.01, min(waits))
+        self._each("picoapi-registrar-round", one, now + 20.5, due)  # a question and a PUT, 10 s each
+        waits = [sup.next_attempt - self._clock() for sup in self.supervisors if not sup.is_registered]
+        return max(0.01, min([max(0.05, min(self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0)), *waits]))
 
     def start(self) -> None:
-        """Start the background thread (retries and watchdog), and the self-check's timer."""
+        """Start the background thread (retries and watchdog), and the self-check's, which :meth:`stop` ends."""
         self._stop.clear()
+        after = min(SELF_CHECK_AFTER, self.body["health"]["interval"])
         self._thread = threading.Thread(target=self._run, name="picoapi-registrar", daemon=True)
-        self._self_check = threading.Timer(min(SELF_CHECK_AFTER, self.body["health"]["interval"]), self.check_self)
-        self._self_check.name, self._self_check.daemon = "picoapi-self-check", True
         self._thread.start()
-        self._self_check.start()
+        checking = threading.Thread(target=lambda: self._stop.wait(after) or self.check_self(), daemon=True)
+        checking.name = "picoapi-self-check"
+        checking.start()
 
     def check_self(self) -> None:
-        """GET the health URL this worker registered; log an ERROR with the fix unless it, or a sibling
-        process, answers there (the server binds another port than the one registered, say)."""
+        """GET the health URL this worker registered; log an ERROR with the fix unless it, or a sibling, answers."""
         url, interval = self.body["health"]["url"], self.body["health"]["interval"]
         try:
             found = _who_else(*self._send("GET", url, min(interval, DEFAULT_HEALTH_TIMEOUT)), self.body)
@@ -1802,15 +1793,13 @@ class Registrar:
             self._stop.wait(wait)
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop the thread and cut any request in flight; waits (``timeout`` at most) until none is, so that no
-        PUT of ours can land after the DELETE that follows."""
+        """Stop the thread, cut any request in flight and wait (``timeout`` at most) until none is: no PUT of ours
+        lands after the DELETE that follows."""
         with self._lock:
             self._stop.set()
             for adapter in self._in_flight:
                 adapter.cut()
             self._lock.wait_for(lambda: not self._in_flight, timeout)
-        if self._self_check is not None:
-            self._self_check.cancel()  # never joined: a check under way was cut above
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -1819,7 +1808,7 @@ class Registrar:
         stays), even where not registered (a PUT cut awaiting its answer may have landed); within ``timeout``."""
         deadline = self._clock() + timeout * 0.75
         self.stop(timeout / 4)
-        params = {"instance": self.body["instance"]} if self.body.get("instance") else None
+        params = {"instance": self.body.get("instance")}  # requests leaves a None out
 
         def one(sup: _Supervisor) -> None:
             url = f"{sup.url.rstrip('/')}/{quote(self._id, safe='')}"
@@ -1829,7 +1818,6 @@ class Registrar:
                     logger.warning("deregistering from %s: HTTP %s", sup.url, status)
             except requests.RequestException as exc:
                 logger.warning("deregistering from %s failed: %s", sup.url, self._safe(_root_cause(exc)))
-            sup.is_registered = False
 
         self._each("picoapi-deregister", one, deadline, self.supervisors)
 
@@ -1844,8 +1832,7 @@ def _why_not_registering(config: Config) -> str:
 
 
 def _log_like_uvicorn() -> None:
-    """Show PicoAPI's log lines as uvicorn shows its own (its handler, its level), when uvicorn serves and
-    nobody configured logging for PicoAPI or the root logger: those are the user's, never touched."""
+    """Show PicoAPI's log lines as uvicorn shows its own, unless logging for PicoAPI or the root is the user's."""
     server = logging.getLogger("uvicorn")
     if not (logger.handlers or logger.level or logging.getLogger().handlers) and server.handlers:
         logger.addHandler(server.handlers[0])
@@ -1879,18 +1866,17 @@ def _who_else(answer: requests.Response, content: bytes | None, body: Mapping[st
     any process), or a PicoAPI app whose health route is its own (it names no service: it may be a sibling)."""
     said = _json(content or b"")
     said = said if isinstance(said, dict) else {}
-    if body.get("instance") and answer.headers.get(INSTANCE_HEADER) == body["instance"]:
-        return None
-    if "name" in said and (said["name"], said.get("version")) != (body["name"], body.get("version")):
+    is_itself = bool(body.get("instance")) and answer.headers.get(INSTANCE_HEADER) == body["instance"]
+    if not is_itself and "name" in said and (said["name"], said.get("version")) != (body["name"], body.get("version")):
         return f"another service ('{_printable(said['name'])} {_printable(said.get('version'))}') answers there"
     if "name" in said or INSTANCE_HEADER in answer.headers:
         return None
     return f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
 
 
-def _is_own_entry(answer: Any, body: Mapping[str, Any]) -> TypeGuard[dict[str, Any]]:
-    """Whether a supervisor's answer is the registry entry of the worker that sent ``body``."""
-    own = {"id": worker_id(body["host"], body["port"]), "host": body["host"], "port": body["port"]}
+def _is_own_entry(answer: Any, body: Mapping[str, Any], *also: str) -> TypeGuard[dict[str, Any]]:
+    """Whether a supervisor's answer is the registry entry of the worker that sent ``body``, ``also`` fields too."""
+    own = {"id": worker_id(body["host"], body["port"])} | {key: body.get(key) for key in ("host", "port", *also)}
     return isinstance(answer, dict) and all(answer.get(key) == value for key, value in own.items())
 
 
@@ -1921,9 +1907,7 @@ def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[s
     if body is None:
         raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
     if not isinstance(document := _json(body), dict) or not isinstance(document.get("openapi"), str):
-        raise HTTPException(
-            502, ("the worker's answer is not an OpenAPI document: a JSON object with an 'openapi' field")
-        )
+        raise HTTPException(502, "the worker's answer is no OpenAPI document: a JSON object with an 'openapi' field")
     return document
 
 
@@ -1941,8 +1925,7 @@ async def _validation_handler(request: Request, exc: Exception) -> Response:
     try:
         body = to_json({"detail": errors}, inf_nan_mode="strings")
     except ValueError:  # a lone surrogate ("\ud800") in the input: quote it escaped
-        errors = [{**error, "input": _printable(error.get("input"))} for error in errors]
-        body = to_json({"detail": errors}, inf_nan_mode="strings")
+        body = to_json({"detail": [{**e, "input": _printable(e.get("input"))} for e in errors]}, inf_nan_mode="strings")
     return Response(body, status_code=422, media_type="application/json")
 
 
