@@ -1617,7 +1617,7 @@ class Registrar:
         self._lock = threading.Condition()  # guards the _Supervisor fields and _in_flight; notified as it empties
         self._in_flight: set[_Cuttable] = set()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._run, name="picoapi-registrar", daemon=True)
         self._stranger = False  # a check came from a supervisor whose identity is none of ours
 
     def backoff(self, attempt: int) -> float:
@@ -1625,23 +1625,24 @@ class Registrar:
         return min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * (0.5 + 0.5 * self._rand())
 
     def _send(self, method: str, url: str, timeout: float, **sent: Any) -> tuple[requests.Response, bytes | None]:
-        """:func:`_bounded_request` with MAX_BODY, cut by :meth:`stop` too, after which only a DELETE is sent."""
+        """:func:`_bounded_request` with MAX_BODY, 50 ms to 10 s, cut by :meth:`stop` too, after which only a DELETE
+        is sent."""
         adapter = _Cuttable()
         with self._lock:
             if self._stop.is_set() and method != "DELETE":
                 raise _Cut("not sent: the registrar is stopping")
             self._in_flight.add(adapter)
         try:
-            return _bounded_request(adapter, method, url, timeout, MAX_BODY, **sent)
+            return _bounded_request(adapter, method, url, min(10.0, max(0.05, timeout)), MAX_BODY, **sent)
         finally:
             with self._lock:
                 self._in_flight.discard(adapter)
                 self._lock.notify_all()
 
     def _attempt(self, sup: _Supervisor, timeout: float) -> float:
-        """PUT once under the one retry policy; returns inf once registered, else :meth:`_retry_later`'s delay."""
+        """PUT once under the one retry policy; returns when the next attempt is due (inf once registered)."""
         try:
-            resp, content = self._send("PUT", sup.url, max(0.05, timeout), json=self.body, headers=self._headers)
+            resp, content = self._send("PUT", sup.url, timeout, json=self.body, headers=self._headers)
         except requests.RequestException as exc:
             return self._retry_later(sup, _root_cause(exc))
         status = resp.status_code
@@ -1664,23 +1665,20 @@ class Registrar:
         return self._retry_later(sup, why, BACKOFF_CAP, refusal=status)
 
     def _retry_later(self, sup: _Supervisor, why: str, asked: float = 0.0, refusal: int = 0) -> float:
-        """Record why an attempt failed; the next waits the larger of ``asked`` (a Retry-After) and the backoff,
-        at its cap from a refusal on."""
+        """Record why an attempt failed; the next waits ``asked`` (a Retry-After) or the backoff, capped on refusal."""
         attempts = max(sup.attempts, _ATTEMPTS_AT_CAP) if refusal else sup.attempts
-        delay = max(asked, self.backoff(attempts))
         served = f"{self._id} is served by another live instance; {sup.url} refused this one"
         refused = f"{served if refusal == 409 else 'refused the registration'}: " if refusal else ""
         sup.error, sup.refusal = refused + self._safe(why), refusal
-        sup.attempts, sup.next_attempt = attempts + 1, self._clock() + delay
-        return delay
+        sup.attempts, sup.next_attempt = attempts + 1, self._clock() + max(asked, self.backoff(attempts))
+        return sup.next_attempt
 
     def _safe(self, text: str) -> str:
         """``text`` from the far end or an error, fit for a log: no token, nothing unprintable."""
         return _printable(text.replace(self._token, "***") if self._token else text)
 
     def _each(self, name: str, job: Callable[..., Any], end: float, sups: list[_Supervisor]) -> list[_Supervisor]:
-        """Run ``job`` for each of ``sups`` in daemon threads; returns, at ``end``, those still running (a hung DNS
-        lookup, say: no cut reaches it)."""
+        """Run ``job`` for each of ``sups`` in daemon threads; returns, at ``end``, those still running (a hung DNS)."""
         threads = {sup: threading.Thread(target=job, args=(sup,), name=name, daemon=True) for sup in sups}
         for thread in threads.values():
             thread.start()
@@ -1694,11 +1692,10 @@ class Registrar:
         deadline = self._clock() + self.timeout
 
         def one(sup: _Supervisor) -> None:
-            while (delay := self._attempt(sup, min(10.0, deadline - self._clock()))) < math.inf and not sup.refusal:
-                if self._clock() + delay >= deadline:
-                    sup.error = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
-                    return
-                self._sleep(delay)
+            while (due := self._attempt(sup, deadline - self._clock())) < deadline and not sup.refusal:
+                self._sleep(max(0.0, due - self._clock()))
+            if not sup.is_registered and not sup.refusal:
+                sup.error = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
 
         hung = self._each("picoapi-register", one, deadline + 0.25, self.supervisors)  # a cut takes a moment
         missing = [sup for sup in self.supervisors if not sup.is_registered]
@@ -1722,7 +1719,7 @@ class Registrar:
         """Whether ``sup`` still holds our entry and checked it lately (then it counts as heard from)."""
         url = f"{_base_url(sup.url)}{SERVICES_ROUTE}/{quote(self._id, safe='')}"
         try:
-            resp, content = self._send("GET", url, min(10.0, self.watchdog_after))
+            resp, content = self._send("GET", url, self.watchdog_after)
         except requests.RequestException:
             return False
         entry = _json(content or b"") if resp.status_code == 200 else None
@@ -1761,9 +1758,7 @@ class Registrar:
 
     def start(self) -> None:
         """Start the background thread (retries and watchdog), and the self-check's, which :meth:`stop` ends."""
-        self._stop.clear()
         after = min(SELF_CHECK_AFTER, self.body["health"]["interval"])
-        self._thread = threading.Thread(target=self._run, name="picoapi-registrar", daemon=True)
         self._thread.start()
         checking = threading.Thread(target=lambda: self._stop.wait(after) or self.check_self(), daemon=True)
         checking.name = "picoapi-self-check"
@@ -1774,7 +1769,7 @@ class Registrar:
         url, interval = self.body["health"]["url"], self.body["health"]["interval"]
         try:
             found = _who_else(*self._send("GET", url, min(interval, DEFAULT_HEALTH_TIMEOUT)), self.body)
-        except Exception as exc:  # requests' errors, or any other: the timer's thread never dies of it
+        except Exception as exc:  # requests' errors, or any other: the thread never dies of it
             found = f"nothing answers there ({self._safe(_root_cause(exc))})"
         if found and not self._stop.is_set():  # shutting down cuts the check: nothing to report
             fix = (
@@ -1800,7 +1795,7 @@ class Registrar:
             for adapter in self._in_flight:
                 adapter.cut()
             self._lock.wait_for(lambda: not self._in_flight, timeout)
-        if self._thread is not None:
+        if self._thread.is_alive():
             self._thread.join(timeout)
 
     def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
@@ -1894,8 +1889,7 @@ def _detail(content: bytes) -> str:
 
 
 def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """GET a worker's OpenAPI document (a JSON object with an ``openapi`` field) within OPENAPI_TIMEOUT and
-    OPENAPI_MAX_BYTES, no redirects; else a 502 in its own words: a registered address may be anything's."""
+    """GET a worker's OpenAPI document within OPENAPI_TIMEOUT and OPENAPI_MAX_BYTES; else a 502 saying why."""
     try:
         resp, body = _bounded_request(_Cuttable(), "GET", url, OPENAPI_TIMEOUT, OPENAPI_MAX_BYTES, headers=headers)
     except _Cut:
@@ -1918,8 +1912,7 @@ async def _no_worker_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:
-    """FastAPI's own 422, always sendable: json.loads reads NaN, Infinity, 1e400 and lone surrogates, which
-    the answer quotes back and JSON or UTF-8 cannot carry (FastAPI's handler answers 500). They go back as text."""
+    """FastAPI's own 422, with the NaN, Infinity and lone surrogates it quotes back as text (FastAPI's answers 500)."""
     assert isinstance(exc, RequestValidationError)
     errors = jsonable_encoder(exc.errors())
     try:
