@@ -1625,8 +1625,7 @@ class Registrar:
         return min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * (0.5 + 0.5 * self._rand())
 
     def _send(self, method: str, url: str, timeout: float, **sent: Any) -> tuple[requests.Response, bytes | None]:
-        """:func:`_bounded_request` with MAX_BODY, 50 ms to 10 s, cut by :meth:`stop` too, after which only a DELETE
-        is sent."""
+        """:func:`_bounded_request` (MAX_BODY, 50 ms to 10 s), cut by :meth:`stop` too; after it, only DELETEs go."""
         adapter = _Cuttable()
         with self._lock:
             if self._stop.is_set() and method != "DELETE":
@@ -1788,8 +1787,7 @@ class Registrar:
             self._stop.wait(wait)
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop the thread, cut any request in flight and wait (``timeout`` at most) until none is: no PUT of ours
-        lands after the DELETE that follows."""
+        """Stop the thread; cut the requests in flight, awaited ``timeout`` at most: no PUT lands after our DELETE."""
         with self._lock:
             self._stop.set()
             for adapter in self._in_flight:
@@ -1799,8 +1797,8 @@ class Registrar:
             self._thread.join(timeout)
 
     def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
-        """DELETE this worker at every supervisor at once, naming this process (an entry a sibling still serves
-        stays), even where not registered (a PUT cut awaiting its answer may have landed); within ``timeout``."""
+        """DELETE this process's entry (not a sibling's) at every supervisor at once, within ``timeout``, even where
+        not registered: a PUT cut awaiting its answer may have landed."""
         deadline = self._clock() + timeout * 0.75
         self.stop(timeout / 4)
         params = {"instance": self.body.get("instance")}  # requests leaves a None out
@@ -1857,8 +1855,7 @@ def _base_url(register_url: str) -> str:
 
 
 def _who_else(answer: requests.Response, content: bytes | None, body: Mapping[str, Any]) -> str | None:
-    """Who answered a worker's GET of its own health URL; None if it did, or a sibling (same name and version,
-    any process), or a PicoAPI app whose health route is its own (it names no service: it may be a sibling)."""
+    """Who answered a worker's GET of its own health URL; None for itself, a sibling, or a PicoAPI app's own route."""
     said = _json(content or b"")
     said = said if isinstance(said, dict) else {}
     is_itself = bool(body.get("instance")) and answer.headers.get(INSTANCE_HEADER) == body["instance"]
