@@ -1698,11 +1698,10 @@ class Registrar:
 
         hung = self._each("picoapi-register", one, deadline + 0.25, self.supervisors)  # a cut takes a moment
         missing = [sup for sup in self.supervisors if not sup.is_registered]
-        if served := [s.error for s in missing if s.refusal == 409 and s not in hung]:  # whatever required says
-            raise RegistrationError("; ".join(served))
+        served = [s.error for s in missing if s.refusal == 409]  # fails startup, whatever required says
         text = "; ".join(f"{s.url}: {f'no answer within {self.timeout:g}s' if s in hung else s.error}" for s in missing)
-        if missing and self.required:
-            raise RegistrationError(f"registration failed (API_REGISTER_REQUIRED is on): {text}")
+        if served or (missing and self.required):
+            raise RegistrationError("; ".join(served) or f"registration failed (API_REGISTER_REQUIRED is on): {text}")
         if missing:
             logger.warning("registration incomplete, retrying in the background: %s", text)
 
@@ -1756,15 +1755,16 @@ class Registrar:
         return max(0.01, min([max(0.05, min(self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0)), *waits]))
 
     def start(self) -> None:
-        """Start the background thread (retries and watchdog), and the self-check's, which :meth:`stop` ends."""
-        after = min(SELF_CHECK_AFTER, self.body["health"]["interval"])
+        """Start the background thread (retries and watchdog), and the self-check's."""
         self._thread.start()
-        checking = threading.Thread(target=lambda: self._stop.wait(after) or self.check_self(), daemon=True)
-        checking.name = "picoapi-self-check"
-        checking.start()
+        delay = min(SELF_CHECK_AFTER, self.body["health"]["interval"])
+        threading.Thread(target=self.check_self, args=(delay,), name="picoapi-self-check", daemon=True).start()
 
-    def check_self(self) -> None:
-        """GET the health URL this worker registered; log an ERROR with the fix unless it, or a sibling, answers."""
+    def check_self(self, delay: float = 0.0) -> None:
+        """After ``delay`` seconds, unless :meth:`stop` comes first, GET the health URL this worker registered; log
+        an ERROR with the fix unless it, or a sibling, answers."""
+        if self._stop.wait(delay):
+            return
         url, interval = self.body["health"]["url"], self.body["health"]["interval"]
         try:
             found = _who_else(*self._send("GET", url, min(interval, DEFAULT_HEALTH_TIMEOUT)), self.body)
@@ -1886,7 +1886,7 @@ def _detail(content: bytes) -> str:
 
 
 def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """GET a worker's OpenAPI document within OPENAPI_TIMEOUT and OPENAPI_MAX_BYTES; else a 502 saying why."""
+    """GET a worker's OpenAPI document within OPENAPI_TIMEOUT and OPENAPI_MAX_BYTES, no redirects; else a 502."""
     try:
         resp, body = _bounded_request(_Cuttable(), "GET", url, OPENAPI_TIMEOUT, OPENAPI_MAX_BYTES, headers=headers)
     except _Cut:
