@@ -1752,7 +1752,7 @@ class Registrar:
 
         self._each("picoapi-registrar-round", one, now + 20.5, due)  # a question and a PUT, 10 s each
         waits = [sup.next_attempt - self._clock() for sup in self.supervisors if not sup.is_registered]
-        return max(0.01, min([max(0.05, min(self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0)), *waits]))
+        return max(0.01, min([self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0, *waits]))
 
     def start(self) -> None:
         """Start the background thread (retries and watchdog), and the self-check's."""
