@@ -1590,9 +1590,8 @@ class _Supervisor:
 
 
 class Registrar:
-    """Registers a worker with its supervisors, all at once (one that hangs holds up none), and keeps it
-    registered: :meth:`start`'s thread retries, asks a silent supervisor whether it still checks us, and checks
-    once that this worker answers where it registered."""
+    """Registers a worker with its supervisors at once (one that hangs holds up none); :meth:`start`'s thread
+    retries, asks a silent supervisor whether it still checks us, and checks once that we answer where registered."""
 
     def __init__(
         self,
@@ -1618,8 +1617,7 @@ class Registrar:
         self._lock = threading.Condition()  # guards the _Supervisor fields and _in_flight; notified as it empties
         self._in_flight: set[_Cuttable] = set()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._self_check: threading.Timer | None = None
+        self._thread = threading.Thread(target=self._run, name="picoapi-registrar", daemon=True)
         self._stranger = False  # a check came from a supervisor whose identity is none of ours
 
     def backoff(self, attempt: int) -> float:
@@ -1627,24 +1625,23 @@ class Registrar:
         return min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * (0.5 + 0.5 * self._rand())
 
     def _send(self, method: str, url: str, timeout: float, **sent: Any) -> tuple[requests.Response, bytes | None]:
-        """:func:`_bounded_request` with MAX_BODY, cut by :meth:`stop` too, after which only a DELETE is sent."""
+        """:func:`_bounded_request` (MAX_BODY, 50 ms to 10 s), cut by :meth:`stop` too; after it, only DELETEs go."""
         adapter = _Cuttable()
         with self._lock:
             if self._stop.is_set() and method != "DELETE":
                 raise _Cut("not sent: the registrar is stopping")
             self._in_flight.add(adapter)
         try:
-            return _bounded_request(adapter, method, url, timeout, MAX_BODY, **sent)
+            return _bounded_request(adapter, method, url, min(10.0, max(0.05, timeout)), MAX_BODY, **sent)
         finally:
             with self._lock:
                 self._in_flight.discard(adapter)
                 self._lock.notify_all()
 
     def _attempt(self, sup: _Supervisor, timeout: float) -> float:
-        """PUT once under the one retry policy: inf once registered, else the seconds until the next attempt,
-        the larger of the supervisor's Retry-After and the backoff (at its cap after a refusal)."""
+        """PUT once under the one retry policy; returns when the next attempt is due (inf once registered)."""
         try:
-            resp, content = self._send("PUT", sup.url, max(0.05, timeout), json=self.body, headers=self._headers)
+            resp, content = self._send("PUT", sup.url, timeout, json=self.body, headers=self._headers)
         except requests.RequestException as exc:
             return self._retry_later(sup, _root_cause(exc))
         status = resp.status_code
@@ -1664,26 +1661,23 @@ class Registrar:
         }.get(status // 100) or f"HTTP {status}: {_detail(content)}"
         if status >= 500 or status in (408, 429):
             return self._retry_later(sup, why, _retry_after(resp.headers.get("Retry-After")) or 0.0)
-        delay = self._retry_later(sup, why, BACKOFF_CAP, refusal=status)
-        served = f"{self._id} is served by another live instance; {sup.url} refused this one"
-        sup.error = f"{served if status == 409 else 'refused the registration'}: {sup.error}"
-        return delay
+        return self._retry_later(sup, why, BACKOFF_CAP, refusal=status)
 
     def _retry_later(self, sup: _Supervisor, why: str, asked: float = 0.0, refusal: int = 0) -> float:
-        """Record why an attempt failed and set the next; from a refusal on, the backoff is at its cap."""
+        """Record why an attempt failed; the next waits ``asked`` (a Retry-After) or the backoff, capped on refusal."""
         attempts = max(sup.attempts, _ATTEMPTS_AT_CAP) if refusal else sup.attempts
-        delay = max(asked, self.backoff(attempts))
-        sup.error, sup.refusal = self._safe(why), refusal
-        sup.attempts, sup.next_attempt = attempts + 1, self._clock() + delay
-        return delay
+        served = f"{self._id} is served by another live instance; {sup.url} refused this one"
+        refused = f"{served if refusal == 409 else 'refused the registration'}: " if refusal else ""
+        sup.error, sup.refusal = refused + self._safe(why), refusal
+        sup.attempts, sup.next_attempt = attempts + 1, self._clock() + max(asked, self.backoff(attempts))
+        return sup.next_attempt
 
     def _safe(self, text: str) -> str:
         """``text`` from the far end or an error, fit for a log: no token, nothing unprintable."""
         return _printable(text.replace(self._token, "***") if self._token else text)
 
     def _each(self, name: str, job: Callable[..., Any], end: float, sups: list[_Supervisor]) -> list[_Supervisor]:
-        """Run ``job`` for each of ``sups`` at once, each in a daemon thread; returns, at ``end``, those whose
-        job still runs (a hung DNS lookup, say: no cut reaches it)."""
+        """Run ``job`` for each of ``sups`` in daemon threads; returns, at ``end``, those still running (a hung DNS)."""
         threads = {sup: threading.Thread(target=job, args=(sup,), name=name, daemon=True) for sup in sups}
         for thread in threads.values():
             thread.start()
@@ -1697,26 +1691,22 @@ class Registrar:
         deadline = self._clock() + self.timeout
 
         def one(sup: _Supervisor) -> None:
-            while (delay := self._attempt(sup, min(10.0, deadline - self._clock()))) < math.inf and not sup.refusal:
-                if self._clock() + delay >= deadline:
-                    sup.error = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
-                    return
-                self._sleep(delay)
+            while (due := self._attempt(sup, deadline - self._clock())) < deadline and not sup.refusal:
+                self._sleep(max(0.0, due - self._clock()))
+            if not sup.is_registered and not sup.refusal:
+                sup.error = f"not reachable within {self.timeout:g}s (last error: {sup.error})"
 
         hung = self._each("picoapi-register", one, deadline + 0.25, self.supervisors)  # a cut takes a moment
         missing = [sup for sup in self.supervisors if not sup.is_registered]
-        errors = {s.url: f"no answer within {self.timeout:g}s" if s in hung else s.error for s in missing}
-        if served := [s.error for s in missing if s.refusal == 409 and s not in hung]:  # whatever required says
-            raise RegistrationError("; ".join(served))
-        text = "; ".join(f"{url}: {error}" for url, error in errors.items())
-        if errors and self.required:
-            raise RegistrationError(f"registration failed (API_REGISTER_REQUIRED is on): {text}")
-        if errors:
+        served = [s.error for s in missing if s.refusal == 409]  # fails startup, whatever required says
+        text = "; ".join(f"{s.url}: {f'no answer within {self.timeout:g}s' if s in hung else s.error}" for s in missing)
+        if served or (missing and self.required):
+            raise RegistrationError("; ".join(served) or f"registration failed (API_REGISTER_REQUIRED is on): {text}")
+        if missing:
             logger.warning("registration incomplete, retrying in the background: %s", text)
 
     def note_check(self, identity: str | None) -> None:
-        """A request reached the health path, ``identity`` in its supervisor header (or None): a check of the
-        supervisor whose registration answer gave that identity (a probe's never counts), else of a stranger."""
+        """A health request came, ``identity`` in its supervisor header: a check of ours, a stranger's, or a probe's."""
         with self._lock:
             heard = [sup for sup in self.supervisors if identity and sup.identity == identity]
             for sup in heard:
@@ -1724,18 +1714,16 @@ class Registrar:
             self._stranger = self._stranger or bool(identity and not heard)
 
     def _still_checks(self, sup: _Supervisor) -> bool:
-        """Whether ``sup`` still holds our entry and checked it lately (then it counts as heard from); a GET,
-        bounded as a PUT is."""
+        """Whether ``sup`` still holds our entry and checked it lately (then it counts as heard from)."""
         url = f"{_base_url(sup.url)}{SERVICES_ROUTE}/{quote(self._id, safe='')}"
         try:
-            resp, content = self._send("GET", url, min(10.0, self.watchdog_after))
+            resp, content = self._send("GET", url, self.watchdog_after)
         except requests.RequestException:
             return False
         entry = _json(content or b"") if resp.status_code == 200 else None
-        if not _is_own_entry(entry, self.body) or any(entry.get(k) != self.body.get(k) for k in ("name", "version")):
-            return False
+        last = entry.get("last_check") if _is_own_entry(entry, self.body, "name", "version") else None
         # By its own clock (no skew between hosts); a Date is whole seconds, so a check may look up to 1 s fresher.
-        said, last = _http_date(resp.headers.get("Date")), entry.get("last_check")
+        said = _http_date(resp.headers.get("Date"))
         if not isinstance(last, (int, float)) or (self._wall() if said is None else said) - last > self.watchdog_after:
             return False
         with self._lock:
@@ -1745,11 +1733,9 @@ class Registrar:
     def step(self) -> float:
         """One round of the background thread, the supervisors due asked at once; returns the seconds until the next."""
         now = self._clock()
-        waits = [max(0.05, min(self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0))]
         with self._lock:
             silent = [s for s in self.supervisors if s.is_registered and now - s.last_seen > self.watchdog_after]
-            missing = [s for s in self.supervisors if not s.is_registered]
-        waits += [sup.next_attempt - now for sup in missing if now < sup.next_attempt]
+            due = silent + [s for s in self.supervisors if not s.is_registered and now >= s.next_attempt]
 
         def one(sup: _Supervisor) -> None:
             # A silent one's checks may reach a sibling process (uvicorn --workers): ask it; but once a stranger
@@ -1760,30 +1746,29 @@ class Registrar:
                 logger.warning("%s no longer knows this worker process; registering again", sup.url)
                 with self._lock:
                     sup.is_registered, self._stranger = False, False
-            waits.append(self._attempt(sup, 10.0))
+            self._attempt(sup, 10.0)
             if sup.refusal:
                 logger.error("%s %s", sup.url, sup.error)
 
-        if due := silent + [sup for sup in missing if now >= sup.next_attempt]:  # a question and a PUT, 10 s each
-            self._each("picoapi-registrar-round", one, now + 20.5, due)
-        return max(0.01, min(waits))
+        self._each("picoapi-registrar-round", one, now + 20.5, due)  # a question and a PUT, 10 s each
+        waits = [sup.next_attempt - self._clock() for sup in self.supervisors if not sup.is_registered]
+        return max(0.01, min([self.watchdog_after / DEFAULT_WATCHDOG_INTERVALS, 5.0, *waits]))
 
     def start(self) -> None:
-        """Start the background thread (retries and watchdog), and the self-check's timer."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="picoapi-registrar", daemon=True)
-        self._self_check = threading.Timer(min(SELF_CHECK_AFTER, self.body["health"]["interval"]), self.check_self)
-        self._self_check.name, self._self_check.daemon = "picoapi-self-check", True
+        """Start the background thread (retries and watchdog), and the self-check's."""
         self._thread.start()
-        self._self_check.start()
+        delay = min(SELF_CHECK_AFTER, self.body["health"]["interval"])
+        threading.Thread(target=self.check_self, args=(delay,), name="picoapi-self-check", daemon=True).start()
 
-    def check_self(self) -> None:
-        """GET the health URL this worker registered; log an ERROR with the fix unless it, or a sibling
-        process, answers there (the server binds another port than the one registered, say)."""
+    def check_self(self, delay: float = 0.0) -> None:
+        """After ``delay`` seconds, unless :meth:`stop` comes first, GET the health URL this worker registered; log
+        an ERROR with the fix unless it, or a sibling, answers."""
+        if self._stop.wait(delay):
+            return
         url, interval = self.body["health"]["url"], self.body["health"]["interval"]
         try:
             found = _who_else(*self._send("GET", url, min(interval, DEFAULT_HEALTH_TIMEOUT)), self.body)
-        except Exception as exc:  # requests' errors, or any other: the timer's thread never dies of it
+        except Exception as exc:  # requests' errors, or any other: the thread never dies of it
             found = f"nothing answers there ({self._safe(_root_cause(exc))})"
         if found and not self._stop.is_set():  # shutting down cuts the check: nothing to report
             fix = (
@@ -1802,24 +1787,21 @@ class Registrar:
             self._stop.wait(wait)
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop the thread and cut any request in flight; waits (``timeout`` at most) until none is, so that no
-        PUT of ours can land after the DELETE that follows."""
+        """Stop the thread; cut the requests in flight, awaited ``timeout`` at most: no PUT lands after our DELETE."""
         with self._lock:
             self._stop.set()
             for adapter in self._in_flight:
                 adapter.cut()
             self._lock.wait_for(lambda: not self._in_flight, timeout)
-        if self._self_check is not None:
-            self._self_check.cancel()  # never joined: a check under way was cut above
-        if self._thread is not None:
+        if self._thread.is_alive():
             self._thread.join(timeout)
 
     def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
-        """DELETE this worker at every supervisor at once, naming this process (an entry a sibling still serves
-        stays), even where not registered (a PUT cut awaiting its answer may have landed); within ``timeout``."""
+        """DELETE this process's entry (not a sibling's) at every supervisor at once, within ``timeout``, even where
+        not registered: a PUT cut awaiting its answer may have landed."""
         deadline = self._clock() + timeout * 0.75
         self.stop(timeout / 4)
-        params = {"instance": self.body["instance"]} if self.body.get("instance") else None
+        params = {"instance": self.body.get("instance")}  # requests leaves a None out
 
         def one(sup: _Supervisor) -> None:
             url = f"{sup.url.rstrip('/')}/{quote(self._id, safe='')}"
@@ -1829,7 +1811,6 @@ class Registrar:
                     logger.warning("deregistering from %s: HTTP %s", sup.url, status)
             except requests.RequestException as exc:
                 logger.warning("deregistering from %s failed: %s", sup.url, self._safe(_root_cause(exc)))
-            sup.is_registered = False
 
         self._each("picoapi-deregister", one, deadline, self.supervisors)
 
@@ -1844,8 +1825,7 @@ def _why_not_registering(config: Config) -> str:
 
 
 def _log_like_uvicorn() -> None:
-    """Show PicoAPI's log lines as uvicorn shows its own (its handler, its level), when uvicorn serves and
-    nobody configured logging for PicoAPI or the root logger: those are the user's, never touched."""
+    """Show PicoAPI's log lines as uvicorn shows its own, unless logging for PicoAPI or the root is the user's."""
     server = logging.getLogger("uvicorn")
     if not (logger.handlers or logger.level or logging.getLogger().handlers) and server.handlers:
         logger.addHandler(server.handlers[0])
@@ -1875,22 +1855,20 @@ def _base_url(register_url: str) -> str:
 
 
 def _who_else(answer: requests.Response, content: bytes | None, body: Mapping[str, Any]) -> str | None:
-    """Who answered a worker's GET of its own health URL; None if it did, or a sibling (same name and version,
-    any process), or a PicoAPI app whose health route is its own (it names no service: it may be a sibling)."""
+    """Who answered a worker's GET of its own health URL; None for itself, a sibling, or a PicoAPI app's own route."""
     said = _json(content or b"")
     said = said if isinstance(said, dict) else {}
-    if body.get("instance") and answer.headers.get(INSTANCE_HEADER) == body["instance"]:
-        return None
-    if "name" in said and (said["name"], said.get("version")) != (body["name"], body.get("version")):
+    is_itself = bool(body.get("instance")) and answer.headers.get(INSTANCE_HEADER) == body["instance"]
+    if not is_itself and "name" in said and (said["name"], said.get("version")) != (body["name"], body.get("version")):
         return f"another service ('{_printable(said['name'])} {_printable(said.get('version'))}') answers there"
     if "name" in said or INSTANCE_HEADER in answer.headers:
         return None
     return f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
 
 
-def _is_own_entry(answer: Any, body: Mapping[str, Any]) -> TypeGuard[dict[str, Any]]:
-    """Whether a supervisor's answer is the registry entry of the worker that sent ``body``."""
-    own = {"id": worker_id(body["host"], body["port"]), "host": body["host"], "port": body["port"]}
+def _is_own_entry(answer: Any, body: Mapping[str, Any], *also: str) -> TypeGuard[dict[str, Any]]:
+    """Whether a supervisor's answer is the registry entry of the worker that sent ``body``, ``also`` fields too."""
+    own = {"id": worker_id(body["host"], body["port"])} | {key: body.get(key) for key in ("host", "port", *also)}
     return isinstance(answer, dict) and all(answer.get(key) == value for key, value in own.items())
 
 
@@ -1908,8 +1886,7 @@ def _detail(content: bytes) -> str:
 
 
 def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """GET a worker's OpenAPI document (a JSON object with an ``openapi`` field) within OPENAPI_TIMEOUT and
-    OPENAPI_MAX_BYTES, no redirects; else a 502 in its own words: a registered address may be anything's."""
+    """GET a worker's OpenAPI document within OPENAPI_TIMEOUT and OPENAPI_MAX_BYTES, no redirects; else a 502."""
     try:
         resp, body = _bounded_request(_Cuttable(), "GET", url, OPENAPI_TIMEOUT, OPENAPI_MAX_BYTES, headers=headers)
     except _Cut:
@@ -1921,9 +1898,7 @@ def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[s
     if body is None:
         raise HTTPException(502, f"the worker's OpenAPI document is over {OPENAPI_MAX_BYTES} bytes")
     if not isinstance(document := _json(body), dict) or not isinstance(document.get("openapi"), str):
-        raise HTTPException(
-            502, ("the worker's answer is not an OpenAPI document: a JSON object with an 'openapi' field")
-        )
+        raise HTTPException(502, "the worker's answer is no OpenAPI document: a JSON object with an 'openapi' field")
     return document
 
 
@@ -1934,15 +1909,13 @@ async def _no_worker_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:
-    """FastAPI's own 422, always sendable: json.loads reads NaN, Infinity, 1e400 and lone surrogates, which
-    the answer quotes back and JSON or UTF-8 cannot carry (FastAPI's handler answers 500). They go back as text."""
+    """FastAPI's own 422, with the NaN, Infinity and lone surrogates it quotes back as text (FastAPI's answers 500)."""
     assert isinstance(exc, RequestValidationError)
     errors = jsonable_encoder(exc.errors())
     try:
         body = to_json({"detail": errors}, inf_nan_mode="strings")
     except ValueError:  # a lone surrogate ("\ud800") in the input: quote it escaped
-        errors = [{**error, "input": _printable(error.get("input"))} for error in errors]
-        body = to_json({"detail": errors}, inf_nan_mode="strings")
+        body = to_json({"detail": [{**e, "input": _printable(e.get("input"))} for e in errors]}, inf_nan_mode="strings")
     return Response(body, status_code=422, media_type="application/json")
 
 
