@@ -206,12 +206,10 @@ def _resolve(host: str) -> str:
 
 def _check_text(what: str, text: str, error: type[ValueError] = ValueError) -> str:
     """``text``, if it holds no :data:`_HIDDEN` character (most text passes isprintable(), in C); else ``error``."""
-    hidden = [] if text.isprintable() else [i for i, c in enumerate(text) if unicodedata.category(c) in _HIDDEN]
-    if hidden:
-        raise error(
-            f"{what} must not contain control, format or line-separator characters; remove the "
-            f"U+{ord(text[hidden[0]]):04X} at index {hidden[0]}, got '{_printable(text)}'"
-        )
+    at = -1 if text.isprintable() else next((i for i, c in enumerate(text) if unicodedata.category(c) in _HIDDEN), -1)
+    if at >= 0:
+        hint = "must not contain control, format or line-separator characters; remove the"
+        raise error(f"{what} {hint} U+{ord(text[at]):04X} at index {at}, got '{_printable(text)}'")
     return text
 
 
@@ -221,10 +219,8 @@ def _check_health_url(what: str, url: str, error: type[ValueError] = ValueError)
     path = url[len(origin) :]
     fixed = quote(re.split("[?#]", path)[0], safe="/%:@!$&'()*+,;=")  # RFC 3986's path characters and %XX stay
     if fixed != path:
-        raise error(
-            f"{what} must be an ASCII path without ?query or #fragment; percent-encode it: "
-            f"'{origin}{fixed}', got '{_printable(url)}'"
-        )
+        hint = f"must be an ASCII path without ?query or #fragment; percent-encode it: '{origin}{fixed}'"
+        raise error(f"{what} {hint}, got '{_printable(url)}'")
     if not url.isascii():  # the host as well: 'K' (U+212A, Kelvin sign) lower-cases to an ASCII 'k'
         raise error(f"{what} must be ASCII, got '{_printable(url)}'")
     return url
@@ -256,11 +252,10 @@ def _causes(exc: BaseException) -> list[BaseException]:
 def _root_cause(exc: BaseException) -> str:
     """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was.
     A protocol error's words (BadStatusLine: 'SSH-2.0-...') are what the far end sent: its kind is all it says."""
-    if isinstance(exc, _Cut):
-        return str(exc)
     root = _causes(exc)[-1]
     quotes = isinstance(root, http.client.HTTPException) and not isinstance(root, OSError)  # not RemoteDisconnected
-    return f"{type(root).__name__}: a malformed HTTP answer" if quotes else f"{type(root).__name__}: {root}"
+    said = "a malformed HTTP answer" if quotes else root
+    return str(exc) if isinstance(exc, _Cut) else f"{type(root).__name__}: {said}"
 
 
 def _json(content: bytes) -> Any:
@@ -290,8 +285,7 @@ class _CutConnection(urllib3.connection.HTTPConnection):
         return sock
 
 
-class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
-    pass
+class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection): ...
 
 
 class _Cuttable(requests.adapters.HTTPAdapter):
@@ -358,34 +352,25 @@ _ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:
 _BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
-def _parse_seconds(var: str, raw: object, low: float, high: float, off: bool = False) -> float | None:
-    text = str(raw).strip().lower()
+def _parse_number(var: str, raw: object, low: float, high: float, off: bool = False) -> Any:
+    """A whole number from ``low`` to ``high`` if they are ints, else seconds; if ``off``, 'off' or 0 is None."""
+    text, whole = str(raw).strip().lower(), isinstance(low, int)
     if off and text in ("", "off", "none", "0"):
         return None
-    with contextlib.suppress(ValueError):
-        if not isinstance(raw, bool) and low <= (value := float(text)) <= high:  # also refuses nan and inf
+    with contextlib.suppress(ValueError):  # float() refuses '²'; 'nan' and 'inf' are in no range
+        value = (int(text) if _is_whole(text) else math.nan) if whole else float(text)
+        if not isinstance(raw, bool) and low <= value <= high:
             return value
-    raise ConfigError(f"{var} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
+    kind = "a whole number" if whole else "a number of seconds"
+    raise ConfigError(f"{var} must be {kind} from {low:.10g} to {high:.10g}, got {raw!r}")
 
 
-def _parse_count(var: str, raw: object, low: int, high: int) -> int:
-    text = str(raw).strip()
-    if isinstance(raw, bool) or not _is_whole(text) or not low <= int(text) <= high:
-        raise ConfigError(f"{var} must be a whole number from {low} to {high}, got {raw!r}")
-    return int(text)
-
-
-def _parse_bool(var: str, raw: object) -> bool:
-    value = raw if isinstance(raw, bool) else _BOOLS.get(str(raw).strip().lower())
-    if value is None:
-        raise ConfigError(f"{var} must be true or false (1/0, yes/no, on/off), got {raw!r}")
+def _parse_choice(var: str, raw: object, choices: Mapping[str, Any] = _BOOLS) -> Any:
+    """What ``choices`` maps ``raw`` to, case aside; by default a boolean."""
+    if (value := choices.get(str(raw).strip().lower())) is None:
+        hint = "true or false (1/0, yes/no, on/off)" if choices is _BOOLS else " or ".join(map(repr, choices))
+        raise ConfigError(f"{var} must be {hint}, got {raw!r}")
     return value
-
-
-def _parse_choice(var: str, raw: object, *choices: str) -> str:
-    if (text := str(raw).strip().lower()) not in choices:
-        raise ConfigError(f"{var} must be {' or '.join(map(repr, choices))}, got {raw!r}")
-    return text
 
 
 def _parse_text(var: str, raw: object, limit: int, one_line: bool = False) -> str:
@@ -479,9 +464,9 @@ class Config:
     ``API_PORT``, its variable. :meth:`load` reads, by precedence: keywords, the environment, ``.env``, the defaults."""
 
     # keyword: type = _setting(default, meaning, parser, *bounds)
-    mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, "worker", "supervisor")
+    mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, {"worker": "worker", "supervisor": "supervisor"})
     host: str | None = _setting(None, "the host the supervisor reaches this API at", _parse_host)
-    port: int = _setting(DEFAULT_PORT, "the port of the API", _parse_count, 1, 65535)
+    port: int = _setting(DEFAULT_PORT, "the port of the API", _parse_number, 1, 65535)
     bind: str | None = _setting(None, "the interface the command line binds to", _parse_host)
     title: str | None = _setting(None, "the service's name (FastAPI's title)", _parse_text, MAX_NAME)
     description: str = _setting(DEFAULT_DESCRIPTION, "FastAPI's description", _parse_text, MAX_DESCRIPTION, True)
@@ -490,23 +475,23 @@ class Config:
         (), "where to register", _parse_list, "!", _url_item, var="API_REGISTER_PATH", old="API_KEEPER_URL"
     )
     health_path: str = _setting(DEFAULT_HEALTH_PATH, "the path the supervisor checks", _parse_path)
-    health_interval: float = _setting(DEFAULT_HEALTH_INTERVAL, "gap", _parse_seconds, MIN_INTERVAL, MAX_INTERVAL)
-    health_timeout: float | None = _setting(None, "a check's deadline", _parse_seconds, 0.01, MAX_INTERVAL)
+    health_interval: float = _setting(DEFAULT_HEALTH_INTERVAL, "gap", _parse_number, MIN_INTERVAL, MAX_INTERVAL)
+    health_timeout: float | None = _setting(None, "a check's deadline", _parse_number, 0.01, MAX_INTERVAL)
     tags: tuple[str, ...] = _setting((), "what it does, for discovery", _parse_list, ":", _tag_item, MAX_TAGS)
     cors_allow_origins: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed origins", _parse_list, "!")
     cors_allow_methods: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed methods", _parse_list, "!")
     cors_allow_headers: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed headers", _parse_list, "!")
-    cors_allow_credentials: bool = _setting(False, "CORS credentials: needs listed origins", _parse_bool)
+    cors_allow_credentials: bool = _setting(False, "CORS credentials: needs listed origins", _parse_choice)
     allowed_hosts: tuple[str, ...] = _setting((), "the Host headers served", _parse_list, "!", _allowed_host_item)
     register_token: str | None = _setting(None, "the token registrations carry", _parse_token)
     register_networks: tuple[IPNetwork, ...] = _setting((), "claimable networks (NAT)", _parse_list, "!", _network_item)
-    register_timeout: float = _setting(DEFAULT_REGISTER_TIMEOUT, "startup's wait", _parse_seconds, 0.0, 3600.0)
-    register_required: bool = _setting(False, "fail startup unless registered", _parse_bool)
-    max_workers: int = _setting(DEFAULT_MAX_WORKERS, "the registry's cap", _parse_count, 1, 10_000_000)
+    register_timeout: float = _setting(DEFAULT_REGISTER_TIMEOUT, "startup's wait", _parse_number, 0.0, 3600.0)
+    register_required: bool = _setting(False, "fail startup unless registered", _parse_choice)
+    max_workers: int = _setting(DEFAULT_MAX_WORKERS, "the registry's cap", _parse_number, 1, 10_000_000)
     registry_file: str | None = _setting(None, "a sqlite file keeping the registrations", _parse_text, 4096)
-    deregister_after: float | None = _setting(None, "gone after", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True)
-    health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_count, 1, 100)
-    health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_count, 1, 100)
+    deregister_after: float | None = _setting(None, "gone after", _parse_number, MIN_INTERVAL, 10 * MAX_INTERVAL, True)
+    health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_number, 1, 100)
+    health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_number, 1, 100)
     #: The fields set by a keyword, the environment or the .env file (not by FastAPI's title= and the like).
     configured: frozenset[str] = frozenset()
 
@@ -592,7 +577,7 @@ def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> Non
     for given, old, new, spelt in spellings:
         if (raw := given.pop(old, None)) in (None, ""):
             continue
-        mode = "supervisor" if _parse_bool(old, raw) else "worker"
+        mode = "supervisor" if _parse_choice(old, raw) else "worker"
         was, now = spelt.format(old, raw), spelt.format(new, mode)
         if str(given.get(new) or mode).strip().lower() != mode:
             raise ConfigError(
