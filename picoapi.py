@@ -114,19 +114,15 @@ STARTUP_GRACE = 10.0  #: a new worker's checks may fail this long (at most an in
 
 REGISTER_ROUTE, SERVICES_ROUTE, DASHBOARD_ROUTE = "/register", "/services", "/dashboard"
 SERVICES_PAGE = 1000  #: GET /services' default and largest ``limit``: a registry of 1,000 in one answer, ~6 MB at most
-#: Seconds between two updates of the dashboard (it never reloads), and the rows a page shows at most (~45 KB).
-DASHBOARD_REFRESH, DASHBOARD_PAGE = 2, 200
-#: INSTANCE_HEADER names the worker process that answered a health check (only those that registered count).
-SUPERVISOR_HEADER, INSTANCE_HEADER = "X-PicoAPI-Supervisor", "X-PicoAPI-Instance"
+DASHBOARD_REFRESH, DASHBOARD_PAGE = 2, 200  #: seconds between dashboard updates (no reload); rows a page shows
+SUPERVISOR_HEADER, INSTANCE_HEADER = "X-PicoAPI-Supervisor", "X-PicoAPI-Instance"  #: the latter: who answered a check
 _SUPERVISOR_HEADER_KEY, _INSTANCE_HEADER_KEY = SUPERVISOR_HEADER.lower().encode(), INSTANCE_HEADER.lower().encode()
-HEALTHY, UNHEALTHY, UNKNOWN = "healthy", "unhealthy", "unknown"
-STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN)
+STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN) = ("healthy", "unhealthy", "unknown")
 
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  #: registration attempts wait base * 2**attempt, capped, jittered
 _ATTEMPTS_AT_CAP = math.ceil(math.log2(BACKOFF_CAP / BACKOFF_BASE))
 DEREGISTER_TIMEOUT = 2.0  #: the longest deregistration holds shutdown
-#: Host names resolved at once for registrations, and checks of a live process before a PUT or DELETE at once (503).
-MAX_RESOLVING = 4
+MAX_RESOLVING = 4  #: registrations' host names resolved, live-process checks before a PUT or DELETE, at once (503)
 STORE_TIMEOUT = 1.0  #: seconds a registration waits for a busy registry file before answering 503
 DEFAULT_CALL_TIMEOUT = 10.0  #: seconds app.call() and app.broadcast() wait for a worker unless told otherwise
 #: GET /services/{id}/openapi: seconds it waits in all, bytes the worker may send, documents fetched at once (503).
@@ -580,22 +576,17 @@ def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> Non
         mode = "supervisor" if _parse_choice(old, raw) else "worker"
         was, now = spelt.format(old, raw), spelt.format(new, mode)
         if str(given.get(new) or mode).strip().lower() != mode:
-            raise ConfigError(
-                f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: "
-                f"{old} is the old spelling of {now}; keep only {new}"
-            )
+            raise ConfigError(f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: keep only {now}")
         given[new] = mode
         message = f"{was} is picoapi 1.x's spelling: write {now} instead"
         level = next((i for i, frame in enumerate(inspect.stack(0), 1) if frame.filename != __file__), 1)
         warnings.warn(message, DeprecationWarning, stacklevel=level)
-        _log_once(message)
+        _log_like_uvicorn()  # logged while the app is built: under uvicorn, in its format already
+        _log_once("%s", message)
 
 
-@functools.cache
-def _log_once(message: str) -> None:
-    """Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator would see nothing."""
-    _log_like_uvicorn()  # logged while the app is built: under uvicorn, in its format already
-    logger.warning("%s", message)
+#: Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator would see nothing.
+_log_once = functools.cache(logger.warning)
 
 
 #: The file ``picoapi supervisor|worker --env-file`` gives, read instead of ./.env while the app is built.
