@@ -105,9 +105,8 @@ DEFAULT_CORS, DEFAULT_REGISTER_TIMEOUT, DEFAULT_MAX_WORKERS = ("*",), 30.0, 10_0
 DEFAULT_WATCHDOG_INTERVALS = 3  #: intervals without a check before a worker asks the supervisor if it still checks
 SELF_CHECK_AFTER = 2.0  #: a worker GETs its own registered health URL this long after startup (at most an interval)
 
-MIN_INTERVAL, MAX_INTERVAL = 0.05, 86_400.0
+MIN_INTERVAL, MAX_INTERVAL, MAX_ERROR, MAX_BODY = 0.05, 86_400.0, 200, 64 * 1024
 MAX_NAME, MAX_VERSION, MAX_TAG, MAX_TAGS, MAX_DESCRIPTION, MAX_HOST, MAX_URL = 128, 64, 64, 32, 1024, 253, 2048
-MAX_ERROR, MAX_BODY = 200, 64 * 1024
 _INSTANCE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_INSTANCES = 16  #: processes remembered per entry (siblings on one port, restarts); the oldest are forgotten
 STARTUP_GRACE = 10.0  #: a new worker's checks may fail this long (at most an interval): its server is starting
@@ -246,9 +245,9 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was.
-    A protocol error's words (BadStatusLine: 'SSH-2.0-...') are what the far end sent: its kind is all it says."""
+    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was."""
     root = _causes(exc)[-1]
+    # A protocol error's words (BadStatusLine: 'SSH-2.0-...') are the far end's: its kind is all it says.
     quotes = isinstance(root, http.client.HTTPException) and not isinstance(root, OSError)  # not RemoteDisconnected
     said = "a malformed HTTP answer" if quotes else root
     return str(exc) if isinstance(exc, _Cut) else f"{type(root).__name__}: {said}"
@@ -317,8 +316,7 @@ class _Cuttable(requests.adapters.HTTPAdapter):
 def _bounded_request(
     adapter: _Cuttable, method: str, url: str, timeout: float, limit: int, **kwargs: Any
 ) -> tuple[requests.Response, bytes | None]:
-    """One request, no redirects, cut after ``timeout`` seconds in all; returns the answer and its body, None when
-    over ``limit`` bytes (the rest is never read). Raises requests' errors, :class:`_Cut` when cut."""
+    """One request, no redirects, cut (:class:`_Cut`) after ``timeout`` s: answer and body (None over ``limit``)."""
     timer = threading.Timer(timeout, adapter.cut)
     timer.name, timer.daemon = "picoapi-deadline", True
     timer.start()
@@ -346,6 +344,10 @@ def _bounded_request(
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
 _ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+#: The file ``picoapi supervisor|worker --env-file`` gives, read instead of ./.env while the app is built.
+_env_file_instead: str | None = None
+#: Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator would see nothing.
+_log_once = functools.cache(logger.warning)
 
 
 def _parse_number(var: str, raw: object, low: float, high: float, off: bool = False) -> Any:
@@ -567,8 +569,7 @@ def _unknown_settings(names: Iterable[str]) -> str:
 
 
 def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> None:
-    """Read picoapi 1.x's ``is_master`` keyword and ``API_MASTER`` variable as the mode they mean (true is
-    supervisor), warning at the user's line; given beside a mode that disagrees, a ConfigError names both."""
+    """Read 1.x's ``is_master`` and ``API_MASTER`` as the mode they mean, warning; beside another mode: ConfigError."""
     spellings = [(keywords, "is_master", "mode", "{}={!r}")] + [(s, "API_MASTER", "API_MODE", "{}={}") for s in sources]
     for given, old, new, spelt in spellings:
         if (raw := given.pop(old, None)) in (None, ""):
@@ -583,14 +584,6 @@ def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> Non
         warnings.warn(message, DeprecationWarning, stacklevel=level)
         _log_like_uvicorn()  # logged while the app is built: under uvicorn, in its format already
         _log_once("%s", message)
-
-
-#: Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator would see nothing.
-_log_once = functools.cache(logger.warning)
-
-
-#: The file ``picoapi supervisor|worker --env-file`` gives, read instead of ./.env while the app is built.
-_env_file_instead: str | None = None
 
 
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
