@@ -255,10 +255,9 @@ def _root_cause(exc: BaseException) -> str:
 
 def _json(content: bytes) -> Any:
     """The JSON in ``content``, or None: a far end may send anything (60,000 deep, 5,000-digit numbers, NaN)."""
-    try:
+    with contextlib.suppress(ValueError, RecursionError):
         return json.loads(content, parse_constant=int)  # int('NaN'), int('Infinity'): ValueError
-    except (ValueError, RecursionError):
-        return None
+    return None
 
 
 class _Cut(requests.Timeout):
@@ -351,7 +350,7 @@ _log_once = functools.cache(logger.warning)
 
 
 def _parse_number(var: str, raw: object, low: float, high: float, off: bool = False) -> Any:
-    """A whole number from ``low`` to ``high`` if they are ints, else seconds; if ``off``, 'off' or 0 is None."""
+    """A whole number from ``low`` to ``high`` if they are ints, else seconds; with ``off``, 'off', 0 or blank: None."""
     text, whole = str(raw).strip().lower(), isinstance(low, int)
     if off and text in ("", "off", "none", "0"):
         return None
@@ -542,10 +541,9 @@ class Config:
         """The JSON body a worker sends to ``PUT /register``; raises :class:`ConfigError` naming what is unset."""
         if missing := [_SETTINGS[f].var for f in ("host", "title") if not getattr(self, f)]:
             raise ConfigError(f"{', '.join(missing)} must be set for a worker to register")
-        health = {"url": self.health_url, "interval": self.health_interval, "timeout": self.health_timeout}
-        body: dict[str, Any] = {"name": self.title, "host": self.host, "port": self.port, "version": self.version}
-        body |= {"tags": list(self.tags), "description": self.description}
-        return {**body, "health": {k: v for k, v in health.items() if v is not None}}
+        body = dict(name=self.title, host=self.host, port=self.port, version=self.version, tags=list(self.tags))
+        health = dict(url=self.health_url, interval=self.health_interval, timeout=self.health_timeout)
+        return body | {"description": self.description, "health": {k: v for k, v in health.items() if v is not None}}
 
 
 #: keyword -> its row of the table, in declaration order.
