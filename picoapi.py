@@ -575,7 +575,7 @@ def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> Non
         mode = "supervisor" if _parse_choice(old, raw) else "worker"
         was, now = spelt.format(old, raw), spelt.format(new, mode)
         if str(given.get(new) or mode).strip().lower() != mode:
-            raise ConfigError(f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: keep only {now}")
+            raise ConfigError(f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: keep only {new}")
         given[new] = mode
         message = f"{was} is picoapi 1.x's spelling: write {now} instead"
         level = next((i for i, frame in enumerate(inspect.stack(0), 1) if frame.filename != __file__), 1)
