@@ -265,21 +265,17 @@ class _Cut(requests.Timeout):
 
 
 class _CutConnection(urllib3.connection.HTTPConnection):
-    """Hands its adapter a duplicate of its socket, which another thread can shut down even once TLS wrapped it."""
+    """Hands :attr:`cuttable` a duplicate of its socket, which another thread can shut down even once TLS wrapped it;
+    :class:`_Cuttable` mixes it into each of its pools' own connection class, TLS or not."""
 
-    def __init__(self, *args: Any, cuttable: _Cuttable, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._cuttable = cuttable
+    cuttable: _Cuttable
 
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
-        self._cuttable.socks.append(sock.dup())
-        if self._cuttable.is_cut:  # opened after the cut: it must carry no request
-            self._cuttable.cut()
+        self.cuttable.socks.append(sock.dup())
+        if self.cuttable.is_cut:  # opened after the cut: it must carry no request
+            self.cuttable.cut()
         return sock
-
-
-class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection): ...
 
 
 class _Cuttable(requests.adapters.HTTPAdapter):
@@ -293,9 +289,8 @@ class _Cuttable(requests.adapters.HTTPAdapter):
 
     def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
         pool = super().get_connection_with_tls_context(*args, **kwargs)
-        if isinstance(pool, urllib3.HTTPConnectionPool):  # always; narrows the type
-            pool.ConnectionCls = _CutTLSConnection if isinstance(pool, urllib3.HTTPSConnectionPool) else _CutConnection
-            pool.conn_kw["cuttable"] = self
+        if isinstance(pool, urllib3.HTTPConnectionPool) and not issubclass(pool.ConnectionCls, _CutConnection):
+            pool.ConnectionCls = type("_CutConnection", (_CutConnection, pool.ConnectionCls), {"cuttable": self})
         return pool
 
     def cut(self) -> None:
