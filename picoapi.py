@@ -415,10 +415,9 @@ def _url_item(var: str, url: str) -> str:
 
 
 def _network_item(var: str, text: str) -> IPNetwork:
-    try:
+    with contextlib.suppress(ValueError):
         return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise ConfigError(f"{var} must list networks such as '10.0.0.0/8!fd00::/8', got {text!r}") from None
+    raise ConfigError(f"{var} must list networks such as '10.0.0.0/8!fd00::/8', got {text!r}")
 
 
 def _allowed_host_item(var: str, item: str) -> str:
