@@ -105,28 +105,23 @@ DEFAULT_CORS, DEFAULT_REGISTER_TIMEOUT, DEFAULT_MAX_WORKERS = ("*",), 30.0, 10_0
 DEFAULT_WATCHDOG_INTERVALS = 3  #: intervals without a check before a worker asks the supervisor if it still checks
 SELF_CHECK_AFTER = 2.0  #: a worker GETs its own registered health URL this long after startup (at most an interval)
 
-MIN_INTERVAL, MAX_INTERVAL = 0.05, 86_400.0
+MIN_INTERVAL, MAX_INTERVAL, MAX_ERROR, MAX_BODY = 0.05, 86_400.0, 200, 64 * 1024
 MAX_NAME, MAX_VERSION, MAX_TAG, MAX_TAGS, MAX_DESCRIPTION, MAX_HOST, MAX_URL = 128, 64, 64, 32, 1024, 253, 2048
-MAX_ERROR, MAX_BODY = 200, 64 * 1024
 _INSTANCE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_INSTANCES = 16  #: processes remembered per entry (siblings on one port, restarts); the oldest are forgotten
 STARTUP_GRACE = 10.0  #: a new worker's checks may fail this long (at most an interval): its server is starting
 
 REGISTER_ROUTE, SERVICES_ROUTE, DASHBOARD_ROUTE = "/register", "/services", "/dashboard"
 SERVICES_PAGE = 1000  #: GET /services' default and largest ``limit``: a registry of 1,000 in one answer, ~6 MB at most
-#: Seconds between two updates of the dashboard (it never reloads), and the rows a page shows at most (~45 KB).
-DASHBOARD_REFRESH, DASHBOARD_PAGE = 2, 200
-#: INSTANCE_HEADER names the worker process that answered a health check (only those that registered count).
-SUPERVISOR_HEADER, INSTANCE_HEADER = "X-PicoAPI-Supervisor", "X-PicoAPI-Instance"
+DASHBOARD_REFRESH, DASHBOARD_PAGE = 2, 200  #: seconds between dashboard updates (no reload); rows a page shows
+SUPERVISOR_HEADER, INSTANCE_HEADER = "X-PicoAPI-Supervisor", "X-PicoAPI-Instance"  #: the latter: who answered a check
 _SUPERVISOR_HEADER_KEY, _INSTANCE_HEADER_KEY = SUPERVISOR_HEADER.lower().encode(), INSTANCE_HEADER.lower().encode()
-HEALTHY, UNHEALTHY, UNKNOWN = "healthy", "unhealthy", "unknown"
-STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN)
+STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN) = ("healthy", "unhealthy", "unknown")
 
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  #: registration attempts wait base * 2**attempt, capped, jittered
 _ATTEMPTS_AT_CAP = math.ceil(math.log2(BACKOFF_CAP / BACKOFF_BASE))
 DEREGISTER_TIMEOUT = 2.0  #: the longest deregistration holds shutdown
-#: Host names resolved at once for registrations, and checks of a live process before a PUT or DELETE at once (503).
-MAX_RESOLVING = 4
+MAX_RESOLVING = 4  #: registrations' host names resolved, live-process checks before a PUT or DELETE, at once (503)
 STORE_TIMEOUT = 1.0  #: seconds a registration waits for a busy registry file before answering 503
 DEFAULT_CALL_TIMEOUT = 10.0  #: seconds app.call() and app.broadcast() wait for a worker unless told otherwise
 #: GET /services/{id}/openapi: seconds it waits in all, bytes the worker may send, documents fetched at once (503).
@@ -206,12 +201,10 @@ def _resolve(host: str) -> str:
 
 def _check_text(what: str, text: str, error: type[ValueError] = ValueError) -> str:
     """``text``, if it holds no :data:`_HIDDEN` character (most text passes isprintable(), in C); else ``error``."""
-    hidden = [] if text.isprintable() else [i for i, c in enumerate(text) if unicodedata.category(c) in _HIDDEN]
-    if hidden:
-        raise error(
-            f"{what} must not contain control, format or line-separator characters; remove the "
-            f"U+{ord(text[hidden[0]]):04X} at index {hidden[0]}, got '{_printable(text)}'"
-        )
+    at = -1 if text.isprintable() else next((i for i, c in enumerate(text) if unicodedata.category(c) in _HIDDEN), -1)
+    if at >= 0:
+        hint = "must not contain control, format or line-separator characters; remove the"
+        raise error(f"{what} {hint} U+{ord(text[at]):04X} at index {at}, got '{_printable(text)}'")
     return text
 
 
@@ -221,10 +214,8 @@ def _check_health_url(what: str, url: str, error: type[ValueError] = ValueError)
     path = url[len(origin) :]
     fixed = quote(re.split("[?#]", path)[0], safe="/%:@!$&'()*+,;=")  # RFC 3986's path characters and %XX stay
     if fixed != path:
-        raise error(
-            f"{what} must be an ASCII path without ?query or #fragment; percent-encode it: "
-            f"'{origin}{fixed}', got '{_printable(url)}'"
-        )
+        hint = f"must be an ASCII path without ?query or #fragment; percent-encode it: '{origin}{fixed}'"
+        raise error(f"{what} {hint}, got '{_printable(url)}'")
     if not url.isascii():  # the host as well: 'K' (U+212A, Kelvin sign) lower-cases to an ASCII 'k'
         raise error(f"{what} must be ASCII, got '{_printable(url)}'")
     return url
@@ -254,21 +245,19 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was.
-    A protocol error's words (BadStatusLine: 'SSH-2.0-...') are what the far end sent: its kind is all it says."""
-    if isinstance(exc, _Cut):
-        return str(exc)
+    """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was."""
     root = _causes(exc)[-1]
+    # A protocol error's words (BadStatusLine: 'SSH-2.0-...') are the far end's: its kind is all it says.
     quotes = isinstance(root, http.client.HTTPException) and not isinstance(root, OSError)  # not RemoteDisconnected
-    return f"{type(root).__name__}: a malformed HTTP answer" if quotes else f"{type(root).__name__}: {root}"
+    said = "a malformed HTTP answer" if quotes else root
+    return str(exc) if isinstance(exc, _Cut) else f"{type(root).__name__}: {said}"
 
 
 def _json(content: bytes) -> Any:
     """The JSON in ``content``, or None: a far end may send anything (60,000 deep, 5,000-digit numbers, NaN)."""
-    try:
+    with contextlib.suppress(ValueError, RecursionError):
         return json.loads(content, parse_constant=int)  # int('NaN'), int('Infinity'): ValueError
-    except (ValueError, RecursionError):
-        return None
+    return None
 
 
 class _Cut(requests.Timeout):
@@ -276,22 +265,17 @@ class _Cut(requests.Timeout):
 
 
 class _CutConnection(urllib3.connection.HTTPConnection):
-    """Hands its adapter a duplicate of its socket, which another thread can shut down even once TLS wrapped it."""
+    """Hands :attr:`cuttable` a duplicate of its socket, which another thread can shut down even once TLS wrapped it;
+    :class:`_Cuttable` mixes it into each of its pools' own connection class, TLS or not."""
 
-    def __init__(self, *args: Any, cuttable: _Cuttable, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._cuttable = cuttable
+    cuttable: _Cuttable
 
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
-        self._cuttable.socks.append(sock.dup())
-        if self._cuttable.is_cut:  # opened after the cut: it must carry no request
-            self._cuttable.cut()
+        self.cuttable.socks.append(sock.dup())
+        if self.cuttable.is_cut:  # opened after the cut: it must carry no request
+            self.cuttable.cut()
         return sock
-
-
-class _CutTLSConnection(_CutConnection, urllib3.connection.HTTPSConnection):
-    pass
 
 
 class _Cuttable(requests.adapters.HTTPAdapter):
@@ -305,9 +289,8 @@ class _Cuttable(requests.adapters.HTTPAdapter):
 
     def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> urllib3.connectionpool.ConnectionPool:
         pool = super().get_connection_with_tls_context(*args, **kwargs)
-        if isinstance(pool, urllib3.HTTPConnectionPool):  # always; narrows the type
-            pool.ConnectionCls = _CutTLSConnection if isinstance(pool, urllib3.HTTPSConnectionPool) else _CutConnection
-            pool.conn_kw["cuttable"] = self
+        if isinstance(pool, urllib3.HTTPConnectionPool) and not issubclass(pool.ConnectionCls, _CutConnection):
+            pool.ConnectionCls = type("_CutConnection", (_CutConnection, pool.ConnectionCls), {"cuttable": self})
         return pool
 
     def cut(self) -> None:
@@ -327,8 +310,7 @@ class _Cuttable(requests.adapters.HTTPAdapter):
 def _bounded_request(
     adapter: _Cuttable, method: str, url: str, timeout: float, limit: int, **kwargs: Any
 ) -> tuple[requests.Response, bytes | None]:
-    """One request, no redirects, cut after ``timeout`` seconds in all; returns the answer and its body, None when
-    over ``limit`` bytes (the rest is never read). Raises requests' errors, :class:`_Cut` when cut."""
+    """One request, no redirects, cut (:class:`_Cut`) after ``timeout`` s: answer and body (None over ``limit``)."""
     timer = threading.Timer(timeout, adapter.cut)
     timer.name, timer.daemon = "picoapi-deadline", True
     timer.start()
@@ -356,36 +338,31 @@ def _bounded_request(
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
 _ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+#: The file ``picoapi supervisor|worker --env-file`` gives, read instead of ./.env while the app is built.
+_env_file_instead: str | None = None
+#: Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator would see nothing.
+_log_once = functools.cache(logger.warning)
 
 
-def _parse_seconds(var: str, raw: object, low: float, high: float, off: bool = False) -> float | None:
-    text = str(raw).strip().lower()
+def _parse_number(var: str, raw: object, low: float, high: float, off: bool = False) -> Any:
+    """A whole number from ``low`` to ``high`` if they are ints, else seconds; with ``off``, 'off', 0 or blank: None."""
+    text, whole = str(raw).strip().lower(), isinstance(low, int)
     if off and text in ("", "off", "none", "0"):
         return None
-    with contextlib.suppress(ValueError):
-        if not isinstance(raw, bool) and low <= (value := float(text)) <= high:  # also refuses nan and inf
+    with contextlib.suppress(ValueError):  # float() refuses '²'; 'nan' and 'inf' are in no range
+        value = (int(text) if _is_whole(text) else math.nan) if whole else float(text)
+        if not isinstance(raw, bool) and low <= value <= high:
             return value
-    raise ConfigError(f"{var} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
+    kind = "a whole number" if whole else "a number of seconds"
+    raise ConfigError(f"{var} must be {kind} from {low:.10g} to {high:.10g}, got {raw!r}")
 
 
-def _parse_count(var: str, raw: object, low: int, high: int) -> int:
-    text = str(raw).strip()
-    if isinstance(raw, bool) or not _is_whole(text) or not low <= int(text) <= high:
-        raise ConfigError(f"{var} must be a whole number from {low} to {high}, got {raw!r}")
-    return int(text)
-
-
-def _parse_bool(var: str, raw: object) -> bool:
-    value = raw if isinstance(raw, bool) else _BOOLS.get(str(raw).strip().lower())
-    if value is None:
-        raise ConfigError(f"{var} must be true or false (1/0, yes/no, on/off), got {raw!r}")
+def _parse_choice(var: str, raw: object, choices: Mapping[str, Any] = _BOOLS) -> Any:
+    """What ``choices`` maps ``raw`` to, case aside; by default a boolean."""
+    if (value := choices.get(str(raw).strip().lower())) is None:
+        hint = "true or false (1/0, yes/no, on/off)" if choices is _BOOLS else " or ".join(map(repr, choices))
+        raise ConfigError(f"{var} must be {hint}, got {raw!r}")
     return value
-
-
-def _parse_choice(var: str, raw: object, *choices: str) -> str:
-    if (text := str(raw).strip().lower()) not in choices:
-        raise ConfigError(f"{var} must be {' or '.join(map(repr, choices))}, got {raw!r}")
-    return text
 
 
 def _parse_text(var: str, raw: object, limit: int, one_line: bool = False) -> str:
@@ -438,10 +415,9 @@ def _url_item(var: str, url: str) -> str:
 
 
 def _network_item(var: str, text: str) -> IPNetwork:
-    try:
+    with contextlib.suppress(ValueError):
         return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise ConfigError(f"{var} must list networks such as '10.0.0.0/8!fd00::/8', got {text!r}") from None
+    raise ConfigError(f"{var} must list networks such as '10.0.0.0/8!fd00::/8', got {text!r}")
 
 
 def _allowed_host_item(var: str, item: str) -> str:
@@ -479,9 +455,9 @@ class Config:
     ``API_PORT``, its variable. :meth:`load` reads, by precedence: keywords, the environment, ``.env``, the defaults."""
 
     # keyword: type = _setting(default, meaning, parser, *bounds)
-    mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, "worker", "supervisor")
+    mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, {"worker": "worker", "supervisor": "supervisor"})
     host: str | None = _setting(None, "the host the supervisor reaches this API at", _parse_host)
-    port: int = _setting(DEFAULT_PORT, "the port of the API", _parse_count, 1, 65535)
+    port: int = _setting(DEFAULT_PORT, "the port of the API", _parse_number, 1, 65535)
     bind: str | None = _setting(None, "the interface the command line binds to", _parse_host)
     title: str | None = _setting(None, "the service's name (FastAPI's title)", _parse_text, MAX_NAME)
     description: str = _setting(DEFAULT_DESCRIPTION, "FastAPI's description", _parse_text, MAX_DESCRIPTION, True)
@@ -490,23 +466,23 @@ class Config:
         (), "where to register", _parse_list, "!", _url_item, var="API_REGISTER_PATH", old="API_KEEPER_URL"
     )
     health_path: str = _setting(DEFAULT_HEALTH_PATH, "the path the supervisor checks", _parse_path)
-    health_interval: float = _setting(DEFAULT_HEALTH_INTERVAL, "gap", _parse_seconds, MIN_INTERVAL, MAX_INTERVAL)
-    health_timeout: float | None = _setting(None, "a check's deadline", _parse_seconds, 0.01, MAX_INTERVAL)
+    health_interval: float = _setting(DEFAULT_HEALTH_INTERVAL, "gap", _parse_number, MIN_INTERVAL, MAX_INTERVAL)
+    health_timeout: float | None = _setting(None, "a check's deadline", _parse_number, 0.01, MAX_INTERVAL)
     tags: tuple[str, ...] = _setting((), "what it does, for discovery", _parse_list, ":", _tag_item, MAX_TAGS)
     cors_allow_origins: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed origins", _parse_list, "!")
     cors_allow_methods: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed methods", _parse_list, "!")
     cors_allow_headers: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed headers", _parse_list, "!")
-    cors_allow_credentials: bool = _setting(False, "CORS credentials: needs listed origins", _parse_bool)
+    cors_allow_credentials: bool = _setting(False, "CORS credentials: needs listed origins", _parse_choice)
     allowed_hosts: tuple[str, ...] = _setting((), "the Host headers served", _parse_list, "!", _allowed_host_item)
     register_token: str | None = _setting(None, "the token registrations carry", _parse_token)
     register_networks: tuple[IPNetwork, ...] = _setting((), "claimable networks (NAT)", _parse_list, "!", _network_item)
-    register_timeout: float = _setting(DEFAULT_REGISTER_TIMEOUT, "startup's wait", _parse_seconds, 0.0, 3600.0)
-    register_required: bool = _setting(False, "fail startup unless registered", _parse_bool)
-    max_workers: int = _setting(DEFAULT_MAX_WORKERS, "the registry's cap", _parse_count, 1, 10_000_000)
+    register_timeout: float = _setting(DEFAULT_REGISTER_TIMEOUT, "startup's wait", _parse_number, 0.0, 3600.0)
+    register_required: bool = _setting(False, "fail startup unless registered", _parse_choice)
+    max_workers: int = _setting(DEFAULT_MAX_WORKERS, "the registry's cap", _parse_number, 1, 10_000_000)
     registry_file: str | None = _setting(None, "a sqlite file keeping the registrations", _parse_text, 4096)
-    deregister_after: float | None = _setting(None, "gone after", _parse_seconds, MIN_INTERVAL, 10 * MAX_INTERVAL, True)
-    health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_count, 1, 100)
-    health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_count, 1, 100)
+    deregister_after: float | None = _setting(None, "gone after", _parse_number, MIN_INTERVAL, 10 * MAX_INTERVAL, True)
+    health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_number, 1, 100)
+    health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_number, 1, 100)
     #: The fields set by a keyword, the environment or the .env file (not by FastAPI's title= and the like).
     configured: frozenset[str] = frozenset()
 
@@ -559,10 +535,9 @@ class Config:
         """The JSON body a worker sends to ``PUT /register``; raises :class:`ConfigError` naming what is unset."""
         if missing := [_SETTINGS[f].var for f in ("host", "title") if not getattr(self, f)]:
             raise ConfigError(f"{', '.join(missing)} must be set for a worker to register")
-        health = {"url": self.health_url, "interval": self.health_interval, "timeout": self.health_timeout}
-        body: dict[str, Any] = {"name": self.title, "host": self.host, "port": self.port, "version": self.version}
-        body |= {"tags": list(self.tags), "description": self.description}
-        return {**body, "health": {k: v for k, v in health.items() if v is not None}}
+        body = dict(name=self.title, host=self.host, port=self.port, version=self.version, tags=list(self.tags))
+        health = dict(url=self.health_url, interval=self.health_interval, timeout=self.health_timeout)
+        return body | {"description": self.description, "health": {k: v for k, v in health.items() if v is not None}}
 
 
 #: keyword -> its row of the table, in declaration order.
@@ -586,35 +561,21 @@ def _unknown_settings(names: Iterable[str]) -> str:
 
 
 def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> None:
-    """Read picoapi 1.x's ``is_master`` keyword and ``API_MASTER`` variable as the mode they mean (true is
-    supervisor), warning at the user's line; given beside a mode that disagrees, a ConfigError names both."""
+    """Read 1.x's ``is_master`` and ``API_MASTER`` as the mode they mean, warning; beside another mode: ConfigError."""
     spellings = [(keywords, "is_master", "mode", "{}={!r}")] + [(s, "API_MASTER", "API_MODE", "{}={}") for s in sources]
     for given, old, new, spelt in spellings:
         if (raw := given.pop(old, None)) in (None, ""):
             continue
-        mode = "supervisor" if _parse_bool(old, raw) else "worker"
+        mode = "supervisor" if _parse_choice(old, raw) else "worker"
         was, now = spelt.format(old, raw), spelt.format(new, mode)
         if str(given.get(new) or mode).strip().lower() != mode:
-            raise ConfigError(
-                f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: "
-                f"{old} is the old spelling of {now}; keep only {new}"
-            )
+            raise ConfigError(f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: keep only {new}")
         given[new] = mode
         message = f"{was} is picoapi 1.x's spelling: write {now} instead"
         level = next((i for i, frame in enumerate(inspect.stack(0), 1) if frame.filename != __file__), 1)
         warnings.warn(message, DeprecationWarning, stacklevel=level)
-        _log_once(message)
-
-
-@functools.cache
-def _log_once(message: str) -> None:
-    """Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator would see nothing."""
-    _log_like_uvicorn()  # logged while the app is built: under uvicorn, in its format already
-    logger.warning("%s", message)
-
-
-#: The file ``picoapi supervisor|worker --env-file`` gives, read instead of ./.env while the app is built.
-_env_file_instead: str | None = None
+        _log_like_uvicorn()  # logged while the app is built: under uvicorn, in its format already
+        _log_once("%s", message)
 
 
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
