@@ -707,10 +707,10 @@ class Registration(BaseModel):
         return self
 
 
-def _field(doc: str = "", default: Any = dataclasses.MISSING, shown: str | None = "", given: bool | str = False) -> Any:
-    """A public :class:`Worker` field: :class:`WorkerOut` shows it at ``shown`` (its own name by default, None: not
-    at all); if ``given``, a :class:`Registration` sets it, read at that same path (or the one given)."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "shown": shown, "given": given})
+def _field(doc: str = "", default: Any = dataclasses.MISSING, health: str = "", given: str = "") -> Any:
+    """A :class:`Worker` field that :class:`WorkerOut` shows: at the top, or under ``health`` at key ``health``; a
+    :class:`Registration` sets it if ``given``, the path it reads there."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "health": health, "given": given})
 
 
 @dataclasses.dataclass(slots=True)
@@ -719,18 +719,17 @@ class Worker:
     :class:`WorkerOut`, :func:`_out`, what a registration sets (:data:`_CONTENT`) and the copies derive from it."""
 
     id: str = _field("host:port, or [IPv6]:port")
-    name: str = _field(given=True)
-    host: str = _field(given=True)
-    port: int = _field(given=True)
-    version: str = _field(given=True)
-    tags: tuple[str, ...] = _field(given=True)
-    description: str = _field(given=True)
-    health_url: str = _field(shown="health.url", given=True)
-    interval: float = _field(shown="health.interval", given=True)
-    timeout: float = _field("the check's total deadline in seconds", shown="health.timeout", given="health.deadline")
-    openapi: str | None = _field("its OpenAPI path, if it sent one", default=None, given=True)
+    name: str = _field(given="name")
+    host: str = _field(given="host")
+    port: int = _field(given="port")
+    version: str = _field(given="version")
+    tags: tuple[str, ...] = _field(given="tags")
+    description: str = _field(given="description")
+    health_url: str = _field(health="url", given="health.url")
+    interval: float = _field(health="interval", given="health.interval")
+    timeout: float = _field("the check's total deadline in seconds", health="timeout", given="health.deadline")
+    openapi: str | None = _field("its OpenAPI path, if it sent one", default=None, given="openapi")
     address: str = _field("what the host resolved to when it registered: checks connect here", default="")
-    instances: tuple[str, ...] = _field("the processes that registered it (uvicorn --workers)", default=(), shown=None)
     status: str = _field("healthy, unhealthy or unknown", default=HEALTHY)
     suspect: bool = _field("a call to it failed to connect: pick() skips it until its next check", default=False)
     registered_at: float = _field("Unix seconds, as every time below", default=0.0)
@@ -741,7 +740,8 @@ class Worker:
     last_status_code: int | None = _field(default=None)
     last_latency: float | None = _field("seconds", default=None)
     last_error: str = _field(default="")
-    # The scheduler's bookkeeping (monotonic times); not part of the public view.
+    # Not shown: the processes that registered it (uvicorn --workers), and the scheduler's bookkeeping (monotonic).
+    instances: tuple[str, ...] = ()
     _heap_seq: int | None = dataclasses.field(default=None, repr=False)  # its live heap entry's
     _due: float = dataclasses.field(default=0.0, repr=False)
     _busy_until: float = dataclasses.field(default=0.0, repr=False)  # a check of it is in flight until then
@@ -772,13 +772,12 @@ class Worker:
 
 _FIELDS = dataclasses.fields(Worker)
 _fields_of = operator.attrgetter(*(f.name for f in _FIELDS))  # every field, in order: a fast snapshot for copies
-#: Where WorkerOut shows each Worker attribute it shows ("health.url": ``url`` under ``health``).
-_SHOWN = {f.name: f.metadata["shown"] or f.name for f in _FIELDS if f.metadata.get("shown", None) is not None}
-_TOP = {path: name for name, path in _SHOWN.items() if "." not in path}
-_HEALTH = {path.removeprefix("health."): name for name, path in _SHOWN.items() if "." in path}
-_top_of, _health_of = operator.attrgetter(*_TOP.values()), operator.attrgetter(*_HEALTH.values())
+#: What WorkerOut shows: the _field()s, at their names, or under ``health`` (its keys to the attributes).
+_TOP = tuple(f.name for f in _FIELDS if "doc" in f.metadata and not f.metadata["health"])
+_HEALTH = {f.metadata["health"]: f.name for f in _FIELDS if f.metadata.get("health")}
+_top_of, _health_of = operator.attrgetter(*_TOP), operator.attrgetter(*_HEALTH.values())
 #: What a registration says: each field it sets, where a Registration holds it; the same again is a refresh.
-_GIVEN = {f.name: _SHOWN[f.name] if given is True else given for f in _FIELDS if (given := f.metadata.get("given"))}
+_GIVEN = {f.name: f.metadata["given"] for f in _FIELDS if f.metadata.get("given")}
 _CONTENT = (*_GIVEN, "address")  # and the address the supervisor verified
 _content_of, _given_in = operator.attrgetter(*_CONTENT), operator.attrgetter(*_GIVEN.values())
 
@@ -793,18 +792,12 @@ def _out(w: Worker) -> dict[str, Any]:
     return {**dict(zip(_TOP, _top_of(w), strict=True)), "health": dict(zip(_HEALTH, _health_of(w), strict=True))}
 
 
-def _shown_fields() -> dict[str, Any]:
-    """WorkerOut's fields, from Worker's: the status as :data:`Status`, a tuple as a list, the check as a HealthSpec."""
-    fields: dict[str, Any] = {}
-    hints = {**typing.get_type_hints(Worker), "status": Status}
-    for key, name in _TOP.items():
-        hint = hints[name]
-        hint = types.GenericAlias(list, typing.get_args(hint)[:1]) if typing.get_origin(hint) is tuple else hint
-        fields[key] = (hint, Field(description=Worker.__dataclass_fields__[name].metadata["doc"] or None))
-    return {**fields, "health": (HealthSpec, ...)}
+#: WorkerOut's types: the status as :data:`Status`, the tags as a list (``picoapi status`` reads them strictly).
+_HINTS = {**typing.get_type_hints(Worker), "status": Status, "tags": list[str]}
+_SHOWN = {f.name: (_HINTS[f.name], Field(description=f.metadata["doc"] or None)) for f in _FIELDS if f.name in _TOP}
 
 
-class WorkerOut(create_model("_WorkerFields", **_shown_fields())):  # type: ignore[misc]
+class WorkerOut(create_model("_WorkerFields", **_SHOWN, health=(HealthSpec, ...))):  # type: ignore[misc]
     """A registry entry as the HTTP API shows it, derived from :class:`Worker`. Times are Unix seconds."""
 
 
