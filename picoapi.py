@@ -889,8 +889,7 @@ class Registry:
             if entry is not None and _content_of(entry) == content:
                 if reg.instance and reg.instance not in entry.instances:  # the oldest are dropped
                     entry.instances = (*entry.instances, reg.instance)[-MAX_INSTANCES:]
-                # Restarted while not healthy, say: checked now, not an interval later (unless a check is under way
-                # or due already: a flood of refreshes makes no flood of checks).
+                # Back while not healthy: checked now, unless under way or due (refreshes make no flood of checks)
                 moved = entry.status != HEALTHY and entry._busy_until <= now < entry._due and self._schedule(entry, now)
             else:
                 if entry is None:
@@ -1033,9 +1032,8 @@ class Registry:
         return due
 
     def record(self, wid: str, result: CheckResult) -> StatusChange | None:
-        """Apply a check's result: every result of every check lands here, and only here. Returns a
-        :class:`StatusChange` if the status changed or the worker was removed (:func:`next_status` decides), else
-        None. A postponed check (the supervisor's own trouble) changes nothing but its time."""
+        """Apply a check's result (every result lands here, and only here): a :class:`StatusChange` if the status
+        changed or the worker went (:func:`next_status` decides), else None. A postponed one only moves its time."""
         with self._lock:
             if (entry := self._workers.get(wid)) is None:
                 return None  # deregistered while the check ran
@@ -1049,10 +1047,8 @@ class Registry:
             self.metrics.checked(result)
             entry.last_check, entry.last_error, entry.suspect = self._wall(), result.error[:MAX_ERROR], False
             entry.last_status_code, entry.last_latency = result.status_code, result.latency
-            if result.ok:
-                entry.successes, entry.failures, entry.last_success = entry.successes + 1, 0, entry.last_check
-            else:
-                entry.failures, entry.successes = entry.failures + 1, 0
+            entry.successes, entry.failures = (entry.successes + 1, 0) if result.ok else (0, entry.failures + 1)
+            entry.last_success = entry.last_check if result.ok else entry.last_success
             new, removed, recheck = next_status(entry, result.ok, now, self)
             if new != old:
                 entry.status, entry._unhealthy_since = new, now if new == UNHEALTHY else None
@@ -1064,12 +1060,11 @@ class Registry:
 
 
 def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict:
-    """The status rules: a worker's status after a check, from the consecutive counts that include it.
-
-    ``unknown`` turns ``healthy`` on a good check; ``healthy`` or ``unknown`` (past its start-up grace) turn
-    ``unhealthy`` after ``rules.failures`` failures in a row, ``unhealthy`` turns ``healthy`` after ``rules.successes``
-    good checks, and goes once unhealthy for ``rules.deregister_after``. A change waiting for confirmation is checked
-    again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd)."""
+    """The status rules, from the consecutive counts that include this check: ``unknown`` turns ``healthy`` on a good
+    check; ``healthy`` or ``unknown`` (past its start-up grace) turn ``unhealthy`` after ``rules.failures`` failures in
+    a row, ``unhealthy`` turns ``healthy`` after ``rules.successes`` good ones, and goes once unhealthy for
+    ``rules.deregister_after``. A change waiting for confirmation is checked again at the confirm delay; a new worker
+    not up yet too, doubling it each time (a few checks each for a crowd)."""
     status = entry.status
     starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
     if ok:
@@ -1100,39 +1095,31 @@ class _Store:
         self._is_registered = is_registered
         self._gone: collections.deque[str] = collections.deque()  # appended by the check thread, no lock needed
         self.lock = threading.Lock()  #: serialises a registry change with its row: the disk never goes back in time
+        db = None
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
-            try:
-                self._open(path)
-            except BaseException:
-                self._db.close()
+            db = self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
+            for pragma in ("locking_mode=EXCLUSIVE", "journal_mode=WAL", "synchronous=NORMAL"):  # locked until close()
+                db.execute(f"PRAGMA {pragma}")
+            db.execute("BEGIN IMMEDIATE")  # never committed if the file is not ours: close() leaves it as it was
+            schema = "id TEXT PRIMARY KEY, body TEXT NOT NULL, address TEXT NOT NULL, instances TEXT NOT NULL"
+            db.execute(f"CREATE TABLE IF NOT EXISTS workers ({schema})")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = {row[1] for row in db.execute("PRAGMA table_info(workers)")}
+            if tables != {"workers", "meta"} or columns != {"id", "body", "address", "instances"}:
+                raise ConfigError(f"API_REGISTRY_FILE {path!r} is not a PicoAPI registry file; name a new file")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('format', 'picoapi-registry-1')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (uuid.uuid4().hex[:12],))  # see identity()
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db is not None:
+                db.close()
+            if not isinstance(exc, sqlite3.Error):
                 raise
-        except sqlite3.Error as exc:
             why = f"cannot be used as a registry file: {exc}"
             if "locked" in str(exc):
                 why = "is in use by another supervisor; give each supervisor its own file"
             raise ConfigError(f"API_REGISTRY_FILE {path!r} {why}") from exc
-
-    def _open(self, path: str) -> None:
-        db = self._db
-        for pragma in ("locking_mode=EXCLUSIVE", "journal_mode=WAL", "synchronous=NORMAL"):  # locked until close()
-            db.execute(f"PRAGMA {pragma}")
-        db.execute("BEGIN IMMEDIATE")
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        columns = {row[1] for row in db.execute("PRAGMA table_info(workers)")}
-        if tables - {"workers", "meta"} or columns not in (set(), {"id", "body", "address", "instances"}):
-            raise ConfigError(
-                f"API_REGISTRY_FILE {path!r} is not a PicoAPI registry file (it has other tables or columns); "
-                "name a new file"
-            )
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL, address TEXT NOT NULL, "
-            "instances TEXT NOT NULL)"
-        )
-        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        db.execute("INSERT OR REPLACE INTO meta VALUES ('format', 'picoapi-registry-1')")
-        db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (uuid.uuid4().hex[:12],))  # see identity()
-        db.execute("COMMIT")
 
     def load(self) -> list[tuple[Registration, str, list[str]]]:
         """Every stored registration with the address it was verified at (or "") and its processes."""
