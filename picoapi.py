@@ -708,15 +708,14 @@ class Registration(BaseModel):
 
 
 def _field(doc: str = "", default: Any = dataclasses.MISSING, health: str = "", given: str = "") -> Any:
-    """A :class:`Worker` field that :class:`WorkerOut` shows: at the top, or under ``health`` at key ``health``; a
-    :class:`Registration` sets it if ``given``, the path it reads there."""
+    """A field WorkerOut shows (at the top, or under ``health`` at that key); if ``given``, read from a Registration."""
     return dataclasses.field(default=default, metadata={"doc": doc, "health": health, "given": given})
 
 
 @dataclasses.dataclass(slots=True)
 class Worker:
-    """One registered worker; the registry hands out copies. The one declaration of a worker's fields:
-    :class:`WorkerOut`, :func:`_out`, what a registration sets (:data:`_CONTENT`) and the copies derive from it."""
+    """One registered worker, the registry hands out copies; the one declaration that WorkerOut, :func:`_out`, what a
+    registration sets (:data:`_CONTENT`) and the copies derive from."""
 
     id: str = _field("host:port, or [IPv6]:port")
     name: str = _field(given="name")
@@ -754,8 +753,7 @@ class Worker:
         return f"{urlsplit(self.health_url).scheme}://{self.id}"
 
     def _request(self, path: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """(URL, requests keywords) for ``path`` on this worker, at the address verified when it registered (no DNS
-        rebinding) under its own name in ``Host``; over https at its name, which the certificate must match."""
+        """(URL, requests keywords) for ``path``: at the verified address (no DNS rebinding), https at its name."""
         if not self.address or self.url.startswith("https:"):
             return self.url + path, kwargs
         headers = {"Host": self.id, **(kwargs.get("headers") or {})}
@@ -875,9 +873,9 @@ class Registry:
         self.metrics = _Metrics()  # GET /metrics' counters
 
     def register(self, reg: Registration, *, address: str | None = None) -> tuple[Worker, bool]:
-        """Create, refresh or replace the entry for ``reg`` from ``address`` (resolved here if None); returns (a copy,
-        created). A new or changed entry is ``unknown``, checked at once; the same again (a refresh, a sibling process)
-        adds its instance. Raises :class:`RegistryFull` past the cap, ValueError if the host does not resolve."""
+        """Create, refresh or replace ``reg``'s entry from ``address`` (resolved if None): (a copy, created). A new or
+        changed entry is ``unknown``, checked at once; the same again (a refresh, a sibling process) adds its instance.
+        Raises :class:`RegistryFull` past the cap, ValueError if the host does not resolve."""
         wid = worker_id(reg.host, reg.port)
         content = _content(reg, _resolve(reg.host) if address is None else address)
         with self._lock:
@@ -994,8 +992,8 @@ class Registry:
         return entry if entry is not None and entry._heap_seq == item[1] else None
 
     def _schedule(self, entry: Worker, due: float) -> bool:
-        """Push the entry's next check, its older one going stale (lock held); True if it is now the earliest. Once
-        most of the heap is stale it is rebuilt, so churn (workers coming and going fast) cannot grow it."""
+        """Push the entry's next check, the older going stale (lock held): True if now the earliest. Churn cannot grow
+        the heap: once mostly stale it is rebuilt."""
         entry._heap_seq, entry._due = next(self._seq), due
         earliest = not self._heap or due < self._heap[0][0]
         heapq.heappush(self._heap, (due, entry._heap_seq, entry.id))
@@ -1013,9 +1011,8 @@ class Registry:
             return self._heap[0][0] if self._heap else None
 
     def pop_due(self, now: float) -> list[_Check]:
-        """Take every check due at ``now``, scheduling each worker's next one at once: one interval after this one's
-        due time (the phase is kept), whatever becomes of this one (:meth:`record` only ever brings it forward).
-        A worker whose previous check is still in flight is not checked twice at once."""
+        """Take every check due at ``now``, each worker's next scheduled at once an interval after this one's due time
+        (the phase kept, whatever this one gives: :meth:`record` only brings it forward); none twice at once."""
         due: list[_Check] = []
         with self._lock:
             heap = self._heap
@@ -1037,8 +1034,7 @@ class Registry:
         with self._lock:
             if (entry := self._workers.get(wid)) is None:
                 return None  # deregistered while the check ran
-            now, old = self.clock(), entry.status
-            entry._busy_until = 0.0
+            now, old, entry._busy_until = self.clock(), entry.status, 0.0
             if result.postponed:
                 self._schedule(entry, min(entry._due, now + confirm_delay(entry.interval)))
                 return None
@@ -1060,11 +1056,10 @@ class Registry:
 
 
 def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict:
-    """The status rules, from the consecutive counts that include this check: ``unknown`` turns ``healthy`` on a good
-    check; ``healthy`` or ``unknown`` (past its start-up grace) turn ``unhealthy`` after ``rules.failures`` failures in
-    a row, ``unhealthy`` turns ``healthy`` after ``rules.successes`` good ones, and goes once unhealthy for
-    ``rules.deregister_after``. A change waiting for confirmation is checked again at the confirm delay; a new worker
-    not up yet too, doubling it each time (a few checks each for a crowd)."""
+    """The status rules, from the counts in a row that include this check: ``unknown`` turns ``healthy`` on a good
+    check; ``healthy`` or ``unknown`` (past its start-up grace) ``unhealthy`` after ``rules.failures``; ``unhealthy``
+    ``healthy`` after ``rules.successes``, and goes after ``rules.deregister_after``. A change to confirm is checked
+    again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd)."""
     status = entry.status
     starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
     if ok:
@@ -1087,13 +1082,13 @@ def confirm_delay(interval: float) -> float:
 
 
 class _Store:
-    """The registrations on disk (sqlite3, WAL): one row per PUT or DELETE, never a check result, never written
-    from the check thread (:meth:`forget` queues a removal for the next write). Held exclusively: a second
-    supervisor on the file refuses to start. Thread-safe through :attr:`lock`, taken before the registry's."""
+    """The registrations on disk (sqlite3, WAL, held exclusively): one row per PUT or DELETE, never written from the
+    check thread (``forget`` queues a removal). Thread-safe through :attr:`lock`, taken before the registry's."""
 
     def __init__(self, path: str, is_registered: Callable[[str], bool] = lambda wid: False) -> None:
         self._is_registered = is_registered
         self._gone: collections.deque[str] = collections.deque()  # appended by the check thread, no lock needed
+        self.forget = self._gone.append  #: queue the row of a worker the checker removed (any thread, no I/O)
         self.lock = threading.Lock()  #: serialises a registry change with its row: the disk never goes back in time
         db = None
         try:
@@ -1139,10 +1134,6 @@ class _Store:
     def delete(self, wid: str) -> None:
         self._flush()
         self._db.execute("DELETE FROM workers WHERE id = ?", (wid,))
-
-    def forget(self, wid: str) -> None:
-        """Queue the row of a worker the checker removed (any thread, no I/O)."""
-        self._gone.append(wid)
 
     def _flush(self) -> None:
         while self._gone:
