@@ -646,9 +646,7 @@ def worker_id(host: str, port: int) -> str:
 _VISIBLE = AfterValidator(lambda text, info: _check_text(str(info.field_name), text))
 _Text = Annotated[str, _VISIBLE]
 #: A worker's tags: each checked, each kept once.
-_TagList = Annotated[
-    list[str], AfterValidator(lambda tags: list(dict.fromkeys(_check_tag("each tag", t) for t in tags)))
-]
+_TagList = Annotated[list[str], AfterValidator(lambda ts: list(dict.fromkeys(_check_tag("each tag", t) for t in ts)))]
 #: A worker's status, as the HTTP API declares it.
 Status = Literal["healthy", "unhealthy", "unknown"]
 
@@ -827,6 +825,7 @@ class Verdict(NamedTuple):
     """The status rules' answer for one check (see :func:`next_status`)."""
 
     status: str
+    since: float | None  #: unhealthy since then (monotonic), or None
     removed: bool  #: unhealthy for longer than ``deregister_after``: the worker goes
     recheck: float | None  #: check again this soon (a change waiting for confirmation), or None: at the interval
 
@@ -857,10 +856,8 @@ class Registry:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.max_workers, self.failures, self.successes = max_workers, failures, successes
-        self.deregister_after, self._wall = deregister_after, wall
-        self.clock = clock  #: the monotonic clock every due time is measured on
-        #: Called, outside the lock, when the next check moved earlier (the checker sets it to wake its thread).
-        self.wake: Callable[[], None] = lambda: None
+        self.deregister_after, self.clock, self._wall = deregister_after, clock, wall  # clock: monotonic, for due times
+        self.wake: Callable[[], None] = lambda: None  #: called outside the lock when the next check moved earlier
         # One lock guards every attribute below; never do I/O under it. The heap's invariant: every registered worker
         # has exactly one live entry, its next check, whatever a check or its result does (from registration to
         # removal: pop_due schedules the next check before handing out the due one).
@@ -1045,9 +1042,8 @@ class Registry:
             entry.last_status_code, entry.last_latency = result.status_code, result.latency
             entry.successes, entry.failures = (entry.successes + 1, 0) if result.ok else (0, entry.failures + 1)
             entry.last_success = entry.last_check if result.ok else entry.last_success
-            new, removed, recheck = next_status(entry, result.ok, now, self)
-            if new != old:
-                entry.status, entry._unhealthy_since = new, now if new == UNHEALTHY else None
+            new, entry._unhealthy_since, removed, recheck = next_status(entry, result.ok, now, self)
+            entry.status = new
             if removed:
                 self._remove(entry)
             elif recheck is not None and now + recheck < entry._due:
@@ -1070,7 +1066,7 @@ def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict
     removed = rules.deregister_after is not None and since is not None and now - since >= rules.deregister_after
     pending = new != (HEALTHY if ok else UNHEALTHY)
     backoff = 2 ** min(entry.failures - 1, 16) if starting and not ok else 1
-    return Verdict(new, removed, confirm_delay(entry.interval) * backoff if pending else None)
+    return Verdict(new, since, removed, confirm_delay(entry.interval) * backoff if pending else None)
 
 
 def confirm_delay(interval: float) -> float:
@@ -1111,9 +1107,8 @@ class _Store:
                 db.close()
             if not isinstance(exc, sqlite3.Error):
                 raise
-            why = f"cannot be used as a registry file: {exc}"
-            if "locked" in str(exc):
-                why = "is in use by another supervisor; give each supervisor its own file"
+            locked = "is in use by another supervisor; give each supervisor its own file"
+            why = locked if "locked" in str(exc) else f"cannot be used as a registry file: {exc}"
             raise ConfigError(f"API_REGISTRY_FILE {path!r} {why}") from exc
 
     def load(self) -> list[tuple[Registration, str, list[str]]]:
