@@ -858,9 +858,8 @@ class Registry:
         self.max_workers, self.failures, self.successes = max_workers, failures, successes
         self.deregister_after, self.clock, self._wall = deregister_after, clock, wall  # clock: monotonic, for due times
         self.wake: Callable[[], None] = lambda: None  #: called outside the lock when the next check moved earlier
-        # One lock guards every attribute below; never do I/O under it. The heap's invariant: every registered worker
-        # has exactly one live entry, its next check, whatever a check or its result does (from registration to
-        # removal: pop_due schedules the next check before handing out the due one).
+        # One lock guards every attribute below; never do I/O under it. The heap's invariant: from registration to
+        # removal every worker has exactly one live entry, its next check (pop_due schedules it before handing out).
         self._lock = threading.Lock()
         self._workers: dict[str, Worker] = {}
         self._by_tag: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
