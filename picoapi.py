@@ -1055,17 +1055,14 @@ def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict
     check; ``healthy`` or ``unknown`` (past its start-up grace) ``unhealthy`` after ``rules.failures``; ``unhealthy``
     ``healthy`` after ``rules.successes``, and goes after ``rules.deregister_after``. A change to confirm is checked
     again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd)."""
-    status = entry.status
+    status, target = entry.status, HEALTHY if ok else UNHEALTHY  # where this check pushes
     starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
-    if ok:
-        new = UNHEALTHY if status == UNHEALTHY and entry.successes < rules.successes else HEALTHY
-    else:
-        new = UNHEALTHY if entry.failures >= rules.failures and not starting else status
+    enough = entry.successes >= rules.successes if ok else entry.failures >= rules.failures and not starting
+    new = target if enough or (ok and status != UNHEALTHY) else status  # only recovery waits for good checks in a row
     since = entry._unhealthy_since if new == status else now if new == UNHEALTHY else None
     removed = rules.deregister_after is not None and since is not None and now - since >= rules.deregister_after
-    pending = new != (HEALTHY if ok else UNHEALTHY)
     backoff = 2 ** min(entry.failures - 1, 16) if starting and not ok else 1
-    return Verdict(new, since, removed, confirm_delay(entry.interval) * backoff if pending else None)
+    return Verdict(new, since, removed, confirm_delay(entry.interval) * backoff if new != target else None)
 
 
 def confirm_delay(interval: float) -> float:
