@@ -712,8 +712,8 @@ def _field(doc: str = "", default: Any = dataclasses.MISSING, health: str = "", 
 
 @dataclasses.dataclass(slots=True)
 class Worker:
-    """One registered worker, the registry hands out copies; the one declaration that WorkerOut, :func:`_out`, what a
-    registration sets (:data:`_CONTENT`) and the copies derive from."""
+    """One registered worker; the registry hands out copies. The one declaration of a worker's fields:
+    :class:`WorkerOut`, :func:`_out`, what a registration sets (:data:`_CONTENT`) and the copies derive from it."""
 
     id: str = _field("host:port, or [IPv6]:port")
     name: str = _field(given="name")
@@ -768,7 +768,7 @@ class Worker:
 
 _FIELDS = dataclasses.fields(Worker)
 _fields_of = operator.attrgetter(*(f.name for f in _FIELDS))  # every field, in order: a fast snapshot for copies
-#: What WorkerOut shows: the _field()s, at their names, or under ``health`` (its keys to the attributes).
+#: What WorkerOut shows: every _field(), at its name or, if it names one, at that key under ``health``.
 _TOP = tuple(f.name for f in _FIELDS if "doc" in f.metadata and not f.metadata["health"])
 _HEALTH = {f.metadata["health"]: f.name for f in _FIELDS if f.metadata.get("health")}
 _top_of, _health_of = operator.attrgetter(*_TOP), operator.attrgetter(*_HEALTH.values())
