@@ -607,9 +607,7 @@ def worker_id(host: str, port: int) -> str:
 _VISIBLE = AfterValidator(lambda text, info: _check_text(str(info.field_name), text))
 _Text = Annotated[str, _VISIBLE]
 #: A worker's tags: each checked, each kept once.
-_TagList = Annotated[
-    list[str], AfterValidator(lambda tags: list(dict.fromkeys(_check_tag("each tag", t) for t in tags)))
-]
+_TagList = Annotated[list[str], AfterValidator(lambda ts: list(dict.fromkeys(_check_tag("each tag", t) for t in ts)))]
 #: A worker's status, as the HTTP API declares it.
 Status = Literal["healthy", "unhealthy", "unknown"]
 
@@ -668,10 +666,9 @@ class Registration(BaseModel):
         return self
 
 
-def _field(doc: str = "", default: Any = dataclasses.MISSING, shown: str | None = "", given: bool | str = False) -> Any:
-    """A public :class:`Worker` field: :class:`WorkerOut` shows it at ``shown`` (its own name by default, None: not
-    at all); if ``given``, a :class:`Registration` sets it, read at that same path (or the one given)."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "shown": shown, "given": given})
+def _field(doc: str = "", default: Any = dataclasses.MISSING, health: str = "", given: str = "") -> Any:
+    """A field WorkerOut shows (at the top, or under ``health`` at that key); if ``given``, read from a Registration."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "health": health, "given": given})
 
 
 @dataclasses.dataclass(slots=True)
@@ -680,18 +677,17 @@ class Worker:
     :class:`WorkerOut`, :func:`_out`, what a registration sets (:data:`_CONTENT`) and the copies derive from it."""
 
     id: str = _field("host:port, or [IPv6]:port")
-    name: str = _field(given=True)
-    host: str = _field(given=True)
-    port: int = _field(given=True)
-    version: str = _field(given=True)
-    tags: tuple[str, ...] = _field(given=True)
-    description: str = _field(given=True)
-    health_url: str = _field(shown="health.url", given=True)
-    interval: float = _field(shown="health.interval", given=True)
-    timeout: float = _field("the check's total deadline in seconds", shown="health.timeout", given="health.deadline")
-    openapi: str | None = _field("its OpenAPI path, if it sent one", default=None, given=True)
+    name: str = _field(given="name")
+    host: str = _field(given="host")
+    port: int = _field(given="port")
+    version: str = _field(given="version")
+    tags: tuple[str, ...] = _field(given="tags")
+    description: str = _field(given="description")
+    health_url: str = _field(health="url", given="health.url")
+    interval: float = _field(health="interval", given="health.interval")
+    timeout: float = _field("the check's total deadline in seconds", health="timeout", given="health.deadline")
+    openapi: str | None = _field("its OpenAPI path, if it sent one", default=None, given="openapi")
     address: str = _field("what the host resolved to when it registered: checks connect here", default="")
-    instances: tuple[str, ...] = _field("the processes that registered it (uvicorn --workers)", default=(), shown=None)
     status: str = _field("healthy, unhealthy or unknown", default=HEALTHY)
     suspect: bool = _field("a call to it failed to connect: pick() skips it until its next check", default=False)
     registered_at: float = _field("Unix seconds, as every time below", default=0.0)
@@ -702,7 +698,8 @@ class Worker:
     last_status_code: int | None = _field(default=None)
     last_latency: float | None = _field("seconds", default=None)
     last_error: str = _field(default="")
-    # The scheduler's bookkeeping (monotonic times); not part of the public view.
+    # Not shown: the processes that registered it (uvicorn --workers), and the scheduler's bookkeeping (monotonic).
+    instances: tuple[str, ...] = ()
     _heap_seq: int | None = dataclasses.field(default=None, repr=False)  # its live heap entry's
     _due: float = dataclasses.field(default=0.0, repr=False)
     _busy_until: float = dataclasses.field(default=0.0, repr=False)  # a check of it is in flight until then
@@ -715,8 +712,7 @@ class Worker:
         return f"{urlsplit(self.health_url).scheme}://{self.id}"
 
     def _request(self, path: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """(URL, requests keywords) for ``path`` on this worker, at the address verified when it registered (no DNS
-        rebinding) under its own name in ``Host``; over https at its name, which the certificate must match."""
+        """(URL, requests keywords) for ``path``: at the verified address (no DNS rebinding), https at its name."""
         if not self.address or self.url.startswith("https:"):
             return self.url + path, kwargs
         headers = {"Host": self.id, **(kwargs.get("headers") or {})}
@@ -733,13 +729,12 @@ class Worker:
 
 _FIELDS = dataclasses.fields(Worker)
 _fields_of = operator.attrgetter(*(f.name for f in _FIELDS))  # every field, in order: a fast snapshot for copies
-#: Where WorkerOut shows each Worker attribute it shows ("health.url": ``url`` under ``health``).
-_SHOWN = {f.name: f.metadata["shown"] or f.name for f in _FIELDS if f.metadata.get("shown", None) is not None}
-_TOP = {path: name for name, path in _SHOWN.items() if "." not in path}
-_HEALTH = {path.removeprefix("health."): name for name, path in _SHOWN.items() if "." in path}
-_top_of, _health_of = operator.attrgetter(*_TOP.values()), operator.attrgetter(*_HEALTH.values())
+#: What WorkerOut shows: every _field(), at its name or, if it names one, at that key under ``health``.
+_TOP = tuple(f.name for f in _FIELDS if "doc" in f.metadata and not f.metadata["health"])
+_HEALTH = {f.metadata["health"]: f.name for f in _FIELDS if f.metadata.get("health")}
+_top_of, _health_of = operator.attrgetter(*_TOP), operator.attrgetter(*_HEALTH.values())
 #: What a registration says: each field it sets, where a Registration holds it; the same again is a refresh.
-_GIVEN = {f.name: _SHOWN[f.name] if given is True else given for f in _FIELDS if (given := f.metadata.get("given"))}
+_GIVEN = {f.name: f.metadata["given"] for f in _FIELDS if f.metadata.get("given")}
 _CONTENT = (*_GIVEN, "address")  # and the address the supervisor verified
 _content_of, _given_in = operator.attrgetter(*_CONTENT), operator.attrgetter(*_GIVEN.values())
 
@@ -754,18 +749,12 @@ def _out(w: Worker) -> dict[str, Any]:
     return {**dict(zip(_TOP, _top_of(w), strict=True)), "health": dict(zip(_HEALTH, _health_of(w), strict=True))}
 
 
-def _shown_fields() -> dict[str, Any]:
-    """WorkerOut's fields, from Worker's: the status as :data:`Status`, a tuple as a list, the check as a HealthSpec."""
-    fields: dict[str, Any] = {}
-    hints = {**typing.get_type_hints(Worker), "status": Status}
-    for key, name in _TOP.items():
-        hint = hints[name]
-        hint = types.GenericAlias(list, typing.get_args(hint)[:1]) if typing.get_origin(hint) is tuple else hint
-        fields[key] = (hint, Field(description=Worker.__dataclass_fields__[name].metadata["doc"] or None))
-    return {**fields, "health": (HealthSpec, ...)}
+#: WorkerOut's types: the status as :data:`Status`, the tags as a list (``picoapi status`` reads them strictly).
+_HINTS = {**typing.get_type_hints(Worker), "status": Status, "tags": list[str]}
+_SHOWN = {f.name: (_HINTS[f.name], Field(description=f.metadata["doc"] or None)) for f in _FIELDS if f.name in _TOP}
 
 
-class WorkerOut(create_model("_WorkerFields", **_shown_fields())):  # type: ignore[misc]
+class WorkerOut(create_model("_WorkerFields", **_SHOWN, health=(HealthSpec, ...))):  # type: ignore[misc]
     """A registry entry as the HTTP API shows it, derived from :class:`Worker`. Times are Unix seconds."""
 
 
@@ -797,6 +786,7 @@ class Verdict(NamedTuple):
     """The status rules' answer for one check (see :func:`next_status`)."""
 
     status: str
+    since: float | None  #: unhealthy since then (monotonic), or None
     removed: bool  #: unhealthy for longer than ``deregister_after``: the worker goes
     recheck: float | None  #: check again this soon (a change waiting for confirmation), or None: at the interval
 
@@ -827,13 +817,10 @@ class Registry:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.max_workers, self.failures, self.successes = max_workers, failures, successes
-        self.deregister_after, self._wall = deregister_after, wall
-        self.clock = clock  #: the monotonic clock every due time is measured on
-        #: Called, outside the lock, when the next check moved earlier (the checker sets it to wake its thread).
-        self.wake: Callable[[], None] = lambda: None
-        # One lock guards every attribute below; never do I/O under it. The heap's invariant: every registered worker
-        # has exactly one live entry, its next check, whatever a check or its result does (from registration to
-        # removal: pop_due schedules the next check before handing out the due one).
+        self.deregister_after, self.clock, self._wall = deregister_after, clock, wall  # clock: monotonic, for due times
+        self.wake: Callable[[], None] = lambda: None  #: called outside the lock when the next check moved earlier
+        # One lock guards every attribute below; never do I/O under it. The heap's invariant: from registration to
+        # removal every worker has exactly one live entry, its next check (pop_due schedules it before handing out).
         self._lock = threading.Lock()
         self._workers: dict[str, Worker] = {}
         self._by_tag: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
@@ -843,9 +830,9 @@ class Registry:
         self.metrics = _Metrics()  # GET /metrics' counters
 
     def register(self, reg: Registration, *, address: str | None = None) -> tuple[Worker, bool]:
-        """Create, refresh or replace the entry for ``reg`` from ``address`` (resolved here if None); returns (a copy,
-        created). A new or changed entry is ``unknown``, checked at once; the same again (a refresh, a sibling process)
-        adds its instance. Raises :class:`RegistryFull` past the cap, ValueError if the host does not resolve."""
+        """Create, refresh or replace ``reg``'s entry from ``address`` (resolved if None): (a copy, created). A new or
+        changed entry is ``unknown``, checked at once; the same again (a refresh, a sibling process) adds its instance.
+        Raises :class:`RegistryFull` past the cap, ValueError if the host does not resolve."""
         wid = worker_id(reg.host, reg.port)
         content = _content(reg, _resolve(reg.host) if address is None else address)
         with self._lock:
@@ -857,8 +844,7 @@ class Registry:
             if entry is not None and _content_of(entry) == content:
                 if reg.instance and reg.instance not in entry.instances:  # the oldest are dropped
                     entry.instances = (*entry.instances, reg.instance)[-MAX_INSTANCES:]
-                # Restarted while not healthy, say: checked now, not an interval later (unless a check is under way
-                # or due already: a flood of refreshes makes no flood of checks).
+                # Back while not healthy: checked now, unless under way or due (refreshes make no flood of checks)
                 moved = entry.status != HEALTHY and entry._busy_until <= now < entry._due and self._schedule(entry, now)
             else:
                 if entry is None:
@@ -963,8 +949,8 @@ class Registry:
         return entry if entry is not None and entry._heap_seq == item[1] else None
 
     def _schedule(self, entry: Worker, due: float) -> bool:
-        """Push the entry's next check, its older one going stale (lock held); True if it is now the earliest. Once
-        most of the heap is stale it is rebuilt, so churn (workers coming and going fast) cannot grow it."""
+        """Push the entry's next check, the older going stale (lock held): True if now the earliest. Churn cannot grow
+        the heap: once mostly stale it is rebuilt."""
         entry._heap_seq, entry._due = next(self._seq), due
         earliest = not self._heap or due < self._heap[0][0]
         heapq.heappush(self._heap, (due, entry._heap_seq, entry.id))
@@ -982,9 +968,8 @@ class Registry:
             return self._heap[0][0] if self._heap else None
 
     def pop_due(self, now: float) -> list[_Check]:
-        """Take every check due at ``now``, scheduling each worker's next one at once: one interval after this one's
-        due time (the phase is kept), whatever becomes of this one (:meth:`record` only ever brings it forward).
-        A worker whose previous check is still in flight is not checked twice at once."""
+        """Take every check due at ``now``, each worker's next scheduled at once an interval after this one's due time
+        (the phase kept, whatever this one gives: :meth:`record` only brings it forward); none twice at once."""
         due: list[_Check] = []
         with self._lock:
             heap = self._heap
@@ -1001,14 +986,12 @@ class Registry:
         return due
 
     def record(self, wid: str, result: CheckResult) -> StatusChange | None:
-        """Apply a check's result: every result of every check lands here, and only here. Returns a
-        :class:`StatusChange` if the status changed or the worker was removed (:func:`next_status` decides), else
-        None. A postponed check (the supervisor's own trouble) changes nothing but its time."""
+        """Apply a check's result (every result lands here, and only here): a :class:`StatusChange` if the status
+        changed or the worker went (:func:`next_status` decides), else None. A postponed one only moves its time."""
         with self._lock:
             if (entry := self._workers.get(wid)) is None:
                 return None  # deregistered while the check ran
-            now, old = self.clock(), entry.status
-            entry._busy_until = 0.0
+            now, old, entry._busy_until = self.clock(), entry.status, 0.0
             if result.postponed:
                 self._schedule(entry, min(entry._due, now + confirm_delay(entry.interval)))
                 return None
@@ -1017,13 +1000,10 @@ class Registry:
             self.metrics.checked(result)
             entry.last_check, entry.last_error, entry.suspect = self._wall(), result.error[:MAX_ERROR], False
             entry.last_status_code, entry.last_latency = result.status_code, result.latency
-            if result.ok:
-                entry.successes, entry.failures, entry.last_success = entry.successes + 1, 0, entry.last_check
-            else:
-                entry.failures, entry.successes = entry.failures + 1, 0
-            new, removed, recheck = next_status(entry, result.ok, now, self)
-            if new != old:
-                entry.status, entry._unhealthy_since = new, now if new == UNHEALTHY else None
+            entry.successes, entry.failures = (entry.successes + 1, 0) if result.ok else (0, entry.failures + 1)
+            entry.last_success = entry.last_check if result.ok else entry.last_success
+            new, entry._unhealthy_since, removed, recheck = next_status(entry, result.ok, now, self)
+            entry.status = new
             if removed:
                 self._remove(entry)
             elif recheck is not None and now + recheck < entry._due:
@@ -1032,23 +1012,18 @@ class Registry:
 
 
 def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict:
-    """The status rules: a worker's status after a check, from the consecutive counts that include it.
-
-    ``unknown`` turns ``healthy`` on a good check; ``healthy`` or ``unknown`` (past its start-up grace) turn
-    ``unhealthy`` after ``rules.failures`` failures in a row, ``unhealthy`` turns ``healthy`` after ``rules.successes``
-    good checks, and goes once unhealthy for ``rules.deregister_after``. A change waiting for confirmation is checked
+    """The status rules, from the counts in a row that include this check: ``unknown`` turns ``healthy`` on a good
+    check; ``healthy`` or ``unknown`` (past its start-up grace) ``unhealthy`` after ``rules.failures``; ``unhealthy``
+    ``healthy`` after ``rules.successes``, and goes after ``rules.deregister_after``. A change to confirm is checked
     again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd)."""
-    status = entry.status
+    status, target = entry.status, HEALTHY if ok else UNHEALTHY  # where this check pushes
     starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
-    if ok:
-        new = UNHEALTHY if status == UNHEALTHY and entry.successes < rules.successes else HEALTHY
-    else:
-        new = UNHEALTHY if entry.failures >= rules.failures and not starting else status
+    enough = entry.successes >= rules.successes if ok else entry.failures >= rules.failures and not starting
+    new = target if enough or (ok and status != UNHEALTHY) else status  # only recovery waits for good checks in a row
     since = entry._unhealthy_since if new == status else now if new == UNHEALTHY else None
     removed = rules.deregister_after is not None and since is not None and now - since >= rules.deregister_after
-    pending = new != (HEALTHY if ok else UNHEALTHY)
     backoff = 2 ** min(entry.failures - 1, 16) if starting and not ok else 1
-    return Verdict(new, removed, confirm_delay(entry.interval) * backoff if pending else None)
+    return Verdict(new, since, removed, confirm_delay(entry.interval) * backoff if new != target else None)
 
 
 def confirm_delay(interval: float) -> float:
@@ -1060,47 +1035,38 @@ def confirm_delay(interval: float) -> float:
 
 
 class _Store:
-    """The registrations on disk (sqlite3, WAL): one row per PUT or DELETE, never a check result, never written
-    from the check thread (:meth:`forget` queues a removal for the next write). Held exclusively: a second
-    supervisor on the file refuses to start. Thread-safe through :attr:`lock`, taken before the registry's."""
+    """The registrations on disk (sqlite3, WAL, held exclusively): one row per PUT or DELETE, never written from the
+    check thread (``forget`` queues a removal). Thread-safe through :attr:`lock`, taken before the registry's."""
 
     def __init__(self, path: str, is_registered: Callable[[str], bool] = lambda wid: False) -> None:
         self._is_registered = is_registered
         self._gone: collections.deque[str] = collections.deque()  # appended by the check thread, no lock needed
+        self.forget = self._gone.append  #: queue the row of a worker the checker removed (any thread, no I/O)
         self.lock = threading.Lock()  #: serialises a registry change with its row: the disk never goes back in time
+        db = None
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
-            try:
-                self._open(path)
-            except BaseException:
-                self._db.close()
+            db = self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
+            for pragma in ("locking_mode=EXCLUSIVE", "journal_mode=WAL", "synchronous=NORMAL"):  # locked until close()
+                db.execute(f"PRAGMA {pragma}")
+            db.execute("BEGIN IMMEDIATE")  # never committed if the file is not ours: close() leaves it as it was
+            schema = "id TEXT PRIMARY KEY, body TEXT NOT NULL, address TEXT NOT NULL, instances TEXT NOT NULL"
+            db.execute(f"CREATE TABLE IF NOT EXISTS workers ({schema})")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = {row[1] for row in db.execute("PRAGMA table_info(workers)")}
+            if tables != {"workers", "meta"} or columns != {"id", "body", "address", "instances"}:
+                raise ConfigError(f"API_REGISTRY_FILE {path!r} is not a PicoAPI registry file; name a new file")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('format', 'picoapi-registry-1')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (uuid.uuid4().hex[:12],))  # see identity()
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db is not None:
+                db.close()
+            if not isinstance(exc, sqlite3.Error):
                 raise
-        except sqlite3.Error as exc:
-            why = f"cannot be used as a registry file: {exc}"
-            if "locked" in str(exc):
-                why = "is in use by another supervisor; give each supervisor its own file"
+            locked = "is in use by another supervisor; give each supervisor its own file"
+            why = locked if "locked" in str(exc) else f"cannot be used as a registry file: {exc}"
             raise ConfigError(f"API_REGISTRY_FILE {path!r} {why}") from exc
-
-    def _open(self, path: str) -> None:
-        db = self._db
-        for pragma in ("locking_mode=EXCLUSIVE", "journal_mode=WAL", "synchronous=NORMAL"):  # locked until close()
-            db.execute(f"PRAGMA {pragma}")
-        db.execute("BEGIN IMMEDIATE")
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        columns = {row[1] for row in db.execute("PRAGMA table_info(workers)")}
-        if tables - {"workers", "meta"} or columns not in (set(), {"id", "body", "address", "instances"}):
-            raise ConfigError(
-                f"API_REGISTRY_FILE {path!r} is not a PicoAPI registry file (it has other tables or columns); "
-                "name a new file"
-            )
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, body TEXT NOT NULL, address TEXT NOT NULL, "
-            "instances TEXT NOT NULL)"
-        )
-        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        db.execute("INSERT OR REPLACE INTO meta VALUES ('format', 'picoapi-registry-1')")
-        db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (uuid.uuid4().hex[:12],))  # see identity()
-        db.execute("COMMIT")
 
     def load(self) -> list[tuple[Registration, str, list[str]]]:
         """Every stored registration with the address it was verified at (or "") and its processes."""
@@ -1120,10 +1086,6 @@ class _Store:
     def delete(self, wid: str) -> None:
         self._flush()
         self._db.execute("DELETE FROM workers WHERE id = ?", (wid,))
-
-    def forget(self, wid: str) -> None:
-        """Queue the row of a worker the checker removed (any thread, no I/O)."""
-        self._gone.append(wid)
 
     def _flush(self) -> None:
         while self._gone:
