@@ -2216,12 +2216,8 @@ class PicoAPI(FastAPI):
         self._broadcaster: concurrent.futures.ThreadPoolExecutor | None = None
         first_own = len(self.router.routes)
         if config.mode == "supervisor":
-            self.registry = Registry(
-                max_workers=config.max_workers,
-                failures=config.health_failures,
-                successes=config.health_successes,
-                deregister_after=config.deregister_after,
-            )
+            limits = {"failures": config.health_failures, "successes": config.health_successes}
+            self.registry = Registry(max_workers=config.max_workers, deregister_after=config.deregister_after, **limits)
             self._supervisor = _SupervisorRoutes(self, self.registry)
             # Their routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's route
             # on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
@@ -2319,19 +2315,13 @@ class PicoAPI(FastAPI):
         if file:
             self._store = _Store(file, registry.__contains__)
             self.supervisor_id, before = self._store.identity(), len(registry)
-            for reg, address, instances in self._store.load():
-                if (wid := worker_id(reg.host, reg.port)) in registry:
-                    continue
-                try:
-                    address = address or _resolve(reg.host)  # a file from before addresses were kept
-                    for instance in instances or [reg.instance or ""]:  # the same registration from each process
-                        registry.register(reg.model_copy(update={"instance": instance or None}), address=address)
-                except ValueError as exc:  # its checks fail, saying why, until it registers again
-                    logger.warning("loaded worker %s: %s", wid, exc)
-                    registry.register(reg, address="")
-                except RegistryFull:
-                    logger.warning("registry file holds more than API_MAX_WORKERS workers; rest skipped")
-                    break
+            try:
+                for reg, address, instances in self._store.load():
+                    if worker_id(reg.host, reg.port) not in registry:
+                        for instance in instances or [reg.instance]:  # the same registration from each process
+                            registry.register(reg.model_copy(update={"instance": instance}), address=address)
+            except RegistryFull:
+                logger.warning("registry file holds more than API_MAX_WORKERS workers; rest skipped")
             logger.info("loaded %d workers from %s", len(registry) - before, file)
         self.checker = HealthChecker(registry, supervisor_id=self.supervisor_id, on_change=self._changed)
         gc.freeze()  # else full collections walk every import's objects: 20-45 ms pauses at 5,000-10,000 workers
