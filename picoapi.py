@@ -2090,11 +2090,12 @@ document.onclick = (e) => { if (e.target.closest("#live a")) { e.preventDefault(
 timer = setTimeout(update, REFRESH000);
 """.replace("REFRESH", str(DASHBOARD_REFRESH))
 _DASHBOARD_DIGEST = base64.b64encode(hashlib.sha256(_DASHBOARD_SCRIPT.encode()).digest()).decode()
-#: Lets the dashboard run its own script and nothing else, and fetch from the supervisor only.
-_DASHBOARD_POLICY = (
-    "default-src 'none'; connect-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'self'; "
-    f"frame-ancestors 'none'; script-src 'sha256-{_DASHBOARD_DIGEST}'"
-)
+#: The dashboard runs its own script and nothing else, and fetches from the supervisor only.
+_DASHBOARD_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; connect-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; "
+    f"form-action 'self'; frame-ancestors 'none'; script-src 'sha256-{_DASHBOARD_DIGEST}'",
+}
 _DASHBOARD_STYLE = """body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; } a { margin-right: 1rem; }
 table { border-collapse: collapse; } th, td { text-align: left; padding: .2rem .6rem; border-bottom: 1px solid #eee; }
 th { position: sticky; top: 0; background: #eee; } [data-count=healthy] { color: #137333; }
@@ -2144,37 +2145,6 @@ def _dashboard(app: PicoAPI, tags: list[str], status: str | None, page: int) -> 
 """
 
 
-def _operator_router(app: PicoAPI) -> APIRouter:
-    """The supervisor's routes for operators: the dashboard, GET /metrics and Prometheus' service discovery."""
-    router, registry = APIRouter(tags=["picoapi"], dependency_overrides_provider=app), app.registry
-    assert registry is not None
-
-    @router.get(DASHBOARD_ROUTE, include_in_schema=False)
-    def dashboard(  # like every sync route, on a thread: never holding up the event loop
-        tags: _Tags, status: Status | None = None, page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
-    ) -> HTMLResponse:
-        headers = {"Content-Security-Policy": _DASHBOARD_POLICY, "Cache-Control": "no-store"}
-        return HTMLResponse(_dashboard(app, tags, status, page), headers=headers)
-
-    @router.get(METRICS_ROUTE, response_class=PlainTextResponse, operation_id="picoapi_metrics")
-    def metrics() -> PlainTextResponse:
-        """The supervisor's metrics in the Prometheus text exposition format."""
-        exposition = _exposition(registry, app.checker)
-        return PlainTextResponse(exposition, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @router.get(TARGETS_ROUTE, response_model=list[TargetGroup], operation_id="picoapi_prometheus_targets")
-    def prometheus_targets(tags: _Tags) -> Response:
-        """The healthy workers with every tag, as Prometheus' HTTP service discovery reads them."""
-        groups = []
-        for w in registry.workers(*tags, status=HEALTHY):
-            labels = {"id": w.id, "name": w.name, "version": w.version, "tags": f",{','.join(w.tags)},"}
-            labels["scheme"] = urlsplit(w.health_url).scheme
-            groups.append({"targets": [w.id], "labels": {f"__meta_picoapi_{k}": v for k, v in labels.items()}})
-        return _json_response(groups)
-
-    return router
-
-
 # -- The PicoAPI class ---------------------------------------------------------
 
 
@@ -2221,7 +2191,7 @@ class PicoAPI(FastAPI):
             self._supervisor = _SupervisorRoutes(self, self.registry)
             # Their routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's route
             # on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
-            self.router.routes += [*self._supervisor.router().routes, *_operator_router(self).routes]
+            self.router.routes += self._supervisor.router().routes
             self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
             if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
                 self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
@@ -2260,10 +2230,11 @@ class PicoAPI(FastAPI):
 
     @asynccontextmanager
     async def _lifespan(self, inner: Callable[[Any], Any], app: Any) -> AsyncIterator[Any]:
-        """The app's own lifespan ``inner``, with PicoAPI started inside it and stopped before it ends."""
+        """The app's own lifespan ``inner``, with PicoAPI started inside it and stopped before it ends (a start that
+        failed half-way too: the supervisors that did take a worker's registration must not keep it)."""
         async with inner(app) as state:
-            await self._start()
             try:
+                await self._start()
                 yield state
             finally:
                 await self._stop()
@@ -2277,18 +2248,9 @@ class PicoAPI(FastAPI):
         elif config.register_urls:
             body = {**config.registration(), "instance": self.instance}
             body |= {"openapi": self.openapi_url} if self.openapi_url else {}
-            self.registrar = Registrar(
-                config.register_urls,
-                body,
-                token=config.register_token,
-                timeout=config.register_timeout,
-                required=config.register_required,
-            )
-            try:
-                await run_in_threadpool(self.registrar.register_all)
-            except RegistrationError:  # the supervisors that did take it must not keep it
-                await run_in_threadpool(self.registrar.deregister_all)
-                raise
+            options = {"timeout": config.register_timeout, "required": config.register_required}
+            self.registrar = Registrar(config.register_urls, body, token=config.register_token, **options)
+            await run_in_threadpool(self.registrar.register_all)
             self.registrar.start()
         else:  # a warning only if something shows it was meant to register: a plain app starts quietly
             level = logging.WARNING if config.configured & _MEANT_TO_REGISTER else logging.INFO
@@ -2354,13 +2316,11 @@ class PicoAPI(FastAPI):
         timeout: Any = DEFAULT_CALL_TIMEOUT,
         **kwargs: Any,
     ) -> requests.Response:
-        """Send a request to a healthy worker with ``tags``; returns its response, whatever its status.
+        """Send a request to a healthy worker with ``tags``; returns its response, whatever its status. A worker that
+        could not be connected to is marked suspect and the next one tried; one that may have received the request,
+        only with ``retry_sent=True``. Raises :class:`NoWorkerAvailable` naming each worker tried and why. ``kwargs``
+        go to ``requests``; connections are reused; redirects are returned, not followed, unless asked to."""
 
-        A worker that could not be connected to (nothing was sent) is marked suspect, checked at once, and the next
-        one tried; a request that may have reached a worker is sent again only with ``retry_sent=True`` (for
-        idempotent ones). Raises :class:`NoWorkerAvailable` naming each worker tried and why. ``kwargs`` go to
-        ``requests``; connections are reused; a redirect is returned, not followed, unless ``allow_redirects=True``.
-        """
         registry, wanted = self._need_registry(), [tags] if isinstance(tags, str) else list(tags)
         tried: list[tuple[str, str]] = []
         while True:
@@ -2490,12 +2450,10 @@ def _adding_header(send: Send, header: tuple[bytes, bytes]) -> Send:
 
 
 class _CORS(CORSMiddleware):
-    """Starlette's CORS middleware, with a fast path, and a guard on ``guarded`` (the supervisor's /register).
+    """Starlette's CORS middleware with a fast path (no Origin header, as between services: only ``Vary: Origin``)
+    and a guard on ``guarded`` (the supervisor's /register): a body over MAX_BODY is 413 and, as browsers send Origin
+    with every write, a write or its preflight from an origin not listed by name is 403 ('*' reads, never writes)."""
 
-    Requests without an Origin header (every call between services) only need ``Vary: Origin``, appended to the raw
-    headers. The guard refuses a body over MAX_BODY (413, by its length or as it arrives) and, as browsers send Origin
-    with every write, a write or its preflight from an origin not listed by name (403): '*' reads, but never writes.
-    """
 
     def __init__(self, app: ASGIApp, /, *, guarded: str | None = None, **options: Any) -> None:
         super().__init__(app, **options)
@@ -2506,26 +2464,20 @@ class _CORS(CORSMiddleware):
             return await self.app(scope, receive, send)
         path = scope["path"].removeprefix(scope.get("root_path", ""))  # as the router sees it, behind a proxy too
         if self.guarded and f"{path}/".startswith(f"{self.guarded}/"):
-            if refusal := self._refusal(Headers(scope=scope), scope["method"]):
-                return await refusal(scope, receive, send)
+            headers, method = Headers(scope=scope), scope["method"]
+            if method == "OPTIONS":  # a preflight: for the write it asks about
+                method = headers.get("access-control-request-method", method)
+            origin, write = headers.get("origin"), method not in ("GET", "HEAD")
+            if write and origin is not None and (origin == "*" or origin not in self.allow_origins):
+                fix = "list it by name in API_CORS_ALLOW_ORIGINS ('!'-delimited; '*' does not count) to let it write"
+
+                detail = f"{_printable(method, 16)} {self.guarded} from origin '{_printable(origin)}' refused: {fix}"
+                return await JSONResponse({"detail": detail}, status_code=403)(scope, receive, send)
             receive = _limited(receive)
         if not any(k == b"origin" for k, _ in scope["headers"]):
             return await self.app(scope, receive, _adding_header(send, (b"vary", b"Origin")))
         await super().__call__(scope, receive, send)
 
-    def _refusal(self, headers: Headers, method: str) -> Response | None:
-        """403 for a write (or its preflight) from an origin not listed by name, 413 for a body too long, or None."""
-        if method == "OPTIONS":
-            method = headers.get("access-control-request-method", method)
-        origin = headers.get("origin")
-        if origin is not None and method not in ("GET", "HEAD") and (origin == "*" or origin not in self.allow_origins):
-            fix = "list it by name in API_CORS_ALLOW_ORIGINS ('!'-delimited; '*' does not count) to let its pages write"
-            detail = f"{_printable(method, 16)} {self.guarded} from origin '{_printable(origin)}' refused: {fix}"
-            return JSONResponse({"detail": detail}, status_code=403)
-        length = headers.get("content-length", "0")
-        if not _is_whole(length) or int(length) > MAX_BODY:
-            return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
-        return None
 
 
 def _limited(receive: Receive) -> Receive:
@@ -2588,6 +2540,9 @@ class _SupervisorRoutes:
             503: "too many documents are being fetched: see Retry-After",
         }
         add("GET", SERVICES_ROUTE + "/{worker_id}/openapi", self.service_openapi, not_found | fetching)
+        add("GET", METRICS_ROUTE, self.metrics, {}, response_class=PlainTextResponse)
+        add("GET", TARGETS_ROUTE, self.prometheus_targets, {}, response_model=list[TargetGroup])
+        add("GET", DASHBOARD_ROUTE, self.dashboard, {}, include_in_schema=False)
         return routes
 
     async def register(self, reg: Registration, request: Request) -> Response:
@@ -2651,8 +2606,7 @@ class _SupervisorRoutes:
         workers = self.registry.workers(*tag, status=status, name=name, version=version)
         start = 0 if after is None else bisect.bisect_right(workers, after, key=operator.attrgetter("id"))
         page, headers = workers[start : start + limit], {}
-        if start + limit < len(workers):
-            # A path, not a URL: the Host header the caller sent is not echoed back.
+        if start + limit < len(workers):  # a path, not a URL: the Host header the caller sent is not echoed back
             following = request.url.include_query_params(after=page[-1].id, limit=limit)
             headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
         return _json_response([_out(w) for w in page], headers=headers)
@@ -2671,6 +2625,25 @@ class _SupervisorRoutes:
         url, options = worker._request(worker.openapi or "/openapi.json", {})
         fetching = "OpenAPI documents are being fetched"
         return await self.on_thread(fetching, OPENAPI_MAX_FETCHES, _fetch_openapi, url, options.get("headers"))
+
+    def metrics(self) -> PlainTextResponse:
+        """The supervisor's metrics in the Prometheus text exposition format."""
+        text = _exposition(self.registry, self.app.checker)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def prometheus_targets(self, tags: _Tags) -> Response:
+        """The healthy workers with every tag, as Prometheus' HTTP service discovery reads them."""
+        groups = []
+        for w in self.registry.workers(*tags, status=HEALTHY):
+            labels = {"id": w.id, "name": w.name, "version": w.version, "tags": f",{','.join(w.tags)},"}
+            labels["scheme"] = urlsplit(w.health_url).scheme
+            groups.append({"targets": [w.id], "labels": {f"__meta_picoapi_{k}": v for k, v in labels.items()}})
+        return _json_response(groups)
+
+    def dashboard(  # like every sync route, on a thread: never holding up the event loop
+        self, tags: _Tags, status: Status | None = None, page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
+    ) -> HTMLResponse:
+        return HTMLResponse(_dashboard(self.app, tags, status, page), headers=_DASHBOARD_HEADERS)
 
     async def require_token(self, request: Request) -> None:
         token, header = self.config.register_token or "", request.headers.get("authorization", "")
@@ -2791,6 +2764,7 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
         f"{_printable(peer)}: a worker may only register an address it is reachable at; register from that host, "
         "or list its network in API_REGISTER_NETWORKS (NAT, proxies, containers)"
     )
+
 
 
 def _unknown(wid: str) -> HTTPException:
