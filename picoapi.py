@@ -2071,17 +2071,19 @@ let timer = 0, asked = 0;
 async function update() {
   clearTimeout(timer);
   const mine = ++asked;  // the latest update wins, whichever answer comes first
+  let error = "";
   try {
     const answer = await fetch(location.href, {cache: "no-store"}), page = await answer.text();
-    if (mine !== asked) return;
     if (!answer.ok) throw new Error([].concat(JSON.parse(page).detail).map((e) => e.msg || e).join("; "));
-    $("live").replaceWith(new DOMParser().parseFromString(page, "text/html").getElementById("live"));
-    $("error").hidden = true;
+    const live = new DOMParser().parseFromString(page, "text/html").getElementById("live");
+    if (mine === asked) $("live").replaceWith(live);
+
   } catch (e) {
-    if (mine !== asked) return;
-    $("error").textContent = "Not updated: " + e.message;
-    $("error").hidden = false;
+    error = "Not updated: " + e.message;
   }
+  if (mine !== asked) return;
+  $("error").textContent = error;
+  $("error").hidden = !error;
   timer = setTimeout(update, REFRESH000);
 }
 function go(url) { history.replaceState(null, "", url); update(); }
@@ -2214,8 +2216,7 @@ class PicoAPI(FastAPI):
         if scope["type"] != "http" or scope["path"] != self.config.health_route:
             return await super().__call__(scope, receive, send)
         if self.registrar is not None:
-            key = _SUPERVISOR_HEADER_KEY
-            self.registrar.note_check(next((v.decode("latin-1") for k, v in scope["headers"] if k == key), None))
+            self.registrar.note_check(Headers(scope=scope).get(SUPERVISOR_HEADER))
         await super().__call__(scope, receive, _adding_header(send, (_INSTANCE_HEADER_KEY, self.instance.encode())))
 
     def build_middleware_stack(self) -> ASGIApp:
@@ -2734,19 +2735,16 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
     peer's own, or in ``networks``; a special address only in those. Raises ValueError for a host that does not
     resolve or is not spelled canonically (one address, one id), PermissionError for a claim refused."""
     ip = _ip(host)
-    if ip is None:
-        with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
-            ip = _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
-    if ip is not None:
-        if str(ip) != host:
-            raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
-        addresses = [ip]
-    else:
-        try:
-            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            raise ValueError(f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an IP") from exc
-        addresses = list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
+    with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
+        ip = ip or _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
+    if ip is not None and str(ip) != host:
+        raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
+    try:
+        found = [] if ip else socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an IP") from exc
+    addresses = [ip] if ip else list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
+
     listed = [a for a in addresses if any(a in net for net in networks)]
     for a in addresses:
         special = a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"
