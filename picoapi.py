@@ -2071,19 +2071,17 @@ let timer = 0, asked = 0;
 async function update() {
   clearTimeout(timer);
   const mine = ++asked;  // the latest update wins, whichever answer comes first
-  let error = "";
   try {
     const answer = await fetch(location.href, {cache: "no-store"}), page = await answer.text();
+    if (mine !== asked) return;
     if (!answer.ok) throw new Error([].concat(JSON.parse(page).detail).map((e) => e.msg || e).join("; "));
-    const live = new DOMParser().parseFromString(page, "text/html").getElementById("live");
-    if (mine === asked) $("live").replaceWith(live);
-
+    $("live").replaceWith(new DOMParser().parseFromString(page, "text/html").getElementById("live"));
+    $("error").hidden = true;
   } catch (e) {
-    error = "Not updated: " + e.message;
+    if (mine !== asked) return;
+    $("error").textContent = "Not updated: " + e.message;
+    $("error").hidden = false;
   }
-  if (mine !== asked) return;
-  $("error").textContent = error;
-  $("error").hidden = !error;
   timer = setTimeout(update, REFRESH000);
 }
 function go(url) { history.replaceState(null, "", url); update(); }
@@ -2471,7 +2469,6 @@ class _CORS(CORSMiddleware):
             origin, write = headers.get("origin"), method not in ("GET", "HEAD")
             if write and origin is not None and (origin == "*" or origin not in self.allow_origins):
                 fix = "list it by name in API_CORS_ALLOW_ORIGINS ('!'-delimited; '*' does not count) to let it write"
-
                 detail = f"{_printable(method, 16)} {self.guarded} from origin '{_printable(origin)}' refused: {fix}"
                 return await JSONResponse({"detail": detail}, status_code=403)(scope, receive, send)
             receive = _limited(receive)
@@ -2744,7 +2741,6 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
     except (OSError, UnicodeError) as exc:
         raise ValueError(f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an IP") from exc
     addresses = [ip] if ip else list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
-
     listed = [a for a in addresses if any(a in net for net in networks)]
     for a in addresses:
         special = a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"
@@ -2762,7 +2758,6 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
         f"{_printable(peer)}: a worker may only register an address it is reachable at; register from that host, "
         "or list its network in API_REGISTER_NETWORKS (NAT, proxies, containers)"
     )
-
 
 
 def _unknown(wid: str) -> HTTPException:
