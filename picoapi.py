@@ -2453,7 +2453,6 @@ class _CORS(CORSMiddleware):
     and a guard on ``guarded`` (the supervisor's /register): a body over MAX_BODY is 413 and, as browsers send Origin
     with every write, a write or its preflight from an origin not listed by name is 403 ('*' reads, never writes)."""
 
-
     def __init__(self, app: ASGIApp, /, *, guarded: str | None = None, **options: Any) -> None:
         super().__init__(app, **options)
         self.guarded = guarded
@@ -2475,7 +2474,6 @@ class _CORS(CORSMiddleware):
         if not any(k == b"origin" for k, _ in scope["headers"]):
             return await self.app(scope, receive, _adding_header(send, (b"vary", b"Origin")))
         await super().__call__(scope, receive, send)
-
 
 
 def _limited(receive: Receive) -> Receive:
