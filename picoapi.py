@@ -2236,7 +2236,19 @@ class PicoAPI(FastAPI):
                 await self._start()
                 yield state
             finally:
-                await self._stop()
+                if self.registrar is not None:
+                    await run_in_threadpool(self.registrar.deregister_all)
+                if self.checker is not None:
+                    await run_in_threadpool(self.checker.stop)
+                if self._store is not None:
+                    self._store.close()
+                if self._broadcaster is not None:
+                    self._broadcaster.shutdown(wait=False, cancel_futures=True)
+                self.registrar = self.checker = self._store = self._broadcaster = None
+                with self._sessions_lock:
+                    for session in self._sessions.values():
+                        session.close()
+                    self._sessions.clear()
 
     async def _start(self) -> None:
         config = self.config
@@ -2254,21 +2266,6 @@ class PicoAPI(FastAPI):
         else:  # a warning only if something shows it was meant to register: a plain app starts quietly
             level = logging.WARNING if config.configured & _MEANT_TO_REGISTER else logging.INFO
             logger.log(level, "%s", _why_not_registering(config))
-
-    async def _stop(self) -> None:
-        if self.registrar is not None:
-            await run_in_threadpool(self.registrar.deregister_all)
-        if self.checker is not None:
-            await run_in_threadpool(self.checker.stop)
-        if self._store is not None:
-            self._store.close()
-        if self._broadcaster is not None:
-            self._broadcaster.shutdown(wait=False, cancel_futures=True)
-        self.registrar = self.checker = self._store = self._broadcaster = None
-        with self._sessions_lock:
-            for session in self._sessions.values():
-                session.close()
-            self._sessions.clear()
 
     def _start_supervisor(self) -> None:
         registry, file = self.registry, self.config.registry_file
@@ -2319,7 +2316,6 @@ class PicoAPI(FastAPI):
         could not be connected to is marked suspect and the next one tried; one that may have received the request,
         only with ``retry_sent=True``. Raises :class:`NoWorkerAvailable` naming each worker tried and why. ``kwargs``
         go to ``requests``; connections are reused; redirects are returned, not followed, unless asked to."""
-
         registry, wanted = self._need_registry(), [tags] if isinstance(tags, str) else list(tags)
         tried: list[tuple[str, str]] = []
         while True:
