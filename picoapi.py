@@ -2103,9 +2103,12 @@ th { position: sticky; top: 0; background: #eee; } [data-count=healthy] { color:
 _HTML_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})
 
 
-def _dashboard(app: PicoAPI, tags: list[str], status: str | None, page: int) -> str:
+def _dashboard(  # like every sync route, on a thread: never holding up the event loop
+    request: Request, tags: _Tags, status: Status | None = None, page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
+) -> HTMLResponse:
     """The dashboard: counts over the workers with ``tags``, then a page of them, trouble first. Every value is
     escaped: whatever a worker sent shows as text, never as markup."""
+    app: PicoAPI = request.app
     registry, trouble = app.registry, app.checker and app.checker.trouble
     assert registry is not None
     tagged, now, wall, first = registry.workers(*tags), registry.clock(), registry._wall(), (page - 1) * DASHBOARD_PAGE
@@ -2135,7 +2138,7 @@ def _dashboard(app: PicoAPI, tags: list[str], status: str | None, page: int) -> 
     shown_text += f" of {len(matched)} workers shown, {len(registry)} in all" + (f" ({status})" if status else "")
     pages = link("previous page", page=page - 1) if page > 1 else ""
     pages += link("next page", page=page + 1) if first + len(shown) < len(matched) else ""
-    return f"""<!doctype html><html lang="en"><meta charset="utf-8"><title>{title} - PicoAPI</title>
+    page_text = f"""<!doctype html><html lang="en"><meta charset="utf-8"><title>{title} - PicoAPI</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_DASHBOARD_STYLE}</style><h1>{title}</h1>
 <form id="filter"><label>tags <input id="tag" name="tag" value="{text(" ".join(tags))}"></label> <button>filter</button>
 </form><p class="trouble" id="error" role="alert" hidden></p><div id="live">{alert}
@@ -2143,6 +2146,7 @@ def _dashboard(app: PicoAPI, tags: list[str], status: str | None, page: int) -> 
 <tr><th>name<th>id<th>version<th>tags<th>status<th>last error<th>unhealthy since<th>last check<th>latency<th>failures
 {rows}</table><p>{shown_text}; updated every {DASHBOARD_REFRESH} s. {pages}</div><script>{_DASHBOARD_SCRIPT}</script>
 """
+    return HTMLResponse(page_text, headers=_DASHBOARD_HEADERS)
 
 
 # -- The PicoAPI class ---------------------------------------------------------
@@ -2534,7 +2538,7 @@ class _SupervisorRoutes:
         add("GET", SERVICES_ROUTE + "/{worker_id}/openapi", self.service_openapi, not_found | fetching)
         add("GET", METRICS_ROUTE, self.metrics, {}, response_class=PlainTextResponse)
         add("GET", TARGETS_ROUTE, self.prometheus_targets, {}, response_model=list[TargetGroup])
-        add("GET", DASHBOARD_ROUTE, self.dashboard, {}, include_in_schema=False)
+        add("GET", DASHBOARD_ROUTE, _dashboard, {}, include_in_schema=False)
         return routes
 
     async def register(self, reg: Registration, request: Request) -> Response:
@@ -2631,11 +2635,6 @@ class _SupervisorRoutes:
             labels["scheme"] = urlsplit(w.health_url).scheme
             groups.append({"targets": [w.id], "labels": {f"__meta_picoapi_{k}": v for k, v in labels.items()}})
         return _json_response(groups)
-
-    def dashboard(  # like every sync route, on a thread: never holding up the event loop
-        self, tags: _Tags, status: Status | None = None, page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
-    ) -> HTMLResponse:
-        return HTMLResponse(_dashboard(self.app, tags, status, page), headers=_DASHBOARD_HEADERS)
 
     async def require_token(self, request: Request) -> None:
         token, header = self.config.register_token or "", request.headers.get("authorization", "")
