@@ -2062,6 +2062,7 @@ def _tag_filter(
 
 
 _Tags = Annotated[list[str], Depends(_tag_filter)]
+_Instance = Annotated[str | None, Query(pattern=_INSTANCE_PATTERN, description="the stopping process")]
 
 #: The dashboard's one script. Every few seconds it fetches the page anew and swaps in its #live part: the form, a
 #: filter half typed in it and the focus stay. The form and the links change the view (and the address) likewise.
@@ -2560,12 +2561,7 @@ class _SupervisorRoutes:
             logger.info("registered %s (%s)", worker.id, worker.name)
         return _json_response(_out(worker), 201 if created else 200, {SUPERVISOR_HEADER: self.app.supervisor_id})
 
-    async def deregister(
-        self,
-        worker_id: str,
-        request: Request,
-        instance: Annotated[str | None, Query(pattern=_INSTANCE_PATTERN, description="the stopping process")] = None,
-    ) -> Response:
+    async def deregister(self, worker_id: str, request: Request, instance: _Instance = None) -> Response:
         """Remove a worker: from its own address (or with the token); naming its process, only its own entry,
         and not while another process of the worker still serves it (uvicorn --workers)."""
         entry = self.known(worker_id)
