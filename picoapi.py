@@ -2158,8 +2158,7 @@ class PicoAPI(FastAPI):
 
     Keywords naming a setting of :class:`Config` (``mode``, ``host``, ``port``, ``tags``...) win over the environment
     and the ``.env`` file; ``config=`` gives them all at once instead. Other keywords go to FastAPI untouched; one that
-    looks like a misspelt setting is a :class:`ConfigError`. ``is_master`` is 1.x's ``mode`` (deprecated).
-    """
+    looks like a misspelt setting is a :class:`ConfigError`. ``is_master`` is 1.x's ``mode`` (deprecated)."""
 
     def __init__(
         self,
@@ -2194,8 +2193,7 @@ class PicoAPI(FastAPI):
             limits = {"failures": config.health_failures, "successes": config.health_successes}
             self.registry = Registry(max_workers=config.max_workers, deregister_after=config.deregister_after, **limits)
             self._supervisor = _SupervisorRoutes(self, self.registry)
-            # Their routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's route
-            # on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
+            # The routes themselves, not an include_router entry: build_middleware_stack moves a user's ahead of them.
             self.router.routes += self._supervisor.router().routes
             self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
             if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
@@ -2496,9 +2494,8 @@ def _limited(receive: Receive) -> Receive:
 
 
 class _SupervisorRoutes:
-    """The supervisor's HTTP API as an APIRouter: workers register and deregister, anyone reads the registry.
-    Bodies are built by :func:`_out` from the declaration of the :class:`WorkerOut` each route declares, and sent
-    as they are: serialised once, never validated again (a test checks them against the schema)."""
+    """The supervisor's HTTP API as an APIRouter: workers register and deregister, anyone reads the registry. Bodies
+    are built by :func:`_out` and sent as they are, never validated again (a test checks them against the schema)."""
 
     def __init__(self, app: PicoAPI, registry: Registry) -> None:
         self.app, self.registry, self.config = app, registry, app.config
@@ -2546,11 +2543,10 @@ class _SupervisorRoutes:
         """Register a worker (only an address it registers from), or refresh or replace its entry."""
         claim = (reg.host, request.client.host if request.client else None, self.config.register_networks)
         try:
-            if _ip(reg.host) is None:  # a name: resolved on a thread, at most MAX_RESOLVING at once
-                resolving = "host names are being resolved"
-                address = await self.on_thread(resolving, MAX_RESOLVING, _claimed_address, *claim)
-            else:
+            if _ip(reg.host) is not None:
                 address = _claimed_address(*claim)
+            else:  # a name: resolved on a thread, at most MAX_RESOLVING at once
+                address = await self.on_thread("host names are being resolved", MAX_RESOLVING, _claimed_address, *claim)
             await self.refuse_if_served(reg, address)
             worker, created = await self.write(self.add, reg, address)
         except ValueError as exc:  # the host does not resolve, or is not spelled canonically
