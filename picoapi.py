@@ -2234,9 +2234,23 @@ class PicoAPI(FastAPI):
     async def _lifespan(self, inner: Callable[[Any], Any], app: Any) -> AsyncIterator[Any]:
         """The app's own lifespan ``inner``, with PicoAPI started inside it and stopped before it ends (a start that
         failed half-way too: the supervisors that did take a worker's registration must not keep it)."""
+        config = self.config
         async with inner(app) as state:
             try:
-                await self._start()
+                self.instance = uuid.uuid4().hex[:12]  # anew: the processes of a server that forks after import differ
+                _log_like_uvicorn()
+                if config.mode == "supervisor":
+                    await run_in_threadpool(self._start_supervisor)
+                elif config.register_urls:
+                    body = {**config.registration(), "instance": self.instance}
+                    body |= {"openapi": self.openapi_url} if self.openapi_url else {}
+                    options = {"timeout": config.register_timeout, "required": config.register_required}
+                    self.registrar = Registrar(config.register_urls, body, token=config.register_token, **options)
+                    await run_in_threadpool(self.registrar.register_all)
+                    self.registrar.start()
+                else:  # a warning only if something shows it was meant to register: a plain app starts quietly
+                    level = logging.WARNING if config.configured & _MEANT_TO_REGISTER else logging.INFO
+                    logger.log(level, "%s", _why_not_registering(config))
                 yield state
             finally:
                 if self.registrar is not None:
@@ -2252,23 +2266,6 @@ class PicoAPI(FastAPI):
                     for session in self._sessions.values():
                         session.close()
                     self._sessions.clear()
-
-    async def _start(self) -> None:
-        config = self.config
-        self.instance = uuid.uuid4().hex[:12]  # anew: the processes of a server that forks after import differ
-        _log_like_uvicorn()
-        if config.mode == "supervisor":
-            await run_in_threadpool(self._start_supervisor)
-        elif config.register_urls:
-            body = {**config.registration(), "instance": self.instance}
-            body |= {"openapi": self.openapi_url} if self.openapi_url else {}
-            options = {"timeout": config.register_timeout, "required": config.register_required}
-            self.registrar = Registrar(config.register_urls, body, token=config.register_token, **options)
-            await run_in_threadpool(self.registrar.register_all)
-            self.registrar.start()
-        else:  # a warning only if something shows it was meant to register: a plain app starts quietly
-            level = logging.WARNING if config.configured & _MEANT_TO_REGISTER else logging.INFO
-            logger.log(level, "%s", _why_not_registering(config))
 
     def _start_supervisor(self) -> None:
         registry, file = self.registry, self.config.registry_file
