@@ -2190,7 +2190,7 @@ class PicoAPI(FastAPI):
         self._broadcaster: concurrent.futures.ThreadPoolExecutor | None = None
         first_own = len(self.router.routes)
         if config.mode == "supervisor":
-            limits = {"failures": config.health_failures, "successes": config.health_successes}
+            limits: dict[str, Any] = {"failures": config.health_failures, "successes": config.health_successes}
             self.registry = Registry(max_workers=config.max_workers, deregister_after=config.deregister_after, **limits)
             self._supervisor = _SupervisorRoutes(self, self.registry)
             # The routes themselves, not an include_router entry: build_middleware_stack moves a user's ahead of them.
@@ -2244,7 +2244,7 @@ class PicoAPI(FastAPI):
                 elif config.register_urls:
                     body = {**config.registration(), "instance": self.instance}
                     body |= {"openapi": self.openapi_url} if self.openapi_url else {}
-                    options = {"timeout": config.register_timeout, "required": config.register_required}
+                    options: dict[str, Any] = {"timeout": config.register_timeout, "required": config.register_required}
                     self.registrar = Registrar(config.register_urls, body, token=config.register_token, **options)
                     await run_in_threadpool(self.registrar.register_all)
                     self.registrar.start()
@@ -2276,8 +2276,8 @@ class PicoAPI(FastAPI):
             try:
                 for reg, address, instances in self._store.load():
                     if worker_id(reg.host, reg.port) not in registry:
-                        for instance in instances or [reg.instance]:  # the same registration from each process
-                            registry.register(reg.model_copy(update={"instance": instance}), address=address)
+                        for instance in instances or [reg.instance or ""]:  # the same registration from each process
+                            registry.register(reg.model_copy(update={"instance": instance or None}), address=address)
             except RegistryFull:
                 logger.warning("registry file holds more than API_MAX_WORKERS workers; rest skipped")
             logger.info("loaded %d workers from %s", len(registry) - before, file)
@@ -2297,8 +2297,7 @@ class PicoAPI(FastAPI):
         return self.registry
 
     def pick(self, *tags: str, version: str | None = None) -> Worker:
-        """A healthy worker with every tag, in turns (round-robin, thread-safe); else :class:`NoWorkerAvailable`
-        (a 503 when raised in a route)."""
+        """A healthy worker with every tag, in turns (round-robin, thread-safe); else :class:`NoWorkerAvailable`."""
         return self._need_registry().pick(tags, version)
 
     def call(
@@ -2313,9 +2312,10 @@ class PicoAPI(FastAPI):
         **kwargs: Any,
     ) -> requests.Response:
         """Send a request to a healthy worker with ``tags``; returns its response, whatever its status. A worker that
-        could not be connected to is marked suspect and the next one tried; one that may have received the request,
-        only with ``retry_sent=True``. Raises :class:`NoWorkerAvailable` naming each worker tried and why. ``kwargs``
-        go to ``requests``; connections are reused; redirects are returned, not followed, unless asked to."""
+        could not be connected to is marked suspect (checked at once) and the next one tried; a request that may have
+        reached a worker is sent again only with ``retry_sent=True``. Raises :class:`NoWorkerAvailable` naming each
+        worker tried and why. ``kwargs`` go to ``requests``; connections are reused; redirects are returned, not
+        followed, unless ``allow_redirects=True``."""
         registry, wanted = self._need_registry(), [tags] if isinstance(tags, str) else list(tags)
         tried: list[tuple[str, str]] = []
         while True:
@@ -2412,8 +2412,7 @@ def _split_keywords(
     options: dict[str, Any], config: Config | None, env_file: str | os.PathLike[str] | None, is_master: bool | None
 ) -> tuple[Config, dict[str, Any]]:
     """PicoAPI's keywords split: the settings into its :class:`Config` (a misspelt one is a ConfigError), the rest to
-    FastAPI, with the title, description and version configured unless given. FastAPI's own title, description and
-    version go into the configuration too, checked only by an app that registers (it sends them)."""
+    FastAPI. The title, description and version go to both, checked only by an app that registers (it sends them)."""
     settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
     if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
         raise ConfigError(_unknown_settings(misspelt))
@@ -2521,9 +2520,8 @@ class _SupervisorRoutes:
         add("PUT", REGISTER_ROUTE, self.register, registering, response_model=WorkerOut)
         not_found, busy = {404: "no worker with that id"}, {503: "the registry file is busy: see Retry-After"}
         add("DELETE", REGISTER_ROUTE + "/{worker_id}", self.deregister, not_found | busy, status_code=204)
-        next_link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
-        paged = {200: {"headers": {"Link": next_link}}}
-        add("GET", SERVICES_ROUTE, self.services, paged, response_model=list[WorkerOut])
+        link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
+        add("GET", SERVICES_ROUTE, self.services, {200: {"headers": {"Link": link}}}, response_model=list[WorkerOut])
         add("GET", SERVICES_ROUTE + "/{worker_id}", self.service, not_found, response_model=WorkerOut)
         fetching = {
             409: "the worker is not healthy: nothing is asked of it",
