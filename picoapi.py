@@ -1958,6 +1958,7 @@ def _tag_filter(
 
 
 _Tags = Annotated[list[str], Depends(_tag_filter)]
+_Instance = Annotated[str | None, Query(pattern=_INSTANCE_PATTERN, description="the stopping process")]
 
 #: The dashboard's one script. Every few seconds it fetches the page anew and swaps in its #live part: the form, a
 #: filter half typed in it and the focus stay. The form and the links change the view (and the address) likewise.
@@ -1986,11 +1987,12 @@ document.onclick = (e) => { if (e.target.closest("#live a")) { e.preventDefault(
 timer = setTimeout(update, REFRESH000);
 """.replace("REFRESH", str(DASHBOARD_REFRESH))
 _DASHBOARD_DIGEST = base64.b64encode(hashlib.sha256(_DASHBOARD_SCRIPT.encode()).digest()).decode()
-#: Lets the dashboard run its own script and nothing else, and fetch from the supervisor only.
-_DASHBOARD_POLICY = (
-    "default-src 'none'; connect-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'self'; "
-    f"frame-ancestors 'none'; script-src 'sha256-{_DASHBOARD_DIGEST}'"
-)
+#: The dashboard runs its own script and nothing else, and fetches from the supervisor only.
+_DASHBOARD_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; connect-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; "
+    f"form-action 'self'; frame-ancestors 'none'; script-src 'sha256-{_DASHBOARD_DIGEST}'",
+}
 _DASHBOARD_STYLE = """body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; } a { margin-right: 1rem; }
 table { border-collapse: collapse; } th, td { text-align: left; padding: .2rem .6rem; border-bottom: 1px solid #eee; }
 th { position: sticky; top: 0; background: #eee; } [data-count=healthy] { color: #137333; }
@@ -1998,9 +2000,12 @@ th { position: sticky; top: 0; background: #eee; } [data-count=healthy] { color:
 _HTML_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})
 
 
-def _dashboard(app: PicoAPI, tags: list[str], status: str | None, page: int) -> str:
+def _dashboard(  # like every sync route, on a thread: never holding up the event loop
+    request: Request, tags: _Tags, status: Status | None = None, page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
+) -> HTMLResponse:
     """The dashboard: counts over the workers with ``tags``, then a page of them, trouble first. Every value is
     escaped: whatever a worker sent shows as text, never as markup."""
+    app: PicoAPI = request.app
     registry, trouble = app.registry, app.checker and app.checker.trouble
     assert registry is not None
     tagged, now, wall, first = registry.workers(*tags), registry.clock(), registry._wall(), (page - 1) * DASHBOARD_PAGE
@@ -2030,7 +2035,7 @@ def _dashboard(app: PicoAPI, tags: list[str], status: str | None, page: int) -> 
     shown_text += f" of {len(matched)} workers shown, {len(registry)} in all" + (f" ({status})" if status else "")
     pages = link("previous page", page=page - 1) if page > 1 else ""
     pages += link("next page", page=page + 1) if first + len(shown) < len(matched) else ""
-    return f"""<!doctype html><html lang="en"><meta charset="utf-8"><title>{title} - PicoAPI</title>
+    page_text = f"""<!doctype html><html lang="en"><meta charset="utf-8"><title>{title} - PicoAPI</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_DASHBOARD_STYLE}</style><h1>{title}</h1>
 <form id="filter"><label>tags <input id="tag" name="tag" value="{text(" ".join(tags))}"></label> <button>filter</button>
 </form><p class="trouble" id="error" role="alert" hidden></p><div id="live">{alert}
@@ -2038,37 +2043,7 @@ def _dashboard(app: PicoAPI, tags: list[str], status: str | None, page: int) -> 
 <tr><th>name<th>id<th>version<th>tags<th>status<th>last error<th>unhealthy since<th>last check<th>latency<th>failures
 {rows}</table><p>{shown_text}; updated every {DASHBOARD_REFRESH} s. {pages}</div><script>{_DASHBOARD_SCRIPT}</script>
 """
-
-
-def _operator_router(app: PicoAPI) -> APIRouter:
-    """The supervisor's routes for operators: the dashboard, GET /metrics and Prometheus' service discovery."""
-    router, registry = APIRouter(tags=["picoapi"], dependency_overrides_provider=app), app.registry
-    assert registry is not None
-
-    @router.get(DASHBOARD_ROUTE, include_in_schema=False)
-    def dashboard(  # like every sync route, on a thread: never holding up the event loop
-        tags: _Tags, status: Status | None = None, page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
-    ) -> HTMLResponse:
-        headers = {"Content-Security-Policy": _DASHBOARD_POLICY, "Cache-Control": "no-store"}
-        return HTMLResponse(_dashboard(app, tags, status, page), headers=headers)
-
-    @router.get(METRICS_ROUTE, response_class=PlainTextResponse, operation_id="picoapi_metrics")
-    def metrics() -> PlainTextResponse:
-        """The supervisor's metrics in the Prometheus text exposition format."""
-        exposition = _exposition(registry, app.checker)
-        return PlainTextResponse(exposition, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @router.get(TARGETS_ROUTE, response_model=list[TargetGroup], operation_id="picoapi_prometheus_targets")
-    def prometheus_targets(tags: _Tags) -> Response:
-        """The healthy workers with every tag, as Prometheus' HTTP service discovery reads them."""
-        groups = []
-        for w in registry.workers(*tags, status=HEALTHY):
-            labels = {"id": w.id, "name": w.name, "version": w.version, "tags": f",{','.join(w.tags)},"}
-            labels["scheme"] = urlsplit(w.health_url).scheme
-            groups.append({"targets": [w.id], "labels": {f"__meta_picoapi_{k}": v for k, v in labels.items()}})
-        return _json_response(groups)
-
-    return router
+    return HTMLResponse(page_text, headers=_DASHBOARD_HEADERS)
 
 
 # -- The PicoAPI class ---------------------------------------------------------
@@ -2079,8 +2054,7 @@ class PicoAPI(FastAPI):
 
     Keywords naming a setting of :class:`Config` (``mode``, ``host``, ``port``, ``tags``...) win over the environment
     and the ``.env`` file; ``config=`` gives them all at once instead. Other keywords go to FastAPI untouched; one that
-    looks like a misspelt setting is a :class:`ConfigError`. ``is_master`` is 1.x's ``mode`` (deprecated).
-    """
+    looks like a misspelt setting is a :class:`ConfigError`. ``is_master`` is 1.x's ``mode`` (deprecated)."""
 
     def __init__(
         self,
@@ -2112,16 +2086,11 @@ class PicoAPI(FastAPI):
         self._broadcaster: concurrent.futures.ThreadPoolExecutor | None = None
         first_own = len(self.router.routes)
         if config.mode == "supervisor":
-            self.registry = Registry(
-                max_workers=config.max_workers,
-                failures=config.health_failures,
-                successes=config.health_successes,
-                deregister_after=config.deregister_after,
-            )
+            limits: dict[str, Any] = {"failures": config.health_failures, "successes": config.health_successes}
+            self.registry = Registry(max_workers=config.max_workers, deregister_after=config.deregister_after, **limits)
             self._supervisor = _SupervisorRoutes(self, self.registry)
-            # Their routes themselves, not one included entry (FastAPI 0.165 adds one without a path): a user's route
-            # on the same path is then moved ahead of PicoAPI's by build_middleware_stack, and wins.
-            self.router.routes += [*self._supervisor.router().routes, *_operator_router(self).routes]
+            # The routes themselves, not an include_router entry: build_middleware_stack moves a user's ahead of them.
+            self.router.routes += self._supervisor.router().routes
             self.add_exception_handler(NoWorkerAvailable, _no_worker_handler)
             if self.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
                 self.add_exception_handler(RequestValidationError, _validation_handler)  # unless it is the user's
@@ -2144,8 +2113,7 @@ class PicoAPI(FastAPI):
         if scope["type"] != "http" or scope["path"] != self.config.health_route:
             return await super().__call__(scope, receive, send)
         if self.registrar is not None:
-            key = _SUPERVISOR_HEADER_KEY
-            self.registrar.note_check(next((v.decode("latin-1") for k, v in scope["headers"] if k == key), None))
+            self.registrar.note_check(Headers(scope=scope).get(SUPERVISOR_HEADER))
         await super().__call__(scope, receive, _adding_header(send, (_INSTANCE_HEADER_KEY, self.instance.encode())))
 
     def build_middleware_stack(self) -> ASGIApp:
@@ -2160,54 +2128,40 @@ class PicoAPI(FastAPI):
 
     @asynccontextmanager
     async def _lifespan(self, inner: Callable[[Any], Any], app: Any) -> AsyncIterator[Any]:
-        """The app's own lifespan ``inner``, with PicoAPI started inside it and stopped before it ends."""
+        """The app's own lifespan ``inner``, with PicoAPI started inside it and stopped before it ends (a start that
+        failed half-way too: the supervisors that did take a worker's registration must not keep it)."""
+        config = self.config
         async with inner(app) as state:
-            await self._start()
             try:
+                self.instance = uuid.uuid4().hex[:12]  # anew: the processes of a server that forks after import differ
+                _log_like_uvicorn()
+                if config.mode == "supervisor":
+                    await run_in_threadpool(self._start_supervisor)
+                elif config.register_urls:
+                    body = {**config.registration(), "instance": self.instance}
+                    body |= {"openapi": self.openapi_url} if self.openapi_url else {}
+                    options: dict[str, Any] = {"timeout": config.register_timeout, "required": config.register_required}
+                    self.registrar = Registrar(config.register_urls, body, token=config.register_token, **options)
+                    await run_in_threadpool(self.registrar.register_all)
+                    self.registrar.start()
+                else:  # a warning only if something shows it was meant to register: a plain app starts quietly
+                    level = logging.WARNING if config.configured & _MEANT_TO_REGISTER else logging.INFO
+                    logger.log(level, "%s", _why_not_registering(config))
                 yield state
             finally:
-                await self._stop()
-
-    async def _start(self) -> None:
-        config = self.config
-        self.instance = uuid.uuid4().hex[:12]  # anew: the processes of a server that forks after import differ
-        _log_like_uvicorn()
-        if config.mode == "supervisor":
-            await run_in_threadpool(self._start_supervisor)
-        elif config.register_urls:
-            body = {**config.registration(), "instance": self.instance}
-            body |= {"openapi": self.openapi_url} if self.openapi_url else {}
-            self.registrar = Registrar(
-                config.register_urls,
-                body,
-                token=config.register_token,
-                timeout=config.register_timeout,
-                required=config.register_required,
-            )
-            try:
-                await run_in_threadpool(self.registrar.register_all)
-            except RegistrationError:  # the supervisors that did take it must not keep it
-                await run_in_threadpool(self.registrar.deregister_all)
-                raise
-            self.registrar.start()
-        else:  # a warning only if something shows it was meant to register: a plain app starts quietly
-            level = logging.WARNING if config.configured & _MEANT_TO_REGISTER else logging.INFO
-            logger.log(level, "%s", _why_not_registering(config))
-
-    async def _stop(self) -> None:
-        if self.registrar is not None:
-            await run_in_threadpool(self.registrar.deregister_all)
-        if self.checker is not None:
-            await run_in_threadpool(self.checker.stop)
-        if self._store is not None:
-            self._store.close()
-        if self._broadcaster is not None:
-            self._broadcaster.shutdown(wait=False, cancel_futures=True)
-        self.registrar = self.checker = self._store = self._broadcaster = None
-        with self._sessions_lock:
-            for session in self._sessions.values():
-                session.close()
-            self._sessions.clear()
+                if self.registrar is not None:
+                    await run_in_threadpool(self.registrar.deregister_all)
+                if self.checker is not None:
+                    await run_in_threadpool(self.checker.stop)
+                if self._store is not None:
+                    self._store.close()
+                if self._broadcaster is not None:
+                    self._broadcaster.shutdown(wait=False, cancel_futures=True)
+                self.registrar = self.checker = self._store = self._broadcaster = None
+                with self._sessions_lock:
+                    for session in self._sessions.values():
+                        session.close()
+                    self._sessions.clear()
 
     def _start_supervisor(self) -> None:
         registry, file = self.registry, self.config.registry_file
@@ -2215,19 +2169,13 @@ class PicoAPI(FastAPI):
         if file:
             self._store = _Store(file, registry.__contains__)
             self.supervisor_id, before = self._store.identity(), len(registry)
-            for reg, address, instances in self._store.load():
-                if (wid := worker_id(reg.host, reg.port)) in registry:
-                    continue
-                try:
-                    address = address or _resolve(reg.host)  # a file from before addresses were kept
-                    for instance in instances or [reg.instance or ""]:  # the same registration from each process
-                        registry.register(reg.model_copy(update={"instance": instance or None}), address=address)
-                except ValueError as exc:  # its checks fail, saying why, until it registers again
-                    logger.warning("loaded worker %s: %s", wid, exc)
-                    registry.register(reg, address="")
-                except RegistryFull:
-                    logger.warning("registry file holds more than API_MAX_WORKERS workers; rest skipped")
-                    break
+            try:
+                for reg, address, instances in self._store.load():
+                    if worker_id(reg.host, reg.port) not in registry:
+                        for instance in instances or [reg.instance or ""]:  # the same registration from each process
+                            registry.register(reg.model_copy(update={"instance": instance or None}), address=address)
+            except RegistryFull:
+                logger.warning("registry file holds more than API_MAX_WORKERS workers; rest skipped")
             logger.info("loaded %d workers from %s", len(registry) - before, file)
         self.checker = HealthChecker(registry, supervisor_id=self.supervisor_id, on_change=self._changed)
         gc.freeze()  # else full collections walk every import's objects: 20-45 ms pauses at 5,000-10,000 workers
@@ -2245,8 +2193,7 @@ class PicoAPI(FastAPI):
         return self.registry
 
     def pick(self, *tags: str, version: str | None = None) -> Worker:
-        """A healthy worker with every tag, in turns (round-robin, thread-safe); else :class:`NoWorkerAvailable`
-        (a 503 when raised in a route)."""
+        """A healthy worker with every tag, in turns (round-robin, thread-safe); else :class:`NoWorkerAvailable`."""
         return self._need_registry().pick(tags, version)
 
     def call(
@@ -2260,13 +2207,11 @@ class PicoAPI(FastAPI):
         timeout: Any = DEFAULT_CALL_TIMEOUT,
         **kwargs: Any,
     ) -> requests.Response:
-        """Send a request to a healthy worker with ``tags``; returns its response, whatever its status.
-
-        A worker that could not be connected to (nothing was sent) is marked suspect, checked at once, and the next
-        one tried; a request that may have reached a worker is sent again only with ``retry_sent=True`` (for
-        idempotent ones). Raises :class:`NoWorkerAvailable` naming each worker tried and why. ``kwargs`` go to
-        ``requests``; connections are reused; a redirect is returned, not followed, unless ``allow_redirects=True``.
-        """
+        """Send a request to a healthy worker with ``tags``; returns its response, whatever its status. A worker that
+        could not be connected to is marked suspect (checked at once) and the next one tried; a request that may have
+        reached a worker is sent again only with ``retry_sent=True``. Raises :class:`NoWorkerAvailable` naming each
+        worker tried and why. ``kwargs`` go to ``requests``; connections are reused; redirects are returned, not
+        followed, unless ``allow_redirects=True``."""
         registry, wanted = self._need_registry(), [tags] if isinstance(tags, str) else list(tags)
         tried: list[tuple[str, str]] = []
         while True:
@@ -2363,8 +2308,7 @@ def _split_keywords(
     options: dict[str, Any], config: Config | None, env_file: str | os.PathLike[str] | None, is_master: bool | None
 ) -> tuple[Config, dict[str, Any]]:
     """PicoAPI's keywords split: the settings into its :class:`Config` (a misspelt one is a ConfigError), the rest to
-    FastAPI, with the title, description and version configured unless given. FastAPI's own title, description and
-    version go into the configuration too, checked only by an app that registers (it sends them)."""
+    FastAPI. The title, description and version go to both, checked only by an app that registers (it sends them)."""
     settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
     if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
         raise ConfigError(_unknown_settings(misspelt))
@@ -2396,12 +2340,9 @@ def _adding_header(send: Send, header: tuple[bytes, bytes]) -> Send:
 
 
 class _CORS(CORSMiddleware):
-    """Starlette's CORS middleware, with a fast path, and a guard on ``guarded`` (the supervisor's /register).
-
-    Requests without an Origin header (every call between services) only need ``Vary: Origin``, appended to the raw
-    headers. The guard refuses a body over MAX_BODY (413, by its length or as it arrives) and, as browsers send Origin
-    with every write, a write or its preflight from an origin not listed by name (403): '*' reads, but never writes.
-    """
+    """Starlette's CORS middleware with a fast path (no Origin header, as between services: only ``Vary: Origin``)
+    and a guard on ``guarded`` (the supervisor's /register): a body over MAX_BODY is 413 and, as browsers send Origin
+    with every write, a write or its preflight from an origin not listed by name is 403 ('*' reads, never writes)."""
 
     def __init__(self, app: ASGIApp, /, *, guarded: str | None = None, **options: Any) -> None:
         super().__init__(app, **options)
@@ -2412,26 +2353,18 @@ class _CORS(CORSMiddleware):
             return await self.app(scope, receive, send)
         path = scope["path"].removeprefix(scope.get("root_path", ""))  # as the router sees it, behind a proxy too
         if self.guarded and f"{path}/".startswith(f"{self.guarded}/"):
-            if refusal := self._refusal(Headers(scope=scope), scope["method"]):
-                return await refusal(scope, receive, send)
+            headers, method = Headers(scope=scope), scope["method"]
+            if method == "OPTIONS":  # a preflight: for the write it asks about
+                method = headers.get("access-control-request-method", method)
+            origin, write = headers.get("origin"), method not in ("GET", "HEAD")
+            if write and origin is not None and (origin == "*" or origin not in self.allow_origins):
+                fix = "list it by name in API_CORS_ALLOW_ORIGINS ('!'-delimited; '*' does not count) to let it write"
+                detail = f"{_printable(method, 16)} {self.guarded} from origin '{_printable(origin)}' refused: {fix}"
+                return await JSONResponse({"detail": detail}, status_code=403)(scope, receive, send)
             receive = _limited(receive)
         if not any(k == b"origin" for k, _ in scope["headers"]):
             return await self.app(scope, receive, _adding_header(send, (b"vary", b"Origin")))
         await super().__call__(scope, receive, send)
-
-    def _refusal(self, headers: Headers, method: str) -> Response | None:
-        """403 for a write (or its preflight) from an origin not listed by name, 413 for a body too long, or None."""
-        if method == "OPTIONS":
-            method = headers.get("access-control-request-method", method)
-        origin = headers.get("origin")
-        if origin is not None and method not in ("GET", "HEAD") and (origin == "*" or origin not in self.allow_origins):
-            fix = "list it by name in API_CORS_ALLOW_ORIGINS ('!'-delimited; '*' does not count) to let its pages write"
-            detail = f"{_printable(method, 16)} {self.guarded} from origin '{_printable(origin)}' refused: {fix}"
-            return JSONResponse({"detail": detail}, status_code=403)
-        length = headers.get("content-length", "0")
-        if not _is_whole(length) or int(length) > MAX_BODY:
-            return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
-        return None
 
 
 def _limited(receive: Receive) -> Receive:
@@ -2453,9 +2386,8 @@ def _limited(receive: Receive) -> Receive:
 
 
 class _SupervisorRoutes:
-    """The supervisor's HTTP API as an APIRouter: workers register and deregister, anyone reads the registry.
-    Bodies are built by :func:`_out` from the declaration of the :class:`WorkerOut` each route declares, and sent
-    as they are: serialised once, never validated again (a test checks them against the schema)."""
+    """The supervisor's HTTP API as an APIRouter: workers register and deregister, anyone reads the registry. Bodies
+    are built by :func:`_out` and sent as they are, never validated again (a test checks them against the schema)."""
 
     def __init__(self, app: PicoAPI, registry: Registry) -> None:
         self.app, self.registry, self.config = app, registry, app.config
@@ -2484,9 +2416,8 @@ class _SupervisorRoutes:
         add("PUT", REGISTER_ROUTE, self.register, registering, response_model=WorkerOut)
         not_found, busy = {404: "no worker with that id"}, {503: "the registry file is busy: see Retry-After"}
         add("DELETE", REGISTER_ROUTE + "/{worker_id}", self.deregister, not_found | busy, status_code=204)
-        next_link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
-        paged = {200: {"headers": {"Link": next_link}}}
-        add("GET", SERVICES_ROUTE, self.services, paged, response_model=list[WorkerOut])
+        link = {"description": '`<URL>; rel="next"` while more entries remain', "schema": {"type": "string"}}
+        add("GET", SERVICES_ROUTE, self.services, {200: {"headers": {"Link": link}}}, response_model=list[WorkerOut])
         add("GET", SERVICES_ROUTE + "/{worker_id}", self.service, not_found, response_model=WorkerOut)
         fetching = {
             409: "the worker is not healthy: nothing is asked of it",
@@ -2494,17 +2425,19 @@ class _SupervisorRoutes:
             503: "too many documents are being fetched: see Retry-After",
         }
         add("GET", SERVICES_ROUTE + "/{worker_id}/openapi", self.service_openapi, not_found | fetching)
+        add("GET", METRICS_ROUTE, self.metrics, {}, response_class=PlainTextResponse)
+        add("GET", TARGETS_ROUTE, self.prometheus_targets, {}, response_model=list[TargetGroup])
+        add("GET", DASHBOARD_ROUTE, _dashboard, {}, include_in_schema=False)
         return routes
 
     async def register(self, reg: Registration, request: Request) -> Response:
         """Register a worker (only an address it registers from), or refresh or replace its entry."""
         claim = (reg.host, request.client.host if request.client else None, self.config.register_networks)
         try:
-            if _ip(reg.host) is None:  # a name: resolved on a thread, at most MAX_RESOLVING at once
-                resolving = "host names are being resolved"
-                address = await self.on_thread(resolving, MAX_RESOLVING, _claimed_address, *claim)
-            else:
+            if _ip(reg.host) is not None:
                 address = _claimed_address(*claim)
+            else:  # a name: resolved on a thread, at most MAX_RESOLVING at once
+                address = await self.on_thread("host names are being resolved", MAX_RESOLVING, _claimed_address, *claim)
             await self.refuse_if_served(reg, address)
             worker, created = await self.write(self.add, reg, address)
         except ValueError as exc:  # the host does not resolve, or is not spelled canonically
@@ -2515,12 +2448,7 @@ class _SupervisorRoutes:
             logger.info("registered %s (%s)", worker.id, worker.name)
         return _json_response(_out(worker), 201 if created else 200, {SUPERVISOR_HEADER: self.app.supervisor_id})
 
-    async def deregister(
-        self,
-        worker_id: str,
-        request: Request,
-        instance: Annotated[str | None, Query(pattern=_INSTANCE_PATTERN, description="the stopping process")] = None,
-    ) -> Response:
+    async def deregister(self, worker_id: str, request: Request, instance: _Instance = None) -> Response:
         """Remove a worker: from its own address (or with the token); naming its process, only its own entry,
         and not while another process of the worker still serves it (uvicorn --workers)."""
         entry = self.known(worker_id)
@@ -2557,8 +2485,7 @@ class _SupervisorRoutes:
         workers = self.registry.workers(*tag, status=status, name=name, version=version)
         start = 0 if after is None else bisect.bisect_right(workers, after, key=operator.attrgetter("id"))
         page, headers = workers[start : start + limit], {}
-        if start + limit < len(workers):
-            # A path, not a URL: the Host header the caller sent is not echoed back.
+        if start + limit < len(workers):  # a path, not a URL: the Host header the caller sent is not echoed back
             following = request.url.include_query_params(after=page[-1].id, limit=limit)
             headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
         return _json_response([_out(w) for w in page], headers=headers)
@@ -2577,6 +2504,20 @@ class _SupervisorRoutes:
         url, options = worker._request(worker.openapi or "/openapi.json", {})
         fetching = "OpenAPI documents are being fetched"
         return await self.on_thread(fetching, OPENAPI_MAX_FETCHES, _fetch_openapi, url, options.get("headers"))
+
+    def metrics(self) -> PlainTextResponse:
+        """The supervisor's metrics in the Prometheus text exposition format."""
+        text = _exposition(self.registry, self.app.checker)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def prometheus_targets(self, tags: _Tags) -> Response:
+        """The healthy workers with every tag, as Prometheus' HTTP service discovery reads them."""
+        groups = []
+        for w in self.registry.workers(*tags, status=HEALTHY):
+            labels = {"id": w.id, "name": w.name, "version": w.version, "tags": f",{','.join(w.tags)},"}
+            labels["scheme"] = urlsplit(w.health_url).scheme
+            groups.append({"targets": [w.id], "labels": {f"__meta_picoapi_{k}": v for k, v in labels.items()}})
+        return _json_response(groups)
 
     async def require_token(self, request: Request) -> None:
         token, header = self.config.register_token or "", request.headers.get("authorization", "")
@@ -2667,19 +2608,15 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
     peer's own, or in ``networks``; a special address only in those. Raises ValueError for a host that does not
     resolve or is not spelled canonically (one address, one id), PermissionError for a claim refused."""
     ip = _ip(host)
-    if ip is None:
-        with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
-            ip = _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
-    if ip is not None:
-        if str(ip) != host:
-            raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
-        addresses = [ip]
-    else:
-        try:
-            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            raise ValueError(f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an IP") from exc
-        addresses = list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
+    with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
+        ip = ip or _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
+    if ip is not None and str(ip) != host:
+        raise ValueError(f"host {host!r} is another spelling of {ip}; register '{ip}'")
+    try:
+        found = [] if ip else socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"host {host!r} does not resolve ({_printable(exc)}); fix DNS or register an IP") from exc
+    addresses = [ip] if ip else list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
     listed = [a for a in addresses if any(a in net for net in networks)]
     for a in addresses:
         special = a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"
