@@ -53,14 +53,12 @@ import os
 import random
 import re
 import selectors
-import signal
 import socket
 import sqlite3
 import ssl
 import sys
 import threading
 import time
-import types
 import typing
 import unicodedata
 import uuid
