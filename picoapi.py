@@ -1192,6 +1192,7 @@ _OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.E
 _INSTANCE_RE = re.compile(rb"\r\nx-picoapi-instance:[ \t]*([A-Za-z0-9_-]{1,64})[ \t]*\r\n", re.IGNORECASE)
 _LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,4})[ \t]*\r\n", re.IGNORECASE)
 _CLOSE_RE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
+_STATUS_RE = re.compile(rb"[ \t]*(HTTP/\S*)[ \t]+([0-9]{3})(?:[ \t][^\r\n]*)?\r\n")  # version, code; the rest unread
 #: A probe's states, each the name of the handler its next readiness event runs. Plain HTTP starts SENDING (the
 #: first send tells a failed connect), https CONNECTING. IDLE: kept between checks; an event there closes it.
 CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "_connected", "_handshaking", "_write_ready", "_read_ready", "_close"
@@ -1201,13 +1202,12 @@ _ssl_context = functools.cache(ssl.create_default_context)
 
 
 class HealthChecker:
-    """One daemon thread that schedules every worker's check and makes it.
+    """One daemon thread that schedules every worker's check and makes it, on non-blocking sockets.
 
-    It starts the checks the registry's heap says are due (:meth:`run_pending`) on non-blocking sockets and waits
-    in one ``select`` for the next due check or deadline; registrations and :meth:`stop` wake it through a socket
-    pair. Results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to be good
-    get half the ``limit`` checks in flight (silent ones cannot starve the others). Plain-HTTP workers checked more
-    often than :data:`KEEP_ALIVE` keep their connection between checks.
+    It waits in one ``select`` for the next due check or deadline, woken through a socket pair by registrations and
+    :meth:`stop`; results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to
+    be good get half the ``limit`` slots; plain-HTTP workers checked more often than :data:`KEEP_ALIVE` keep their
+    connection between checks.
     """
 
     def __init__(
@@ -1219,16 +1219,14 @@ class HealthChecker:
         limit: int | None = None,
         submit: Callable[[list[_Check], Mapping[str, str], _Done], None] | None = None,
     ) -> None:
-        self.registry = registry
-        #: Sent with every check so a worker knows whose check it received.
-        self.headers = {SUPERVISOR_HEADER: supervisor_id} if supervisor_id else {}
+        self.registry, self._clock = registry, registry.clock
+        self.headers = {SUPERVISOR_HEADER: supervisor_id} if supervisor_id else {}  #: sent with every check
         self._on_change = on_change or (lambda wid, change: None)
         self._submit = submit or self._queue
         half = _descriptors() // 2
         self._limit = limit or max(16, min(8192, half))  # checks in flight at most
         self._half = max(1, self._limit // 2)  # of them for workers not known to be good
         self._max_kept = max(16, half)
-        self._clock = registry.clock
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._woken = False  # a byte is in the pipe, unread: the thread is up, or about to be (no second send)
@@ -1247,14 +1245,10 @@ class HealthChecker:
         self._swept = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
-        #: Checks started and not finished yet.
-        self.in_flight = 0
-        #: Checks fired, and the sum of their lateness (fire time minus due time) in seconds.
-        self.fired, self.lateness = 0, 0.0
-        #: Checks postponed because the supervisor itself could not check (out of descriptors, say).
-        self.postponed = 0
-        #: Why the last check could not be made, until one can be again; else "". /health shows it.
-        self.trouble = ""
+        self.in_flight = 0  #: checks started and not finished yet
+        self.fired, self.lateness = 0, 0.0  #: checks fired, and the sum of their lateness (fire minus due time), s
+        self.postponed = 0  #: checks postponed: the supervisor itself could not check (out of descriptors, say)
+        self.trouble = ""  #: why the last check could not be made, until one can be again, else ""; /health shows it
         registry.wake = self._wake
 
     @property
@@ -1271,25 +1265,25 @@ class HealthChecker:
         return len(checks)
 
     def _done(self, check: _Check, result: CheckResult) -> None:
+        wid = check.worker_id
         try:
-            if result.postponed:
-                self.postponed += 1
-                if not self.trouble:  # logged once per episode, not once per check
-                    logger.error("%s; checks are postponed, not counted against workers", result.error)
-            elif self.trouble:
+            if result.postponed and not self.trouble:  # logged once per episode, not once per check
+                logger.error("%s; checks are postponed, not counted against workers", result.error)
+            elif self.trouble and not result.postponed:
                 logger.warning("checks can be made again")
+            self.postponed += result.postponed
             self.trouble = result.error if result.postponed else ""
-            wid, change = check.worker_id, self.registry.record(check.worker_id, result)
-            if change is not None:
-                if change.removed:
-                    logger.warning("worker %s removed: unhealthy for longer than API_DEREGISTER_AFTER", wid)
-                elif change.new == UNHEALTHY:
-                    logger.warning("worker %s is unhealthy: %s", wid, change.error)
-                else:
-                    logger.info("worker %s is %s (was %s)", wid, change.new, change.old)
-                self._on_change(wid, change)
+            if (change := self.registry.record(wid, result)) is None:
+                return
+            if change.removed:
+                logger.warning("worker %s removed: unhealthy for longer than API_DEREGISTER_AFTER", wid)
+            elif change.new == UNHEALTHY:
+                logger.warning("worker %s is unhealthy: %s", wid, change.error)
+            else:
+                logger.info("worker %s is %s (was %s)", wid, change.new, change.old)
+            self._on_change(wid, change)
         except Exception:  # recording must never kill the checker's thread
-            logger.exception("recording the check of %s failed", check.worker_id)
+            logger.exception("recording the check of %s failed", wid)
 
     def start(self) -> None:
         if self._thread is None:
@@ -1331,9 +1325,8 @@ class HealthChecker:
     def _queue(self, checks: list[_Check], headers: Mapping[str, str], done: _Done) -> None:
         """Queue ``checks`` for a slot, starting as many as the slots allow; ``done`` gets each result."""
         self._extra, self._report = "".join(f"{k}: {v}\r\n" for k, v in headers.items()), done
-        trusted, others = self._waiting
         for check in checks:
-            (trusted if check.trusted else others).append(check)
+            self._waiting[not check.trusted].append(check)
         self._fill()
 
     def _fill(self) -> None:
@@ -1381,9 +1374,9 @@ class HealthChecker:
     def _poll(self) -> None:
         """Wait for the next due check or deadline, running each ready probe's handler; then expire deadlines."""
         deadline = self._deadlines[0][0] if self._deadlines else None
-        times = [t for t in (self.registry.next_due(), deadline) if t is not None]
+        due = [t for t in (self.registry.next_due(), deadline) if t is not None]
         on_ready = self._on_ready
-        for key, _ in self._selector.select(max(0.0, min(times) - self._clock()) if times else None):
+        for key, _ in self._selector.select(max(0.0, min(due) - self._clock()) if due else None):
             probe = key.data
             if probe is None:
                 with contextlib.suppress(OSError):
@@ -1428,41 +1421,36 @@ class HealthChecker:
         self._write_ready(probe)
 
     def _write_ready(self, probe: _Probe) -> None:
-        sock = probe.sock
-        assert sock is not None
-        probe.sent += sock.send(probe.request[probe.sent :])
+        assert probe.sock is not None
+        probe.sent += probe.sock.send(probe.request[probe.sent :])
         sent = probe.sent == len(probe.request)
         probe.state = READING if sent else SENDING
-        self._selector.modify(sock, selectors.EVENT_READ if sent else selectors.EVENT_WRITE, probe)
+        self._selector.modify(probe.sock, selectors.EVENT_READ if sent else selectors.EVENT_WRITE, probe)
 
     def _read_ready(self, probe: _Probe) -> None:
         """Read the status line and the headers (up to 4 KiB; the body only to keep a small answer's connection)."""
         assert probe.sock is not None
-        data = probe.sock.recv(MAX_HEAD)
-        if not data:
+        if not (data := probe.sock.recv(MAX_HEAD)):
             raise ConnectionError("connection closed before an answer")
         head = probe.buffer = probe.buffer + data
-        line_end = head.find(b"\r\n")
-        if line_end < 0:
+        if (status := _STATUS_RE.match(head)) is None:
+            if b"\r\n" in head:
+                raise ValueError("not an HTTP response")  # what it said is not echoed: no banner grabbing
             if len(head) > 512:
                 raise ValueError("no HTTP status line in the first 512 bytes")
             return
-        parts = head[:line_end].split(None, 2)
-        if not (len(parts) >= 2 and parts[0].startswith(b"HTTP/") and len(parts[1]) == 3 and parts[1].isdigit()):
-            raise ValueError("not an HTTP response")  # what it said is not echoed: no banner grabbing
         end = head.find(b"\r\n\r\n")
         if end < 0 and len(head) <= MAX_HEAD:
             return  # more to come
         # The connection is kept only after an HTTP/1.1 answer that does not close, with a small body read whole.
-        keep = end >= 0 and probe.keep and parts[0] == b"HTTP/1.1" and not _CLOSE_RE.search(head, 0, end + 2)
+        keep = end >= 0 and probe.keep and status[1] == b"HTTP/1.1" and not _CLOSE_RE.search(head, 0, end + 2)
         length = _LENGTH_RE.search(head, 0, end + 2) if keep else None
-        size = end + 4 + int(length.group(1)) if length is not None else MAX_HEAD + 1
+        size = end + 4 + int(length[1]) if length else MAX_HEAD + 1
         if size <= MAX_HEAD and len(head) < size:
             return  # the rest of the body: a kept connection must not hold stale bytes
         found = _INSTANCE_RE.search(head, 0, end + 2 if end >= 0 else MAX_HEAD)  # the last header's CRLF too
-        code = int(parts[1])
-        probe.keep = size <= MAX_HEAD
-        self._finish(probe, code, "" if 200 <= code < 300 else f"HTTP {code}", found and found.group(1).decode())
+        code, probe.keep = int(status[2]), size <= MAX_HEAD
+        self._finish(probe, code, "" if 200 <= code < 300 else f"HTTP {code}", found and found[1].decode())
 
     def _fail(self, probe: _Probe, exc: BaseException) -> None:
         if probe.opened < probe.started and not probe.buffer and isinstance(exc, OSError):
@@ -1478,8 +1466,7 @@ class HealthChecker:
     def _finish(
         self, probe: _Probe, code: int | None, error: str, instance: str | None = None, own: bool = False
     ) -> None:
-        """Report the probe's check (``error`` "" if good; ``own``: the supervisor's trouble); keep its connection
-        if the answer allows it (``probe.keep``) and it is still fresh for the worker's next check."""
+        """Report the probe's check (``own``: the supervisor's trouble); keep its connection while the answer allows."""
         check = probe.check
         assert check is not None
         self.in_flight -= 1
@@ -1527,8 +1514,7 @@ class _Probe:
 def _target(url: str, extra_headers: str, keep: bool) -> tuple[str, int, bool, bytes, bool]:
     """(host, port, https, request bytes, keep-alive) for a health URL; cached, as URLs rarely change."""
     parts = urlsplit(url)
-    https = parts.scheme == "https"
-    keep = keep and not https
+    https, keep = parts.scheme == "https", keep and parts.scheme != "https"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n"
