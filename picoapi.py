@@ -1187,8 +1187,7 @@ MAX_HEAD = 4096
 #: A kept connection serves checks starting within this many seconds of its opening: a fresh one at least this often
 #: (README, "Connections"). Only intervals under it keep one, so idle gaps stay under uvicorn's idle timeout (5 s).
 KEEP_ALIVE = 5.0
-#: errno values that mean the supervisor ran out of something: the check is postponed.
-_OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+_OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}  #: ours: postponed
 _INSTANCE_RE = re.compile(rb"\r\nx-picoapi-instance:[ \t]*([A-Za-z0-9_-]{1,64})[ \t]*\r\n", re.IGNORECASE)
 _LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,4})[ \t]*\r\n", re.IGNORECASE)
 _CLOSE_RE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
@@ -1197,8 +1196,7 @@ _STATUS_RE = re.compile(rb"[ \t]*(HTTP/\S*)[ \t]+([0-9]{3})(?:[ \t][^\r\n]*)?\r\
 #: first send tells a failed connect), https CONNECTING. IDLE: kept between checks; an event there closes it.
 CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "_connected", "_handshaking", "_write_ready", "_read_ready", "_close"
 _Done = Callable[[_Check, CheckResult], None]  # where a check's result goes
-#: One TLS context for every https check, made on first use: certificates verified with the system store.
-_ssl_context = functools.cache(ssl.create_default_context)
+_ssl_context = functools.cache(ssl.create_default_context)  #: for every https check, made on first use: system CAs
 
 
 class HealthChecker:
@@ -1206,8 +1204,7 @@ class HealthChecker:
 
     It waits in one ``select`` for the next due check or deadline, woken through a socket pair by registrations and
     :meth:`stop`; results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to
-    be good get half the ``limit`` slots; plain-HTTP workers checked more often than :data:`KEEP_ALIVE` keep their
-    connection between checks.
+    be good get half the slots; plain-HTTP ones checked more often than :data:`KEEP_ALIVE` keep their connection.
     """
 
     def __init__(
@@ -1221,12 +1218,10 @@ class HealthChecker:
     ) -> None:
         self.registry, self._clock = registry, registry.clock
         self.headers = {SUPERVISOR_HEADER: supervisor_id} if supervisor_id else {}  #: sent with every check
-        self._on_change = on_change or (lambda wid, change: None)
-        self._submit = submit or self._queue
-        half = _descriptors() // 2
-        self._limit = limit or max(16, min(8192, half))  # checks in flight at most
+        self._on_change, self._submit = on_change or (lambda wid, change: None), submit or self._queue
+        self._max_kept = max(16, _descriptors() // 2)  # idle connections kept at most: half the descriptors
+        self._limit = limit or min(8192, self._max_kept)  # checks in flight at most
         self._half = max(1, self._limit // 2)  # of them for workers not known to be good
-        self._max_kept = max(16, half)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._woken = False  # a byte is in the pipe, unread: the thread is up, or about to be (no second send)
@@ -1236,15 +1231,13 @@ class HealthChecker:
         self._on_ready = {state: getattr(self, state) for state in (CONNECTING, HANDSHAKING, SENDING, READING, IDLE)}
         # Only the checker's thread touches these (and run_pending's caller before start()).
         self._deadlines: list[tuple[float, int, _Probe, _Check]] = []
-        self._seq = itertools.count()
         self._waiting = (collections.deque[_Check](), collections.deque[_Check]())  # trusted, others
         self._untrusted_in_flight = 0
         self._kept: dict[str, _Probe] = {}  # idle connections by worker id (closed ones until its next check)
-        self._report: _Done = self._done  # _queue sets it: where results go
-        self._extra = ""  # _queue sets it: the header lines every check sends
-        self._swept = 0.0
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._report: _Done = self._done  # _queue sets it and _extra: where results go, the headers every check sends
+        self._extra = ""
+        self._swept, self._stopping = 0.0, False
+        self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
         self.in_flight = 0  #: checks started and not finished yet
         self.fired, self.lateness = 0, 0.0  #: checks fired, and the sum of their lateness (fire minus due time), s
         self.postponed = 0  #: checks postponed: the supervisor itself could not check (out of descriptors, say)
@@ -1253,7 +1246,7 @@ class HealthChecker:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread.is_alive()
 
     def run_pending(self) -> int:
         """Start every check that is due now; returns how many."""
@@ -1265,7 +1258,6 @@ class HealthChecker:
         return len(checks)
 
     def _done(self, check: _Check, result: CheckResult) -> None:
-        wid = check.worker_id
         try:
             if result.postponed and not self.trouble:  # logged once per episode, not once per check
                 logger.error("%s; checks are postponed, not counted against workers", result.error)
@@ -1273,21 +1265,20 @@ class HealthChecker:
                 logger.warning("checks can be made again")
             self.postponed += result.postponed
             self.trouble = result.error if result.postponed else ""
-            if (change := self.registry.record(wid, result)) is None:
+            if (change := self.registry.record(check.worker_id, result)) is None:
                 return
             if change.removed:
-                logger.warning("worker %s removed: unhealthy for longer than API_DEREGISTER_AFTER", wid)
+                logger.warning("worker %s removed: unhealthy for longer than API_DEREGISTER_AFTER", check.worker_id)
             elif change.new == UNHEALTHY:
-                logger.warning("worker %s is unhealthy: %s", wid, change.error)
+                logger.warning("worker %s is unhealthy: %s", check.worker_id, change.error)
             else:
-                logger.info("worker %s is %s (was %s)", wid, change.new, change.old)
-            self._on_change(wid, change)
+                logger.info("worker %s is %s (was %s)", check.worker_id, change.new, change.old)
+            self._on_change(check.worker_id, change)
         except Exception:  # recording must never kill the checker's thread
-            logger.exception("recording the check of %s failed", wid)
+            logger.exception("recording the check of %s failed", check.worker_id)
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
+        if self._thread.ident is None:  # not started yet
             self._thread.start()
 
     def _loop(self) -> None:
@@ -1310,7 +1301,7 @@ class HealthChecker:
         """Stop the thread within ``timeout``, abandoning the checks in flight; every socket is closed."""
         self._stopping, self.registry.wake = True, lambda: None
         self._wake()
-        if self._thread is not None:
+        if self._thread.ident is not None:
             self._thread.join(timeout)  # the thread closes its sockets as it ends
         else:
             self._close_all()
@@ -1323,16 +1314,10 @@ class HealthChecker:
         self._wake_w.close()
 
     def _queue(self, checks: list[_Check], headers: Mapping[str, str], done: _Done) -> None:
-        """Queue ``checks`` for a slot, starting as many as the slots allow; ``done`` gets each result."""
+        """Queue ``checks`` for a slot (:meth:`_poll` starts them); ``done`` gets each result."""
         self._extra, self._report = "".join(f"{k}: {v}\r\n" for k, v in headers.items()), done
         for check in checks:
             self._waiting[not check.trusted].append(check)
-        self._fill()
-
-    def _fill(self) -> None:
-        trusted, others = self._waiting
-        while self.in_flight < self._limit and (trusted or (others and self._untrusted_in_flight < self._half)):
-            self._begin(trusted.popleft() if trusted else others.popleft())
 
     def _begin(self, check: _Check) -> None:
         """Start ``check`` on the worker's kept connection if it is fresh, else on a new one."""
@@ -1347,7 +1332,7 @@ class HealthChecker:
         self.in_flight += 1
         self._untrusted_in_flight += not check.trusted
         probe.started = now = self._clock()  # the deadline counts from here, not from the queue
-        heapq.heappush(self._deadlines, (now + check.timeout, next(self._seq), probe, check))
+        heapq.heappush(self._deadlines, (now + check.timeout, id(check), probe, check))
         try:
             if probe.sock is not None and now - probe.opened < KEEP_ALIVE and probe.key == (check.url, check.address):
                 self._write_ready(probe)  # reused: opened before this check started
@@ -1372,7 +1357,10 @@ class HealthChecker:
         self._selector.register(sock, selectors.EVENT_WRITE, probe)
 
     def _poll(self) -> None:
-        """Wait for the next due check or deadline, running each ready probe's handler; then expire deadlines."""
+        """Start the checks the slots allow, run ready probes' handlers until the next due check or deadline, expire."""
+        trusted, others = self._waiting
+        while self.in_flight < self._limit and (trusted or (others and self._untrusted_in_flight < self._half)):
+            self._begin(trusted.popleft() if trusted else others.popleft())
         deadline = self._deadlines[0][0] if self._deadlines else None
         due = [t for t in (self.registry.next_due(), deadline) if t is not None]
         on_ready = self._on_ready
@@ -1404,7 +1392,6 @@ class HealthChecker:
             self._swept = now
             for wid in [wid for wid, p in self._kept.items() if now - p.opened > KEEP_ALIVE]:
                 self._close(self._kept.pop(wid))
-        self._fill()
 
     def _connected(self, probe: _Probe) -> None:
         """An https check's connection is up: TLS takes it over (same descriptor, same registration)."""
@@ -1463,23 +1450,21 @@ class HealthChecker:
         else:
             self._finish(probe, None, _printable(f"{type(exc).__name__}: {exc}"))
 
-    def _finish(
-        self, probe: _Probe, code: int | None, error: str, instance: str | None = None, own: bool = False
-    ) -> None:
-        """Report the probe's check (``own``: the supervisor's trouble); keep its connection while the answer allows."""
-        check = probe.check
+    def _finish(self, probe: _Probe, code: int | None, error: str, found: str | None = None, own: bool = False) -> None:
+        """Report the probe's check (``found``: the instance that answered; ``own``: the supervisor's trouble) and keep
+        its connection if the answer allows (``probe.keep``) and it is fresh for the worker's next check."""
+        check, probe.check = probe.check, None
         assert check is not None
         self.in_flight -= 1
         self._untrusted_in_flight -= not check.trusted
-        probe.check = None
         fresh = probe.opened + KEEP_ALIVE > check.due + check.interval
-        if code is not None and probe.keep and fresh and len(self._kept) < self._max_kept:  # half the descriptors
+        if code is not None and probe.keep and fresh and len(self._kept) < self._max_kept:
             probe.state = IDLE
             self._kept[check.worker_id] = probe
         else:
             self._close(probe)
         latency, late = self._clock() - probe.started, probe.started - check.due
-        self._report(check, CheckResult(not error, code, latency, error, own, instance, late))
+        self._report(check, CheckResult(not error, code, latency, error, own, found, late))
 
     def _close(self, probe: _Probe) -> None:
         """Close the probe's connection (a kept one stays in ``_kept``, closed, until its worker's next check)."""
@@ -1503,8 +1488,7 @@ class _Probe:
     request: bytes = b""
     keep: bool = False  # the answer may leave the connection open for the worker's next check
     key: tuple[str, str] = ("", "")  # the (url, address) the connection was opened for
-    #: When its connection opened: before ``started``, it was kept, and is replaced (not failed) if found closed.
-    opened: float = 0.0
+    opened: float = 0.0  # before ``started``: a kept connection, replaced (not failed) if found closed
     started: float = 0.0
     sent: int = 0
     buffer: bytes = b""
@@ -1526,22 +1510,20 @@ def _target(url: str, extra_headers: str, keep: bool) -> tuple[str, int, bool, b
 @functools.cache
 def _descriptors() -> int:
     """The limit of open files, set to the hard one (a supervisor needs many; 2**20 at most); once a process."""
-    try:
+    with contextlib.suppress(ImportError, ValueError, OSError):  # no such limit (Windows), or not allowed
         import resource
 
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         wanted = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         return wanted
-    except (ImportError, ValueError, OSError):
-        return 1024
+    return 1024
 
 
 def check_once(
     url: str, timeout: float = DEFAULT_HEALTH_TIMEOUT, headers: Mapping[str, str] | None = None, address: str = ""
 ) -> CheckResult:
-    """Run one health check of ``url`` (at ``address``, else its host resolved) as the supervisor would, on the
-    caller's thread; blocks at most ``timeout`` (plus a little)."""
+    """Check ``url`` once (at ``address``, else its host resolved) as the supervisor would; blocks about ``timeout``."""
     try:
         address = address or _resolve(urlsplit(url).hostname or "")
     except ValueError as exc:
