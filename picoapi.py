@@ -1192,9 +1192,10 @@ _INSTANCE_RE = re.compile(rb"\r\nx-picoapi-instance:[ \t]*([A-Za-z0-9_-]{1,64})[
 _LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,4})[ \t]*\r\n", re.IGNORECASE)
 _CLOSE_RE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 _STATUS_RE = re.compile(rb"[ \t]*(HTTP/\S*)[ \t]+([0-9]{3})(?:[ \t][^\r\n]*)?\r\n")  # version, code; the rest unread
-#: A probe's states, each the name of the handler its next readiness event runs. Plain HTTP starts SENDING (the
-#: first send tells a failed connect), https CONNECTING. IDLE: kept between checks; an event there closes it.
+#: A probe's states, each the name of the handler its next readiness event runs (IDLE: kept; any event closes it).
 CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "_connected", "_handshaking", "_write_ready", "_read_ready", "_close"
+_TLS_WANTS = {ssl.SSLWantReadError: selectors.EVENT_READ, ssl.SSLWantWriteError: selectors.EVENT_WRITE}
+_NO_CHECK = _Check("", "", "", 0.0, 0.0)  # a probe's check between checks: a deadline left for it is moot
 _Done = Callable[[_Check, CheckResult], None]  # where a check's result goes
 _ssl_context = functools.cache(ssl.create_default_context)  #: for every https check, made on first use: system CAs
 
@@ -1344,7 +1345,6 @@ class HealthChecker:
     def _connect(self, probe: _Probe) -> None:
         """A new connection for ``probe``'s check, to the address verified at registration."""
         check = probe.check
-        assert check is not None
         self._close(probe)
         probe.sent, probe.opened, probe.key = 0, probe.started, (check.url, check.address)  # not reused
         if not check.address:
@@ -1353,7 +1353,7 @@ class HealthChecker:
         sock.setblocking(False)
         if (err := sock.connect_ex((check.address, probe.port))) not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             raise OSError(err, os.strerror(err))
-        probe.state = CONNECTING if probe.https else SENDING
+        probe.state = CONNECTING if probe.https else SENDING  # plain: the first send tells a failed connect
         self._selector.register(sock, selectors.EVENT_WRITE, probe)
 
     def _poll(self) -> None:
@@ -1361,24 +1361,19 @@ class HealthChecker:
         trusted, others = self._waiting
         while self.in_flight < self._limit and (trusted or (others and self._untrusted_in_flight < self._half)):
             self._begin(trusted.popleft() if trusted else others.popleft())
-        deadline = self._deadlines[0][0] if self._deadlines else None
-        due = [t for t in (self.registry.next_due(), deadline) if t is not None]
+        due = [t for t in (self.registry.next_due(), *[d[0] for d in self._deadlines[:1]]) if t is not None]
         on_ready = self._on_ready
         for key, _ in self._selector.select(max(0.0, min(due) - self._clock()) if due else None):
-            probe = key.data
-            if probe is None:
+            if (probe := key.data) is None:
                 with contextlib.suppress(OSError):
                     self._wake_r.recv(4096)  # anything left wakes the next select
-                # After reading, or a wake sent meanwhile would be read here and the next one never sent; a wake
-                # skipped meanwhile is not lost: the loop reads the heap before it waits again.
+                # After the read, else a wake sent meanwhile is eaten; a skipped one is seen: the heap is read next.
                 self._woken = False
                 continue
             try:
                 on_ready[probe.state](probe)
-            except ssl.SSLWantReadError:  # TLS must read first (its handshake, say), whatever the state
-                self._selector.modify(key.fd, selectors.EVENT_READ, probe)
-            except ssl.SSLWantWriteError:
-                self._selector.modify(key.fd, selectors.EVENT_WRITE, probe)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as want:  # TLS must read or write first, in any state
+                self._selector.modify(key.fd, _TLS_WANTS[type(want)], probe)
             except (BlockingIOError, InterruptedError):
                 pass  # not ready after all: wait for the next event
             except Exception as exc:
@@ -1446,15 +1441,12 @@ class HealthChecker:
             except Exception as again:
                 exc = again
         if isinstance(exc, OSError) and exc.errno in _OWN_TROUBLE:  # out of descriptors, say: not the worker's fault
-            self._finish(probe, None, f"supervisor could not check: {exc.strerror}", own=True)
-        else:
-            self._finish(probe, None, _printable(f"{type(exc).__name__}: {exc}"))
+            return self._finish(probe, None, f"supervisor could not check: {exc.strerror}", own=True)
+        self._finish(probe, None, _printable(f"{type(exc).__name__}: {exc}"))
 
     def _finish(self, probe: _Probe, code: int | None, error: str, found: str | None = None, own: bool = False) -> None:
-        """Report the probe's check (``found``: the instance that answered; ``own``: the supervisor's trouble) and keep
-        its connection if the answer allows (``probe.keep``) and it is fresh for the worker's next check."""
-        check, probe.check = probe.check, None
-        assert check is not None
+        """Report the check (``found``: the answering instance; ``own``: our trouble); keep the connection if it may."""
+        check, probe.check = probe.check, _NO_CHECK
         self.in_flight -= 1
         self._untrusted_in_flight -= not check.trusted
         fresh = probe.opened + KEEP_ALIVE > check.due + check.interval
@@ -1479,7 +1471,7 @@ class HealthChecker:
 class _Probe:
     """One check's connection; its :attr:`state` names the handler its next readiness event runs."""
 
-    check: _Check | None = None
+    check: _Check = _NO_CHECK
     sock: socket.socket | ssl.SSLSocket | None = None
     state: str = SENDING
     host: str = ""
@@ -1500,11 +1492,9 @@ def _target(url: str, extra_headers: str, keep: bool) -> tuple[str, int, bool, b
     parts = urlsplit(url)
     https, keep = parts.scheme == "https", keep and parts.scheme != "https"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n"
-        f"{extra_headers}Connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
-    )
-    return parts.hostname or "", parts.port or (443 if https else 80), https, request.encode("ascii"), keep
+    head = f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n{extra_headers}"
+    request = f"{head}Connection: {'keep-alive' if keep else 'close'}\r\n\r\n".encode("ascii")
+    return parts.hostname or "", parts.port or (443 if https else 80), https, request, keep
 
 
 @functools.cache
