@@ -1233,13 +1233,12 @@ class HealthChecker:
         # Only the checker's thread touches these (and run_pending's caller before start()).
         self._deadlines: list[tuple[float, int, _Probe, _Check]] = []
         self._waiting = (collections.deque[_Check](), collections.deque[_Check]())  # trusted, others
-        self._untrusted_in_flight = 0
         self._kept: dict[str, _Probe] = {}  # idle connections by worker id (closed ones until its next check)
         self._report: _Done = self._done  # _queue sets it and _extra: where results go, the headers every check sends
         self._extra = ""
         self._swept, self._stopping = 0.0, False
         self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
-        self.in_flight = 0  #: checks started and not finished yet
+        self.in_flight = self._untrusted_in_flight = 0  #: checks started and not finished yet (all; untrusted)
         self.fired, self.lateness = 0, 0.0  #: checks fired, and the sum of their lateness (fire minus due time), s
         self.postponed = 0  #: checks postponed: the supervisor itself could not check (out of descriptors, say)
         self.trouble = ""  #: why the last check could not be made, until one can be again, else ""; /health shows it
@@ -1302,10 +1301,9 @@ class HealthChecker:
         """Stop the thread within ``timeout``, abandoning the checks in flight; every socket is closed."""
         self._stopping, self.registry.wake = True, lambda: None
         self._wake()
-        if self._thread.ident is not None:
-            self._thread.join(timeout)  # the thread closes its sockets as it ends
-        else:
-            self._close_all()
+        if self._thread.ident is None:
+            return self._close_all()  # never started
+        self._thread.join(timeout)  # the thread closes its sockets as it ends
 
     def _close_all(self) -> None:
         for probe in [*(entry[2] for entry in self._deadlines), *self._kept.values()]:
@@ -1518,16 +1516,15 @@ def check_once(
         address = address or _resolve(urlsplit(url).hostname or "")
     except ValueError as exc:
         return CheckResult(False, None, None, str(exc))
-    results: list[CheckResult] = []
+    done: list[CheckResult] = []
     checker = HealthChecker(Registry(), limit=1)
-    check = _Check("", url, address, timeout, checker._clock())
+    checker._queue([_Check("", url, address, timeout, checker._clock())], headers or {}, lambda _, r: done.append(r))
     try:
-        checker._queue([check], headers or {}, lambda _, r: results.append(r))
-        while not results:  # the check's own deadline ends it
+        while not done:  # the check's own deadline ends it
             checker._poll()
     finally:
         checker.stop()
-    return results[0]
+    return done[0]
 
 
 # -- Worker side ---------------------------------------------------------------
