@@ -1187,7 +1187,7 @@ MAX_HEAD = 4096
 #: A kept connection serves checks starting within this many seconds of its opening: a fresh one at least this often
 #: (README, "Connections"). Only intervals under it keep one, so idle gaps stay under uvicorn's idle timeout (5 s).
 KEEP_ALIVE = 5.0
-_OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}  #: ours: postponed
+_OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}  #: we ran out: postponed
 _INSTANCE_RE = re.compile(rb"\r\nx-picoapi-instance:[ \t]*([A-Za-z0-9_-]{1,64})[ \t]*\r\n", re.IGNORECASE)
 _LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,4})[ \t]*\r\n", re.IGNORECASE)
 _CLOSE_RE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
@@ -1197,7 +1197,7 @@ CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "_connected", "_handshaking", 
 _TLS_WANTS = {ssl.SSLWantReadError: selectors.EVENT_READ, ssl.SSLWantWriteError: selectors.EVENT_WRITE}
 _NO_CHECK = _Check("", "", "", 0.0, 0.0)  # a probe's check between checks: a deadline left for it is moot
 _Done = Callable[[_Check, CheckResult], None]  # where a check's result goes
-_ssl_context = functools.cache(ssl.create_default_context)  #: for every https check, made on first use: system CAs
+_ssl_context = functools.cache(ssl.create_default_context)  #: made on first use, shared; verifies with system CAs
 
 
 class HealthChecker:
@@ -1238,7 +1238,7 @@ class HealthChecker:
         self._extra = ""
         self._swept, self._stopping = 0.0, False
         self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
-        self.in_flight = self._untrusted_in_flight = 0  #: checks started and not finished yet (all; untrusted)
+        self.in_flight = self._untrusted_in_flight = 0  #: checks started, not finished yet (and of them untrusted)
         self.fired, self.lateness = 0, 0.0  #: checks fired, and the sum of their lateness (fire minus due time), s
         self.postponed = 0  #: checks postponed: the supervisor itself could not check (out of descriptors, say)
         self.trouble = ""  #: why the last check could not be made, until one can be again, else ""; /health shows it
