@@ -1205,8 +1205,7 @@ class HealthChecker:
 
     It waits in one ``select`` for the next due check or deadline, woken through a socket pair by registrations and
     :meth:`stop`; results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to
-    be good get half the slots; plain-HTTP ones checked more often than :data:`KEEP_ALIVE` keep their connection.
-    """
+    be good get half the slots; plain-HTTP ones checked more often than :data:`KEEP_ALIVE` keep their connection."""
 
     def __init__(
         self,
@@ -1235,8 +1234,7 @@ class HealthChecker:
         self._waiting = (collections.deque[_Check](), collections.deque[_Check]())  # trusted, others
         self._kept: dict[str, _Probe] = {}  # idle connections by worker id (closed ones until its next check)
         self._report: _Done = self._done  # _queue sets it and _extra: where results go, the headers every check sends
-        self._extra = ""
-        self._swept, self._stopping = 0.0, False
+        self._extra, self._swept, self._stopping = "", 0.0, False
         self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
         self.in_flight = self._untrusted_in_flight = 0  #: checks started, not finished yet (and of them untrusted)
         self.fired, self.lateness = 0, 0.0  #: checks fired, and the sum of their lateness (fire minus due time), s
@@ -1250,8 +1248,7 @@ class HealthChecker:
 
     def run_pending(self) -> int:
         """Start every check that is due now; returns how many."""
-        now = self._clock()
-        if checks := self.registry.pop_due(now):
+        if checks := self.registry.pop_due(now := self._clock()):
             self.fired += len(checks)
             self.lateness += sum(now - c.due for c in checks)
             self._submit(checks, self.headers, self._done)
@@ -1259,11 +1256,12 @@ class HealthChecker:
 
     def _done(self, check: _Check, result: CheckResult) -> None:
         try:
-            if result.postponed and not self.trouble:  # logged once per episode, not once per check
-                logger.error("%s; checks are postponed, not counted against workers", result.error)
-            elif self.trouble and not result.postponed:
+            if result.postponed:
+                self.postponed += 1
+                if not self.trouble:  # logged once per episode, not once per check
+                    logger.error("%s; checks are postponed, not counted against workers", result.error)
+            elif self.trouble:
                 logger.warning("checks can be made again")
-            self.postponed += result.postponed
             self.trouble = result.error if result.postponed else ""
             if (change := self.registry.record(check.worker_id, result)) is None:
                 return
@@ -1313,10 +1311,16 @@ class HealthChecker:
         self._wake_w.close()
 
     def _queue(self, checks: list[_Check], headers: Mapping[str, str], done: _Done) -> None:
-        """Queue ``checks`` for a slot (:meth:`_poll` starts them); ``done`` gets each result."""
+        """Queue ``checks`` for a slot, starting as many as the slots allow; ``done`` gets each result."""
         self._extra, self._report = "".join(f"{k}: {v}\r\n" for k, v in headers.items()), done
         for check in checks:
             self._waiting[not check.trusted].append(check)
+        self._fill()
+
+    def _fill(self) -> None:
+        trusted, others = self._waiting
+        while self.in_flight < self._limit and (trusted or (others and self._untrusted_in_flight < self._half)):
+            self._begin(trusted.popleft() if trusted else others.popleft())
 
     def _begin(self, check: _Check) -> None:
         """Start ``check`` on the worker's kept connection if it is fresh, else on a new one."""
@@ -1355,11 +1359,9 @@ class HealthChecker:
         self._selector.register(sock, selectors.EVENT_WRITE, probe)
 
     def _poll(self) -> None:
-        """Start the checks the slots allow, run ready probes' handlers until the next due check or deadline, expire."""
-        trusted, others = self._waiting
-        while self.in_flight < self._limit and (trusted or (others and self._untrusted_in_flight < self._half)):
-            self._begin(trusted.popleft() if trusted else others.popleft())
-        due = [t for t in (self.registry.next_due(), *[d[0] for d in self._deadlines[:1]]) if t is not None]
+        """Wait for the next due check or deadline, running each ready probe's handler; then expire deadlines."""
+        deadline = self._deadlines[0][0] if self._deadlines else None
+        due = [t for t in (self.registry.next_due(), deadline) if t is not None]
         on_ready = self._on_ready
         for key, _ in self._selector.select(max(0.0, min(due) - self._clock()) if due else None):
             if (probe := key.data) is None:
@@ -1385,6 +1387,7 @@ class HealthChecker:
             self._swept = now
             for wid in [wid for wid, p in self._kept.items() if now - p.opened > KEEP_ALIVE]:
                 self._close(self._kept.pop(wid))
+        self._fill()
 
     def _connected(self, probe: _Probe) -> None:
         """An https check's connection is up: TLS takes it over (same descriptor, same registration)."""
@@ -1401,11 +1404,12 @@ class HealthChecker:
         self._write_ready(probe)
 
     def _write_ready(self, probe: _Probe) -> None:
-        assert probe.sock is not None
-        probe.sent += probe.sock.send(probe.request[probe.sent :])
+        sock = probe.sock
+        assert sock is not None
+        probe.sent += sock.send(probe.request[probe.sent :])
         sent = probe.sent == len(probe.request)
         probe.state = READING if sent else SENDING
-        self._selector.modify(probe.sock, selectors.EVENT_READ if sent else selectors.EVENT_WRITE, probe)
+        self._selector.modify(sock, selectors.EVENT_READ if sent else selectors.EVENT_WRITE, probe)
 
     def _read_ready(self, probe: _Probe) -> None:
         """Read the status line and the headers (up to 4 KiB; the body only to keep a small answer's connection)."""
@@ -1424,8 +1428,7 @@ class HealthChecker:
             return  # more to come
         # The connection is kept only after an HTTP/1.1 answer that does not close, with a small body read whole.
         keep = end >= 0 and probe.keep and status[1] == b"HTTP/1.1" and not _CLOSE_RE.search(head, 0, end + 2)
-        length = _LENGTH_RE.search(head, 0, end + 2) if keep else None
-        size = end + 4 + int(length[1]) if length else MAX_HEAD + 1
+        size = end + 4 + int(length[1]) if keep and (length := _LENGTH_RE.search(head, 0, end + 2)) else MAX_HEAD + 1
         if size <= MAX_HEAD and len(head) < size:
             return  # the rest of the body: a kept connection must not hold stale bytes
         found = _INSTANCE_RE.search(head, 0, end + 2 if end >= 0 else MAX_HEAD)  # the last header's CRLF too
