@@ -1108,28 +1108,25 @@ MAX_HEAD = 4096
 #: A kept connection serves checks starting within this many seconds of its opening: a fresh one at least this often
 #: (README, "Connections"). Only intervals under it keep one, so idle gaps stay under uvicorn's idle timeout (5 s).
 KEEP_ALIVE = 5.0
-#: errno values that mean the supervisor ran out of something: the check is postponed.
-_OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+_OWN_TROUBLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}  #: we ran out: postponed
 _INSTANCE_RE = re.compile(rb"\r\nx-picoapi-instance:[ \t]*([A-Za-z0-9_-]{1,64})[ \t]*\r\n", re.IGNORECASE)
 _LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,4})[ \t]*\r\n", re.IGNORECASE)
 _CLOSE_RE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
-#: A probe's states, each the name of the handler its next readiness event runs. Plain HTTP starts SENDING (the
-#: first send tells a failed connect), https CONNECTING. IDLE: kept between checks; an event there closes it.
+_STATUS_RE = re.compile(rb"[ \t]*(HTTP/\S*)[ \t]+([0-9]{3})(?:[ \t][^\r\n]*)?\r\n")  # version, code; the rest unread
+#: A probe's states, each the name of the handler its next readiness event runs (IDLE: kept; any event closes it).
 CONNECTING, HANDSHAKING, SENDING, READING, IDLE = "_connected", "_handshaking", "_write_ready", "_read_ready", "_close"
+_TLS_WANTS = {ssl.SSLWantReadError: selectors.EVENT_READ, ssl.SSLWantWriteError: selectors.EVENT_WRITE}
+_NO_CHECK = _Check("", "", "", 0.0, 0.0)  # a probe's check between checks: a deadline left for it is moot
 _Done = Callable[[_Check, CheckResult], None]  # where a check's result goes
-#: One TLS context for every https check, made on first use: certificates verified with the system store.
-_ssl_context = functools.cache(ssl.create_default_context)
+_ssl_context = functools.cache(ssl.create_default_context)  #: made on first use, shared; verifies with system CAs
 
 
 class HealthChecker:
-    """One daemon thread that schedules every worker's check and makes it.
+    """One daemon thread that schedules every worker's check and makes it, on non-blocking sockets.
 
-    It starts the checks the registry's heap says are due (:meth:`run_pending`) on non-blocking sockets and waits
-    in one ``select`` for the next due check or deadline; registrations and :meth:`stop` wake it through a socket
-    pair. Results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to be good
-    get half the ``limit`` checks in flight (silent ones cannot starve the others). Plain-HTTP workers checked more
-    often than :data:`KEEP_ALIVE` keep their connection between checks.
-    """
+    It waits in one ``select`` for the next due check or deadline, woken through a socket pair by registrations and
+    :meth:`stop`; results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to
+    be good get half the slots; plain-HTTP ones checked more often than :data:`KEEP_ALIVE` keep their connection."""
 
     def __init__(
         self,
@@ -1140,16 +1137,12 @@ class HealthChecker:
         limit: int | None = None,
         submit: Callable[[list[_Check], Mapping[str, str], _Done], None] | None = None,
     ) -> None:
-        self.registry = registry
-        #: Sent with every check so a worker knows whose check it received.
-        self.headers = {SUPERVISOR_HEADER: supervisor_id} if supervisor_id else {}
-        self._on_change = on_change or (lambda wid, change: None)
-        self._submit = submit or self._queue
-        half = _descriptors() // 2
-        self._limit = limit or max(16, min(8192, half))  # checks in flight at most
+        self.registry, self._clock = registry, registry.clock
+        self.headers = {SUPERVISOR_HEADER: supervisor_id} if supervisor_id else {}  #: sent with every check
+        self._on_change, self._submit = on_change or (lambda wid, change: None), submit or self._queue
+        self._max_kept = max(16, _descriptors() // 2)  # idle connections kept at most: half the descriptors
+        self._limit = limit or min(8192, self._max_kept)  # checks in flight at most
         self._half = max(1, self._limit // 2)  # of them for workers not known to be good
-        self._max_kept = max(16, half)
-        self._clock = registry.clock
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._woken = False  # a byte is in the pipe, unread: the thread is up, or about to be (no second send)
@@ -1159,33 +1152,24 @@ class HealthChecker:
         self._on_ready = {state: getattr(self, state) for state in (CONNECTING, HANDSHAKING, SENDING, READING, IDLE)}
         # Only the checker's thread touches these (and run_pending's caller before start()).
         self._deadlines: list[tuple[float, int, _Probe, _Check]] = []
-        self._seq = itertools.count()
         self._waiting = (collections.deque[_Check](), collections.deque[_Check]())  # trusted, others
-        self._untrusted_in_flight = 0
         self._kept: dict[str, _Probe] = {}  # idle connections by worker id (closed ones until its next check)
-        self._report: _Done = self._done  # _queue sets it: where results go
-        self._extra = ""  # _queue sets it: the header lines every check sends
-        self._swept = 0.0
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        #: Checks started and not finished yet.
-        self.in_flight = 0
-        #: Checks fired, and the sum of their lateness (fire time minus due time) in seconds.
-        self.fired, self.lateness = 0, 0.0
-        #: Checks postponed because the supervisor itself could not check (out of descriptors, say).
-        self.postponed = 0
-        #: Why the last check could not be made, until one can be again; else "". /health shows it.
-        self.trouble = ""
+        self._report: _Done = self._done  # _queue sets it and _extra: where results go, the headers every check sends
+        self._extra, self._swept, self._stopping = "", 0.0, False
+        self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
+        self.in_flight = self._untrusted_in_flight = 0  #: checks started, not finished yet (and of them untrusted)
+        self.fired, self.lateness = 0, 0.0  #: checks fired, and the sum of their lateness (fire minus due time), s
+        self.postponed = 0  #: checks postponed: the supervisor itself could not check (out of descriptors, say)
+        self.trouble = ""  #: why the last check could not be made, until one can be again, else ""; /health shows it
         registry.wake = self._wake
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread.is_alive()
 
     def run_pending(self) -> int:
         """Start every check that is due now; returns how many."""
-        now = self._clock()
-        if checks := self.registry.pop_due(now):
+        if checks := self.registry.pop_due(now := self._clock()):
             self.fired += len(checks)
             self.lateness += sum(now - c.due for c in checks)
             self._submit(checks, self.headers, self._done)
@@ -1200,21 +1184,20 @@ class HealthChecker:
             elif self.trouble:
                 logger.warning("checks can be made again")
             self.trouble = result.error if result.postponed else ""
-            wid, change = check.worker_id, self.registry.record(check.worker_id, result)
-            if change is not None:
-                if change.removed:
-                    logger.warning("worker %s removed: unhealthy for longer than API_DEREGISTER_AFTER", wid)
-                elif change.new == UNHEALTHY:
-                    logger.warning("worker %s is unhealthy: %s", wid, change.error)
-                else:
-                    logger.info("worker %s is %s (was %s)", wid, change.new, change.old)
-                self._on_change(wid, change)
+            if (change := self.registry.record(check.worker_id, result)) is None:
+                return
+            if change.removed:
+                logger.warning("worker %s removed: unhealthy for longer than API_DEREGISTER_AFTER", check.worker_id)
+            elif change.new == UNHEALTHY:
+                logger.warning("worker %s is unhealthy: %s", check.worker_id, change.error)
+            else:
+                logger.info("worker %s is %s (was %s)", check.worker_id, change.new, change.old)
+            self._on_change(check.worker_id, change)
         except Exception:  # recording must never kill the checker's thread
             logger.exception("recording the check of %s failed", check.worker_id)
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
+        if self._thread.ident is None:  # not started yet
             self._thread.start()
 
     def _loop(self) -> None:
@@ -1237,10 +1220,9 @@ class HealthChecker:
         """Stop the thread within ``timeout``, abandoning the checks in flight; every socket is closed."""
         self._stopping, self.registry.wake = True, lambda: None
         self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout)  # the thread closes its sockets as it ends
-        else:
-            self._close_all()
+        if self._thread.ident is None:
+            return self._close_all()  # never started
+        self._thread.join(timeout)  # the thread closes its sockets as it ends
 
     def _close_all(self) -> None:
         for probe in [*(entry[2] for entry in self._deadlines), *self._kept.values()]:
@@ -1252,9 +1234,8 @@ class HealthChecker:
     def _queue(self, checks: list[_Check], headers: Mapping[str, str], done: _Done) -> None:
         """Queue ``checks`` for a slot, starting as many as the slots allow; ``done`` gets each result."""
         self._extra, self._report = "".join(f"{k}: {v}\r\n" for k, v in headers.items()), done
-        trusted, others = self._waiting
         for check in checks:
-            (trusted if check.trusted else others).append(check)
+            self._waiting[not check.trusted].append(check)
         self._fill()
 
     def _fill(self) -> None:
@@ -1275,7 +1256,7 @@ class HealthChecker:
         self.in_flight += 1
         self._untrusted_in_flight += not check.trusted
         probe.started = now = self._clock()  # the deadline counts from here, not from the queue
-        heapq.heappush(self._deadlines, (now + check.timeout, next(self._seq), probe, check))
+        heapq.heappush(self._deadlines, (now + check.timeout, id(check), probe, check))
         try:
             if probe.sock is not None and now - probe.opened < KEEP_ALIVE and probe.key == (check.url, check.address):
                 self._write_ready(probe)  # reused: opened before this check started
@@ -1287,7 +1268,6 @@ class HealthChecker:
     def _connect(self, probe: _Probe) -> None:
         """A new connection for ``probe``'s check, to the address verified at registration."""
         check = probe.check
-        assert check is not None
         self._close(probe)
         probe.sent, probe.opened, probe.key = 0, probe.started, (check.url, check.address)  # not reused
         if not check.address:
@@ -1296,29 +1276,25 @@ class HealthChecker:
         sock.setblocking(False)
         if (err := sock.connect_ex((check.address, probe.port))) not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             raise OSError(err, os.strerror(err))
-        probe.state = CONNECTING if probe.https else SENDING
+        probe.state = CONNECTING if probe.https else SENDING  # plain: the first send tells a failed connect
         self._selector.register(sock, selectors.EVENT_WRITE, probe)
 
     def _poll(self) -> None:
         """Wait for the next due check or deadline, running each ready probe's handler; then expire deadlines."""
         deadline = self._deadlines[0][0] if self._deadlines else None
-        times = [t for t in (self.registry.next_due(), deadline) if t is not None]
+        due = [t for t in (self.registry.next_due(), deadline) if t is not None]
         on_ready = self._on_ready
-        for key, _ in self._selector.select(max(0.0, min(times) - self._clock()) if times else None):
-            probe = key.data
-            if probe is None:
+        for key, _ in self._selector.select(max(0.0, min(due) - self._clock()) if due else None):
+            if (probe := key.data) is None:
                 with contextlib.suppress(OSError):
                     self._wake_r.recv(4096)  # anything left wakes the next select
-                # After reading, or a wake sent meanwhile would be read here and the next one never sent; a wake
-                # skipped meanwhile is not lost: the loop reads the heap before it waits again.
+                # After the read, else a wake sent meanwhile is eaten; a skipped one is seen: the heap is read next.
                 self._woken = False
                 continue
             try:
                 on_ready[probe.state](probe)
-            except ssl.SSLWantReadError:  # TLS must read first (its handshake, say), whatever the state
-                self._selector.modify(key.fd, selectors.EVENT_READ, probe)
-            except ssl.SSLWantWriteError:
-                self._selector.modify(key.fd, selectors.EVENT_WRITE, probe)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as want:  # TLS must read or write first, in any state
+                self._selector.modify(key.fd, _TLS_WANTS[type(want)], probe)
             except (BlockingIOError, InterruptedError):
                 pass  # not ready after all: wait for the next event
             except Exception as exc:
@@ -1359,31 +1335,26 @@ class HealthChecker:
     def _read_ready(self, probe: _Probe) -> None:
         """Read the status line and the headers (up to 4 KiB; the body only to keep a small answer's connection)."""
         assert probe.sock is not None
-        data = probe.sock.recv(MAX_HEAD)
-        if not data:
+        if not (data := probe.sock.recv(MAX_HEAD)):
             raise ConnectionError("connection closed before an answer")
         head = probe.buffer = probe.buffer + data
-        line_end = head.find(b"\r\n")
-        if line_end < 0:
+        if (status := _STATUS_RE.match(head)) is None:
+            if b"\r\n" in head:
+                raise ValueError("not an HTTP response")  # what it said is not echoed: no banner grabbing
             if len(head) > 512:
                 raise ValueError("no HTTP status line in the first 512 bytes")
             return
-        parts = head[:line_end].split(None, 2)
-        if not (len(parts) >= 2 and parts[0].startswith(b"HTTP/") and len(parts[1]) == 3 and parts[1].isdigit()):
-            raise ValueError("not an HTTP response")  # what it said is not echoed: no banner grabbing
         end = head.find(b"\r\n\r\n")
         if end < 0 and len(head) <= MAX_HEAD:
             return  # more to come
         # The connection is kept only after an HTTP/1.1 answer that does not close, with a small body read whole.
-        keep = end >= 0 and probe.keep and parts[0] == b"HTTP/1.1" and not _CLOSE_RE.search(head, 0, end + 2)
-        length = _LENGTH_RE.search(head, 0, end + 2) if keep else None
-        size = end + 4 + int(length.group(1)) if length is not None else MAX_HEAD + 1
+        keep = end >= 0 and probe.keep and status[1] == b"HTTP/1.1" and not _CLOSE_RE.search(head, 0, end + 2)
+        size = end + 4 + int(length[1]) if keep and (length := _LENGTH_RE.search(head, 0, end + 2)) else MAX_HEAD + 1
         if size <= MAX_HEAD and len(head) < size:
             return  # the rest of the body: a kept connection must not hold stale bytes
         found = _INSTANCE_RE.search(head, 0, end + 2 if end >= 0 else MAX_HEAD)  # the last header's CRLF too
-        code = int(parts[1])
-        probe.keep = size <= MAX_HEAD
-        self._finish(probe, code, "" if 200 <= code < 300 else f"HTTP {code}", found and found.group(1).decode())
+        code, probe.keep = int(status[2]), size <= MAX_HEAD
+        self._finish(probe, code, "" if 200 <= code < 300 else f"HTTP {code}", found and found[1].decode())
 
     def _fail(self, probe: _Probe, exc: BaseException) -> None:
         if probe.opened < probe.started and not probe.buffer and isinstance(exc, OSError):
@@ -1392,28 +1363,22 @@ class HealthChecker:
             except Exception as again:
                 exc = again
         if isinstance(exc, OSError) and exc.errno in _OWN_TROUBLE:  # out of descriptors, say: not the worker's fault
-            self._finish(probe, None, f"supervisor could not check: {exc.strerror}", own=True)
-        else:
-            self._finish(probe, None, _printable(f"{type(exc).__name__}: {exc}"))
+            return self._finish(probe, None, f"supervisor could not check: {exc.strerror}", own=True)
+        self._finish(probe, None, _printable(f"{type(exc).__name__}: {exc}"))
 
-    def _finish(
-        self, probe: _Probe, code: int | None, error: str, instance: str | None = None, own: bool = False
-    ) -> None:
-        """Report the probe's check (``error`` "" if good; ``own``: the supervisor's trouble); keep its connection
-        if the answer allows it (``probe.keep``) and it is still fresh for the worker's next check."""
-        check = probe.check
-        assert check is not None
+    def _finish(self, probe: _Probe, code: int | None, error: str, found: str | None = None, own: bool = False) -> None:
+        """Report the check (``found``: the answering instance; ``own``: our trouble); keep the connection if it may."""
+        check, probe.check = probe.check, _NO_CHECK
         self.in_flight -= 1
         self._untrusted_in_flight -= not check.trusted
-        probe.check = None
         fresh = probe.opened + KEEP_ALIVE > check.due + check.interval
-        if code is not None and probe.keep and fresh and len(self._kept) < self._max_kept:  # half the descriptors
+        if code is not None and probe.keep and fresh and len(self._kept) < self._max_kept:
             probe.state = IDLE
             self._kept[check.worker_id] = probe
         else:
             self._close(probe)
         latency, late = self._clock() - probe.started, probe.started - check.due
-        self._report(check, CheckResult(not error, code, latency, error, own, instance, late))
+        self._report(check, CheckResult(not error, code, latency, error, own, found, late))
 
     def _close(self, probe: _Probe) -> None:
         """Close the probe's connection (a kept one stays in ``_kept``, closed, until its worker's next check)."""
@@ -1428,7 +1393,7 @@ class HealthChecker:
 class _Probe:
     """One check's connection; its :attr:`state` names the handler its next readiness event runs."""
 
-    check: _Check | None = None
+    check: _Check = _NO_CHECK
     sock: socket.socket | ssl.SSLSocket | None = None
     state: str = SENDING
     host: str = ""
@@ -1437,8 +1402,7 @@ class _Probe:
     request: bytes = b""
     keep: bool = False  # the answer may leave the connection open for the worker's next check
     key: tuple[str, str] = ("", "")  # the (url, address) the connection was opened for
-    #: When its connection opened: before ``started``, it was kept, and is replaced (not failed) if found closed.
-    opened: float = 0.0
+    opened: float = 0.0  # before ``started``: a kept connection, replaced (not failed) if found closed
     started: float = 0.0
     sent: int = 0
     buffer: bytes = b""
@@ -1448,49 +1412,43 @@ class _Probe:
 def _target(url: str, extra_headers: str, keep: bool) -> tuple[str, int, bool, bytes, bool]:
     """(host, port, https, request bytes, keep-alive) for a health URL; cached, as URLs rarely change."""
     parts = urlsplit(url)
-    https = parts.scheme == "https"
-    keep = keep and not https
+    https, keep = parts.scheme == "https", keep and parts.scheme != "https"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n"
-        f"{extra_headers}Connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
-    )
-    return parts.hostname or "", parts.port or (443 if https else 80), https, request.encode("ascii"), keep
+    head = f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: picoapi/{__version__}\r\n{extra_headers}"
+    request = f"{head}Connection: {'keep-alive' if keep else 'close'}\r\n\r\n".encode("ascii")
+    return parts.hostname or "", parts.port or (443 if https else 80), https, request, keep
 
 
 @functools.cache
 def _descriptors() -> int:
     """The limit of open files, set to the hard one (a supervisor needs many; 2**20 at most); once a process."""
-    try:
+    with contextlib.suppress(ImportError, ValueError, OSError):  # no such limit (Windows), or not allowed
         import resource
 
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         wanted = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         return wanted
-    except (ImportError, ValueError, OSError):
-        return 1024
+    return 1024
 
 
 def check_once(
     url: str, timeout: float = DEFAULT_HEALTH_TIMEOUT, headers: Mapping[str, str] | None = None, address: str = ""
 ) -> CheckResult:
-    """Run one health check of ``url`` (at ``address``, else its host resolved) as the supervisor would, on the
-    caller's thread; blocks at most ``timeout`` (plus a little)."""
+    """Check ``url`` once (at ``address``, else its host resolved) as the supervisor would; blocks about ``timeout``."""
     try:
         address = address or _resolve(urlsplit(url).hostname or "")
     except ValueError as exc:
         return CheckResult(False, None, None, str(exc))
-    results: list[CheckResult] = []
+    done: list[CheckResult] = []
     checker = HealthChecker(Registry(), limit=1)
-    check = _Check("", url, address, timeout, checker._clock())
+    checker._queue([_Check("", url, address, timeout, checker._clock())], headers or {}, lambda _, r: done.append(r))
     try:
-        checker._queue([check], headers or {}, lambda _, r: results.append(r))
-        while not results:  # the check's own deadline ends it
+        while not done:  # the check's own deadline ends it
             checker._poll()
     finally:
         checker.stop()
-    return results[0]
+    return done[0]
 
 
 # -- Worker side ---------------------------------------------------------------

@@ -1349,6 +1349,11 @@ class TestProbe:
             result = picoapi.check_once(f"https://127.0.0.1:{port}/health", 1)
         assert not result.ok and result.error
 
+    def test_a_url_it_cannot_send_fails_at_once(self) -> None:
+        started = time.monotonic()
+        result = picoapi.check_once("http://127.0.0.1:1/h\u00e9", 5, address="127.0.0.1")
+        assert result.error.startswith("cannot check") and time.monotonic() - started < 1.0
+
 
 @contextlib.contextmanager
 def keep_alive_server(answers_per_connection: int = 1000) -> Iterator[tuple[int, list[int]]]:
