@@ -2084,8 +2084,7 @@ class PicoAPI(FastAPI):
 
     @asynccontextmanager
     async def _lifespan(self, inner: Callable[[Any], Any], app: Any) -> AsyncIterator[Any]:
-        """The app's own lifespan ``inner``, with PicoAPI started inside it and stopped before it ends (a start that
-        failed half-way too: the supervisors that did take a worker's registration must not keep it)."""
+        """The app's own lifespan ``inner``, PicoAPI started in it and stopped before it ends (half-started too)."""
         config = self.config
         async with inner(app) as state:
             try:
@@ -2163,11 +2162,9 @@ class PicoAPI(FastAPI):
         timeout: Any = DEFAULT_CALL_TIMEOUT,
         **kwargs: Any,
     ) -> requests.Response:
-        """Send a request to a healthy worker with ``tags``; returns its response, whatever its status. A worker that
-        could not be connected to is marked suspect (checked at once) and the next one tried; a request that may have
-        reached a worker is sent again only with ``retry_sent=True``. Raises :class:`NoWorkerAvailable` naming each
-        worker tried and why. ``kwargs`` go to ``requests``; connections are reused; redirects are returned, not
-        followed, unless ``allow_redirects=True``."""
+        """Send a request to a healthy worker with ``tags``; returns its response, whatever its status. A worker not
+        connected to is marked suspect and the next one tried (one that may have got it, only with ``retry_sent``);
+        else :class:`NoWorkerAvailable`. ``kwargs`` go to ``requests``; redirects are returned unless allowed."""
         registry, wanted = self._need_registry(), [tags] if isinstance(tags, str) else list(tags)
         tried: list[tuple[str, str]] = []
         while True:
@@ -2195,8 +2192,7 @@ class PicoAPI(FastAPI):
         **kwargs: Any,
     ) -> dict[str, requests.Response | Exception]:
         """Send the same request to every healthy worker with ``tags``, concurrently; returns ``{worker id: response
-        or exception}`` within about ``timeout`` seconds (a worker still busy then gets a ``TimeoutError``).
-        Redirects are returned, not followed, unless ``allow_redirects=True``."""
+        or exception}`` within about ``timeout`` seconds (a worker still busy then gets a ``TimeoutError``)."""
         registry, wanted = self._need_registry(), [tags] if isinstance(tags, str) else list(tags)
         workers = [w for w in registry.workers(*wanted, status=HEALTHY, version=version) if w.is_ready]
         if self._broadcaster is None:
@@ -2229,8 +2225,7 @@ class PicoAPI(FastAPI):
     # Health --------------------------------------------------------------------
 
     def health_check(self, func: Callable[[], Any] | None = None, *, name: str | None = None) -> Any:
-        """Decorator: add a check (async, or sync to run on a thread) to the health endpoint, which answers 503
-        naming it while it returns something falsy or raises."""
+        """Decorator: add a check (async, or sync run on a thread); the health endpoint is 503 while it fails."""
         if func is None:  # as @app.health_check(name=...)
             return functools.partial(self.health_check, name=name)
         self._health_checks[name or str(getattr(func, "__name__", repr(func)))] = func
@@ -2263,8 +2258,7 @@ _FASTAPI_OPTIONS = frozenset(inspect.signature(FastAPI.__init__).parameters) - {
 def _split_keywords(
     options: dict[str, Any], config: Config | None, env_file: str | os.PathLike[str] | None, is_master: bool | None
 ) -> tuple[Config, dict[str, Any]]:
-    """PicoAPI's keywords split: the settings into its :class:`Config` (a misspelt one is a ConfigError), the rest to
-    FastAPI. The title, description and version go to both, checked only by an app that registers (it sends them)."""
+    """PicoAPI's keywords split into its :class:`Config` and FastAPI's; title, description and version go to both."""
     settings = {k: options.pop(k) for k in _SETTINGS.keys() - _FASTAPI_SETTINGS & options.keys()}
     if misspelt := [k for k in options if k not in _FASTAPI_OPTIONS and _close_setting(k)]:
         raise ConfigError(_unknown_settings(misspelt))
@@ -2342,8 +2336,7 @@ def _limited(receive: Receive) -> Receive:
 
 
 class _SupervisorRoutes:
-    """The supervisor's HTTP API as an APIRouter: workers register and deregister, anyone reads the registry. Bodies
-    are built by :func:`_out` and sent as they are, never validated again (a test checks them against the schema)."""
+    """The supervisor's HTTP API: workers register and deregister, anyone reads; bodies are :func:`_out`'s, as built."""
 
     def __init__(self, app: PicoAPI, registry: Registry) -> None:
         self.app, self.registry, self.config = app, registry, app.config
@@ -2405,8 +2398,7 @@ class _SupervisorRoutes:
         return _json_response(_out(worker), 201 if created else 200, {SUPERVISOR_HEADER: self.app.supervisor_id})
 
     async def deregister(self, worker_id: str, request: Request, instance: _Instance = None) -> Response:
-        """Remove a worker: from its own address (or with the token); naming its process, only its own entry,
-        and not while another process of the worker still serves it (uvicorn --workers)."""
+        """Remove a worker, from its own address (or with the token); not while a sibling process still serves it."""
         entry = self.known(worker_id)
         peer = _ip(request.client.host if request.client else None)
         # The token's holder, or the worker (no peer: a unix socket, 'uvicorn --uds', is neither).
@@ -2490,8 +2482,7 @@ class _SupervisorRoutes:
         return worker
 
     async def on_thread(self, kind: str, limit: int, func: Callable[..., Any], *args: Any) -> Any:
-        """``func(*args)`` on the threads sync routes share, at most ``limit`` of a ``kind`` at once (slow DNS or
-        slow workers hold only a few), past that 503 at once. Counted on the event loop alone: no lock."""
+        """``func(*args)`` on a thread, at most ``limit`` of a ``kind`` at once, else 503 (counted on the loop)."""
         if self.busy[kind] >= limit:
             raise HTTPException(503, f"too many {kind}; try again", {"Retry-After": "1"})
         self.busy[kind] += 1
@@ -2501,8 +2492,7 @@ class _SupervisorRoutes:
             self.busy[kind] -= 1
 
     async def refuse_if_served(self, reg: Registration, address: str) -> None:
-        """409 when ``reg`` would change an entry another live process still serves: a second copy started by
-        mistake on a taken port must not evict the live one; the same registration (a sibling) is welcome."""
+        """409 when ``reg`` would change an entry another live process serves (a copy on a taken port)."""
         entry = self.registry.get(worker_id(reg.host, reg.port))
         if entry is None or not entry.instances or reg.instance in entry.instances:
             return
@@ -2519,8 +2509,7 @@ class _SupervisorRoutes:
         return result.ok and result.instance in (instances or entry.instances)
 
     async def write(self, change: Callable[..., Any], *args: Any) -> Any:
-        """``change(*args)``: at once without a registry file; with one, on a thread under the file's lock (a busy
-        file is 503, and leaves the registry as it was: the disk is written first)."""
+        """``change(*args)``, with a registry file on a thread under its lock; a busy file is 503, nothing changed."""
         if (store := self.app._store) is None:
             return change(*args)
 
