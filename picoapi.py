@@ -2529,13 +2529,11 @@ class _SupervisorRoutes:
         if (store := self.app._store) is None:
             return self.registry.register(reg, address=address)
         wid = worker_id(reg.host, reg.port)
-        known = wid in self.registry
         store.save(wid, reg, address)
         try:
             worker, created = self.registry.register(reg, address=address)
-        except RegistryFull:
-            if not known:
-                store.delete(wid)
+        except RegistryFull:  # raised for a new worker only: its row goes
+            store.delete(wid)
             raise
         if worker.instances[1:]:  # a sibling process joined: keep every one across a restart
             store.save(wid, reg, address, worker.instances)
@@ -2564,21 +2562,17 @@ def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] 
     addresses = [ip] if ip else list(dict.fromkeys(a for info in found if (a := _ip(str(info[4][0]))) is not None))
     listed = [a for a in addresses if any(a in net for net in networks)]
     for a in addresses:
-        special = a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"
-        if special and a not in listed:
-            raise PermissionError(
-                f"host {host!r} resolves to {a}, an unspecified, link-local, multicast or broadcast address; "
-                "declare the worker's own address (a network listed in API_REGISTER_NETWORKS opens it)"
-            )
+        if a not in listed and (a.is_unspecified or a.is_link_local or a.is_multicast or str(a) == "255.255.255.255"):
+            special = "an unspecified, link-local, multicast or broadcast address"
+            fix = "declare the worker's own address (a network listed in API_REGISTER_NETWORKS opens it)"
+            raise PermissionError(f"host {host!r} resolves to {a}, {special}; {fix}")
     if (peer_ip := _ip(peer)) in addresses:
         return str(peer_ip)
     if listed:
         return str(listed[0])
-    raise PermissionError(
-        f"host {host!r} resolves to {', '.join(map(str, addresses))}, but the registration came from "
-        f"{_printable(peer)}: a worker may only register an address it is reachable at; register from that host, "
-        "or list its network in API_REGISTER_NETWORKS (NAT, proxies, containers)"
-    )
+    came = f"but the registration came from {_printable(peer)}: a worker registers only an address it is reachable at"
+    fix = "register from that host, or list its network in API_REGISTER_NETWORKS (NAT, proxies, containers)"
+    raise PermissionError(f"host {host!r} resolves to {', '.join(map(str, addresses))}, {came}; {fix}")
 
 
 def _unknown(wid: str) -> HTTPException:
