@@ -2201,13 +2201,11 @@ class PicoAPI(FastAPI):
         finished, _ = concurrent.futures.wait(futures, timeout=timeout + 0.5)
         results: dict[str, requests.Response | Exception] = {}
         for future, wid in futures.items():
-            if future not in finished:
-                future.cancel()
-                results[wid] = TimeoutError(f"{wid} did not answer within {timeout:g}s")
-            elif (error := future.exception()) is not None:
-                results[wid] = error if isinstance(error, Exception) else RuntimeError(str(error))
-            else:
-                results[wid] = future.result()
+            future.cancel()  # one not started never starts; a finished one stays as it is
+            try:
+                results[wid] = future.result(timeout=0)
+            except Exception as exc:  # not finished in time: a TimeoutError, or CancelledError if never started
+                results[wid] = exc if future in finished else TimeoutError(f"{wid} did not answer within {timeout:g}s")
         return results
 
     def _send(self, worker: Worker, method: str, path: str, timeout: Any, kwargs: dict[str, Any]) -> requests.Response:
