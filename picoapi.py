@@ -2008,9 +2008,8 @@ def _dashboard(  # like every sync route, on a thread: never holding up the even
 class PicoAPI(FastAPI):
     """A FastAPI app that is a worker (registers itself) or a supervisor (keeps the registry).
 
-    Keywords naming a setting of :class:`Config` (``mode``, ``host``, ``port``, ``tags``...) win over the environment
-    and the ``.env`` file; ``config=`` gives them all at once instead. Other keywords go to FastAPI untouched; one that
-    looks like a misspelt setting is a :class:`ConfigError`. ``is_master`` is 1.x's ``mode`` (deprecated)."""
+    Keywords naming a :class:`Config` setting (``mode``, ``tags``...) win over the environment and ``.env``, or
+    give ``config=``; others go to FastAPI, a misspelt setting is a ConfigError. ``is_master`` is 1.x's ``mode``."""
 
     def __init__(
         self,
@@ -2288,9 +2287,8 @@ def _adding_header(send: Send, header: tuple[bytes, bytes]) -> Send:
 
 
 class _CORS(CORSMiddleware):
-    """Starlette's CORS middleware with a fast path (no Origin header, as between services: only ``Vary: Origin``)
-    and a guard on ``guarded`` (the supervisor's /register): a body over MAX_BODY is 413 and, as browsers send Origin
-    with every write, a write or its preflight from an origin not listed by name is 403 ('*' reads, never writes)."""
+    """Starlette's CORS middleware, with a fast path (no Origin: only ``Vary: Origin``) and a guard on ``guarded``
+    (/register): a body over MAX_BODY is 413, a write or its preflight from an origin not listed by name 403."""
 
     def __init__(self, app: ASGIApp, /, *, guarded: str | None = None, **options: Any) -> None:
         super().__init__(app, **options)
