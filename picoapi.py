@@ -2139,8 +2139,6 @@ class PicoAPI(FastAPI):
         if change.removed and self._store is not None:
             self._store.forget(wid)  # deleted by the next write: never disk I/O on the check thread
 
-    # Handing out work ------------------------------------------------------------
-
     def _need_registry(self) -> Registry:
         if self.registry is None:
             raise PicoAPIError("pick(), call() and broadcast() need a supervisor: PicoAPI(mode='supervisor')")
@@ -2218,8 +2216,6 @@ class PicoAPI(FastAPI):
                 self._sessions[thread] = session
         url, options = worker._request(path, {"allow_redirects": False, **kwargs})
         return session.request(method, url, timeout=timeout, **options)
-
-    # Health --------------------------------------------------------------------
 
     def health_check(self, func: Callable[[], Any] | None = None, *, name: str | None = None) -> Any:
         """Decorator: add a check (async, or sync run on a thread); the health endpoint is 503 while it fails."""
