@@ -113,7 +113,7 @@ REGISTER_ROUTE, SERVICES_ROUTE, DASHBOARD_ROUTE = "/register", "/services", "/da
 SERVICES_PAGE = 1000  #: GET /services' default and largest ``limit``: a registry of 1,000 in one answer, ~6 MB at most
 DASHBOARD_REFRESH, DASHBOARD_PAGE = 2, 200  #: seconds between dashboard updates (no reload); rows a page shows
 SUPERVISOR_HEADER, INSTANCE_HEADER = "X-PicoAPI-Supervisor", "X-PicoAPI-Instance"  #: the latter: who answered a check
-_SUPERVISOR_HEADER_KEY, _INSTANCE_HEADER_KEY = SUPERVISOR_HEADER.lower().encode(), INSTANCE_HEADER.lower().encode()
+_INSTANCE_HEADER_KEY = INSTANCE_HEADER.lower().encode()
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN) = ("healthy", "unhealthy", "unknown")
 
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  #: registration attempts wait base * 2**attempt, capped, jittered
@@ -363,24 +363,42 @@ def _parse_choice(var: str, raw: object, choices: Mapping[str, Any] = _BOOLS) ->
     return value
 
 
-def _parse_text(var: str, raw: object, limit: int, one_line: bool = False) -> str:
-    # One line: FastAPI descriptions are often Markdown over several lines, the registration's copy is one line.
-    text = re.sub(r"[\t\r\n]+", " ", str(raw).strip())[:limit] if one_line else str(raw).strip()
-    if not (text or one_line) or len(text) > limit:
-        raise ConfigError(f"{var} must be 1 to {limit} printable characters, got {raw!r}")
-    return _check_text(var, text, ConfigError)
-
-
-def _parse_host(var: str, raw: object) -> str:
-    if len(text := str(raw).strip()) > MAX_HOST or not _HOST_RE.match(text):
-        raise ConfigError(f"{var} must be a host name or IP address such as 'localhost' or '10.0.0.5', got {raw!r}")
-    return _normal_host(text)
-
-
-def _parse_path(var: str, raw: object) -> str:
-    if not (text := str(raw).strip()).startswith("/") or len(text) > 512:
-        raise ConfigError(f"{var} must be a path starting with '/', such as '/health', got {raw!r}")
-    return _check_health_url(var, text, ConfigError)
+def _parse_text(var: str, raw: object, kind: str = "text", limit: int = 4096) -> Any:
+    """``raw``, a setting or an item of a list, stripped and checked as ``kind``; else a ConfigError naming ``var``,
+    the value and the fix."""
+    text = str(raw).strip()
+    match kind:
+        case "text" if 0 < len(text) <= limit:
+            return _check_text(var, text, ConfigError)
+        case "line":  # FastAPI descriptions are often Markdown over several lines, the registration's copy is one line
+            return _check_text(var, re.sub(r"[\t\r\n]+", " ", text)[:limit], ConfigError)
+        case "host" if len(text) <= MAX_HOST and _HOST_RE.match(text):
+            return _normal_host(text)
+        case "path" if text.startswith("/") and len(text) <= 512:
+            return _check_health_url(var, text, ConfigError)
+        case "tag":
+            return _check_tag(f"{var} items", text, ConfigError)
+        case "url":
+            with contextlib.suppress(ValueError):  # urlsplit() and .port raise on a malformed IPv6 address or port
+                parts = urlsplit(text)
+                if parts.scheme in ("http", "https") and parts.hostname and text.isprintable() and parts.port != 0:
+                    return text
+        case "network":
+            with contextlib.suppress(ValueError):
+                return ipaddress.ip_network(text, strict=False)
+        case "allowed host":  # as Starlette's TrustedHostMiddleware compares a Host header: lower case, IPv6 in []
+            host = f"[{text.lower()}]" if ":" in text and _ip(text) is not None else text.lower()
+            if _ALLOWED_HOST_RE.fullmatch(host) and (host[0] != "[" or _ip(host[1:-1]) is not None):
+                return host
+    fix = {
+        "text": f"be 1 to {limit} printable characters",
+        "host": "be a host name or IP address such as 'localhost' or '10.0.0.5'",
+        "path": "be a path starting with '/', such as '/health'",
+        "url": "be an http:// or https:// URL such as 'http://keeper:8100/register'",
+        "network": "list networks such as '10.0.0.0/8!fd00::/8'",
+        "allowed host": "list hosts without scheme or port ('keeper!10.0.0.5!*.internal')",
+    }
+    raise ConfigError(f"{var} must {fix[kind]}, got {raw!r}")
 
 
 def _parse_token(var: str, raw: object) -> str | None:
@@ -394,40 +412,14 @@ def _parse_token(var: str, raw: object) -> str | None:
     return text or None
 
 
-def _parse_list(var: str, raw: object, sep: str, item: Callable[..., Any] | None = None, most: int = 0) -> tuple:
-    """A ``sep``-delimited string or a list; each item checked by ``item(var, text)``, at most ``most`` of them."""
+def _parse_list(var: str, raw: object, sep: str, kind: str = "", most: int = 0) -> tuple:
+    """A ``sep``-delimited string or a list; each item checked as ``kind`` by :func:`_parse_text`, at most ``most``."""
     if not isinstance(raw, (str, list, tuple, set, frozenset)):
         raise ConfigError(f"{var} must be a {sep!r}-delimited string or a list of strings, got {raw!r}")
     items = tuple(i.strip() for i in (raw.split(sep) if isinstance(raw, str) else map(str, raw)) if i.strip())
     if most and len(items) > most:
         raise ConfigError(f"{var} may list at most {most} items, got {len(items)}")
-    return tuple(map(functools.partial(item, var), items)) if item else items
-
-
-def _url_item(var: str, url: str) -> str:
-    with contextlib.suppress(ValueError):  # urlsplit() and .port raise on a malformed IPv6 address or port
-        parts = urlsplit(url)
-        if parts.scheme in ("http", "https") and parts.hostname and url.isprintable() and parts.port != 0:
-            return url
-    raise ConfigError(f"{var} must be an http:// or https:// URL such as 'http://keeper:8100/register', got {url!r}")
-
-
-def _network_item(var: str, text: str) -> IPNetwork:
-    with contextlib.suppress(ValueError):
-        return ipaddress.ip_network(text, strict=False)
-    raise ConfigError(f"{var} must list networks such as '10.0.0.0/8!fd00::/8', got {text!r}")
-
-
-def _allowed_host_item(var: str, item: str) -> str:
-    # As Starlette's TrustedHostMiddleware compares the Host header's host: lower case, IPv6 in brackets.
-    host = f"[{item.lower()}]" if ":" in item and _ip(item) is not None else item.lower()
-    if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and _ip(host[1:-1]) is None):
-        raise ConfigError(f"{var} must list hosts without scheme or port ('keeper!10.0.0.5!*.internal'), got {item!r}")
-    return host
-
-
-def _tag_item(var: str, tag: str) -> str:
-    return _check_tag(f"{var} items", tag, ConfigError)
+    return tuple(_parse_text(var, item, kind) for item in items) if kind else items
 
 
 class _Setting(NamedTuple):
@@ -454,30 +446,30 @@ class Config:
 
     # keyword: type = _setting(default, meaning, parser, *bounds)
     mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, {"worker": "worker", "supervisor": "supervisor"})
-    host: str | None = _setting(None, "the host the supervisor reaches this API at", _parse_host)
+    host: str | None = _setting(None, "the host the supervisor reaches this API at", _parse_text, "host")
     port: int = _setting(DEFAULT_PORT, "the port of the API", _parse_number, 1, 65535)
-    bind: str | None = _setting(None, "the interface the command line binds to", _parse_host)
-    title: str | None = _setting(None, "the service's name (FastAPI's title)", _parse_text, MAX_NAME)
-    description: str = _setting(DEFAULT_DESCRIPTION, "FastAPI's description", _parse_text, MAX_DESCRIPTION, True)
-    version: str = _setting(DEFAULT_VERSION, "its version", _parse_text, MAX_VERSION)
+    bind: str | None = _setting(None, "the interface the command line binds to", _parse_text, "host")
+    title: str | None = _setting(None, "the service's name (FastAPI's title)", _parse_text, "text", MAX_NAME)
+    description: str = _setting(DEFAULT_DESCRIPTION, "FastAPI's description", _parse_text, "line", MAX_DESCRIPTION)
+    version: str = _setting(DEFAULT_VERSION, "its version", _parse_text, "text", MAX_VERSION)
     register_urls: tuple[str, ...] = _setting(
-        (), "where to register", _parse_list, "!", _url_item, var="API_REGISTER_PATH", old="API_KEEPER_URL"
+        (), "where to register", _parse_list, "!", "url", var="API_REGISTER_PATH", old="API_KEEPER_URL"
     )
-    health_path: str = _setting(DEFAULT_HEALTH_PATH, "the path the supervisor checks", _parse_path)
+    health_path: str = _setting(DEFAULT_HEALTH_PATH, "the path the supervisor checks", _parse_text, "path")
     health_interval: float = _setting(DEFAULT_HEALTH_INTERVAL, "gap", _parse_number, MIN_INTERVAL, MAX_INTERVAL)
     health_timeout: float | None = _setting(None, "a check's deadline", _parse_number, 0.01, MAX_INTERVAL)
-    tags: tuple[str, ...] = _setting((), "what it does, for discovery", _parse_list, ":", _tag_item, MAX_TAGS)
+    tags: tuple[str, ...] = _setting((), "what it does, for discovery", _parse_list, ":", "tag", MAX_TAGS)
     cors_allow_origins: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed origins", _parse_list, "!")
     cors_allow_methods: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed methods", _parse_list, "!")
     cors_allow_headers: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed headers", _parse_list, "!")
     cors_allow_credentials: bool = _setting(False, "CORS credentials: needs listed origins", _parse_choice)
-    allowed_hosts: tuple[str, ...] = _setting((), "the Host headers served", _parse_list, "!", _allowed_host_item)
+    allowed_hosts: tuple[str, ...] = _setting((), "the Host headers served", _parse_list, "!", "allowed host")
     register_token: str | None = _setting(None, "the token registrations carry", _parse_token)
-    register_networks: tuple[IPNetwork, ...] = _setting((), "claimable networks (NAT)", _parse_list, "!", _network_item)
+    register_networks: tuple[IPNetwork, ...] = _setting((), "claimable networks (NAT)", _parse_list, "!", "network")
     register_timeout: float = _setting(DEFAULT_REGISTER_TIMEOUT, "startup's wait", _parse_number, 0.0, 3600.0)
     register_required: bool = _setting(False, "fail startup unless registered", _parse_choice)
     max_workers: int = _setting(DEFAULT_MAX_WORKERS, "the registry's cap", _parse_number, 1, 10_000_000)
-    registry_file: str | None = _setting(None, "a sqlite file keeping the registrations", _parse_text, 4096)
+    registry_file: str | None = _setting(None, "a sqlite file keeping the registrations", _parse_text)
     deregister_after: float | None = _setting(None, "gone after", _parse_number, MIN_INTERVAL, 10 * MAX_INTERVAL, True)
     health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_number, 1, 100)
     health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_number, 1, 100)
