@@ -14,10 +14,7 @@ knows which healthy worker can do what. A worker (``API_HOST``, ``API_TITLE`` an
 A supervisor (``PUT /register``, ``GET /services``, health checks)::
 
     app = PicoAPI(mode="supervisor")
-
-    @app.get("/healthy-resizers")
-    def healthy_resizers() -> list:
-        return [w.id for w in app.registry.workers("resize", status="healthy")]
+    resizers = app.registry.workers("resize", status="healthy")  # in a route: who can resize now
 
 Run either with ``uvicorn module:app`` or ``picoapi worker module:app`` / ``picoapi supervisor``.
 Dependencies: fastapi, uvicorn, requests, python-dotenv. Licence: MIT.
@@ -263,8 +260,7 @@ class _Cut(requests.Timeout):
 
 
 class _CutConnection(urllib3.connection.HTTPConnection):
-    """Hands :attr:`cuttable` a duplicate of its socket, which another thread can shut down even once TLS wrapped it;
-    :class:`_Cuttable` mixes it into each of its pools' own connection class, TLS or not."""
+    """Hands :attr:`cuttable` a duplicate of its socket, which another thread can shut down even once TLS wraps it."""
 
     cuttable: _Cuttable
 
