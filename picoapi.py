@@ -91,11 +91,9 @@ __version__ = "2.0.0"
 
 # -- Defaults ----------------------------------------------------------------
 
-DEFAULT_MODE, DEFAULT_PORT = "worker", 8888
-DEFAULT_DESCRIPTION, DEFAULT_VERSION = "a brief description", "0.0.1"
-DEFAULT_HEALTH_PATH, DEFAULT_HEALTH_INTERVAL = "/health", 300.0
+DEFAULT_MODE, DEFAULT_PORT, DEFAULT_DESCRIPTION, DEFAULT_VERSION = "worker", 8888, "a brief description", "0.0.1"
+DEFAULT_HEALTH_PATH, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_SUCCESSES = "/health", 300.0, 2, 1
 DEFAULT_HEALTH_TIMEOUT = 10.0  #: a check's deadline when the worker names none: min(interval, this)
-DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_SUCCESSES = 2, 1
 DEFAULT_CORS, DEFAULT_REGISTER_TIMEOUT, DEFAULT_MAX_WORKERS = ("*",), 30.0, 10_000
 DEFAULT_WATCHDOG_INTERVALS = 3  #: intervals without a check before a worker asks the supervisor if it still checks
 SELF_CHECK_AFTER = 2.0  #: a worker GETs its own registered health URL this long after startup (at most an interval)
@@ -500,9 +498,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.cors_allow_credentials and "*" in self.cors_allow_origins:
             raise ConfigError("API_CORS_ALLOW_CREDENTIALS=true needs explicit origins, got API_CORS_ALLOW_ORIGINS='*'")
-        host = _bracketed(self.host or "")
-        listed = any(host == h or (h[0] == "*" and host.endswith(h[1:])) for h in self.allowed_hosts)
-        if host and self.allowed_hosts and not listed:
+        host, allowed = _bracketed(self.host or ""), self.allowed_hosts
+        if host and allowed and not any(host == h or (h[0] == "*" and host.endswith(h[1:])) for h in allowed):
             raise ConfigError(f"API_ALLOWED_HOSTS must list API_HOST ('{self.host}'), the Host health checks send")
         if (timeout := self.health_timeout or 0) > (interval := self.health_interval):
             raise ConfigError(f"API_HEALTH_TIMEOUT ({timeout:g}) must not exceed API_HEALTH_INTERVAL ({interval:g})")
@@ -527,11 +524,8 @@ class Config:
 
 
 #: keyword -> its row of the table, in declaration order.
-_SETTINGS: dict[str, _Setting] = {
-    f.name: f.metadata["setting"]._replace(var=f.metadata["setting"].var or f"API_{f.name.upper()}")
-    for f in dataclasses.fields(Config)
-    if f.metadata
-}
+_SETTINGS: dict[str, _Setting] = {f.name: f.metadata["setting"] for f in dataclasses.fields(Config) if f.metadata}
+_SETTINGS |= {name: row._replace(var=f"API_{name.upper()}") for name, row in _SETTINGS.items() if not row.var}
 
 
 def _close_setting(name: str) -> str | None:
