@@ -4,7 +4,6 @@ One class, two modes: workers register themselves with a supervisor, and the sup
 knows which healthy worker can do what. A worker (``API_HOST``, ``API_TITLE`` and ``API_REGISTER_PATH`` set)::
 
     from picoapi import PicoAPI
-
     app = PicoAPI(tags=["resize", "png"])  # registers with the supervisor on start
 
     @app.get("/resize")
@@ -117,8 +116,7 @@ DEREGISTER_TIMEOUT = 2.0  #: the longest deregistration holds shutdown
 MAX_RESOLVING = 4  #: registrations' host names resolved, live-process checks before a PUT or DELETE, at once (503)
 STORE_TIMEOUT = 1.0  #: seconds a registration waits for a busy registry file before answering 503
 DEFAULT_CALL_TIMEOUT = 10.0  #: seconds app.call() and app.broadcast() wait for a worker unless told otherwise
-#: GET /services/{id}/openapi: seconds it waits in all, bytes the worker may send, documents fetched at once (503).
-OPENAPI_TIMEOUT, OPENAPI_MAX_BYTES, OPENAPI_MAX_FETCHES = 5.0, 1024 * 1024, 4
+OPENAPI_TIMEOUT, OPENAPI_MAX_BYTES, OPENAPI_MAX_FETCHES = 5.0, 1024 * 1024, 4  #: bounds of GET /services/{id}/openapi
 STATUS_MAX_PAGES = 100  #: GET /services pages ``picoapi status`` reads at most, whatever it is told (100,000 workers)
 
 logger = logging.getLogger("picoapi")
@@ -228,12 +226,10 @@ def _is_whole(text: str) -> bool:
 def _causes(exc: BaseException) -> list[BaseException]:
     """``exc`` and the errors behind it (requests wraps urllib3, which wraps OSError)."""
     chain = [exc]
-    while len(chain) < 10:
-        last = chain[-1]
+    for last in chain:  # it grows while read, by one at most
         inner = getattr(last, "reason", None) or last.__cause__ or last.__context__ or (last.args or [None])[0]
-        if not isinstance(inner, BaseException) or inner in chain:
-            break
-        chain.append(inner)
+        if isinstance(inner, BaseException) and inner not in chain and len(chain) < 10:
+            chain.append(inner)
     return chain
 
 
@@ -330,10 +326,8 @@ def _bounded_request(
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
 _ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
-#: The file ``picoapi supervisor|worker --env-file`` gives, read instead of ./.env while the app is built.
-_env_file_instead: str | None = None
-#: Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator would see nothing.
-_log_once = functools.cache(logger.warning)
+_env_file_instead: str | None = None  #: ``picoapi supervisor|worker --env-file``'s file, read instead of ./.env
+_log_once = functools.cache(logger.warning)  #: Python hides DeprecationWarning outside __main__, under uvicorn too
 
 
 def _parse_number(var: str, raw: object, low: float, high: float, off: bool = False) -> Any:
@@ -358,8 +352,7 @@ def _parse_choice(var: str, raw: object, choices: Mapping[str, Any] = _BOOLS) ->
 
 
 def _parse_text(var: str, raw: object, kind: str = "text", limit: int = 4096) -> Any:
-    """``raw``, a setting or an item of a list, stripped and checked as ``kind``; else a ConfigError naming ``var``,
-    the value and the fix."""
+    """``raw`` (a setting or a list's item) stripped, checked as ``kind``; else a ConfigError: variable, value, fix."""
     text = str(raw).strip()
     match kind:
         case "text" if 0 < len(text) <= limit:
