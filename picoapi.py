@@ -537,18 +537,17 @@ def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> Non
     """Read 1.x's ``is_master`` and ``API_MASTER`` as the mode they mean, warning; beside another mode: ConfigError."""
     spellings = [(keywords, "is_master", "mode", "{}={!r}")] + [(s, "API_MASTER", "API_MODE", "{}={}") for s in sources]
     for given, old, new, spelt in spellings:
-        if (raw := given.pop(old, None)) in (None, ""):
-            continue
-        mode = "supervisor" if _parse_choice(old, raw) else "worker"
-        was, now = spelt.format(old, raw), spelt.format(new, mode)
-        if str(given.get(new) or mode).strip().lower() != mode:
-            raise ConfigError(f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: keep only {new}")
-        given[new] = mode
-        message = f"{was} is picoapi 1.x's spelling: write {now} instead"
-        level = next((i for i, frame in enumerate(inspect.stack(0), 1) if frame.filename != __file__), 1)
-        warnings.warn(message, DeprecationWarning, stacklevel=level)
-        _log_like_uvicorn()  # logged while the app is built: under uvicorn, in its format already
-        _log_once("%s", message)
+        if (raw := given.pop(old, None)) not in (None, ""):
+            mode = "supervisor" if _parse_choice(old, raw) else "worker"
+            was, now = spelt.format(old, raw), spelt.format(new, mode)
+            if str(given.get(new) or mode).strip().lower() != mode:
+                raise ConfigError(f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: keep only {new}")
+            given[new] = mode
+            message = f"{was} is picoapi 1.x's spelling: write {now} instead"
+            level = next((i for i, frame in enumerate(inspect.stack(0), 1) if frame.filename != __file__), 1)
+            warnings.warn(message, DeprecationWarning, stacklevel=level)
+            _log_like_uvicorn()  # logged while the app is built: under uvicorn, in its format already
+            _log_once("%s", message)
 
 
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
