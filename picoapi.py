@@ -236,9 +236,8 @@ def _causes(exc: BaseException) -> list[BaseException]:
 def _root_cause(exc: BaseException) -> str:
     """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was."""
     root = _causes(exc)[-1]
-    # A protocol error's words (BadStatusLine: 'SSH-2.0-...') are the far end's: its kind is all it says.
     quotes = isinstance(root, http.client.HTTPException) and not isinstance(root, OSError)  # not RemoteDisconnected
-    said = "a malformed HTTP answer" if quotes else root
+    said = "a malformed HTTP answer" if quotes else root  # its words (BadStatusLine: 'SSH-2.0-...') are the far end's
     return str(exc) if isinstance(exc, _Cut) else f"{type(root).__name__}: {said}"
 
 
