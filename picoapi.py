@@ -4,7 +4,6 @@ One class, two modes: workers register themselves with a supervisor, and the sup
 knows which healthy worker can do what. A worker (``API_HOST``, ``API_TITLE`` and ``API_REGISTER_PATH`` set)::
 
     from picoapi import PicoAPI
-
     app = PicoAPI(tags=["resize", "png"])  # registers with the supervisor on start
 
     @app.get("/resize")
@@ -14,10 +13,7 @@ knows which healthy worker can do what. A worker (``API_HOST``, ``API_TITLE`` an
 A supervisor (``PUT /register``, ``GET /services``, health checks)::
 
     app = PicoAPI(mode="supervisor")
-
-    @app.get("/healthy-resizers")
-    def healthy_resizers() -> list:
-        return [w.id for w in app.registry.workers("resize", status="healthy")]
+    resizers = app.registry.workers("resize", status="healthy")  # in a route: who can resize now
 
 Run either with ``uvicorn module:app`` or ``picoapi worker module:app`` / ``picoapi supervisor``.
 Dependencies: fastapi, uvicorn, requests, python-dotenv. Licence: MIT.
@@ -94,11 +90,9 @@ __version__ = "2.0.0"
 
 # -- Defaults ----------------------------------------------------------------
 
-DEFAULT_MODE, DEFAULT_PORT = "worker", 8888
-DEFAULT_DESCRIPTION, DEFAULT_VERSION = "a brief description", "0.0.1"
-DEFAULT_HEALTH_PATH, DEFAULT_HEALTH_INTERVAL = "/health", 300.0
+DEFAULT_MODE, DEFAULT_PORT, DEFAULT_DESCRIPTION, DEFAULT_VERSION = "worker", 8888, "a brief description", "0.0.1"
+DEFAULT_HEALTH_PATH, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_SUCCESSES = "/health", 300.0, 2, 1
 DEFAULT_HEALTH_TIMEOUT = 10.0  #: a check's deadline when the worker names none: min(interval, this)
-DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_SUCCESSES = 2, 1
 DEFAULT_CORS, DEFAULT_REGISTER_TIMEOUT, DEFAULT_MAX_WORKERS = ("*",), 30.0, 10_000
 DEFAULT_WATCHDOG_INTERVALS = 3  #: intervals without a check before a worker asks the supervisor if it still checks
 SELF_CHECK_AFTER = 2.0  #: a worker GETs its own registered health URL this long after startup (at most an interval)
@@ -113,7 +107,7 @@ REGISTER_ROUTE, SERVICES_ROUTE, DASHBOARD_ROUTE = "/register", "/services", "/da
 SERVICES_PAGE = 1000  #: GET /services' default and largest ``limit``: a registry of 1,000 in one answer, ~6 MB at most
 DASHBOARD_REFRESH, DASHBOARD_PAGE = 2, 200  #: seconds between dashboard updates (no reload); rows a page shows
 SUPERVISOR_HEADER, INSTANCE_HEADER = "X-PicoAPI-Supervisor", "X-PicoAPI-Instance"  #: the latter: who answered a check
-_SUPERVISOR_HEADER_KEY, _INSTANCE_HEADER_KEY = SUPERVISOR_HEADER.lower().encode(), INSTANCE_HEADER.lower().encode()
+_INSTANCE_HEADER_KEY = INSTANCE_HEADER.lower().encode()
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN) = ("healthy", "unhealthy", "unknown")
 
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  #: registration attempts wait base * 2**attempt, capped, jittered
@@ -122,8 +116,7 @@ DEREGISTER_TIMEOUT = 2.0  #: the longest deregistration holds shutdown
 MAX_RESOLVING = 4  #: registrations' host names resolved, live-process checks before a PUT or DELETE, at once (503)
 STORE_TIMEOUT = 1.0  #: seconds a registration waits for a busy registry file before answering 503
 DEFAULT_CALL_TIMEOUT = 10.0  #: seconds app.call() and app.broadcast() wait for a worker unless told otherwise
-#: GET /services/{id}/openapi: seconds it waits in all, bytes the worker may send, documents fetched at once (503).
-OPENAPI_TIMEOUT, OPENAPI_MAX_BYTES, OPENAPI_MAX_FETCHES = 5.0, 1024 * 1024, 4
+OPENAPI_TIMEOUT, OPENAPI_MAX_BYTES, OPENAPI_MAX_FETCHES = 5.0, 1024 * 1024, 4  #: bounds of GET /services/{id}/openapi
 STATUS_MAX_PAGES = 100  #: GET /services pages ``picoapi status`` reads at most, whatever it is told (100,000 workers)
 
 logger = logging.getLogger("picoapi")
@@ -233,21 +226,18 @@ def _is_whole(text: str) -> bool:
 def _causes(exc: BaseException) -> list[BaseException]:
     """``exc`` and the errors behind it (requests wraps urllib3, which wraps OSError)."""
     chain = [exc]
-    while len(chain) < 10:
-        last = chain[-1]
+    for last in chain:  # it grows while read, by one at most
         inner = getattr(last, "reason", None) or last.__cause__ or last.__context__ or (last.args or [None])[0]
-        if not isinstance(inner, BaseException) or inner in chain:
-            break
-        chain.append(inner)
+        if isinstance(inner, BaseException) and inner not in chain and len(chain) < 10:
+            chain.append(inner)
     return chain
 
 
 def _root_cause(exc: BaseException) -> str:
     """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was."""
     root = _causes(exc)[-1]
-    # A protocol error's words (BadStatusLine: 'SSH-2.0-...') are the far end's: its kind is all it says.
     quotes = isinstance(root, http.client.HTTPException) and not isinstance(root, OSError)  # not RemoteDisconnected
-    said = "a malformed HTTP answer" if quotes else root
+    said = "a malformed HTTP answer" if quotes else root  # its words (BadStatusLine: 'SSH-2.0-...') are the far end's
     return str(exc) if isinstance(exc, _Cut) else f"{type(root).__name__}: {said}"
 
 
@@ -263,8 +253,7 @@ class _Cut(requests.Timeout):
 
 
 class _CutConnection(urllib3.connection.HTTPConnection):
-    """Hands :attr:`cuttable` a duplicate of its socket, which another thread can shut down even once TLS wrapped it;
-    :class:`_Cuttable` mixes it into each of its pools' own connection class, TLS or not."""
+    """Hands :attr:`cuttable` a duplicate of its socket, which another thread can shut down even once TLS wraps it."""
 
     cuttable: _Cuttable
 
@@ -336,10 +325,8 @@ def _bounded_request(
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.%a-zA-Z0-9]+\]|[A-Za-z0-9._:%-]+)$")
 _ALLOWED_HOST_RE = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 _BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
-#: The file ``picoapi supervisor|worker --env-file`` gives, read instead of ./.env while the app is built.
-_env_file_instead: str | None = None
-#: Python's filters hide DeprecationWarning outside __main__: under uvicorn an operator would see nothing.
-_log_once = functools.cache(logger.warning)
+_env_file_instead: str | None = None  #: ``picoapi supervisor|worker --env-file``'s file, read instead of ./.env
+_log_once = functools.cache(logger.warning)  #: Python hides DeprecationWarning outside __main__, under uvicorn too
 
 
 def _parse_number(var: str, raw: object, low: float, high: float, off: bool = False) -> Any:
@@ -363,24 +350,41 @@ def _parse_choice(var: str, raw: object, choices: Mapping[str, Any] = _BOOLS) ->
     return value
 
 
-def _parse_text(var: str, raw: object, limit: int, one_line: bool = False) -> str:
-    # One line: FastAPI descriptions are often Markdown over several lines, the registration's copy is one line.
-    text = re.sub(r"[\t\r\n]+", " ", str(raw).strip())[:limit] if one_line else str(raw).strip()
-    if not (text or one_line) or len(text) > limit:
-        raise ConfigError(f"{var} must be 1 to {limit} printable characters, got {raw!r}")
-    return _check_text(var, text, ConfigError)
-
-
-def _parse_host(var: str, raw: object) -> str:
-    if len(text := str(raw).strip()) > MAX_HOST or not _HOST_RE.match(text):
-        raise ConfigError(f"{var} must be a host name or IP address such as 'localhost' or '10.0.0.5', got {raw!r}")
-    return _normal_host(text)
-
-
-def _parse_path(var: str, raw: object) -> str:
-    if not (text := str(raw).strip()).startswith("/") or len(text) > 512:
-        raise ConfigError(f"{var} must be a path starting with '/', such as '/health', got {raw!r}")
-    return _check_health_url(var, text, ConfigError)
+def _parse_text(var: str, raw: object, kind: str = "text", limit: int = 4096) -> Any:
+    """``raw`` (a setting or a list's item) stripped, checked as ``kind``; else a ConfigError: variable, value, fix."""
+    text = str(raw).strip()
+    match kind:
+        case "text" if 0 < len(text) <= limit:
+            return _check_text(var, text, ConfigError)
+        case "line":  # FastAPI descriptions are often Markdown over several lines, the registration's copy is one line
+            return _check_text(var, re.sub(r"[\t\r\n]+", " ", text)[:limit], ConfigError)
+        case "host" if len(text) <= MAX_HOST and _HOST_RE.match(text):
+            return _normal_host(text)
+        case "path" if text.startswith("/") and len(text) <= 512:
+            return _check_health_url(var, text, ConfigError)
+        case "tag":
+            return _check_tag(f"{var} items", text, ConfigError)
+        case "url":
+            with contextlib.suppress(ValueError):  # urlsplit() and .port raise on a malformed IPv6 address or port
+                parts = urlsplit(text)
+                if parts.scheme in ("http", "https") and parts.hostname and text.isprintable() and parts.port != 0:
+                    return text
+        case "network":
+            with contextlib.suppress(ValueError):
+                return ipaddress.ip_network(text, strict=False)
+        case "allowed host":  # as Starlette's TrustedHostMiddleware compares a Host header: lower case, IPv6 in []
+            host = f"[{text.lower()}]" if ":" in text and _ip(text) is not None else text.lower()
+            if _ALLOWED_HOST_RE.fullmatch(host) and (host[0] != "[" or _ip(host[1:-1]) is not None):
+                return host
+    fix = {
+        "text": f"be 1 to {limit} printable characters",
+        "host": "be a host name or IP address such as 'localhost' or '10.0.0.5'",
+        "path": "be a path starting with '/', such as '/health'",
+        "url": "be an http:// or https:// URL such as 'http://keeper:8100/register'",
+        "network": "list networks such as '10.0.0.0/8!fd00::/8'",
+        "allowed host": "list hosts without scheme or port ('keeper!10.0.0.5!*.internal')",
+    }
+    raise ConfigError(f"{var} must {fix[kind]}, got {raw!r}")
 
 
 def _parse_token(var: str, raw: object) -> str | None:
@@ -394,40 +398,14 @@ def _parse_token(var: str, raw: object) -> str | None:
     return text or None
 
 
-def _parse_list(var: str, raw: object, sep: str, item: Callable[..., Any] | None = None, most: int = 0) -> tuple:
-    """A ``sep``-delimited string or a list; each item checked by ``item(var, text)``, at most ``most`` of them."""
+def _parse_list(var: str, raw: object, sep: str, kind: str = "", most: int = 0) -> tuple:
+    """A ``sep``-delimited string or a list; each item checked as ``kind`` by :func:`_parse_text`, at most ``most``."""
     if not isinstance(raw, (str, list, tuple, set, frozenset)):
         raise ConfigError(f"{var} must be a {sep!r}-delimited string or a list of strings, got {raw!r}")
     items = tuple(i.strip() for i in (raw.split(sep) if isinstance(raw, str) else map(str, raw)) if i.strip())
     if most and len(items) > most:
         raise ConfigError(f"{var} may list at most {most} items, got {len(items)}")
-    return tuple(map(functools.partial(item, var), items)) if item else items
-
-
-def _url_item(var: str, url: str) -> str:
-    with contextlib.suppress(ValueError):  # urlsplit() and .port raise on a malformed IPv6 address or port
-        parts = urlsplit(url)
-        if parts.scheme in ("http", "https") and parts.hostname and url.isprintable() and parts.port != 0:
-            return url
-    raise ConfigError(f"{var} must be an http:// or https:// URL such as 'http://keeper:8100/register', got {url!r}")
-
-
-def _network_item(var: str, text: str) -> IPNetwork:
-    with contextlib.suppress(ValueError):
-        return ipaddress.ip_network(text, strict=False)
-    raise ConfigError(f"{var} must list networks such as '10.0.0.0/8!fd00::/8', got {text!r}")
-
-
-def _allowed_host_item(var: str, item: str) -> str:
-    # As Starlette's TrustedHostMiddleware compares the Host header's host: lower case, IPv6 in brackets.
-    host = f"[{item.lower()}]" if ":" in item and _ip(item) is not None else item.lower()
-    if not _ALLOWED_HOST_RE.fullmatch(host) or (host[0] == "[" and _ip(host[1:-1]) is None):
-        raise ConfigError(f"{var} must list hosts without scheme or port ('keeper!10.0.0.5!*.internal'), got {item!r}")
-    return host
-
-
-def _tag_item(var: str, tag: str) -> str:
-    return _check_tag(f"{var} items", tag, ConfigError)
+    return tuple(_parse_text(var, item, kind) for item in items) if kind else items
 
 
 class _Setting(NamedTuple):
@@ -454,30 +432,30 @@ class Config:
 
     # keyword: type = _setting(default, meaning, parser, *bounds)
     mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, {"worker": "worker", "supervisor": "supervisor"})
-    host: str | None = _setting(None, "the host the supervisor reaches this API at", _parse_host)
+    host: str | None = _setting(None, "the host the supervisor reaches this API at", _parse_text, "host")
     port: int = _setting(DEFAULT_PORT, "the port of the API", _parse_number, 1, 65535)
-    bind: str | None = _setting(None, "the interface the command line binds to", _parse_host)
-    title: str | None = _setting(None, "the service's name (FastAPI's title)", _parse_text, MAX_NAME)
-    description: str = _setting(DEFAULT_DESCRIPTION, "FastAPI's description", _parse_text, MAX_DESCRIPTION, True)
-    version: str = _setting(DEFAULT_VERSION, "its version", _parse_text, MAX_VERSION)
+    bind: str | None = _setting(None, "the interface the command line binds to", _parse_text, "host")
+    title: str | None = _setting(None, "the service's name (FastAPI's title)", _parse_text, "text", MAX_NAME)
+    description: str = _setting(DEFAULT_DESCRIPTION, "FastAPI's description", _parse_text, "line", MAX_DESCRIPTION)
+    version: str = _setting(DEFAULT_VERSION, "its version", _parse_text, "text", MAX_VERSION)
     register_urls: tuple[str, ...] = _setting(
-        (), "where to register", _parse_list, "!", _url_item, var="API_REGISTER_PATH", old="API_KEEPER_URL"
+        (), "where to register", _parse_list, "!", "url", var="API_REGISTER_PATH", old="API_KEEPER_URL"
     )
-    health_path: str = _setting(DEFAULT_HEALTH_PATH, "the path the supervisor checks", _parse_path)
+    health_path: str = _setting(DEFAULT_HEALTH_PATH, "the path the supervisor checks", _parse_text, "path")
     health_interval: float = _setting(DEFAULT_HEALTH_INTERVAL, "gap", _parse_number, MIN_INTERVAL, MAX_INTERVAL)
     health_timeout: float | None = _setting(None, "a check's deadline", _parse_number, 0.01, MAX_INTERVAL)
-    tags: tuple[str, ...] = _setting((), "what it does, for discovery", _parse_list, ":", _tag_item, MAX_TAGS)
+    tags: tuple[str, ...] = _setting((), "what it does, for discovery", _parse_list, ":", "tag", MAX_TAGS)
     cors_allow_origins: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed origins", _parse_list, "!")
     cors_allow_methods: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed methods", _parse_list, "!")
     cors_allow_headers: tuple[str, ...] = _setting(DEFAULT_CORS, "CORS allowed headers", _parse_list, "!")
     cors_allow_credentials: bool = _setting(False, "CORS credentials: needs listed origins", _parse_choice)
-    allowed_hosts: tuple[str, ...] = _setting((), "the Host headers served", _parse_list, "!", _allowed_host_item)
+    allowed_hosts: tuple[str, ...] = _setting((), "the Host headers served", _parse_list, "!", "allowed host")
     register_token: str | None = _setting(None, "the token registrations carry", _parse_token)
-    register_networks: tuple[IPNetwork, ...] = _setting((), "claimable networks (NAT)", _parse_list, "!", _network_item)
+    register_networks: tuple[IPNetwork, ...] = _setting((), "claimable networks (NAT)", _parse_list, "!", "network")
     register_timeout: float = _setting(DEFAULT_REGISTER_TIMEOUT, "startup's wait", _parse_number, 0.0, 3600.0)
     register_required: bool = _setting(False, "fail startup unless registered", _parse_choice)
     max_workers: int = _setting(DEFAULT_MAX_WORKERS, "the registry's cap", _parse_number, 1, 10_000_000)
-    registry_file: str | None = _setting(None, "a sqlite file keeping the registrations", _parse_text, 4096)
+    registry_file: str | None = _setting(None, "a sqlite file keeping the registrations", _parse_text)
     deregister_after: float | None = _setting(None, "gone after", _parse_number, MIN_INTERVAL, 10 * MAX_INTERVAL, True)
     health_failures: int = _setting(DEFAULT_HEALTH_FAILURES, "failures to be unhealthy", _parse_number, 1, 100)
     health_successes: int = _setting(DEFAULT_HEALTH_SUCCESSES, "successes to recover", _parse_number, 1, 100)
@@ -512,9 +490,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.cors_allow_credentials and "*" in self.cors_allow_origins:
             raise ConfigError("API_CORS_ALLOW_CREDENTIALS=true needs explicit origins, got API_CORS_ALLOW_ORIGINS='*'")
-        host = _bracketed(self.host or "")
-        listed = any(host == h or (h[0] == "*" and host.endswith(h[1:])) for h in self.allowed_hosts)
-        if host and self.allowed_hosts and not listed:
+        host, allowed = _bracketed(self.host or ""), self.allowed_hosts
+        if host and allowed and not any(host == h or (h[0] == "*" and host.endswith(h[1:])) for h in allowed):
             raise ConfigError(f"API_ALLOWED_HOSTS must list API_HOST ('{self.host}'), the Host health checks send")
         if (timeout := self.health_timeout or 0) > (interval := self.health_interval):
             raise ConfigError(f"API_HEALTH_TIMEOUT ({timeout:g}) must not exceed API_HEALTH_INTERVAL ({interval:g})")
@@ -539,11 +516,8 @@ class Config:
 
 
 #: keyword -> its row of the table, in declaration order.
-_SETTINGS: dict[str, _Setting] = {
-    f.name: f.metadata["setting"]._replace(var=f.metadata["setting"].var or f"API_{f.name.upper()}")
-    for f in dataclasses.fields(Config)
-    if f.metadata
-}
+_SETTINGS: dict[str, _Setting] = {f.name: f.metadata["setting"] for f in dataclasses.fields(Config) if f.metadata}
+_SETTINGS |= {name: row._replace(var=f"API_{name.upper()}") for name, row in _SETTINGS.items() if not row.var}
 
 
 def _close_setting(name: str) -> str | None:
@@ -562,18 +536,17 @@ def _from_1x(keywords: dict[str, Any], sources: Sequence[dict[str, str]]) -> Non
     """Read 1.x's ``is_master`` and ``API_MASTER`` as the mode they mean, warning; beside another mode: ConfigError."""
     spellings = [(keywords, "is_master", "mode", "{}={!r}")] + [(s, "API_MASTER", "API_MODE", "{}={}") for s in sources]
     for given, old, new, spelt in spellings:
-        if (raw := given.pop(old, None)) in (None, ""):
-            continue
-        mode = "supervisor" if _parse_choice(old, raw) else "worker"
-        was, now = spelt.format(old, raw), spelt.format(new, mode)
-        if str(given.get(new) or mode).strip().lower() != mode:
-            raise ConfigError(f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: keep only {new}")
-        given[new] = mode
-        message = f"{was} is picoapi 1.x's spelling: write {now} instead"
-        level = next((i for i, frame in enumerate(inspect.stack(0), 1) if frame.filename != __file__), 1)
-        warnings.warn(message, DeprecationWarning, stacklevel=level)
-        _log_like_uvicorn()  # logged while the app is built: under uvicorn, in its format already
-        _log_once("%s", message)
+        if (raw := given.pop(old, None)) not in (None, ""):
+            mode = "supervisor" if _parse_choice(old, raw) else "worker"
+            was, now = spelt.format(old, raw), spelt.format(new, mode)
+            if str(given.get(new) or mode).strip().lower() != mode:
+                raise ConfigError(f"{was} (picoapi 1.x) and {spelt.format(new, given[new])} disagree: keep only {new}")
+            given[new] = mode
+            message = f"{was} is picoapi 1.x's spelling: write {now} instead"
+            level = next((i for i, frame in enumerate(inspect.stack(0), 1) if frame.filename != __file__), 1)
+            warnings.warn(message, DeprecationWarning, stacklevel=level)
+            _log_like_uvicorn()  # logged while the app is built: under uvicorn, in its format already
+            _log_once("%s", message)
 
 
 def _read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
