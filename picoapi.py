@@ -1641,19 +1641,28 @@ class Registrar:
 
     def check_self(self, delay: float = 0.0) -> None:
         """After ``delay`` seconds, unless :meth:`stop` comes first, GET the health URL this worker registered; log
-        an ERROR with the fix unless it, or a sibling, answers."""
+        an ERROR with the fix unless it, a sibling, or a PicoAPI app's own route answers."""
         if self._stop.wait(delay):
             return
-        url, interval = self.body["health"]["url"], self.body["health"]["interval"]
+        body, health = self.body, self.body["health"]
         try:
-            found = _who_else(*self._send("GET", url, min(interval, DEFAULT_HEALTH_TIMEOUT)), self.body)
+            answer, content = self._send("GET", health["url"], min(health["interval"], DEFAULT_HEALTH_TIMEOUT))
         except Exception as exc:  # requests' errors, or any other: the thread never dies of it
             found = f"nothing answers there ({self._safe(_root_cause(exc))})"
-        if found and not self._stop.is_set():  # shutting down cuts the check: nothing to report
-            fix = (
-                f"pass --port {self.body['port']} to uvicorn (picoapi worker binds API_PORT itself), "
-                "or set API_PORT and API_HOST to where it listens"
-            )
+        else:
+            said = _json(content or b"")
+            said = said if isinstance(said, dict) else {}
+            itself = bool(body.get("instance")) and answer.headers.get(INSTANCE_HEADER) == body["instance"]
+            named = (said.get("name"), said.get("version"))
+            if "name" in said and not itself and named != (body["name"], body.get("version")):
+                found = f"another service ('{_printable(' '.join(map(str, named)))}') answers there"
+            elif "name" in said or INSTANCE_HEADER in answer.headers:
+                return  # itself, a sibling, or a PicoAPI app's own route
+            else:
+                found = f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
+        if not self._stop.is_set():  # shutting down cuts the check: nothing to report
+            port = f"--port {body['port']} to uvicorn (picoapi worker binds API_PORT itself)"
+            fix = f"pass {port}, or set API_PORT and API_HOST to where it listens"
             logger.error("registered %s but %s: the server binds another port or address; %s", self._id, found, fix)
 
     def _run(self) -> None:
@@ -1731,18 +1740,6 @@ def _http_date(value: str | None) -> float | None:
 def _base_url(register_url: str) -> str:
     """A supervisor's base URL from its registration URL: ``http://keeper:8100/register`` -> ``http://keeper:8100``."""
     return register_url.rstrip("/").removesuffix(REGISTER_ROUTE)
-
-
-def _who_else(answer: requests.Response, content: bytes | None, body: Mapping[str, Any]) -> str | None:
-    """Who answered a worker's GET of its own health URL; None for itself, a sibling, or a PicoAPI app's own route."""
-    said = _json(content or b"")
-    said = said if isinstance(said, dict) else {}
-    is_itself = bool(body.get("instance")) and answer.headers.get(INSTANCE_HEADER) == body["instance"]
-    if not is_itself and "name" in said and (said["name"], said.get("version")) != (body["name"], body.get("version")):
-        return f"another service ('{_printable(said['name'])} {_printable(said.get('version'))}') answers there"
-    if "name" in said or INSTANCE_HEADER in answer.headers:
-        return None
-    return f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
 
 
 def _is_own_entry(answer: Any, body: Mapping[str, Any], *also: str) -> TypeGuard[dict[str, Any]]:
