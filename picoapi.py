@@ -1469,8 +1469,7 @@ class _Supervisor:
 
 
 class Registrar:
-    """Registers a worker with its supervisors at once (one that hangs holds up none); :meth:`start`'s thread
-    retries, asks a silent supervisor whether it still checks us, and checks once that we answer where registered."""
+    """Registers a worker with its supervisors; :meth:`start`'s thread retries, and re-registers where forgotten."""
 
     def __init__(
         self,
@@ -1565,8 +1564,7 @@ class Registrar:
         return [sup for sup, thread in threads.items() if thread.is_alive()]
 
     def register_all(self) -> None:
-        """Register with every supervisor at once, within ``timeout``. Raises :class:`RegistrationError` on a 409
-        (another live process serves this host:port), or if ``required`` and any is still missing; else warns."""
+        """Register with all at once within ``timeout``; raise on a 409, or if ``required`` and any is missing."""
         deadline = self._clock() + self.timeout
 
         def one(sup: _Supervisor) -> None:
@@ -1640,8 +1638,7 @@ class Registrar:
         threading.Thread(target=self.check_self, args=(delay,), name="picoapi-self-check", daemon=True).start()
 
     def check_self(self, delay: float = 0.0) -> None:
-        """After ``delay`` seconds, unless :meth:`stop` comes first, GET the health URL this worker registered; log
-        an ERROR with the fix unless it, a sibling, or a PicoAPI app's own route answers."""
+        """After ``delay`` s, unless stopped, GET the health URL registered: an ERROR with the fix unless we answer."""
         if self._stop.wait(delay):
             return
         body, health = self.body, self.body["health"]
@@ -1685,8 +1682,7 @@ class Registrar:
             self._thread.join(timeout)
 
     def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
-        """DELETE this process's entry (not a sibling's) at every supervisor at once, within ``timeout``, even where
-        not registered: a PUT cut awaiting its answer may have landed."""
+        """DELETE this process's entry at every supervisor at once within ``timeout``, even where a cut PUT may be."""
         deadline = self._clock() + timeout * 0.75
         self.stop(timeout / 4)
         params = {"instance": self.body.get("instance")}  # requests leaves a None out
@@ -1821,16 +1817,14 @@ def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
 METRICS_ROUTE = "/metrics"
 #: Prometheus' HTTP service discovery (``http_sd_configs``): the healthy workers as scrape targets.
 TARGETS_ROUTE = "/prometheus/targets"
-#: GET /metrics shows workers by tag for the tags with the most workers, at most this many (3 series each),
-#: so that hostile or numerous tags cannot grow the label set without bound.
+#: GET /metrics shows workers by tag for at most this many tags, the largest: hostile tags cannot grow its labels.
 METRICS_MAX_TAGS = 50
 #: Upper bounds in seconds of the check latency and lateness histograms' buckets (Prometheus' defaults).
 METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class _Metrics:
-    """The registry's counters for GET /metrics, updated under its lock; the rest is read when scraped. A histogram
-    is its counts per bucket (not cumulative; the last is +Inf), then its sum: an observation is two adds."""
+    """The registry's counters for GET /metrics. A histogram: its counts per bucket (the last +Inf), then its sum."""
 
     def __init__(self) -> None:
         self.checks = [0, 0]  # failed, succeeded
@@ -1913,8 +1907,7 @@ def _tag_filter(
 _Tags = Annotated[list[str], Depends(_tag_filter)]
 _Instance = Annotated[str | None, Query(pattern=_INSTANCE_PATTERN, description="the stopping process")]
 
-#: The dashboard's one script. Every few seconds it fetches the page anew and swaps in its #live part: the form, a
-#: filter half typed in it and the focus stay. The form and the links change the view (and the address) likewise.
+#: The dashboard's one script: it fetches the page anew and swaps in its #live part, keeping the form as typed.
 _DASHBOARD_SCRIPT = """
 const $ = (id) => document.getElementById(id);
 let timer = 0, asked = 0;
@@ -1956,8 +1949,7 @@ _HTML_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&qu
 def _dashboard(  # like every sync route, on a thread: never holding up the event loop
     request: Request, tags: _Tags, status: Status | None = None, page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
 ) -> HTMLResponse:
-    """The dashboard: counts over the workers with ``tags``, then a page of them, trouble first. Every value is
-    escaped: whatever a worker sent shows as text, never as markup."""
+    """The dashboard: counts over the workers with ``tags``, then a page of them, trouble first; all escaped."""
     app: PicoAPI = request.app
     registry, trouble = app.registry, app.checker and app.checker.trouble
     assert registry is not None
