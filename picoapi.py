@@ -1914,17 +1914,16 @@ let timer = 0, asked = 0;
 async function update() {
   clearTimeout(timer);
   const mine = ++asked;  // the latest update wins, whichever answer comes first
+  let page, error = null;
   try {
-    const answer = await fetch(location.href, {cache: "no-store"}), page = await answer.text();
-    if (mine !== asked) return;
-    if (!answer.ok) throw new Error([].concat(JSON.parse(page).detail).map((e) => e.msg || e).join("; "));
-    $("live").replaceWith(new DOMParser().parseFromString(page, "text/html").getElementById("live"));
-    $("error").hidden = true;
-  } catch (e) {
-    if (mine !== asked) return;
-    $("error").textContent = "Not updated: " + e.message;
-    $("error").hidden = false;
-  }
+    const answer = await fetch(location.href, {cache: "no-store"});
+    page = await answer.text();
+    if (!answer.ok) error = [].concat(JSON.parse(page).detail).map((e) => e.msg || e).join("; ");
+  } catch (e) { error = e.message; }
+  if (mine !== asked) return;
+  if (error === null) $("live").replaceWith(new DOMParser().parseFromString(page, "text/html").getElementById("live"));
+  $("error").textContent = "Not updated: " + error;
+  $("error").hidden = error === null;
   timer = setTimeout(update, REFRESH000);
 }
 function go(url) { history.replaceState(null, "", url); update(); }
