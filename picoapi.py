@@ -1702,10 +1702,8 @@ class Registrar:
 def _why_not_registering(config: Config) -> str:
     """Why a worker with ``config`` (no API_REGISTER_PATH) will not register, and the fix."""
     given = f" (its tags {list(config.tags)} go nowhere)" if config.tags else ""
-    return (
-        f"not registering with a supervisor: API_REGISTER_PATH is not set{given}, so this worker serves as a plain "
-        "app; set API_REGISTER_PATH to the supervisor's /register URL, e.g. http://127.0.0.1:8100/register"
-    )
+    fix = "set API_REGISTER_PATH to the supervisor's /register URL, e.g. http://127.0.0.1:8100/register"
+    return f"not registering with a supervisor: API_REGISTER_PATH is not set{given}, so it serves as a plain app; {fix}"
 
 
 def _log_like_uvicorn() -> None:
@@ -1922,8 +1920,7 @@ async function update() {
   } catch (e) { error = e.message; }
   if (mine !== asked) return;
   if (error === null) $("live").replaceWith(new DOMParser().parseFromString(page, "text/html").getElementById("live"));
-  $("error").textContent = "Not updated: " + error;
-  $("error").hidden = error === null;
+  Object.assign($("error"), {textContent: "Not updated: " + error, hidden: error === null});
   timer = setTimeout(update, REFRESH000);
 }
 function go(url) { history.replaceState(null, "", url); update(); }
@@ -1950,8 +1947,7 @@ def _dashboard(  # like every sync route, on a thread: never holding up the even
 ) -> HTMLResponse:
     """The dashboard: counts over the workers with ``tags``, then a page of them, trouble first; all escaped."""
     app: PicoAPI = request.app
-    registry, trouble = app.registry, app.checker and app.checker.trouble
-    assert registry is not None
+    registry, trouble = app._need_registry(), app.checker and app.checker.trouble
     tagged, now, wall, first = registry.workers(*tags), registry.clock(), registry._wall(), (page - 1) * DASHBOARD_PAGE
     counts, order = collections.Counter(w.status for w in tagged), {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}
     matched = [w for w in tagged if status in (None, w.status)]
