@@ -1908,7 +1908,7 @@ _Instance = Annotated[str | None, Query(pattern=_INSTANCE_PATTERN, description="
 #: The dashboard's one script: it fetches the page anew and swaps in its #live part, keeping the form as typed.
 _DASHBOARD_SCRIPT = """
 const $ = (id) => document.getElementById(id);
-let timer = 0, asked = 0;
+let timer = setTimeout(update, REFRESH000), asked = 0;
 async function update() {
   clearTimeout(timer);
   const mine = ++asked;  // the latest update wins, whichever answer comes first
@@ -1926,7 +1926,6 @@ async function update() {
 function go(url) { history.replaceState(null, "", url); update(); }
 $("filter").onsubmit = (e) => { e.preventDefault(); go("?" + new URLSearchParams(new FormData(e.target))); };
 document.onclick = (e) => { if (e.target.closest("#live a")) { e.preventDefault(); go(e.target.closest("a").href); } };
-timer = setTimeout(update, REFRESH000);
 """.replace("REFRESH", str(DASHBOARD_REFRESH))
 _DASHBOARD_DIGEST = base64.b64encode(hashlib.sha256(_DASHBOARD_SCRIPT.encode()).digest()).decode()
 #: The dashboard runs its own script and nothing else, and fetches from the supervisor only.
