@@ -1648,12 +1648,11 @@ class Registrar:
             found = f"nothing answers there ({self._safe(_root_cause(exc))})"
         else:
             said = _json(content or b"")
-            said = said if isinstance(said, dict) else {}
+            named = (said["name"], said.get("version")) if isinstance(said, dict) and "name" in said else None
             itself = bool(body.get("instance")) and answer.headers.get(INSTANCE_HEADER) == body["instance"]
-            named = (said.get("name"), said.get("version"))
-            if "name" in said and not itself and named != (body["name"], body.get("version")):
+            if named and not itself and named != (body["name"], body.get("version")):
                 found = f"another service ('{_printable(' '.join(map(str, named)))}') answers there"
-            elif "name" in said or INSTANCE_HEADER in answer.headers:
+            elif named or INSTANCE_HEADER in answer.headers:
                 return  # itself, a sibling, or a PicoAPI app's own route
             else:
                 found = f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
