@@ -1979,8 +1979,7 @@ def _dashboard(  # like every sync route, on a thread: never holding up the even
 </form><p class="trouble" id="error" role="alert" hidden></p><div id="live">{alert}
 <p>{"".join(link(f"{counts[s]} {s}", f' data-count="{s}"', status=s, page=None) for s in STATUSES)}</p><table>
 <tr><th>name<th>id<th>version<th>tags<th>status<th>last error<th>unhealthy since<th>last check<th>latency<th>failures
-{rows}</table><p>{shown_text}; updated every {DASHBOARD_REFRESH} s. {pages}</div><script>{_DASHBOARD_SCRIPT}</script>
-"""
+{rows}</table><p>{shown_text}; updated every {DASHBOARD_REFRESH} s. {pages}</div><script>{_DASHBOARD_SCRIPT}</script>"""
     return HTMLResponse(page_text, headers=_DASHBOARD_HEADERS)
 
 
