@@ -1802,13 +1802,6 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
-def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
-    """Rows as aligned text columns under ``headers``."""
-    table = [headers, *rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
-
-
 # -- Operator views: dashboard, metrics, service discovery ----------------------
 
 METRICS_ROUTE = "/metrics"
@@ -2677,7 +2670,9 @@ def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
         shown = (e["id"], e["name"], e["version"], ",".join(e["tags"]), e["status"] + ("*" if e.get("suspect") else ""))
         latency = None if e.get("failures") else e.get("last_latency")  # a failed check's time says nothing
         rows.append((*map(cell, shown), _ago(e.get("last_check"), now), _ms(latency)))
-    print(_table(rows, ("ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST CHECK", "LATENCY")))
+    table = [("ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST CHECK", "LATENCY"), *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]  # aligned columns
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table))
     counts = collections.Counter(cell(e["status"]) for e in entries)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     print(f"\n{_workers(len(entries))}" + (f": {summary}" if summary else ""), flush=True)
