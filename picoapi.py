@@ -1701,8 +1701,10 @@ class Registrar:
 def _why_not_registering(config: Config) -> str:
     """Why a worker with ``config`` (no API_REGISTER_PATH) will not register, and the fix."""
     given = f" (its tags {list(config.tags)} go nowhere)" if config.tags else ""
-    fix = "set API_REGISTER_PATH to the supervisor's /register URL, e.g. http://127.0.0.1:8100/register"
-    return f"not registering with a supervisor: API_REGISTER_PATH is not set{given}, so it serves as a plain app; {fix}"
+    return (
+        f"not registering with a supervisor: API_REGISTER_PATH is not set{given}, so this worker serves as a plain "
+        "app; set API_REGISTER_PATH to the supervisor's /register URL, e.g. http://127.0.0.1:8100/register"
+    )
 
 
 def _log_like_uvicorn() -> None:
