@@ -1442,8 +1442,7 @@ class _Supervisor:
 
 
 class Registrar:
-    """Registers a worker with its supervisors at once (one that hangs holds up none); :meth:`start`'s thread
-    retries, asks a silent supervisor whether it still checks us, and checks once that we answer where registered."""
+    """Registers a worker with its supervisors; :meth:`start`'s thread retries, and re-registers where forgotten."""
 
     def __init__(
         self,
@@ -1538,8 +1537,7 @@ class Registrar:
         return [sup for sup, thread in threads.items() if thread.is_alive()]
 
     def register_all(self) -> None:
-        """Register with every supervisor at once, within ``timeout``. Raises :class:`RegistrationError` on a 409
-        (another live process serves this host:port), or if ``required`` and any is still missing; else warns."""
+        """Register with all at once within ``timeout``; raise on a 409, or if ``required`` and any is missing."""
         deadline = self._clock() + self.timeout
 
         def one(sup: _Supervisor) -> None:
@@ -1613,20 +1611,27 @@ class Registrar:
         threading.Thread(target=self.check_self, args=(delay,), name="picoapi-self-check", daemon=True).start()
 
     def check_self(self, delay: float = 0.0) -> None:
-        """After ``delay`` seconds, unless :meth:`stop` comes first, GET the health URL this worker registered; log
-        an ERROR with the fix unless it, or a sibling, answers."""
+        """After ``delay`` s, unless stopped, GET the health URL registered: an ERROR with the fix unless we answer."""
         if self._stop.wait(delay):
             return
-        url, interval = self.body["health"]["url"], self.body["health"]["interval"]
+        body, health = self.body, self.body["health"]
         try:
-            found = _who_else(*self._send("GET", url, min(interval, DEFAULT_HEALTH_TIMEOUT)), self.body)
+            answer, content = self._send("GET", health["url"], min(health["interval"], DEFAULT_HEALTH_TIMEOUT))
         except Exception as exc:  # requests' errors, or any other: the thread never dies of it
             found = f"nothing answers there ({self._safe(_root_cause(exc))})"
-        if found and not self._stop.is_set():  # shutting down cuts the check: nothing to report
-            fix = (
-                f"pass --port {self.body['port']} to uvicorn (picoapi worker binds API_PORT itself), "
-                "or set API_PORT and API_HOST to where it listens"
-            )
+        else:
+            said = _json(content or b"")
+            named = (said["name"], said.get("version")) if isinstance(said, dict) and "name" in said else None
+            itself = bool(body.get("instance")) and answer.headers.get(INSTANCE_HEADER) == body["instance"]
+            if named and not itself and named != (body["name"], body.get("version")):
+                found = f"another service ('{_printable(' '.join(map(str, named)))}') answers there"
+            elif named or INSTANCE_HEADER in answer.headers:
+                return  # itself, a sibling, or a PicoAPI app's own route
+            else:
+                found = f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
+        if not self._stop.is_set():  # shutting down cuts the check: nothing to report
+            port = f"--port {body['port']} to uvicorn (picoapi worker binds API_PORT itself)"
+            fix = f"pass {port}, or set API_PORT and API_HOST to where it listens"
             logger.error("registered %s but %s: the server binds another port or address; %s", self._id, found, fix)
 
     def _run(self) -> None:
@@ -1649,8 +1654,7 @@ class Registrar:
             self._thread.join(timeout)
 
     def deregister_all(self, timeout: float = DEREGISTER_TIMEOUT) -> None:
-        """DELETE this process's entry (not a sibling's) at every supervisor at once, within ``timeout``, even where
-        not registered: a PUT cut awaiting its answer may have landed."""
+        """DELETE this process's entry at every supervisor at once within ``timeout``, even where a cut PUT may be."""
         deadline = self._clock() + timeout * 0.75
         self.stop(timeout / 4)
         params = {"instance": self.body.get("instance")}  # requests leaves a None out
@@ -1704,18 +1708,6 @@ def _http_date(value: str | None) -> float | None:
 def _base_url(register_url: str) -> str:
     """A supervisor's base URL from its registration URL: ``http://keeper:8100/register`` -> ``http://keeper:8100``."""
     return register_url.rstrip("/").removesuffix(REGISTER_ROUTE)
-
-
-def _who_else(answer: requests.Response, content: bytes | None, body: Mapping[str, Any]) -> str | None:
-    """Who answered a worker's GET of its own health URL; None for itself, a sibling, or a PicoAPI app's own route."""
-    said = _json(content or b"")
-    said = said if isinstance(said, dict) else {}
-    is_itself = bool(body.get("instance")) and answer.headers.get(INSTANCE_HEADER) == body["instance"]
-    if not is_itself and "name" in said and (said["name"], said.get("version")) != (body["name"], body.get("version")):
-        return f"another service ('{_printable(said['name'])} {_printable(said.get('version'))}') answers there"
-    if "name" in said or INSTANCE_HEADER in answer.headers:
-        return None
-    return f"something else answers there (HTTP {answer.status_code}, not a PicoAPI health endpoint)"
 
 
 def _is_own_entry(answer: Any, body: Mapping[str, Any], *also: str) -> TypeGuard[dict[str, Any]]:
@@ -1785,28 +1777,19 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
-def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
-    """Rows as aligned text columns under ``headers``."""
-    table = [headers, *rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
-
-
 # -- Operator views: dashboard, metrics, service discovery ----------------------
 
 METRICS_ROUTE = "/metrics"
 #: Prometheus' HTTP service discovery (``http_sd_configs``): the healthy workers as scrape targets.
 TARGETS_ROUTE = "/prometheus/targets"
-#: GET /metrics shows workers by tag for the tags with the most workers, at most this many (3 series each),
-#: so that hostile or numerous tags cannot grow the label set without bound.
+#: GET /metrics shows workers by tag for at most this many tags, the largest: hostile tags cannot grow its labels.
 METRICS_MAX_TAGS = 50
 #: Upper bounds in seconds of the check latency and lateness histograms' buckets (Prometheus' defaults).
 METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class _Metrics:
-    """The registry's counters for GET /metrics, updated under its lock; the rest is read when scraped. A histogram
-    is its counts per bucket (not cumulative; the last is +Inf), then its sum: an observation is two adds."""
+    """The registry's counters for GET /metrics. A histogram: its counts per bucket (the last +Inf), then its sum."""
 
     def __init__(self) -> None:
         self.checks = [0, 0]  # failed, succeeded
@@ -1889,31 +1872,27 @@ def _tag_filter(
 _Tags = Annotated[list[str], Depends(_tag_filter)]
 _Instance = Annotated[str | None, Query(pattern=_INSTANCE_PATTERN, description="the stopping process")]
 
-#: The dashboard's one script. Every few seconds it fetches the page anew and swaps in its #live part: the form, a
-#: filter half typed in it and the focus stay. The form and the links change the view (and the address) likewise.
+#: The dashboard's one script: it fetches the page anew and swaps in its #live part, keeping the form as typed.
 _DASHBOARD_SCRIPT = """
 const $ = (id) => document.getElementById(id);
-let timer = 0, asked = 0;
+let timer = setTimeout(update, REFRESH000), asked = 0;
 async function update() {
   clearTimeout(timer);
   const mine = ++asked;  // the latest update wins, whichever answer comes first
+  let page, error = null;
   try {
-    const answer = await fetch(location.href, {cache: "no-store"}), page = await answer.text();
-    if (mine !== asked) return;
-    if (!answer.ok) throw new Error([].concat(JSON.parse(page).detail).map((e) => e.msg || e).join("; "));
-    $("live").replaceWith(new DOMParser().parseFromString(page, "text/html").getElementById("live"));
-    $("error").hidden = true;
-  } catch (e) {
-    if (mine !== asked) return;
-    $("error").textContent = "Not updated: " + e.message;
-    $("error").hidden = false;
-  }
+    const answer = await fetch(location.href, {cache: "no-store"});
+    page = await answer.text();
+    if (!answer.ok) error = [].concat(JSON.parse(page).detail).map((e) => e.msg || e).join("; ");
+  } catch (e) { error = e.message; }
+  if (mine !== asked) return;
+  if (error === null) $("live").replaceWith(new DOMParser().parseFromString(page, "text/html").getElementById("live"));
+  Object.assign($("error"), {textContent: "Not updated: " + error, hidden: error === null});
   timer = setTimeout(update, REFRESH000);
 }
 function go(url) { history.replaceState(null, "", url); update(); }
 $("filter").onsubmit = (e) => { e.preventDefault(); go("?" + new URLSearchParams(new FormData(e.target))); };
 document.onclick = (e) => { if (e.target.closest("#live a")) { e.preventDefault(); go(e.target.closest("a").href); } };
-timer = setTimeout(update, REFRESH000);
 """.replace("REFRESH", str(DASHBOARD_REFRESH))
 _DASHBOARD_DIGEST = base64.b64encode(hashlib.sha256(_DASHBOARD_SCRIPT.encode()).digest()).decode()
 #: The dashboard runs its own script and nothing else, and fetches from the supervisor only.
@@ -1932,11 +1911,9 @@ _HTML_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&qu
 def _dashboard(  # like every sync route, on a thread: never holding up the event loop
     request: Request, tags: _Tags, status: Status | None = None, page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
 ) -> HTMLResponse:
-    """The dashboard: counts over the workers with ``tags``, then a page of them, trouble first. Every value is
-    escaped: whatever a worker sent shows as text, never as markup."""
+    """The dashboard: counts over the workers with ``tags``, then a page of them, trouble first; all escaped."""
     app: PicoAPI = request.app
-    registry, trouble = app.registry, app.checker and app.checker.trouble
-    assert registry is not None
+    registry, trouble = app._need_registry(), app.checker and app.checker.trouble
     tagged, now, wall, first = registry.workers(*tags), registry.clock(), registry._wall(), (page - 1) * DASHBOARD_PAGE
     counts, order = collections.Counter(w.status for w in tagged), {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}
     matched = [w for w in tagged if status in (None, w.status)]
@@ -1970,8 +1947,7 @@ def _dashboard(  # like every sync route, on a thread: never holding up the even
 </form><p class="trouble" id="error" role="alert" hidden></p><div id="live">{alert}
 <p>{"".join(link(f"{counts[s]} {s}", f' data-count="{s}"', status=s, page=None) for s in STATUSES)}</p><table>
 <tr><th>name<th>id<th>version<th>tags<th>status<th>last error<th>unhealthy since<th>last check<th>latency<th>failures
-{rows}</table><p>{shown_text}; updated every {DASHBOARD_REFRESH} s. {pages}</div><script>{_DASHBOARD_SCRIPT}</script>
-"""
+{rows}</table><p>{shown_text}; updated every {DASHBOARD_REFRESH} s. {pages}</div><script>{_DASHBOARD_SCRIPT}</script>"""
     return HTMLResponse(page_text, headers=_DASHBOARD_HEADERS)
 
 
@@ -2644,7 +2620,9 @@ def _print_status(entries: Sequence[Mapping[str, Any]]) -> None:
         shown = (e["id"], e["name"], e["version"], ",".join(e["tags"]), e["status"] + ("*" if e.get("suspect") else ""))
         latency = None if e.get("failures") else e.get("last_latency")  # a failed check's time says nothing
         rows.append((*map(cell, shown), _ago(e.get("last_check"), now), _ms(latency)))
-    print(_table(rows, ("ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST CHECK", "LATENCY")))
+    table = [("ID", "NAME", "VERSION", "TAGS", "STATUS", "LAST CHECK", "LATENCY"), *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]  # aligned columns
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table))
     counts = collections.Counter(cell(e["status"]) for e in entries)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     print(f"\n{_workers(len(entries))}" + (f": {summary}" if summary else ""), flush=True)
