@@ -724,6 +724,9 @@ _fields_of = operator.attrgetter(*(f.name for f in _FIELDS))  # every field, in 
 _TOP = tuple(f.name for f in _FIELDS if "doc" in f.metadata and not f.metadata["health"])
 _HEALTH = {f.metadata["health"]: f.name for f in _FIELDS if f.metadata.get("health")}
 _top_of, _health_of = operator.attrgetter(*_TOP), operator.attrgetter(*_HEALTH.values())
+#: WorkerOut's types: the status as :data:`Status`, the tags as a list (``picoapi status`` reads them strictly).
+_HINTS = {**typing.get_type_hints(Worker), "status": Status, "tags": list[str]}
+_SHOWN = {f.name: (_HINTS[f.name], Field(description=f.metadata["doc"] or None)) for f in _FIELDS if f.name in _TOP}
 #: What a registration says: each field it sets, where a Registration holds it; the same again is a refresh.
 _GIVEN = {f.name: f.metadata["given"] for f in _FIELDS if f.metadata.get("given")}
 _CONTENT = (*_GIVEN, "address")  # and the address the supervisor verified
@@ -738,11 +741,6 @@ def _content(reg: Registration, address: str) -> tuple[Any, ...]:
 def _out(w: Worker) -> dict[str, Any]:
     """``w`` as the HTTP API shows it (a :class:`WorkerOut`), without validating again what the registry made."""
     return {**dict(zip(_TOP, _top_of(w), strict=True)), "health": dict(zip(_HEALTH, _health_of(w), strict=True))}
-
-
-#: WorkerOut's types: the status as :data:`Status`, the tags as a list (``picoapi status`` reads them strictly).
-_HINTS = {**typing.get_type_hints(Worker), "status": Status, "tags": list[str]}
-_SHOWN = {f.name: (_HINTS[f.name], Field(description=f.metadata["doc"] or None)) for f in _FIELDS if f.name in _TOP}
 
 
 class WorkerOut(create_model("_WorkerFields", **_SHOWN, health=(HealthSpec, ...))):  # type: ignore[misc]
@@ -856,10 +854,9 @@ class Registry:
     def forget_instance(self, wid: str, instance: str) -> tuple[str, ...]:
         """Drop a process from ``wid``'s instances (it is stopping); returns those left."""
         with self._lock:
-            if (entry := self._workers.get(wid)) is None:
-                return ()
-            entry.instances = tuple(i for i in entry.instances if i != instance)
-            return entry.instances
+            if entry := self._workers.get(wid):
+                entry.instances = tuple(i for i in entry.instances if i != instance)
+            return entry.instances if entry else ()
 
     def deregister(self, wid: str) -> bool:
         """Remove a worker; its pending check is dropped lazily. False if unknown."""
