@@ -607,19 +607,17 @@ _Text = Annotated[str, _VISIBLE]
 #: A worker's tags: each checked, each kept once.
 _TagList = Annotated[list[str], AfterValidator(lambda ts: list(dict.fromkeys(_check_tag("each tag", t) for t in ts)))]
 _Path = Annotated[str, Field(max_length=512, pattern=r"^/[^\s\x00-\x1f\x7f]*$"), _VISIBLE]
+_HealthURL = Annotated[str, AfterValidator(functools.partial(_check_health_url, "health.url"))]
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
 Status = Literal["healthy", "unhealthy", "unknown"]
 
 
 class HealthSpec(BaseModel):
     """How the supervisor checks a worker."""
 
-    url: Annotated[str, AfterValidator(functools.partial(_check_health_url, "health.url"))] = Field(
-        max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$"
-    )
-    interval: float = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds between checks")
-    timeout: float | None = Field(
-        default=None, gt=0, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds; default min(interval, 10)"
-    )
+    url: _HealthURL = Field(max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
+    interval: _Finite = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, description="seconds between checks")
+    timeout: _Finite | None = Field(default=None, gt=0, le=MAX_INTERVAL, description="seconds; default min(interval, 10)")
 
     @property
     def deadline(self) -> float:
@@ -649,8 +647,7 @@ class Registration(BaseModel):
         except ValueError:
             raise ValueError(f"health.url has a bad port: {url!r}") from None
         if (parts.hostname or "").lower() != self.host or port != self.port:
-            own = f"{self.host}:{self.port}"
-            raise ValueError(f"health.url must point at the registrant's own host and port ({own}), got {url!r}")
+            raise ValueError(f"health.url must point at the registrant's own {self.host}:{self.port}, got {url!r}")
         if parts.username or parts.password:
             raise ValueError("health.url must not carry credentials")
         if timeout is not None and timeout > interval:
