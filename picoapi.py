@@ -920,10 +920,9 @@ class Registry:
     def mark_suspect(self, wid: str) -> None:
         """Passive health checking: skip ``wid`` in pick() and check it at once."""
         with self._lock:
-            if (entry := self._workers.get(wid)) is None:
-                return
-            entry.suspect = True
-            moved = self._schedule(entry, self.clock())
+            if entry := self._workers.get(wid):
+                entry.suspect = True
+            moved = entry is not None and self._schedule(entry, self.clock())
         if moved:
             self.wake()
 
@@ -1016,8 +1015,7 @@ def confirm_delay(interval: float) -> float:
 
 
 class _Store:
-    """The registrations on disk (sqlite3, WAL, held exclusively): one row per PUT or DELETE, none by the checker.
-    :attr:`lock` is taken before the registry's."""
+    """The registrations on disk (sqlite3, WAL, held exclusively); :attr:`lock` is taken before the registry's."""
 
     def __init__(self, path: str, is_registered: Callable[[str], bool] = lambda wid: False) -> None:
         self._is_registered = is_registered
