@@ -617,7 +617,7 @@ class HealthSpec(BaseModel):
 
     url: _HealthURL = Field(max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
     interval: _Finite = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, description="seconds between checks")
-    timeout: _Finite | None = Field(default=None, gt=0, le=MAX_INTERVAL, description="seconds; default min(interval, 10)")
+    timeout: _Finite | None = Field(None, gt=0, le=MAX_INTERVAL, description="seconds; default min(interval, 10)")
 
     @property
     def deadline(self) -> float:
@@ -640,18 +640,17 @@ class Registration(BaseModel):
 
     @model_validator(mode="after")
     def _health_is_own(self) -> Registration:
-        url, timeout, interval = self.health.url, self.health.timeout, self.health.interval
-        parts = urlsplit(url)
+        spec, parts = self.health, urlsplit(self.health.url)
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            raise ValueError(f"health.url has a bad port: {url!r}") from None
+            raise ValueError(f"health.url has a bad port: {spec.url!r}") from None
         if (parts.hostname or "").lower() != self.host or port != self.port:
-            raise ValueError(f"health.url must point at the registrant's own {self.host}:{self.port}, got {url!r}")
+            raise ValueError(f"health.url must point at the registrant's own {self.host}:{self.port}, got {spec.url!r}")
         if parts.username or parts.password:
             raise ValueError("health.url must not carry credentials")
-        if timeout is not None and timeout > interval:
-            raise ValueError(f"health.timeout ({timeout:g}) must not exceed health.interval ({interval:g})")
+        if spec.timeout is not None and spec.timeout > spec.interval:
+            raise ValueError(f"health.timeout ({spec.timeout:g}) must not exceed health.interval ({spec.interval:g})")
         return self
 
 
