@@ -579,20 +579,18 @@ _VISIBLE = AfterValidator(lambda text, info: _check_text(str(info.field_name), t
 _Text = Annotated[str, _VISIBLE]
 #: A worker's tags: each checked, each kept once.
 _TagList = Annotated[list[str], AfterValidator(lambda ts: list(dict.fromkeys(_check_tag("each tag", t) for t in ts)))]
-#: A worker's status, as the HTTP API declares it.
+_Path = Annotated[str, Field(max_length=512, pattern=r"^/[^\s\x00-\x1f\x7f]*$"), _VISIBLE]
+_HealthURL = Annotated[str, AfterValidator(functools.partial(_check_health_url, "health.url"))]
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
 Status = Literal["healthy", "unhealthy", "unknown"]
 
 
 class HealthSpec(BaseModel):
     """How the supervisor checks a worker."""
 
-    url: Annotated[str, AfterValidator(functools.partial(_check_health_url, "health.url"))] = Field(
-        max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$"
-    )
-    interval: float = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds between checks")
-    timeout: float | None = Field(
-        default=None, gt=0, le=MAX_INTERVAL, allow_inf_nan=False, description="seconds; default min(interval, 10)"
-    )
+    url: _HealthURL = Field(max_length=MAX_URL, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
+    interval: _Finite = Field(ge=MIN_INTERVAL, le=MAX_INTERVAL, description="seconds between checks")
+    timeout: _Finite | None = Field(None, gt=0, le=MAX_INTERVAL, description="seconds; default min(interval, 10)")
 
     @property
     def deadline(self) -> float:
@@ -604,36 +602,28 @@ class Registration(BaseModel):
     """The body of ``PUT /register``: what a worker says about itself."""
 
     name: _Text = Field(min_length=1, max_length=MAX_NAME)
-    host: Annotated[str, AfterValidator(_normal_host)] = Field(
-        min_length=1, max_length=MAX_HOST, pattern=_HOST_RE.pattern
-    )
+    host: Annotated[str, AfterValidator(_normal_host)] = Field(max_length=MAX_HOST, pattern=_HOST_RE.pattern)
     port: int = Field(ge=1, le=65535)
     version: _Text = Field(default=DEFAULT_VERSION, min_length=1, max_length=MAX_VERSION)
     tags: _TagList = Field(default_factory=list, max_length=MAX_TAGS)
     description: _Text = Field(default="", max_length=MAX_DESCRIPTION)
     health: HealthSpec
-    openapi: Annotated[str, Field(max_length=512, pattern=r"^/[^\s\x00-\x1f\x7f]*$"), _VISIBLE] | None = Field(
-        default=None, description="the worker's OpenAPI path"
-    )
-    instance: str | None = Field(
-        default=None, pattern=_INSTANCE_PATTERN, description="the registering process; its checks must answer as it"
-    )
+    openapi: _Path | None = Field(default=None, description="the worker's OpenAPI path")
+    instance: str | None = Field(default=None, pattern=_INSTANCE_PATTERN, description="the registering process")
 
     @model_validator(mode="after")
     def _health_is_own(self) -> Registration:
-        url, timeout, interval = self.health.url, self.health.timeout, self.health.interval
-        parts = urlsplit(url)
+        spec, parts = self.health, urlsplit(self.health.url)
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            raise ValueError(f"health.url has a bad port: {url!r}") from None
+            raise ValueError(f"health.url has a bad port: {spec.url!r}") from None
         if (parts.hostname or "").lower() != self.host or port != self.port:
-            own = f"{self.host}:{self.port}"
-            raise ValueError(f"health.url must point at the registrant's own host and port ({own}), got {url!r}")
+            raise ValueError(f"health.url must point at the registrant's own {self.host}:{self.port}, got {spec.url!r}")
         if parts.username or parts.password:
             raise ValueError("health.url must not carry credentials")
-        if timeout is not None and timeout > interval:
-            raise ValueError(f"health.timeout ({timeout:g}) must not exceed health.interval ({interval:g})")
+        if spec.timeout is not None and spec.timeout > spec.interval:
+            raise ValueError(f"health.timeout ({spec.timeout:g}) must not exceed health.interval ({spec.interval:g})")
         return self
 
 
@@ -644,8 +634,7 @@ def _field(doc: str = "", default: Any = dataclasses.MISSING, health: str = "", 
 
 @dataclasses.dataclass(slots=True)
 class Worker:
-    """One registered worker; the registry hands out copies. The one declaration of a worker's fields:
-    :class:`WorkerOut`, :func:`_out`, what a registration sets (:data:`_CONTENT`) and the copies derive from it."""
+    """One registered worker: the one home of its fields (WorkerOut, _out, _CONTENT and the copies derive from it)."""
 
     id: str = _field("host:port, or [IPv6]:port")
     name: str = _field(given="name")
@@ -704,6 +693,9 @@ _fields_of = operator.attrgetter(*(f.name for f in _FIELDS))  # every field, in 
 _TOP = tuple(f.name for f in _FIELDS if "doc" in f.metadata and not f.metadata["health"])
 _HEALTH = {f.metadata["health"]: f.name for f in _FIELDS if f.metadata.get("health")}
 _top_of, _health_of = operator.attrgetter(*_TOP), operator.attrgetter(*_HEALTH.values())
+#: WorkerOut's types: the status as :data:`Status`, the tags as a list (``picoapi status`` reads them strictly).
+_HINTS = {**typing.get_type_hints(Worker), "status": Status, "tags": list[str]}
+_SHOWN = {f.name: (_HINTS[f.name], Field(description=f.metadata["doc"] or None)) for f in _FIELDS if f.name in _TOP}
 #: What a registration says: each field it sets, where a Registration holds it; the same again is a refresh.
 _GIVEN = {f.name: f.metadata["given"] for f in _FIELDS if f.metadata.get("given")}
 _CONTENT = (*_GIVEN, "address")  # and the address the supervisor verified
@@ -718,11 +710,6 @@ def _content(reg: Registration, address: str) -> tuple[Any, ...]:
 def _out(w: Worker) -> dict[str, Any]:
     """``w`` as the HTTP API shows it (a :class:`WorkerOut`), without validating again what the registry made."""
     return {**dict(zip(_TOP, _top_of(w), strict=True)), "health": dict(zip(_HEALTH, _health_of(w), strict=True))}
-
-
-#: WorkerOut's types: the status as :data:`Status`, the tags as a list (``picoapi status`` reads them strictly).
-_HINTS = {**typing.get_type_hints(Worker), "status": Status, "tags": list[str]}
-_SHOWN = {f.name: (_HINTS[f.name], Field(description=f.metadata["doc"] or None)) for f in _FIELDS if f.name in _TOP}
 
 
 class WorkerOut(create_model("_WorkerFields", **_SHOWN, health=(HealthSpec, ...))):  # type: ignore[misc]
@@ -802,8 +789,7 @@ class Registry:
 
     def register(self, reg: Registration, *, address: str | None = None) -> tuple[Worker, bool]:
         """Create, refresh or replace ``reg``'s entry from ``address`` (resolved if None): (a copy, created). A new or
-        changed entry is ``unknown``, checked at once; the same again (a refresh, a sibling process) adds its instance.
-        Raises :class:`RegistryFull` past the cap, ValueError if the host does not resolve."""
+        changed entry is ``unknown``, checked at once. Raises :class:`RegistryFull`, or ValueError (unresolved host)."""
         wid = worker_id(reg.host, reg.port)
         content = _content(reg, _resolve(reg.host) if address is None else address)
         with self._lock:
@@ -837,10 +823,9 @@ class Registry:
     def forget_instance(self, wid: str, instance: str) -> tuple[str, ...]:
         """Drop a process from ``wid``'s instances (it is stopping); returns those left."""
         with self._lock:
-            if (entry := self._workers.get(wid)) is None:
-                return ()
-            entry.instances = tuple(i for i in entry.instances if i != instance)
-            return entry.instances
+            if entry := self._workers.get(wid):
+                entry.instances = tuple(i for i in entry.instances if i != instance)
+            return entry.instances if entry else ()
 
     def deregister(self, wid: str) -> bool:
         """Remove a worker; its pending check is dropped lazily. False if unknown."""
@@ -907,10 +892,9 @@ class Registry:
     def mark_suspect(self, wid: str) -> None:
         """Passive health checking: skip ``wid`` in pick() and check it at once."""
         with self._lock:
-            if (entry := self._workers.get(wid)) is None:
-                return
-            entry.suspect = True
-            moved = self._schedule(entry, self.clock())
+            if entry := self._workers.get(wid):
+                entry.suspect = True
+            moved = entry is not None and self._schedule(entry, self.clock())
         if moved:
             self.wake()
 
@@ -920,13 +904,12 @@ class Registry:
         return entry if entry is not None and entry._heap_seq == item[1] else None
 
     def _schedule(self, entry: Worker, due: float) -> bool:
-        """Push the entry's next check, the older going stale (lock held): True if now the earliest. Churn cannot grow
-        the heap: once mostly stale it is rebuilt."""
+        """Push the entry's next check, the older going stale (lock held): True if now the earliest."""
         entry._heap_seq, entry._due = next(self._seq), due
         earliest = not self._heap or due < self._heap[0][0]
         heapq.heappush(self._heap, (due, entry._heap_seq, entry.id))
         stale = len(self._heap) - len(self._workers)  # by the invariant
-        if stale > 64 and stale * 2 > len(self._heap):
+        if stale > 64 and stale * 2 > len(self._heap):  # churn cannot grow it: once mostly stale it is rebuilt
             self._heap[:] = filter(self._live, self._heap)  # in place: pop_due holds the list while it schedules
             heapq.heapify(self._heap)
         return earliest
@@ -939,8 +922,7 @@ class Registry:
             return self._heap[0][0] if self._heap else None
 
     def pop_due(self, now: float) -> list[_Check]:
-        """Take every check due at ``now``, each worker's next scheduled at once an interval after this one's due time
-        (the phase kept, whatever this one gives: :meth:`record` only brings it forward); none twice at once."""
+        """Take every check due at ``now``, each worker's next scheduled an interval later; none twice at once."""
         due: list[_Check] = []
         with self._lock:
             heap = self._heap
@@ -948,7 +930,7 @@ class Registry:
                 when, _, _ = item = heapq.heappop(heap)
                 if (w := self._live(item)) is None:
                     continue  # cancelled or moved: lazy cancellation
-                following = when + w.interval
+                following = when + w.interval  # the phase kept: record() only brings it forward
                 self._schedule(w, following if following > now else now + w.interval)
                 if w._busy_until <= now:
                     w._busy_until = now + w.timeout + 1.0  # a lost result frees it after this
@@ -957,8 +939,7 @@ class Registry:
         return due
 
     def record(self, wid: str, result: CheckResult) -> StatusChange | None:
-        """Apply a check's result (every result lands here, and only here): a :class:`StatusChange` if the status
-        changed or the worker went (:func:`next_status` decides), else None. A postponed one only moves its time."""
+        """Apply a check's result (only here): a :class:`StatusChange` if the status changed or the worker went."""
         with self._lock:
             if (entry := self._workers.get(wid)) is None:
                 return None  # deregistered while the check ran
@@ -1006,8 +987,7 @@ def confirm_delay(interval: float) -> float:
 
 
 class _Store:
-    """The registrations on disk (sqlite3, WAL, held exclusively): one row per PUT or DELETE, never written from the
-    check thread (``forget`` queues a removal). Thread-safe through :attr:`lock`, taken before the registry's."""
+    """The registrations on disk (sqlite3, WAL, held exclusively); :attr:`lock` is taken before the registry's."""
 
     def __init__(self, path: str, is_registered: Callable[[str], bool] = lambda wid: False) -> None:
         self._is_registered = is_registered
@@ -1027,7 +1007,6 @@ class _Store:
             columns = {row[1] for row in db.execute("PRAGMA table_info(workers)")}
             if tables != {"workers", "meta"} or columns != {"id", "body", "address", "instances"}:
                 raise ConfigError(f"API_REGISTRY_FILE {path!r} is not a PicoAPI registry file; name a new file")
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('format', 'picoapi-registry-1')")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (uuid.uuid4().hex[:12],))  # see identity()
             db.execute("COMMIT")
         except BaseException as exc:
