@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import resource
 import sys
@@ -30,6 +31,16 @@ CLOSING = (
 
 ANSWERED = [0]
 ARRIVALS: dict[int, list[float]] = {}
+#: This process's own garbage-collection pauses (ms) since the last reset: while one runs, no arrival is stamped.
+GC_PAUSES: list[float] = []
+_gc_started = [0.0]
+
+
+def _gc_timer(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        GC_PAUSES.append((time.perf_counter() - _gc_started[0]) * 1000)
 
 
 class Answer(asyncio.Protocol):
@@ -71,6 +82,7 @@ class Control(asyncio.Protocol):
         if command[0] == "reset":
             for arrivals in ARRIVALS.values():
                 arrivals.clear()
+            GC_PAUSES.clear()
             answer = {"ok": True}
         else:
             answer = spacing(float(command[1]))
@@ -93,6 +105,8 @@ def spacing(interval: float) -> dict[str, object]:
         "checks": checks,
         "missed": missed,
         "deviations_ms": [round(d * 1000, 2) for d in deviations],
+        "gc_pauses_ms": [round(p, 2) for p in GC_PAUSES if p >= 1],
+        "gc_collections": len(GC_PAUSES),
     }
 
 
@@ -130,8 +144,12 @@ def main() -> None:
     parser.add_argument("count", type=int)
     parser.add_argument("--silent", type=int, default=0)
     parser.add_argument("--control", type=int, help="the count port, the spacing port below it (FIRST_PORT-1)")
+    parser.add_argument("--gc", choices=("on", "off"), default="on", help="off: no garbage-collection pauses")
     args = parser.parse_args()
     raise_nofile()
+    gc.callbacks.append(_gc_timer)
+    if args.gc == "off":
+        gc.disable()
     try:
         asyncio.run(serve(args.first, args.count, args.silent, args.control or args.first - 1))
     except KeyboardInterrupt:

@@ -106,6 +106,9 @@ def process(
 #: client replaces connections) stay well within the 20,000 descriptors a process may hold here.
 PORTS_PER_FAKE = 2500
 FAKES: dict[int, list[int]] = {}  # the pids of the fake-worker processes running, by first port
+#: "off": the fake workers never collect garbage (see fake_workers.py): a pause in one of them would stamp the
+#: arrivals of its 2,500 ports late at once, where 2,500 real workers would each pause on their own.
+FAKE_GC = "on"
 
 
 @contextmanager
@@ -118,6 +121,7 @@ def fake_workers(first: int, n: int, silent: int = 0) -> Iterator[None]:
             count = min(PORTS_PER_FAKE, first + n - start)
             quiet = max(0, min(count, silent - (first + n - start - count)))
             command = [PY, "bench/fake_workers.py", str(start), str(count), "--control", str(first - 1 - 2 * k)]
+            command += ["--gc", FAKE_GC]
             pids.append(stack.enter_context(process([*command, "--silent", str(quiet)], ready_line="ready")).pid)
         FAKES[first] = pids
         try:
@@ -157,6 +161,8 @@ def control(first_port: int, command: str) -> dict[str, Any]:
         "missed": sum(a["missed"] for a in answers),
         "gaps": len(deviations),
         "deviation": summary_ms(deviations),
+        "fake_gc_pauses_ms": sorted((p for a in answers for p in a.get("gc_pauses_ms", [])), reverse=True)[:20],
+        "fake_gc_collections": sum(a.get("gc_collections", 0) for a in answers),
     }
 
 
