@@ -1,6 +1,6 @@
 """Fake workers for the benchmarks: one asyncio process answering health checks on many ports.
 
-    python bench/fake_workers.py FIRST_PORT COUNT [--silent N] [--control PORT]
+    python bench/fake_workers.py FIRST_PORT COUNT [--silent N] [--control PORT] [--gc off]
 
 Ports FIRST_PORT .. FIRST_PORT+COUNT-1 answer ``200`` at once, keeping the connection
 open unless the request says ``Connection: close`` (as a uvicorn worker does); the last N
