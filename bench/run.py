@@ -1058,8 +1058,8 @@ def main() -> None:
     sections = {
         "capacity": lambda: capacity(seconds, [1000, 5000, 10000], profile=True),
         "silent": lambda: silent(seconds),
-        "registration": lambda: registration(3 if args.quick else 10, 2),
-        "registration_dead": lambda: registration(3 if args.quick else 10, 2, answering=False),
+        "registration": lambda: registration(3 if args.quick else 10, 4),
+        "registration_dead": lambda: registration(3 if args.quick else 10, 4, answering=False),
         "queries": queries,
         "detection": lambda: detection(8 if args.quick else 20),
         "memory": memory,
