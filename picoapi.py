@@ -107,7 +107,6 @@ REGISTER_ROUTE, SERVICES_ROUTE, DASHBOARD_ROUTE = "/register", "/services", "/da
 SERVICES_PAGE = 1000  #: GET /services' default and largest ``limit``: a registry of 1,000 in one answer, ~6 MB at most
 DASHBOARD_REFRESH, DASHBOARD_PAGE = 2, 200  #: seconds between dashboard updates (no reload); rows a page shows
 SUPERVISOR_HEADER, INSTANCE_HEADER = "X-PicoAPI-Supervisor", "X-PicoAPI-Instance"  #: the latter: who answered a check
-_INSTANCE_HEADER_KEY = INSTANCE_HEADER.lower().encode()
 STATUSES = (HEALTHY, UNHEALTHY, UNKNOWN) = ("healthy", "unhealthy", "unknown")
 
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  #: registration attempts wait base * 2**attempt, capped, jittered
@@ -1705,7 +1704,7 @@ def _detail(content: bytes) -> str:
     return str(detail)
 
 
-# -- Responses: the workers' OpenAPI documents, error answers, tables ------------
+# -- Answers and operator views: OpenAPI documents, errors, tables, dashboard, metrics, discovery ------
 
 
 def _fetch_openapi(url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -1755,8 +1754,6 @@ def _ago(when: float | None, now: float) -> str:
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
-
-# -- Operator views: dashboard, metrics, service discovery ----------------------
 
 METRICS_ROUTE = "/metrics"
 #: Prometheus' HTTP service discovery (``http_sd_configs``): the healthy workers as scrape targets.
@@ -1951,16 +1948,12 @@ class PicoAPI(FastAPI):
         if config.mode == "worker" and config.register_urls:
             config.registration()  # raises ConfigError now if host or title is missing
         super().__init__(**options)
-        #: The validated settings of this app.
-        self.config = config
-        #: The worker's registrar (a worker with API_REGISTER_PATH set), else None.
-        self.registrar: Registrar | None = None
-        #: The supervisor's registry and checker (supervisor mode), else None.
-        self.registry: Registry | None = None
+        self.config = config  #: the validated settings of this app
+        self.registrar: Registrar | None = None  #: a worker's registrar (with API_REGISTER_PATH set), else None
+        self.registry: Registry | None = None  #: a supervisor's registry and checker, else None
         self.checker: HealthChecker | None = None
         self.supervisor_id = uuid.uuid4().hex[:12]
-        #: This process's id, renewed at every startup; it registers with it, and its health answers say it.
-        self.instance = uuid.uuid4().hex[:12]
+        self.instance = uuid.uuid4().hex[:12]  #: this process's id, anew at every startup: it registers, checks say it
         self._store: _Store | None = None
         self._health_checks: dict[str, Callable[[], Any]] = {}
         # call() and broadcast() reuse connections: a session per thread, closed at stop or when its thread ends.
@@ -1997,7 +1990,7 @@ class PicoAPI(FastAPI):
             return await super().__call__(scope, receive, send)
         if self.registrar is not None:
             self.registrar.note_check(Headers(scope=scope).get(SUPERVISOR_HEADER))
-        await super().__call__(scope, receive, _adding_header(send, (_INSTANCE_HEADER_KEY, self.instance.encode())))
+        await super().__call__(scope, receive, _adding_header(send, (b"x-picoapi-instance", self.instance.encode())))
 
     def build_middleware_stack(self) -> ASGIApp:
         # PicoAPI's routes come first, so a user's catch-all cannot swallow the health endpoint; but a user's route
@@ -2260,8 +2253,7 @@ class _SupervisorRoutes:
 
     def __init__(self, app: PicoAPI, registry: Registry) -> None:
         self.app, self.registry, self.config = app, registry, app.config
-        #: What is under way on threads, by kind (see :meth:`on_thread`).
-        self.busy = collections.Counter[str]()
+        self.busy = collections.Counter[str]()  #: what is under way on threads, by kind (see :meth:`on_thread`)
 
     def router(self) -> APIRouter:
         """The routes and the answers each may give; with API_REGISTER_TOKEN set, those that write need it."""
