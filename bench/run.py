@@ -935,10 +935,10 @@ All traffic stayed on 127.0.0.1.
 How capacity is measured: simulated workers are asyncio processes
 (`bench/fake_workers.py`, 2,500 ports each) that answer `200` with an empty body, keep
 connections open as uvicorn does, count the checks they answer and record each port's
-arrival times. They run without garbage collection: a collection in one of them paused it 39-51 ms
-(measured at 10,000 workers), stamping the arrivals of all its 2,500 ports late at once, where real
-workers would each pause alone; with it, PicoAPI's spacing p99 read 49.7 ms, without it 20.8 ms, with
-PicoAPI's own lateness p99 6-9 ms either way. Every contender is measured from outside the same way: checks answered
+arrival times. They run without garbage collection: a collection paused one of them up to 73 ms
+(`python bench/spacing_gc.py`, PicoAPI at 10,000 workers), stamping the arrivals of all its 2,500 ports
+late at once, where real workers would each pause alone; with collections PicoAPI's spacing p99 read
+41.8 ms, without them 14.2 ms (and 49.7 against 20.8 ms in an earlier pair of runs). Every contender is measured from outside the same way: checks answered
 per second, the spacing of each worker's consecutive checks against the 1 s interval
 (its deviation, and checks missed: gaps of two intervals or more), CPU, RSS and threads
 of the checker process and CPU of the fake workers (from /proc). The workers register
