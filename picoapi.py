@@ -1109,7 +1109,6 @@ class HealthChecker:
         self._extra, self._swept, self._stopping = "", 0.0, False
         self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
         self.in_flight = self._untrusted_in_flight = 0  #: checks started, not finished yet (and of them untrusted)
-        self.fired, self.lateness = 0, 0.0  #: checks fired, and the sum of their lateness (fire minus due time), s
         self.postponed = 0  #: checks postponed: the supervisor itself could not check (out of descriptors, say)
         self.trouble = ""  #: why the last check could not be made, until one can be again, else ""; /health shows it
         registry.wake = self._wake
@@ -1120,9 +1119,7 @@ class HealthChecker:
 
     def run_pending(self) -> int:
         """Start every check that is due now; returns how many."""
-        if checks := self.registry.pop_due(now := self._clock()):
-            self.fired += len(checks)
-            self.lateness += sum(now - c.due for c in checks)
+        if checks := self.registry.pop_due(self._clock()):
             self._submit(checks, self.headers, self._done)
         return len(checks)
 
