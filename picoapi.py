@@ -429,7 +429,6 @@ class Config:
     """Every setting of a PicoAPI app, parsed and validated. A field's name is its keyword (``port=8080``) and, as
     ``API_PORT``, its variable. :meth:`load` reads, by precedence: keywords, the environment, ``.env``, the defaults."""
 
-    # keyword: type = _setting(default, meaning, parser, *bounds)
     mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, {"worker": "worker", "supervisor": "supervisor"})
     host: str | None = _setting(None, "the host the supervisor reaches this API at", _parse_text, "host")
     port: int = _setting(DEFAULT_PORT, "the port of the API", _parse_number, 1, 65535)
@@ -1175,9 +1174,8 @@ class HealthChecker:
     def _close_all(self) -> None:
         for probe in [*(entry[2] for entry in self._deadlines), *self._kept.values()]:
             self._close(probe)
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        for closable in (self._selector, self._wake_r, self._wake_w):
+            closable.close()
 
     def _queue(self, checks: list[_Check], headers: Mapping[str, str], done: _Done) -> None:
         """Queue ``checks`` for a slot, starting as many as the slots allow; ``done`` gets each result."""
@@ -1646,15 +1644,6 @@ class Registrar:
         self._each("picoapi-deregister", one, deadline, self.supervisors)
 
 
-def _why_not_registering(config: Config) -> str:
-    """Why a worker with ``config`` (no API_REGISTER_PATH) will not register, and the fix."""
-    given = f" (its tags {list(config.tags)} go nowhere)" if config.tags else ""
-    return (
-        f"not registering with a supervisor: API_REGISTER_PATH is not set{given}, so this worker serves as a plain "
-        "app; set API_REGISTER_PATH to the supervisor's /register URL, e.g. http://127.0.0.1:8100/register"
-    )
-
-
 def _log_like_uvicorn() -> None:
     """Show PicoAPI's log lines as uvicorn shows its own, unless logging for PicoAPI or the root is the user's."""
     server = logging.getLogger("uvicorn")
@@ -1736,12 +1725,6 @@ async def _validation_handler(request: Request, exc: Exception) -> Response:
     except ValueError:  # a lone surrogate ("\ud800") in the input: quote it escaped
         body = to_json({"detail": [{**e, "input": _printable(e.get("input"))} for e in errors]}, inf_nan_mode="strings")
     return Response(body, status_code=422, media_type="application/json")
-
-
-def _is_connect_error(exc: BaseException) -> bool:
-    """True when the connection was never made, so nothing was sent."""
-    connect_errors = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
-    return any(isinstance(e, connect_errors) for e in _causes(exc))
 
 
 def _ago(when: float | None, now: float) -> str:
@@ -2018,7 +2001,10 @@ class PicoAPI(FastAPI):
                     self.registrar.start()
                 else:  # a warning only if something shows it was meant to register: a plain app starts quietly
                     level = logging.WARNING if config.configured & _MEANT_TO_REGISTER else logging.INFO
-                    logger.log(level, "%s", _why_not_registering(config))
+                    given = f" (its tags {list(config.tags)} go nowhere)" if config.tags else ""
+                    fix = "set API_REGISTER_PATH to the supervisor's /register URL, e.g. http://127.0.0.1:8100/register"
+                    why = f"API_REGISTER_PATH is not set{given}, so this worker serves as a plain app; {fix}"
+                    logger.log(level, "not registering with a supervisor: %s", why)
                 yield state
             finally:
                 if self.registrar is not None:
@@ -2090,7 +2076,9 @@ class PicoAPI(FastAPI):
             try:
                 return self._send(worker, method, path, timeout, kwargs)
             except requests.RequestException as exc:
-                if not (retry_sent or isinstance(exc, requests.ConnectionError) and _is_connect_error(exc)):
+                unmade = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
+                never_sent = any(isinstance(e, unmade) for e in _causes(exc))  # the connection was never made
+                if not (retry_sent or isinstance(exc, requests.ConnectionError) and never_sent):
                     raise
                 registry.mark_suspect(worker.id)
                 tried.append((worker.id, _root_cause(exc)[:MAX_ERROR]))
