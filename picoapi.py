@@ -738,15 +738,6 @@ class StatusChange(NamedTuple):
     error: str = ""  #: the check's error as recorded (an answer from another process fails with its own words)
 
 
-class Verdict(NamedTuple):
-    """The status rules' answer for one check (see :func:`next_status`)."""
-
-    status: str
-    since: float | None  #: unhealthy since then (monotonic), or None
-    removed: bool  #: unhealthy for longer than ``deregister_after``: the worker goes
-    recheck: float | None  #: check again this soon (a change waiting for confirmation), or None: at the interval
-
-
 class _Check(NamedTuple):
     """A due check, popped from the heap: everything the probe needs."""
 
@@ -961,11 +952,12 @@ class Registry:
             return StatusChange(old, new, removed, entry.last_error) if new != old or removed else None
 
 
-def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict:
+def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> tuple[str, float | None, bool, float | None]:
     """The status rules, from the counts in a row that include this check: ``unknown`` turns ``healthy`` on a good
     check; ``healthy`` or ``unknown`` (past its start-up grace) ``unhealthy`` after ``rules.failures``; ``unhealthy``
     ``healthy`` after ``rules.successes``, and goes after ``rules.deregister_after``. A change to confirm is checked
-    again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd)."""
+    again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd).
+    Returns (status, unhealthy since (monotonic) or None, removed, seconds to the recheck or None: at the interval)."""
     status, target = entry.status, HEALTHY if ok else UNHEALTHY  # where this check pushes
     starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
     enough = entry.successes >= rules.successes if ok else entry.failures >= rules.failures and not starting
@@ -973,7 +965,7 @@ def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict
     since = entry._unhealthy_since if new == status else now if new == UNHEALTHY else None
     removed = rules.deregister_after is not None and since is not None and now - since >= rules.deregister_after
     backoff = 2 ** min(entry.failures - 1, 16) if starting and not ok else 1
-    return Verdict(new, since, removed, confirm_delay(entry.interval) * backoff if new != target else None)
+    return new, since, removed, confirm_delay(entry.interval) * backoff if new != target else None
 
 
 def confirm_delay(interval: float) -> float:
@@ -1072,11 +1064,10 @@ _ssl_context = functools.cache(ssl.create_default_context)  #: made on first use
 
 
 class HealthChecker:
-    """One daemon thread that schedules every worker's check and makes it, on non-blocking sockets.
+    """One daemon thread that makes every worker's check on non-blocking sockets, waiting in one ``select``.
 
-    It waits in one ``select`` for the next due check or deadline, woken through a socket pair by registrations and
-    :meth:`stop`; results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to
-    be good get half the slots; plain-HTTP ones checked more often than :data:`KEEP_ALIVE` keep their connection."""
+    Results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to be good get
+    half the slots; plain-HTTP ones checked more often than :data:`KEEP_ALIVE` keep their connection."""
 
     def __init__(
         self,
@@ -1735,9 +1726,8 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
-METRICS_ROUTE = "/metrics"
-#: Prometheus' HTTP service discovery (``http_sd_configs``): the healthy workers as scrape targets.
-TARGETS_ROUTE = "/prometheus/targets"
+#: The latter: Prometheus' HTTP service discovery (``http_sd_configs``), the healthy workers as scrape targets.
+METRICS_ROUTE, TARGETS_ROUTE = "/metrics", "/prometheus/targets"
 #: GET /metrics shows workers by tag for at most this many tags, the largest: hostile tags cannot grow its labels.
 METRICS_MAX_TAGS = 50
 #: Upper bounds in seconds of the check latency and lateness histograms' buckets (Prometheus' defaults).
