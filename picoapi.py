@@ -513,7 +513,6 @@ class Config:
         return body | {"description": self.description, "health": {k: v for k, v in health.items() if v is not None}}
 
 
-#: keyword -> its row of the table, in declaration order.
 _SETTINGS: dict[str, _Setting] = {f.name: f.metadata["setting"] for f in dataclasses.fields(Config) if f.metadata}
 _SETTINGS |= {name: row._replace(var=f"API_{name.upper()}") for name, row in _SETTINGS.items() if not row.var}
 
@@ -1552,8 +1551,7 @@ class Registrar:
             due = silent + [s for s in self.supervisors if not s.is_registered and now >= s.next_attempt]
 
         def one(sup: _Supervisor) -> None:
-            # A silent one's checks may reach a sibling process (uvicorn --workers): ask it; but once a stranger
-            # checks us (one restarted, a sibling registered there again), this process is unknown: register.
+            # A silent one's checks may reach a sibling (uvicorn --workers): ask it; if a stranger checks us, register.
             if sup.is_registered:
                 if (not self._stranger and self._still_checks(sup)) or self._stop.is_set():
                     return  # it checks us; or stop() cut the question: nothing was learnt
@@ -1728,8 +1726,7 @@ def _ms(seconds: float | None) -> str:
 
 #: The latter: Prometheus' HTTP service discovery (``http_sd_configs``), the healthy workers as scrape targets.
 METRICS_ROUTE, TARGETS_ROUTE = "/metrics", "/prometheus/targets"
-#: GET /metrics shows workers by tag for at most this many tags, the largest: hostile tags cannot grow its labels.
-METRICS_MAX_TAGS = 50
+METRICS_MAX_TAGS = 50  #: GET /metrics counts workers by tag for the largest tags only: hostile tags add no labels
 #: Upper bounds in seconds of the check latency and lateness histograms' buckets (Prometheus' defaults).
 METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -1751,8 +1748,7 @@ class _Metrics:
                 histogram[-1] += value
 
 
-#: Label values escaped as the exposition format asks.
-_LABEL_ESCAPES = str.maketrans({"\\": r"\\", '"': r"\"", "\n": r"\n"})
+_LABEL_ESCAPES = str.maketrans({"\\": r"\\", '"': r"\"", "\n": r"\n"})  #: as the exposition format escapes labels
 _Samples = list[tuple[str, dict[str, str], float]]  # a family's samples: (suffix of its name, labels, value)
 
 
@@ -1963,8 +1959,7 @@ class PicoAPI(FastAPI):
         await super().__call__(scope, receive, _adding_header(send, (b"x-picoapi-instance", self.instance.encode())))
 
     def build_middleware_stack(self) -> ASGIApp:
-        # PicoAPI's routes come first, so a user's catch-all cannot swallow the health endpoint; but a user's route
-        # on the very same path (their own /health, say), also through include_router, is moved ahead and wins.
+        # PicoAPI's routes first (a catch-all cannot swallow /health); a user's on the very same path moves ahead.
         own, theirs = {id(r) for r in self._own_routes}, set[str | None]()
         for r in [r for r in self.router.routes if id(r) not in own]:
             inner: list[Any] = getattr(r, "effective_route_contexts", list)()  # include_router's entry (FastAPI 0.165)
@@ -2137,8 +2132,7 @@ class PicoAPI(FastAPI):
         return JSONResponse(body, status_code=503 if failing else 200)
 
 
-#: The settings that are FastAPI options too: PicoAPI(title=...) sets both.
-_FASTAPI_SETTINGS = frozenset({"title", "description", "version"})
+_FASTAPI_SETTINGS = frozenset({"title", "description", "version"})  #: FastAPI options too: PicoAPI(title=...) sets both
 #: The settings that show a worker was meant to register (FastAPI's title= keyword alone does not).
 _MEANT_TO_REGISTER = frozenset("tags host title register_required health_path health_interval health_timeout".split())
 _FASTAPI_OPTIONS = frozenset(inspect.signature(FastAPI.__init__).parameters) - {"self", "extra"}
@@ -2434,9 +2428,8 @@ class _SupervisorRoutes:
 
 
 def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] = ()) -> str:
-    """The address a registration from ``peer`` may claim for ``host``, where its checks go (blocking: DNS): the
-    peer's own, or in ``networks``; a special address only in those. Raises ValueError for a host that does not
-    resolve or is not spelled canonically (one address, one id), PermissionError for a claim refused."""
+    """The address (where checks go) a registration from ``peer`` may claim for ``host`` (blocking: DNS): the peer's,
+    or one in ``networks`` (a special one only there); else ValueError (unresolved, an IP misspelt), PermissionError."""
     ip = _ip(host)
     with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
         ip = ip or _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
