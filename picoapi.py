@@ -1063,10 +1063,8 @@ _ssl_context = functools.cache(ssl.create_default_context)  #: made on first use
 
 
 class HealthChecker:
-    """One daemon thread that makes every worker's check on non-blocking sockets, waiting in one ``select``.
-
-    Results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to be good get
-    half the slots; plain-HTTP ones checked more often than :data:`KEEP_ALIVE` keep their connection."""
+    """One daemon thread that makes every worker's check on non-blocking sockets, waiting in one ``select``; results
+    go to :meth:`Registry.record` (tests script them with ``submit``); workers not known good get half the slots."""
 
     def __init__(
         self,
