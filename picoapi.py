@@ -390,10 +390,9 @@ def _parse_token(var: str, raw: object) -> str | None:
     # Never echo the value: it is a secret. Empty is unset; a blank one would silently turn authentication off.
     text = raw if isinstance(raw, str) else " "
     if text and (len(text) > 4096 or not (text.isascii() and text.isprintable()) or text != text.strip()):
-        raise ConfigError(
-            f"{var} must be 1 to 4096 printable ASCII characters with no whitespace around them (a file from "
-            "`kubectl create secret --from-file` keeps its final newline: strip it); the value is not shown"
-        )
+        kubectl = "a file from `kubectl create secret --from-file` keeps its final newline: strip it"
+        rule = f"{var} must be 1 to 4096 printable ASCII characters with no whitespace around them ({kubectl})"
+        raise ConfigError(f"{rule}; the value is not shown")
     return text or None
 
 
@@ -2586,9 +2585,8 @@ def _wait_for(
 
 def _cmd_status(args: argparse.Namespace) -> int:
     if not (url := args.url or next(iter(Config.load().register_urls), "")):
-        raise ConfigError(
-            "no supervisor to ask: pass its URL (e.g. picoapi status http://127.0.0.1:8100) or set API_REGISTER_PATH"
-        )
+        example = "picoapi status http://127.0.0.1:8100"
+        raise ConfigError(f"no supervisor to ask: pass its URL (e.g. {example}) or set API_REGISTER_PATH")
     if not 0 < args.timeout <= 86400:  # NaN fails too
         raise ConfigError(f"--timeout must be a number of seconds above 0 and at most 86400, got {args.timeout}")
     if urlsplit(url).scheme not in ("http", "https"):
