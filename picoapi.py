@@ -390,10 +390,9 @@ def _parse_token(var: str, raw: object) -> str | None:
     # Never echo the value: it is a secret. Empty is unset; a blank one would silently turn authentication off.
     text = raw if isinstance(raw, str) else " "
     if text and (len(text) > 4096 or not (text.isascii() and text.isprintable()) or text != text.strip()):
-        raise ConfigError(
-            f"{var} must be 1 to 4096 printable ASCII characters with no whitespace around them (a file from "
-            "`kubectl create secret --from-file` keeps its final newline: strip it); the value is not shown"
-        )
+        kubectl = "a file from `kubectl create secret --from-file` keeps its final newline: strip it"
+        rule = f"{var} must be 1 to 4096 printable ASCII characters with no whitespace around them ({kubectl})"
+        raise ConfigError(f"{rule}; the value is not shown")
     return text or None
 
 
@@ -429,7 +428,6 @@ class Config:
     """Every setting of a PicoAPI app, parsed and validated. A field's name is its keyword (``port=8080``) and, as
     ``API_PORT``, its variable. :meth:`load` reads, by precedence: keywords, the environment, ``.env``, the defaults."""
 
-    # keyword: type = _setting(default, meaning, parser, *bounds)
     mode: str = _setting(DEFAULT_MODE, "its role", _parse_choice, {"worker": "worker", "supervisor": "supervisor"})
     host: str | None = _setting(None, "the host the supervisor reaches this API at", _parse_text, "host")
     port: int = _setting(DEFAULT_PORT, "the port of the API", _parse_number, 1, 65535)
@@ -514,7 +512,6 @@ class Config:
         return body | {"description": self.description, "health": {k: v for k, v in health.items() if v is not None}}
 
 
-#: keyword -> its row of the table, in declaration order.
 _SETTINGS: dict[str, _Setting] = {f.name: f.metadata["setting"] for f in dataclasses.fields(Config) if f.metadata}
 _SETTINGS |= {name: row._replace(var=f"API_{name.upper()}") for name, row in _SETTINGS.items() if not row.var}
 
@@ -739,15 +736,6 @@ class StatusChange(NamedTuple):
     error: str = ""  #: the check's error as recorded (an answer from another process fails with its own words)
 
 
-class Verdict(NamedTuple):
-    """The status rules' answer for one check (see :func:`next_status`)."""
-
-    status: str
-    since: float | None  #: unhealthy since then (monotonic), or None
-    removed: bool  #: unhealthy for longer than ``deregister_after``: the worker goes
-    recheck: float | None  #: check again this soon (a change waiting for confirmation), or None: at the interval
-
-
 class _Check(NamedTuple):
     """A due check, popped from the heap: everything the probe needs."""
 
@@ -962,11 +950,12 @@ class Registry:
             return StatusChange(old, new, removed, entry.last_error) if new != old or removed else None
 
 
-def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict:
+def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> tuple[str, float | None, bool, float | None]:
     """The status rules, from the counts in a row that include this check: ``unknown`` turns ``healthy`` on a good
     check; ``healthy`` or ``unknown`` (past its start-up grace) ``unhealthy`` after ``rules.failures``; ``unhealthy``
     ``healthy`` after ``rules.successes``, and goes after ``rules.deregister_after``. A change to confirm is checked
-    again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd)."""
+    again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd).
+    Returns (status, unhealthy since (monotonic) or None, removed, seconds to the recheck or None: at the interval)."""
     status, target = entry.status, HEALTHY if ok else UNHEALTHY  # where this check pushes
     starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
     enough = entry.successes >= rules.successes if ok else entry.failures >= rules.failures and not starting
@@ -974,7 +963,7 @@ def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict
     since = entry._unhealthy_since if new == status else now if new == UNHEALTHY else None
     removed = rules.deregister_after is not None and since is not None and now - since >= rules.deregister_after
     backoff = 2 ** min(entry.failures - 1, 16) if starting and not ok else 1
-    return Verdict(new, since, removed, confirm_delay(entry.interval) * backoff if new != target else None)
+    return new, since, removed, confirm_delay(entry.interval) * backoff if new != target else None
 
 
 def confirm_delay(interval: float) -> float:
@@ -1073,11 +1062,8 @@ _ssl_context = functools.cache(ssl.create_default_context)  #: made on first use
 
 
 class HealthChecker:
-    """One daemon thread that schedules every worker's check and makes it, on non-blocking sockets.
-
-    It waits in one ``select`` for the next due check or deadline, woken through a socket pair by registrations and
-    :meth:`stop`; results land in :meth:`Registry.record` (tests script them with ``submit``). Workers not known to
-    be good get half the slots; plain-HTTP ones checked more often than :data:`KEEP_ALIVE` keep their connection."""
+    """One daemon thread that makes every worker's check on non-blocking sockets, waiting in one ``select``; results
+    go to :meth:`Registry.record` (tests script them with ``submit``); workers not known good get half the slots."""
 
     def __init__(
         self,
@@ -1109,7 +1095,6 @@ class HealthChecker:
         self._extra, self._swept, self._stopping = "", 0.0, False
         self._thread = threading.Thread(target=self._loop, name="picoapi-health", daemon=True)
         self.in_flight = self._untrusted_in_flight = 0  #: checks started, not finished yet (and of them untrusted)
-        self.fired, self.lateness = 0, 0.0  #: checks fired, and the sum of their lateness (fire minus due time), s
         self.postponed = 0  #: checks postponed: the supervisor itself could not check (out of descriptors, say)
         self.trouble = ""  #: why the last check could not be made, until one can be again, else ""; /health shows it
         registry.wake = self._wake
@@ -1120,9 +1105,7 @@ class HealthChecker:
 
     def run_pending(self) -> int:
         """Start every check that is due now; returns how many."""
-        if checks := self.registry.pop_due(now := self._clock()):
-            self.fired += len(checks)
-            self.lateness += sum(now - c.due for c in checks)
+        if checks := self.registry.pop_due(self._clock()):
             self._submit(checks, self.headers, self._done)
         return len(checks)
 
@@ -1178,9 +1161,8 @@ class HealthChecker:
     def _close_all(self) -> None:
         for probe in [*(entry[2] for entry in self._deadlines), *self._kept.values()]:
             self._close(probe)
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        for closable in (self._selector, self._wake_r, self._wake_w):
+            closable.close()
 
     def _queue(self, checks: list[_Check], headers: Mapping[str, str], done: _Done) -> None:
         """Queue ``checks`` for a slot, starting as many as the slots allow; ``done`` gets each result."""
@@ -1566,8 +1548,7 @@ class Registrar:
             due = silent + [s for s in self.supervisors if not s.is_registered and now >= s.next_attempt]
 
         def one(sup: _Supervisor) -> None:
-            # A silent one's checks may reach a sibling process (uvicorn --workers): ask it; but once a stranger
-            # checks us (one restarted, a sibling registered there again), this process is unknown: register.
+            # A silent one's checks may reach a sibling (uvicorn --workers): ask it; if a stranger checks us, register.
             if sup.is_registered:
                 if (not self._stranger and self._still_checks(sup)) or self._stop.is_set():
                     return  # it checks us; or stop() cut the question: nothing was learnt
@@ -1647,15 +1628,6 @@ class Registrar:
                 logger.warning("deregistering from %s failed: %s", sup.url, self._safe(_root_cause(exc)))
 
         self._each("picoapi-deregister", one, deadline, self.supervisors)
-
-
-def _why_not_registering(config: Config) -> str:
-    """Why a worker with ``config`` (no API_REGISTER_PATH) will not register, and the fix."""
-    given = f" (its tags {list(config.tags)} go nowhere)" if config.tags else ""
-    return (
-        f"not registering with a supervisor: API_REGISTER_PATH is not set{given}, so this worker serves as a plain "
-        "app; set API_REGISTER_PATH to the supervisor's /register URL, e.g. http://127.0.0.1:8100/register"
-    )
 
 
 def _log_like_uvicorn() -> None:
@@ -1741,12 +1713,6 @@ async def _validation_handler(request: Request, exc: Exception) -> Response:
     return Response(body, status_code=422, media_type="application/json")
 
 
-def _is_connect_error(exc: BaseException) -> bool:
-    """True when the connection was never made, so nothing was sent."""
-    connect_errors = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
-    return any(isinstance(e, connect_errors) for e in _causes(exc))
-
-
 def _ago(when: float | None, now: float) -> str:
     return "-" if when is None else f"{max(0.0, now - when):.1f}s ago"
 
@@ -1755,11 +1721,9 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
-METRICS_ROUTE = "/metrics"
-#: Prometheus' HTTP service discovery (``http_sd_configs``): the healthy workers as scrape targets.
-TARGETS_ROUTE = "/prometheus/targets"
-#: GET /metrics shows workers by tag for at most this many tags, the largest: hostile tags cannot grow its labels.
-METRICS_MAX_TAGS = 50
+#: The latter: Prometheus' HTTP service discovery (``http_sd_configs``), the healthy workers as scrape targets.
+METRICS_ROUTE, TARGETS_ROUTE = "/metrics", "/prometheus/targets"
+METRICS_MAX_TAGS = 50  #: GET /metrics counts workers by tag for the largest tags only: hostile tags add no labels
 #: Upper bounds in seconds of the check latency and lateness histograms' buckets (Prometheus' defaults).
 METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -1781,8 +1745,7 @@ class _Metrics:
                 histogram[-1] += value
 
 
-#: Label values escaped as the exposition format asks.
-_LABEL_ESCAPES = str.maketrans({"\\": r"\\", '"': r"\"", "\n": r"\n"})
+_LABEL_ESCAPES = str.maketrans({"\\": r"\\", '"': r"\"", "\n": r"\n"})  #: as the exposition format escapes labels
 _Samples = list[tuple[str, dict[str, str], float]]  # a family's samples: (suffix of its name, labels, value)
 
 
@@ -1993,8 +1956,7 @@ class PicoAPI(FastAPI):
         await super().__call__(scope, receive, _adding_header(send, (b"x-picoapi-instance", self.instance.encode())))
 
     def build_middleware_stack(self) -> ASGIApp:
-        # PicoAPI's routes come first, so a user's catch-all cannot swallow the health endpoint; but a user's route
-        # on the very same path (their own /health, say), also through include_router, is moved ahead and wins.
+        # PicoAPI's routes first (a catch-all cannot swallow /health); a user's on the very same path moves ahead.
         own, theirs = {id(r) for r in self._own_routes}, set[str | None]()
         for r in [r for r in self.router.routes if id(r) not in own]:
             inner: list[Any] = getattr(r, "effective_route_contexts", list)()  # include_router's entry (FastAPI 0.165)
@@ -2021,7 +1983,10 @@ class PicoAPI(FastAPI):
                     self.registrar.start()
                 else:  # a warning only if something shows it was meant to register: a plain app starts quietly
                     level = logging.WARNING if config.configured & _MEANT_TO_REGISTER else logging.INFO
-                    logger.log(level, "%s", _why_not_registering(config))
+                    given = f" (its tags {list(config.tags)} go nowhere)" if config.tags else ""
+                    fix = "set API_REGISTER_PATH to the supervisor's /register URL, e.g. http://127.0.0.1:8100/register"
+                    why = f"API_REGISTER_PATH is not set{given}, so this worker serves as a plain app; {fix}"
+                    logger.log(level, "not registering with a supervisor: %s", why)
                 yield state
             finally:
                 if self.registrar is not None:
@@ -2093,7 +2058,9 @@ class PicoAPI(FastAPI):
             try:
                 return self._send(worker, method, path, timeout, kwargs)
             except requests.RequestException as exc:
-                if not (retry_sent or isinstance(exc, requests.ConnectionError) and _is_connect_error(exc)):
+                unmade = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
+                never_sent = any(isinstance(e, unmade) for e in _causes(exc))  # the connection was never made
+                if not (retry_sent or isinstance(exc, requests.ConnectionError) and never_sent):
                     raise
                 registry.mark_suspect(worker.id)
                 tried.append((worker.id, _root_cause(exc)[:MAX_ERROR]))
@@ -2162,8 +2129,7 @@ class PicoAPI(FastAPI):
         return JSONResponse(body, status_code=503 if failing else 200)
 
 
-#: The settings that are FastAPI options too: PicoAPI(title=...) sets both.
-_FASTAPI_SETTINGS = frozenset({"title", "description", "version"})
+_FASTAPI_SETTINGS = frozenset({"title", "description", "version"})  #: FastAPI options too: PicoAPI(title=...) sets both
 #: The settings that show a worker was meant to register (FastAPI's title= keyword alone does not).
 _MEANT_TO_REGISTER = frozenset("tags host title register_required health_path health_interval health_timeout".split())
 _FASTAPI_OPTIONS = frozenset(inspect.signature(FastAPI.__init__).parameters) - {"self", "extra"}
@@ -2459,9 +2425,8 @@ class _SupervisorRoutes:
 
 
 def _claimed_address(host: str, peer: str | None, networks: Sequence[IPNetwork] = ()) -> str:
-    """The address a registration from ``peer`` may claim for ``host``, where its checks go (blocking: DNS): the
-    peer's own, or in ``networks``; a special address only in those. Raises ValueError for a host that does not
-    resolve or is not spelled canonically (one address, one id), PermissionError for a claim refused."""
+    """The address (where checks go) a registration from ``peer`` may claim for ``host`` (blocking: DNS): the peer's,
+    or one in ``networks`` (a special one only there); else ValueError (unresolved, an IP misspelt), PermissionError."""
     ip = _ip(host)
     with contextlib.suppress(OSError, UnicodeError):  # numeric only: 127.1, 0x7f.1, 2130706433 (no DNS)
         ip = ip or _ip(str(socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)[0][4][0]))
@@ -2620,9 +2585,8 @@ def _wait_for(
 
 def _cmd_status(args: argparse.Namespace) -> int:
     if not (url := args.url or next(iter(Config.load().register_urls), "")):
-        raise ConfigError(
-            "no supervisor to ask: pass its URL (e.g. picoapi status http://127.0.0.1:8100) or set API_REGISTER_PATH"
-        )
+        example = "picoapi status http://127.0.0.1:8100"
+        raise ConfigError(f"no supervisor to ask: pass its URL (e.g. {example}) or set API_REGISTER_PATH")
     if not 0 < args.timeout <= 86400:  # NaN fails too
         raise ConfigError(f"--timeout must be a number of seconds above 0 and at most 86400, got {args.timeout}")
     if urlsplit(url).scheme not in ("http", "https"):
