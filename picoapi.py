@@ -715,6 +715,13 @@ class WorkerOut(create_model("_WorkerFields", **_SHOWN, health=(HealthSpec, ...)
 # -- Registry ----------------------------------------------------------------
 
 
+class Verdict(NamedTuple):  # next_status's answer: ``since`` (unhealthy) is monotonic, ``recheck`` seconds or None
+    status: str
+    since: float | None
+    removed: bool
+    recheck: float | None
+
+
 class CheckResult(NamedTuple):
     """The outcome of one health check."""
 
@@ -736,9 +743,7 @@ class StatusChange(NamedTuple):
     error: str = ""  #: the check's error as recorded (an answer from another process fails with its own words)
 
 
-class _Check(NamedTuple):
-    """A due check, popped from the heap: everything the probe needs."""
-
+class _Check(NamedTuple):  # a due check, popped from the heap: everything the probe needs
     worker_id: str
     url: str
     address: str
@@ -950,12 +955,11 @@ class Registry:
             return StatusChange(old, new, removed, entry.last_error) if new != old or removed else None
 
 
-def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> tuple[str, float | None, bool, float | None]:
+def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> Verdict:
     """The status rules, from the counts in a row that include this check: ``unknown`` turns ``healthy`` on a good
     check; ``healthy`` or ``unknown`` (past its start-up grace) ``unhealthy`` after ``rules.failures``; ``unhealthy``
-    ``healthy`` after ``rules.successes``, and goes after ``rules.deregister_after``. A change to confirm is checked
-    again at the confirm delay; a new worker not up yet too, doubling it each time (a few checks each for a crowd).
-    Returns (status, unhealthy since (monotonic) or None, removed, seconds to the recheck or None: at the interval)."""
+    ``healthy`` after ``rules.successes``, since (monotonic) ``removed`` after ``rules.deregister_after``. A change to
+    confirm is ``recheck``-ed in seconds at the confirm delay; a new worker not up yet too, doubling it each time."""
     status, target = entry.status, HEALTHY if ok else UNHEALTHY  # where this check pushes
     starting = status == UNKNOWN and now - entry._registered < min(entry.interval, STARTUP_GRACE)
     enough = entry.successes >= rules.successes if ok else entry.failures >= rules.failures and not starting
@@ -963,7 +967,7 @@ def next_status(entry: Worker, ok: bool, now: float, rules: Registry) -> tuple[s
     since = entry._unhealthy_since if new == status else now if new == UNHEALTHY else None
     removed = rules.deregister_after is not None and since is not None and now - since >= rules.deregister_after
     backoff = 2 ** min(entry.failures - 1, 16) if starting and not ok else 1
-    return new, since, removed, confirm_delay(entry.interval) * backoff if new != target else None
+    return Verdict(new, since, removed, confirm_delay(entry.interval) * backoff if new != target else None)
 
 
 def confirm_delay(interval: float) -> float:
@@ -1388,9 +1392,7 @@ def check_once(
 
 
 @dataclasses.dataclass(eq=False)
-class _Supervisor:
-    """What a worker knows about one supervisor it registers with."""
-
+class _Supervisor:  # what a worker knows about one supervisor it registers with
     url: str
     is_registered: bool = False
     identity: str | None = None  # the supervisor's own id, from its answer: its checks carry the same
@@ -2672,5 +2674,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m picoapi` runs this file as __main__: the importable module keeps one PicoAPI class for all.
-    sys.exit(__import__("picoapi").main())
+    sys.exit(__import__("picoapi").main())  # as the importable module, not __main__: one PicoAPI class for all

@@ -836,6 +836,17 @@ class TestRegistry:
             registry.register(reg())  # not healthy yet, refreshed again and again
         assert len(registry._heap) == scheduled and registry.pop_due(clock()) == []
 
+    def test_the_status_rules_are_a_pure_function_with_a_named_result(self) -> None:
+        clock = FakeClock()
+        registry = Registry(clock=clock, wall=clock, failures=2)
+        worker, _ = registry.register(reg())
+        entry = registry._workers[worker.id]
+        entry.status, entry.failures = "healthy", 2  # the second failure in a row
+        verdict = picoapi.next_status(entry, False, clock(), registry)
+        assert isinstance(verdict, picoapi.Verdict) and verdict.status == "unhealthy" and verdict.since == clock()
+        assert not verdict.removed and verdict.recheck is None  # confirmed: no early re-check
+        assert entry.status == "healthy" and entry._unhealthy_since is None  # nothing applied: record() does that
+
     def test_the_unhealthy_line_says_another_process_answered(self, caplog: pytest.LogCaptureFixture) -> None:
         clock = FakeClock()
         registry, pool = Registry(clock=clock, wall=clock), InlinePool()
