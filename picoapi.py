@@ -234,10 +234,10 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 def _root_cause(exc: BaseException) -> str:
     """The innermost error, e.g. 'ConnectionRefusedError: [Errno 111] Connection refused'; a cut says why it was."""
-    root = _causes(exc)[-1]
-    quotes = isinstance(root, http.client.HTTPException) and not isinstance(root, OSError)  # not RemoteDisconnected
-    said = "a malformed HTTP answer" if quotes else root  # its words (BadStatusLine: 'SSH-2.0-...') are the far end's
-    return str(exc) if isinstance(exc, _Cut) else f"{type(root).__name__}: {said}"
+    causes = _causes(exc)  # a protocol error anywhere in it (a bad chunk size ends in ValueError) quotes the far end
+    bad = next((e for e in causes if isinstance(e, http.client.HTTPException) and not isinstance(e, OSError)), None)
+    said = "a malformed HTTP answer" if bad else causes[-1]  # its words (BadStatusLine: 'SSH-2.0-...'): not ours
+    return str(exc) if isinstance(exc, _Cut) else f"{type(bad or causes[-1]).__name__}: {said}"
 
 
 def _json(content: bytes) -> Any:
@@ -468,7 +468,7 @@ class Config:
         env_file: str | os.PathLike[str] | None = ".env",
     ) -> Config:
         """Read and validate the configuration; raises :class:`ConfigError`. ``env_file`` is read without touching
-        ``os.environ``; the default ``.env`` may be absent, a path given explicitly must exist."""
+        ``os.environ``; ``.env`` (the default) may be absent, any other path given must exist."""
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         sources = [dict(os.environ if environ is None else environ), _read_env_file(env_file)]
         _from_1x(overrides, sources)
@@ -1108,7 +1108,7 @@ class HealthChecker:
         return self._thread.is_alive()
 
     def run_pending(self) -> int:
-        """Start every check that is due now; returns how many."""
+        """Queue every check that is due now (starting what the slots allow); returns how many."""
         if checks := self.registry.pop_due(self._clock()):
             self._submit(checks, self.headers, self._done)
         return len(checks)
@@ -1282,7 +1282,7 @@ class HealthChecker:
                 raise ValueError("no HTTP status line in the first 512 bytes")
             return
         end = head.find(b"\r\n\r\n")
-        if end < 0 and len(head) <= MAX_HEAD:
+        if end < 0 and len(head) < MAX_HEAD:
             return  # more to come
         # The connection is kept only after an HTTP/1.1 answer that does not close, with a small body read whole.
         keep = end >= 0 and probe.keep and status[1] == b"HTTP/1.1" and not _CLOSE_RE.search(head, 0, end + 2)
@@ -1577,7 +1577,7 @@ class Registrar:
             return
         body, health = self.body, self.body["health"]
         try:
-            answer, content = self._send("GET", health["url"], min(health["interval"], DEFAULT_HEALTH_TIMEOUT))
+            answer, content = self._send("GET", health["url"], HealthSpec.model_validate(health).deadline)
         except Exception as exc:  # requests' errors, or any other: the thread never dies of it
             found = f"nothing answers there ({self._safe(_root_cause(exc))})"
         else:
@@ -2302,7 +2302,7 @@ class _SupervisorRoutes:
     async def services(
         self,
         request: Request,
-        tag: Annotated[list[str], Query(description="repeat for several; all must match")] = [],  # noqa: B006
+        tags: _Tags,
         name: str | None = None,
         version: str | None = None,
         status: Status | None = None,
@@ -2310,7 +2310,7 @@ class _SupervisorRoutes:
         after: Annotated[str | None, Query(description="only ids after this one: the previous page's last")] = None,
     ) -> Response:
         """The registered workers, filtered, by id, a page at a time: the Link header leads to the next."""
-        workers = self.registry.workers(*tag, status=status, name=name, version=version)
+        workers = self.registry.workers(*tags, status=status, name=name, version=version)
         start = 0 if after is None else bisect.bisect_right(workers, after, key=operator.attrgetter("id"))
         page, headers = workers[start : start + limit], {}
         if start + limit < len(workers):  # a path, not a URL: the Host header the caller sent is not echoed back
@@ -2381,7 +2381,7 @@ class _SupervisorRoutes:
             raise HTTPException(409, f"{served}; stop it first, or serve this one on another port")
 
     async def answered_by_own(self, entry: Worker, instances: Sequence[str] = ()) -> bool:
-        """Check ``entry`` now (at most 2 s): did one of ``instances`` (its own, by default) answer?"""
+        """Check ``entry`` now (at most 0.75 s): did one of ``instances`` (its own, by default) answer?"""
         headers = self.app.checker.headers if self.app.checker is not None else {}
         timeout = min(entry.timeout, 0.75)  # within the worker's own wait for its DELETE
         args = (check_once, entry.health_url, timeout, headers, entry.address)

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import http.client
 import http.server
 import json
 import logging
@@ -1667,6 +1668,19 @@ def field_error(response: Any) -> str:
 
 
 class TestSupervisorRoutes:
+    def test_services_reads_tags_as_the_other_routes_do(self, supervisor: TestClient) -> None:
+        assert supervisor.put("/register", json=body(tags=["resize", "png"])).status_code == 201
+        for query in ("tag=resize,png", "tag=resize+png", "tag=resize&tag=png"):
+            assert [w["id"] for w in supervisor.get(f"/services?{query}").json()] == ["127.0.0.1:9001"], query
+        assert supervisor.get("/services?tag=a:b").status_code == 422  # checked as API_TAGS is
+
+    def test_a_protocol_error_anywhere_in_the_chain_is_not_quoted(self) -> None:
+        inner = ValueError("invalid literal for int() with base 16: b'\\x1b[31mEVIL'")  # a chunk size, as sent
+        protocol = http.client.HTTPException("bad chunk")
+        protocol.__cause__ = inner
+        said = picoapi._root_cause(requests.ConnectionError(protocol))
+        assert said == "HTTPException: a malformed HTTP answer" and "EVIL" not in said
+
     def test_register_create_replace_get_delete(self, supervisor: TestClient) -> None:
         first = supervisor.put("/register", json=body())
         assert first.status_code == 201 and first.json()["id"] == "127.0.0.1:9001"
